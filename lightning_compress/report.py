@@ -1,0 +1,86 @@
+"""The compression report: one record per fit, filled by whichever compression callbacks ran.
+
+The callbacks append to the :class:`CompressionReport` attached to the trainer (:func:`report_for`); each calls
+:func:`finish_if_last` at the end of its work, and the report is finalised once every compression callback of
+the trainer is done, whatever order the user listed them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+
+_ATTRIBUTE = "_lightning_compress_report"
+
+
+@dataclass
+class CompressionEvent:
+    """One compression step: a pruning step or the quantization, with the metric before and after it."""
+
+    kind: str  # "prune" | "quantize"
+    step: int  # trainer.global_step when it happened
+    metric_before: float | None
+    metric_after: float | None
+    sparsity: float | None = None  # overall sparsity of the tracked weights after the step
+    accepted: bool = True  # False: rolled back because it broke `max_metric_drop`
+    note: str = ""
+
+
+@dataclass
+class LayerRecord:
+    parameters: int  # weight elements of this layer (bias excluded)
+    sparsity: float = 0.0  # fraction of exactly-zero weight elements
+    bits: int = 32  # storage bits per weight element (32 = float)
+    bytes_fp32: int = 0  # weight + bias bytes in fp32
+    bytes_compressed: int = 0  # bytes in the exported artifact (ints + scales/zero points + float bias)
+    note: str = ""
+
+
+@dataclass
+class CompressionReport:
+    metric_name: str = ""
+    higher_is_better: bool = True
+    metric_before: float | None = None  # before any compression
+    metric_after: float | None = None  # after all of it
+    events: list[CompressionEvent] = field(default_factory=list)
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # quantization layers kept at more bits / float
+    files: dict[str, str] = field(default_factory=dict)  # artifacts written (export, float copy, ...)
+    pending: set[str] = field(default_factory=set)  # compression callbacks still working
+    finished: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("pending")
+        out.pop("finished")
+        return out
+
+
+def report_for(trainer: pl.Trainer) -> CompressionReport:
+    report = getattr(trainer, _ATTRIBUTE, None)
+    if report is None:
+        report = CompressionReport()
+        setattr(trainer, _ATTRIBUTE, report)
+    return report
+
+
+def register(trainer: pl.Trainer, name: str) -> CompressionReport:
+    """A compression callback announces (in ``setup``) that the report must wait for it."""
+    report = report_for(trainer)
+    report.pending.add(name)
+    return report
+
+
+def finish_if_last(trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> bool:
+    """Mark ``name`` done; when no compression callback is pending any more, finalise the report."""
+    report = report_for(trainer)
+    report.pending.discard(name)
+    if report.pending or report.finished:
+        return False
+    report.finished = True
+    from lightning_compress.report_output import publish
+
+    publish(report, trainer, pl_module)
+    return True
