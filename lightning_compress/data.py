@@ -46,6 +46,25 @@ def load_mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """A random permutation that depends only on ``(seed, epoch)``. Lightning calls ``set_epoch``, so a run
+    resumed from a checkpoint sees the same batches as an uninterrupted one (a plain ``shuffle=True`` loader
+    restarts its generator on resume)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class _BundledImageDataModule(pl.LightningDataModule):
     num_classes = 10
     image_size: int
@@ -90,14 +109,9 @@ class _BundledImageDataModule(pl.LightningDataModule):
             self._splits[name] = TensorDataset(torch.from_numpy(images[index]), torch.from_numpy(labels[index]))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self._splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator if shuffle else None,
-        )
+        dataset = self._splits[split]
+        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

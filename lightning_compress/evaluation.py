@@ -42,7 +42,7 @@ def resolve_metric_class(class_path: str, argument: str = "metric") -> type[Metr
 class MetricSpec:
     """A metric class plus its keyword arguments, built on first use.
 
-    ``num_classes``, when the class requires it and it is not given, is read off the last dimension of the
+    ``num_classes``, when the class takes it and it is not given, is read off the last dimension of the
     first predictions, so the default ``MulticlassAccuracy`` needs no configuration.
     """
 
@@ -56,7 +56,9 @@ class MetricSpec:
             raise ValueError(f"`metric_kwargs` has {unknown} which {class_path} does not accept")
         num_classes = params.get("num_classes")
         self._infer_num_classes = (
-            num_classes is not None and num_classes.default is inspect.Parameter.empty and "num_classes" not in self.kwargs
+            num_classes is not None
+            and num_classes.default in (inspect.Parameter.empty, None)
+            and "num_classes" not in self.kwargs
         )
 
     @property
@@ -69,7 +71,7 @@ class MetricSpec:
 
     def build(self, example_preds: torch.Tensor) -> Metric:
         kwargs = dict(self.kwargs)
-        if self._infer_num_classes:
+        if self._infer_num_classes and example_preds.is_floating_point() and example_preds.dim() >= 2:
             kwargs["num_classes"] = int(example_preds.shape[-1])
         return self.cls(**kwargs)
 
@@ -80,7 +82,7 @@ def _accepts_var_kwargs(params: Any) -> bool:
 
 def has_validation_data(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     """Whether the fit has validation batches the callbacks can evaluate on (call in ``setup``)."""
-    source = trainer._data_connector._val_dataloader_source
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source
     return bool(source.is_defined() and trainer.limit_val_batches != 0) and is_overridden("validation_step", pl_module)
 
 
