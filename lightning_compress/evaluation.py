@@ -51,15 +51,16 @@ class MetricSpec:
         self.cls = resolve_metric_class(class_path)
         self.kwargs = dict(kwargs or {})
         params = inspect.signature(self.cls.__init__).parameters
-        unknown = [k for k in self.kwargs if k not in params and not _accepts_var_kwargs(params)]
-        if unknown:
-            raise ValueError(f"`metric_kwargs` has {unknown} which {class_path} does not accept")
         num_classes = params.get("num_classes")
         self._infer_num_classes = (
             num_classes is not None
             and num_classes.default in (inspect.Parameter.empty, None)
             and "num_classes" not in self.kwargs
         )
+        try:  # build once now, so that a bad keyword fails at construction, not after hours of training
+            self.cls(**self.kwargs, **({"num_classes": 2} if self._infer_num_classes else {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"`metric_kwargs`={self.kwargs} are not valid for {class_path}: {err}") from None
 
     @property
     def higher_is_better(self) -> bool:
@@ -74,10 +75,6 @@ class MetricSpec:
         if self._infer_num_classes and example_preds.is_floating_point() and example_preds.dim() >= 2:
             kwargs["num_classes"] = int(example_preds.shape[-1])
         return self.cls(**kwargs)
-
-
-def _accepts_var_kwargs(params: Any) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def has_validation_data(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

@@ -1,0 +1,69 @@
+"""Small shared timing helper for the benchmarks: median of repeats after warm-up, ``time.perf_counter``.
+
+``measure(fn)`` times one callable; ``measure_interleaved({"a": fa, "b": fb})`` times several callables in
+alternation (a, b, a, b, ...) so that a burst of load from another process on a shared machine hits all of them
+alike, which keeps their *ratio* stable even when the absolute figures wobble.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call seconds of each repeat (a repeat runs the callable ``inner`` times and is divided by it)."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * self.median
+
+    def spread(self) -> float:
+        """(max - min) / median: a quick noise indicator."""
+        return (max(self.samples) - min(self.samples)) / self.median if self.median > 0 else 0.0
+
+
+def _one_repeat(fn: Callable[[], object], inner: int) -> float:
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - start) / inner
+
+
+def measure(fn: Callable[[], object], *, repeats: int = 15, warmup: int = 3, inner: int = 1) -> Timing:
+    """Run ``fn`` ``warmup * inner`` times untimed, then ``repeats`` timed blocks of ``inner`` calls."""
+    return measure_interleaved({"fn": fn}, repeats=repeats, warmup=warmup, inner=inner)["fn"]
+
+
+def measure_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int = 15,
+    warmup: int = 3,
+    inner: int | Mapping[str, int] = 1,
+) -> dict[str, Timing]:
+    """Time several callables in alternation; ``inner`` may differ per callable (a dict keyed like ``fns``)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    inners = {name: (inner[name] if isinstance(inner, Mapping) else inner) for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup * inners[name]):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_one_repeat(fn, inners[name]))
+    return {name: Timing(tuple(s)) for name, s in samples.items()}
