@@ -3,12 +3,14 @@
 Two granularities, chosen per use:
 
 * **per weight** (``per_weight=True``): the mean and standard deviation over steps of every gradient element.
-  Each step costs two fused ``torch._foreach_*`` passes over the gradients (``S += g``, ``Q += g*g``) into short
-  float32 *window* sums; every ``merge_every`` counted steps (and before any read) the window is merged into the
-  running float32 mean / M2 with Chan et al.'s parallel-variance formula. The merge is what keeps it numerically
-  sound: ``Q - S^2/n`` cancels only over a short window, and the long-run accumulation is the stable Welford/Chan
-  update, not an ever-growing raw sum. Memory: four float32 buffers per tracked weight (window S, Q; running
-  mean, M2), i.e. 4x the tracked parameters' fp32 bytes, which is why the per-unit mode exists.
+  Each step costs three fused ``torch._foreach_*`` passes over the gradients: ``d = g - mean`` (shifted by the
+  running mean, which is constant within a window; the first window is shifted by the first gradient), then
+  ``S += d`` and ``Q += d*d`` into short float32 *window* sums. Every ``merge_every`` counted steps (and before
+  any read) the window is merged into the running float32 mean / M2 with Chan et al.'s parallel-variance
+  formula. The shift is what makes it numerically sound: ``Q - S^2/n`` of *shifted* values does not cancel even
+  when ``|mean| >> std`` (raw sums of ``g`` and ``g^2`` in fp32 lose the variance entirely there), and the
+  long-run accumulation is the stable Chan update, not an ever-growing raw sum. Memory: four float32 buffers
+  per tracked weight (window S, Q; running mean, M2), which is why the per-unit mode exists.
 * **per unit** (``per_unit=True``; costs almost nothing in memory): for each output unit (row of a Linear weight, output channel
   of a Conv weight) two per-step signals, Welford-accumulated in float64:
   ``rms`` = root-mean-square of the unit's gradient (near zero and stable => the unit is unimportant) and
@@ -121,8 +123,12 @@ class GradientStatistics:
             if grad_scale != 1.0:
                 grads = torch._foreach_mul(list(grads), inv)
             grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
-            torch._foreach_add_(self._win_sum, grads)
-            torch._foreach_addcmul_(self._win_sumsq, grads, grads)
+            if self._merged_count == 0 and self._win_count == 0:
+                for shift, g in zip(self._mean, grads):  # first counted step: shift by the first gradient
+                    shift.copy_(g)
+            shifted = torch._foreach_sub(grads, self._mean)
+            torch._foreach_add_(self._win_sum, shifted)
+            torch._foreach_addcmul_(self._win_sumsq, shifted, shifted)
             self._win_count += 1
             if self._win_count >= self.merge_every:
                 self._merge_window()
@@ -130,17 +136,15 @@ class GradientStatistics:
         return True
 
     def _merge_window(self) -> None:
-        """Chan et al.: merge the window (n_b, S, Q) into the running (n_a, mean, M2)."""
+        """Chan et al.: merge the window (n_b values shifted by the running mean) into the running (n_a, mean, M2)."""
         n_b = self._win_count
         if n_b == 0:
             return
         n_a = self._merged_count
         n = n_a + n_b
-        mean_b = torch._foreach_div(self._win_sum, float(n_b))
-        # M2 of the window: Q - S * mean_b (cancellation only over <= merge_every steps)
-        m2_b = torch._foreach_sub(self._win_sumsq, torch._foreach_mul(self._win_sum, mean_b))
+        delta = torch._foreach_div(self._win_sum, float(n_b))  # window mean - running mean
+        m2_b = torch._foreach_sub(self._win_sumsq, torch._foreach_mul(self._win_sum, delta))
         torch._foreach_clamp_min_(m2_b, 0.0)
-        delta = torch._foreach_sub(mean_b, self._mean)
         torch._foreach_add_(self._mean, torch._foreach_mul(delta, n_b / n))
         torch._foreach_add_(self._m2, m2_b)
         torch._foreach_addcmul_(self._m2, delta, delta, value=n_a * n_b / n)
@@ -194,12 +198,13 @@ class GradientStatistics:
             "count": self.count,
             "skipped_steps": self.skipped_steps,
             "unit": {
-                key: {"count": w.count, "mean": w.mean.cpu(), "m2": w.m2.cpu()}
+                key: {"count": w.count, "mean": w.mean.detach().cpu().clone(), "m2": w.m2.detach().cpu().clone()}
                 for key, w in (("rms", self.unit_rms), ("taylor", self.unit_taylor))
             },
         }
         if self.per_weight:  # the window is saved as it is, so a resumed run merges at the same steps
             state["weight"] = {
+                "format": "shifted-window-v1",
                 "count": self._merged_count,
                 "window_count": self._win_count,
                 **{
@@ -230,6 +235,8 @@ class GradientStatistics:
         if self.per_weight:
             if weight is None:
                 raise ValueError("the checkpoint holds no per-weight statistics, but this run needs them")
+            if weight.get("format") != "shifted-window-v1":
+                raise ValueError("the checkpoint's per-weight statistics use an unknown format")
             self._merged_count = int(weight["count"])
             self._win_count = int(weight["window_count"])
             for key, bufs in (

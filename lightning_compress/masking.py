@@ -42,7 +42,7 @@ def keep_masks(
         s = s.clamp(-3e38, 3e38).masked_fill(~keep.flatten().to(s.device), float("-inf"))
         floor = min(floor_count(s.numel(), min_keep), int(keep.sum()))
         if floor > 0:
-            s[torch.topk(s, floor, sorted=False).indices] = float("inf")
+            s[torch.argsort(s, descending=True, stable=True)[:floor]] = float("inf")
         ranked.append(s)
     if scope == "layer":
         return [
@@ -79,7 +79,7 @@ def threshold_masks(
         if int(new_keep.sum()) < floor:
             s = score.detach().float().flatten().masked_fill(~keep.flatten(), float("-inf"))
             new_keep = new_keep.flatten()
-            new_keep[torch.topk(s, floor).indices] = True
+            new_keep[torch.argsort(s, descending=True, stable=True)[:floor]] = True
             new_keep = new_keep.view_as(keep)
         out.append(new_keep)
     return out
@@ -181,7 +181,7 @@ class ParameterMasks:
                     value.mul_(f.to(value.dtype))
 
     def as_dict(self) -> dict[str, Tensor]:
-        return {n: m.cpu() for n, m in zip(self.names, self.masks)}
+        return {n: m.detach().cpu().clone() for n, m in zip(self.names, self.masks)}
 
 
 def unit_masks_to_rows(weights: Sequence[Tensor], unit_keep: Sequence[Tensor]) -> list[Tensor]:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+from torch import Tensor, nn
 
 _ATTRIBUTE = "_lightning_compress_report"
 
@@ -48,14 +49,31 @@ class CompressionReport:
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)  # quantization layers kept at more bits / float
     files: dict[str, str] = field(default_factory=dict)  # artifacts written (export, float copy, ...)
+    # every entry of the model's state_dict when the first compression callback registered -> its bytes (floats
+    # counted as fp32): the "before" of the whole-model totals, taken before pruning or compaction changed anything
+    model_state_bytes: dict[str, int] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)  # compression callbacks still working
     finished: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.pop("pending")
-        out.pop("finished")
+        for key in ("pending", "finished", "model_state_bytes"):
+            out.pop(key)
         return out
+
+
+def state_bytes(module: nn.Module) -> dict[str, int]:
+    """Bytes of every ``state_dict`` entry of ``module``: floating-point tensors counted as fp32 (4 bytes per
+    element, whatever their dtype in memory), other tensors (e.g. ``num_batches_tracked``) at their own size.
+    A tensor reachable under two keys (tied weights) is counted once, under its first key."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for key, value in module.state_dict(keep_vars=True).items():
+        if isinstance(value, Tensor) and id(value) not in seen:
+            seen.add(id(value))
+            size = 4 if value.is_floating_point() else value.element_size()
+            out[key] = size * value.numel()
+    return out
 
 
 def report_for(trainer: pl.Trainer) -> CompressionReport:
@@ -70,6 +88,10 @@ def register(trainer: pl.Trainer, name: str) -> CompressionReport:
     """A compression callback announces (in ``setup``) that the report must wait for it."""
     report = report_for(trainer)
     report.pending.add(name)
+    if not report.model_state_bytes:
+        module = getattr(trainer, "lightning_module", None)  # connected before the callbacks' `setup` runs
+        if module is not None:
+            report.model_state_bytes = state_bytes(module)
     return report
 
 

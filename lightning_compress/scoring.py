@@ -30,6 +30,11 @@ CRITERIA = ("weighted_stability", "stability", "magnitude", "taylor")
 GRADIENT_CRITERIA = frozenset({"weighted_stability", "stability", "taylor"})
 
 
+def _check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"`criterion` must be one of {list(CRITERIA)}, got {criterion!r}")
+
+
 def _broadcast_units(per_unit: Tensor, like: Tensor) -> Tensor:
     return per_unit.to(like.device, torch.float32).view(-1, *([1] * (like.dim() - 1))).expand_as(like)
 
@@ -37,6 +42,7 @@ def _broadcast_units(per_unit: Tensor, like: Tensor) -> Tensor:
 def weight_scores(criterion: str, weights: Sequence[Tensor], stats: GradientStatistics | None) -> list[Tensor]:
     """One score per weight element. Uses per-weight statistics when tracked, else the cheap per-unit ones
     (every weight of a unit shares the unit's gradient factor)."""
+    _check_criterion(criterion)
     abs_w = [w.detach().abs().float() for w in weights]
     if criterion == "magnitude":
         return abs_w
@@ -70,6 +76,7 @@ def unit_gradient_factor(criterion: str, stats: GradientStatistics) -> list[Tens
 
 def unit_scores(criterion: str, weights: Sequence[Tensor], stats: GradientStatistics | None) -> list[Tensor]:
     """One score per output unit (row / output channel) of each weight."""
+    _check_criterion(criterion)
     rms_w = [unit_view(w.detach().float()).square().mean(dim=1).sqrt() for w in weights]
     if criterion == "magnitude":
         return rms_w
