@@ -132,7 +132,7 @@ _HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "requires_grad"}
 
 def find_unit_groups(model: nn.Module, example_input: torch.Tensor | tuple) -> dict[str, UnitGroup]:
     """A :class:`UnitGroup` for every Linear / Conv{1,2,3}d of ``model``, keyed by its qualified name."""
-    args = as_args(example_input)
+    args = as_args(example_input, model)
     names = [n for n, m in model.named_modules() if type(m) in PRODUCER_TYPES]
     try:
         graph = _traced_graph(model, args)
@@ -150,12 +150,22 @@ def num_units(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def as_args(example_input: Any) -> tuple:
+def as_args(example_input: Any, model: nn.Module | None = None) -> tuple:
+    """The example input as a tuple of positional arguments; with ``model``, its floating-point tensors moved to
+    the device and dtype of the model's first parameter (e.g. a CPU ``example_input_array`` for a GPU model)."""
     if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    if isinstance(example_input, (tuple, list)):
-        return tuple(example_input)
-    raise TypeError(f"`example_input` must be a tensor or a tuple of tensors, got {type(example_input).__name__}")
+        args: tuple = (example_input,)
+    elif isinstance(example_input, (tuple, list)):
+        args = tuple(example_input)
+    else:
+        raise TypeError(f"`example_input` must be a tensor or a tuple of tensors, got {type(example_input).__name__}")
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None) if model is not None else None
+    if reference is None:
+        return args
+    return tuple(
+        a.to(reference.device, reference.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args
+    )
 
 
 def _traced_graph(model: nn.Module, args: tuple) -> fx.Graph:

@@ -45,8 +45,8 @@ NOTE_WHOLE_MODEL = (
     "4 bytes; entries no callback compressed cost the same before and after."
 )
 NOTE_DENSE = (
-    "Pruned weights are stored dense (zeros take space): sparsity alone is not counted as savings; structured "
-    "compaction or quantization realize the savings."
+    "Pruned weights are stored dense (their zeros take space, in float as in the quantized format): sparsity alone "
+    "is not counted as savings; structured compaction or quantization realize the savings."
 )
 NOTE_NO_EXPORT = (
     "Quantized sizes are those of the quantized safetensors export (packed codes + scales + float bias); this run "
@@ -88,15 +88,18 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
     for name, record in report.layers.items():
         snapshot = sum(b for k, b in before_state.items() if _owner(k) == name)
         bytes_fp32 = snapshot or record.bytes_fp32
-        bytes_compressed = record.bytes_compressed or record.bytes_fp32
         notes = [record.note] if record.note else []
-        current = sum(b for k, b in current_state.items() if _owner(k) == name)
-        if record.bits >= FLOAT_BITS and current and current < bytes_compressed:
-            bytes_compressed = current  # compaction removed rows / columns: the model itself is smaller
-            notes.append("compacted")
-        if record.bits >= FLOAT_BITS and record.sparsity > 0 and "compacted" not in notes:
+        if record.bits < FLOAT_BITS:  # quantized: the size in the quantized export format
+            bytes_compressed = record.bytes_compressed or record.bytes_fp32
+        else:  # float: what the model holds now, whatever the record says (no sparse format is exported)
+            current = sum(b for k, b in current_state.items() if _owner(k) == name)
+            bytes_compressed = current or record.bytes_fp32
+            if bytes_compressed < bytes_fp32:
+                notes.append("compacted")  # compaction removed rows / columns: the model itself is smaller
+        if record.sparsity > 0 and "compacted" not in notes:
             any_dense_pruned = True
-            notes.append("pruned, stored dense")
+            if record.bits >= FLOAT_BITS:
+                notes.append("pruned, stored dense")
         layers[name] = {
             "parameters": record.parameters,
             "sparsity": record.sparsity,
@@ -132,7 +135,7 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
 
     quantized = any(v["bits"] < FLOAT_BITS for v in layers.values())
     notes = [NOTE_WHOLE_MODEL]
-    if any_dense_pruned or any(e["kind"] == "prune" for e in events):
+    if any_dense_pruned:
         notes.append(NOTE_DENSE)
     if quantized and "quantized" not in report.files:
         notes.append(NOTE_NO_EXPORT)
@@ -214,7 +217,8 @@ def _layer_rows(summary: Mapping[str, Any]) -> list[list[str]]:
     if other["entries"]:
         rows.append([
             f"(other state: {other['entries']} entries)", "", "", "fp32",
-            _fmt_bytes(other["bytes_fp32"]), _fmt_bytes(other["bytes_compressed"]), "", "not compressed",
+            _fmt_bytes(other["bytes_fp32"]), _fmt_bytes(other["bytes_compressed"]), "",
+            "not compressed" if other["bytes_fp32"] == other["bytes_compressed"] else "compacted",
         ])
     rows.append([
         "total", "", f"{summary['sparsity']:.1%}", "",
@@ -238,6 +242,12 @@ def _event_rows(summary: Mapping[str, Any]) -> list[list[str]]:
         ]
         for i, e in enumerate(summary["events"], 1)
     ]
+
+
+def _quantized(summary: Mapping[str, Any]) -> bool:
+    return any(e["kind"] == "quantize" for e in summary["events"]) or any(
+        v["bits"] < FLOAT_BITS for v in summary["layers"].values()
+    )
 
 
 def _fallback_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -277,7 +287,7 @@ def render_console(summary: Mapping[str, Any]) -> Any:
         for row in fallback_rows:
             fallbacks.add_row(*row)
         parts.append(fallbacks)
-    else:
+    elif _quantized(summary):
         parts.append(Text("Quantization fallbacks: none"))
     for key, path in summary["files"].items():
         parts.append(Text(f"{key}: {path}", style="dim"))
@@ -317,7 +327,7 @@ def to_markdown(summary: Mapping[str, Any], plot_name: str | None = None) -> str
         "",
     ]
     columns, rows = _fallback_table(summary)
-    parts.append(_md_table(columns, rows) if rows else "None.")
+    parts.append(_md_table(columns, rows) if rows else "None." if _quantized(summary) else "No quantization in this run.")
     if summary["files"]:
         parts += ["", "## Files", ""] + [f"- {key}: `{path}`" for key, path in summary["files"].items()]
     if plot_name:
@@ -338,10 +348,17 @@ def _atomic_write(path: Path, write: Any) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -364,8 +381,11 @@ def build_figure(summary: Mapping[str, Any]) -> Any:
     ax_sparsity = ax_steps.twinx()
     if prune:
         steps = [e["step"] for e in prune]
-        ax_sparsity.step(steps, [e["sparsity"] or 0.0 for e in prune], where="post", color="tab:orange", alpha=0.7,
-                         label="sparsity (after step)")
+        levels = [e["sparsity"] or 0.0 for e in prune]
+        last = max(e["step"] for e in summary["events"])
+        if last > steps[-1]:  # hold the last level until the end (e.g. the quantization at the end of fit)
+            steps, levels = steps + [last], levels + [levels[-1]]
+        ax_sparsity.step(steps, levels, where="post", color="tab:orange", alpha=0.7, label="sparsity (after step)")
         kept = [e for e in prune if e["accepted"] and e["metric_after"] is not None]
         rolled = [e for e in prune if not e["accepted"] and e["metric_after"] is not None]
         if kept:
@@ -458,6 +478,19 @@ def logger_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def _console(trainer: pl.Trainer) -> Any:
+    """The RichProgressBar's console while its live display runs (printing beside it would garble the terminal),
+    else a new one; 140 columns when the output is not a terminal (rich would wrap the tables at 80)."""
+    from rich.console import Console
+
+    console = getattr(trainer.progress_bar_callback, "_console", None)  # RichProgressBar only
+    if not isinstance(console, Console):
+        console = Console()
+    if not console.is_terminal:
+        console = Console(width=140, file=console.file)
+    return console
+
+
 @rank_zero_only
 def _emit(summary: dict[str, Any], trainer: pl.Trainer) -> None:
     directory = output_dir(trainer)
@@ -465,9 +498,7 @@ def _emit(summary: dict[str, Any], trainer: pl.Trainer) -> None:
         write_files(summary, directory)
     except OSError as err:
         rank_zero_warn(f"lightning-compress: could not write the compression report to {directory!r}: {err}")
-    from rich.console import Console
-
-    Console().print(render_console(summary))
+    _console(trainer).print(render_console(summary))
     metrics = logger_metrics(summary)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,0 +1,344 @@
+"""Overhead of gradient statistics and of ``GradientStabilityPruning``, measured against a baseline in the same run.
+
+Part 1 (micro): one ``GradientStatistics.update`` per step / one ``torch.optim.Adam(foreach=True).step()`` over the
+same weight tensors (the Linear/Conv weights the callback tracks), for the repo's ``SmallCNN`` (28x28) and an ~8M
+parameter MLP (784-2048-1792-1536-10), in the unstructured mode (per_weight=True, per_unit=False) and the
+structured / cheap mode (per_weight=False, per_unit=True). Gradients are random normal tensors set as ``.grad`` so
+both read the same tensors. The per-weight mode merges its window every ``merge_every`` (32) steps, so each timed
+block of the statistics is exactly 32 updates (one merge): the figure is the amortized per-step cost. ``update`` is
+called with autograd enabled, as the callback calls it from ``on_after_backward``. Adam and statistics are timed in
+alternation so background load hits both alike. Target: ratio <= 0.3.
+
+Part 2 (training): ``Trainer.fit`` of ``SmallCNN`` on ``MNIST5kDataModule`` (data loaded once, outside the timing),
+without the callback, with ``GradientStabilityPruning(sparsity=0.8, evaluate=False)`` (statistics + masking + mask
+computation at the pruning events, no evaluation passes) and with the default ``evaluate=True``. Same seed for every
+fit, configurations run in alternation, the minimum of the repeats is reported. Target: evaluate=False overhead <= 10 %.
+
+Allocator: by default the script pins glibc's malloc thresholds (``mallopt``: mmap threshold 32 MiB, no heap trim).
+With glibc's adaptive defaults a multi-MB temporary (Adam's foreach ``sqrt`` of the second moment, the statistics'
+merge, ``vecdot``'s product) is sometimes served by fresh ``mmap`` pages and page-faults on every step: the 8M MLP's
+Adam step then flips between ~12 and ~25 ms from one process (or mode) to the next, which would make the ratio
+meaningless. Pinned, both sides run allocation-fault-free (the stricter baseline). ``--default-malloc`` turns it off.
+
+Run: ``python benchmarks/bench_stats_overhead.py`` (about 1.5-2 min on 2 cores) or ``--quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
+from _timing import measure_interleaved  # noqa: E402
+
+import lightning.pytorch as pl  # noqa: E402
+
+import lightning_compress.pruning_callback as pruning_callback  # noqa: E402
+import lightning_compress.report_output as report_output  # noqa: E402
+from lightning_compress.data import MNIST5kDataModule  # noqa: E402
+from lightning_compress.grad_stats import GradientStatistics  # noqa: E402
+from lightning_compress.models import MLPClassifier, SmallCNN  # noqa: E402
+from lightning_compress.pruning_callback import DEFAULT_MODULE_TYPES, GradientStabilityPruning  # noqa: E402
+from lightning_compress.selection import select_modules  # noqa: E402
+
+MICRO_TARGET = 0.3
+TRAIN_TARGET = 0.10
+MLP_HIDDEN = [2048, 1792, 1536]
+MODES = {
+    "unstructured (per_weight)": dict(per_weight=True, per_unit=False),
+    "structured (per_unit)": dict(per_weight=False, per_unit=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------- allocator
+def pin_glibc_malloc() -> str:
+    """Fix glibc's mmap / trim thresholds so that big temporaries are reused from the heap (see the docstring)."""
+    if not sys.platform.startswith("linux"):
+        return "default (not Linux)"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc mallopt(mmap_threshold=32MiB, trim_threshold=1GiB)" if ok else "default (mallopt unavailable)"
+
+
+# ---------------------------------------------------------------------------------------------- part 1: micro
+def tracked_weights(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Parameter]]:
+    """The weights the callback tracks by default (Linear / Conv modules), in the same order."""
+    modules = select_modules(model, DEFAULT_MODULE_TYPES)
+    return list(modules), [m.weight for m in modules.values()]
+
+
+def profile_update(label: str, update, steps: int) -> None:  # type: ignore[no-untyped-def]
+    """Top operators (self CPU time) of ``steps`` calls of ``update``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            update()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = ", ".join(
+        f"{e.key.removeprefix('aten::')} {100 * e.self_cpu_time_total / total:.0f}% ({e.count // steps}/step)"
+        for e in events[:6]
+    )
+    print(f"    profile {label}: {top}")
+
+
+def micro(name: str, model: torch.nn.Module, repeats: int, merge_every: int = 32, profile: bool = False) -> list[dict]:
+    names, weights = tracked_weights(model)
+    generator = torch.Generator().manual_seed(0)
+    for w in weights:
+        w.grad = torch.randn(w.shape, generator=generator) * 1e-3
+    grads = [w.grad for w in weights]
+    optimizer = torch.optim.Adam(weights, lr=1e-3, foreach=True)
+    n_params = sum(w.numel() for w in weights)
+    # Adam blocks: enough steps to last roughly as long as a statistics block, at least 1
+    adam_inner = max(1, min(merge_every, int(2e8 // max(n_params * 8, 1))))
+    rows = []
+    for mode, flags in MODES.items():
+        stats = GradientStatistics(names, [w.shape for w in weights], merge_every=merge_every, **flags)
+        timings = measure_interleaved(
+            {"adam": optimizer.step, "stats": lambda: stats.update(grads, weights)},
+            repeats=repeats,
+            warmup=1,
+            inner={"adam": adam_inner, "stats": merge_every},
+        )
+        adam, st = timings["adam"], timings["stats"]
+        if profile:
+            profile_update(f"{name}, {mode}", lambda: stats.update(grads, weights), merge_every)
+        # ratio per alternating pair (adjacent in time, so slow load drift cancels), then the median
+        ratio = statistics.median(u / a for u, a in zip(st.samples, adam.samples))
+        rows.append(
+            dict(model=name, params=n_params, tensors=len(weights), mode=mode, adam_ms=adam.median_ms,
+                 stats_ms=st.median_ms, ratio=ratio, spread=max(adam.spread(), st.spread()))
+        )
+    return rows
+
+
+def print_micro(rows: list[dict]) -> None:
+    print(f"{'model':<26}{'weights':>11}{'mode':>29}{'Adam step ms':>14}{'update ms':>12}{'ratio':>8}{'target':>9}"
+          f"{'noise':>8}")
+    for r in rows:
+        verdict = "ok" if r["ratio"] <= MICRO_TARGET else "MISSED"
+        print(
+            f"{r['model']:<26}{r['params'] / 1e6:>10.3f}M{r['mode']:>29}{r['adam_ms']:>14.3f}{r['stats_ms']:>12.3f}"
+            f"{r['ratio']:>7.2f}x{verdict:>9}{100 * r['spread']:>7.0f}%"
+        )
+    print("  (ratio: median over the alternating pairs of update/Adam; noise: (max-min)/median of the repeats, worse of "
+          "the two)")
+
+
+# ---------------------------------------------------------------------------------------------- part 2: training
+class _PreloadedMNIST5k(MNIST5kDataModule):
+    """Loads the arrays once (here), so no fit pays for reading them."""
+
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        super().setup("fit")
+
+    def prepare_data(self) -> None:
+        pass
+
+
+def _instrument(cb: GradientStabilityPruning, acc: dict[str, float]) -> None:
+    """Accumulate the wall time of the callback's per-step and per-event work into ``acc`` (perf_counter only:
+    a few hundred nanoseconds per call)."""
+
+    def wrap(key: str, fn):  # type: ignore[no-untyped-def]
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                acc[key] += time.perf_counter() - start
+
+        return timed
+
+    cb.on_after_backward = wrap("statistics (on_after_backward)", cb.on_after_backward)  # type: ignore[method-assign]
+    cb.on_before_optimizer_step = wrap("grad masking (before step)", cb.on_before_optimizer_step)  # type: ignore[method-assign]
+    cb._apply_masks = wrap("weight masking (after step)", cb._apply_masks)  # type: ignore[method-assign]
+    cb.on_train_batch_end = wrap("pruning events (total)", cb.on_train_batch_end)  # type: ignore[method-assign]
+    cb._compute_masks = wrap("  of which: scores + masks", cb._compute_masks)  # type: ignore[method-assign]
+
+
+def fit_once(
+    config: str, dm: MNIST5kDataModule, epochs: int, seed: int, acc: dict[str, float], root: str
+) -> tuple[float, int]:
+    pl.seed_everything(seed, verbose=False)
+    model = SmallCNN()
+    callbacks = []
+    if config != "baseline":
+        cb = GradientStabilityPruning(sparsity=0.8, evaluate=(config == "callback, evaluate=True"))
+        _instrument(cb, acc)
+        callbacks.append(cb)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=root,  # the end-of-fit compression report files land in a temporary directory
+    )
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the report's console table
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
+        elapsed = time.perf_counter() - start
+    return elapsed, trainer.global_step
+
+
+def training(epochs: int, repeats: int, seed: int) -> dict[str, float]:
+    configs = ["baseline", "callback, evaluate=False", "callback, evaluate=True"]
+    dm = _PreloadedMNIST5k(batch_size=64, seed=0)
+    evaluate_time = defaultdict(float)
+    original_evaluate = pruning_callback.evaluate
+
+    def timed_evaluate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            return original_evaluate(*args, **kwargs)
+        finally:
+            evaluate_time["calls"] += 1
+            evaluate_time["seconds"] += time.perf_counter() - start
+
+    original_publish = report_output.publish
+    publish_time = defaultdict(float)
+
+    def timed_publish(*args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            return original_publish(*args, **kwargs)
+        finally:
+            publish_time["seconds"] += time.perf_counter() - start
+
+    pruning_callback.evaluate = timed_evaluate
+    report_output.publish = timed_publish
+    root = tempfile.TemporaryDirectory(prefix="bench_stats_overhead_")
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    breakdown: dict[str, dict[str, float]] = {c: defaultdict(float) for c in configs}
+    steps = 0
+    try:
+        for config in configs:  # warm-up, 1 epoch each: first-use imports (the report's plot), allocator, threads
+            fit_once(config, dm, 1, seed, defaultdict(float), root.name)
+        for _ in range(repeats):  # alternate configurations so drifting load hits each alike
+            for config in configs:
+                evaluate_time.clear()
+                publish_time.clear()
+                elapsed, steps = fit_once(config, dm, epochs, seed, breakdown[config], root.name)
+                if config != "baseline":
+                    breakdown[config]["end-of-fit report (publish)"] += publish_time["seconds"]
+                times[config].append(elapsed)
+                if config == "callback, evaluate=True":
+                    breakdown[config]["  of which: evaluate() passes"] += evaluate_time["seconds"]
+                    breakdown[config]["evaluate() calls per fit"] = evaluate_time["calls"]
+    finally:
+        pruning_callback.evaluate = original_evaluate
+        report_output.publish = original_publish
+        root.cleanup()
+
+    base = min(times["baseline"])
+    print(f"SmallCNN on MNIST5k (3,500 train / 750 val images), batch 64, {epochs} epoch(s) = {steps} optimizer "
+          f"steps, validation each epoch in every configuration; {repeats} alternating repeats, min reported")
+    print(f"{'configuration':<28}{'fit s (min)':>12}{'all repeats s':>24}{'overhead':>10}{'target':>9}")
+    overheads = {}
+    for config in configs:
+        best = min(times[config])
+        overheads[config] = best / base - 1
+        shown = " ".join(f"{t:.2f}" for t in times[config])
+        target = "" if config == "baseline" else ("ok" if overheads[config] <= TRAIN_TARGET else "MISSED")
+        if config == "callback, evaluate=True":
+            target = "(info)"
+        over = "-" if config == "baseline" else f"{100 * overheads[config]:+.1f}%"
+        print(f"{config:<28}{best:>12.2f}{shown:>24}{over:>10}{target:>9}")
+    print("time spent inside the callback's code (instrumented, per fit, mean of repeats; ms): unlike the fit "
+          "difference it does not depend on fit-to-fit noise")
+    order = ["statistics (on_after_backward)", "grad masking (before step)", "weight masking (after step)",
+             "pruning events (total)", "  of which: scores + masks", "  of which: evaluate() passes",
+             "end-of-fit report (publish)"]
+    for config in configs[1:]:
+        acc = breakdown[config]
+        parts = ", ".join(f"{k.strip()} {1e3 * acc[k] / repeats:.1f}" for k in order if k in acc)
+        total = sum(acc[k] for k in order if not k.startswith(" ")) / repeats
+        calls = acc.get("evaluate() calls per fit")
+        print(f"  {config}: {parts}" + (f" [{calls:.0f} evaluate() calls per fit]" if calls else ""))
+        print(f"  {'':<{len(config)}}  => {1e3 * total:.0f} ms = {100 * total / base:.1f}% of the baseline fit")
+    return overheads
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and 1 epoch (about 40 s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on shared cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-training", action="store_true", help="part 1 only")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of each update mode")
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds")
+    args = parser.parse_args()
+
+    allocator = "glibc defaults" if args.default_malloc else pin_glibc_malloc()
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_compress"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    micro_repeats = 5 if args.quick else 11
+    train_epochs, train_repeats = (1, 1) if args.quick else (4, 3)
+    print(f"bench_stats_overhead: torch {torch.__version__}, lightning {pl.__version__}, python "
+          f"{platform.python_version()}, os.cpu_count()={os.cpu_count()}, torch.set_num_threads({args.threads}) "
+          f"-> get_num_threads()={torch.get_num_threads()}, {'quick' if args.quick else 'full'} run, "
+          f"allocator: {allocator}")
+    print("load average before the run (1/5/15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+          + " -- other processes on these cores inflate and scatter every figure below")
+    t0 = time.perf_counter()
+
+    print(f"\n[1] GradientStatistics.update vs Adam(foreach=True).step on the same tracked weights "
+          f"(median of {micro_repeats} alternating blocks; update amortized over 32 steps incl. one merge)")
+    torch.manual_seed(args.seed)
+    rows = micro("SmallCNN 28x28", SmallCNN(), micro_repeats, profile=args.profile)
+    mlp_name = "MLP " + "-".join(map(str, [784, *MLP_HIDDEN, 10]))
+    rows += micro(mlp_name, MLPClassifier(784, MLP_HIDDEN), micro_repeats, profile=args.profile)
+    print_micro(rows)
+
+    overheads = None
+    if not args.skip_training:
+        print(f"\n[2] Trainer.fit overhead of GradientStabilityPruning(sparsity=0.8) (unstructured, per-weight stats)")
+        overheads = training(train_epochs, train_repeats, args.seed)
+
+    print("load average after the run: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"\nverdicts (total bench time {time.perf_counter() - t0:.0f} s):")
+    for r in rows:
+        ok = r["ratio"] <= MICRO_TARGET
+        print(f"  {'PASS' if ok else 'FAIL'}  update/Adam <= {MICRO_TARGET}x  {r['model']}, {r['mode']}: {r['ratio']:.2f}x")
+    if overheads is not None:
+        o = overheads["callback, evaluate=False"]
+        print(f"  {'PASS' if o <= TRAIN_TARGET else 'FAIL'}  fit overhead <= {100 * TRAIN_TARGET:.0f}%  "
+              f"SmallCNN/MNIST5k, evaluate=False: {100 * o:+.1f}%")
+        print(f"  INFO  evaluate=True (default) adds {100 * overheads['callback, evaluate=True']:+.1f}% over the baseline "
+              f"(no target)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""``lightning-compress``: the Lightning CLI with the compression callbacks, for any LightningModule / DataModule.
+
+    lightning-compress fit                                          # the built-in job (see below)
+    lightning-compress fit --config configs/prune_then_quantize.yaml
+    lightning-compress fit --config configs/prune.yaml --trainer.max_epochs=2
+    lightning-compress fit --model=my_pkg.MyModule --data=my_pkg.MyData \\
+        --trainer.callbacks+=lightning_compress.GradientStabilityPruning --trainer.callbacks.sparsity=0.5
+    lightning-compress test --config configs/prune.yaml --ckpt_path runs/prune/.../last.ckpt
+    python -m lightning_compress fit ...                            # the same
+
+Subcommands: ``fit``, ``validate``, ``test``. Model and data are given by class path (any ``LightningModule`` /
+``LightningDataModule``); the built-in ones can be named by their class name alone: ``MLPClassifier``,
+``SmallCNN``, ``DigitsDataModule``, ``MNIST5kDataModule``; and so can the callbacks
+``GradientStabilityPruning`` / ``PostTrainingQuantization`` under ``trainer.callbacks``.
+
+The built-in job: ``fit`` given neither ``--config`` nor a ``--model`` / ``--data`` class runs
+``lightning_compress/default_config.yaml`` (prune, then quantize, a SmallCNN on 5,000 real MNIST digits; the
+same job as ``configs/prune_then_quantize.yaml``). Options such as ``--trainer.max_epochs=1`` still apply on top
+of it. With a ``--config`` or another model / data class, it is not used, so its callbacks and init arguments
+never leak into another job.
+
+When the compression callbacks are done, the report is printed and written next to the logs (see
+:mod:`lightning_compress.report_output`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+# imported so that jsonargparse knows them by their short class names
+from lightning_compress.data import DigitsDataModule, MNIST5kDataModule  # noqa: F401
+from lightning_compress.models import MLPClassifier, SmallCNN  # noqa: F401
+from lightning_compress.pruning_callback import GradientStabilityPruning  # noqa: F401
+
+try:  # optional until the quantization callback is part of the package
+    from lightning_compress.quantization_callback import PostTrainingQuantization  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
+SUBCOMMANDS = ("fit", "validate", "test")
+TRACEBACK_ENV = "LIGHTNING_COMPRESS_TRACEBACK"  # set to 1 to see the full traceback of a missing-package error
+
+
+class CompressionCLI(LightningCLI):
+    """``LightningCLI`` with the subcommands ``fit`` / ``validate`` / ``test`` and any model / datamodule class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        # a run without a logger writes its config.yaml to default_root_dir: allow a second run there
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+
+    def before_fit(self) -> None:
+        _make_export_dirs(self.trainer.callbacks)
+
+
+def _make_export_dirs(callbacks: Sequence[Any]) -> None:
+    """Create the directories of the callbacks' ``export_path`` (e.g. ``runs/job/model.safetensors``), so a config
+    can name a file under a run directory that does not exist yet."""
+    for callback in callbacks:
+        path = getattr(callback, "export_path", None)
+        if isinstance(path, (str, os.PathLike)):
+            Path(path).resolve().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _names_a_class(arg: str, group: str) -> bool:
+    """``--model X`` / ``--model=X`` / ``--model.class_path ...`` choose a class; ``--model.lr=...`` does not."""
+    return arg in (f"--{group}", f"--{group}.class_path") or arg.startswith((f"--{group}=", f"--{group}.class_path="))
+
+
+def uses_builtin_job(args: Sequence[str]) -> bool:
+    """Whether ``args`` (without the program name) run the built-in job: ``fit`` with no ``--config`` and no
+    ``--model`` / ``--data`` class of its own."""
+    positionals = [a for a in args if not a.startswith("-")]
+    if not positionals or positionals[0] != "fit":
+        return False
+    for arg in args:
+        if arg in ("-c", "--config") or arg.startswith("--config="):
+            return False
+        if _names_a_class(arg, "model") or _names_a_class(arg, "data"):
+            return False
+    return True
+
+
+def cli_parser_kwargs(args: Sequence[str]) -> dict[str, Any]:
+    if uses_builtin_job(args):
+        return {"fit": {"default_config_files": [str(DEFAULT_CONFIG)]}}
+    return {}
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightning-compress`` console script and of ``python -m lightning_compress``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    parser_kwargs = cli_parser_kwargs(argv)
+    if parser_kwargs and not any(a in ("-h", "--help") for a in argv):
+        rank_zero_info(
+            f"lightning-compress: no --config given, running the built-in job {DEFAULT_CONFIG} "
+            "(prune, then quantize, a SmallCNN on MNIST-5k); --config FILE runs another one"
+        )
+    try:
+        # args=None: LightningCLI reads sys.argv itself (and warns when given both)
+        CompressionCLI(args=None if args is None else argv, parser_kwargs=parser_kwargs)
+    except ImportError as err:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        # a missing optional package (e.g. the built-in datamodules' `mlxtend` / `scikit-learn`): its message says
+        # what to install; the traceback would only bury it
+        print(f"lightning-compress: error: {err}", file=sys.stderr)
+        print(f"(set {TRACEBACK_ENV}=1 for the full traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

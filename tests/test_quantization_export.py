@@ -1,0 +1,195 @@
+"""safetensors export: exact reload, layout and sizes, atomic writes, refusals, int-kernel loading."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lightning_compress.quantization import Int8Linear, load_quantized, quantize, save_float, save_quantized
+from lightning_compress.quantization import export
+from lightning_compress.quantization.export import METADATA_KEY, read_metadata
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: a second intra-op thread only adds wake-up latency on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Net(nn.Module):
+    """Conv + BatchNorm + Embedding + Linear layers, one of them without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(4, 8, 1)  # input size 4: every group size below divides it
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 8 * 8 + 8, 64)
+        self.fc2 = nn.Linear(64, 10, bias=False)
+
+    def forward(self, x, tokens):
+        h = self.bn(self.conv(x)).relu().flatten(1)
+        return self.fc2(self.fc1(torch.cat([h, self.emb(tokens)], dim=1)).relu())
+
+
+def _trained_net():
+    torch.manual_seed(0)
+    net = Net()
+    net.train()
+    net(torch.randn(16, 4, 8, 8), torch.randint(0, 10, (16,)))  # non-trivial BatchNorm running stats
+    return net.eval()
+
+
+SCHEMES = {
+    "int8-per-channel": dict(bits=8),
+    "int8-asym-per-tensor": dict(bits=8, symmetric=False, granularity="per_tensor"),
+    "int4-group-asym-mse": dict(bits=4, granularity="per_group", group_size=4, symmetric=False, calibration="mse"),
+    "int3-per-channel-percentile": dict(bits=3, calibration="percentile"),
+    "int2-group-fp16-scales": dict(bits=2, granularity="per_group", group_size=4, scale_dtype="float16"),
+}
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_export_then_load_reproduces_the_quantized_model_exactly(tmp_path, scheme):
+    model = _trained_net()
+    result = quantize(model, module_types=["Linear", "Conv2d", "Embedding"], **SCHEMES[scheme])
+    path = tmp_path / "model.safetensors"
+    save_quantized(model, result, path)
+    fresh = Net()
+    load_quantized(fresh, path)
+    fresh.eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    x, tokens = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
+    assert torch.equal(fresh(x, tokens), model(x, tokens))
+
+
+def test_file_layout_metadata_and_packed_sizes(tmp_path):
+    model = _trained_net()
+    result = quantize(model, bits=4, granularity="per_group", group_size=8, symmetric=False, exclude=["conv"])
+    path = tmp_path / "m.safetensors"
+    save_quantized(model, result, path)
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        raw_meta = handle.metadata()[METADATA_KEY]
+        qdata = handle.get_tensor("fc1.weight:qdata")
+        scale = handle.get_tensor("fc1.weight:scale")
+        zero = handle.get_tensor("fc1.weight:zero_point")
+        bias = handle.get_tensor("fc1.bias")
+    assert "fc1.weight" not in keys and "conv.weight" in keys and "bn.running_var" in keys
+    assert qdata.dtype == torch.uint8 and qdata.numel() == 64 * 520 // 2  # two 4-bit codes per byte
+    assert scale.shape == (64, 65) and scale.dtype == torch.float32
+    assert zero.dtype == torch.uint8 and zero.numel() == 64 * 65 // 2
+    assert bias.dtype == torch.float32 and torch.equal(bias, model.fc1.bias)
+    meta = json.loads(raw_meta)
+    assert meta == read_metadata(path)
+    assert meta["layers"]["fc1.weight"]["bits"] == 4 and meta["layers"]["fc1.weight"]["shape"] == [64, 520]
+    assert set(meta["layers"]) == {"fc1.weight", "fc2.weight"}
+
+
+@pytest.mark.parametrize(("kwargs", "limit"), [(dict(bits=8), 0.27), (dict(bits=4, granularity="per_group"), 0.15)])
+def test_file_size_ratios_for_a_linear_heavy_model(tmp_path, kwargs, limit):
+    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 128))
+    save_float(model, tmp_path / "fp32.safetensors")
+    result = quantize(model, **kwargs)
+    save_quantized(model, result, tmp_path / "q.safetensors")
+    ratio = os.path.getsize(tmp_path / "q.safetensors") / os.path.getsize(tmp_path / "fp32.safetensors")
+    assert ratio <= limit
+
+
+def test_tied_weights_are_stored_once_as_an_alias(tmp_path):
+    def make():
+        m = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+        m[1].weight = m[0].weight
+        return m
+
+    model = make()
+    result = quantize(model, bits=4, module_types=["Embedding", "Linear"])
+    save_quantized(model, result, tmp_path / "t.safetensors")
+    assert read_metadata(tmp_path / "t.safetensors")["aliases"] == {"1.weight": "0.weight"}
+    fresh = load_quantized(make(), tmp_path / "t.safetensors")
+    assert torch.equal(fresh[1].weight, model[0].weight) and fresh[1].weight is fresh[0].weight
+
+
+def test_atomic_write_leaves_the_previous_file_intact_on_failure(tmp_path, monkeypatch):
+    model = _trained_net()
+    result = quantize(model)
+    path = tmp_path / "m.safetensors"
+    save_quantized(model, result, path)
+    original = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, quantize(_trained_net(), bits=4), path)
+    assert path.read_bytes() == original
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary file left behind
+
+
+def test_float_copy_is_a_plain_safetensors_state_dict(tmp_path):
+    model = _trained_net()
+    save_float(model, tmp_path / "f.safetensors")
+    fresh = Net()
+    from safetensors.torch import load_file
+
+    fresh.load_state_dict(load_file(tmp_path / "f.safetensors"))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="is not a lightning-compress quantized export"):
+        load_quantized(Net(), tmp_path / "f.safetensors")
+
+
+def test_loading_into_the_wrong_model_fails(tmp_path):
+    model = _trained_net()
+    save_quantized(model, quantize(model), tmp_path / "m.safetensors")
+    with pytest.raises(RuntimeError, match="Missing key|Unexpected key|size mismatch"):
+        load_quantized(nn.Sequential(nn.Linear(4, 4)), tmp_path / "m.safetensors")
+
+
+def test_result_from_another_model_is_refused(tmp_path):
+    result = quantize(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"`result` has weights \['0.weight', '1.weight'\] that are not in the model"):
+        save_quantized(_trained_net(), result, tmp_path / "m.safetensors")
+
+
+def test_newer_format_version_is_refused(tmp_path, monkeypatch):
+    model = _trained_net()
+    monkeypatch.setattr(export, "VERSION", 99)
+    save_quantized(model, quantize(model), tmp_path / "m.safetensors")
+    monkeypatch.setattr(export, "VERSION", 1)
+    with pytest.raises(ValueError, match="format version 99; this version reads <= 1"):
+        load_quantized(Net(), tmp_path / "m.safetensors")
+
+
+def test_load_with_int_kernels_swaps_eligible_linears(tmp_path):
+    model = _trained_net()
+    result = quantize(model, bits=8, module_types=["Linear", "Conv2d"])
+    save_quantized(model, result, tmp_path / "m.safetensors")
+    ints = load_quantized(Net(), tmp_path / "m.safetensors", int_kernels=True).eval()
+    assert isinstance(ints.fc1, Int8Linear) and isinstance(ints.fc2, Int8Linear)
+    assert isinstance(ints.conv, nn.Conv2d)  # convolutions stay dequantized float
+    assert torch.equal(ints.fc1.dequantized_weight(), model.fc1.weight)
+    x, tokens = torch.randn(32, 4, 8, 8), torch.randint(0, 10, (32,))
+    ref, out = model(x, tokens), ints(x, tokens)
+    # activation rounding (<= 1/254 of each row's max |x| per element) is the only extra error: well under 2%
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+    grouped = quantize(_trained_net(), bits=4, granularity="per_group", group_size=8, exclude=["conv"])
+    save_quantized(_trained_net(), grouped, tmp_path / "g.safetensors")
+    loaded = load_quantized(Net(), tmp_path / "g.safetensors", int_kernels=True)
+    assert type(loaded.fc1) is nn.Linear  # per-group scales have no int8 form: left as float
+
+
+def test_copy_of_quantized_model_still_exports(tmp_path):
+    model = _trained_net()
+    result = quantize(model, bits=4)
+    clone = copy.deepcopy(model)
+    save_quantized(clone, result, tmp_path / "m.safetensors")
+    assert torch.equal(load_quantized(Net(), tmp_path / "m.safetensors").fc1.weight, clone.fc1.weight)
