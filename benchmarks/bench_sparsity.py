@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import logging
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -45,6 +48,7 @@ import torch
 from lightning.pytorch.callbacks import ModelPruning
 from torch.utils.data import DataLoader
 
+import lightning_compress.report_output as report_output
 from lightning_compress.data import EpochSeededSampler, MNIST5kDataModule
 from lightning_compress.models import SmallCNN
 from lightning_compress.pruning_callback import DEFAULT_MODULE_TYPES, GradientStabilityPruning
@@ -158,7 +162,7 @@ def fit_once(method: str, sparsity: float, seed: int, epochs: int, dm: MNIST5kDa
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=callbacks,
+        callbacks=callbacks, default_root_dir=tempfile.gettempdir(),
     )
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=train_loader(dm, seed))
@@ -168,6 +172,38 @@ def fit_once(method: str, sparsity: float, seed: int, epochs: int, dm: MNIST5kDa
         "test_acc": accuracy(model, dm.test_dataloader()), "val_acc": accuracy(model, dm.val_dataloader()),
         "achieved": achieved_sparsity(model), "layers": layer_sparsity(model), "seconds": seconds,
     }
+
+
+def quiet() -> None:
+    """No warnings, no Lightning info lines, and no compression report: ``GradientStabilityPruning`` publishes one
+    at the end of every fit (console tables plus .md / .json / .png files), which costs a matplotlib figure per fit
+    and is not what this benchmark measures; ``finish_if_last`` imports ``publish`` at call time, so this reaches it."""
+    report_output.publish = lambda *args, **kwargs: None
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_compress"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_WORKER_DM: MNIST5kDataModule | None = None
+
+
+def _init_worker(threads: int) -> None:
+    """Per process: threads, quiet logs, the data read once, and one tiny warm-up fit (the first fit of a process
+    pays several seconds of one-time costs that would otherwise land on whichever run comes first)."""
+    global _WORKER_DM
+    torch.set_num_threads(threads)
+    quiet()
+    _WORKER_DM = _PreloadedMNIST5k(batch_size=64, seed=0)
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+               default_root_dir=tempfile.gettempdir()).fit(
+        SmallCNN(image_size=28), train_dataloaders=train_loader(_WORKER_DM, 0))
+
+
+def _run_job(job: tuple) -> dict:
+    method, sparsity, seed, epochs, ours = job
+    return fit_once(method, sparsity, seed, epochs, _WORKER_DM, ours)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -251,14 +287,13 @@ def main() -> int:
                         help=f"comma-separated subset of {','.join(ALL_METHODS)},dense (default: all + dense)")
     parser.add_argument("--min-keep", type=float, default=None, help="GradientStabilityPruning min_keep (default: its own)")
     parser.add_argument("--scope", choices=("global", "layer"), default=None, help="GradientStabilityPruning scope")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--workers", type=int, default=2, help="fits run in parallel, one process each (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "sparsity.md", help="markdown output (.json beside it)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_compress"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet()
 
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     epochs = args.epochs if args.epochs is not None else (3 if args.quick else 8)
@@ -272,13 +307,12 @@ def main() -> int:
     end = prune_end_epoch(epochs)
 
     dm = _PreloadedMNIST5k(batch_size=64, seed=0)
-    sizes = {n: len(dm.train_dataloader().dataset) if n == "train" else len(getattr(dm, f"{n}_dataloader")().dataset)
-             for n in ("train", "val", "test")}
+    sizes = {n: len(getattr(dm, f"{n}_dataloader")().dataset) for n in ("train", "val", "test")}
     numel = sum(m.weight.numel() for m in pruned_modules(SmallCNN(image_size=28)).values())
     variant = ", ".join(f"{k}={v}" for k, v in ours.items()) or "library defaults (scope='global', min_keep=0.01)"
     header = [
         f"bench_sparsity: torch {torch.__version__}, lightning {pl.__version__}, python {platform.python_version()}, "
-        f"os.cpu_count()={os.cpu_count()}, torch threads {torch.get_num_threads()}, "
+        f"os.cpu_count()={os.cpu_count()}, {args.workers} worker process(es) x {args.threads} torch thread(s), "
         f"{'quick' if args.quick else 'full'} run",
         f"SmallCNN(28) on MNIST5k ({sizes['train']} train / {sizes['val']} val / {sizes['test']} test), AdamW 2e-3, "
         f"batch 64, {epochs} epochs for every run (dense too), seeds {seeds}",
@@ -295,12 +329,24 @@ def main() -> int:
     jobs += [(m, s, seed) for seed in seeds for s in levels for m in methods]
     runs: list[dict] = []
     t0 = time.perf_counter()
-    for i, (method, sparsity, seed) in enumerate(jobs, 1):
-        run = fit_once(method, sparsity, seed, epochs, dm, ours)
+
+    def progress(run: dict) -> None:
         runs.append(run)
-        print(f"[{i:>3}/{len(jobs)}] {method:<19} s={100 * sparsity:>4g}% seed {seed}: test {run['test_acc']:6.2f}  "
-              f"val {run['val_acc']:6.2f}  zeros {100 * run['achieved']:7.3f}%  ({run['seconds']:.1f} s fit, "
-              f"{time.perf_counter() - t0:.0f} s total)", flush=True)
+        print(f"[{len(runs):>3}/{len(jobs)}] {run['method']:<19} s={100 * run['sparsity']:>4g}% seed {run['seed']}: "
+              f"test {run['test_acc']:6.2f}  val {run['val_acc']:6.2f}  zeros {100 * run['achieved']:7.3f}%  "
+              f"({run['seconds']:.1f} s fit, {time.perf_counter() - t0:.0f} s total)", flush=True)
+
+    full_jobs = [(m, s, seed, epochs, ours) for m, s, seed in jobs]
+    if args.workers <= 1:
+        _init_worker(args.threads)
+        for job in full_jobs:
+            progress(_run_job(job))
+    else:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP thread pool
+        with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(args.threads,)) as pool:
+            for future in as_completed([pool.submit(_run_job, job) for job in full_jobs]):
+                progress(future.result())
     total = time.perf_counter() - t0
 
     stat = "mean ± std (sample std over seeds" + (", 0 with one seed)" if len(seeds) == 1 else ")")

@@ -410,6 +410,9 @@ class GradientStabilityPruning(Callback):
         if self.structured:
             groups = self._unit_groups(pl_module)
             names = [n for n in names if groups is None or groups.get(n) is None or groups[n].prunable]
+            if not names:
+                reasons = {n: g.reason for n, g in (groups or {}).items() if n in self._modules}
+                raise RuntimeError(f"structured pruning: no selected layer can lose units safely: {reasons}")
             weights = [self._modules[n].weight.detach() for n in names]
             all_scores = scoring.unit_scores(self.criterion, [m.weight for m in self._modules.values()], self.stats)
             by_name = dict(zip(self._modules, all_scores))
@@ -472,12 +475,12 @@ class GradientStabilityPruning(Callback):
 
     def current_sparsity(self) -> float:
         """Fraction of pruned entries: weights (unstructured) or units (structured), each parameter counted once."""
-        if self.structured:
-            units = [self.unit_masks[n] for n in self._modules if n in self.unit_masks]
-            total = sum(m.weight.shape[0] for m in self._modules.values())
-            return 1.0 - (sum(int(u.sum()) for u in units) + sum(
-                m.weight.shape[0] for n, m in self._modules.items() if n not in self.unit_masks
-            )) / max(total, 1)
+        if self.structured:  # over the layers that can lose units (all selected ones before the first event)
+            layers = list(self.unit_masks) or list(self._modules)
+            total = sum(self._modules[n].weight.shape[0] for n in layers)
+            kept = sum(int(self.unit_masks[n].sum()) if n in self.unit_masks else self._modules[n].weight.shape[0]
+                       for n in layers)
+            return 1.0 - kept / max(total, 1)
         weights = self._unique_weights()
         pruned = sum(int((~self.masks[f"{n}.weight"]).sum()) for n in weights if f"{n}.weight" in self.masks)
         return pruned / max(sum(w.numel() for w in weights.values()), 1)

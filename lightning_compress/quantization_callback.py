@@ -23,6 +23,7 @@ At ``on_train_end``:
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +107,7 @@ class PostTrainingQuantization(Callback):
         self.float_weights: dict[str, Tensor] = {}  # module name -> float weight before quantizing (CPU)
         self.result: QuantizationResult | None = None
         self.bits_used: dict[str, int] = {}  # module name -> final bits (32 = kept float)
+        self.sensitivity: dict[str, float] = {}  # module name -> metric drop quantized alone (when measured)
 
     @property
     def float_copy_path(self) -> str | None:
@@ -224,6 +226,7 @@ class PostTrainingQuantization(Callback):
             self._apply(layers, {n: plan[name] if n == name else FLOAT for n in layers}, cache)
             alone = evaluation.evaluate(trainer, pl_module, self.metric_spec)
             sensitivity[name] = evaluation.metric_drop(before, alone, higher)
+        self.sensitivity = sensitivity
         order = sorted(layers, key=lambda n: (-sensitivity[n], cache[(n, plan[n])].sqnr_db, n))
         rungs = [8, FLOAT] if self.fallback == "more_bits" else [FLOAT]
         after = before
@@ -255,8 +258,9 @@ class PostTrainingQuantization(Callback):
 
     def _event(self, trainer: pl.Trainer, before: float | None, after: float | None, plan: dict[str, int],
                accepted: bool, note: str) -> report.CompressionEvent:
-        kept = sum(b == FLOAT for b in plan.values())
-        text = f"int{self.spec.bits} {self.spec.granularity}, {self.spec.calibration}; {note}; {kept} layer(s) float"
+        counts = Counter("float" if b == FLOAT else f"int{b}" for b in plan.values())
+        mix = ", ".join(f"{n}x {label}" for label, n in sorted(counts.items()))
+        text = f"{self.spec.granularity}, {self.spec.calibration}; {note}: {mix}"
         return report.CompressionEvent("quantize", trainer.global_step, before, after, accepted=accepted, note=text)
 
     def _record(self, trainer: pl.Trainer, rec: report.CompressionReport, layers: dict[str, nn.Module],
@@ -274,7 +278,8 @@ class PostTrainingQuantization(Callback):
                 bits=bits,
                 bytes_fp32=fp32,
                 bytes_compressed=fp32 if layer is None else layer.nbytes() + bias_bytes,
-                note="kept float (fallback)" if layer is None else f"int{bits} SQNR {layer.sqnr_db:.1f} dB",
+                note=("kept float (fallback)" if layer is None else f"int{bits} SQNR {layer.sqnr_db:.1f} dB")
+                + (f"; drop alone {self.sensitivity[name]:.4g}" if name in self.sensitivity else ""),
             )
         rec.fallbacks.extend(fallbacks)
         rec.events.append(self._event(trainer, before, after, self.bits_used, accepted=True, note="final"))

@@ -166,7 +166,7 @@ def _fmt_metric(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _fmt_bytes(n: int | float | None) -> str:
+def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -308,8 +308,10 @@ def _md_table(columns: list[str], rows: list[list[str]]) -> str:
 def to_markdown(summary: Mapping[str, Any], plot_name: str | None = None) -> str:
     parts = ["# Compression report", "", headline(summary), ""]
     parts += [
-        f"- metric ({summary['metric_name'] or '-'}): {_fmt_metric(summary['metric_before'])} before, "
-        f"{_fmt_metric(summary['metric_after'])} after",
+        (
+            f"- metric ({summary['metric_name'] or '-'}): {_fmt_metric(summary['metric_before'])} before, "
+            f"{_fmt_metric(summary['metric_after'])} after"
+        ),
         f"- bytes (fp32): {summary['bytes_fp32']:,}",
         f"- bytes (compressed): {summary['bytes_compressed']:,}",
         f"- compression ratio: {_fmt_ratio(summary['compression_ratio'])}",
@@ -327,7 +329,10 @@ def to_markdown(summary: Mapping[str, Any], plot_name: str | None = None) -> str
         "",
     ]
     columns, rows = _fallback_table(summary)
-    parts.append(_md_table(columns, rows) if rows else "None." if _quantized(summary) else "No quantization in this run.")
+    if rows:
+        parts.append(_md_table(columns, rows))
+    else:
+        parts.append("None." if _quantized(summary) else "No quantization in this run.")
     if summary["files"]:
         parts += ["", "## Files", ""] + [f"- {key}: `{path}`" for key, path in summary["files"].items()]
     if plot_name:
@@ -408,7 +413,7 @@ def build_figure(summary: Mapping[str, Any]) -> Any:
     handles, labels = ax_steps.get_legend_handles_labels()
     more_handles, more_labels = ax_sparsity.get_legend_handles_labels()
     if handles or more_handles:
-        ax_steps.legend(handles + more_handles, labels + more_labels, loc="lower left", fontsize="small")
+        ax_steps.legend(handles + more_handles, labels + more_labels, loc="best", fontsize="small", framealpha=0.7)
     ax_steps.set_title(f"{headline(summary)}", fontsize="medium")
 
     names = list(summary["layers"])

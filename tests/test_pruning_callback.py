@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 
 import lightning.pytorch as pl
 import pytest
@@ -23,6 +24,7 @@ def _trainer(callbacks, max_epochs=2, **kwargs) -> pl.Trainer:
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         deterministic=True,
+        default_root_dir=tempfile.mkdtemp(prefix="lc-test-"),  # the compression report is written there
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
@@ -164,6 +166,35 @@ def test_structured_pruning_removes_whole_units() -> None:
     assert 0 < int(dead.sum()) < first.out_features
     assert torch.all(first.bias.detach()[dead] == 0)
     assert math.isclose(pruning.current_sparsity(), 0.5, abs_tol=0.02)
+
+
+class _OutputsAtTrainEnd(Callback):
+    """Listed before the pruning callback: records the masked model's outputs just before it finalises."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.outputs: torch.Tensor | None = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pl_module.eval()
+        with torch.no_grad():
+            self.outputs = pl_module(self.x)
+
+
+def test_compact_removes_units_and_keeps_the_outputs() -> None:
+    model = SmallCNN(image_size=8, channels=[8, 16], hidden=32)
+    params_before = sum(p.numel() for p in model.parameters())
+    x = torch.rand(16, 1, 8, 8)
+    spy = _OutputsAtTrainEnd(x)
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, scope="layer", schedule="one_shot",
+                                       start_step=5, evaluate=False, compact=True)
+    _trainer([spy, pruning], max_epochs=1).fit(model, DigitsDataModule(batch_size=32))
+    assert model.net[0].out_channels == 4 and model.net[4].out_channels == 8 and model.net[9].out_features == 16
+    assert model.net[-1].out_features == 10  # the output layer never loses units
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), spy.outputs, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- resume

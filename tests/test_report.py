@@ -18,7 +18,14 @@ from rich.console import Console
 from torch import nn
 
 from lightning_compress import report_output
-from lightning_compress.report import CompressionEvent, CompressionReport, LayerRecord, register, report_for, state_bytes
+from lightning_compress.report import (
+    CompressionEvent,
+    CompressionReport,
+    LayerRecord,
+    register,
+    report_for,
+    state_bytes,
+)
 from lightning_compress.report_output import publish, summarize, to_markdown, write_files
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +44,8 @@ LINEAR_FP32 = 4 * (64 + 4)  # 272
 def _report(model: nn.Module | None = None) -> CompressionReport:
     report = CompressionReport(metric_name="MulticlassAccuracy", metric_before=0.95, metric_after=0.94)
     # conv: pruned to 50 %, kept float (stored dense); linear: int4, 32 bytes of codes + 16 of scales + 16 of bias
-    report.layers["0"] = LayerRecord(parameters=144, sparsity=0.5, bits=32, bytes_fp32=CONV_FP32, bytes_compressed=CONV_FP32)
+    report.layers["0"] = LayerRecord(parameters=144, sparsity=0.5, bits=32, bytes_fp32=CONV_FP32,
+                                     bytes_compressed=CONV_FP32)
     report.layers["3"] = LayerRecord(parameters=64, sparsity=0.25, bits=4, bytes_fp32=LINEAR_FP32, bytes_compressed=64,
                                      note="int4 SQNR 20.0 dB")
     report.events = [
@@ -213,7 +221,8 @@ def test_publish_on_other_ranks_writes_and_prints_nothing(
     trainer = _trainer(tmp_path)
     monkeypatch.setattr(report_output.rank_zero_only, "rank", 1)
     publish(_report(), trainer, _model())
-    assert not list(tmp_path.rglob(report_output.JSON_NAME)) and "lightning-compress report" not in capsys.readouterr().out
+    assert not list(tmp_path.rglob(report_output.JSON_NAME))
+    assert "lightning-compress report" not in capsys.readouterr().out
 
 
 def test_register_snapshots_the_model_before_compression(tmp_path: Path) -> None:
