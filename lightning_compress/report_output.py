@@ -19,7 +19,6 @@ Byte accounting (what ``bytes_fp32`` / ``bytes_compressed`` mean):
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import tempfile
@@ -32,8 +31,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from lightning_compress.report import CompressionReport, state_bytes
-
-log = logging.getLogger(__name__)
 
 JSON_NAME = "compression_report.json"
 MARKDOWN_NAME = "compression_report.md"
@@ -60,6 +57,13 @@ def _owner(key: str) -> str:
     return key.rpartition(".")[0]
 
 
+def _by_owner(sizes: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for key, size in sizes.items():
+        out.setdefault(_owner(key), {})[key] = size
+    return out
+
+
 def _finite(value: Any) -> Any:
     """NaN / inf -> None (JSON has no such numbers); everything else unchanged."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -81,19 +85,24 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
     """
     before_state = dict(report.model_state_bytes)
     current_state = state_bytes(model) if model is not None else {}
+    before_by_owner, current_by_owner = _by_owner(before_state), _by_owner(current_state)
     layer_names = set(report.layers)
 
     layers: dict[str, dict[str, Any]] = {}
     any_dense_pruned = False
     for name, record in report.layers.items():
-        snapshot = sum(b for k, b in before_state.items() if _owner(k) == name)
-        bytes_fp32 = snapshot or record.bytes_fp32
+        bytes_fp32 = sum(before_by_owner.get(name, {}).values()) or record.bytes_fp32
+        current = current_by_owner.get(name, {})
         notes = [record.note] if record.note else []
-        if record.bits < FLOAT_BITS:  # quantized: the size in the quantized export format
-            bytes_compressed = record.bytes_compressed or record.bytes_fp32
+        if record.bits < FLOAT_BITS:
+            # quantized: its weight as the quantized export stores it (codes + scales + zero points; the record's
+            # bytes_compressed minus its float bias), plus the layer's other entries (bias, ...) as the model holds them
+            record_bias = max(0, record.bytes_fp32 - 4 * record.parameters)
+            weight_key = next((k for k in (f"{name}.weight", f"{name}.in_proj_weight") if k in current), None)
+            others = sum(b for k, b in current.items() if k != weight_key) if weight_key else record_bias
+            bytes_compressed = (record.bytes_compressed or record.bytes_fp32) - record_bias + others
         else:  # float: what the model holds now, whatever the record says (no sparse format is exported)
-            current = sum(b for k, b in current_state.items() if _owner(k) == name)
-            bytes_compressed = current or record.bytes_fp32
+            bytes_compressed = sum(current.values()) or record.bytes_fp32
             if bytes_compressed < bytes_fp32:
                 notes.append("compacted")  # compaction removed rows / columns: the model itself is smaller
         if record.sparsity > 0 and "compacted" not in notes:
@@ -135,7 +144,7 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
 
     quantized = any(v["bits"] < FLOAT_BITS for v in layers.values())
     notes = [NOTE_WHOLE_MODEL]
-    if any_dense_pruned:
+    if any_dense_pruned and any(e["kind"] == "prune" for e in events):
         notes.append(NOTE_DENSE)
     if quantized and "quantized" not in report.files:
         notes.append(NOTE_NO_EXPORT)
@@ -498,25 +507,30 @@ def _console(trainer: pl.Trainer) -> Any:
 
 @rank_zero_only
 def _emit(summary: dict[str, Any], trainer: pl.Trainer) -> None:
+    # The fit is over and its model is compressed: a report that cannot be written or drawn warns, never raises.
     directory = output_dir(trainer)
     try:
         write_files(summary, directory)
-    except OSError as err:
-        rank_zero_warn(f"lightning-compress: could not write the compression report to {directory!r}: {err}")
+    except Exception as err:  # noqa: BLE001
+        rank_zero_warn(f"lightning-compress: could not write the compression report to {directory!r}: {err!r}")
     _console(trainer).print(render_console(summary))
     metrics = logger_metrics(summary)
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
-        add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)  # TensorBoard
-        if callable(add_figure):
-            try:
+        try:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)  # TensorBoard
+            if callable(add_figure):
                 add_figure("compression/report", build_figure(summary), global_step=trainer.global_step)
-            except ImportError:
-                pass
+        except ImportError:  # no matplotlib: the figure is skipped (write_files said so)
+            pass
+        except Exception as err:  # noqa: BLE001
+            rank_zero_warn(f"lightning-compress: could not log the compression report to {type(logger).__name__}: "
+                           f"{err!r}")
 
 
 def publish(report: CompressionReport, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Summarize (every rank) and print / write / log (rank zero). No collective: ranks need not wait."""
+    """Summarize (every rank: no collective, so the ranks need not wait for each other) and print, write and log
+    (rank zero). Files: ``compression_report.{json,md,png}`` in ``trainer.log_dir`` (else ``default_root_dir``)."""
     summary = summarize(report, pl_module)
     _emit(summary, trainer)
     for key, path in summary["files"].items():

@@ -74,12 +74,40 @@ def stats_digest(stats: Any) -> str | None:
 
 
 def gather(obj: Any) -> list[Any]:
-    """``obj`` of every rank (rank order), through ``torch.distributed.all_gather_object``; ``[obj]`` alone."""
+    """``obj`` of every rank (rank order), through ``torch.distributed.all_gather_object``; ``[obj]`` alone.
+    Not counted by :func:`count_collectives` (the probes' own traffic)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    _ORIGINAL.get("all_gather_object", dist.all_gather_object)(out, obj)
     return out
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+                "broadcast_object_list", "barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
+                "gather_object", "scatter", "scatter_object_list", "all_to_all", "all_to_all_single", "send", "recv")
+_ORIGINAL: dict[str, Any] = {}
+_COUNTS: dict[str, Any] = {"bucket": None}
+
+
+def count_collectives() -> None:
+    """Count the ``torch.distributed`` collectives Python code calls (Lightning, torchmetrics, the callbacks) into
+    ``_COUNTS["bucket"]`` while it is a dict. DDP's gradient all-reduce runs in C++ and is not seen. Workers only."""
+    if _ORIGINAL:
+        return
+    for name in _COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+        _ORIGINAL[name] = original
+
+        def counted(*args: Any, __name: str = name, __original: Any = original, **kwargs: Any) -> Any:
+            bucket = _COUNTS["bucket"]
+            if bucket is not None:
+                bucket[__name] = bucket.get(__name, 0) + 1
+            return __original(*args, **kwargs)
+
+        setattr(dist, name, counted)
 
 
 def pruning_of(trainer: pl.Trainer) -> GradientStabilityPruning:
@@ -136,11 +164,17 @@ def install_write_audit(root: str | Path) -> None:
 
 # --------------------------------------------------------------------------- probes
 class _PreEvent(Callback):
-    """Listed *before* the pruning callback: at each tick of its schedule, the state the decision will use."""
+    """Listed *before* the pruning callback: at each tick of its schedule, the state the decision will use. Opens
+    the per-batch bucket of collectives that ``RankProbe`` closes after the compression callbacks."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
+        self.collectives: list[dict[str, Any]] = []  # one per training batch: step after it, collectives called
         self._seen: set[int] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if _ORIGINAL:
+            _COUNTS["bucket"] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         pruning = pruning_of(trainer)
@@ -179,6 +213,8 @@ class RankProbe(Callback):
     def setup(self, trainer, pl_module, stage) -> None:
         if trainer.world_size > 1:
             torch.set_num_threads(1)  # 2 workers on a shared 2-core machine
+        if trainer.world_size > 1:
+            count_collectives()
         if self.audit:
             install_write_audit(Path(self.out_dir) / ARTIFACTS)
         if self.slow_export_s and trainer.is_global_zero:
@@ -200,6 +236,9 @@ class RankProbe(Callback):
         self.optimizer_steps += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _COUNTS["bucket"] is not None:
+            self.pre.collectives.append({"step": trainer.global_step, "calls": _COUNTS["bucket"]})
+            _COUNTS["bucket"] = None
         pruning = pruning_of(trainer)
         tick = trainer.global_step
         if pruning.schedule_unit != "step" or tick in self._seen or not pruning.schedule.is_event(tick):
@@ -238,6 +277,7 @@ class RankProbe(Callback):
             "sparsity": pruning.current_sparsity(),
             "history": pruning.history,
             "precision": str(trainer.precision),
+            "collectives": self.pre.collectives,
             "bits_used": getattr(quant, "bits_used", None),
             # the export must be complete on every rank when the quantization callback's on_train_end returns
             "export_ready": bool(export) and Path(export).is_file(),
@@ -382,7 +422,7 @@ def scenario_main(strategy: str, out_dir: str) -> None:
 
     pl.seed_everything(3)
     (Path(out_dir) / ARTIFACTS).mkdir(exist_ok=True)
-    quant = PostTrainingQuantization(bits=4, granularity="per_channel", max_metric_drop=0.0,
+    quant = PostTrainingQuantization(bits=2, granularity="per_channel", max_metric_drop=0.05,
                                      export_path=str(Path(out_dir) / ARTIFACTS / "model.safetensors"))
     probe = RankProbe(out_dir, "main", audit=True, slow_export_s=1.0)
     callbacks = probe.callbacks(pruning_with_rollbacks(), quant)

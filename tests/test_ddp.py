@@ -127,6 +127,22 @@ def test_masks_and_weights_are_identical_on_every_rank(main_run) -> None:
     assert final[0]["sparsity"] > 0.9
 
 
+def test_no_collective_per_training_step_and_one_broadcast_per_pruning_event(main_run) -> None:
+    """Beyond DDP's own gradient all-reduce (C++, not counted), a training step costs the callbacks nothing; a
+    pruning event costs one ``broadcast_object_list`` (the masks) plus the metric's state sync (all_gather/barrier)."""
+    _, _, record = main_run
+    events = {e["tick"] for e in record["events"] if e["ranks"][0]["event"] is not None}
+    for r in record["final"]:
+        batches = r["collectives"]
+        assert [b["step"] for b in batches] == list(range(1, 61))
+        for batch in batches:
+            if batch["step"] in events:
+                assert batch["calls"].get("broadcast_object_list") == 1, batch
+                assert set(batch["calls"]) <= {"broadcast_object_list", "all_gather", "barrier"}, batch
+            else:
+                assert batch["calls"] == {}, f"collectives outside a pruning event: {batch}"
+
+
 def test_metric_is_the_whole_validation_set_value_on_every_rank(main_run) -> None:
     """Each rank evaluates its half; the synced torchmetrics value must equal the metric of all 270 validation
     samples (computed here on one rank alone), on both ranks, at every evaluated event."""

@@ -35,10 +35,16 @@ def _fit(callbacks, root, model=None, epochs=5, **trainer_kwargs):
     """A short real fit; ``root`` receives the compression report files."""
     pl.seed_everything(0)
     model = model or _model()
-    kwargs = dict(
-        max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(root),
-    )
+    kwargs = {
+        "max_epochs": epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(root),
+    }
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=callbacks, **kwargs)
     trainer.fit(model, DigitsDataModule(batch_size=64))
@@ -104,8 +110,11 @@ def test_constructor_validates_every_argument(kwargs, error, match):
     ("kwargs", "trainer_kwargs", "match"),
     [
         ({"module_types": ["Conv2d"]}, {}, r"nothing to quantize in MLPClassifier: .*`module_types`=\['Conv2d'\]"),
-        ({"granularity": "per_group"}, {},
-         r"layer 'net.1' \(Linear\): `group_size`=128 does not divide the input size 64.*\[64, 32, 16, 8\]"),
+        (
+            {"granularity": "per_group"},
+            {},
+            r"layer 'net.1' \(Linear\): `group_size`=128 does not divide the input size 64.*\[64, 32, 16, 8\]",
+        ),
         ({"max_metric_drop": 0.01}, {"limit_val_batches": 0}, r"`max_metric_drop`=0.01 needs validation data"),
         ({"export_path": "/nonexistent-dir/m.safetensors"}, {}, r"`export_path`='/nonexistent-dir/m.safetensors'"),
     ],
@@ -192,10 +201,23 @@ class _Finalizer(Callback):
 
 def test_other_callbacks_are_finalized_first_and_zeros_survive(tmp_path):
     finalizer = _Finalizer()
-    trainer, model = _fit([PostTrainingQuantization(bits=4), finalizer], tmp_path)  # listed after: still finalized first
+    trainer, model = _fit(
+        [PostTrainingQuantization(bits=4), finalizer], tmp_path
+    )  # listed after: still finalized first
     assert len(finalizer.calls) == 1 and finalizer.calls[0] > 256
     assert bool((model.net[1].weight[:, ::2] == 0).all())
     assert report_for(trainer).layers["net.1"].sparsity >= 0.5
+
+
+def test_with_the_pruning_callback_pruned_weights_stay_pruned(tmp_path):
+    from lightning_compress.pruning_callback import GradientStabilityPruning
+
+    quantization = PostTrainingQuantization(bits=4)
+    trainer, model = _fit([quantization, GradientStabilityPruning(sparsity=0.5)], tmp_path)
+    for name, before in quantization.float_weights.items():
+        assert (before == 0).float().mean() > 0.25  # pruning was finalized before the float copy was taken
+        assert bool((model.get_submodule(name).weight[before == 0] == 0).all())
+    assert {e.kind for e in report_for(trainer).events} == {"prune", "quantize"}
 
 
 class _RankHash(Callback):
@@ -217,6 +239,11 @@ def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path):
     callbacks = [PostTrainingQuantization(bits=4, max_metric_drop=0.5, export_path=str(export)), _RankHash(out)]
     _fit(callbacks, tmp_path, epochs=2, strategy="ddp_spawn", devices=2)
     assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["ddp.fp32.safetensors", "ddp.safetensors", "rank0.txt", "rank1.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ddp.fp32.safetensors",
+        "ddp.safetensors",
+        "rank0.txt",
+        "rank1.txt",
+    ]
     weight = load_quantized(_model(), export).net[3].weight
     assert max(len(torch.unique(row)) for row in weight) <= 16  # 4-bit codes, one scale per row

@@ -9,8 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lightning_compress.quantization import Int8Linear, load_quantized, quantize, save_float, save_quantized
-from lightning_compress.quantization import export
+from lightning_compress.quantization import Int8Linear, export, load_quantized, quantize, save_float, save_quantized
 from lightning_compress.quantization.export import METADATA_KEY, read_metadata
 
 
@@ -48,11 +47,17 @@ def _trained_net():
 
 
 SCHEMES = {
-    "int8-per-channel": dict(bits=8),
-    "int8-asym-per-tensor": dict(bits=8, symmetric=False, granularity="per_tensor"),
-    "int4-group-asym-mse": dict(bits=4, granularity="per_group", group_size=4, symmetric=False, calibration="mse"),
-    "int3-per-channel-percentile": dict(bits=3, calibration="percentile"),
-    "int2-group-fp16-scales": dict(bits=2, granularity="per_group", group_size=4, scale_dtype="float16"),
+    "int8-per-channel": {"bits": 8},
+    "int8-asym-per-tensor": {"bits": 8, "symmetric": False, "granularity": "per_tensor"},
+    "int4-group-asym-mse": {
+        "bits": 4,
+        "granularity": "per_group",
+        "group_size": 4,
+        "symmetric": False,
+        "calibration": "mse",
+    },
+    "int3-per-channel-percentile": {"bits": 3, "calibration": "percentile"},
+    "int2-group-fp16-scales": {"bits": 2, "granularity": "per_group", "group_size": 4, "scale_dtype": "float16"},
 }
 
 
@@ -94,7 +99,7 @@ def test_file_layout_metadata_and_packed_sizes(tmp_path):
     assert set(meta["layers"]) == {"fc1.weight", "fc2.weight"}
 
 
-@pytest.mark.parametrize(("kwargs", "limit"), [(dict(bits=8), 0.27), (dict(bits=4, granularity="per_group"), 0.15)])
+@pytest.mark.parametrize(("kwargs", "limit"), [({"bits": 8}, 0.27), ({"bits": 4, "granularity": "per_group"}, 0.15)])
 def test_file_size_ratios_for_a_linear_heavy_model(tmp_path, kwargs, limit):
     model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 128))
     save_float(model, tmp_path / "fp32.safetensors")

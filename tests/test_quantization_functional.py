@@ -105,8 +105,15 @@ def test_pruned_weights_stay_pruned(symmetric):
         for module in (model.conv, model.fc1, model.fc2):
             module.weight[torch.rand_like(module.weight) < 0.6] = 0.0
     zeros = {n: getattr(model, n).weight == 0 for n in ("conv", "fc1", "fc2")}
-    result = quantize(model, bits=2, granularity="per_group", group_size=8 if symmetric else 1, symmetric=symmetric,
-                      exclude=["conv"], calibration="mse")
+    result = quantize(
+        model,
+        bits=2,
+        granularity="per_group",
+        group_size=8 if symmetric else 1,
+        symmetric=symmetric,
+        exclude=["conv"],
+        calibration="mse",
+    )
     for name, layer in result.layers.items():
         weight = getattr(model, name).weight
         assert bool((weight[zeros[name]] == 0).all())
@@ -127,13 +134,20 @@ def test_summary_is_json_friendly():
     [
         ({"module_types": ["Embedding"]}, ValueError, r"nothing to quantize: .*`module_types`=\['Embedding'\]"),
         ({"include": ["nope"]}, ValueError, r"nothing to quantize: .*`include`=\['nope'\]"),
-        ({"granularity": "per_group", "group_size": 16}, ValueError,
-         r"layer 'conv' \(Conv2d\): `group_size`=16 does not divide the input size 27.*\[9, 3, 1\]"),
+        (
+            {"granularity": "per_group", "group_size": 16},
+            ValueError,
+            r"layer 'conv' \(Conv2d\): `group_size`=16 does not divide the input size 27.*\[9, 3, 1\]",
+        ),
         ({"bits_overrides": {"fc": 9}}, ValueError, r"`bits_overrides\['fc'\]` must be an integer in \[2, 8\], got 9"),
         ({"bits_overrides": {"(": 4}}, ValueError, r"`bits_overrides` entry '\(' is not a valid regular expression"),
         ({"module_types": "Linear"}, TypeError, r"`module_types` must be a list of type names, got the string"),
         ({"module_types": ["Dense"]}, ValueError, r"`module_types` entry 'Dense' is not a known module type"),
-        ({"module_types": ["torch.nn.BatchNorm2d"]}, ValueError, r"selected 'bn' \(BatchNorm2d\) whose `weight` is not"),
+        (
+            {"module_types": ["torch.nn.BatchNorm2d"]},
+            ValueError,
+            r"selected 'bn' \(BatchNorm2d\) whose `weight` is not",
+        ),
         ({"bits": 1}, ValueError, r"`bits` must be an integer in \[2, 8\], got 1"),
         ({"calibration": "kl"}, ValueError, r"`calibration` must be one of"),
     ],

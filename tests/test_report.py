@@ -113,6 +113,18 @@ def test_compaction_is_counted_from_the_smaller_model() -> None:
     assert summary["bytes_fp32"] == CONV_FP32 + BN_FP32 + LINEAR_FP32
 
 
+def test_quantized_layer_counts_its_other_entries_as_the_model_holds_them() -> None:
+    """MultiheadAttention: the record covers `in_proj_weight` only (no `bias` attribute); `in_proj_bias` is still
+    stored (float) and must be counted, out_proj is another module (other state)."""
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    report = CompressionReport(model_state_bytes=state_bytes(model))
+    report.layers["0"] = LayerRecord(parameters=192, bits=8, bytes_fp32=4 * 192, bytes_compressed=192 + 4 * 24)
+    summary = summarize(report, model)
+    assert summary["layers"]["0"]["bytes_fp32"] == 4 * (192 + 24)
+    assert summary["layers"]["0"]["bytes_compressed"] == 192 + 4 * 24 + 4 * 24
+    assert summary["other_state"]["bytes_compressed"] == 4 * (64 + 8)
+
+
 def test_without_model_or_snapshot_the_records_alone_are_used() -> None:
     summary = summarize(_report())
     assert summary["bytes_fp32"] == CONV_FP32 + LINEAR_FP32
@@ -248,3 +260,12 @@ def test_register_snapshots_the_model_before_compression(tmp_path: Path) -> None
     snapshot = report_for(trainer).model_state_bytes
     assert sum(snapshot.values()) == CONV_FP32 + BN_FP32 + LINEAR_FP32 and "net.0.weight" in snapshot
     assert "model_state_bytes" not in report_for(trainer).to_dict()
+
+
+def test_a_report_that_cannot_be_written_warns_and_never_fails_the_fit(tmp_path: Path) -> None:
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("")
+    trainer = pl.Trainer(logger=False, default_root_dir=blocker, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match="could not write the compression report"):
+        publish(_report(), trainer, _model())

@@ -141,7 +141,7 @@ def load_quantized_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tens
     floats: dict[str, Tensor] = {}
     raw: dict[str, Tensor] = {}
     with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
             (raw if ":" in key else floats)[key] = handle.get_tensor(key)
     quantized: dict[str, QuantizedTensor] = {}
     for key, info in meta["layers"].items():

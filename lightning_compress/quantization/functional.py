@@ -152,7 +152,9 @@ def check_group_size(layers: Mapping[str, nn.Module], spec: QuantSpec) -> None:
         try:
             grouped_view(weight.detach(), spec.granularity, spec.group_size)
         except ValueError as err:
-            raise ValueError(f"layer {name!r} ({type(module).__name__}): {err} (or leave it out with `exclude`)") from None
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}): {err} (or leave it out with `exclude`)"
+            ) from None
 
 
 def quantize_layer(name: str, module: nn.Module, spec: QuantSpec) -> LayerQuantization:

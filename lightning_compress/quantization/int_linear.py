@@ -42,7 +42,9 @@ class Int8Linear(nn.Module):
         if qweight.dtype != torch.int8 or qweight.dim() != 2:
             raise ValueError(f"`qweight` must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
         if weight_scale.numel() != qweight.shape[0]:
-            raise ValueError(f"`weight_scale` must hold {qweight.shape[0]} scales (one per row), got {weight_scale.numel()}")
+            raise ValueError(
+                f"`weight_scale` must hold {qweight.shape[0]} scales (one per row), got {weight_scale.numel()}"
+            )
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight.contiguous())  # (out, in) int8
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(-1).contiguous())  # (out,)
@@ -155,7 +157,9 @@ def torchao_quantize_(
                 quantize_,
             )
         except ImportError:
-            raise ImportError("`torchao_quantize_` needs torchao: `pip install 'lightning-compress[torchao]'`") from None
+            raise ImportError(
+                "`torchao_quantize_` needs torchao: `pip install 'lightning-compress[torchao]'`"
+            ) from None
         if config == "int4_weight_only" and not any(p.is_cuda for p in model.parameters()):
             raise RuntimeError("`config`='int4_weight_only' needs the model on a CUDA device (torchao int4 kernels)")
         configs = {

@@ -11,10 +11,10 @@ chosen per ``(row, group)``:
 Integer codes are plain ``int8`` / ``uint8`` tensors (no ``torch.quantize_per_*``, no qint dtypes):
 
 - symmetric: ``q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)``, ``w_hat = q * s`` with
-  ``s = amax / ((2^b - 1) / 2)`` (torchao's ``choose_qparams_affine`` convention): ``+-amax`` sit at ``+-(2^(b-1) - 1/2)``
-  steps, so every value in ``[-amax, amax]`` is reconstructed within ``s / 2`` = ``amax / (2^b - 1)``, a finer step
-  than the "restricted" ``amax / (2^(b-1) - 1)``; code ``-2^(b-1)`` is only reached at the ``-amax`` tie. Zero maps to
-  code 0, so zero stays exactly zero.
+  ``s = amax / ((2^b - 1) / 2)`` (torchao's ``choose_qparams_affine`` convention): ``+-amax`` sit at
+  ``+-(2^(b-1) - 1/2)`` steps, so every value in ``[-amax, amax]`` is reconstructed within ``s / 2``, a finer step
+  than the "restricted" ``amax / (2^(b-1) - 1)``; code ``-2^(b-1)`` is only reached at the ``-amax`` tie. Zero maps
+  to code 0, so zero stays exactly zero.
 - asymmetric (affine): ``q = clamp(round(w / s) + z, 0, 2^b - 1)``, ``w_hat = (q - z) * s`` with the range widened
   to contain 0 and the zero point ``z`` an *integer*, so ``0.0`` maps to ``z`` and back to exactly ``0.0``.
 
