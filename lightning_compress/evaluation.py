@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from torchmetrics import Metric
 
 DEFAULT_METRIC = "torchmetrics.classification.MulticlassAccuracy"
@@ -95,6 +96,26 @@ def validation_dataloaders(trainer: pl.Trainer) -> list[Iterable[Any]]:
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
+def unpadded(loader: Any, rank: int, world_size: int) -> Any:
+    """Lightning's ``DistributedSampler`` pads the validation set to a multiple of the world size by repeating
+    samples, which a synced metric would count twice. For a map-style dataset, shard it without padding
+    (every sample exactly once across ranks); anything else is returned as it is."""
+    if world_size == 1 or not isinstance(loader, DataLoader) or not isinstance(loader.sampler, DistributedSampler):
+        return loader
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return loader
+    if len(loader.dataset) < world_size:  # keep the padding: a rank without a batch builds no metric and raises alone
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=list(range(rank, len(loader.dataset), world_size)),  # type: ignore[arg-type]
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
 def predict(pl_module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     step = getattr(pl_module, "compression_step", None)
     if callable(step):
@@ -119,7 +140,7 @@ def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, spec: MetricSpe
     try:
         for index, loader in enumerate(loaders):
             limit = limits[index] if index < len(limits) else float("inf")
-            for batch_idx, batch in enumerate(loader):
+            for batch_idx, batch in enumerate(unpadded(loader, trainer.global_rank, trainer.world_size)):
                 if batch_idx >= limit:
                     break
                 batch = trainer.strategy.batch_to_device(batch, pl_module.device, dataloader_idx=index)

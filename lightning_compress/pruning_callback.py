@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress import masking, scoring
+from lightning_compress._strategy import check_strategy
 from lightning_compress._validation import check_choice, check_number
 from lightning_compress.evaluation import DEFAULT_METRIC, MetricSpec, evaluate, has_validation_data, metric_drop
 from lightning_compress.grad_stats import GradientStatistics
@@ -45,7 +46,6 @@ from lightning_compress.selection import compile_patterns, resolve_module_type, 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODULE_TYPES = ["Linear", "Conv1d", "Conv2d", "Conv3d"]
-SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 _MAX_BACKOFFS = 3
 
 
@@ -230,13 +230,7 @@ class GradientStabilityPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy not in SUPPORTED_STRATEGIES:
-            raise ValueError(
-                f"GradientStabilityPruning supports the strategies {list(SUPPORTED_STRATEGIES)} (single device, "
-                f"ddp, ddp_spawn, ddp_fork), got {strategy}: sharded parameters would give each rank partial "
-                "gradient statistics and masks"
-            )
+        check_strategy(trainer, "GradientStabilityPruning")
         self._modules = {
             name: m
             for name, m in select_modules(pl_module, self.module_types, self.include, self.exclude).items()

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_compress._strategy import check_strategy
 from lightning_compress import evaluation, report
 from lightning_compress._validation import check_choice, check_number
 from lightning_compress.quantization.export import save_float, save_quantized
@@ -58,6 +59,20 @@ FLOAT = 32  # "bits" of a layer kept in float
 
 
 class PostTrainingQuantization(Callback):
+    """Quantize the selected weights to ``bits``-bit integers when ``fit`` ends (see the module docstring).
+
+    Args:
+        bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype: the scheme, as
+            in :func:`lightning_compress.quantize` (``bits_overrides``: module-name regex -> bits, first match).
+        module_types, include, exclude: which modules (default Linear, Conv1d/2d/3d); biases stay float.
+        metric, metric_kwargs: torchmetrics class path (and kwargs) evaluated on the validation data.
+        max_metric_drop: allowed drop in metric units (e.g. 0.01 = one accuracy point); None = no bound.
+        fallback: over the bound, the most sensitive layers go back to ``"float"``, or ``"more_bits"`` (int8,
+            then float).
+        export_path: ``*.safetensors`` file for the quantized model (rank zero); ``save_float_copy`` also writes
+            ``*.fp32.safetensors`` beside it before quantizing.
+    """
+
     def __init__(
         self,
         bits: int = 8,
@@ -79,7 +94,6 @@ class PostTrainingQuantization(Callback):
         export_path: str | None = None,
         save_float_copy: bool = True,
     ) -> None:
-        """Quantize at the end of ``fit``. ``module_types`` defaults to Linear and Conv1d/2d/3d."""
         super().__init__()
         self.spec = QuantSpec(bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype)
         self.module_types = list(DEFAULT_MODULE_TYPES if module_types is None else module_types)
@@ -119,6 +133,7 @@ class PostTrainingQuantization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, "PostTrainingQuantization")
         report.register(trainer, _NAME)
         layers, _ = select_layers(pl_module, self.module_types, self.include, self.exclude)
         if not layers:

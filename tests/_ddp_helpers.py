@@ -35,7 +35,7 @@ from lightning_compress import GradientStabilityPruning
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import MLPClassifier
 
-ARTIFACTS = "artifacts"  # what the library writes (exports); the probes' own files go to OUT_DIR itself
+ARTIFACTS = "artifacts"  # what the library writes (exports, reports); the probes write to OUT_DIR itself
 
 
 # --------------------------------------------------------------------------- small utilities
@@ -417,7 +417,8 @@ def pruning_with_rollbacks() -> GradientStabilityPruning:
 
 
 def scenario_main(strategy: str, out_dir: str) -> None:
-    """Pruning with accepted and rolled-back events, then 4-bit quantization with fallbacks and an export."""
+    """Pruning with accepted and rolled-back events, then 2-bit quantization that falls back to float for the
+    layers most sensitive (measured with the synced metric), and an export."""
     from lightning_compress.quantization_callback import PostTrainingQuantization
 
     pl.seed_everything(3)

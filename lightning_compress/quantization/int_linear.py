@@ -101,12 +101,12 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def swap_int8_linear(model: nn.Module, quantized: Mapping[str, QuantizedTensor]) -> list[str]:
-    """Replace each ``nn.Linear`` whose ``<name>.weight`` is in ``quantized`` (and has an int8 form) by an
-    :class:`Int8Linear` on the Linear's device. Returns the names swapped."""
+    """Replace each ``nn.Linear`` submodule whose ``<name>.weight`` is in ``quantized`` (and has an int8 form) by
+    an :class:`Int8Linear` on the Linear's device (a bare Linear model is left as it is). Returns the names swapped."""
     swapped = []
     for name, module in list(model.named_modules()):
         qt = quantized.get(f"{name}.weight" if name else "weight")
-        if type(module) is not nn.Linear or qt is None or qt.int_weight() is None:
+        if not name or type(module) is not nn.Linear or qt is None or qt.int_weight() is None:
             continue
         new = Int8Linear.from_quantized(module, qt).to(module.weight.device)
         _set_submodule(model, name, new)
