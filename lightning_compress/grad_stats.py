@@ -99,6 +99,7 @@ class GradientStatistics:
             self._merged_count = 0
 
     # ------------------------------------------------------------------ update
+    @torch.no_grad()  # called from on_after_backward with autograd on: never build a graph across steps
     def update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], grad_scale: float = 1.0) -> bool:
         """Accumulate one optimizer step. ``grad_scale`` is the loss scale the gradients still carry (AMP);
         it is divided out. Returns False (and counts nothing) if any gradient is NaN/inf."""
