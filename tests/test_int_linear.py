@@ -14,15 +14,6 @@ from lightning_compress.quantization.int_linear import swap_int8_linear, torchao
 from lightning_compress.quantization.math import QuantSpec, quantize_tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds wake-up latency on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _activation_bound(x, weight):
     """|y_int - y_float| per output: half an activation step times the row's L1 norm of the (dequantized) weight."""
     x_scale = x.abs().amax(dim=-1, keepdim=True) / 127

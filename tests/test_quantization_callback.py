@@ -18,15 +18,6 @@ from lightning_compress.quantization_callback import PostTrainingQuantization
 from lightning_compress.report import report_for
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds wake-up latency on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model():
     return MLPClassifier(input_size=64, hidden=[64, 32], lr=1e-2)
 

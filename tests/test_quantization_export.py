@@ -13,15 +13,6 @@ from lightning_compress.quantization import Int8Linear, export, load_quantized, 
 from lightning_compress.quantization.export import METADATA_KEY, read_metadata
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds wake-up latency on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """Conv + BatchNorm + Embedding + Linear layers, one of them without bias."""
 

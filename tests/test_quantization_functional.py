@@ -13,15 +13,6 @@ from lightning_compress.quantization import quantize
 from lightning_compress.quantization.math import int_range
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds wake-up latency on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -18,15 +18,6 @@ from lightning_compress.quantization.math import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds wake-up latency on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _scheme_error(weight, spec):
     """(|w - w_hat|, scale, lowest and highest reconstructable value; all per element) for ``weight``."""
     qt = quantize_tensor(weight, spec)

@@ -6,15 +6,6 @@ import torch
 from lightning_compress.quantization.packing import pack, packed_nbytes, unpack
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds wake-up latency on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_4bit_two_per_byte_low_nibble_first():
     packed = pack(torch.tensor([1, 2, 3], dtype=torch.uint8), 4, signed=False)
     assert packed.dtype == torch.uint8
