@@ -9,7 +9,7 @@ epoch ``t``), then the remaining epochs fine-tune at the final sparsity. The den
 
 * Ours: ``GradientStabilityPruning(sparsity=s, criterion=c, schedule="polynomial", schedule_unit="epoch",
   start_step=0, end_step=5, frequency=1, evaluate=False)``, everything else at its default (``scope="global"``,
-  ``min_keep=0.01``, ...). A method written ``criterion@key=value+key=value`` (e.g. ``weighted_stability@min_keep=0``)
+  ``min_keep=0.0``, ...). A method written ``criterion@key=value+key=value`` (e.g. ``weighted_stability@min_keep=0``)
   overrides those defaults, to measure variants side by side. ``evaluate=False`` and no validation loop during the
   fit: accuracy is measured once, after the last epoch.
 * Lightning: ``ModelPruning("l1_unstructured", parameters_to_prune=<the same weights>, use_global_unstructured=True,
@@ -82,6 +82,9 @@ def parse_method(name: str) -> tuple[str, dict[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"variant {item!r} of method {name!r} is not key=value")
+        if value.lower() in ("true", "false"):
+            overrides[key] = value.lower() == "true"
+            continue
         try:
             overrides[key] = float(value) if "." in value or value.isdigit() else value
         except ValueError:
@@ -363,7 +366,7 @@ def main() -> int:
         f"pruned: Linear + Conv2d weights ({numel:,}); polynomial ramp, one event at the end of each epoch 1..{end} "
         f"(cumulative target s*(1-(1-t/{end})^3) after epoch t), then {epochs - end} epoch(s) of fine-tuning",
         f"ours: GradientStabilityPruning(schedule_unit='epoch', start_step=0, end_step={end}, frequency=1, "
-        "evaluate=False), other arguments at their defaults (scope='global', min_keep=0.01) unless the column names "
+        "evaluate=False), other arguments at their defaults (scope='global', min_keep=0.0) unless the column names "
         "a variant (criterion@key=value): events at on_train_epoch_end, the same cadence as ModelPruning",
         "Lightning: ModelPruning('l1_unstructured', use_global_unstructured=True, make_pruning_permanent=True, "
         "amount=<per-epoch fraction of the remaining weights, converted from the same cumulative targets>)",

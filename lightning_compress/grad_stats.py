@@ -3,52 +3,79 @@
 Two granularities, chosen per use:
 
 * **per weight** (``per_weight=True``): the mean and standard deviation over steps of every gradient element.
-  Each step costs three fused ``torch._foreach_*`` passes over the gradients: ``d = g - mean`` (shifted by the
-  running mean, which is constant within a window; the first window is shifted by the first gradient), then
-  ``S += d`` and ``Q += d*d`` into short float32 *window* sums. Every ``merge_every`` counted steps (and before
+  Each step costs three passes over the gradients: ``d = g - mean`` (shifted by the running mean, which is
+  constant within a window; the first window is shifted by the first gradient), then ``S += d`` and
+  ``Q += d*d`` into short float32 *window* sums. The buffers are flat; the gradients are processed in blocks
+  (on CPU at most ``_BLOCK`` elements, small tensors sharing one) through a single reused scratch buffer, so a
+  step allocates nothing and a small model costs a handful of ops. Every ``merge_every`` counted steps (and before
   any read) the window is merged into the running float32 mean / M2 with Chan et al.'s parallel-variance
   formula. The shift is what makes it numerically sound: ``Q - S^2/n`` of *shifted* values does not cancel even
   when ``|mean| >> std`` (raw sums of ``g`` and ``g^2`` in fp32 lose the variance entirely there), and the
   long-run accumulation is the stable Chan update, not an ever-growing raw sum. Memory: four float32 buffers
   per tracked weight (window S, Q; running mean, M2), which is why the per-unit mode exists.
 * **per unit** (``per_unit=True``; costs almost nothing in memory): for each output unit (row of a Linear weight, output channel
-  of a Conv weight) two per-step signals, Welford-accumulated in float64:
+  of a Conv weight) two per-step signals, stored 32 steps at a time and merged into a float64 mean / M2:
   ``rms`` = root-mean-square of the unit's gradient (near zero and stable => the unit is unimportant) and
   ``taylor`` = ``sum_j w_ij * g_ij``, the first-order change of the loss if the unit were removed
   (Molchanov et al., 2019: importance ``E[(sum w*g)^2]``).
 
 A step whose gradients contain NaN/inf (e.g. an fp16 step the GradScaler will skip) is not counted: finiteness is
-checked (on the per-unit signals, or on ``torch._foreach_norm`` of the gradients) before anything is accumulated.
+checked (on the sum of the per-unit signals, of the shifted gradients, or of the gradients) before anything is
+accumulated. (A finite step whose sum overflows float32, |sum| > 3e38, would be skipped too.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
-class _Welford:
-    """Running count / mean / M2 of a float64 vector, updated one sample at a time."""
+class _RunningMoments:
+    """Count / mean / M2 (float64) of a stream of equally shaped float32 samples. Samples are stored in a block of
+    ``block`` rows (one copy per sample) and merged with Chan et al.'s formula when the block is full or before
+    any read: per sample that is one op instead of Welford's five, and the block's own moments are two-pass."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, shape: tuple[int, ...], device: torch.device, block: int = 32) -> None:
         self.count = 0
-        self.mean = torch.zeros(size, dtype=torch.float64)
-        self.m2 = torch.zeros(size, dtype=torch.float64)
+        self._mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._m2 = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.pending = torch.empty((block, *shape), dtype=torch.float32, device=device)
+        self.n_pending = 0
 
-    def update(self, x: Tensor) -> None:
-        x = x.to(self.mean.device, torch.float64)
-        self.count += 1
-        delta = x - self.mean
-        self.mean += delta / self.count
-        self.m2 += delta * (x - self.mean)
+    def add(self, x: Tensor) -> None:
+        self.pending[self.n_pending].copy_(x)
+        self.n_pending += 1
+        if self.n_pending == len(self.pending):
+            self.flush()
 
-    def std(self) -> Tensor:
-        return (self.m2 / max(self.count, 1)).clamp_min(0).sqrt()
+    def flush(self) -> None:
+        n_b = self.n_pending
+        if n_b == 0:
+            return
+        block = self.pending[:n_b].to(torch.float64)
+        mean_b = block.mean(0)
+        m2_b = (block - mean_b).square_().sum(0)
+        n = self.count + n_b
+        delta = mean_b - self._mean
+        self._mean.add_(delta, alpha=n_b / n)
+        self._m2.add_(m2_b).addcmul_(delta, delta, value=self.count * n_b / n)
+        self.count, self.n_pending = n, 0
 
-    def to(self, device: torch.device) -> None:
-        self.mean, self.m2 = self.mean.to(device), self.m2.to(device)
+    @property
+    def mean(self) -> Tensor:
+        self.flush()
+        return self._mean
+
+    @property
+    def m2(self) -> Tensor:
+        self.flush()
+        return self._m2
+
+    def variance(self) -> Tensor:
+        return (self.m2 / max(self.count, 1)).clamp_min(0)
 
 
 def unit_view(t: Tensor) -> Tensor:
@@ -84,19 +111,31 @@ class GradientStatistics:
         self.merge_every = merge_every
         self.device = torch.device(device)
         self.units = [s[0] for s in self.shapes]
-        total_units = sum(self.units)
-        self.unit_rms = _Welford(total_units)
-        self.unit_taylor = _Welford(total_units)
-        self.unit_rms.to(self.device)
-        self.unit_taylor.to(self.device)
+        row_sizes = [math.prod(s[1:]) for s in self.shapes]  # elements per unit
+        self._sqrt_row = torch.cat(
+            [torch.full((u,), k**0.5, dtype=torch.float32) for u, k in zip(self.units, row_sizes)]
+        ).to(self.device)
+        self._blocks = _blocks([s.numel() for s in self.shapes], _BLOCK if self.device.type == "cpu" else None)
+        self._scratch: Tensor | None = None  # per-weight mode: reused buffer for one block of shifted gradients
+        self._unit_scratch: Tensor | None = None  # per-unit mode on CPU: reused buffer for w*g of a row block
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every counted step (e.g. after a pruning event, to collect statistics of the pruned network)."""
+        # per unit: row 0 = rms of the unit's gradient, row 1 = taylor signal sum_j w_ij g_ij
+        self._unit = _RunningMoments((2, sum(self.units)), self.device)
         self.skipped_steps = 0
         self.count = 0  # counted steps
-        if per_weight:
-            zeros = lambda: [torch.zeros(s, dtype=torch.float32, device=self.device) for s in self.shapes]  # noqa: E731
-            self._win_sum, self._win_sumsq = zeros(), zeros()
-            self._mean, self._m2 = zeros(), zeros()
+        if self.per_weight:  # flat float32 buffers (one op per merge), read through per-tensor views
+            total = sum(s.numel() for s in self.shapes)
+            self._flat = {key: torch.zeros(total, dtype=torch.float32, device=self.device)
+                          for key in ("mean", "m2", "window_sum", "window_sumsq")}
+            self._mean, self._m2, self._win_sum, self._win_sumsq = (self._views(b) for b in self._flat.values())
             self._win_count = 0
             self._merged_count = 0
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [part.view(shape) for part, shape in zip(torch.split(flat, [s.numel() for s in self.shapes]), self.shapes)]
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()  # called from on_after_backward with autograd on: never build a graph across steps
@@ -104,37 +143,85 @@ class GradientStatistics:
         """Accumulate one optimizer step. ``grad_scale`` is the loss scale the gradients still carry (AMP);
         it is divided out. Returns False (and counts nothing) if any gradient is NaN/inf."""
         inv = 1.0 / grad_scale
-        if self.per_unit:
-            rms, taylor = [], []
-            for g, w in zip(grads, weights):
-                g2 = unit_view(g)
-                rms.append(torch.linalg.vector_norm(g2, dim=1, dtype=torch.float32) / (g2.shape[1] ** 0.5))
-                taylor.append(torch.linalg.vecdot(unit_view(w).float(), g2.float(), dim=1))
-            rms_all, taylor_all = torch.cat(rms), torch.cat(taylor)
-            finite = bool(torch.isfinite(rms_all).all() & torch.isfinite(taylor_all).all())
-        else:
-            finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(list(grads)))).all())
-        if not finite:
+        signals = self._unit_signals(grads, weights) if self.per_unit else None
+        if signals is not None and not math.isfinite(float(signals.sum())):
             self.skipped_steps += 1
             return False
-        if self.per_unit:
-            self.unit_rms.update(rms_all * inv)
-            self.unit_taylor.update(taylor_all * inv)
-        if self.per_weight:
-            if grad_scale != 1.0:
-                grads = torch._foreach_mul(list(grads), inv)
-            grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
-            if self._merged_count == 0 and self._win_count == 0:
-                for shift, g in zip(self._mean, grads):  # first counted step: shift by the first gradient
-                    shift.copy_(g)
-            shifted = torch._foreach_sub(grads, self._mean)
-            torch._foreach_add_(self._win_sum, shifted)
-            torch._foreach_addcmul_(self._win_sumsq, shifted, shifted)
-            self._win_count += 1
-            if self._win_count >= self.merge_every:
-                self._merge_window()
+        if self.per_weight and not self._accumulate_window(grads, inv):
+            self.skipped_steps += 1
+            return False
+        if signals is not None:
+            self._unit.add(signals if inv == 1.0 else signals * inv)
         self.count += 1
         return True
+
+    def _unit_signals(self, grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+        """(2, units): each unit's gradient rms and its ``sum_j w_ij g_ij``, row blocks through a reused buffer."""
+        norms, dots = [], []
+        for g, w in zip(grads, weights):
+            g2 = unit_view(g) if g.dtype == torch.float32 else unit_view(g).float()
+            w2 = unit_view(w).to(torch.float32)
+            norms.append(torch.linalg.vector_norm(g2, dim=1))
+            rows = max(1, _BLOCK // g2.shape[1])
+            if rows >= g2.shape[0] or self.device.type != "cpu":
+                dots.append((w2 * g2).sum(1))
+                continue
+            if self._unit_scratch is None:
+                self._unit_scratch = torch.empty(_BLOCK + max(s[1:].numel() for s in self.shapes))
+            out = torch.empty(g2.shape[0])
+            for lo in range(0, g2.shape[0], rows):
+                hi = min(lo + rows, g2.shape[0])
+                product = self._unit_scratch[: (hi - lo) * g2.shape[1]].view(hi - lo, g2.shape[1])
+                torch.sum(torch.mul(w2[lo:hi], g2[lo:hi], out=product), 1, out=out[lo:hi])
+            dots.append(out)
+        return torch.stack((torch.cat(norms).div_(self._sqrt_row), torch.cat(dots)))
+
+    def _accumulate_window(self, grads: Sequence[Tensor], inv: float) -> bool:
+        """``d = g*inv - shift``, ``S += d``, ``Q += d*d``, block by block (on CPU a block is at most ``_BLOCK``
+        elements, so ``d`` stays in cache; small tensors share a block, so a small model costs a handful of ops).
+        Nothing is added unless the whole step is finite: a single block is checked on ``d`` itself, several
+        are checked on the gradients first (one read pass)."""
+        single = len(self._blocks) == 1
+        if not single and not math.isfinite(float(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum())):
+            return False
+        first = self._merged_count == 0 and self._win_count == 0
+        if first:  # the first counted step is shifted by the first gradient
+            torch._foreach_copy_(self._mean, list(grads))
+            if inv != 1.0:
+                self._flat["mean"].mul_(inv)
+        if self._scratch is None:
+            self._scratch = torch.empty(max(end - start for start, end, _ in self._blocks), device=self.device)
+        for start, end, parts in self._blocks:
+            d = self._shifted(grads, inv, start, end, parts)
+            if single and not math.isfinite(float(d.sum())):
+                if first:
+                    self._flat["mean"].zero_()
+                return False
+            self._flat["window_sum"][start:end].add_(d)
+            self._flat["window_sumsq"][start:end].addcmul_(d, d)
+        self._win_count += 1
+        if self._win_count >= self.merge_every:
+            self._merge_window()
+        return True
+
+    def _shifted(self, grads: Sequence[Tensor], inv: float, start: int, end: int, parts: list) -> Tensor:
+        """The block ``[start, end)`` of the flattened ``g*inv - shift``, in the scratch buffer."""
+        d = self._scratch[: end - start]  # type: ignore[index]
+        shift = self._flat["mean"][start:end]
+        if len(parts) == 1 and inv == 1.0:
+            index, lo, hi = parts[0]
+            return torch.sub(grads[index].reshape(-1)[lo:hi], shift, out=d)
+        sources = [grads[i].reshape(-1) if hi - lo == grads[i].numel() else grads[i].reshape(-1)[lo:hi]
+                   for i, lo, hi in parts]
+        if len(parts) == 1:
+            d.copy_(sources[0])
+        elif all(t.dtype == d.dtype for t in sources):
+            torch.cat(sources, out=d)
+        else:  # 16-bit gradients: converted while copied
+            torch._foreach_copy_(list(torch.split(d, [hi - lo for _, lo, hi in parts])), sources)
+        if inv != 1.0:
+            d.mul_(inv)
+        return d.sub_(shift)
 
     def _merge_window(self) -> None:
         """Chan et al.: merge the window (n_b values shifted by the running mean) into the running (n_a, mean, M2)."""
@@ -143,14 +230,13 @@ class GradientStatistics:
             return
         n_a = self._merged_count
         n = n_a + n_b
-        delta = torch._foreach_div(self._win_sum, float(n_b))  # window mean - running mean
-        m2_b = torch._foreach_sub(self._win_sumsq, torch._foreach_mul(self._win_sum, delta))
-        torch._foreach_clamp_min_(m2_b, 0.0)
-        torch._foreach_add_(self._mean, torch._foreach_mul(delta, n_b / n))
-        torch._foreach_add_(self._m2, m2_b)
-        torch._foreach_addcmul_(self._m2, delta, delta, value=n_a * n_b / n)
-        for buf in (*self._win_sum, *self._win_sumsq):
-            buf.zero_()
+        f = self._flat
+        delta = f["window_sum"] / n_b  # window mean - running mean
+        m2_b = f["window_sumsq"].addcmul(f["window_sum"], delta, value=-1.0).clamp_min_(0.0)
+        f["mean"].add_(delta, alpha=n_b / n)
+        f["m2"].add_(m2_b).addcmul_(delta, delta, value=n_a * n_b / n)
+        f["window_sum"].zero_()
+        f["window_sumsq"].zero_()
         self._win_count = 0
         self._merged_count = n
 
@@ -180,17 +266,16 @@ class GradientStatistics:
 
     def unit_rms_mean(self) -> list[Tensor]:
         self._require_per_unit()
-        return self._split(self.unit_rms.mean.clone())
+        return self._split(self._unit.mean[0].clone())
 
     def unit_rms_std(self) -> list[Tensor]:
         self._require_per_unit()
-        return self._split(self.unit_rms.std())
+        return self._split(self._unit.variance()[0].sqrt())
 
     def unit_taylor_second_moment(self) -> list[Tensor]:
         """E[(sum_j w_ij g_ij)^2] per unit = mean^2 + variance."""
         self._require_per_unit()
-        w = self.unit_taylor
-        return self._split(w.mean.square() + w.m2 / max(w.count, 1))
+        return self._split(self._unit.mean[1].square() + self._unit.variance()[1])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -199,8 +284,9 @@ class GradientStatistics:
             "count": self.count,
             "skipped_steps": self.skipped_steps,
             "unit": {
-                key: {"count": w.count, "mean": w.mean.detach().cpu().clone(), "m2": w.m2.detach().cpu().clone()}
-                for key, w in (("rms", self.unit_rms), ("taylor", self.unit_taylor))
+                **{key: {"count": self._unit.count, "mean": self._unit._mean[row].cpu().clone(),
+                         "m2": self._unit._m2[row].cpu().clone()} for row, key in enumerate(("rms", "taylor"))},
+                "pending": self._unit.pending[: self._unit.n_pending].cpu().clone(),  # samples not merged yet
             },
         }
         if self.per_weight:  # the window is saved as it is, so a resumed run merges at the same steps
@@ -228,10 +314,14 @@ class GradientStatistics:
             )
         self.count = int(state["count"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        for key, w in (("rms", self.unit_rms), ("taylor", self.unit_taylor)):
-            w.count = int(state["unit"][key]["count"])
-            w.mean = state["unit"][key]["mean"].to(self.device, torch.float64).clone()
-            w.m2 = state["unit"][key]["m2"].to(self.device, torch.float64).clone()
+        self._unit.count = int(state["unit"]["rms"]["count"])
+        for row, key in enumerate(("rms", "taylor")):
+            self._unit._mean[row].copy_(state["unit"][key]["mean"])
+            self._unit._m2[row].copy_(state["unit"][key]["m2"])
+        pending = state["unit"].get("pending")
+        self._unit.n_pending = 0 if pending is None else len(pending)
+        if pending is not None:
+            self._unit.pending[: len(pending)].copy_(pending)
         weight = state.get("weight")
         if self.per_weight:
             if weight is None:
@@ -248,3 +338,25 @@ class GradientStatistics:
             ):
                 for dst, src in zip(bufs, weight[key]):
                     dst.copy_(src)
+
+
+_BLOCK = 1 << 20  # elements (4 MiB of float32) per block of shifted gradients on CPU: stays in the cache
+
+
+def _blocks(sizes: Sequence[int], limit: int | None) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Cut the concatenation of tensors of ``sizes`` elements into blocks of at most ``limit`` elements (``None``:
+    one tensor per block), consecutive small tensors sharing one. Each block: ``(start, end, parts)`` in flat
+    coordinates, ``parts`` = ``(tensor index, first, last)`` ranges of the tensors' flattened elements."""
+    blocks: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    offset = 0
+    for index, size in enumerate(sizes):
+        step = size if limit is None else limit
+        for lo in range(0, size, step):
+            hi = min(size, lo + step)
+            start, end, parts = blocks[-1] if blocks else (0, 0, [])
+            if limit is not None and blocks and end == offset + lo and end - start + hi - lo <= limit:
+                blocks[-1] = (start, offset + hi, [*parts, (index, lo, hi)])
+            else:
+                blocks.append((offset + lo, offset + hi, [(index, lo, hi)]))
+        offset += size
+    return blocks

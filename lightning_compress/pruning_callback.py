@@ -70,7 +70,11 @@ class GradientStabilityPruning(Callback):
         initial_sparsity: sparsity at the start of the polynomial ramp.
         mean_threshold / std_threshold: the article's rule: prune where |mean g| < mean_threshold and
             std g < std_threshold (both given, ``sparsity=None``); events follow the schedule's timing.
-        min_keep: each layer keeps at least this fraction of its weights (units), and at least one.
+        min_keep: each layer keeps at least this fraction of its weights (units), and at least one. Default 0:
+            one entry per layer. A fraction at or above ``1 - sparsity`` is refused: the floors would then take
+            the whole budget (at 99 % a 1 % floor pins every layer to 1 % and the first conv to 2 weights).
+        restart_statistics: after each accepted pruning event, start the gradient statistics afresh, so the next
+            event ranks the surviving weights by the gradients they see in the pruned network.
         statistics: ``"per_weight"`` (mean/std of every gradient element: 4 fp32 buffers per weight),
             ``"per_unit"`` (per neuron / channel only: almost free) or ``"auto"`` (per weight for unstructured
             gradient criteria, per unit for structured ones, none for magnitude).
@@ -99,7 +103,8 @@ class GradientStabilityPruning(Callback):
         initial_sparsity: float = 0.0,
         mean_threshold: float | None = None,
         std_threshold: float | None = None,
-        min_keep: float = 0.01,
+        min_keep: float = 0.0,
+        restart_statistics: bool = False,
         statistics: Literal["auto", "per_weight", "per_unit"] = "auto",
         module_types: list[str] | None = None,
         include: list[str] | None = None,
@@ -153,6 +158,13 @@ class GradientStabilityPruning(Callback):
         if sparsity is not None and initial_sparsity > sparsity:
             raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity})")
         check_number("min_keep", min_keep, low=0, high=1, high_inclusive=False)
+        if sparsity is not None and min_keep > 0 and min_keep >= 1 - sparsity - 1e-9:
+            raise ValueError(
+                f"`min_keep`={min_keep} reserves at least as many weights per layer as `sparsity`={sparsity} keeps "
+                f"in total ({1 - sparsity:.4g} of them), so the floors alone would decide every mask; use a "
+                f"`min_keep` below {1 - sparsity:.4g} (0 keeps one entry per layer)"
+            )
+        check_choice("restart_statistics", restart_statistics, (True, False))
         check_choice("statistics", statistics, ("auto", "per_weight", "per_unit"))
         if structured and statistics == "per_weight":
             raise ValueError("`statistics`='per_weight' does not apply to structured=True: units use 'per_unit'")
@@ -181,6 +193,7 @@ class GradientStabilityPruning(Callback):
         self.initial_sparsity = initial_sparsity
         self.mean_threshold, self.std_threshold = mean_threshold, std_threshold
         self.min_keep = min_keep
+        self.restart_statistics = restart_statistics
         self.statistics = statistics
         self.include, self.exclude = include, exclude
         self.max_metric_drop = max_metric_drop
@@ -352,6 +365,8 @@ class GradientStabilityPruning(Callback):
         self._run_pruning_step(trainer, pl_module, tick)
 
     def _run_pruning_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tick: int) -> None:
+        if self.structured:
+            self._unit_groups(pl_module)  # coupled unit sets count once in `current_sparsity`
         target = self.schedule.target(tick) if self.schedule is not None else None
         if self.sparsity is not None:
             if target is None:
@@ -382,6 +397,8 @@ class GradientStabilityPruning(Callback):
                 self._applied.apply_to_optimizer_state(optimizer)  # type: ignore[union-attr]
             self.last_metric = metric_after if metric_after is not None else self.last_metric
             self._backoffs = 0
+            if self.restart_statistics and self.stats is not None:
+                self.stats.reset()
         else:
             with torch.no_grad():
                 for name, value in snapshot.items():
@@ -402,30 +419,56 @@ class GradientStabilityPruning(Callback):
         names = list(self._modules)
         weights = [self._modules[n].weight.detach() for n in names]
         if self.structured:
-            groups = self._unit_groups(pl_module)
-            names = [n for n in names if groups is None or groups.get(n) is None or groups[n].prunable]
-            if not names:
-                reasons = {n: g.reason for n, g in (groups or {}).items() if n in self._modules}
-                raise RuntimeError(f"structured pruning: no selected layer can lose units safely: {reasons}")
-            weights = [self._modules[n].weight.detach() for n in names]
+            families = self._unit_families(pl_module)
             all_scores = scoring.unit_scores(self.criterion, [m.weight for m in self._modules.values()], self.stats)
             by_name = dict(zip(self._modules, all_scores))
-            scores = [by_name[n] for n in names]
-            current = [self.unit_masks.get(n, torch.ones(w.shape[0], dtype=torch.bool)).to(w.device) for n, w in zip(names, weights)]
+            # a coupled set (producers summed by a residual add) shares its units: one score (the members' mean),
+            # one mask for all of them, so that compaction can remove what is pruned
+            scores = [torch.stack([by_name[n].float() for n in family]).mean(0) for family in families]
+            current = [self._family_mask(family) for family in families]
         else:
             scores = scoring.weight_scores(self.criterion, weights, self.stats)
             current = [self.masks.get(f"{n}.weight", torch.ones_like(w, dtype=torch.bool)).to(w.device) for n, w in zip(names, weights)]
         if target is None:  # the article's thresholds
             flags = scoring.below_thresholds(self.stats, self.structured, self.mean_threshold, self.std_threshold)  # type: ignore[arg-type]
-            flags_by_name = dict(zip(self._modules, flags))
-            keep = masking.threshold_masks([flags_by_name[n] for n in names], current, scores, self.min_keep)
+            by_name = dict(zip(self._modules, flags))
+            if self.structured:  # a shared unit goes when every member flags it
+                flagged = [torch.stack([by_name[n] for n in family]).all(0) for family in families]
+            else:
+                flagged = [by_name[n] for n in names]
+            keep = masking.threshold_masks(flagged, current, scores, self.min_keep)
         else:
             keep = masking.keep_masks(scores, current, target, scope=self.scope, min_keep=self.min_keep)
         if self.structured:
-            unit_masks = {n: k.cpu() for n, k in zip(names, keep)}
+            unit_masks = {n: k.cpu() for family, k in zip(families, keep) for n in family}
             param_masks = masking.expand_unit_masks(pl_module, unit_masks, self._groups)
             return {n: m.cpu() for n, m in param_masks.items()}, unit_masks
         return {f"{n}.weight": k.cpu() for n, k in zip(names, keep)}, {}
+
+    def _unit_families(self, pl_module: pl.LightningModule) -> list[list[str]]:
+        """The selected layers that can lose units, as sets that share their units: a layer alone, or the
+        producers a residual add couples (those of them that are selected)."""
+        groups = self._unit_groups(pl_module) or {}
+        prunable = [n for n in self._modules if groups.get(n) is None or groups[n].prunable]
+        if not prunable:
+            reasons = {n: g.reason for n, g in groups.items() if n in self._modules}
+            raise RuntimeError(f"structured pruning: no selected layer can lose units safely: {reasons}")
+        families, seen = [], set()
+        for name in prunable:
+            if name not in seen:
+                coupled = groups[name].coupled if groups.get(name) is not None else []
+                family = [name] + [c for c in coupled if c in prunable and c not in seen]
+                seen.update(family)
+                families.append(family)
+        return families
+
+    def _family_mask(self, family: list[str]) -> Tensor:
+        masks = [self.unit_masks[n] for n in family if n in self.unit_masks]
+        weight = self._modules[family[0]].weight
+        keep = torch.ones(weight.shape[0], dtype=torch.bool)
+        for m in masks:
+            keep &= m.cpu()
+        return keep.to(weight.device)
 
     def _unit_groups(self, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         if self._groups is None and self._example_input is not None:
@@ -469,8 +512,9 @@ class GradientStabilityPruning(Callback):
 
     def current_sparsity(self) -> float:
         """Fraction of pruned entries: weights (unstructured) or units (structured), each parameter counted once."""
-        if self.structured:  # over the layers that can lose units (all selected ones before the first event)
-            layers = list(self.unit_masks) or list(self._modules)
+        if self.structured:  # over the unit sets that can be pruned (all selected layers before the first event)
+            coupled_later = {c for n in self.unit_masks for c in self._coupled_after(n)}
+            layers = [n for n in self.unit_masks if n not in coupled_later] or list(self._modules)
             total = sum(self._modules[n].weight.shape[0] for n in layers)
             kept = sum(int(self.unit_masks[n].sum()) if n in self.unit_masks else self._modules[n].weight.shape[0]
                        for n in layers)
@@ -478,6 +522,12 @@ class GradientStabilityPruning(Callback):
         weights = self._unique_weights()
         pruned = sum(int((~self.masks[f"{n}.weight"]).sum()) for n in weights if f"{n}.weight" in self.masks)
         return pruned / max(sum(w.numel() for w in weights.values()), 1)
+
+    def _coupled_after(self, name: str) -> list[str]:
+        """Producers that share ``name``'s units and come after it in the selection (counted with it)."""
+        group = (self._groups or {}).get(name)
+        order = list(self._modules)
+        return [c for c in getattr(group, "coupled", []) if c in order and order.index(c) > order.index(name)]
 
     def weight_sparsity(self) -> float:
         """Fraction of exactly-zero elements over the tracked weights, each parameter counted once."""

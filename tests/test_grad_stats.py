@@ -249,3 +249,63 @@ def test_std_is_zero_before_two_steps() -> None:
     assert torch.equal(stats.weight_std()[0], torch.zeros(3, 2))
     assert torch.equal(stats.weight_mean()[0], torch.ones(3, 2))
     assert torch.equal(stats.unit_rms_std()[0], torch.zeros(3, dtype=torch.float64))
+
+
+def test_blocks_cover_every_element_once() -> None:
+    from lightning_compress.grad_stats import _blocks
+
+    sizes = [10, 600, 5, 3, 1000]
+    for limit in (None, 16, 256, 1 << 20):
+        blocks = _blocks(sizes, limit)
+        covered = []
+        for start, end, parts in blocks:
+            assert limit is None or end - start <= limit
+            assert end - start == sum(hi - lo for _, lo, hi in parts)
+            covered += [(i, k) for i, lo, hi in parts for k in range(lo, hi)]
+        assert covered == [(i, k) for i, n in enumerate(sizes) for k in range(n)]
+        assert [b[0] for b in blocks[1:]] == [b[1] for b in blocks[:-1]]  # contiguous
+
+
+@pytest.mark.parametrize("block", [16, 1 << 20], ids=["many_blocks", "one_block"])
+def test_blocking_gives_the_same_statistics_and_skips_bad_steps(monkeypatch, block: int) -> None:
+    import lightning_compress.grad_stats as grad_stats
+
+    grads, weights = _stream(12)
+    reference = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False, merge_every=5)
+    _feed(reference, grads, weights)
+    monkeypatch.setattr(grad_stats, "_BLOCK", block)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False, merge_every=5)
+    assert (len(stats._blocks) > 1) == (block == 16)
+    for t, (g, w) in enumerate(zip(grads, weights)):
+        if t in (0, 7):  # a NaN in the last tensor: the last block when there are several
+            bad = [x.clone() for x in g]
+            bad[-1][-1] = float("nan")
+            assert stats.update(bad, w) is False
+        assert stats.update(g, w) is True
+    assert stats.skipped_steps == 2
+    for a, b in zip(_all_stats(stats), _all_stats(reference), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_reset_forgets_every_step() -> None:
+    grads, weights = _stream(10)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=4)
+    fresh = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=4)
+    _feed(stats, grads[:6], weights[:6])
+    stats.reset()
+    assert stats.count == 0
+    _feed(stats, grads[6:], weights[6:])
+    _feed(fresh, grads[6:], weights[6:])
+    for a, b in zip(_all_stats(stats), _all_stats(fresh), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_gradients_are_accumulated_in_float32() -> None:
+    grads, weights = _stream(8)
+    low = [[g.bfloat16() for g in step] for step in grads]
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=3)
+    _feed(stats, low, weights)
+    exact = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=3)
+    _feed(exact, [[g.float() for g in step] for step in low], weights)
+    for a, b in zip(_all_stats(stats), _all_stats(exact), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -315,6 +315,8 @@ def test_80_percent_sparsity_within_2_points_of_dense_on_mnist() -> None:
         ({"frequency": 0}, r"`frequency` must be an integer in \[1"),
         ({"amount": 1.5}, r"`amount`"),
         ({"min_keep": 1.0}, r"`min_keep`"),
+        ({"min_keep": 0.01, "sparsity": 0.99}, r"`min_keep`=0.01 reserves at least as many .* `sparsity`=0.99"),
+        ({"restart_statistics": "yes"}, r"`restart_statistics` must be one of"),
         ({"initial_sparsity": 0.9, "sparsity": 0.5}, r"`initial_sparsity` \(0.9\) must not exceed"),
         ({"sparsity": None}, r"both `mean_threshold` and `std_threshold` must be given"),
         ({"mean_threshold": 1e-3, "std_threshold": 1e-3}, r"give either `sparsity`"),
@@ -378,3 +380,48 @@ def test_unsupported_strategy_is_refused() -> None:
 
     _fails_in_setup(GradientStabilityPruning(), match=r"supports the strategies .* got ShardedStrategy",
                     strategy=ShardedStrategy(device=torch.device("cpu")))
+
+
+class _ResidualClassifier(MLPClassifier):
+    """Digits 8x8 through a residual conv block: `stem` and `conv2` are added, so they share their channels."""
+
+    def __init__(self) -> None:
+        super().__init__(input_size=64, hidden=[8])
+        self.net = torch.nn.Identity()
+        self.stem, self.bn0 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 8, 8)
+        skip = torch.relu(self.bn0(self.stem(x)))
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(skip)))))
+        return self.head(torch.relu(out + skip).mean((2, 3)))
+
+
+def test_coupled_producers_share_one_mask_and_compact_together() -> None:
+    model = _ResidualClassifier()
+    x = torch.rand(16, 64)
+    spy = _OutputsAtTrainEnd(x)
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, schedule="one_shot", start_step=5,
+                                       evaluate=False, compact=True, exclude=[r"^head$"])
+    _trainer([spy, pruning], max_epochs=1).fit(model, DigitsDataModule(batch_size=32))
+    event = pruning.history[-1]
+    assert math.isclose(event["sparsity"], 0.5, abs_tol=1e-6)  # over 2 unit sets of 8 (stem+conv2, conv1)
+    # the shared channels went from both producers, so compaction removed them from the residual stream
+    assert model.stem.out_channels == model.conv2.out_channels < 8
+    assert model.stem.out_channels + model.conv1.out_channels == 8
+    assert model.head.in_features == model.stem.out_channels
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), spy.outputs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_restart_statistics_counts_only_the_steps_since_the_last_event(restart: bool) -> None:
+    pruning = GradientStabilityPruning(sparsity=0.8, schedule="constant", amount=0.2, start_step=5, frequency=5,
+                                       evaluate=False, restart_statistics=restart)
+    _trainer([pruning], max_epochs=-1, max_steps=12).fit(_mlp(), DigitsDataModule(batch_size=32))
+    assert [e["step"] for e in pruning.history] == [5, 10]
+    assert pruning.stats.count == (2 if restart else 12)
