@@ -1,4 +1,5 @@
-"""Small shared timing helper for the benchmarks: median of repeats after warm-up, ``time.perf_counter``.
+"""Small shared helpers for the benchmarks: timing (median of repeats after warm-up, ``time.perf_counter``) and
+the machine description + JSON writer behind every script's ``--json`` file (read by ``run_all.py``).
 
 ``measure(fn)`` times one callable; ``measure_interleaved({"a": fa, "b": fb})`` times several callables in
 alternation (a, b, a, b, ...) so that a burst of load from another process on a shared machine hits all of them
@@ -7,10 +8,20 @@ alike, which keeps their *ratio* stable even when the absolute figures wobble.
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -67,3 +78,44 @@ def measure_interleaved(
         for name, fn in fns.items():
             samples[name].append(_one_repeat(fn, inners[name]))
     return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------- results files
+def cpu_model() -> str:
+    """The CPU's ``model name`` from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info(quick: bool | None = None) -> dict[str, Any]:
+    """Where and how a figure was measured. Imports nothing heavy: torch's thread count is read only when the
+    caller has imported torch already (every benchmark has; ``run_all.py`` has not)."""
+    torch = sys.modules.get("torch")
+    info: dict[str, Any] = {
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": _version("torch"),
+        "lightning": _version("lightning"), "python": platform.python_version(),
+        "threads": torch.get_num_threads() if torch is not None else None,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if quick is not None:
+        info["mode"] = "quick" if quick else "full"
+    return info
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """``data`` as indented JSON at ``path`` (parent folders created), and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"written: {path}")

