@@ -42,7 +42,7 @@ def keep_masks(
         s = s.clamp(-3e38, 3e38).masked_fill(~keep.flatten().to(s.device), float("-inf"))
         floor = min(floor_count(s.numel(), min_keep), int(keep.sum()))
         if floor > 0:
-            s[torch.argsort(s, descending=True, stable=True)[:floor]] = float("inf")
+            s[top_k(s, floor)] = float("inf")
         ranked.append(s)
     if scope == "layer":
         return [
@@ -62,9 +62,21 @@ def _keep_count(numel: int, sparsity: float, kept_now: int) -> int:
 
 
 def _keep_top(flat_scores: Tensor, n_keep: int) -> Tensor:
-    keep = torch.zeros_like(flat_scores, dtype=torch.bool)
-    order = torch.argsort(flat_scores, descending=True, stable=True)
-    keep[order[: max(n_keep, int(torch.isinf(flat_scores).logical_and(flat_scores > 0).sum()))]] = True
+    return top_k(flat_scores, max(n_keep, int(torch.isinf(flat_scores).logical_and(flat_scores > 0).sum())))
+
+
+def top_k(flat_scores: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` highest scores, ties broken by position (the lowest index first): the first ``k`` of
+    a stable descending sort, found in linear time (``kthvalue`` for the threshold, then the tied entries in order)."""
+    n = flat_scores.numel()
+    if k >= n:
+        return torch.ones_like(flat_scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(flat_scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat_scores, n - k + 1).values  # the k-th largest
+    keep = flat_scores > threshold
+    ties = (flat_scores == threshold).nonzero().flatten()[: k - int(keep.sum())]
+    keep[ties] = True
     return keep
 
 
@@ -78,9 +90,7 @@ def threshold_masks(
         floor = min(floor_count(keep.numel(), min_keep), int(keep.sum()))
         if int(new_keep.sum()) < floor:
             s = score.detach().float().flatten().masked_fill(~keep.flatten(), float("-inf"))
-            new_keep = new_keep.flatten()
-            new_keep[torch.argsort(s, descending=True, stable=True)[:floor]] = True
-            new_keep = new_keep.view_as(keep)
+            new_keep = (new_keep.flatten() | top_k(s, floor)).view_as(keep)
         out.append(new_keep)
     return out
 

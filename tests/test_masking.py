@@ -349,3 +349,15 @@ def test_parameter_masks_unknown_name_raises() -> None:
     layer, masks = _linear_masks()
     with pytest.raises(ValueError, match=r"does not have: \['fc.weight'\]"):
         masking.ParameterMasks(layer, {**masks, "fc.weight": torch.ones(3, 4, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_top_k_equals_a_stable_descending_sort(n: int) -> None:
+    generator = torch.Generator().manual_seed(n)
+    scores = torch.randint(0, 5, (n,), generator=generator).float()  # many ties
+    scores[::7] = float("-inf")
+    scores[3::11] = float("inf")
+    for k in range(0, n + 2, max(1, n // 13)):
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+        assert torch.equal(masking.top_k(scores, k), expected), k
