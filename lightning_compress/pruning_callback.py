@@ -366,7 +366,7 @@ class GradientStabilityPruning(Callback):
 
     def _run_pruning_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tick: int) -> None:
         if self.structured:
-            self._unit_groups(pl_module)  # coupled unit sets count once in `current_sparsity`
+            self._unit_groups(pl_module)  # the unit sets (coupled layers count once), before `current_sparsity`
         target = self.schedule.target(tick) if self.schedule is not None else None
         if self.sparsity is not None:
             if target is None:
@@ -419,7 +419,10 @@ class GradientStabilityPruning(Callback):
         names = list(self._modules)
         weights = [self._modules[n].weight.detach() for n in names]
         if self.structured:
-            families = self._unit_families(pl_module)
+            families = self._unit_families()
+            if not families:
+                reasons = {n: g.reason for n, g in (self._groups or {}).items() if n in self._modules}
+                raise RuntimeError(f"structured pruning: no selected layer can lose units safely: {reasons}")
             all_scores = scoring.unit_scores(self.criterion, [m.weight for m in self._modules.values()], self.stats)
             by_name = dict(zip(self._modules, all_scores))
             # a coupled set (producers summed by a residual add) shares its units: one score (the members' mean),
@@ -431,11 +434,11 @@ class GradientStabilityPruning(Callback):
             current = [self.masks.get(f"{n}.weight", torch.ones_like(w, dtype=torch.bool)).to(w.device) for n, w in zip(names, weights)]
         if target is None:  # the article's thresholds
             flags = scoring.below_thresholds(self.stats, self.structured, self.mean_threshold, self.std_threshold)  # type: ignore[arg-type]
-            by_name = dict(zip(self._modules, flags))
+            flags_by_name = dict(zip(self._modules, flags))
             if self.structured:  # a shared unit goes when every member flags it
-                flagged = [torch.stack([by_name[n] for n in family]).all(0) for family in families]
+                flagged = [torch.stack([flags_by_name[n] for n in family]).all(0) for family in families]
             else:
-                flagged = [by_name[n] for n in names]
+                flagged = [flags_by_name[n] for n in names]
             keep = masking.threshold_masks(flagged, current, scores, self.min_keep)
         else:
             keep = masking.keep_masks(scores, current, target, scope=self.scope, min_keep=self.min_keep)
@@ -445,14 +448,12 @@ class GradientStabilityPruning(Callback):
             return {n: m.cpu() for n, m in param_masks.items()}, unit_masks
         return {f"{n}.weight": k.cpu() for n, k in zip(names, keep)}, {}
 
-    def _unit_families(self, pl_module: pl.LightningModule) -> list[list[str]]:
+    def _unit_families(self) -> list[list[str]]:
         """The selected layers that can lose units, as sets that share their units: a layer alone, or the
-        producers a residual add couples (those of them that are selected)."""
-        groups = self._unit_groups(pl_module) or {}
+        producers a residual add couples (those of them that are selected). From the dependency groups found
+        so far (each layer alone before the analysis has run)."""
+        groups = self._groups or {}
         prunable = [n for n in self._modules if groups.get(n) is None or groups[n].prunable]
-        if not prunable:
-            reasons = {n: g.reason for n, g in groups.items() if n in self._modules}
-            raise RuntimeError(f"structured pruning: no selected layer can lose units safely: {reasons}")
         families, seen = [], set()
         for name in prunable:
             if name not in seen:
@@ -463,11 +464,11 @@ class GradientStabilityPruning(Callback):
         return families
 
     def _family_mask(self, family: list[str]) -> Tensor:
-        masks = [self.unit_masks[n] for n in family if n in self.unit_masks]
         weight = self._modules[family[0]].weight
         keep = torch.ones(weight.shape[0], dtype=torch.bool)
-        for m in masks:
-            keep &= m.cpu()
+        for name in family:
+            if name in self.unit_masks:
+                keep &= self.unit_masks[name]
         return keep.to(weight.device)
 
     def _unit_groups(self, pl_module: pl.LightningModule) -> dict[str, Any] | None:
@@ -513,8 +514,7 @@ class GradientStabilityPruning(Callback):
     def current_sparsity(self) -> float:
         """Fraction of pruned entries: weights (unstructured) or units (structured), each parameter counted once."""
         if self.structured:  # over the unit sets that can be pruned (all selected layers before the first event)
-            coupled_later = {c for n in self.unit_masks for c in self._coupled_after(n)}
-            layers = [n for n in self.unit_masks if n not in coupled_later] or list(self._modules)
+            layers = [f[0] for f in self._unit_families() if f[0] in self.unit_masks] or list(self._modules)
             total = sum(self._modules[n].weight.shape[0] for n in layers)
             kept = sum(int(self.unit_masks[n].sum()) if n in self.unit_masks else self._modules[n].weight.shape[0]
                        for n in layers)
@@ -522,12 +522,6 @@ class GradientStabilityPruning(Callback):
         weights = self._unique_weights()
         pruned = sum(int((~self.masks[f"{n}.weight"]).sum()) for n in weights if f"{n}.weight" in self.masks)
         return pruned / max(sum(w.numel() for w in weights.values()), 1)
-
-    def _coupled_after(self, name: str) -> list[str]:
-        """Producers that share ``name``'s units and come after it in the selection (counted with it)."""
-        group = (self._groups or {}).get(name)
-        order = list(self._modules)
-        return [c for c in getattr(group, "coupled", []) if c in order and order.index(c) > order.index(name)]
 
     def weight_sparsity(self) -> float:
         """Fraction of exactly-zero elements over the tracked weights, each parameter counted once."""
