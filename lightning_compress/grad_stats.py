@@ -77,6 +77,28 @@ class _RunningMoments:
     def variance(self) -> Tensor:
         return (self.m2 / max(self.count, 1)).clamp_min(0)
 
+    def state_dict(self, rows: Sequence[str]) -> dict:
+        """Saved as it is (pending samples not merged), so a resumed run merges at the same steps. One entry per
+        row of the first dimension, named by ``rows``."""
+        return {
+            **{key: {"count": self.count, "mean": self._mean[row].cpu().clone(), "m2": self._m2[row].cpu().clone()}
+               for row, key in enumerate(rows)},
+            "pending": self.pending[: self.n_pending].cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict, rows: Sequence[str]) -> None:
+        self.count = int(state[rows[0]]["count"])
+        for row, key in enumerate(rows):
+            self._mean[row].copy_(state[key]["mean"])
+            self._m2[row].copy_(state[key]["m2"])
+        pending = state.get("pending")
+        self.n_pending = 0 if pending is None else len(pending)
+        if pending is not None:
+            self.pending[: len(pending)].copy_(pending)
+
+
+_UNIT_ROWS = ("rms", "taylor")  # the per-unit signals: the unit's gradient rms, and sum_j w_ij g_ij
+
 
 def unit_view(t: Tensor) -> Tensor:
     """(out, *rest) -> (out, prod(rest)): one row per output unit (neuron / output channel)."""
@@ -122,8 +144,7 @@ class GradientStatistics:
 
     def reset(self) -> None:
         """Forget every counted step (e.g. after a pruning event, to collect statistics of the pruned network)."""
-        # per unit: row 0 = rms of the unit's gradient, row 1 = taylor signal sum_j w_ij g_ij
-        self._unit = _RunningMoments((2, sum(self.units)), self.device)
+        self._unit = _RunningMoments((len(_UNIT_ROWS), sum(self.units)), self.device)
         self.skipped_steps = 0
         self.count = 0  # counted steps
         if self.per_weight:  # flat float32 buffers (one op per merge), read through per-tensor views
@@ -283,11 +304,7 @@ class GradientStatistics:
             "names": list(self.names),
             "count": self.count,
             "skipped_steps": self.skipped_steps,
-            "unit": {
-                **{key: {"count": self._unit.count, "mean": self._unit._mean[row].cpu().clone(),
-                         "m2": self._unit._m2[row].cpu().clone()} for row, key in enumerate(("rms", "taylor"))},
-                "pending": self._unit.pending[: self._unit.n_pending].cpu().clone(),  # samples not merged yet
-            },
+            "unit": self._unit.state_dict(_UNIT_ROWS),
         }
         if self.per_weight:  # the window is saved as it is, so a resumed run merges at the same steps
             state["weight"] = {
@@ -314,14 +331,7 @@ class GradientStatistics:
             )
         self.count = int(state["count"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self._unit.count = int(state["unit"]["rms"]["count"])
-        for row, key in enumerate(("rms", "taylor")):
-            self._unit._mean[row].copy_(state["unit"][key]["mean"])
-            self._unit._m2[row].copy_(state["unit"][key]["m2"])
-        pending = state["unit"].get("pending")
-        self._unit.n_pending = 0 if pending is None else len(pending)
-        if pending is not None:
-            self._unit.pending[: len(pending)].copy_(pending)
+        self._unit.load_state_dict(state["unit"], _UNIT_ROWS)
         weight = state.get("weight")
         if self.per_weight:
             if weight is None:

@@ -125,6 +125,12 @@ def _all_stats(stats: GradientStatistics) -> list[Tensor]:
     return out
 
 
+def _assert_same_stats(a: GradientStatistics, b: GradientStatistics) -> None:
+    """Every statistic of ``a`` bit-identical to ``b``'s."""
+    for x, y in zip(_all_stats(a), _all_stats(b), strict=True):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("per_unit", [True, False], ids=["per_unit_check", "foreach_norm_check"])
 def test_non_finite_step_is_skipped(per_unit: bool) -> None:
     grads, weights = _stream(20)
@@ -143,8 +149,7 @@ def test_non_finite_step_is_skipped(per_unit: bool) -> None:
         clean.update(g, w)
     assert stats.count == clean.count == 20
     assert stats.skipped_steps == 2 and clean.skipped_steps == 0
-    for a, b in zip(_all_stats(stats), _all_stats(clean), strict=True):
-        assert torch.equal(a, b)
+    _assert_same_stats(stats, clean)
 
 
 def test_grad_scale_is_divided_out() -> None:
@@ -189,8 +194,7 @@ def test_resume_equals_uninterrupted(split: int, per_weight: bool) -> None:
 
     assert resumed.count == uninterrupted.count == 40
     assert resumed.skipped_steps == 1
-    for a, b in zip(_all_stats(resumed), _all_stats(uninterrupted), strict=True):
-        assert torch.equal(a, b)
+    _assert_same_stats(resumed, uninterrupted)
 
 
 def test_state_dict_is_a_snapshot() -> None:
@@ -283,8 +287,7 @@ def test_blocking_gives_the_same_statistics_and_skips_bad_steps(monkeypatch, blo
             assert stats.update(bad, w) is False
         assert stats.update(g, w) is True
     assert stats.skipped_steps == 2
-    for a, b in zip(_all_stats(stats), _all_stats(reference), strict=True):
-        assert torch.equal(a, b)
+    _assert_same_stats(stats, reference)
 
 
 def test_reset_forgets_every_step() -> None:
@@ -296,8 +299,7 @@ def test_reset_forgets_every_step() -> None:
     assert stats.count == 0
     _feed(stats, grads[6:], weights[6:])
     _feed(fresh, grads[6:], weights[6:])
-    for a, b in zip(_all_stats(stats), _all_stats(fresh), strict=True):
-        assert torch.equal(a, b)
+    _assert_same_stats(stats, fresh)
 
 
 def test_bf16_gradients_are_accumulated_in_float32() -> None:
