@@ -121,28 +121,13 @@ def mlp_section(args, dm: MNIST5kDataModule) -> list[dict]:
             path = os.path.join(tmp, "q.safetensors")
             save_quantized(model, result, path)
             sqnr = f"{mean_sqnr(result):.1f}"
-            rows.append(
-                (
-                    label,
-                    accuracy(model, test),
-                    os.path.getsize(path),
-                    latency_ms(model, x, args.repeats),
-                    "float (dequantized)",
-                    sqnr,
-                )
-            )
+            def measured(m: torch.nn.Module, kernels: str) -> tuple:  # one row: this scheme's file, run by `m`
+                return label, accuracy(m, test), os.path.getsize(path), latency_ms(m, x, args.repeats), kernels, sqnr
+
+            rows.append(measured(model, "float (dequantized)"))
             if kwargs["bits"] == 8:
                 ints = load_quantized(MLPClassifier(hidden=[1792, 1792]), path, int_kernels=True).eval()
-                rows.append(
-                    (
-                        label,
-                        accuracy(ints, test),
-                        os.path.getsize(path),
-                        latency_ms(ints, x, args.repeats),
-                        "Int8Linear (_int_mm)",
-                        sqnr,
-                    )
-                )
+                rows.append(measured(ints, "Int8Linear (_int_mm)"))
                 ao = torchao_quantize_(copy.deepcopy(fp32), "int8_dynamic")
                 rows.append(
                     (
