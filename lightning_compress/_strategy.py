@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+
 import lightning.pytorch as pl
+import torch.distributed as dist
 
 # Every rank holds whole parameters and (DDP) identical, all-reduced gradients.
 SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+_EXIT_HOOK_REGISTERED = False
 
 
 def check_strategy(trainer: pl.Trainer, callback: str) -> None:
@@ -17,3 +21,26 @@ def check_strategy(trainer: pl.Trainer, callback: str) -> None:
             f"{callback} supports the strategies {list(SUPPORTED_STRATEGIES)} (single device, ddp, ddp_spawn, "
             f"ddp_fork), got {strategy}: sharded parameters would give each rank a partial view of the weights"
         )
+
+
+def destroy_gloo_group_at_exit() -> None:
+    """Under ``ddp``/``ddp_spawn`` on CPU, destroy the gloo process group when the process exits, as Lightning
+    already does for NCCL (``lightning.fabric.utilities.distributed._destroy_dist_connection``).
+
+    Without it a gloo worker thread can still be releasing the last collective's tensors (the metric sync, an
+    all-gather) when the interpreter finalizes; it then needs the GIL, cannot get it, and the C++ runtime aborts
+    the rank with "terminate called without an active exception" (SIGABRT) after a fit that succeeded. Destroying
+    the group joins those threads while the interpreter is still whole. Registered once; harmless if someone
+    else destroys the group first."""
+    global _EXIT_HOOK_REGISTERED
+    if _EXIT_HOOK_REGISTERED or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() != "gloo":
+        return
+    atexit.register(_destroy_default_group)
+    _EXIT_HOOK_REGISTERED = True
+
+
+def _destroy_default_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress import masking, scoring
-from lightning_compress._strategy import check_strategy
+from lightning_compress._strategy import check_strategy, destroy_gloo_group_at_exit
 from lightning_compress._validation import check_choice, check_number
 from lightning_compress.evaluation import DEFAULT_METRIC, MetricSpec, evaluate, has_validation_data, metric_drop
 from lightning_compress.grad_stats import GradientStatistics
@@ -244,6 +244,7 @@ class GradientStabilityPruning(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, "GradientStabilityPruning")
+        destroy_gloo_group_at_exit()
         self._modules = {
             name: m
             for name, m in select_modules(pl_module, self.module_types, self.include, self.exclude).items()

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress._strategy import check_strategy
+from lightning_compress._strategy import check_strategy, destroy_gloo_group_at_exit
 from lightning_compress import evaluation, report
 from lightning_compress._validation import check_choice, check_number
 from lightning_compress.quantization.export import save_float, save_quantized
@@ -134,6 +134,7 @@ class PostTrainingQuantization(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, "PostTrainingQuantization")
+        destroy_gloo_group_at_exit()
         report.register(trainer, _NAME)
         layers, _ = select_layers(pl_module, self.module_types, self.include, self.exclude)
         if not layers:
