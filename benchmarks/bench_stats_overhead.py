@@ -4,8 +4,8 @@ Part 1 (micro): one ``GradientStatistics.update`` per step / one ``torch.optim.A
 same weight tensors (the Linear/Conv weights the callback tracks), for the repo's ``SmallCNN`` (28x28) and an ~8M
 parameter MLP (784-2048-1792-1536-10), in the unstructured mode (per_weight=True, per_unit=False) and the
 structured / cheap mode (per_weight=False, per_unit=True). Gradients are random normal tensors set as ``.grad`` so
-both read the same tensors. The per-weight mode merges its window every ``merge_every`` (32) steps, so each timed
-block of the statistics is exactly 32 updates (one merge): the figure is the amortized per-step cost. ``update`` is
+both read the same tensors. The per-unit mode merges its stored samples every 32 steps, so each timed block of
+the statistics is exactly 32 updates (one merge): the figure is the amortized per-step cost. ``update`` is
 called with autograd enabled, as the callback calls it from ``on_after_backward``. Adam and statistics are timed in
 alternation so background load hits both alike. Target: ratio <= 0.3.
 
@@ -103,7 +103,7 @@ def profile_update(label: str, update, steps: int) -> None:  # type: ignore[no-u
     print(f"    profile {label}: {top}")
 
 
-def micro(name: str, model: torch.nn.Module, repeats: int, merge_every: int = 32, profile: bool = False) -> list[dict]:
+def micro(name: str, model: torch.nn.Module, repeats: int, block_steps: int = 32, profile: bool = False) -> list[dict]:
     names, weights = tracked_weights(model)
     generator = torch.Generator().manual_seed(0)
     for w in weights:
@@ -112,19 +112,19 @@ def micro(name: str, model: torch.nn.Module, repeats: int, merge_every: int = 32
     optimizer = torch.optim.Adam(weights, lr=1e-3, foreach=True)
     n_params = sum(w.numel() for w in weights)
     # Adam blocks: enough steps to last roughly as long as a statistics block, at least 1
-    adam_inner = max(1, min(merge_every, int(2e8 // max(n_params * 8, 1))))
+    adam_inner = max(1, min(block_steps, int(2e8 // max(n_params * 8, 1))))
     rows = []
     for mode, flags in MODES.items():
-        stats = GradientStatistics(names, [w.shape for w in weights], merge_every=merge_every, **flags)
+        stats = GradientStatistics(names, [w.shape for w in weights], **flags)
         timings = measure_interleaved(
             {"adam": optimizer.step, "stats": lambda: stats.update(grads, weights)},
             repeats=repeats,
             warmup=1,
-            inner={"adam": adam_inner, "stats": merge_every},
+            inner={"adam": adam_inner, "stats": block_steps},
         )
         adam, st = timings["adam"], timings["stats"]
         if profile:
-            profile_update(f"{name}, {mode}", lambda: stats.update(grads, weights), merge_every)
+            profile_update(f"{name}, {mode}", lambda: stats.update(grads, weights), block_steps)
         # ratio per alternating pair (adjacent in time, so slow load drift cancels), then the median
         ratio = statistics.median(u / a for u, a in zip(st.samples, adam.samples))
         rows.append(
@@ -311,7 +311,7 @@ def main() -> int:
     t0 = time.perf_counter()
 
     print(f"\n[1] GradientStatistics.update vs Adam(foreach=True).step on the same tracked weights "
-          f"(median of {micro_repeats} alternating blocks; update amortized over 32 steps incl. one merge)")
+          f"(median of {micro_repeats} alternating blocks; update amortized over 32 steps incl. one per-unit merge)")
     torch.manual_seed(args.seed)
     rows = micro("SmallCNN 28x28", SmallCNN(), micro_repeats, profile=args.profile)
     mlp_name = "MLP " + "-".join(map(str, [784, *MLP_HIDDEN, 10]))

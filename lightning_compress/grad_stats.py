@@ -2,17 +2,14 @@
 
 Two granularities, chosen per use:
 
-* **per weight** (``per_weight=True``): the mean and standard deviation over steps of every gradient element.
-  Each step costs three passes over the gradients: ``d = g - mean`` (shifted by the running mean, which is
-  constant within a window; the first window is shifted by the first gradient), then ``S += d`` and
-  ``Q += d*d`` into short float32 *window* sums. The buffers are flat; the gradients are processed in blocks
-  (on CPU at most ``_BLOCK`` elements, small tensors sharing one) through a single reused scratch buffer, so a
-  step allocates nothing and a small model costs a handful of ops. Every ``merge_every`` counted steps (and before
-  any read) the window is merged into the running float32 mean / M2 with Chan et al.'s parallel-variance
-  formula. The shift is what makes it numerically sound: ``Q - S^2/n`` of *shifted* values does not cancel even
-  when ``|mean| >> std`` (raw sums of ``g`` and ``g^2`` in fp32 lose the variance entirely there), and the
-  long-run accumulation is the stable Chan update, not an ever-growing raw sum. Memory: four float32 buffers
-  per tracked weight (window S, Q; running mean, M2), which is why the per-unit mode exists.
+* **per weight** (``per_weight=True``): the mean and standard deviation over steps of every gradient element, by
+  Welford's update in float32, which is shifted by the running mean at every step and so stays accurate when
+  ``|mean| >> std`` (raw fp32 sums of ``g`` and ``g^2`` lose the variance entirely there). With ``d = g - mean``
+  the update ``mean += d/n``, ``M2 += d*d*(n-1)/n`` is three passes over the gradients: the same memory traffic as
+  accumulating shifted window sums, with half the state. Memory: two float32 buffers per tracked weight (mean,
+  M2), about 2x the tracked parameters, plus one scratch block. The buffers are flat and the gradients are
+  processed in blocks (on CPU at most ``_BLOCK`` elements, small tensors sharing one) through that reused scratch
+  buffer, so a step allocates nothing and a small model costs a handful of ops.
 * **per unit** (``per_unit=True``; costs almost nothing in memory): for each output unit (row of a Linear weight, output channel
   of a Conv weight) two per-step signals, stored 32 steps at a time and merged into a float64 mean / M2:
   ``rms`` = root-mean-square of the unit's gradient (near zero and stable => the unit is unimportant) and
@@ -97,6 +94,7 @@ class _RunningMoments:
             self.pending[: len(pending)].copy_(pending)
 
 
+_WEIGHT_FORMAT = "welford-v2"  # per-weight state: running mean and M2, count = GradientStatistics.count
 _UNIT_ROWS = ("rms", "taylor")  # the per-unit signals: the unit's gradient rms, and sum_j w_ij g_ij
 
 
@@ -120,17 +118,13 @@ class GradientStatistics:
         per_weight: bool,
         per_unit: bool = True,
         device: torch.device | str = "cpu",
-        merge_every: int = 32,
     ) -> None:
-        if merge_every < 1:
-            raise ValueError(f"`merge_every` must be >= 1, got {merge_every}")
         self.names = list(names)
         self.shapes = [torch.Size(s) for s in shapes]
         if not (per_weight or per_unit):
             raise ValueError("track at least one of per-weight and per-unit statistics")
         self.per_weight = per_weight
         self.per_unit = per_unit
-        self.merge_every = merge_every
         self.device = torch.device(device)
         self.units = [s[0] for s in self.shapes]
         row_sizes = [math.prod(s[1:]) for s in self.shapes]  # elements per unit
@@ -147,13 +141,10 @@ class GradientStatistics:
         self._unit = _RunningMoments((len(_UNIT_ROWS), sum(self.units)), self.device)
         self.skipped_steps = 0
         self.count = 0  # counted steps
-        if self.per_weight:  # flat float32 buffers (one op per merge), read through per-tensor views
+        if self.per_weight:  # flat float32 buffers (one op per block), read through per-tensor views
             total = sum(s.numel() for s in self.shapes)
-            self._flat = {key: torch.zeros(total, dtype=torch.float32, device=self.device)
-                          for key in ("mean", "m2", "window_sum", "window_sumsq")}
-            self._mean, self._m2, self._win_sum, self._win_sumsq = (self._views(b) for b in self._flat.values())
-            self._win_count = 0
-            self._merged_count = 0
+            self._flat = {key: torch.zeros(total, dtype=torch.float32, device=self.device) for key in ("mean", "m2")}
+            self._mean, self._m2 = (self._views(b) for b in self._flat.values())
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         return [part.view(shape) for part, shape in zip(torch.split(flat, [s.numel() for s in self.shapes]), self.shapes)]
@@ -168,7 +159,7 @@ class GradientStatistics:
         if signals is not None and not math.isfinite(float(signals.sum())):
             self.skipped_steps += 1
             return False
-        if self.per_weight and not self._accumulate_window(grads, inv):
+        if self.per_weight and not self._welford_step(grads, inv):
             self.skipped_steps += 1
             return False
         if signals is not None:
@@ -197,36 +188,26 @@ class GradientStatistics:
             dots.append(out)
         return torch.stack((torch.cat(norms).div_(self._sqrt_row), torch.cat(dots)))
 
-    def _accumulate_window(self, grads: Sequence[Tensor], inv: float) -> bool:
-        """``d = g*inv - shift``, ``S += d``, ``Q += d*d``, block by block (on CPU a block is at most ``_BLOCK``
-        elements, so ``d`` stays in cache; small tensors share a block, so a small model costs a handful of ops).
-        Nothing is added unless the whole step is finite: a single block is checked on ``d`` itself, several
-        are checked on the gradients first (one read pass)."""
+    def _welford_step(self, grads: Sequence[Tensor], inv: float) -> bool:
+        """Welford, block by block: ``d = g*inv - mean``, ``mean += d/n``, ``M2 += d*d*(n-1)/n`` (on CPU a block is
+        at most ``_BLOCK`` elements, so ``d`` stays in cache). Nothing is changed unless the whole step is finite:
+        a single block is checked on ``d`` itself, several are checked on the gradients first (one read pass)."""
         single = len(self._blocks) == 1
         if not single and not math.isfinite(float(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum())):
             return False
-        first = self._merged_count == 0 and self._win_count == 0
-        if first:  # the first counted step is shifted by the first gradient
-            torch._foreach_copy_(self._mean, list(grads))
-            if inv != 1.0:
-                self._flat["mean"].mul_(inv)
         if self._scratch is None:
             self._scratch = torch.empty(max(end - start for start, end, _ in self._blocks), device=self.device)
+        n = self.count + 1
         for start, end, parts in self._blocks:
             d = self._shifted(grads, inv, start, end, parts)
             if single and not math.isfinite(float(d.sum())):
-                if first:
-                    self._flat["mean"].zero_()
                 return False
-            self._flat["window_sum"][start:end].add_(d)
-            self._flat["window_sumsq"][start:end].addcmul_(d, d)
-        self._win_count += 1
-        if self._win_count >= self.merge_every:
-            self._merge_window()
+            self._flat["mean"][start:end].add_(d, alpha=1.0 / n)
+            self._flat["m2"][start:end].addcmul_(d, d, value=(n - 1) / n)
         return True
 
     def _shifted(self, grads: Sequence[Tensor], inv: float, start: int, end: int, parts: list) -> Tensor:
-        """The block ``[start, end)`` of the flattened ``g*inv - shift``, in the scratch buffer."""
+        """The block ``[start, end)`` of the flattened ``g*inv - mean``, in the scratch buffer."""
         d = self._scratch[: end - start]  # type: ignore[index]
         shift = self._flat["mean"][start:end]
         if len(parts) == 1 and inv == 1.0:
@@ -244,34 +225,15 @@ class GradientStatistics:
             d.mul_(inv)
         return d.sub_(shift)
 
-    def _merge_window(self) -> None:
-        """Chan et al.: merge the window (n_b values shifted by the running mean) into the running (n_a, mean, M2)."""
-        n_b = self._win_count
-        if n_b == 0:
-            return
-        n_a = self._merged_count
-        n = n_a + n_b
-        f = self._flat
-        delta = f["window_sum"] / n_b  # window mean - running mean
-        m2_b = f["window_sumsq"].addcmul(f["window_sum"], delta, value=-1.0).clamp_min_(0.0)
-        f["mean"].add_(delta, alpha=n_b / n)
-        f["m2"].add_(m2_b).addcmul_(delta, delta, value=n_a * n_b / n)
-        f["window_sum"].zero_()
-        f["window_sumsq"].zero_()
-        self._win_count = 0
-        self._merged_count = n
-
     # ------------------------------------------------------------------ read
     def weight_mean(self) -> list[Tensor]:
         self._require_per_weight()
-        self._merge_window()
         return [m.clone() for m in self._mean]
 
     def weight_std(self) -> list[Tensor]:
         """Population standard deviation over the counted steps (0 before two steps)."""
         self._require_per_weight()
-        self._merge_window()
-        n = max(self._merged_count, 1)
+        n = max(self.count, 1)
         return [(m2 / n).sqrt() for m2 in self._m2]
 
     def _require_per_weight(self) -> None:
@@ -306,20 +268,11 @@ class GradientStatistics:
             "skipped_steps": self.skipped_steps,
             "unit": self._unit.state_dict(_UNIT_ROWS),
         }
-        if self.per_weight:  # the window is saved as it is, so a resumed run merges at the same steps
+        if self.per_weight:
             state["weight"] = {
-                "format": "shifted-window-v1",
-                "count": self._merged_count,
-                "window_count": self._win_count,
-                **{
-                    key: [t.cpu().clone() for t in bufs]
-                    for key, bufs in (
-                        ("mean", self._mean),
-                        ("m2", self._m2),
-                        ("window_sum", self._win_sum),
-                        ("window_sumsq", self._win_sumsq),
-                    )
-                },
+                "format": _WEIGHT_FORMAT,
+                "mean": [t.cpu().clone() for t in self._mean],
+                "m2": [t.cpu().clone() for t in self._m2],
             }
         return state
 
@@ -336,19 +289,14 @@ class GradientStatistics:
         if self.per_weight:
             if weight is None:
                 raise ValueError("the checkpoint holds no per-weight statistics, but this run needs them")
-            if weight.get("format") != "shifted-window-v1":
-                raise ValueError("the checkpoint's per-weight statistics use an unknown format")
-            self._merged_count = int(weight["count"])
-            self._win_count = int(weight["window_count"])
-            for key, bufs in (
-                ("mean", self._mean),
-                ("m2", self._m2),
-                ("window_sum", self._win_sum),
-                ("window_sumsq", self._win_sumsq),
-            ):
+            if weight.get("format") != _WEIGHT_FORMAT:
+                raise ValueError(
+                    f"the checkpoint's per-weight statistics use the format {weight.get('format')!r}, this version "
+                    f"reads {_WEIGHT_FORMAT!r} (earlier development versions stored shifted window sums)"
+                )
+            for key, bufs in (("mean", self._mean), ("m2", self._m2)):
                 for dst, src in zip(bufs, weight[key]):
                     dst.copy_(src)
-
 
 _BLOCK = 1 << 20  # elements (4 MiB of float32) per block of shifted gradients on CPU: stays in the cache
 

@@ -51,7 +51,7 @@ def digest(tensors: dict[str, Tensor] | list[Tensor]) -> str:
 
 
 def stats_digest(stats: Any) -> str | None:
-    """Digest of every tensor of the gradient statistics' state (running means, M2, windows) plus the counts."""
+    """Digest of every tensor of the gradient statistics' state (running means and M2) plus the counts."""
     if stats is None:
         return None
     state = stats.state_dict()

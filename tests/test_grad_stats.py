@@ -46,15 +46,10 @@ def _ref_unit(grads, weights, i: int) -> tuple[Tensor, Tensor, Tensor]:
     return rms.mean(0), rms.std(0, unbiased=False), taylor.square().mean(0)
 
 
-@pytest.mark.parametrize("merge_every", [7, STEPS, 1000])
-def test_per_weight_mean_std_match_reference(merge_every: int) -> None:
+def test_per_weight_mean_std_match_reference() -> None:
     grads, weights = _stream()
-    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False, merge_every=merge_every)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False)
     _feed(stats, grads, weights)
-    # the path taken: with merge_every < steps some windows were merged already, and a partial one is pending
-    window = stats.state_dict()["weight"]
-    assert window["count"] == (STEPS // merge_every) * merge_every
-    assert window["window_count"] == STEPS % merge_every
     means, stds = stats.weight_mean(), stats.weight_std()
     assert stats.count == STEPS
     for i, shape in enumerate(SHAPES):
@@ -64,14 +59,13 @@ def test_per_weight_mean_std_match_reference(merge_every: int) -> None:
         torch.testing.assert_close(stds[i].double(), ref_std, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("merge_every", [1, 32])
-def test_per_weight_std_accurate_for_large_mean_small_std(merge_every: int) -> None:
+def test_per_weight_std_accurate_for_large_mean_small_std() -> None:
     """mean 1e3, std 1e-1: (mean/std)^2 = 1e8 > 1/eps(fp32), so the raw fp32 `Q - S^2/n` cancels completely.
     The streaming statistics must stay accurate, and far better than that naive formula."""
     shape = torch.Size((64,))
     grads = [[(1e3 + 1e-1 * torch.randn(shape, dtype=torch.float64)).float()] for _ in range(STEPS)]
     weights = [[torch.zeros(shape)] for _ in range(STEPS)]
-    stats = GradientStatistics(["w"], [shape], per_weight=True, per_unit=False, merge_every=merge_every)
+    stats = GradientStatistics(["w"], [shape], per_weight=True, per_unit=False)
     _feed(stats, grads, weights)
     ref_mean, ref_std = _ref_weight(grads, 0)
 
@@ -105,7 +99,7 @@ def test_per_unit_rms_and_taylor_match_reference() -> None:
 def test_conv_weights_per_weight_and_per_unit() -> None:
     shape = torch.Size((8, 3, 3, 3))
     grads, weights = _stream(40, [shape])
-    stats = GradientStatistics(["conv.weight"], [shape], per_weight=True, per_unit=True, merge_every=16)
+    stats = GradientStatistics(["conv.weight"], [shape], per_weight=True, per_unit=True)
     _feed(stats, grads, weights)
     ref_mean, ref_std = _ref_weight(grads, 0)
     assert stats.weight_mean()[0].shape == shape
@@ -138,8 +132,8 @@ def test_non_finite_step_is_skipped(per_unit: bool) -> None:
     bad_nan[1].view(-1)[7] = float("nan")
     bad_inf = [g.clone() for g in grads[0]]
     bad_inf[2][0] = float("-inf")
-    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=per_unit, merge_every=4)
-    clean = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=per_unit, merge_every=4)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=per_unit)
+    clean = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=per_unit)
     for t, (g, w) in enumerate(zip(grads, weights)):
         if t == 5:
             assert stats.update(bad_nan, w) is False
@@ -154,10 +148,10 @@ def test_non_finite_step_is_skipped(per_unit: bool) -> None:
 
 def test_grad_scale_is_divided_out() -> None:
     grads, weights = _stream(30)
-    plain = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=8)
+    plain = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True)
     _feed(plain, grads, weights)
     for scale, exact in ((2.0**12, True), (1000.0, False)):
-        scaled = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=8)
+        scaled = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True)
         _feed(scaled, [[g * scale for g in step] for step in grads], weights, grad_scale=scale)
         for a, b in zip(_all_stats(scaled), _all_stats(plain), strict=True):
             if exact:  # a power of two scales and unscales without rounding
@@ -174,11 +168,11 @@ def _roundtrip(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("split", [16, 13], ids=["at_window_boundary", "mid_window"])
+@pytest.mark.parametrize("split", [16, 13], ids=["at_unit_block_boundary", "mid_unit_block"])
 @pytest.mark.parametrize("per_weight", [True, False])
 def test_resume_equals_uninterrupted(split: int, per_weight: bool) -> None:
     grads, weights = _stream(40)
-    kwargs = dict(per_weight=per_weight, per_unit=True, merge_every=8)
+    kwargs = dict(per_weight=per_weight, per_unit=True)
     uninterrupted = GradientStatistics(NAMES, SHAPES, **kwargs)
     _feed(uninterrupted, grads, weights)
 
@@ -186,8 +180,7 @@ def test_resume_equals_uninterrupted(split: int, per_weight: bool) -> None:
     _feed(first, grads[:split], weights[:split])
     first.update([torch.full(s, float("nan")) for s in SHAPES], weights[0])  # a skipped step travels too
     state = _roundtrip(first.state_dict())
-    if per_weight:
-        assert state["weight"]["window_count"] == split % 8
+    assert len(state["unit"]["pending"]) == split  # per-unit samples not yet merged travel as they are
     resumed = GradientStatistics(NAMES, SHAPES, **kwargs)
     resumed.load_state_dict(state)
     _feed(resumed, grads[split:], weights[split:])
@@ -200,7 +193,7 @@ def test_resume_equals_uninterrupted(split: int, per_weight: bool) -> None:
 def test_state_dict_is_a_snapshot() -> None:
     """Updates after `state_dict()` must not change the state already handed out (e.g. to an async checkpoint)."""
     grads, weights = _stream(10)
-    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=4)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True)
     _feed(stats, grads[:5], weights[:5])
     state = stats.state_dict()
     frozen = copy.deepcopy(state)
@@ -208,7 +201,7 @@ def test_state_dict_is_a_snapshot() -> None:
     for key in ("rms", "taylor"):
         for field in ("mean", "m2"):
             assert torch.equal(state["unit"][key][field], frozen["unit"][key][field]), f"unit/{key}/{field}"
-    for field in ("mean", "m2", "window_sum", "window_sumsq"):
+    for field in ("mean", "m2"):
         for a, b in zip(state["weight"][field], frozen["weight"][field], strict=True):
             assert torch.equal(a, b), f"weight/{field}"
 
@@ -240,8 +233,6 @@ def test_reading_untracked_statistics_raises() -> None:
 
 
 def test_constructor_validation() -> None:
-    with pytest.raises(ValueError, match="`merge_every` must be >= 1, got 0"):
-        GradientStatistics(NAMES, SHAPES, per_weight=True, merge_every=0)
     with pytest.raises(ValueError, match="track at least one"):
         GradientStatistics(NAMES, SHAPES, per_weight=False, per_unit=False)
 
@@ -275,10 +266,10 @@ def test_blocking_gives_the_same_statistics_and_skips_bad_steps(monkeypatch, blo
     import lightning_compress.grad_stats as grad_stats
 
     grads, weights = _stream(12)
-    reference = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False, merge_every=5)
+    reference = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False)
     _feed(reference, grads, weights)
     monkeypatch.setattr(grad_stats, "_BLOCK", block)
-    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False, merge_every=5)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False)
     assert (len(stats._blocks) > 1) == (block == 16)
     for t, (g, w) in enumerate(zip(grads, weights)):
         if t in (0, 7):  # a NaN in the last tensor: the last block when there are several
@@ -292,8 +283,8 @@ def test_blocking_gives_the_same_statistics_and_skips_bad_steps(monkeypatch, blo
 
 def test_reset_forgets_every_step() -> None:
     grads, weights = _stream(10)
-    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=4)
-    fresh = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=4)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True)
+    fresh = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True)
     _feed(stats, grads[:6], weights[:6])
     stats.reset()
     assert stats.count == 0
@@ -305,9 +296,9 @@ def test_reset_forgets_every_step() -> None:
 def test_bf16_gradients_are_accumulated_in_float32() -> None:
     grads, weights = _stream(8)
     low = [[g.bfloat16() for g in step] for step in grads]
-    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=3)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True)
     _feed(stats, low, weights)
-    exact = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True, merge_every=3)
+    exact = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=True)
     _feed(exact, [[g.float() for g in step] for step in low], weights)
     for a, b in zip(_all_stats(stats), _all_stats(exact), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

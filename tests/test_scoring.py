@@ -27,7 +27,7 @@ W_RMS = torch.tensor([math.sqrt((0.25 + 4.0) / 2), math.sqrt((9.0 + 1.0) / 2)])
 
 
 def _stats(per_weight: bool, per_unit: bool = True) -> GradientStatistics:
-    stats = GradientStatistics(["fc.weight"], [W.shape], per_weight=per_weight, per_unit=per_unit, merge_every=32)
+    stats = GradientStatistics(["fc.weight"], [W.shape], per_weight=per_weight, per_unit=per_unit)
     stats.update([G1], [W])
     stats.update([G2], [W])
     return stats
