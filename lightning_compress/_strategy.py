@@ -7,21 +7,24 @@ import atexit
 import lightning.pytorch as pl
 import torch.distributed as dist
 
-# Every rank holds whole parameters and (DDP) identical, all-reduced gradients.
+# Every rank holds whole parameters and (DDP) identical, all-reduced gradients. A user's subclass of these is
+# accepted, unless it also derives from a strategy that shards parameters (Lightning's DeepSpeedStrategy is a
+# DDPStrategy subclass); classes are compared by name, so no optional dependency has to be imported.
 SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _EXIT_HOOK_REGISTERED = False
 
 
 def check_strategy(trainer: pl.Trainer, callback: str) -> None:
     """Refuse strategies that shard parameters (FSDP, DeepSpeed, model parallel, ...): each rank would see a
     slice of every weight, and statistics, masks or quantization parameters would be silently wrong."""
-    strategy = type(trainer.strategy).__name__
-    if strategy not in SUPPORTED_STRATEGIES:
+    lineage = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    if lineage.isdisjoint(SUPPORTED_STRATEGIES) or not lineage.isdisjoint(SHARDING_STRATEGIES):
         raise ValueError(
-            f"{callback} supports the strategies {list(SUPPORTED_STRATEGIES)} (single device, ddp, ddp_spawn, "
-            f"ddp_fork), got {strategy}: sharded parameters would give each rank a partial view of the weights"
+            f"{callback} supports the strategies {list(SUPPORTED_STRATEGIES)} and their subclasses (single device, "
+            f"ddp, ddp_spawn, ddp_fork), got {type(trainer.strategy).__name__}: sharded parameters would give each "
+            "rank a partial view of the weights"
         )
-
 
 def destroy_gloo_group_at_exit() -> None:
     """Under ``ddp``/``ddp_spawn`` on CPU, destroy the gloo process group when the process exits, as Lightning

@@ -302,3 +302,15 @@ def test_bf16_gradients_are_accumulated_in_float32() -> None:
     _feed(exact, [[g.float() for g in step] for step in low], weights)
     for a, b in zip(_all_stats(stats), _all_stats(exact), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_per_weight_state_is_two_float32_values_per_tracked_weight() -> None:
+    """The memory promise of the per-weight mode: a running mean and M2, nothing per weight beyond that."""
+    grads, weights = _stream(3)
+    stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False)
+    _feed(stats, grads, weights)
+    tracked = sum(s.numel() for s in SHAPES)
+    per_weight = stats.state_dict()["weight"]
+    saved = sum(t.numel() * t.element_size() for key in ("mean", "m2") for t in per_weight[key])
+    assert saved == 2 * 4 * tracked
+    assert sum(b.numel() * b.element_size() for b in stats._flat.values()) == 2 * 4 * tracked

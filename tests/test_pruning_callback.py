@@ -375,11 +375,28 @@ def test_schedule_longer_than_the_fit_is_refused_before_training() -> None:
 def test_unsupported_strategy_is_refused() -> None:
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    class ShardedStrategy(SingleDeviceStrategy):
+    class DeepSpeedStrategy(SingleDeviceStrategy):  # named like a sharding strategy (the real one subclasses DDP)
         pass
 
-    _fails_in_setup(GradientStabilityPruning(), match=r"supports the strategies .* got ShardedStrategy",
-                    strategy=ShardedStrategy(device=torch.device("cpu")))
+    class UsersShardedStrategy(DeepSpeedStrategy):
+        pass
+
+    for cls in (DeepSpeedStrategy, UsersShardedStrategy):
+        _fails_in_setup(GradientStabilityPruning(), match=rf"supports the strategies .* got {cls.__name__}",
+                        strategy=cls(device=torch.device("cpu")))
+
+
+def test_a_users_subclass_of_a_supported_strategy_is_accepted() -> None:
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class MySingleDevice(SingleDeviceStrategy):
+        pass
+
+    watcher = _StepCounter()
+    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=1, evaluate=False)
+    trainer = _trainer([pruning, watcher], max_steps=2, strategy=MySingleDevice(device=torch.device("cpu")))
+    trainer.fit(_mlp(), DigitsDataModule())
+    assert watcher.steps == 2 and pruning.current_sparsity() > 0.4
 
 
 class _ResidualClassifier(MLPClassifier):
