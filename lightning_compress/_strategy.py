@@ -26,6 +26,7 @@ def check_strategy(trainer: pl.Trainer, callback: str) -> None:
             "rank a partial view of the weights"
         )
 
+
 def destroy_gloo_group_at_exit() -> None:
     """Under ``ddp``/``ddp_spawn`` on CPU, destroy the gloo process group when the process exits, as Lightning
     already does for NCCL (``lightning.fabric.utilities.distributed._destroy_dist_connection``).

@@ -1,7 +1,7 @@
 """The gloo process group is destroyed at interpreter exit (``_strategy.destroy_gloo_group_at_exit``).
 
 Why it exists: a ``ddp_spawn`` rank aborted with SIGABRT after a successful fit, 3 times in 30 runs of
-``test_ddp.py::test_metric_counts_each_validation_sample_once_when_the_set_does_not_split_evenly`` (0 in 30 with the
+``test_ddp.py::test_metric_counts_each_validation_sample_once_when_the_set_does_not_split_evenly`` (0 in 50 with the
 hook). Its core dump showed a gloo worker thread destroying an all-gather's work object, needing the GIL for a
 tensor's Python object, while the main thread was already in ``Py_FinalizeEx``.
 """
