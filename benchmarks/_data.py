@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_compress.data import MNIST5kDataModule
+from lightning_compress.demos.data import MNIST5kDataModule
 
 
 class PreloadedMNIST5k(MNIST5kDataModule):

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_compress.data import MNIST5kDataModule
-from lightning_compress.models import MLPClassifier
+from lightning_compress.demos.data import MNIST5kDataModule
+from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization import load_quantized, quantize, save_quantized
-from lightning_compress.quantization.int_linear import torchao_quantize_
+from lightning_compress.quantization.kernels import torchao_quantize_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
 from _timing import RESULTS, machine_info, write_json  # noqa: E402

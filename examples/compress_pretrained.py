@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_compress.compaction import compact, count_parameters, save_compacted
-from lightning_compress.data import load_digits_arrays
+from lightning_compress.structure.compaction import compact, count_parameters, save_compacted
+from lightning_compress.demos.data import load_digits_arrays
 from lightning_compress.quantization import load_quantized, quantize, save_quantized
 
 

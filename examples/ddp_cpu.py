@@ -17,8 +17,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from lightning_compress import GradientStabilityPruning, PostTrainingQuantization
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import MLPClassifier
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
 
 
 def main() -> None:

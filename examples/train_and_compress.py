@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress import GradientStabilityPruning, PostTrainingQuantization
-from lightning_compress.data import MNIST5kDataModule
+from lightning_compress.demos.data import MNIST5kDataModule
 from lightning_compress.quantization import load_quantized
 
 

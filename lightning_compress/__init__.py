@@ -1,10 +1,10 @@
 """lightning-compress: prune by gradient statistics and quantize to n-bit integers, inside a Lightning fit."""
 
-from lightning_compress.compaction import compact, load_compacted, save_compacted
-from lightning_compress.pruning_callback import GradientStabilityPruning
+from lightning_compress.callbacks.pruning import GradientStabilityPruning
+from lightning_compress.callbacks.quantization import PostTrainingQuantization
+from lightning_compress.core.selection import select_modules
 from lightning_compress.quantization import load_quantized, quantize, save_quantized
-from lightning_compress.quantization_callback import PostTrainingQuantization
-from lightning_compress.selection import select_modules
+from lightning_compress.structure.compaction import compact, load_compacted, save_compacted
 
 __all__ = [
     "GradientStabilityPruning",

@@ -20,7 +20,7 @@ of it. With a ``--config`` or another model / data class, it is not used, so its
 never leak into another job.
 
 When the compression callbacks are done, the report is printed and written next to the logs (see
-:mod:`lightning_compress.report_output`).
+:mod:`lightning_compress.reporting.render`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_compress.callbacks.pruning import GradientStabilityPruning  # noqa: F401
+from lightning_compress.callbacks.quantization import PostTrainingQuantization  # noqa: F401
+
 # imported so that jsonargparse knows them by their short class names
-from lightning_compress.data import DigitsDataModule, MNIST5kDataModule
-from lightning_compress.models import MLPClassifier, SmallCNN  # noqa: F401
-from lightning_compress.pruning_callback import GradientStabilityPruning  # noqa: F401
-from lightning_compress.quantization_callback import PostTrainingQuantization  # noqa: F401
+from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
+from lightning_compress.demos.models import MLPClassifier, SmallCNN  # noqa: F401
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SUBCOMMANDS = ("fit", "validate", "test")

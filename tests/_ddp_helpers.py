@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_compress import GradientStabilityPruning
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import MLPClassifier
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
 
 ARTIFACTS = "artifacts"  # what the library writes (exports, reports); the probes write to OUT_DIR itself
 
@@ -219,7 +219,7 @@ class RankProbe(Callback):
             install_write_audit(Path(self.out_dir) / ARTIFACTS)
         if self.slow_export_s and trainer.is_global_zero:
             # rank 0 takes a while to write the export: a rank that did not wait for it would find no file
-            import lightning_compress.quantization_callback as qc
+            import lightning_compress.callbacks.quantization as qc
 
             original, delay = qc.save_quantized, self.slow_export_s
 
@@ -419,7 +419,7 @@ def pruning_with_rollbacks() -> GradientStabilityPruning:
 def scenario_main(strategy: str, out_dir: str) -> None:
     """Pruning with accepted and rolled-back events, then 2-bit quantization that falls back to float for the
     layers most sensitive (measured with the synced metric), and an export."""
-    from lightning_compress.quantization_callback import PostTrainingQuantization
+    from lightning_compress.callbacks.quantization import PostTrainingQuantization
 
     pl.seed_everything(3)
     (Path(out_dir) / ARTIFACTS).mkdir(exist_ok=True)
@@ -491,7 +491,7 @@ def scenario_parity(strategy: str, out_dir: str) -> None:
 
 def scenario_refuse(strategy: str, out_dir: str) -> None:
     """Each callback under FSDP and a DeepSpeed-named DDP strategy: the error, and how many steps ran before it."""
-    from lightning_compress.quantization_callback import PostTrainingQuantization
+    from lightning_compress.callbacks.quantization import PostTrainingQuantization
 
     results = []
     for strategy_cls in (FSDPStrategy, DeepSpeedStrategy):

@@ -6,13 +6,13 @@
 - :mod:`.export`: :func:`save_quantized` / :func:`load_quantized` (safetensors, JSON metadata, atomic write).
 - :mod:`.int_linear`: :class:`Int8Linear`, an int8 x int8 -> int32 inference path for Linear layers.
 
-The Lightning callback is :class:`lightning_compress.quantization_callback.PostTrainingQuantization`.
+The Lightning callback is :class:`lightning_compress.callbacks.quantization.PostTrainingQuantization`.
 """
 
 from lightning_compress.quantization.export import load_quantized, save_float, save_quantized
 from lightning_compress.quantization.functional import LayerQuantization, QuantizationResult, quantize
-from lightning_compress.quantization.int_linear import Int8Linear
-from lightning_compress.quantization.math import QuantizedTensor, QuantSpec
+from lightning_compress.quantization.kernels import Int8Linear
+from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec
 
 __all__ = [
     "Int8Linear",

@@ -33,8 +33,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_compress.quantization.functional import QuantizationResult
-from lightning_compress.quantization.math import QuantizedTensor, QuantSpec
 from lightning_compress.quantization.packing import pack, unpack
+from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec
 
 FORMAT = "lightning-compress/quantized-safetensors"
 VERSION = 1
@@ -178,7 +178,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike[str], *, int_kernel
         state[key] = qt.dequantize()
     model.load_state_dict(state, strict=True)
     if int_kernels:
-        from lightning_compress.quantization.int_linear import swap_int8_linear
+        from lightning_compress.quantization.kernels import swap_int8_linear
 
         swap_int8_linear(model, quantized)
     return model

@@ -1,6 +1,6 @@
 """``quantize(model, bits=8, ...)``: post-training weight quantization of any ``nn.Module``, no Trainer needed.
 
-Selected weights are quantized with :mod:`lightning_compress.quantization.math` and replaced *in place* by their
+Selected weights are quantized with :mod:`lightning_compress.quantization.primitives` and replaced *in place* by their
 dequantized float values, so the model keeps running with ordinary float kernels (and stays trainable, loadable,
 exportable). The returned :class:`QuantizationResult` holds, per layer, the integer codes and qparams (what
 :func:`~lightning_compress.quantization.export.save_quantized` writes) and the SQNR in dB.
@@ -21,12 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress._validation import check_number
-from lightning_compress.quantization.math import QuantizedTensor, QuantSpec, grouped_view, quantize_tensor, sqnr_db
+from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, compile_patterns, select_modules
+from lightning_compress.core.validation import check_number
 from lightning_compress.quantization.packing import packed_nbytes
-from lightning_compress.selection import compile_patterns, select_modules
+from lightning_compress.quantization.primitives import (
+    QuantizedTensor,
+    QuantSpec,
+    grouped_view,
+    quantize_tensor,
+    sqnr_db,
+)
 
-DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
 def weight_name(module: nn.Module) -> str:

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_compress._validation import check_number
+from lightning_compress.core.validation import check_number
 
 
 def packed_nbytes(numel: int, bits: int) -> int:

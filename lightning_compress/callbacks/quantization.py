@@ -1,0 +1,251 @@
+"""``PostTrainingQuantization``: quantize the trained model's weights at the end of ``fit``, within a metric bound,
+and export it. The math lives in :mod:`lightning_compress.quantization`; this coordinates.
+
+At the end of fit (after pruning has finished, whatever order the callbacks are listed in):
+
+1. the way back: a CPU copy of the float weights of the selected layers is kept (``float_weights``;
+   :meth:`restore_float` puts them back) and, with ``export_path`` and ``save_float_copy``, the whole float
+   ``state_dict`` is written beside the export as ``<name>.fp32.safetensors`` before anything is quantized;
+2. the metric of the float model, quantize, the metric of the quantized model; the gate
+   (:mod:`lightning_compress.core.gate`) judges the second against the first;
+3. over the bound, the most sensitive layers fall back (:mod:`lightning_compress.quantization.fallback`);
+4. report, logger metrics, export (rank zero, then a barrier). Under DDP every rank runs the same deterministic
+   math on identical weights and gets the same synced metric, so every rank takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
+from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
+from lightning_compress.core.validation import check_bool, check_choice
+from lightning_compress.integration.evaluation import DEFAULT_METRIC
+from lightning_compress.quantization.export import save_float, save_quantized
+from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
+from lightning_compress.quantization.functional import (
+    LayerQuantization,
+    QuantizationResult,
+    check_bits_overrides,
+    check_group_size,
+    quantize_layer,
+    resolve_bits,
+    select_layers,
+    weight_name,
+)
+from lightning_compress.quantization.primitives import QuantSpec
+from lightning_compress.reporting.records import CompressionEvent, LayerRecord
+
+
+class PostTrainingQuantization(CompressionCallback):
+    """Quantize the selected weights to ``bits``-bit integers when ``fit`` ends (see the module docstring).
+
+    Args:
+        bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype: the scheme, as
+            in :func:`lightning_compress.quantize` (``bits_overrides``: module-name regex -> bits, first match).
+        module_types, include, exclude: which modules (default Linear, Conv1d/2d/3d); biases stay float.
+        metric, metric_kwargs, max_metric_drop: the gate (see :class:`CompressionCallback`); the reference is the
+            float model at the end of training.
+        fallback: over the bound, the most sensitive layers go back to ``"float"``, or ``"more_bits"`` (every even
+            width up to 8, then float).
+        export_path: ``*.safetensors`` file for the quantized model (rank zero); ``save_float_copy`` also writes
+            ``*.fp32.safetensors`` beside it before quantizing.
+    """
+
+    finish_order = 10
+    report_name = "quantization"
+
+    def __init__(
+        self,
+        bits: int = 8,
+        granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel",
+        group_size: int = 128,
+        symmetric: bool = True,
+        calibration: Literal["minmax", "percentile", "mse"] = "minmax",
+        percentile: float = 99.9,
+        mse_grid: int = 80,
+        scale_dtype: Literal["float32", "float16"] = "float32",
+        module_types: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        bits_overrides: dict[str, int] | None = None,
+        metric: str = DEFAULT_METRIC,
+        metric_kwargs: dict[str, Any] | None = None,
+        max_metric_drop: float | None = None,
+        fallback: Literal["float", "more_bits"] = "float",
+        export_path: str | None = None,
+        save_float_copy: bool = True,
+    ) -> None:
+        super().__init__(metric, metric_kwargs, max_metric_drop)
+        self.spec = QuantSpec(bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype)
+        self.selection = Selection.from_args(module_types, include, exclude, DEFAULT_MODULE_TYPES)
+        check_bits_overrides(bits_overrides)
+        check_choice("fallback", fallback, FALLBACKS)
+        if export_path is not None and (not isinstance(export_path, str) or not export_path.endswith(".safetensors")):
+            raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
+        check_bool("save_float_copy", save_float_copy)
+        self.bits_overrides = dict(bits_overrides or {})
+        self.fallback = fallback
+        self.export_path = export_path
+        self.save_float_copy = save_float_copy
+        self.float_weights: dict[str, Tensor] = {}  # module name -> float weight before quantizing (CPU)
+        self.result: QuantizationResult | None = None
+        self.bits_used: dict[str, int] = {}  # module name -> final bits (FLOAT_BITS = kept float)
+        self.sensitivity: dict[str, float] = {}  # module name -> metric drop quantized alone (when measured)
+
+    @property
+    def float_copy_path(self) -> str | None:
+        if self.export_path is None or not self.save_float_copy:
+            return None
+        return self.export_path.removesuffix(".safetensors") + ".fp32.safetensors"
+
+    def settings(self) -> dict[str, Any]:
+        return {**vars(self.spec), **super().settings(), "module_types": list(self.selection.module_types),
+                "include": list(self.selection.include), "exclude": list(self.selection.exclude),
+                "bits_overrides": self.bits_overrides, "fallback": self.fallback, "export_path": self.export_path,
+                "save_float_copy": self.save_float_copy}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._setup_fit(trainer, pl_module, needs_metric=True)
+        self.float_weights, self.result, self.bits_used, self.sensitivity = {}, None, {}, {}
+        layers, _ = self._layers(pl_module)
+        if not layers:
+            raise ValueError(f"nothing to quantize in {type(pl_module).__name__}: no module matches "
+                             f"{self.selection.describe()}")
+        check_group_size(layers, self.spec)
+        if self.export_path is not None:
+            parent = Path(self.export_path).resolve().parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise ValueError(
+                    f"`export_path`={self.export_path!r}: its directory {str(parent)!r} does not exist or is not "
+                    "writable; allowed: a path in an existing, writable directory, or None"
+                )
+
+    def _layers(self, pl_module: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+        s = self.selection
+        return select_layers(pl_module, s.module_types, s.include or None, s.exclude or None)
+
+    def restore_float(self, pl_module: nn.Module) -> None:
+        """Put the float weights saved before quantizing back into ``pl_module``."""
+        modules = dict(pl_module.named_modules())
+        with torch.no_grad():
+            for name, weight in self.float_weights.items():
+                target = getattr(modules[name], weight_name(modules[name]))
+                target.copy_(weight.to(target.device))
+
+    # -- the work ----------------------------------------------------------------------------------------------
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        layers, skipped = self._layers(pl_module)
+        self.float_weights = {n: getattr(m, weight_name(m)).detach().to("cpu", copy=True) for n, m in layers.items()}
+        if not all(bool(w.isfinite().all()) for w in self.float_weights.values()):
+            rank_zero_warn("PostTrainingQuantization: the trained weights hold NaN / inf; nothing was quantized")
+            self.report.events.append(CompressionEvent("quantize", trainer.global_step, None, None, accepted=False,
+                                                       note="skipped: the float weights are not finite"))
+            return
+        if self.float_copy_path is not None and trainer.is_global_zero:
+            save_float(pl_module, self.float_copy_path)
+        before = self._evaluate(trainer, pl_module)
+        plan = {name: resolve_bits(name, self.spec.bits, self.bits_overrides) for name in layers}
+        cache: dict[tuple[str, int], LayerQuantization] = {}
+        self._apply(layers, plan, cache)
+        after = self._evaluate(trainer, pl_module)
+        fallbacks: list[dict[str, Any]] = []
+        if before is not None and not self.gate.judge(before, after).accepted:
+            self.report.events.append(self._event(trainer, before, after, plan, False, "all layers quantized"))
+            after, fallbacks, self.sensitivity = fall_back(
+                list(layers), plan, lambda p: self._apply(layers, p, cache),
+                lambda: self._evaluate(trainer, pl_module) or 0.0, lambda n, b: cache[(n, b)].sqnr_db,
+                self.gate, before, rungs(self.spec.bits, self.fallback),
+            )
+            for step in fallbacks:
+                rank_zero_info(f"PostTrainingQuantization: {step['layer']} int{step['from_bits']} -> {step['kept']}, "
+                               f"metric {step['metric_after']:.4f}")
+            if not self.gate.judge(before, after).accepted:
+                rank_zero_warn("PostTrainingQuantization: every layer fell back and the bound still does not hold")
+        self.bits_used = dict(plan)
+        self.result = QuantizationResult({n: cache[(n, b)] for n, b in plan.items() if b != FLOAT_BITS}, skipped)
+        self._record(trainer, layers, before, after, fallbacks)
+        self._export(trainer, pl_module)
+
+    def _apply(
+        self, layers: dict[str, nn.Module], plan: dict[str, int], cache: dict[tuple[str, int], LayerQuantization]
+    ) -> None:
+        """Put every layer in the state ``plan`` says: float weights, or quantized at that many bits."""
+        with torch.no_grad():
+            for name, module in layers.items():
+                weight = getattr(module, weight_name(module))
+                weight.copy_(self.float_weights[name].to(weight.device))
+                bits = plan[name]
+                if bits == FLOAT_BITS:
+                    continue
+                if (name, bits) not in cache:
+                    cache[(name, bits)] = quantize_layer(name, module, replace(self.spec, bits=bits))
+                else:
+                    weight.copy_(cache[(name, bits)].qtensor.dequantize().to(weight.device))
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the export (rank zero). If writing fails, the float weights are put back first: the trained model
+        is never lost to a full disk."""
+        if self.export_path is not None and trainer.is_global_zero and self.result is not None:
+            try:
+                save_quantized(pl_module, self.result, self.export_path)
+            except BaseException:
+                self.restore_float(pl_module)
+                rank_zero_warn(f"PostTrainingQuantization: writing {self.export_path!r} failed; the model in memory "
+                               "holds its float weights again")
+                raise
+            self.report.files["quantized"] = str(Path(self.export_path).resolve())
+        if self.float_copy_path is not None:
+            self.report.files["float_copy"] = str(Path(self.float_copy_path).resolve())
+        trainer.strategy.barrier("lightning_compress.quantization.export")
+
+    def _event(
+        self, trainer: pl.Trainer, before: float | None, after: float | None, plan: dict[str, int], accepted: bool,
+        note: str,
+    ) -> CompressionEvent:
+        counts = Counter(label(b) for b in plan.values())
+        mix = ", ".join(f"{n}x {name}" for name, n in sorted(counts.items()))
+        text = f"{self.spec.granularity}, {self.spec.calibration}; {note}: {mix}"
+        return CompressionEvent("quantize", trainer.global_step, before, after, accepted=accepted, note=text,
+                                reference=before, drop=self.gate.drop(before, after))
+
+    def _record(
+        self, trainer: pl.Trainer, layers: dict[str, nn.Module], before: float | None, after: float | None,
+        fallbacks: list[dict[str, Any]],
+    ) -> None:
+        report = self.report
+        for name, module in layers.items():
+            weight = getattr(module, weight_name(module))
+            fp32 = layer_float_bytes(module, weight)
+            layer = self.result.layers.get(name) if self.result else None
+            note = "kept float (fallback)" if layer is None else f"int{self.bits_used[name]} SQNR {layer.sqnr_db:.1f} dB"
+            if name in self.sensitivity:
+                note += f"; drop alone {self.sensitivity[name]:.4g}"
+            record = report.layers.setdefault(name, LayerRecord(parameters=weight.numel(), bytes_fp32=fp32))
+            record.bits = self.bits_used[name]
+            record.bytes_compressed = fp32 if layer is None else layer.nbytes() + bias_bytes(module)
+            if layer is not None:  # zeros that rounding produced, beyond those pruning made (kept apart)
+                record.zeros_after_rounding = max(0.0, layer.sparsity - record.sparsity)
+            record.note = f"{record.note}; {note}" if record.note else note  # keeps what pruning wrote
+        report.fallbacks.extend(fallbacks)
+        report.events.append(self._event(trainer, before, after, self.bits_used, True, "final"))
+        report.metric_before = before  # the float model at the end of training: what quantization is judged against
+        if before is not None and after is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"quantization/metric_before": before, "quantization/metric_after": after},
+                                   step=trainer.global_step)
+            rank_zero_info(f"PostTrainingQuantization: {self.metric_spec.name} {before:.4f} -> {after:.4f}")

@@ -1,0 +1,105 @@
+"""The pruning callback's settings, validated in one place before any training step. No Lightning import.
+
+:class:`PruningConfig` holds what ``GradientStabilityPruning``'s flat (YAML-friendly) arguments say; every check
+raises an error that names the argument, the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lightning_compress.core.validation import check_bool, check_choice, check_number
+from lightning_compress.pruning.criteria import CRITERIA, GRADIENT_CRITERIA
+from lightning_compress.pruning.schedule import SCHEDULES, check_schedule_args
+
+SCOPES = ("global", "layer")
+SCHEDULE_UNITS = ("step", "epoch")
+STATISTICS = ("auto", "per_weight", "per_unit")
+ON_VIOLATION = ("backoff", "stop")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    sparsity: float | None = 0.8
+    criterion: str = "weighted_stability"
+    structured: bool = False
+    scope: str = "global"
+    schedule: str = "polynomial"
+    schedule_unit: str = "step"
+    start_step: int | None = None
+    end_step: int | None = None
+    frequency: int | None = None
+    amount: float = 0.2
+    initial_sparsity: float = 0.0
+    mean_threshold: float | None = None
+    std_threshold: float | None = None
+    min_keep: float = 0.0
+    restart_statistics: bool = False
+    statistics: str = "auto"
+    on_violation: str = "backoff"
+    evaluate: bool = True
+    compact: bool = False
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        self._check_target()
+        check_choice("criterion", self.criterion, CRITERIA)
+        if self.sparsity is None and self.criterion not in GRADIENT_CRITERIA:
+            raise ValueError(f"thresholds act on gradient statistics; `criterion` {self.criterion!r} tracks none")
+        for name in ("structured", "restart_statistics", "evaluate", "compact"):
+            check_bool(name, getattr(self, name))
+        check_choice("scope", self.scope, SCOPES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("schedule_unit", self.schedule_unit, SCHEDULE_UNITS)
+        check_schedule_args(
+            self.schedule, self.start_step, self.end_step, self.frequency, self.amount, self.initial_sparsity,
+            self.sparsity,
+        )
+        check_number("min_keep", self.min_keep, low=0, high=1, high_inclusive=False)
+        if self.sparsity is not None and self.min_keep > 0 and self.min_keep >= 1 - self.sparsity - 1e-9:
+            raise ValueError(
+                f"`min_keep`={self.min_keep} reserves at least as many weights per layer as `sparsity`={self.sparsity}"
+                f" keeps in total ({1 - self.sparsity:.4g} of them), so the floors alone would decide every mask; use "
+                f"a `min_keep` below {1 - self.sparsity:.4g} (0 keeps one entry per layer)"
+            )
+        check_choice("statistics", self.statistics, STATISTICS)
+        if self.structured and self.statistics == "per_weight":
+            raise ValueError("`statistics`='per_weight' does not apply to structured=True: units use 'per_unit'")
+        check_choice("on_violation", self.on_violation, ON_VIOLATION)
+        if self.compact and not self.structured:
+            raise ValueError("`compact`=True removes pruned units, so it needs structured=True")
+        check_number("verbose", self.verbose, low=0, high=2, integer=True)
+
+    def _check_target(self) -> None:
+        thresholds = (self.mean_threshold, self.std_threshold)
+        if self.sparsity is None:
+            if None in thresholds:
+                raise ValueError(
+                    "`sparsity` is None, so both `mean_threshold` and `std_threshold` must be given, got "
+                    f"mean_threshold={self.mean_threshold!r}, std_threshold={self.std_threshold!r}"
+                )
+        else:
+            check_number("sparsity", self.sparsity, low=0, high=1, high_inclusive=False)
+            if thresholds != (None, None):
+                raise ValueError(
+                    f"give either `sparsity` (got {self.sparsity!r}) or `mean_threshold`/`std_threshold` (got "
+                    f"{self.mean_threshold!r}/{self.std_threshold!r}), not both; set `sparsity: null` to prune by "
+                    "thresholds"
+                )
+        for name in ("mean_threshold", "std_threshold"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), low=0)
+
+    @property
+    def tracks_gradients(self) -> bool:
+        return self.criterion in GRADIENT_CRITERIA
+
+    @property
+    def per_weight_statistics(self) -> bool:
+        if not self.tracks_gradients or self.structured:
+            return False
+        return self.statistics in ("auto", "per_weight")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,62 @@
+"""The layers a pruning run tracks, and what pruning has removed from them. No Lightning import.
+
+"Sparsity" has one meaning here: the fraction of the tracked weights that *pruning* removed (its masks), each
+parameter counted once (two selected modules sharing one weight count it once). ``zero_fraction`` counts exact
+zeros, which after quantization may include codes that rounded to zero; the report keeps the two apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+
+class TrackedLayers:
+    """The selected modules, one per distinct weight tensor: a module whose weight another selected module already
+    holds (tied weights, e.g. a LM head tied to its embedding) is pruned through that one (``shared`` names it)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules: dict[str, nn.Module] = {}
+        self.shared: dict[str, str] = {}  # module name -> the tracked module that holds its weight
+        owner: dict[int, str] = {}
+        for name, module in modules.items():
+            key = id(module.weight)
+            if key in owner:
+                self.shared[name] = owner[key]
+            else:
+                owner[key] = name
+                self.modules[name] = module
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.modules)
+
+    def weights(self) -> list[Tensor]:
+        return [module.weight for module in self.modules.values()]
+
+    def num_units(self) -> dict[str, int]:
+        return {name: int(module.weight.shape[0]) for name, module in self.modules.items()}
+
+    def mask_sparsity(self, masks: Mapping[str, Tensor]) -> float:
+        """Fraction of the tracked weights whose keep-mask is False."""
+        pruned = sum(int((~masks[f"{n}.weight"]).sum()) for n in self.modules if f"{n}.weight" in masks)
+        return pruned / max(sum(m.weight.numel() for m in self.modules.values()), 1)
+
+    def layer_mask_sparsity(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
+        out = {}
+        for name, module in self.modules.items():
+            mask = masks.get(f"{name}.weight")
+            out[name] = 0.0 if mask is None else float((~mask).sum()) / module.weight.numel()
+        return out
+
+    def zero_fraction(self) -> float:
+        """Fraction of exactly-zero elements over the tracked weights."""
+        weights = [m.weight for m in self.modules.values()]
+        return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
+
+    def weights_finite(self) -> bool:
+        return all(bool(m.weight.detach().isfinite().all()) for m in self.modules.values())

@@ -1,0 +1,75 @@
+"""The compression report's records: plain data that the callbacks fill during one fit. No Lightning import.
+
+What each figure means (the summary and every rendering keep these meanings):
+
+- ``CompressionEvent``: one compression step (a pruning event, the quantization). ``metric_before`` is measured
+  immediately before the step, ``metric_after`` immediately after it; ``reference`` is the figure the metric gate
+  judged ``metric_after`` against (``metric_before`` by default, the metric before the first pruning event with
+  ``metric_reference="initial"``) and ``drop`` = how much worse ``metric_after`` is than ``reference``.
+- ``sparsity``: the fraction of the tracked weights that *pruning* has removed (each parameter counted once);
+  ``unit_sparsity`` the same over units (structured). Zeros that rounding produced are never counted as sparsity.
+- ``delivered_metric`` / ``delivered_test_metric``: one evaluation of the model that the fit delivers, after the
+  last compression action (pruning finalised, compaction, quantization), on the validation / test data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class CompressionEvent:
+    """One compression step: a pruning step or the quantization, with the metric before and after it."""
+
+    kind: str  # "prune" | "quantize"
+    step: int  # trainer.global_step when it happened
+    metric_before: float | None  # measured immediately before the step
+    metric_after: float | None  # measured immediately after it
+    sparsity: float | None = None  # pruning: fraction of the tracked weights pruned after the step
+    accepted: bool = True  # False: rolled back (pruning) / over the bound before fallbacks (quantization)
+    note: str = ""
+    reference: float | None = None  # what the gate compared metric_after with
+    drop: float | None = None  # metric_after worse than reference, in the metric's units (negative: better)
+    unit_sparsity: float | None = None  # structured pruning: fraction of the prunable units removed
+
+
+@dataclass
+class LayerRecord:
+    parameters: int  # weight elements of this layer (bias excluded)
+    sparsity: float = 0.0  # fraction of the weight elements removed by pruning
+    bits: int = 32  # storage bits per weight element (32 = float)
+    bytes_fp32: int = 0  # weight + bias bytes in fp32
+    bytes_compressed: int = 0  # bytes in the exported artifact (ints + scales/zero points + float bias)
+    note: str = ""
+    zeros_after_rounding: float | None = None  # quantization: fraction of codes that are zero beyond the pruned ones
+
+
+@dataclass
+class CompressionReport:
+    metric_name: str = ""
+    higher_is_better: bool = True
+    metric_description: str = ""  # e.g. "MulticlassAccuracy(average='macro')": how the metric averages
+    metric_before: float | None = None  # quantization: the float model at the end of training; else None
+    metric_after: float | None = None  # the delivered model (final evaluation), validation data
+    delivered_metric: float | None = None  # = metric_after
+    delivered_test_metric: float | None = None  # the delivered model on the test data, when the datamodule has it
+    events: list[CompressionEvent] = field(default_factory=list)
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # quantization layers kept at more bits / float
+    files: dict[str, str] = field(default_factory=dict)  # artifacts written, absolute paths (export, float copy, ...)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # callback name -> its constructor arguments
+    gate: dict[str, Any] = field(default_factory=dict)  # callback name -> {"max_metric_drop", "reference"}
+    macs_before: int | None = None  # structured pruning: multiply-accumulates per example before / after
+    macs_after: int | None = None
+    # every entry of the model's state_dict when the first compression callback set up -> its bytes (floats
+    # counted as fp32): the "before" of the whole-model totals, taken before pruning or compaction changed anything
+    model_state_bytes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("model_state_bytes")
+        out["schema_version"] = SCHEMA_VERSION
+        return out

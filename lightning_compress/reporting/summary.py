@@ -1,0 +1,158 @@
+"""The report's summary: every figure it shows, computed from the records as plain JSON-able values. No Lightning.
+
+Byte accounting (what ``bytes_fp32`` / ``bytes_compressed`` mean):
+
+- The totals cover the **whole model state** (every parameter and buffer of ``state_dict``, e.g. BatchNorm
+  statistics), not only the compressed layers, so the ratio is the one of the model file. Floating-point
+  entries are counted at 4 bytes per element; an entry no callback compressed costs the same before and after.
+- "Before" is the model as it was when the first compression callback registered (in ``setup``), i.e. before
+  pruning or compaction changed any shape.
+- A compressed layer costs what the project's exports actually store: quantized layers the packed integer codes,
+  scales and zero points plus the float bias (the quantized safetensors format); layers kept in float their fp32
+  size. **Pruned weights are stored dense** (the zeros take space), so sparsity alone saves no byte; structured
+  compaction (a physically smaller layer) or quantization realize the savings, and only those are counted.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from lightning_compress.core.accounting import FLOAT_BITS, state_bytes
+from lightning_compress.core.gate import metric_drop
+from lightning_compress.reporting.records import CompressionReport
+
+NOTE_WHOLE_MODEL = (
+    "Totals cover the whole model state (all parameters and buffers, e.g. BatchNorm statistics), floats counted at "
+    "4 bytes; entries no callback compressed cost the same before and after."
+)
+NOTE_DENSE = (
+    "Pruned weights are stored dense (their zeros take space, in float as in the quantized format): sparsity alone "
+    "is not counted as savings; structured compaction or quantization realize the savings."
+)
+NOTE_NO_EXPORT = (
+    "Quantized sizes are those of the quantized safetensors export (packed codes + scales + float bias); this run "
+    "wrote no export file (set `export_path` of PostTrainingQuantization to write one)."
+)
+
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def _owner(key: str) -> str:
+    """``"net.1.weight"`` -> ``"net.1"``: the module a state_dict entry belongs to."""
+    return key.rpartition(".")[0]
+
+
+def _by_owner(sizes: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for key, size in sizes.items():
+        out.setdefault(_owner(key), {})[key] = size
+    return out
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf -> None (JSON has no such numbers); everything else unchanged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _drop(before: float | None, after: float | None, higher_is_better: bool) -> float | None:
+    return None if before is None or after is None else metric_drop(before, after, higher_is_better)
+
+
+def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict[str, Any]:
+    """Everything the report shows, as plain JSON-able values.
+
+    ``model`` is the model after compression (its current state_dict gives the size of entries no layer record
+    covers, and of layers that structured compaction made smaller); without it the records alone are used.
+    """
+    before_state = dict(report.model_state_bytes)
+    current_state = state_bytes(model) if model is not None else {}
+    before_by_owner, current_by_owner = _by_owner(before_state), _by_owner(current_state)
+    layer_names = set(report.layers)
+
+    layers: dict[str, dict[str, Any]] = {}
+    any_dense_pruned = False
+    for name, record in report.layers.items():
+        bytes_fp32 = sum(before_by_owner.get(name, {}).values()) or record.bytes_fp32
+        current = current_by_owner.get(name, {})
+        notes = [record.note] if record.note else []
+        if record.bits < FLOAT_BITS:
+            # quantized: its weight as the quantized export stores it (codes + scales + zero points; the record's
+            # bytes_compressed minus its float bias), plus the layer's other entries (bias, ...) as the model holds them
+            record_bias = max(0, record.bytes_fp32 - 4 * record.parameters)
+            weight_key = next((k for k in (f"{name}.weight", f"{name}.in_proj_weight") if k in current), None)
+            others = sum(b for k, b in current.items() if k != weight_key) if weight_key else record_bias
+            bytes_compressed = (record.bytes_compressed or record.bytes_fp32) - record_bias + others
+        else:  # float: what the model holds now, whatever the record says (no sparse format is exported)
+            bytes_compressed = sum(current.values()) or record.bytes_fp32
+            if bytes_compressed < bytes_fp32:
+                notes.append("compacted")  # compaction removed rows / columns: the model itself is smaller
+        if record.sparsity > 0 and "compacted" not in notes:
+            any_dense_pruned = True
+            if record.bits >= FLOAT_BITS:
+                notes.append("pruned, stored dense")
+        layers[name] = {
+            "parameters": record.parameters,
+            "sparsity": record.sparsity,
+            "bits": record.bits,
+            "bytes_fp32": bytes_fp32,
+            "bytes_compressed": bytes_compressed,
+            "ratio": bytes_fp32 / bytes_compressed if bytes_compressed else None,
+            "note": "; ".join(notes),
+        }
+
+    other_before_map = {k: b for k, b in (before_state or current_state).items() if _owner(k) not in layer_names}
+    other_after_map = {k: b for k, b in (current_state or before_state).items() if _owner(k) not in layer_names}
+    other_before, other_after = sum(other_before_map.values()), sum(other_after_map.values())
+    layers_fp32 = sum(v["bytes_fp32"] for v in layers.values())
+    layers_compressed = sum(v["bytes_compressed"] for v in layers.values())
+    bytes_fp32 = layers_fp32 + other_before
+    bytes_compressed = layers_compressed + other_after
+    weights = sum(v["parameters"] for v in layers.values())
+    sparsity = sum(v["sparsity"] * v["parameters"] for v in layers.values()) / weights if weights else 0.0
+
+    events = []
+    for event in report.events:
+        events.append({
+            "kind": event.kind,
+            "step": event.step,
+            "metric_before": _finite(event.metric_before),
+            "metric_after": _finite(event.metric_after),
+            "metric_drop": _finite(_drop(event.metric_before, event.metric_after, report.higher_is_better)),
+            "sparsity": _finite(event.sparsity),
+            "accepted": event.accepted,
+            "note": event.note,
+        })
+
+    quantized = any(v["bits"] < FLOAT_BITS for v in layers.values())
+    notes = [NOTE_WHOLE_MODEL]
+    if any_dense_pruned and any(e["kind"] == "prune" for e in events):
+        notes.append(NOTE_DENSE)
+    if quantized and "quantized" not in report.files:
+        notes.append(NOTE_NO_EXPORT)
+
+    return {
+        "metric_name": report.metric_name,
+        "higher_is_better": report.higher_is_better,
+        "metric_before": _finite(report.metric_before),
+        "metric_after": _finite(report.metric_after),
+        "metric_drop": _finite(_drop(report.metric_before, report.metric_after, report.higher_is_better)),
+        "sparsity": sparsity,
+        "bytes_fp32": bytes_fp32,
+        "bytes_compressed": bytes_compressed,
+        "compression_ratio": bytes_fp32 / bytes_compressed if bytes_compressed else None,
+        "layers_bytes_fp32": layers_fp32,
+        "layers_bytes_compressed": layers_compressed,
+        "other_state": {"entries": len(other_after_map), "bytes_fp32": other_before, "bytes_compressed": other_after},
+        "layers": layers,
+        "events": events,
+        "fallbacks": [{k: _finite(v) for k, v in f.items()} for f in report.fallbacks],
+        "files": dict(report.files),
+        "notes": notes,
+    }
+
+

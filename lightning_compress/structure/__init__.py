@@ -1,0 +1,2 @@
+"""Model structure, no Lightning: which units depend on which (``dependency``) and physically removing pruned
+units (``compaction``)."""

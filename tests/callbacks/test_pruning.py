@@ -1,0 +1,444 @@
+"""GradientStabilityPruning inside real `Trainer.fit` runs (sklearn digits; MNIST-5k for the accuracy test)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_compress import GradientStabilityPruning
+from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
+from lightning_compress.demos.models import MLPClassifier, SmallCNN
+
+
+def _trainer(callbacks, max_epochs=2, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        max_epochs=max_epochs,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        default_root_dir=tempfile.mkdtemp(prefix="lc-test-"),  # the compression report is written there
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def _mlp(**kwargs) -> MLPClassifier:
+    return MLPClassifier(input_size=64, hidden=[64, 32], **kwargs)
+
+
+class _SGDMomentumMLP(MLPClassifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+class _GradSpy(Callback):
+    """Records the gradient the optimizer really uses (in `on_before_optimizer_step`) of one parameter."""
+
+    def __init__(self, module_name: str) -> None:
+        self.module_name = module_name
+        self.grads: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        weight = dict(pl_module.named_modules())[self.module_name].weight
+        self.grads.append(weight.grad.detach().clone())
+
+
+# --------------------------------------------------------------------------- statistics in the loop
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_statistics_are_those_of_each_optimizer_step(accumulate: int) -> None:
+    """Under accumulation the stats see the summed gradient of each optimizer step, never a partial one."""
+    pl.seed_everything(1)
+    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=12, evaluate=False)
+    spy = _GradSpy("net.1")
+    trainer = _trainer([pruning, spy], max_epochs=1, max_steps=12, accumulate_grad_batches=accumulate)
+    trainer.fit(_mlp(), DigitsDataModule(batch_size=32))
+    stats = pruning.stats
+    assert stats is not None and stats.count == len(spy.grads) == 12
+    ref = torch.stack([g.double() for g in spy.grads])
+    index = list(pruning._modules).index("net.1")  # the gradient of the first Linear
+    # the one-shot event at the last step reads (and merges) the stats; compare with the reference
+    torch.testing.assert_close(stats.weight_mean()[index].double(), ref.mean(0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(stats.weight_std()[index].double(), ref.std(0, unbiased=False), rtol=1e-3, atol=1e-6)
+
+
+class _NaNOnce(Callback):
+    """Poisons the gradients of one step with NaN before the pruning callback reads them, then zeroes them so
+    the optimizer step is harmless (what a GradScaler skip looks like from the statistics' side)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step:
+            for p in pl_module.parameters():
+                p.grad.fill_(float("nan"))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            for p in pl_module.parameters():
+                p.grad.zero_()
+
+
+def test_nan_step_is_not_counted() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=8, evaluate=False)
+    trainer = _trainer([_NaNOnce(step=3), pruning], max_epochs=1, max_steps=8)
+    trainer.fit(_mlp(), DigitsDataModule(batch_size=32))
+    assert pruning.stats.skipped_steps == 1
+    assert pruning.stats.count == 7
+    assert all(torch.isfinite(m).all() for m in pruning.stats.weight_mean())
+    assert all(torch.isfinite(s).all() for s in pruning.stats.weight_std())
+    assert math.isclose(pruning.current_sparsity(), 0.5, abs_tol=1e-3)
+
+
+def test_bf16_mixed_precision_collects_finite_statistics() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=6, evaluate=False)
+    trainer = _trainer([pruning], max_epochs=1, max_steps=6, precision="bf16-mixed")
+    trainer.fit(_mlp(), DigitsDataModule(batch_size=32))
+    assert pruning.stats.count == 6 and pruning.stats.skipped_steps == 0
+    assert all(torch.isfinite(m).all() and m.abs().sum() > 0 for m in pruning.stats.weight_mean())
+
+
+# --------------------------------------------------------------------------- masks
+class _ZeroWatcher(Callback):
+    """After every batch, checks that every pruned weight is still exactly zero."""
+
+    def __init__(self, pruning: GradientStabilityPruning) -> None:
+        self.pruning = pruning
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        params = dict(pl_module.named_parameters())
+        for name, keep in self.pruning.masks.items():
+            assert torch.count_nonzero(params[name].detach()[~keep]) == 0, f"{name} revived at {trainer.global_step}"
+            self.checked += 1
+
+
+@pytest.mark.parametrize("model_cls", [_SGDMomentumMLP, MLPClassifier], ids=["sgd-momentum-wd", "adamw-wd"])
+def test_pruned_weights_stay_zero_through_optimizer_steps(model_cls) -> None:
+    pruning = GradientStabilityPruning(sparsity=0.7, schedule="one_shot", start_step=5, evaluate=False)
+    watcher = _ZeroWatcher(pruning)
+    model = model_cls(input_size=64, hidden=[64, 32], weight_decay=0.05) if model_cls is MLPClassifier else model_cls(
+        input_size=64, hidden=[64, 32]
+    )
+    trainer = _trainer([pruning, watcher], max_epochs=2)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert watcher.checked > 30
+    assert pruning.weight_sparsity() >= 0.7 - 1e-3
+    # the optimizer's momentum / moments are zero at pruned positions too
+    optimizer = trainer.optimizers[0]
+    params = dict(model.named_parameters())
+    for name, keep in pruning.masks.items():
+        for value in optimizer.state[params[name]].values():
+            if isinstance(value, torch.Tensor) and value.shape == keep.shape:
+                assert torch.count_nonzero(value[~keep]) == 0
+
+
+def test_state_dict_has_original_keys_and_reloads_strictly() -> None:
+    model = SmallCNN(image_size=8, channels=[8, 16], hidden=32)
+    keys = set(model.state_dict())
+    pruning = GradientStabilityPruning(sparsity=0.6, structured=True, schedule="one_shot", start_step=5, evaluate=False)
+    _trainer([pruning], max_epochs=1).fit(model, DigitsDataModule(batch_size=32))
+    state = model.state_dict()
+    assert set(state) == keys
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    fresh = SmallCNN(image_size=8, channels=[8, 16], hidden=32)
+    fresh.load_state_dict(state, strict=True)
+    x = torch.rand(4, 1, 8, 8)
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_structured_pruning_removes_whole_units() -> None:
+    model = _mlp()
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, schedule="one_shot", start_step=5, evaluate=False,
+                                       include=[r"net\.1$", r"net\.3$"])
+    _trainer([pruning], max_epochs=1).fit(model, DigitsDataModule(batch_size=32))
+    first = model.net[1]
+    dead = first.weight.detach().abs().sum(dim=1) == 0
+    assert 0 < int(dead.sum()) < first.out_features
+    assert torch.all(first.bias.detach()[dead] == 0)
+    assert math.isclose(pruning.current_sparsity(), 0.5, abs_tol=0.02)
+
+
+class _OutputsAtTrainEnd(Callback):
+    """Listed before the pruning callback: records the masked model's outputs just before it finalises."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.outputs: torch.Tensor | None = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pl_module.eval()
+        with torch.no_grad():
+            self.outputs = pl_module(self.x)
+
+
+def test_compact_removes_units_and_keeps_the_outputs() -> None:
+    model = SmallCNN(image_size=8, channels=[8, 16], hidden=32)
+    params_before = sum(p.numel() for p in model.parameters())
+    x = torch.rand(16, 1, 8, 8)
+    spy = _OutputsAtTrainEnd(x)
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, scope="layer", schedule="one_shot",
+                                       start_step=5, evaluate=False, compact=True)
+    _trainer([spy, pruning], max_epochs=1).fit(model, DigitsDataModule(batch_size=32))
+    assert model.net[0].out_channels == 4 and model.net[4].out_channels == 8 and model.net[9].out_features == 16
+    assert model.net[-1].out_features == 10  # the output layer never loses units
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), spy.outputs, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- resume
+class _StopAfterEpoch(Callback):
+    """Ends the fit after `epoch` (0-based), as a crash or a pre-emption would, leaving its checkpoint."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _resume_setup(tmp_path, stop_after: int | None = None, ckpt_path: str | None = None):
+    pl.seed_everything(7)
+    pruning = GradientStabilityPruning(sparsity=0.8, schedule="polynomial", start_step=5, end_step=70, frequency=5,
+                                       evaluate=False)
+    callbacks: list[Callback] = [pruning]
+    if stop_after is not None:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1, save_top_k=-1))
+        callbacks.append(_StopAfterEpoch(stop_after))
+    trainer = _trainer(callbacks, max_epochs=4, enable_checkpointing=stop_after is not None)
+    model = _mlp()
+    trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+    return pruning, model
+
+
+def test_resume_mid_pruning_gives_the_same_masks(tmp_path) -> None:
+    # digits: 1257 training samples -> 20 steps per epoch; the ramp runs from step 5 to 70 (epochs 1-4)
+    full, full_model = _resume_setup(tmp_path / "full")
+    part, _ = _resume_setup(tmp_path / "part", stop_after=1)
+    assert 0 < part.current_sparsity() < 0.8  # really stopped mid-pruning
+    resumed, resumed_model = _resume_setup(tmp_path / "resumed", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    assert set(resumed.masks) == set(full.masks)
+    for name in full.masks:
+        assert torch.equal(resumed.masks[name], full.masks[name]), name
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# --------------------------------------------------------------------------- bound and rollback
+class _WeightsBeforeEvent(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.before: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.before:
+            self.before = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_a_step_breaking_the_bound_is_rolled_back_exactly() -> None:
+    spy = _WeightsBeforeEvent(step=30)
+    pruning = GradientStabilityPruning(sparsity=0.99, criterion="stability", schedule="one_shot", start_step=30,
+                                       max_metric_drop=0.0, on_violation="stop", min_keep=0.0)
+    after: dict[str, torch.Tensor] = {}
+
+    class _After(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 30 and not after:
+                after.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    # the spy must run before pruning at step 30, the checker after it
+    trainer = _trainer([spy, pruning, _After()], max_epochs=2)
+    trainer.fit(_mlp(lr=1e-2), DigitsDataModule(batch_size=64))
+    assert pruning.history and pruning.history[0]["accepted"] is False
+    assert pruning.masks == {} and pruning._stopped
+    assert pruning.current_sparsity() == 0.0
+    for name, value in spy.before.items():
+        assert torch.equal(after[name], value), name
+
+
+def test_backoff_lowers_the_target_and_keeps_the_bound() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.97, schedule="constant", amount=0.6, start_step=40, frequency=10,
+                                       max_metric_drop=0.05, on_violation="backoff")
+    _trainer([pruning], max_epochs=5).fit(_mlp(lr=1e-2), DigitsDataModule(batch_size=64))
+    assert pruning.baseline_metric > 0.8
+    accepted = [h for h in pruning.history if h["accepted"]]
+    rejected = [h for h in pruning.history if not h["accepted"]]
+    assert rejected, "a 95 % target on this small MLP should break a 5-point bound"
+    assert all(pruning.baseline_metric - h["metric_after"] <= 0.05 + 1e-9 for h in accepted)
+    assert pruning.current_sparsity() < 0.95
+
+
+# --------------------------------------------------------------------------- real data accuracy
+@pytest.mark.slow
+def test_80_percent_sparsity_within_2_points_of_dense_on_mnist() -> None:
+    def run(callbacks) -> float:
+        pl.seed_everything(0)
+        model = MLPClassifier(input_size=784, hidden=[256, 128], lr=2e-3)
+        dm = MNIST5kDataModule(batch_size=64)
+        trainer = _trainer(callbacks, max_epochs=6)
+        trainer.fit(model, dm)
+        return trainer.validate(model, dm, verbose=False)[0]["val_acc"]
+
+    dense = run([])
+    pruning = GradientStabilityPruning(sparsity=0.8, evaluate=False)
+    pruned = run([pruning])
+    assert pruning.weight_sparsity() >= 0.8 - 1e-3
+    assert pruned >= dense - 0.02, f"pruned {pruned:.4f} vs dense {dense:.4f}"
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\), got 1.0"),
+        ({"sparsity": -0.1}, r"`sparsity`"),
+        ({"sparsity": "half"}, r"`sparsity` must be a number"),
+        ({"criterion": "random"}, r"`criterion` must be one of .*got 'random'"),
+        ({"scope": "model"}, r"`scope` must be one of"),
+        ({"schedule": "cosine"}, r"`schedule` must be one of"),
+        ({"schedule_unit": "batch"}, r"`schedule_unit` must be one of"),
+        ({"start_step": 50, "end_step": 10}, r"`end_step` \(10\) must not be before `start_step` \(50\)"),
+        ({"start_step": 10, "end_step": 10}, r"`end_step` must be after `start_step`"),
+        ({"start_step": 0}, r"`start_step` is 0, but criterion"),
+        ({"frequency": 0}, r"`frequency` must be an integer in \[1"),
+        ({"amount": 1.5}, r"`amount`"),
+        ({"min_keep": 1.0}, r"`min_keep`"),
+        ({"min_keep": 0.01, "sparsity": 0.99}, r"`min_keep`=0.01 reserves at least as many .* `sparsity`=0.99"),
+        ({"restart_statistics": "yes"}, r"`restart_statistics` must be one of"),
+        ({"initial_sparsity": 0.9, "sparsity": 0.5}, r"`initial_sparsity` \(0.9\) must not exceed"),
+        ({"sparsity": None}, r"both `mean_threshold` and `std_threshold` must be given"),
+        ({"mean_threshold": 1e-3, "std_threshold": 1e-3}, r"give either `sparsity`"),
+        ({"sparsity": None, "mean_threshold": 1e-3, "std_threshold": -1.0}, r"`std_threshold`"),
+        ({"sparsity": None, "mean_threshold": 1e-3, "std_threshold": 1e-3, "criterion": "magnitude"}, r"thresholds"),
+        ({"statistics": "per_batch"}, r"`statistics` must be one of"),
+        ({"structured": True, "statistics": "per_weight"}, r"`statistics`='per_weight' does not apply"),
+        ({"module_types": []}, r"`module_types` must name at least one"),
+        ({"module_types": ["Dense"]}, r"`module_types` entry 'Dense' is not a known module type"),
+        ({"include": ["("]}, r"`include` entry '\(' is not a valid regular expression"),
+        ({"metric": "torchmetrics.NoSuchMetric"}, r"`metric` must be the class path of a torchmetrics Metric"),
+        ({"metric_kwargs": {"bogus": 1}}, r"`metric_kwargs`=\{'bogus': 1\} are not valid"),
+        ({"max_metric_drop": -0.1}, r"`max_metric_drop`"),
+        ({"on_violation": "ignore"}, r"`on_violation` must be one of"),
+        ({"compact": True}, r"`compact`=True .* needs structured=True"),
+    ],
+)
+def test_invalid_arguments_are_refused_in_the_constructor(kwargs, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        GradientStabilityPruning(**kwargs)
+
+
+class _NoValidation(MLPClassifier):
+    validation_step = None  # type: ignore[assignment]
+
+
+def _fails_in_setup(callback: GradientStabilityPruning, model=None, match: str = "", **trainer_kwargs) -> None:
+    watcher = _StepCounter()
+    with pytest.raises(ValueError, match=match):
+        _trainer([callback, watcher], max_epochs=1, **trainer_kwargs).fit(model or _mlp(), DigitsDataModule())
+    assert watcher.steps == 0, "the error must come before the first training step"
+
+
+class _StepCounter(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.steps += 1
+
+
+def test_empty_module_selection_is_refused_before_training() -> None:
+    _fails_in_setup(GradientStabilityPruning(include=["no_such_layer"]), match=r"select no trainable module")
+
+
+def test_bound_without_validation_data_is_refused_before_training() -> None:
+    model = MLPClassifier(input_size=64, hidden=[16])
+    _fails_in_setup(GradientStabilityPruning(max_metric_drop=0.01), model=model, match=r"needs validation data",
+                    limit_val_batches=0)
+
+
+def test_schedule_longer_than_the_fit_is_refused_before_training() -> None:
+    _fails_in_setup(GradientStabilityPruning(start_step=5, end_step=10_000), match=r"does not fit in this fit's")
+
+
+def test_unsupported_strategy_is_refused() -> None:
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class DeepSpeedStrategy(SingleDeviceStrategy):  # named like a sharding strategy (the real one subclasses DDP)
+        pass
+
+    class UsersShardedStrategy(DeepSpeedStrategy):
+        pass
+
+    for cls in (DeepSpeedStrategy, UsersShardedStrategy):
+        _fails_in_setup(GradientStabilityPruning(), match=rf"supports the strategies .* got {cls.__name__}",
+                        strategy=cls(device=torch.device("cpu")))
+
+
+def test_a_users_subclass_of_a_supported_strategy_is_accepted() -> None:
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class MySingleDevice(SingleDeviceStrategy):
+        pass
+
+    watcher = _StepCounter()
+    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=1, evaluate=False)
+    trainer = _trainer([pruning, watcher], max_steps=2, strategy=MySingleDevice(device=torch.device("cpu")))
+    trainer.fit(_mlp(), DigitsDataModule())
+    assert watcher.steps == 2 and pruning.current_sparsity() > 0.4
+
+
+class _ResidualClassifier(MLPClassifier):
+    """Digits 8x8 through a residual conv block: `stem` and `conv2` are added, so they share their channels."""
+
+    def __init__(self) -> None:
+        super().__init__(input_size=64, hidden=[8])
+        self.net = torch.nn.Identity()
+        self.stem, self.bn0 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 8, 8)
+        skip = torch.relu(self.bn0(self.stem(x)))
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(skip)))))
+        return self.head(torch.relu(out + skip).mean((2, 3)))
+
+
+def test_coupled_producers_share_one_mask_and_compact_together() -> None:
+    model = _ResidualClassifier()
+    x = torch.rand(16, 64)
+    spy = _OutputsAtTrainEnd(x)
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, schedule="one_shot", start_step=5,
+                                       evaluate=False, compact=True, exclude=[r"^head$"])
+    _trainer([spy, pruning], max_epochs=1).fit(model, DigitsDataModule(batch_size=32))
+    event = pruning.history[-1]
+    assert math.isclose(event["sparsity"], 0.5, abs_tol=1e-6)  # over 2 unit sets of 8 (stem+conv2, conv1)
+    # the shared channels went from both producers, so compaction removed them from the residual stream
+    assert model.stem.out_channels == model.conv2.out_channels < 8
+    assert model.stem.out_channels + model.conv1.out_channels == 8
+    assert model.head.in_features == model.stem.out_channels
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), spy.outputs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_restart_statistics_counts_only_the_steps_since_the_last_event(restart: bool) -> None:
+    pruning = GradientStabilityPruning(sparsity=0.8, schedule="constant", amount=0.2, start_step=5, frequency=5,
+                                       evaluate=False, restart_statistics=restart)
+    _trainer([pruning], max_epochs=-1, max_steps=12).fit(_mlp(), DigitsDataModule(batch_size=32))
+    assert [e["step"] for e in pruning.history] == [5, 10]
+    assert pruning.stats.count == (2 if restart else 12)

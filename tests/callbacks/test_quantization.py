@@ -1,0 +1,240 @@
+"""PostTrainingQuantization in real ``Trainer.fit`` runs on scikit-learn's digits."""
+
+import hashlib
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from safetensors.torch import load_file
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_compress.callbacks.quantization import PostTrainingQuantization
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.quantization import load_quantized
+from lightning_compress.reporting.records import report_for
+
+
+def _model():
+    return MLPClassifier(input_size=64, hidden=[64, 32], lr=1e-2)
+
+
+def _fit(callbacks, root, model=None, epochs=5, **trainer_kwargs):
+    """A short real fit; ``root`` receives the compression report files."""
+    pl.seed_everything(0)
+    model = model or _model()
+    kwargs = {
+        "max_epochs": epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(root),
+    }
+    kwargs.update(trainer_kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    return trainer, model
+
+
+@torch.no_grad()
+def _val_accuracy(model):
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    metric = MulticlassAccuracy(num_classes=10)
+    model.eval()
+    for x, y in dm.val_dataloader():
+        metric.update(model(x), y)
+    return metric.compute().item()
+
+
+class _Capture(Logger):
+    name, version = "capture", 0
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((dict(metrics), step))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bits": 1}, ValueError, r"`bits` must be an integer in \[2, 8\], got 1"),
+        ({"granularity": "per_row"}, ValueError, r"`granularity` must be one of .* got 'per_row'"),
+        ({"group_size": -1}, ValueError, r"`group_size` must be an integer in \[1, inf\], got -1"),
+        ({"symmetric": 1}, TypeError, r"`symmetric` must be True or False, got 1"),
+        ({"calibration": "kl"}, ValueError, r"`calibration` must be one of \['minmax', 'mse', 'percentile'\]"),
+        ({"percentile": 100.5}, ValueError, r"`percentile` must be a number in \(50, 100\], got 100.5"),
+        ({"mse_grid": 0}, ValueError, r"`mse_grid` must be an integer in \[2, 1000\], got 0"),
+        ({"scale_dtype": "int8"}, ValueError, r"`scale_dtype` must be one of \['float16', 'float32'\], got 'int8'"),
+        ({"module_types": []}, ValueError, r"`module_types` must be a non-empty list of type names, got \[\]"),
+        ({"module_types": ["Dense"]}, ValueError, r"`module_types` entry 'Dense' is not a known module type"),
+        ({"include": ["("]}, ValueError, r"`include` entry '\(' is not a valid regular expression"),
+        ({"exclude": ["["]}, ValueError, r"`exclude` entry '\[' is not a valid regular expression"),
+        ({"bits_overrides": {"net": 12}}, ValueError, r"`bits_overrides\['net'\]` must be an integer in \[2, 8\]"),
+        ({"metric": "torchmetrics.Nope"}, ValueError, r"`metric` must be the class path of a torchmetrics Metric"),
+        ({"metric_kwargs": {"bogus": 1}}, ValueError, r"`metric_kwargs`.*bogus"),
+        ({"max_metric_drop": -0.1}, ValueError, r"`max_metric_drop` must be a number in \[0, inf\], got -0.1"),
+        ({"max_metric_drop": "1%"}, TypeError, r"`max_metric_drop` must be a number, got '1%'"),
+        ({"fallback": "skip"}, ValueError, r"`fallback` must be one of \['float', 'more_bits'\], got 'skip'"),
+        ({"export_path": "model.pt"}, ValueError, r"`export_path` must be None or a path ending in '.safetensors'"),
+        ({"save_float_copy": "yes"}, TypeError, r"`save_float_copy` must be True or False, got 'yes'"),
+    ],
+)
+def test_constructor_validates_every_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PostTrainingQuantization(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "match"),
+    [
+        ({"module_types": ["Conv2d"]}, {}, r"nothing to quantize in MLPClassifier: .*`module_types`=\['Conv2d'\]"),
+        (
+            {"granularity": "per_group"},
+            {},
+            r"layer 'net.1' \(Linear\): `group_size`=128 does not divide the input size 64.*\[64, 32, 16, 8\]",
+        ),
+        ({"max_metric_drop": 0.01}, {"limit_val_batches": 0}, r"`max_metric_drop`=0.01 needs validation data"),
+        ({"export_path": "/nonexistent-dir/m.safetensors"}, {}, r"`export_path`='/nonexistent-dir/m.safetensors'"),
+    ],
+)
+def test_setup_refuses_before_training(tmp_path, kwargs, trainer_kwargs, match):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        _fit([PostTrainingQuantization(**kwargs)], tmp_path, model=model, **trainer_kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before any step
+
+
+def test_fit_quantizes_exports_and_keeps_the_float_weights(tmp_path):
+    export = tmp_path / "digits.safetensors"
+    logger = _Capture()
+    callback = PostTrainingQuantization(bits=8, export_path=str(export))
+    trainer, model = _fit([callback], tmp_path, logger=logger)
+    rec = report_for(trainer)
+    assert rec.metric_before > 0.85 and rec.metric_before - rec.metric_after <= 0.01
+    assert rec.metric_after == pytest.approx(_val_accuracy(model))
+    assert rec.files["quantized"] == str(export)
+    assert rec.files["float_copy"] == str(tmp_path / "digits.fp32.safetensors")
+    assert set(rec.layers) == {"net.1", "net.3", "net.5"}
+    for name, layer in rec.layers.items():  # int8 codes + a float scale per row + the float bias
+        assert layer.bits == 8 and layer.bytes_compressed < 0.35 * layer.bytes_fp32
+    assert sum(r.bytes_compressed for r in rec.layers.values()) < 0.3 * sum(r.bytes_fp32 for r in rec.layers.values())
+    assert rec.events[-1].kind == "quantize" and rec.events[-1].accepted
+    assert any("quantization/metric_after" in metrics for metrics, _ in logger.metrics)
+    # the way back: the float copy holds the trained float weights, also kept on the callback
+    floats = load_file(tmp_path / "digits.fp32.safetensors")
+    for name in ("net.1", "net.3", "net.5"):
+        assert torch.equal(floats[f"{name}.weight"], callback.float_weights[name])
+        assert not torch.equal(floats[f"{name}.weight"], model.get_submodule(name).weight)
+    # the export reloads into a fresh model with identical outputs
+    fresh = load_quantized(_model(), export).eval()
+    x = torch.rand(16, 1, 8, 8)
+    assert torch.equal(fresh(x), model.eval()(x))
+    callback.restore_float(model)
+    assert torch.equal(model.net[1].weight, floats["net.1.weight"])
+
+
+def test_accuracy_aware_fallback_restores_the_sensitive_layer_to_float(tmp_path):
+    bound = 0.005
+    callback = PostTrainingQuantization(
+        bits=8, granularity="per_tensor", bits_overrides={r"net\.1$": 2}, max_metric_drop=bound
+    )
+    trainer, model = _fit([callback], tmp_path)
+    rec = report_for(trainer)
+    assert rec.events[0].accepted is False and rec.metric_before - rec.events[0].metric_after > bound
+    assert [f["layer"] for f in rec.fallbacks] == ["net.1"]
+    assert rec.fallbacks[0]["from_bits"] == 2 and rec.fallbacks[0]["to_bits"] == 32
+    assert rec.fallbacks[0]["sensitivity"] > bound
+    assert torch.equal(model.net[1].weight, callback.float_weights["net.1"].to(model.net[1].weight))
+    assert callback.bits_used == {"net.1": 32, "net.3": 8, "net.5": 8}
+    assert rec.layers["net.1"].bits == 32 and rec.layers["net.3"].bits == 8
+    assert rec.metric_before - _val_accuracy(model) <= bound  # the bound holds, measured independently
+
+
+def test_more_bits_fallback_moves_the_layer_to_8_bits(tmp_path):
+    callback = PostTrainingQuantization(
+        bits=2, granularity="per_tensor", include=[r"net\.1$"], max_metric_drop=0.005, fallback="more_bits"
+    )
+    trainer, model = _fit([callback], tmp_path)
+    rec = report_for(trainer)
+    assert [(f["layer"], f["to_bits"]) for f in rec.fallbacks] == [("net.1", 8)]
+    assert callback.bits_used == {"net.1": 8}
+    assert len(torch.unique(model.net[1].weight)) <= 256  # per-tensor int8 grid, not float
+    assert rec.metric_before - _val_accuracy(model) <= 0.005
+    assert "1x int8" in rec.events[-1].note and "1x int2" in rec.events[0].note
+
+
+class _Finalizer(Callback):
+    """Stands in for the pruning callback: zeroes half of net.1 when asked to finalize."""
+
+    def __init__(self):
+        self.calls = []
+
+    def finalize_compression(self, trainer, pl_module):
+        weight = pl_module.net[1].weight
+        self.calls.append(len(torch.unique(weight)))  # float (many values) or already quantized (<= 256)?
+        with torch.no_grad():
+            weight[:, ::2] = 0.0
+
+
+def test_other_callbacks_are_finalized_first_and_zeros_survive(tmp_path):
+    finalizer = _Finalizer()
+    trainer, model = _fit(
+        [PostTrainingQuantization(bits=4), finalizer], tmp_path
+    )  # listed after: still finalized first
+    assert len(finalizer.calls) == 1 and finalizer.calls[0] > 256
+    assert bool((model.net[1].weight[:, ::2] == 0).all())
+    assert report_for(trainer).layers["net.1"].sparsity >= 0.5
+
+
+def test_with_the_pruning_callback_pruned_weights_stay_pruned(tmp_path):
+    from lightning_compress.callbacks.pruning import GradientStabilityPruning
+
+    quantization = PostTrainingQuantization(bits=4)
+    trainer, model = _fit([quantization, GradientStabilityPruning(sparsity=0.5)], tmp_path)
+    for name, before in quantization.float_weights.items():
+        assert (before == 0).float().mean() > 0.25  # pruning was finalized before the float copy was taken
+        assert bool((model.get_submodule(name).weight[before == 0] == 0).all())
+    assert {e.kind for e in report_for(trainer).events} == {"prune", "quantize"}
+
+
+class _RankHash(Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        digest = hashlib.sha256()
+        for key, value in sorted(pl_module.state_dict().items()):
+            digest.update(key.encode() + value.detach().cpu().numpy().tobytes())
+        Path(self.folder, f"rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    export = out / "ddp.safetensors"
+    callbacks = [PostTrainingQuantization(bits=4, max_metric_drop=0.5, export_path=str(export)), _RankHash(out)]
+    _fit(callbacks, tmp_path, epochs=2, strategy="ddp_spawn", devices=2)
+    assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ddp.fp32.safetensors",
+        "ddp.safetensors",
+        "rank0.txt",
+        "rank1.txt",
+    ]
+    weight = load_quantized(_model(), export).net[3].weight
+    assert max(len(torch.unique(row)) for row in weight) <= 16  # 4-bit codes, one scale per row

@@ -1,0 +1,138 @@
+"""The ``lightning-compress`` CLI: every shipped config parses and instantiates (so none can rot), the built-in
+job is chosen only when it should be, the prune-then-quantize job runs end to end on a small budget and writes an
+honest report, and a missing data package ends with a clean message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch.strategies import DDPStrategy
+
+from lightning_compress import GradientStabilityPruning
+from lightning_compress.callbacks.quantization import PostTrainingQuantization
+from lightning_compress.cli import DEFAULT_CONFIG, CompressionCLI, main, uses_builtin_job
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+COMPRESSION = (GradientStabilityPruning, PostTrainingQuantization)
+SMALL = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=10",
+    "--trainer.limit_val_batches=3",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.enable_checkpointing=false",
+]
+
+
+def test_the_expected_configs_ship() -> None:
+    assert {p.name for p in CONFIGS} >= {"prune.yaml", "quantize.yaml", "prune_then_quantize.yaml", "ddp_cpu.yaml"}
+
+
+@pytest.mark.parametrize("config", [*CONFIGS, DEFAULT_CONFIG], ids=lambda p: p.name)
+def test_config_parses_and_instantiates(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # relative run directories land here
+    cli = CompressionCLI(run=False, args=["--config", str(config)])
+    compression = [c for c in cli.trainer.callbacks if isinstance(c, COMPRESSION)]
+    assert compression, f"{config.name} configures no compression callback"
+    assert cli.datamodule is not None and cli.model is not None
+    if config.name == "ddp_cpu.yaml":
+        assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
+
+
+def test_builtin_job_is_the_prune_then_quantize_config() -> None:
+    assert yaml.safe_load(DEFAULT_CONFIG.read_text()) == yaml.safe_load(
+        (ROOT / "configs" / "prune_then_quantize.yaml").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "builtin"),
+    [
+        (["fit"], True),
+        (["fit", "--trainer.max_epochs=1", "--model.lr=0.01"], True),
+        (["fit", "--config", "x.yaml"], False),
+        (["fit", "-c", "x.yaml"], False),
+        (["fit", "--config=x.yaml"], False),
+        (["fit", "--model=MLPClassifier"], False),
+        (["fit", "--model", "MLPClassifier"], False),
+        (["fit", "--data.class_path=my.Data"], False),
+        (["test"], False),
+        ([], False),
+    ],
+)
+def test_builtin_job_only_without_config_or_classes(args: list[str], builtin: bool) -> None:
+    assert uses_builtin_job(args) is builtin
+
+
+def test_subcommands() -> None:
+    assert set(CompressionCLI.subcommands()) == {"fit", "validate", "test"}
+
+
+def test_bare_fit_uses_the_builtin_job(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"].endswith("SmallCNN")
+    assert config["data"]["class_path"].endswith("MNIST5kDataModule")
+    assert [c["class_path"].rpartition(".")[2] for c in config["trainer"]["callbacks"]] == [
+        "GradientStabilityPruning", "PostTrainingQuantization"]
+
+
+def test_other_classes_do_not_inherit_the_builtin_job(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--model=MLPClassifier", "--data=DigitsDataModule", "--model.input_size=64", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["callbacks"] is None and config["model"]["init_args"]["lr"] == 1e-3
+
+
+def test_prune_then_quantize_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs" / "prune_then_quantize.yaml"), *SMALL])
+    assert "lightning-compress report" in capsys.readouterr().out
+
+    run = tmp_path / "runs" / "prune_then_quantize"
+    log_dir = run / "lightning_logs" / "version_0"
+    for name in ("compression_report.json", "compression_report.md", "compression_report.png", "config.yaml"):
+        assert (log_dir / name).is_file(), name
+    report = json.loads((log_dir / "compression_report.json").read_text())
+    for key in ("metric_before", "metric_after", "sparsity", "bytes_fp32", "bytes_compressed", "layers", "events",
+                "fallbacks"):
+        assert key in report, key
+    assert 0.0 <= report["metric_before"] <= 1.0 and 0.0 <= report["metric_after"] <= 1.0
+    assert 0.0 < report["sparsity"] <= 0.71
+    assert 0 < report["bytes_compressed"] < report["bytes_fp32"]
+    assert {e["kind"] for e in report["events"]} == {"prune", "quantize"}
+    assert all(layer["bits"] in (4, 8, 32) for layer in report["layers"].values())
+    # the bytes claimed are the bytes of the file written (plus the safetensors header and metadata)
+    export = run / "model.int4.safetensors"
+    assert report["files"]["quantized"].endswith("model.int4.safetensors")
+    assert report["bytes_compressed"] <= export.stat().st_size <= report["bytes_compressed"] + 16_384
+    assert (run / "model.int4.fp32.safetensors").stat().st_size >= report["bytes_fp32"]
+
+
+def test_missing_data_package_ends_with_a_clean_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # `import mlxtend...` raises ImportError
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    monkeypatch.delenv("LIGHTNING_COMPRESS_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SMALL])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "lightning-compress: error:" in err and "pip install 'lightning-compress[data]'" in err
+    assert "Traceback" not in err
+
+
+def test_python_dash_m_entry_point() -> None:
+    out = subprocess.run([sys.executable, "-m", "lightning_compress", "--help"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "fit" in out and "validate" in out and "test" in out and "predict" not in out
