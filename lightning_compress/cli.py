@@ -44,7 +44,7 @@ from lightning_compress.demos.models import MLPClassifier, SmallCNN  # noqa: F40
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SUBCOMMANDS = ("fit", "validate", "test")
-TRACEBACK_ENV = "LIGHTNING_COMPRESS_TRACEBACK"  # set to 1 to see the full traceback of a missing-package error
+TRACEBACK_ENV = "LIGHTNING_COMPRESS_TRACEBACK"  # 1: the full traceback of a missing-package / export_path error
 
 
 class CompressionCLI(LightningCLI):
@@ -90,13 +90,31 @@ def _check_data_package(datamodule: Any) -> None:
         raise
 
 
+class CLIConfigError(ValueError):
+    """A setting the CLI can check before training and that cannot work; ``main`` prints it without a traceback."""
+
+
 def _make_export_dirs(callbacks: Sequence[Any]) -> None:
     """Create the directories of the callbacks' ``export_path`` (e.g. ``runs/job/model.safetensors``), so a config
-    can name a file under a run directory that does not exist yet."""
+    can name a file under a run directory that does not exist yet. Refuses, before training, an ``export_path``
+    that is a directory or whose directory cannot be created or written to."""
     for callback in callbacks:
         path = getattr(callback, "export_path", None)
-        if isinstance(path, (str, os.PathLike)):
-            Path(path).resolve().parent.mkdir(parents=True, exist_ok=True)
+        if not isinstance(path, (str, os.PathLike)):
+            continue
+        name = f"{type(callback).__name__}(export_path={os.fspath(path)!r})"
+        target = Path(path).expanduser().resolve()
+        if target.is_dir():
+            raise CLIConfigError(f"`export_path` of {name} is an existing directory; allowed: a file path ending in "
+                                 "'.safetensors' (e.g. runs/job/model.safetensors)")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CLIConfigError(f"`export_path` of {name}: its directory {str(target.parent)!r} cannot be created "
+                                 f"({err.strerror or err}); allowed: a path in a writable location") from None
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise CLIConfigError(f"`export_path` of {name}: its directory {str(target.parent)!r} is not writable; "
+                                 "allowed: a path in a writable location")
 
 
 def _names_a_class(arg: str, group: str) -> bool:
@@ -136,14 +154,14 @@ def main(args: Sequence[str] | None = None) -> None:
     try:
         # args=None: LightningCLI reads sys.argv itself (and warns when given both)
         CompressionCLI(args=None if args is None else argv, parser_kwargs=parser_kwargs)
-    except ImportError as err:
+    except (ImportError, CLIConfigError) as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         # a missing optional package (e.g. the built-in datamodules' `mlxtend` / `scikit-learn`): its message says
-        # what to install; the traceback would only bury it
+        # what to install; a bad `export_path`: its message says what is allowed; a traceback would only bury them
         print(f"lightning-compress: error: {err}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 for the full traceback)", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2 if isinstance(err, CLIConfigError) else 1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

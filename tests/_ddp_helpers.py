@@ -251,7 +251,7 @@ class RankProbe(Callback):
             "weights": digest(dict(pl_module.named_parameters())),
             "sparsity": pruning.current_sparsity(),
             "event": last,
-            "baseline_metric": pruning.baseline_metric,
+            "baseline_metric": pruning.controller.initial_metric,
             "full_val_metric": full_val_metric(trainer, pl_module) if pruning._has_val else None,
         }
         self.events.append({"tick": tick, "ranks": gather(mine)})
@@ -320,7 +320,7 @@ class GradSpy(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         pruning = pruning_of(trainer)
-        index = list(pruning._modules).index(self.module_name)
+        index = list(pruning.layers.modules).index(self.module_name)
         ref = torch.stack(self.grads)
         mine = {
             "grads": digest(self.grads),

@@ -20,6 +20,7 @@ from typing import Literal
 
 MetricReference = Literal["previous", "initial"]
 REFERENCES: tuple[str, ...] = ("previous", "initial")
+_ROUNDING = 1e-9  # 0.90 - 0.88 is 0.020000000000000018 in floating point: a drop equal to the bound is within it
 
 
 def metric_drop(before: float, after: float, higher_is_better: bool) -> float:
@@ -53,7 +54,7 @@ class MetricGate:
             return Verdict(False, drop, f"the metric is not finite after the step ({after})")
         if self.max_drop is None or drop is None or not math.isfinite(drop):
             return Verdict(True, drop, "")  # a non-finite reference cannot be worsened
-        if drop > self.max_drop:
+        if drop > self.max_drop + _ROUNDING:
             return Verdict(False, drop, f"the metric dropped by {drop:.4g} > max_metric_drop={self.max_drop}")
         return Verdict(True, drop, "")
 

@@ -5,17 +5,24 @@
 0600), moves it into place with ``os.replace`` and ``fsync``\\ s the directory. A crash at any point leaves either
 the previous file or the new one, never a mix. A process killed mid-write leaves its temporary file behind: the
 next successful write to the same target removes such orphans (those whose writing process is gone).
+
+:func:`read_safetensors_header` is the wary side of reading: it checks what a safetensors file declares (header
+size, dtypes, shapes, byte ranges) against the file's real size before any tensor is read or allocated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
@@ -89,3 +96,86 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ---------------------------------------------------------------------------- reading safetensors files warily
+class UntrustedFileError(ValueError):
+    """A file that cannot be what it claims to be: malformed header, inconsistent sizes, unexpected contents. The
+    message names the file and the key."""
+
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSON header
+SAFETENSORS_DTYPES: dict[str, int] = {  # dtype code in the header -> bytes per element
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the header declares it (nothing of it has been read)."""
+
+    dtype: str  # safetensors code, e.g. "F32", "I8", "U8"
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Read and check the header of a safetensors file without reading (or allocating) any tensor.
+
+    The layout is an 8-byte little-endian header length, that many bytes of JSON, then the tensor bytes. Checked:
+    the header fits in the file and in :data:`MAX_HEADER_BYTES`; it is a JSON object; every entry has a known
+    dtype, a shape of non-negative integers and ``data_offsets`` inside the file whose length is exactly
+    ``numel * itemsize``; ``__metadata__`` maps strings to strings. Raises :class:`UntrustedFileError` naming the
+    file and the key, or ``FileNotFoundError`` / ``IsADirectoryError``.
+    """
+    name = os.fspath(path)
+    with open(name, "rb") as handle:  # FileNotFoundError / IsADirectoryError name the path themselves
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise UntrustedFileError(f"{name!r} is not a safetensors file: {size} bytes, shorter than the 8-byte header "
+                                     "length (truncated or empty)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise UntrustedFileError(f"{name!r} declares a {length}-byte header but holds {size} bytes in all "
+                                     f"(at most {MAX_HEADER_BYTES} allowed): truncated or not a safetensors file")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UntrustedFileError(f"{name!r}: the safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise UntrustedFileError(f"{name!r}: the safetensors header must be a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise UntrustedFileError(f"{name!r}: `__metadata__` must map strings to strings, got {metadata!r:.200}")
+    data_bytes = size - 8 - length
+    tensors = {key: _tensor_entry(name, key, info, data_bytes) for key, info in header.items()}
+    return SafetensorsHeader(tensors, metadata)
+
+
+def _tensor_entry(name: str, key: str, info: Any, data_bytes: int) -> TensorEntry:
+    where = f"{name!r}, key {key!r}"
+    if not isinstance(info, dict):
+        raise UntrustedFileError(f"{where}: the header entry must be an object, got {info!r:.200}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise UntrustedFileError(f"{where}: unknown dtype {dtype!r}; allowed: {sorted(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise UntrustedFileError(f"{where}: `shape` must be a list of non-negative integers, got {shape!r:.200}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise UntrustedFileError(f"{where}: `data_offsets` {offsets!r:.200} do not lie within the file's "
+                                 f"{data_bytes} bytes of tensor data (truncated file?)")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        raise UntrustedFileError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, but `data_offsets` "
+                                 f"{offsets} cover {offsets[1] - offsets[0]}")
+    return TensorEntry(dtype, tuple(shape), nbytes)

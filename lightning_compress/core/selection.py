@@ -1,4 +1,12 @@
-"""Which modules of a model are compressed: by type and by (regex) name. Pure PyTorch, no Lightning."""
+"""Which modules of a model are compressed: by type and by (regex) name. Pure PyTorch, no Lightning.
+
+Matching rule for every name pattern (``include``, ``exclude``, ``bits_overrides``): :data:`MATCH_RULE`, i.e.
+``re.search`` on the module's qualified name, so a pattern matches anywhere in the name: ``"net.1"`` selects
+``net.1`` and also ``net.11`` and ``net.1.conv`` (and ``.`` is any character). Anchor and escape it to name one
+module: ``"^net\\.1$"``. :func:`check_patterns_match` refuses a pattern that matches nothing, and
+:func:`explain_matches` lists, for the log, the modules each pattern matched with a hint where it matched more
+than the name it spells.
+"""
 
 from __future__ import annotations
 
@@ -100,7 +108,7 @@ class Selection:
         types = check_names("module_types", module_types)
         types = list(default_types) if types is None else types
         if not types:
-            raise ValueError("`module_types` must name at least one module type, got []")
+            raise ValueError("`module_types` must be a non-empty list of type names, got []")
         for name in types:
             resolve_module_type(name)
         patterns = {}
@@ -112,5 +120,72 @@ class Selection:
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
         return select_modules(model, self.module_types, self.include or None, self.exclude or None)
 
+    def check(self, model: nn.Module) -> list[str]:
+        """Refuse an ``include`` / ``exclude`` pattern that matches no module of the selected types; return the log
+        lines saying what each pattern matched and which modules were selected (for ``rank_zero_info``)."""
+        names = typed_module_names(model, self.module_types)
+        what = f"module of the types {list(self.module_types)}"
+        lines = []
+        for argument, patterns in (("include", self.include), ("exclude", self.exclude)):
+            lines += explain_matches(argument, check_patterns_match(argument, patterns, names, what=what))
+        selected = list(self.select(model))
+        return [*lines, f"selected {len(selected)} module(s): {', '.join(selected) or 'none'}"]
+
     def describe(self) -> str:
         return f"`module_types`={list(self.module_types)}, `include`={list(self.include)}, `exclude`={list(self.exclude)}"
+
+
+MATCH_RULE = "re.search on qualified module names: a pattern matches anywhere in the name, e.g. 'net.1' also matches 'net.11'"
+
+
+def pattern_matches(
+    patterns: Sequence[str] | None, names: Sequence[str], argument: str = "patterns"
+) -> dict[str, list[str]]:
+    """For each pattern, the ``names`` it matches under :data:`MATCH_RULE`, in order."""
+    return {p.pattern: [n for n in names if p.search(n)] for p in compile_patterns(argument, patterns)}
+
+
+def anchored(name: str) -> str:
+    """The pattern that matches exactly ``name`` and nothing else."""
+    return f"^{re.escape(name)}$"
+
+
+def check_patterns_match(
+    argument: str, patterns: Sequence[str] | None, names: Sequence[str], *, what: str = "module"
+) -> dict[str, list[str]]:
+    """Refuse a pattern of ``argument`` that matches none of ``names`` (it would be silently ignored); return
+    :func:`pattern_matches`. ``what`` names the candidates in the message (e.g. ``"selected Linear/Conv layer"``)."""
+    matches = pattern_matches(patterns, names, argument)
+    for pattern, found in matches.items():
+        if not found:
+            shown = ", ".join(repr(n) for n in names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            raise ValueError(
+                f"`{argument}` entry {pattern!r} matches no {what} (rule: {MATCH_RULE}); allowed: a pattern matching "
+                f"one of [{shown}]" + (f", e.g. '{anchored(names[0])}' for exactly {names[0]!r}" if names else "")
+            )
+    return matches
+
+
+def explain_matches(argument: str, matches: dict[str, list[str]]) -> list[str]:
+    """One log line per pattern: what it matched and, when it matched names beyond the one it spells (``net.1`` ->
+    ``net.11``), the anchored pattern that names one module."""
+    lines = []
+    for pattern, found in matches.items():
+        line = f"`{argument}` {pattern!r} (re.search) matched {len(found)}: {', '.join(found) or 'nothing'}"
+        exact = [n for n in found if n == pattern or re.fullmatch(pattern, n)]
+        if len(found) > 1 and len(exact) == 1:
+            line += f" -- to match only {exact[0]!r}, write '{anchored(exact[0])}'"
+        lines.append(line)
+    return lines
+
+
+def typed_module_names(model: nn.Module, module_types: Sequence[str]) -> list[str]:
+    """Qualified names of ``model``'s modules of one of ``module_types`` (each module once), in order."""
+    types = tuple(resolve_module_type(t) for t in module_types)
+    seen: set[int] = set()
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, types) and id(module) not in seen:
+            seen.add(id(module))
+            names.append(name)
+    return names

@@ -5,9 +5,21 @@
 
 Both yield ``(images, labels)`` batches, images shaped ``(B, 1, H, W)`` in [0, 1], labels ``int64`` in 0..9.
 The split into train / val / test is stratified-free but seeded, so it is the same on every run and every rank.
+
+Resuming mid-epoch. Lightning 2.6 saves the state of a train DataLoader in the checkpoint only if the *DataLoader*
+itself has ``state_dict`` / ``load_state_dict`` (a sampler's ``state_dict`` is never called); it restores that
+state before creating the epoch's iterator, and without it restarts the loader at the beginning of the epoch (the
+resumed epoch then re-reads its first batches and never sees its last ones). The train loader here is a
+:class:`ResumableDataLoader` over an :class:`EpochSeededSampler` (a permutation that depends only on the seed and the
+epoch): it records the epoch and how many batches it has handed out, and a resumed run skips those batches, so it
+trains on exactly the batches of an uninterrupted run. Skipping re-reads them (cheap for these in-memory datasets);
+nothing else about the loader changes, and it works behind Lightning's ``DistributedSampler`` wrapping too.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -49,7 +61,7 @@ def load_mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 class EpochSeededSampler(torch.utils.data.Sampler[int]):
     """A random permutation that depends only on ``(seed, epoch)``. Lightning calls ``set_epoch``, so a run
     resumed from a checkpoint sees the same batches as an uninterrupted one (a plain ``shuffle=True`` loader
-    restarts its generator on resume)."""
+    restarts its generator on resume). Its state is the epoch (``state_dict`` / ``load_state_dict``)."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
@@ -57,12 +69,78 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
         return self.size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"size": self.size, "seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state.get("size"), state.get("seed")) != (self.size, self.seed):
+            raise ValueError(f"the checkpoint's sampler state {state!r} is for size {state.get('size')!r} / seed "
+                             f"{state.get('seed')!r}, this sampler has size {self.size} / seed {self.seed}")
+        self.set_epoch(int(state["epoch"]))
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning resumes mid-epoch (see the module docstring).
+
+    ``state_dict()``: the epoch of its sampler and the number of batches handed out in that epoch.
+    ``load_state_dict()``: sets that epoch on the sampler; the next iteration, if it runs in the same epoch, skips
+    that many batches. The batches are then the uninterrupted run's if the sampler's order depends only on its
+    epoch (as :class:`EpochSeededSampler`'s does). Constructor: exactly ``DataLoader``'s.
+    """
+
+    _yielded = 0  # batches handed out by the current iteration
+    _epoch: int | None = None  # the sampler's epoch when the current iteration started
+    _resume: tuple[int | None, int] | None = None  # (epoch, batches) to skip at the next iteration
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, batches = state.get("epoch"), state.get("batches")
+        if type(batches) is not int or batches < 0 or not (epoch is None or type(epoch) is int):
+            raise ValueError(f"`state` of ResumableDataLoader must hold an int `epoch` (or None) and `batches` >= 0, "
+                             f"got {state!r}")
+        self._resume = (epoch, batches)
+        if epoch is not None:  # iterators that draw indices at once (workers) then use the right order
+            for sampler in _samplers(self):
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._counted(super().__iter__())
+
+    def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        # a generator: the body runs at the first next(), after Lightning has called set_epoch for this epoch
+        epoch = _sampler_epoch(self)
+        skip = 0
+        if self._resume is not None:
+            saved_epoch, batches = self._resume
+            self._resume = None
+            if saved_epoch == epoch and batches < len(self):
+                skip = batches
+        self._epoch, self._yielded = epoch, skip
+        for _ in range(skip):
+            next(iterator)
+        for batch in iterator:
+            self._yielded += 1
+            yield batch
+
+
+def _samplers(loader: DataLoader) -> list[Any]:
+    found = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    return [s for s in found if s is not None]
+
+
+def _sampler_epoch(loader: DataLoader) -> int | None:
+    epochs = [getattr(s, "epoch", None) for s in _samplers(loader)]
+    return next((int(e) for e in epochs if isinstance(e, int)), None)
 
 
 class _BundledImageDataModule(pl.LightningDataModule):
@@ -102,18 +180,22 @@ class _BundledImageDataModule(pl.LightningDataModule):
             return
         images, labels = self._load()
         order = np.random.default_rng(self.seed).permutation(len(labels))
-        n_val = int(round(len(labels) * self.val_fraction))
-        n_test = int(round(len(labels) * self.test_fraction))
+        n_val = round(len(labels) * self.val_fraction)
+        n_test = round(len(labels) * self.test_fraction)
         parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
         for name, index in parts.items():
             self._splits[name] = TensorDataset(torch.from_numpy(images[index]), torch.from_numpy(labels[index]))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self._splits[split]
-        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        if shuffle:
+            sampler = EpochSeededSampler(len(dataset), self.seed)
+            return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                       num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
+        """A :class:`ResumableDataLoader`: a run resumed mid-epoch continues with the same batches."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

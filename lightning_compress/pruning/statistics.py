@@ -16,14 +16,26 @@ Two granularities, chosen per use:
   ``taylor`` = ``sum_j w_ij * g_ij``, the first-order change of the loss if the unit were removed
   (Molchanov et al., 2019: importance ``E[(sum w*g)^2]``).
 
-A step whose gradients contain NaN/inf (e.g. an fp16 step the GradScaler will skip) is not counted: finiteness is
-checked (on the sum of the per-unit signals, of the shifted gradients, or of the gradients) before anything is
-accumulated. (A finite step whose sum overflows float32, |sum| > 3e38, would be skipped too.)
+Steps that are not counted (``update`` returns False, ``skipped_steps`` grows, nothing is accumulated):
+
+* a step whose gradients contain NaN/inf (e.g. an fp16 step the GradScaler will skip);
+* a *huge* step: one where, after dividing out the loss scale, some per-unit signal or some shifted gradient
+  ``|g - mean|`` exceeds :data:`MAX_STEP` (1e15; with several blocks the check is ``|g| <= MAX_STEP / 2`` on the
+  gradients, which bounds ``|g - mean|`` by ``MAX_STEP`` as the mean is an average of such gradients). Such a step
+  is a divergence, not information: counted, its ``d*d`` (up to 3e38 for a finite float32 ``d``) would overflow the
+  float32 M2 to ``inf`` and every later std of that weight would stay ``inf``. Skipping (not clipping) keeps the
+  mean and std those of the ordinary steps, as the GradScaler does for an overflowing step. With every counted
+  ``|d| <= 1e15`` each step adds at most 1e30 to M2, so the statistics stay finite for 3e8 counted steps.
+
+The checks are made before anything is accumulated, so a skipped step changes nothing. A checkpoint whose per-weight
+statistics are not finite (written before this check existed) is not loaded as it is: the statistics restart from
+zero steps, with a warning.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -86,14 +98,19 @@ class _RunningMoments:
     def load_state_dict(self, state: dict, rows: Sequence[str]) -> None:
         self.count = int(state[rows[0]]["count"])
         for row, key in enumerate(rows):
-            self._mean[row].copy_(state[key]["mean"])
-            self._m2[row].copy_(state[key]["m2"])
+            _copy_checked(f"per-unit {key}", [self._mean[row], self._m2[row]],
+                          [state[key]["mean"], state[key]["m2"]], ["mean", "m2"])
         pending = state.get("pending")
+        if pending is not None and (pending.dim() != self.pending.dim() or len(pending) > len(self.pending)
+                                    or pending.shape[1:] != self.pending.shape[1:]):
+            raise ValueError(f"the checkpoint's pending per-unit samples are shaped {tuple(pending.shape)}, expected "
+                             f"(<= {len(self.pending)}, {', '.join(map(str, self.pending.shape[1:]))})")
         self.n_pending = 0 if pending is None else len(pending)
         if pending is not None:
             self.pending[: len(pending)].copy_(pending)
 
 
+MAX_STEP = 1e15  # largest |g - mean| (and per-unit signal) of a counted step; see the module docstring
 _WEIGHT_FORMAT = "welford-v2"  # per-weight state: running mean and M2, count = GradientStatistics.count
 _UNIT_ROWS = ("rms", "taylor")  # the per-unit signals: the unit's gradient rms, and sum_j w_ij g_ij
 
@@ -153,10 +170,11 @@ class GradientStatistics:
     @torch.no_grad()  # called from on_after_backward with autograd on: never build a graph across steps
     def update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], grad_scale: float = 1.0) -> bool:
         """Accumulate one optimizer step. ``grad_scale`` is the loss scale the gradients still carry (AMP);
-        it is divided out. Returns False (and counts nothing) if any gradient is NaN/inf."""
+        it is divided out. Returns False (and counts nothing) if any gradient is NaN/inf or the step is huge
+        (beyond :data:`MAX_STEP`, see the module docstring)."""
         inv = 1.0 / grad_scale
         signals = self._unit_signals(grads, weights) if self.per_unit else None
-        if signals is not None and not math.isfinite(float(signals.sum())):
+        if signals is not None and not _peak(signals) * inv <= MAX_STEP:  # NaN compares False: skipped too
             self.skipped_steps += 1
             return False
         if self.per_weight and not self._welford_step(grads, inv):
@@ -190,17 +208,20 @@ class GradientStatistics:
 
     def _welford_step(self, grads: Sequence[Tensor], inv: float) -> bool:
         """Welford, block by block: ``d = g*inv - mean``, ``mean += d/n``, ``M2 += d*d*(n-1)/n`` (on CPU a block is
-        at most ``_BLOCK`` elements, so ``d`` stays in cache). Nothing is changed unless the whole step is finite:
-        a single block is checked on ``d`` itself, several are checked on the gradients first (one read pass)."""
+        at most ``_BLOCK`` elements, so ``d`` stays in cache). Nothing is changed unless the whole step is finite
+        and not huge: a single block is checked on ``|d| <= MAX_STEP`` itself, several are checked on the gradients
+        first (``|g| <= MAX_STEP / 2``, one read pass)."""
         single = len(self._blocks) == 1
-        if not single and not math.isfinite(float(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum())):
-            return False
+        if not single:
+            peak = torch.stack([n.float() for n in torch._foreach_norm(list(grads), math.inf)]).max()
+            if not float(peak) * inv <= MAX_STEP / 2:
+                return False
         if self._scratch is None:
             self._scratch = torch.empty(max(end - start for start, end, _ in self._blocks), device=self.device)
         n = self.count + 1
         for start, end, parts in self._blocks:
             d = self._shifted(grads, inv, start, end, parts)
-            if single and not math.isfinite(float(d.sum())):
+            if single and not _peak(d) <= MAX_STEP:
                 return False
             self._flat["mean"][start:end].add_(d, alpha=1.0 / n)
             self._flat["m2"][start:end].addcmul_(d, d, value=(n - 1) / n)
@@ -295,8 +316,33 @@ class GradientStatistics:
                     f"reads {_WEIGHT_FORMAT!r} (earlier development versions stored shifted window sums)"
                 )
             for key, bufs in (("mean", self._mean), ("m2", self._m2)):
-                for dst, src in zip(bufs, weight[key]):
-                    dst.copy_(src)
+                _copy_checked(f"per-weight {key}", bufs, weight[key], self.names)
+        unit = self._unit
+        held = [unit._mean, unit._m2, unit.pending[: unit.n_pending], *(self._flat.values() if self.per_weight else ())]
+        if not all(bool(t.isfinite().all()) for t in held):
+            warnings.warn(
+                "the checkpoint's gradient statistics hold NaN/inf (a huge step counted by an earlier version); "
+                f"they restart from zero steps (were {self.count})", RuntimeWarning, stacklevel=2
+            )
+            self.reset()
+
+
+def _peak(t: Tensor) -> float:
+    """Largest ``|t|`` (NaN if ``t`` holds one, so that ``not _peak(t) <= bound`` refuses it)."""
+    return float(torch.linalg.vector_norm(t, math.inf))
+
+
+def _copy_checked(what: str, destinations: Sequence[Tensor], sources: Sequence[Tensor], names: Sequence[str]) -> None:
+    """Copy checkpoint tensors into the buffers, refusing any of another shape (``copy_`` would broadcast it)."""
+    if len(sources) != len(destinations):
+        raise ValueError(f"the checkpoint holds {len(sources)} {what} tensors, this run tracks {len(destinations)}")
+    for name, dst, src in zip(names, destinations, sources):
+        if not isinstance(src, Tensor) or src.shape != dst.shape:
+            got = tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__
+            raise ValueError(f"the checkpoint's {what} statistics of {name!r} are shaped {got}, expected "
+                             f"{tuple(dst.shape)}: a checkpoint of another model?")
+        dst.copy_(src)
+
 
 _BLOCK = 1 << 20  # elements (4 MiB of float32) per block of shifted gradients on CPU: stays in the cache
 

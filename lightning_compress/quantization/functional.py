@@ -6,23 +6,44 @@ exportable). The returned :class:`QuantizationResult` holds, per layer, the inte
 :func:`~lightning_compress.quantization.export.save_quantized` writes) and the SQNR in dB.
 
 Which weight of a module is quantized: ``weight`` (Linear, Conv1d/2d/3d, Embedding, or any selected class with a
-2-D+ ``weight``), and ``in_proj_weight`` for ``nn.MultiheadAttention`` (its fused q/k/v projection; select it with
-``module_types=[..., "torch.nn.MultiheadAttention"]``). Biases stay float. A weight shared by two selected
-modules (tied embeddings) is quantized once, under its first name.
+2-D+ ``weight``), and ``in_proj_weight`` for ``nn.MultiheadAttention`` (its fused q/k/v projection). By default
+(:data:`QUANT_MODULE_TYPES`) all of these are selected, so a transformer is covered whole: embeddings at
+``embedding_bits`` (8 unless asked otherwise: a lookup table has no input Hessian to compensate with, and its rows
+feed every layer), a default-selected Embedding / MultiheadAttention whose input size ``group_size`` does not divide
+is kept float (recorded) instead of failing. Biases and normalization parameters stay float; every module with
+parameters that stays float is listed in ``QuantizationResult.skipped`` with the reason. A weight shared by two
+selected modules (tied embeddings) is quantized once, under its first name.
+
+Methods: ``"rtn"`` (round to nearest with the calibrated range) and ``"gptq"`` (:mod:`.gptq`: data-aware rounding
+with each layer's input Hessian, from ``calibration_data``; layers GPTQ cannot see are rounded to nearest, noted in
+``QuantizationResult.notes``).
+
+Non-finite weights are refused: a NaN or inf in a weight would make its row's (or the tensor's) range non-finite
+and silently zero or poison the whole row, so :func:`quantize` raises naming the layers before changing anything.
+
+Accuracy guard: with ``metric_fn`` (model -> float) and ``max_metric_drop``, the model is measured before and after;
+if the drop exceeds the bound, layers fall back (most sensitive first) to more bits and then float, as the
+Lightning callback does (:mod:`.fallback`, :class:`~lightning_compress.core.gate.MetricGate`). Fallback rungs are
+rounded to nearest.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.accounting import FLOAT_BITS
+from lightning_compress.core.gate import MetricGate
 from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, compile_patterns, select_modules
-from lightning_compress.core.validation import check_number
+from lightning_compress.core.validation import check_bool, check_choice, check_number
+from lightning_compress.quantization.calibration import feed, take_batches, to_device
+from lightning_compress.quantization.fallback import FALLBACKS, fall_back, rungs
+from lightning_compress.quantization.gptq import BLOCK_SIZE, DAMP, gptq_model, gptq_supports
 from lightning_compress.quantization.packing import packed_nbytes
 from lightning_compress.quantization.primitives import (
     QuantizedTensor,
@@ -32,6 +53,14 @@ from lightning_compress.quantization.primitives import (
     sqnr_db,
 )
 
+# What quantize() selects by default: every layer kind with a weight over input features, plus embedding tables and
+# the fused q/k/v projection of nn.MultiheadAttention (the biggest tensors of a transformer). Pruning keeps
+# core.selection.DEFAULT_MODULE_TYPES.
+QUANT_MODULE_TYPES: tuple[str, ...] = (*DEFAULT_MODULE_TYPES, "Embedding", "torch.nn.MultiheadAttention")
+_OPTIONAL_BY_DEFAULT = (nn.Embedding, nn.MultiheadAttention)  # kept float, not an error, when their shape does not fit
+_QUANT_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
+METHODS = ("rtn", "gptq")
+EMBEDDING_BITS = 8
 
 
 def weight_name(module: nn.Module) -> str:
@@ -59,6 +88,7 @@ class LayerQuantization:
     qtensor: QuantizedTensor
     sqnr_db: float
     sparsity: float  # fraction of exact zeros after quantization (equals the fraction before: zeros stay zero)
+    method: str = "rtn"  # "rtn" or "gptq" (whose SQNR is lower by design: it minimizes the *output* error)
 
     @property
     def key(self) -> str:
@@ -93,13 +123,18 @@ class LayerQuantization:
             "sqnr_db": self.sqnr_db,
             "sparsity": self.sparsity,
             "nbytes": self.nbytes(),
+            "method": self.method,
         }
 
 
 @dataclass
 class QuantizationResult:
     layers: dict[str, LayerQuantization] = field(default_factory=dict)  # by module name, in model order
-    skipped: dict[str, str] = field(default_factory=dict)  # module name -> why (e.g. tied weight)
+    skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it stays float
+    notes: dict[str, str] = field(default_factory=dict)  # module name -> remark (e.g. GPTQ fell back to RTN: why)
+    metric_before: float | None = None  # with `metric_fn`: the float model's metric
+    metric_after: float | None = None  # ... and the returned model's
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # layers promoted to keep the metric bound
 
     def sqnr(self) -> dict[str, float]:
         return {name: layer.sqnr_db for name, layer in self.layers.items()}
@@ -162,16 +197,41 @@ def check_group_size(layers: Mapping[str, nn.Module], spec: QuantSpec) -> None:
             ) from None
 
 
+def check_finite(layers: Mapping[str, nn.Module]) -> None:
+    """Raise naming every selected layer whose weight holds NaN / inf (before anything is changed)."""
+    bad = []
+    for name, module in layers.items():
+        weight = _weight(name, module).detach()
+        if not bool(weight.isfinite().all()):
+            nan, inf = int(weight.isnan().sum()), int(weight.isinf().sum())
+            bad.append(f"{name!r} ({type(module).__name__}.{weight_name(module)}: {nan} NaN, {inf} inf)")
+    if bad:
+        raise ValueError(
+            f"cannot quantize non-finite weights: {', '.join(bad)}. One NaN / inf makes its row's range (or the "
+            "tensor's) non-finite and would silently zero or poison it; fix the weights or leave these layers out "
+            "with `exclude`"
+        )
+
+
 def quantize_layer(name: str, module: nn.Module, spec: QuantSpec) -> LayerQuantization:
     """Quantize one module's weight and write the dequantized values into it, in place."""
     weight = _weight(name, module)
-    qtensor = quantize_tensor(weight, spec)
+    check_finite({name: module})
+    return _record_layer(name, module, quantize_tensor(weight, spec), "rtn")
+
+
+def _record_layer(
+    name: str, module: nn.Module, qtensor: QuantizedTensor, method: str, reference: Tensor | None = None
+) -> LayerQuantization:
+    """Write ``qtensor``'s dequantized values into the module's weight; SQNR against ``reference`` (default: the
+    weight it replaces)."""
+    weight = _weight(name, module)
     dequantized = qtensor.dequantize()
     with torch.no_grad():
-        sqnr = sqnr_db(weight, dequantized)
+        sqnr = sqnr_db(weight if reference is None else reference, dequantized)
         weight.copy_(dequantized)
         sparsity = float((weight == 0).sum().item()) / max(1, weight.numel())
-    return LayerQuantization(name, weight_name(module), type(module).__name__, qtensor, sqnr, sparsity)
+    return LayerQuantization(name, weight_name(module), type(module).__name__, qtensor, sqnr, sparsity, method)
 
 
 def quantize(
@@ -185,37 +245,199 @@ def quantize(
     percentile: float = 99.9,
     mse_grid: int = 80,
     scale_dtype: str = "float32",
-    module_types: Sequence[str] = DEFAULT_MODULE_TYPES,
+    module_types: Sequence[str] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     bits_overrides: Mapping[str, int] | None = None,
+    embedding_bits: int | None = EMBEDDING_BITS,
+    method: str = "rtn",
+    calibration_data: Iterable[Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    calibration_batches: int = 32,
+    gptq_damp: float = DAMP,
+    gptq_block_size: int = BLOCK_SIZE,
+    metric_fn: Callable[[nn.Module], float] | None = None,
+    max_metric_drop: float | None = None,
+    higher_is_better: bool = True,
+    fallback: str = "more_bits",
 ) -> QuantizationResult:
     """Quantize the weights of ``model``'s selected layers to ``bits``-bit integers, in place (dequantized).
 
     Args:
-        bits: 2..8. ``bits_overrides`` maps module-name regexes to other bit widths (first match wins).
+        bits: 2..8. ``bits_overrides`` maps module-name regexes to other bit widths (first match wins, before
+            ``embedding_bits``).
         granularity: ``"per_tensor"``, ``"per_channel"`` (per output channel / Embedding row) or ``"per_group"``
             (``group_size`` consecutive inputs of one output channel; must divide each selected layer's input size).
         symmetric: signed codes, zero point 0; else affine with an integer zero point.
-        calibration: ``"minmax"``, ``"percentile"`` (``percentile`` of ``|w|``) or ``"mse"`` (clipping-ratio grid
-            search of ``mse_grid`` points, minimizing reconstruction error per channel / group).
-        scale_dtype: ``"float32"`` or ``"float16"`` (smaller files for small groups; see ``math``).
-        module_types, include, exclude: which modules (see :func:`lightning_compress.select_modules`).
+        calibration: ``"minmax"``, ``"percentile"`` (``percentile`` of ``|w|``) or ``"mse"`` (clipping search over
+            ``mse_grid`` ratios, minimizing reconstruction error per channel / group; see :mod:`.calibration`).
+        scale_dtype: ``"float32"`` or ``"float16"`` (smaller files for small groups).
+        module_types, include, exclude: which modules (see :func:`lightning_compress.select_modules`); default
+            :data:`QUANT_MODULE_TYPES` (Linear, Conv1d/2d/3d, Embedding, MultiheadAttention).
+        embedding_bits: bits for ``nn.Embedding`` tables (default 8); ``None``: the same as ``bits``.
+        method: ``"rtn"`` or ``"gptq"`` (needs ``calibration_data``).
+        calibration_data: an iterable of batches (a DataLoader, a list of tensors or of tokenizer dicts); at most
+            ``calibration_batches`` are used, moved to the model's device.
+        forward: how a batch is fed, ``forward(model, batch)``; default: dicts as ``model(**batch)``, tuples / lists
+            as ``model(batch[0])``, anything else as ``model(batch)``.
+        gptq_damp, gptq_block_size: GPTQ's dampening (fraction of the mean Hessian diagonal) and lazy-batch width.
+        metric_fn: ``metric_fn(model) -> float`` measured on the float model and after quantization
+            (``higher_is_better`` says its direction); with ``max_metric_drop`` the layers fall back, most sensitive
+            first, along ``fallback``: ``"more_bits"`` (every even width above ``bits`` up to 8, then float) or
+            ``"float"``.
 
     Returns:
-        the per-layer codes, qparams, SQNR and sparsity. Layers are quantized in model order.
+        the per-layer codes, qparams, SQNR and sparsity (layers in model order), what stayed float and why, notes,
+        and the metric before / after and the fallbacks taken when ``metric_fn`` is given.
     """
     spec = QuantSpec(bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype)
     check_bits_overrides(bits_overrides)
-    layers, skipped = select_layers(model, module_types, include, exclude)
+    if embedding_bits is not None:
+        check_number("embedding_bits", embedding_bits, low=2, high=8, integer=True)
+    check_choice("method", method, METHODS)
+    check_number("calibration_batches", calibration_batches, low=1, integer=True)
+    check_choice("fallback", fallback, FALLBACKS)
+    check_bool("higher_is_better", higher_is_better)
+    if max_metric_drop is not None:
+        check_number("max_metric_drop", max_metric_drop, low=0.0)
+        if metric_fn is None:
+            raise ValueError(f"`max_metric_drop`={max_metric_drop} needs `metric_fn` (a callable model -> float)")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"`forward` must be a callable (model, batch) -> output, got {forward!r}")
+    if method == "gptq" and calibration_data is None:
+        raise ValueError("`method`='gptq' needs `calibration_data`: an iterable of batches the model can run")
+    defaults = module_types is None
+    types = QUANT_MODULE_TYPES if module_types is None else module_types
+    layers, skipped = select_layers(model, types, include, exclude)
+    if defaults and spec.granularity == "per_group":
+        for name, module in list(layers.items()):
+            if isinstance(module, _OPTIONAL_BY_DEFAULT) and _weight(name, module)[0].numel() % spec.group_size:
+                skipped[name] = f"kept float: `group_size`={spec.group_size} does not divide its input size"
+                del layers[name]
     if not layers:
         raise ValueError(
-            f"nothing to quantize: no module matches `module_types`={list(module_types)!r}, "
+            f"nothing to quantize: no module matches `module_types`={list(types)!r}, "
             f"`include`={include!r}, `exclude`={exclude!r}"
         )
     check_group_size(layers, spec)
+    check_finite(layers)
+    plan = {name: _bits_for(name, module, bits, bits_overrides, embedding_bits) for name, module in layers.items()}
+    specs = {name: replace(spec, bits=b) for name, b in plan.items()}
+    keep_float = metric_fn is not None or method == "gptq"
+    floats = {n: _weight(n, m).detach().clone() for n, m in layers.items()} if keep_float else {}
+    gate = MetricGate(max_metric_drop, higher_is_better)
+    before = None if metric_fn is None else float(metric_fn(model))
     result = QuantizationResult(skipped=skipped)
-    for name, module in layers.items():
-        layer_spec = replace(spec, bits=resolve_bits(name, bits, bits_overrides))
-        result.layers[name] = quantize_layer(name, module, layer_spec)
+    if method == "gptq":
+        data = calibration_data if calibration_data is not None else ()
+        cache = _gptq(model, layers, specs, floats, data, forward or feed, calibration_batches,
+                      gptq_damp, gptq_block_size, result.notes)
+    else:
+        cache = {(n, plan[n]): quantize_layer(n, m, specs[n]) for n, m in layers.items()}
+    if metric_fn is not None:
+        result.metric_before = before
+        result.metric_after = after = float(metric_fn(model))
+        if max_metric_drop is not None and not gate.judge(before, after).accepted:
+
+            def apply(state: dict[str, int]) -> None:
+                _apply(layers, state, floats, specs, cache)
+
+            result.metric_after, result.fallbacks, _ = fall_back(
+                list(layers), plan, apply, lambda: float(metric_fn(model)), lambda n, b: cache[(n, b)].sqnr_db,
+                gate, before, rungs(spec.bits, fallback),
+            )
+    for name in layers:
+        if plan[name] == FLOAT_BITS:
+            skipped[name] = "kept float: metric fallback (`max_metric_drop`)"
+        else:
+            result.layers[name] = cache[(name, plan[name])]
+    result.skipped.update(_float_leftovers(model, layers, skipped))
     return result
+
+
+def _bits_for(
+    name: str, module: nn.Module, bits: int, overrides: Mapping[str, int] | None, embedding_bits: int | None
+) -> int:
+    if any(re.search(pattern, name) for pattern in overrides or {}):
+        return resolve_bits(name, bits, overrides)
+    if isinstance(module, nn.Embedding) and embedding_bits is not None:
+        return embedding_bits
+    return bits
+
+
+def _gptq(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    specs: Mapping[str, QuantSpec],
+    floats: Mapping[str, Tensor],
+    data: Iterable[Any],
+    run: Callable[[nn.Module, Any], Any],
+    limit: int,
+    damp: float,
+    block_size: int,
+    notes: dict[str, str],
+) -> dict[tuple[str, int], LayerQuantization]:
+    """GPTQ where it applies (layers in forward order, from the quantized layers' outputs); round to nearest first
+    for the layers without an input Hessian (embeddings), last for those the forward did not reach."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = [to_device(batch, device) for batch in take_batches(data, limit)]
+    cache: dict[tuple[str, int], LayerQuantization] = {}
+    for name, module in layers.items():
+        if why := gptq_supports(module):
+            notes[name] = f"round to nearest: {why}"
+            cache[(name, specs[name].bits)] = quantize_layer(name, module, specs[name])
+    todo = {n: m for n, m in layers.items() if (n, specs[n].bits) not in cache}
+    training = model.training
+    model.eval()
+    try:
+        qtensors, left = gptq_model(model, todo, specs, batches, run, damp=damp, block_size=block_size)
+    finally:
+        model.train(training)
+    for name, module in todo.items():
+        if name in qtensors:
+            cache[(name, specs[name].bits)] = _record_layer(name, module, qtensors[name], "gptq", floats[name])
+        else:
+            notes[name] = f"round to nearest: {left[name]}"
+            cache[(name, specs[name].bits)] = quantize_layer(name, module, specs[name])
+    return dict(sorted(cache.items(), key=lambda item: list(layers).index(item[0][0])))
+
+
+def _apply(
+    layers: Mapping[str, nn.Module],
+    plan: Mapping[str, int],
+    floats: Mapping[str, Tensor],
+    specs: Mapping[str, QuantSpec],
+    cache: dict[tuple[str, int], LayerQuantization],
+) -> None:
+    """Put every layer in the state ``plan`` says (float, or quantized at that many bits; new rungs: RTN)."""
+    with torch.no_grad():
+        for name, module in layers.items():
+            weight = _weight(name, module)
+            weight.copy_(floats[name])
+            bits = plan[name]
+            if bits == FLOAT_BITS:
+                continue
+            if (name, bits) in cache:
+                weight.copy_(cache[(name, bits)].qtensor.dequantize().to(weight.device))
+            else:
+                cache[(name, bits)] = quantize_layer(name, module, replace(specs[name], bits=bits))
+
+
+def _float_leftovers(model: nn.Module, layers: Mapping[str, nn.Module], skipped: Mapping[str, str]) -> dict[str, str]:
+    """Every other module that owns parameters, with why they stay float."""
+    out = {}
+    for name, module in model.named_modules():
+        if name in layers or name in skipped or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        kind = type(module).__name__
+        if "Norm" in kind:
+            out[name] = f"{kind}: normalization scale / shift stay float (one value per feature)"
+        elif isinstance(module, _QUANT_CLASSES):
+            out[name] = f"{kind}: not selected (`module_types`, `include`, `exclude`)"
+        elif isinstance(module, nn.MultiheadAttention):
+            out[name] = "MultiheadAttention: in_proj_bias stays float (biases are never quantized)"
+        else:
+            names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+            out[name] = f"{kind}: parameters ({names}) are not a layer weight; they stay float"
+    return out
+

@@ -113,21 +113,10 @@ def calibrate(groups: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         return x.kthvalue(k_lo, dim=-1).values, x.kthvalue(k_hi, dim=-1).values
     lo, hi = torch.aminmax(x, dim=-1)
     if spec.calibration == "mse":
-        return _mse_search(x, lo, hi, spec)
+        from lightning_compress.quantization.calibration import mse_search  # calibration builds on this module
+
+        return mse_search(x, lo, hi, spec)
     return lo, hi
-
-
-def _mse_search(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    best_err = torch.full(lo.shape, float("inf"), device=x.device)
-    best_ratio = torch.ones_like(lo)
-    for ratio in torch.linspace(1.0, MSE_MIN_RATIO, spec.mse_grid).tolist():
-        scale, zero = choose_qparams(lo * ratio, hi * ratio, spec)
-        q = quantize(x, scale, zero, spec.bits, spec.symmetric)
-        err = (dequantize(q, scale, zero) - x).square_().sum(dim=-1)  # (rows, groups)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return lo * best_ratio, hi * best_ratio
 
 
 def choose_qparams(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:

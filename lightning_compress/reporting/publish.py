@@ -44,7 +44,11 @@ def write_files(summary: dict[str, Any], directory: str | os.PathLike[str]) -> d
     plot = write_plot(summary, directory / PLOT_NAME)
     if plot is not None:
         written["report_plot"] = str(plot)
-    summary["files"] = {**summary["files"], **written}
+    summary["files"] = {
+        **summary["files"],
+        **{key: {"path": path, "bytes": os.path.getsize(path) if key == "report_plot" else None}
+           for key, path in written.items()},
+    }
     write_text(directory / MARKDOWN_NAME, to_markdown(summary, PLOT_NAME if plot is not None else None))
     write_text(directory / JSON_NAME, to_json(summary))
     return written
@@ -71,6 +75,8 @@ def logger_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     for key in ("metric_before", "metric_after"):
         if summary[key] is not None:
             metrics[f"compression/{key}"] = float(summary[key])
+    if summary["delivered"]["test"] is not None:
+        metrics["compression/test_metric_after"] = float(summary["delivered"]["test"])
     return metrics
 
 
@@ -115,5 +121,5 @@ def publish(report: CompressionReport, trainer: pl.Trainer, pl_module: pl.Lightn
     (rank zero). Files: ``compression_report.{json,md,png}`` in ``trainer.log_dir`` (else ``default_root_dir``)."""
     summary = summarize(report, pl_module)
     _emit(summary, trainer)
-    for key, path in summary["files"].items():
-        report.files.setdefault(key, path)
+    for key, file in summary["files"].items():
+        report.files.setdefault(key, file["path"])

@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning_compress.core.accounting import FLOAT_BITS
 
+
 def _fmt_metric(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -37,14 +38,38 @@ def _fmt_value(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def headline(summary: Mapping[str, Any]) -> str:
-    """One line: metric and size before -> after."""
+def _fmt_drop(drop: float | None) -> str:
+    """A drop in the metric's units, shown as a change: "-0.0120" is worse by 0.012."""
+    return "-" if drop is None else f"{-drop:+.4f}"
+
+
+def headline_parts(summary: Mapping[str, Any]) -> list[str]:
+    """What the run delivered, each figure saying what it is: the delivered model's metric, the cost of each
+    compression step compared like with like, the size and the sparsity."""
     name = summary["metric_name"] or "metric"
-    return (
-        f"{name} {_fmt_metric(summary['metric_before'])} -> {_fmt_metric(summary['metric_after'])}; "
-        f"size {_fmt_bytes(summary['bytes_fp32'])} -> {_fmt_bytes(summary['bytes_compressed'])} "
-        f"({_fmt_ratio(summary['compression_ratio'])}); sparsity {summary['sparsity']:.1%}"
-    )
+    delivered = summary["delivered"]
+    parts = []
+    if delivered["val"] is not None:
+        test = f", {_fmt_metric(delivered['test'])} test" if delivered["test"] is not None else ""
+        parts.append(f"delivered {name} {_fmt_metric(delivered['val'])} val{test}")
+    quant = summary["quantization"]
+    if quant is not None and quant["metric_float"] is not None:
+        parts.append(f"quantization: float {_fmt_metric(quant['metric_float'])} -> quantized "
+                     f"{_fmt_metric(quant['metric_quantized'])} ({_fmt_drop(quant['metric_drop'])})")
+    prune = summary["pruning"]
+    if prune is not None:
+        worst = prune["largest_accepted_drop"]
+        parts.append(f"pruning: {prune['events']} steps, {prune['rolled_back']} rolled back"
+                     + (f", costliest kept step {_fmt_drop(worst)}" if worst is not None else ""))
+    source = "export file" if summary["bytes_source"] == "file" else "estimate"
+    parts.append(f"size {_fmt_bytes(summary['bytes_fp32'])} -> {_fmt_bytes(summary['bytes_compressed'])} "
+                 f"({_fmt_ratio(summary['compression_ratio'])}, {source})")
+    parts.append(f"pruned {summary['sparsity']:.1%} of the weights")
+    return parts
+
+
+def headline(summary: Mapping[str, Any]) -> str:
+    return "; ".join(headline_parts(summary))
 
 
 def _layer_rows(summary: Mapping[str, Any]) -> list[list[str]]:
@@ -76,16 +101,17 @@ def _layer_rows(summary: Mapping[str, Any]) -> list[list[str]]:
 
 
 LAYER_COLUMNS = ["layer", "weights", "sparsity", "bits", "bytes fp32", "bytes compressed", "ratio", "note"]
-EVENT_COLUMNS = ["#", "kind", "step", "metric before", "metric after", "drop", "sparsity", "accepted", "note"]
+EVENT_COLUMNS = ["#", "kind", "step", "metric before", "metric after", "reference", "change vs reference",
+                 "pruned", "accepted", "note"]
 
 
 def _event_rows(summary: Mapping[str, Any]) -> list[list[str]]:
     return [
         [
             str(i), e["kind"], str(e["step"]), _fmt_metric(e["metric_before"]), _fmt_metric(e["metric_after"]),
-            "-" if e["metric_drop"] is None else f"{e['metric_drop']:+.4f}",
+            _fmt_metric(e["reference"]), _fmt_drop(e["metric_drop"]),
             "-" if e["sparsity"] is None else f"{e['sparsity']:.1%}",
-            "yes" if e["accepted"] else "rolled back", e["note"],
+            "yes" if e["accepted"] else ("over bound" if e["kind"] == "quantize" else "rolled back"), e["note"],
         ]
         for i, e in enumerate(summary["events"], 1)
     ]
@@ -136,8 +162,8 @@ def render_console(summary: Mapping[str, Any]) -> Any:
         parts.append(fallbacks)
     elif _quantized(summary):
         parts.append(Text("Quantization fallbacks: none"))
-    for key, path in summary["files"].items():
-        parts.append(Text(f"{key}: {path}", style="dim"))
+    for key, file in summary["files"].items():
+        parts.append(Text(f"{key}: {file['path']} ({_fmt_bytes(file['bytes'])})", style="dim"))
     for note in summary["notes"]:
         parts.append(Text(f"Note: {note}", style="italic"))
     return Group(*parts)
@@ -154,15 +180,14 @@ def _md_table(columns: list[str], rows: list[list[str]]) -> str:
 
 def to_markdown(summary: Mapping[str, Any], plot_name: str | None = None) -> str:
     parts = ["# Compression report", "", headline(summary), ""]
-    parts += [
-        (
-            f"- metric ({summary['metric_name'] or '-'}): {_fmt_metric(summary['metric_before'])} before, "
-            f"{_fmt_metric(summary['metric_after'])} after"
-        ),
-        f"- bytes (fp32): {summary['bytes_fp32']:,}",
-        f"- bytes (compressed): {summary['bytes_compressed']:,}",
+    parts += [f"- {part}" for part in headline_parts(summary)] + [
+        f"- metric: {summary['metric_description'] or summary['metric_name'] or '-'}",
+        f"- bytes (fp32, whole model): {summary['bytes_fp32']:,}",
+        f"- bytes (compressed, {summary['bytes_source']}): {summary['bytes_compressed']:,}",
         f"- compression ratio: {_fmt_ratio(summary['compression_ratio'])}",
-        f"- sparsity of the compressed layers: {summary['sparsity']:.2%}",
+        f"- pruned weights: {summary['sparsity']:.2%}"
+        + ("" if summary["zeros_after_rounding"] is None
+           else f"; codes rounded to zero by quantization: {summary['zeros_after_rounding']:.2%}"),
         "",
         "## Layers",
         "",
@@ -181,7 +206,9 @@ def to_markdown(summary: Mapping[str, Any], plot_name: str | None = None) -> str
     else:
         parts.append("None." if _quantized(summary) else "No quantization in this run.")
     if summary["files"]:
-        parts += ["", "## Files", ""] + [f"- {key}: `{path}`" for key, path in summary["files"].items()]
+        parts += ["", "## Files", ""] + [
+            f"- {key}: `{file['path']}` ({_fmt_bytes(file['bytes'])})" for key, file in summary["files"].items()
+        ]
     if plot_name:
         parts += ["", f"![compression report]({plot_name})"]
     parts += ["", "## Notes", ""] + [f"- {note}" for note in summary["notes"]]
@@ -193,61 +220,67 @@ def to_json(summary: Mapping[str, Any]) -> str:
 
 
 def build_figure(summary: Mapping[str, Any]) -> Any:
-    """A matplotlib ``Figure`` (no pyplot, no global backend change): metric and sparsity over the compression
-    steps, and per-layer sparsity and bits. Raises ImportError without matplotlib."""
+    """A matplotlib ``Figure`` (no pyplot, no global backend change). Top: the metric immediately before (hollow)
+    and after (filled) every compression step, the quantization's float -> quantized cost, the delivered model's
+    metric; pruned fraction on the right axis. Bottom: per-layer bytes, fp32 vs compressed, labelled with storage
+    bits and pruned fraction. Raises ImportError without matplotlib."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 7), layout="constrained")
+    fig = Figure(figsize=(10, 7.5), layout="constrained")
     ax_steps, ax_layers = fig.subplots(2, 1)
     name = summary["metric_name"] or "metric"
-
-    prune = [e for e in summary["events"] if e["kind"] == "prune"]
-    other = [e for e in summary["events"] if e["kind"] != "prune"]
+    events = summary["events"]
+    prune = [e for e in events if e["kind"] == "prune"]
     ax_sparsity = ax_steps.twinx()
     if prune:
-        steps = [e["step"] for e in prune]
-        levels = [e["sparsity"] or 0.0 for e in prune]
-        last = max(e["step"] for e in summary["events"])
-        if last > steps[-1]:  # hold the last level until the end (e.g. the quantization at the end of fit)
-            steps, levels = steps + [last], levels + [levels[-1]]
-        ax_sparsity.step(steps, levels, where="post", color="tab:orange", alpha=0.7, label="sparsity (after step)")
-        kept = [e for e in prune if e["accepted"] and e["metric_after"] is not None]
-        rolled = [e for e in prune if not e["accepted"] and e["metric_after"] is not None]
-        if kept:
-            ax_steps.plot([e["step"] for e in kept], [e["metric_after"] for e in kept], "o-", color="tab:blue",
-                          label=f"{name} after pruning step")
-        if rolled:
-            ax_steps.plot([e["step"] for e in rolled], [e["metric_after"] for e in rolled], "x", color="tab:red",
-                          markersize=9, label="rolled back")
-    for event in other:
-        if event["metric_after"] is not None:
-            ax_steps.plot([event["step"]], [event["metric_after"]], "*", markersize=13,
-                          color="tab:green" if event["accepted"] else "tab:red",
-                          label=f"{event['kind']}{'' if event['accepted'] else ' (over bound)'}")
-    if summary["metric_before"] is not None:
-        ax_steps.axhline(summary["metric_before"], color="grey", linestyle="--", linewidth=1, label=f"{name} before")
+        steps, levels = [e["step"] for e in prune], [e["sparsity"] or 0.0 for e in prune]
+        ax_sparsity.step(steps, levels, where="post", color="tab:orange", alpha=0.6, label="pruned fraction")
+        for accepted, colour, label in ((True, "tab:blue", "pruning step kept"), (False, "tab:red", "rolled back")):
+            chosen = [e for e in prune if e["accepted"] is accepted and e["metric_after"] is not None]
+            for e in chosen:
+                if e["metric_before"] is not None:
+                    ax_steps.plot([e["step"]] * 2, [e["metric_before"], e["metric_after"]], color=colour, alpha=0.5)
+            if chosen:
+                ax_steps.plot([e["step"] for e in chosen], [e["metric_before"] for e in chosen], "o", color=colour,
+                              fillstyle="none", label=f"{name} before step")
+                ax_steps.plot([e["step"] for e in chosen], [e["metric_after"] for e in chosen], "o", color=colour,
+                              label=label)
+    for e in (e for e in events if e["kind"] == "quantize" and e["metric_after"] is not None):
+        colour = "tab:green" if e["accepted"] else "tab:red"
+        if e["metric_before"] is not None:
+            ax_steps.annotate("", (e["step"], e["metric_after"]), (e["step"], e["metric_before"]),
+                              arrowprops={"arrowstyle": "->", "color": colour})
+            ax_steps.plot([e["step"]], [e["metric_before"]], "s", color="grey", label=f"{name} float, end of training")
+        ax_steps.plot([e["step"]], [e["metric_after"]], "*", markersize=13, color=colour,
+                      label="quantized" if e["accepted"] else "quantized, over bound (before fallbacks)")
+    if summary["delivered"]["val"] is not None:
+        ax_steps.axhline(summary["delivered"]["val"], color="black", linestyle="--", linewidth=1,
+                         label=f"delivered model {summary['delivered']['val']:.4f}")
     ax_steps.set_xlabel("optimizer step")
     ax_steps.set_ylabel(name)
-    ax_sparsity.set_ylabel("sparsity")
+    ax_sparsity.set_ylabel("pruned fraction")
     ax_sparsity.set_ylim(0, 1)
     handles, labels = ax_steps.get_legend_handles_labels()
     more_handles, more_labels = ax_sparsity.get_legend_handles_labels()
-    if handles or more_handles:
-        ax_steps.legend(handles + more_handles, labels + more_labels, loc="best", fontsize="small", framealpha=0.7)
-    ax_steps.set_title(f"{headline(summary)}", fontsize="medium")
+    unique = dict(zip(labels + more_labels, handles + more_handles))
+    if unique:
+        ax_steps.legend(list(unique.values()), list(unique), loc="best", fontsize="small", framealpha=0.7)
+    ax_steps.set_title("\n".join(headline_parts(summary)), fontsize="small")
 
     names = list(summary["layers"])
     positions = list(range(len(names)))
-    sparsities = [summary["layers"][n]["sparsity"] for n in names]
-    bars = ax_layers.bar(positions, sparsities, color="tab:orange", alpha=0.8, label="sparsity")
+    width = 0.4
+    before = [summary["layers"][n]["bytes_fp32"] for n in names]
+    after = [summary["layers"][n]["bytes_compressed"] for n in names]
+    ax_layers.bar([p - width / 2 for p in positions], before, width, color="tab:grey", label="fp32")
+    bars = ax_layers.bar([p + width / 2 for p in positions], after, width, color="tab:purple", label="compressed")
     for bar, layer_name in zip(bars, names):
-        ax_layers.annotate(_fmt_bits(summary["layers"][layer_name]["bits"]),
-                           (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                           ha="center", va="bottom", fontsize="small")
+        layer = summary["layers"][layer_name]
+        ax_layers.annotate(f"{_fmt_bits(layer['bits'])}\n{layer['sparsity']:.0%} pruned",
+                           (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                           fontsize="x-small")
     ax_layers.set_xticks(positions, names, rotation=30, ha="right", fontsize="small")
-    ax_layers.set_ylim(0, 1.1)
-    ax_layers.set_ylabel("sparsity (label: storage bits)")
-    ax_layers.set_title("per layer", fontsize="medium")
+    ax_layers.set_ylabel("bytes")
+    ax_layers.legend(fontsize="small")
+    ax_layers.set_title("per layer: bytes before and after (label: storage bits, pruned fraction)", fontsize="medium")
     return fig
-
-

@@ -14,15 +14,17 @@ Byte accounting (what ``bytes_fp32`` / ``bytes_compressed`` mean):
 """
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from lightning_compress.core.accounting import FLOAT_BITS, state_bytes
+from lightning_compress.core.accounting import FLOAT_BITS, FLOAT_BYTES, state_bytes
 from lightning_compress.core.gate import metric_drop
-from lightning_compress.reporting.records import CompressionReport
+from lightning_compress.reporting.records import SCHEMA_VERSION, CompressionReport
 
 NOTE_WHOLE_MODEL = (
     "Totals cover the whole model state (all parameters and buffers, e.g. BatchNorm statistics), floats counted at "
@@ -32,6 +34,10 @@ NOTE_DENSE = (
     "Pruned weights are stored dense (their zeros take space, in float as in the quantized format): sparsity alone "
     "is not counted as savings; structured compaction or quantization realize the savings."
 )
+NOTE_FILE_SIZE = (
+    "The compressed size is the size of the export file on disk (safetensors header included); the per-layer "
+    "bytes are estimates of what each layer takes in it."
+)
 NOTE_NO_EXPORT = (
     "Quantized sizes are those of the quantized safetensors export (packed codes + scales + float bias); this run "
     "wrote no export file (set `export_path` of PostTrainingQuantization to write one)."
@@ -39,7 +45,6 @@ NOTE_NO_EXPORT = (
 
 
 
-# ---------------------------------------------------------------------------------------------------- summary
 def _owner(key: str) -> str:
     """``"net.1.weight"`` -> ``"net.1"``: the module a state_dict entry belongs to."""
     return key.rpartition(".")[0]
@@ -83,7 +88,7 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
         if record.bits < FLOAT_BITS:
             # quantized: its weight as the quantized export stores it (codes + scales + zero points; the record's
             # bytes_compressed minus its float bias), plus the layer's other entries (bias, ...) as the model holds them
-            record_bias = max(0, record.bytes_fp32 - 4 * record.parameters)
+            record_bias = max(0, record.bytes_fp32 - FLOAT_BYTES * record.parameters)
             weight_key = next((k for k in (f"{name}.weight", f"{name}.in_proj_weight") if k in current), None)
             others = sum(b for k, b in current.items() if k != weight_key) if weight_key else record_bias
             bytes_compressed = (record.bytes_compressed or record.bytes_fp32) - record_bias + others
@@ -102,6 +107,7 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
             "bytes_fp32": bytes_fp32,
             "bytes_compressed": bytes_compressed,
             "ratio": bytes_fp32 / bytes_compressed if bytes_compressed else None,
+            "zeros_after_rounding": record.zeros_after_rounding,
             "note": "; ".join(notes),
         }
 
@@ -114,19 +120,26 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
     bytes_compressed = layers_compressed + other_after
     weights = sum(v["parameters"] for v in layers.values())
     sparsity = sum(v["sparsity"] * v["parameters"] for v in layers.values()) / weights if weights else 0.0
+    rounded = sum((v["zeros_after_rounding"] or 0.0) * v["parameters"] for v in layers.values())
+    zeros_after_rounding = rounded / weights if weights and any(v["bits"] < FLOAT_BITS for v in layers.values()) else None
 
-    events = []
-    for event in report.events:
-        events.append({
+    events = [
+        {
             "kind": event.kind,
             "step": event.step,
             "metric_before": _finite(event.metric_before),
             "metric_after": _finite(event.metric_after),
-            "metric_drop": _finite(_drop(event.metric_before, event.metric_after, report.higher_is_better)),
+            # without an explicit reference, a step is compared with the metric just before it (the gate's default)
+            "reference": _finite(event.reference if event.reference is not None else event.metric_before),
+            "metric_drop": _finite(event.drop if event.drop is not None else _drop(
+                event.metric_before, event.metric_after, report.higher_is_better)),
             "sparsity": _finite(event.sparsity),
+            "unit_sparsity": _finite(event.unit_sparsity),
             "accepted": event.accepted,
             "note": event.note,
-        })
+        }
+        for event in report.events
+    ]
 
     quantized = any(v["bits"] < FLOAT_BITS for v in layers.values())
     notes = [NOTE_WHOLE_MODEL]
@@ -134,25 +147,86 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
         notes.append(NOTE_DENSE)
     if quantized and "quantized" not in report.files:
         notes.append(NOTE_NO_EXPORT)
+    exported = _file_size(report.files.get("quantized"))
+    if exported is not None:
+        notes.append(NOTE_FILE_SIZE)
 
+    bytes_delivered = exported if exported is not None else bytes_compressed
     return {
+        "schema_version": SCHEMA_VERSION,
         "metric_name": report.metric_name,
+        "metric_description": report.metric_description,
         "higher_is_better": report.higher_is_better,
         "metric_before": _finite(report.metric_before),
         "metric_after": _finite(report.metric_after),
         "metric_drop": _finite(_drop(report.metric_before, report.metric_after, report.higher_is_better)),
+        "delivered": {"val": _finite(report.delivered_metric), "test": _finite(report.delivered_test_metric)},
+        "pruning": _pruning_summary(events),
+        "quantization": _quantization_summary(report, events),
         "sparsity": sparsity,
+        "zeros_after_rounding": zeros_after_rounding,
         "bytes_fp32": bytes_fp32,
-        "bytes_compressed": bytes_compressed,
-        "compression_ratio": bytes_fp32 / bytes_compressed if bytes_compressed else None,
+        "bytes_compressed": bytes_delivered,
+        "bytes_source": "file" if exported is not None else "estimate",
+        "bytes_compressed_estimate": bytes_compressed,
+        "compression_ratio": bytes_fp32 / bytes_delivered if bytes_delivered else None,
         "layers_bytes_fp32": layers_fp32,
         "layers_bytes_compressed": layers_compressed,
         "other_state": {"entries": len(other_after_map), "bytes_fp32": other_before, "bytes_compressed": other_after},
+        "macs": {"before": report.macs_before, "after": report.macs_after},
         "layers": layers,
         "events": events,
         "fallbacks": [{k: _finite(v) for k, v in f.items()} for f in report.fallbacks],
-        "files": dict(report.files),
+        "files": {key: {"path": path, "bytes": _file_size(path)} for key, path in report.files.items()},
+        "settings": report.settings,
+        "gate": report.gate,
+        "versions": _versions(),
         "notes": notes,
     }
 
 
+def _pruning_summary(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    prune = [e for e in events if e["kind"] == "prune"]
+    if not prune:
+        return None
+    accepted = [e for e in prune if e["accepted"]]
+    drops = [e["metric_drop"] for e in accepted if e["metric_drop"] is not None]
+    return {
+        "events": len(prune),
+        "rolled_back": len(prune) - len(accepted),
+        "largest_accepted_drop": max(drops) if drops else None,
+        "metric_before_first_event": prune[0]["metric_before"],  # a model still training: not an uncompressed reference
+        "sparsity": accepted[-1]["sparsity"] if accepted else 0.0,
+        "unit_sparsity": accepted[-1]["unit_sparsity"] if accepted else None,
+    }
+
+
+def _quantization_summary(report: CompressionReport, events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    final = [e for e in events if e["kind"] == "quantize" and e["accepted"]]
+    if not final:
+        return None
+    return {
+        "metric_float": final[-1]["metric_before"],  # the float model at the end of training, same weights otherwise
+        "metric_quantized": final[-1]["metric_after"],
+        "metric_drop": final[-1]["metric_drop"],
+        "fallbacks": len(report.fallbacks),
+    }
+
+
+def _file_size(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("lightning_compress", "torch", "lightning", "torchmetrics"):
+        try:
+            out[name] = str(importlib.import_module(name).__version__)
+        except (ImportError, AttributeError):
+            out[name] = "unknown"
+    return out

@@ -63,7 +63,7 @@ def test_statistics_are_those_of_each_optimizer_step(accumulate: int) -> None:
     stats = pruning.stats
     assert stats is not None and stats.count == len(spy.grads) == 12
     ref = torch.stack([g.double() for g in spy.grads])
-    index = list(pruning._modules).index("net.1")  # the gradient of the first Linear
+    index = list(pruning.layers.modules).index("net.1")  # the gradient of the first Linear
     # the one-shot event at the last step reads (and merges) the stats; compare with the reference
     torch.testing.assert_close(stats.weight_mean()[index].double(), ref.mean(0), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(stats.weight_std()[index].double(), ref.std(0, unbiased=False), rtol=1e-3, atol=1e-6)
@@ -262,21 +262,27 @@ def test_a_step_breaking_the_bound_is_rolled_back_exactly() -> None:
     trainer = _trainer([spy, pruning, _After()], max_epochs=2)
     trainer.fit(_mlp(lr=1e-2), DigitsDataModule(batch_size=64))
     assert pruning.history and pruning.history[0]["accepted"] is False
-    assert pruning.masks == {} and pruning._stopped
+    assert pruning.masks == {} and pruning.controller.stopped
     assert pruning.current_sparsity() == 0.0
     for name, value in spy.before.items():
         assert torch.equal(after[name], value), name
 
 
-def test_backoff_lowers_the_target_and_keeps_the_bound() -> None:
+@pytest.mark.parametrize("reference", ["previous", "initial"])
+def test_backoff_lowers_the_target_and_keeps_the_bound(reference: str) -> None:
     pruning = GradientStabilityPruning(sparsity=0.97, schedule="constant", amount=0.6, start_step=40, frequency=10,
-                                       max_metric_drop=0.05, on_violation="backoff")
+                                       max_metric_drop=0.05, on_violation="backoff", metric_reference=reference)
     _trainer([pruning], max_epochs=5).fit(_mlp(lr=1e-2), DigitsDataModule(batch_size=64))
-    assert pruning.baseline_metric > 0.8
+    assert pruning.controller.initial_metric > 0.8
     accepted = [h for h in pruning.history if h["accepted"]]
     rejected = [h for h in pruning.history if not h["accepted"]]
     assert rejected, "a 95 % target on this small MLP should break a 5-point bound"
-    assert all(pruning.baseline_metric - h["metric_after"] <= 0.05 + 1e-9 for h in accepted)
+    for h in pruning.history:  # the gate's reference: the metric just before the event, or before the first one
+        expected = h["metric_before"] if reference == "previous" else pruning.controller.initial_metric
+        assert h["reference"] == expected
+        assert h["drop"] == pytest.approx(h["reference"] - h["metric_after"])
+    assert all(h["drop"] <= 0.05 + 1e-9 for h in accepted)
+    assert all(h["drop"] > 0.05 for h in rejected)
     assert pruning.current_sparsity() < 0.95
 
 
@@ -311,12 +317,18 @@ def test_80_percent_sparsity_within_2_points_of_dense_on_mnist() -> None:
         ({"schedule_unit": "batch"}, r"`schedule_unit` must be one of"),
         ({"start_step": 50, "end_step": 10}, r"`end_step` \(10\) must not be before `start_step` \(50\)"),
         ({"start_step": 10, "end_step": 10}, r"`end_step` must be after `start_step`"),
-        ({"start_step": 0}, r"`start_step` is 0, but criterion"),
+        ({"start_step": 0}, r"`start_step` must be an integer in \[1, inf\], got 0"),
+        ({"schedule": "one_shot", "schedule_unit": "epoch", "start_step": 0}, r"`start_step` must be an integer in \[1"),
+        ({"evaluate": "no"}, r"`evaluate` must be True or False, got .no."),
+        ({"compact": "no", "structured": True}, r"`compact` must be True or False"),
+        ({"include": "net.5"}, r"`include` must be a list of strings, got the string .net\.5."),
+        ({"metric_reference": "first"}, r"`metric_reference` must be one of"),
+        ({"verbose": 3}, r"`verbose` must be an integer in \[0, 2\]"),
         ({"frequency": 0}, r"`frequency` must be an integer in \[1"),
         ({"amount": 1.5}, r"`amount`"),
         ({"min_keep": 1.0}, r"`min_keep`"),
         ({"min_keep": 0.01, "sparsity": 0.99}, r"`min_keep`=0.01 reserves at least as many .* `sparsity`=0.99"),
-        ({"restart_statistics": "yes"}, r"`restart_statistics` must be one of"),
+        ({"restart_statistics": "yes"}, r"`restart_statistics` must be True or False, got .yes."),
         ({"initial_sparsity": 0.9, "sparsity": 0.5}, r"`initial_sparsity` \(0.9\) must not exceed"),
         ({"sparsity": None}, r"both `mean_threshold` and `std_threshold` must be given"),
         ({"mean_threshold": 1e-3, "std_threshold": 1e-3}, r"give either `sparsity`"),
@@ -324,7 +336,7 @@ def test_80_percent_sparsity_within_2_points_of_dense_on_mnist() -> None:
         ({"sparsity": None, "mean_threshold": 1e-3, "std_threshold": 1e-3, "criterion": "magnitude"}, r"thresholds"),
         ({"statistics": "per_batch"}, r"`statistics` must be one of"),
         ({"structured": True, "statistics": "per_weight"}, r"`statistics`='per_weight' does not apply"),
-        ({"module_types": []}, r"`module_types` must name at least one"),
+        ({"module_types": []}, r"`module_types` must be a non-empty list of type names"),
         ({"module_types": ["Dense"]}, r"`module_types` entry 'Dense' is not a known module type"),
         ({"include": ["("]}, r"`include` entry '\(' is not a valid regular expression"),
         ({"metric": "torchmetrics.NoSuchMetric"}, r"`metric` must be the class path of a torchmetrics Metric"),

@@ -11,11 +11,12 @@ from lightning.pytorch.loggers import Logger
 from safetensors.torch import load_file
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization import load_quantized
-from lightning_compress.reporting.records import report_for
+from tests.helpers import report_of as report_for
 
 
 def _model():
@@ -164,26 +165,36 @@ def test_accuracy_aware_fallback_restores_the_sensitive_layer_to_float(tmp_path)
     assert rec.metric_before - _val_accuracy(model) <= bound  # the bound holds, measured independently
 
 
-def test_more_bits_fallback_moves_the_layer_to_8_bits(tmp_path):
+def test_more_bits_fallback_climbs_the_even_widths_to_8_bits(tmp_path):
     callback = PostTrainingQuantization(
         bits=2, granularity="per_tensor", include=[r"net\.1$"], max_metric_drop=0.005, fallback="more_bits"
     )
     trainer, model = _fit([callback], tmp_path)
     rec = report_for(trainer)
-    assert [(f["layer"], f["to_bits"]) for f in rec.fallbacks] == [("net.1", 8)]
-    assert callback.bits_used == {"net.1": 8}
-    assert len(torch.unique(model.net[1].weight)) <= 256  # per-tensor int8 grid, not float
+    steps = [(f["layer"], f["from_bits"], f["to_bits"]) for f in rec.fallbacks]
+    ladder = [2, 4, 6, 8, 32]
+    assert steps and steps == [("net.1", a, b) for a, b in zip(ladder, ladder[1:])][: len(steps)]
+    final = steps[-1][2]
+    assert callback.bits_used == {"net.1": final} and final <= 8, "int8 per-tensor is within half a point here"
+    assert len(torch.unique(model.net[1].weight)) <= 2**final  # the int grid of the final width, not float
     assert rec.metric_before - _val_accuracy(model) <= 0.005
-    assert "1x int8" in rec.events[-1].note and "1x int2" in rec.events[0].note
+    assert f"1x int{final}" in rec.events[-1].note and "1x int2" in rec.events[0].note
 
 
-class _Finalizer(Callback):
-    """Stands in for the pruning callback: zeroes half of net.1 when asked to finalize."""
+class _Finalizer(CompressionCallback):
+    """Stands in for the pruning callback (a compression callback that finishes first): zeroes half of net.1."""
+
+    finish_order = 0
+    report_name = "finalizer"
 
     def __init__(self):
+        super().__init__()
         self.calls = []
 
-    def finalize_compression(self, trainer, pl_module):
+    def setup(self, trainer, pl_module, stage):
+        self._setup_fit(trainer, pl_module, needs_metric=False)
+
+    def _finish(self, trainer, pl_module):
         weight = pl_module.net[1].weight
         self.calls.append(len(torch.unique(weight)))  # float (many values) or already quantized (<= 256)?
         with torch.no_grad():
@@ -197,7 +208,9 @@ def test_other_callbacks_are_finalized_first_and_zeros_survive(tmp_path):
     )  # listed after: still finalized first
     assert len(finalizer.calls) == 1 and finalizer.calls[0] > 256
     assert bool((model.net[1].weight[:, ::2] == 0).all())
-    assert report_for(trainer).layers["net.1"].sparsity >= 0.5
+    record = report_for(trainer).layers["net.1"]
+    assert record.sparsity == 0.0  # no pruning callback ran: nothing is reported as pruned
+    assert record.zeros_after_rounding >= 0.5  # the zeros are counted apart from pruning
 
 
 def test_with_the_pruning_callback_pruned_weights_stay_pruned(tmp_path):
