@@ -127,7 +127,7 @@ def mlp_section(args, dm: MNIST5kDataModule) -> list[dict]:
             rows.append(measured(model, "float (dequantized)"))
             if kwargs["bits"] == 8:
                 ints = load_quantized(MLPClassifier(hidden=[1792, 1792]), path, int_kernels=True).eval()
-                rows.append(measured(ints, "Int8Linear (_int_mm)"))
+                rows.append(measured(ints, "Int8Linear (self-tested)"))
                 ao = torchao_quantize_(copy.deepcopy(fp32), "int8_dynamic")
                 rows.append(
                     (

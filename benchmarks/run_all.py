@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))  # `_timing`, when run as a script or imported by 
 from _timing import RESULTS, machine_info  # noqa: E402
 
 README = HERE.parent / "README.md"
-NAMES = ("sparsity", "stats_overhead", "structured", "quantization")
+NAMES = ("sparsity", "stats_overhead", "structured", "quantization", "serving")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # Targets from the issues (points of test accuracy, fractions, speed-up factors).
@@ -188,11 +188,19 @@ def quantization_section(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def serving_section(d: dict[str, Any]) -> list[str]:
+    rows = [[c["check"], c["value"], c["target"], verdict(c["pass"])] for c in d["checks"]]
+    return [table(["check", "measured", "target", "verdict"], rows), "",
+            f"CPU capability {d['machine']['cpu_capability']}, {d['threads']} thread(s), "
+            f"onnxruntime {d['machine']['onnxruntime']}."]
+
+
 SECTIONS = {  # name -> (title, builder), in NAMES order
     "sparsity": ("Accuracy vs sparsity (SmallCNN, MNIST-5k)", sparsity_section),
     "stats_overhead": ("Gradient-statistics overhead", stats_section),
     "structured": ("Structured pruning + compaction", structured_section),
     "quantization": ("Post-training quantization", quantization_section),
+    "serving": ("Serving: ONNX Runtime int8 vs fp32 vs ORT's own quantization", serving_section),
 }
 
 

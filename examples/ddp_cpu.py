@@ -42,7 +42,7 @@ def main() -> None:
         limit_val_batches=limit,
         callbacks=[
             GradientStabilityPruning(sparsity=0.6, max_metric_drop=0.03),
-            PostTrainingQuantization(bits=8, max_metric_drop=0.01, export_path=str(out / "model.int8.safetensors")),
+            PostTrainingQuantization(bits=8, max_metric_drop=0.01, export_path="model.int8.safetensors"),
         ],
         default_root_dir=str(out),
         enable_checkpointing=False,

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress import GradientStabilityPruning, PostTrainingQuantization
 from lightning_compress.demos.data import MNIST5kDataModule
-from lightning_compress.quantization import load_quantized
+from lightning_compress import load_compressed
 
 
 class DigitClassifier(pl.LightningModule):
@@ -73,7 +73,6 @@ def main() -> None:
     limit = int(args.limit_batches) if args.limit_batches > 1 else args.limit_batches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    export = out / "model.int4.safetensors"
 
     pl.seed_everything(0)
     pruning = GradientStabilityPruning(
@@ -87,7 +86,7 @@ def main() -> None:
         calibration="mse",
         max_metric_drop=0.01,  # layers that break it go to int8, then float, most sensitive first
         fallback="more_bits",
-        export_path=str(export),
+        export_path="model.int4.safetensors",  # relative: inside this run's log directory (version_N/)
     )
     trainer = pl.Trainer(
         max_epochs=args.max_epochs,
@@ -103,7 +102,8 @@ def main() -> None:
     trainer.fit(model, data)  # prints the compression report at the end
 
     # The export is what you ship: reload it into a fresh instance and test it.
-    reloaded = load_quantized(DigitClassifier(), export)
+    export = Path(trainer.log_dir) / "model.int4.safetensors"
+    reloaded = load_compressed(DigitClassifier(), export)
     tester = pl.Trainer(limit_test_batches=limit, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     (result,) = tester.test(reloaded, data, verbose=False)

@@ -3,14 +3,18 @@
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.core.selection import select_modules
+from lightning_compress.integration.artifacts import load_compressed
 from lightning_compress.quantization import load_quantized, quantize, save_quantized
+from lightning_compress.serving import export_onnx
 from lightning_compress.structure.compaction import compact, load_compacted, save_compacted
 
 __all__ = [
     "GradientStabilityPruning",
     "PostTrainingQuantization",
     "compact",
+    "export_onnx",
     "load_compacted",
+    "load_compressed",
     "load_quantized",
     "quantize",
     "save_compacted",

@@ -57,6 +57,14 @@ class CompressionCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
 
+    def instantiate_classes(self) -> None:
+        """Build model, data, trainer and callbacks; a constructor's refusal (e.g. ``bits`` out of range) becomes a
+        :class:`CLIConfigError`: ``main`` prints its message, which names the argument and the value, alone."""
+        try:
+            super().instantiate_classes()
+        except (TypeError, ValueError) as err:
+            raise CLIConfigError(f"invalid configuration: {err}") from err
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}

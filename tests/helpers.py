@@ -39,13 +39,13 @@ def report_of(trainer: pl.Trainer) -> CompressionReport:
 
 
 class StopAfterEpoch(Callback):
-    """Stops the fit after ``epoch`` epochs (to checkpoint mid-run and resume)."""
+    """Ends the fit after ``epoch`` (0-based), as a crash or a pre-emption would, leaving its checkpoint."""
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch + 1 >= self.epoch:
+        if trainer.current_epoch == self.epoch:
             trainer.should_stop = True
 
 

@@ -36,7 +36,8 @@ def test_train_and_compress(tmp_path: Path) -> None:
     assert "test accuracy of the reloaded int4 export" in stdout
     report = _report(out)
     assert report["sparsity"] > 0 and report["bytes_compressed"] < report["bytes_fp32"]
-    assert (out / "model.int4.safetensors").is_file()
+    (export,) = out.glob("lightning_logs/version_*/model.int4.safetensors")  # in the run's log directory
+    assert report["files"]["quantized"]["path"] == str(export.resolve())
 
 
 def test_compress_pretrained(tmp_path: Path) -> None:
@@ -56,4 +57,4 @@ def test_ddp_cpu(tmp_path: Path) -> None:
     report = _report(out)
     assert report["bytes_compressed"] < report["bytes_fp32"]
     assert {e["kind"] for e in report["events"]} >= {"quantize"}
-    assert (out / "model.int8.safetensors").is_file()
+    assert len(list(out.glob("lightning_logs/version_*/model.int8.safetensors"))) == 1

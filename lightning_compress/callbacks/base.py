@@ -11,6 +11,7 @@ is hung on the ``Trainer``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -22,9 +23,13 @@ from lightning_compress.core.accounting import state_bytes
 from lightning_compress.core.gate import REFERENCES, MetricGate
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration import evaluation
+from lightning_compress.integration.artifacts import CHECKPOINT_KEY, checkpoint_entry, prepare_for_checkpoint
 from lightning_compress.integration.strategy import check_reparametrization, check_strategy, destroy_gloo_group_at_exit
 from lightning_compress.reporting.publish import publish
 from lightning_compress.reporting.records import CompressionReport
+
+
+COMPRESSED_CHECKPOINT = "compressed.ckpt"  # written in the run's log directory at the end of every fit
 
 
 class CompressionCallback(Callback):
@@ -60,6 +65,7 @@ class CompressionCallback(Callback):
         self._finished = False
         self._published = False
         self._has_val = False
+        self._compressed_module: int | None = None  # id() of the module this callback compressed in memory
 
     # ------------------------------------------------------------------ what subclasses provide
     def settings(self) -> dict[str, Any]:
@@ -108,6 +114,52 @@ class CompressionCallback(Callback):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         return evaluation.evaluate(trainer, pl_module, self.metric_spec) if self._has_val else None
 
+    def checkpoint_details(self) -> dict[str, Any]:
+        """What this callback adds to the ``lightning_compress`` entry of a checkpoint written after compression."""
+        return {}
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Mark every checkpoint: ``"training"`` (float weights, pruning in progress: resume from it) or, once the
+        fit's compression is done, ``"compressed"`` with what was done (compacted shapes, quantized layers)."""
+        stage = "compressed" if self._finished else "training"
+        entry = checkpoint.setdefault(CHECKPOINT_KEY, checkpoint_entry(stage))
+        if stage == "compressed":
+            entry["stage"] = stage
+            entry.update(self.checkpoint_details())
+
+    def _guard_checkpoint_loading(self, pl_module: pl.LightningModule) -> None:
+        """For ``validate`` / ``test`` / ``predict`` with a ``ckpt_path``: a compressed checkpoint gets the compacted
+        shapes it needs before Lightning loads it; a checkpoint from before compression is refused when the model in
+        memory is the compressed one (loading it would silently evaluate the float model). Lightning restores a
+        checkpoint after the callbacks' ``setup``, through the module's ``on_load_checkpoint``, wrapped here."""
+        if "on_load_checkpoint" in vars(pl_module):  # already wrapped (by another compression callback)
+            return
+        original = pl_module.on_load_checkpoint
+        compressed_in_memory = any(c._compressed_module == id(pl_module) for c in (self, self._leader))
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            entry = checkpoint.get(CHECKPOINT_KEY)
+            stage = entry.get("stage") if isinstance(entry, dict) else None
+            if compressed_in_memory and stage != "compressed":
+                raise ValueError(
+                    f"`ckpt_path` holds the model as it was during training ({stage or 'no compression entry'}: float "
+                    "weights, original shapes), but the model in memory has been compressed by this Trainer's "
+                    f"{type(self).__name__}; loading it would evaluate the float model. Allowed: no ckpt_path (the "
+                    "compressed model in memory), the fit's `compressed.ckpt`, or "
+                    "`lightning_compress.load_compressed(MyModel(), path)` on a fresh model"
+                )
+            if stage == "compressed":
+                prepare_for_checkpoint(pl_module, checkpoint)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        vars(pl_module).pop("on_load_checkpoint", None)
+
     # ------------------------------------------------------------------ end of fit
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -117,8 +169,9 @@ class CompressionCallback(Callback):
         peers = compression_callbacks(trainer) or [self]
         for peer in sorted(peers, key=lambda callback: callback.finish_order):
             if not peer._finished:
-                peer._finished = True
                 peer._finish(trainer, pl_module)
+                peer._finished = True
+                peer._compressed_module = id(pl_module)
         leader = self._leader
         if not leader._published:
             leader._published = True
@@ -136,6 +189,9 @@ class CompressionCallback(Callback):
                 report.delivered_test_metric = evaluation.evaluate(trainer, pl_module, self.metric_spec, loaders)
         except Exception as err:  # noqa: BLE001 - the test figure is extra; a datamodule without test data says so
             rank_zero_warn(f"lightning-compress: could not evaluate the delivered model on the test data: {err!r}")
+        path = Path(trainer.log_dir or trainer.default_root_dir) / COMPRESSED_CHECKPOINT
+        trainer.save_checkpoint(path)  # every rank calls it; rank zero writes
+        report.files["compressed_checkpoint"] = str(path.resolve())
         publish(report, trainer, pl_module)
 
 

@@ -16,6 +16,7 @@ The callback coordinates the Trainer's hooks; every decision lives in a pure mod
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -38,6 +39,9 @@ from lightning_compress.pruning.statistics import GradientStatistics
 from lightning_compress.pruning.structured import unit_families, unit_sparsity
 from lightning_compress.pruning.tracked import TrackedLayers
 from lightning_compress.reporting.records import CompressionEvent, LayerRecord
+
+
+COMPACTED_FILE = "model.compact.safetensors"  # with compact=True, in the run's log directory
 
 
 class GradientStabilityPruning(CompressionCallback):
@@ -109,6 +113,7 @@ class GradientStabilityPruning(CompressionCallback):
         self._hooks: list[Any] = []
         self._groups: dict[str, Any] | None = None
         self._example_input: Any = None
+        self._compacted = False
 
     @property
     @override
@@ -129,6 +134,7 @@ class GradientStabilityPruning(CompressionCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            self._guard_checkpoint_loading(pl_module)
             return
         self._reset_run()
         self._setup_fit(trainer, pl_module, needs_metric=self.config.evaluate or self.max_metric_drop is not None)
@@ -298,15 +304,23 @@ class GradientStabilityPruning(CompressionCallback):
             record.sparsity = per_layer[name]
             record.bytes_compressed = record.bytes_compressed or fp32
         if self.config.compact and self.unit_masks:
-            from lightning_compress.structure.compaction import compact
+            from lightning_compress.structure.compaction import compact, save_compacted
 
             result = compact(pl_module, self.unit_masks, self._example_input, inplace=True)
             rank_zero_info(f"GradientStabilityPruning: compacted the model: {result}")
-            self.masks, self.unit_masks, self._applied = {}, {}, None
+            self.masks, self.unit_masks, self._applied, self._compacted = {}, {}, None, True
+            path = Path(trainer.log_dir or trainer.default_root_dir) / COMPACTED_FILE
+            if trainer.is_global_zero:
+                save_compacted(pl_module, path)
+            self.report.files["compacted"] = str(path.resolve())
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        super().teardown(trainer, pl_module, stage)
+
+    def checkpoint_details(self) -> dict[str, Any]:
+        return {"compacted": self._compacted, "pruned": self.weight_sparsity() if not self._compacted else None}
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:

@@ -103,12 +103,13 @@ class PostTrainingQuantization(CompressionCallback):
         self.result: QuantizationResult | None = None
         self.bits_used: dict[str, int] = {}  # module name -> final bits (FLOAT_BITS = kept float)
         self.sensitivity: dict[str, float] = {}  # module name -> metric drop quantized alone (when measured)
+        self._export_file: Path | None = None  # export_path resolved in setup
 
     @property
     def float_copy_path(self) -> str | None:
-        if self.export_path is None or not self.save_float_copy:
+        if self._export_file is None or not self.save_float_copy:
             return None
-        return self.export_path.removesuffix(".safetensors") + ".fp32.safetensors"
+        return str(self._export_file).removesuffix(".safetensors") + ".fp32.safetensors"
 
     def settings(self) -> dict[str, Any]:
         return {**vars(self.spec), **super().settings(), "module_types": list(self.selection.module_types),
@@ -119,6 +120,7 @@ class PostTrainingQuantization(CompressionCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            self._guard_checkpoint_loading(pl_module)
             return
         self._setup_fit(trainer, pl_module, needs_metric=True)
         self.float_weights, self.result, self.bits_used, self.sensitivity = {}, None, {}, {}
@@ -127,13 +129,34 @@ class PostTrainingQuantization(CompressionCallback):
             raise ValueError(f"nothing to quantize in {type(pl_module).__name__}: no module matches "
                              f"{self.selection.describe()}")
         check_group_size(layers, self.spec)
-        if self.export_path is not None:
-            parent = Path(self.export_path).resolve().parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise ValueError(
-                    f"`export_path`={self.export_path!r}: its directory {str(parent)!r} does not exist or is not "
-                    "writable; allowed: a path in an existing, writable directory, or None"
-                )
+        self._export_file = None if self.export_path is None else self._resolve_export(trainer)
+
+    def _resolve_export(self, trainer: pl.Trainer) -> Path:
+        """A relative ``export_path`` lands in this run's log directory (``.../version_N/``), so runs never overwrite
+        each other's exports; an absolute one is used as given, and refused if a file is already there."""
+        given = Path(str(self.export_path))
+        path = given if given.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / given
+        if path.is_dir():
+            raise ValueError(f"`export_path`={self.export_path!r} is an existing directory; allowed: a file path ending "
+                             "in '.safetensors', or None")
+        if given.is_absolute() and path.exists():
+            raise ValueError(f"`export_path`={self.export_path!r} already exists; allowed: a new file, or a relative "
+                             "path (kept inside each run's log directory)")
+        parent = path.parent
+        if trainer.is_global_zero:
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"`export_path`={self.export_path!r}: its directory {str(parent)!r} cannot be created "
+                                 f"({err.strerror}); allowed: a path in a writable directory, or None") from None
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"`export_path`={self.export_path!r}: its directory {str(parent)!r} is not writable; "
+                                 "allowed: a path in a writable directory, or None")
+        return path
+
+    def checkpoint_details(self) -> dict[str, Any]:
+        return {"quantized": dict(self.bits_used),
+                "export": str(self._export_file.resolve()) if self._export_file is not None else None}
 
     def _layers(self, pl_module: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         s = self.selection
@@ -200,15 +223,16 @@ class PostTrainingQuantization(CompressionCallback):
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the export (rank zero). If writing fails, the float weights are put back first: the trained model
         is never lost to a full disk."""
-        if self.export_path is not None and trainer.is_global_zero and self.result is not None:
+        if self._export_file is not None and trainer.is_global_zero and self.result is not None:
             try:
-                save_quantized(pl_module, self.result, self.export_path)
+                save_quantized(pl_module, self.result, self._export_file)
             except BaseException:
                 self.restore_float(pl_module)
-                rank_zero_warn(f"PostTrainingQuantization: writing {self.export_path!r} failed; the model in memory "
-                               "holds its float weights again")
+                rank_zero_warn(f"PostTrainingQuantization: writing {str(self._export_file)!r} failed; the model in "
+                               "memory holds its float weights again")
                 raise
-            self.report.files["quantized"] = str(Path(self.export_path).resolve())
+        if self._export_file is not None:
+            self.report.files["quantized"] = str(self._export_file.resolve())
         if self.float_copy_path is not None:
             self.report.files["float_copy"] = str(Path(self.float_copy_path).resolve())
         trainer.strategy.barrier("lightning_compress.quantization.export")

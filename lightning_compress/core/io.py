@@ -140,8 +140,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         size = os.fstat(handle.fileno()).st_size
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise UntrustedFileError(f"{name!r} is not a safetensors file: {size} bytes, shorter than the 8-byte header "
-                                     "length (truncated or empty)")
+            raise UntrustedFileError(f"{name!r} is not a safetensors file: {size} bytes, shorter than the 8-byte "
+                                     "header length (truncated or empty)")
         (length,) = struct.unpack("<Q", prefix)
         if length > min(MAX_HEADER_BYTES, size - 8):
             raise UntrustedFileError(f"{name!r} declares a {length}-byte header but holds {size} bytes in all "
@@ -154,7 +154,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     if not isinstance(header, dict):
         raise UntrustedFileError(f"{name!r}: the safetensors header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UntrustedFileError(f"{name!r}: `__metadata__` must map strings to strings, got {metadata!r:.200}")
     data_bytes = size - 8 - length
     tensors = {key: _tensor_entry(name, key, info, data_bytes) for key, info in header.items()}

@@ -69,12 +69,13 @@ def select_modules(
 ) -> dict[str, nn.Module]:
     """Modules of ``model`` (by qualified name, in registration order) that are an instance of one of
     ``module_types``, whose name matches one of the ``include`` regexes (all if none given) and none of the
-    ``exclude`` regexes. Regexes are matched with ``re.search`` against names such as ``"encoder.layers.0.linear1"``.
+    ``exclude`` regexes. Regexes are matched with ``re.search`` against names such as ``"encoder.layers.0.linear1"``
+    (:data:`MATCH_RULE`). Each argument is a list: a bare string is refused (it would be read character by character).
     A module shared under two names is selected once, under its first name.
     """
-    types = tuple(resolve_module_type(t) for t in module_types)
-    include_re = compile_patterns("include", include)
-    exclude_re = compile_patterns("exclude", exclude)
+    types = tuple(resolve_module_type(t) for t in check_names("module_types", module_types, allow_none=False) or ())
+    include_re = compile_patterns("include", check_names("include", include))
+    exclude_re = compile_patterns("exclude", check_names("exclude", exclude))
     selected: dict[str, nn.Module] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
@@ -132,10 +133,13 @@ class Selection:
         return [*lines, f"selected {len(selected)} module(s): {', '.join(selected) or 'none'}"]
 
     def describe(self) -> str:
-        return f"`module_types`={list(self.module_types)}, `include`={list(self.include)}, `exclude`={list(self.exclude)}"
+        return (f"`module_types`={list(self.module_types)}, `include`={list(self.include)}, "
+                f"`exclude`={list(self.exclude)}")
 
 
-MATCH_RULE = "re.search on qualified module names: a pattern matches anywhere in the name, e.g. 'net.1' also matches 'net.11'"
+MATCH_RULE = (
+    "re.search on qualified module names: a pattern matches anywhere in the name, e.g. 'net.1' also matches 'net.11'"
+)
 
 
 def pattern_matches(
@@ -171,7 +175,7 @@ def explain_matches(argument: str, matches: dict[str, list[str]]) -> list[str]:
     ``net.11``), the anchored pattern that names one module."""
     lines = []
     for pattern, found in matches.items():
-        line = f"`{argument}` {pattern!r} (re.search) matched {len(found)}: {', '.join(found) or 'nothing'}"
+        line = f"`{argument}` '{pattern}' (re.search) matched {len(found)}: {', '.join(found) or 'nothing'}"
         exact = [n for n in found if n == pattern or re.fullmatch(pattern, n)]
         if len(found) > 1 and len(exact) == 1:
             line += f" -- to match only {exact[0]!r}, write '{anchored(exact[0])}'"

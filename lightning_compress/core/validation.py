@@ -7,6 +7,7 @@ strips those.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -30,7 +31,7 @@ def check_number(
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
         raise TypeError(f"`{name}` must be {kind}, got {value!r} ({type(value).__name__})")
-    if value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, float) and not math.isfinite(value):  # ints are finite (and may exceed a float)
         raise ValueError(f"`{name}` must be finite, got {value!r}")
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)

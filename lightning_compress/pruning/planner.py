@@ -1,8 +1,19 @@
 """What the next pruning event removes: scores -> new keep-masks for a target sparsity (or the article's
-thresholds), unstructured or by unit. No Lightning import."""
+thresholds), unstructured or by unit. No Lightning import.
+
+Structured targets (``structured_target``):
+
+``units``  ``target`` is the fraction of the prunable units removed (a coupled set counted once). Blocks (attention
+           heads) are ranked by their score per unit, so a head competes with single neurons on equal terms.
+``macs``   ``target`` is the fraction of the analysed layers' multiply-accumulates removed (see
+           :func:`lightning_compress.structure.macs.estimated_macs`). Blocks are ranked by score per MAC their
+           removal saves (first order, at the current masks), and the number removed is chosen so the estimated
+           MACs come closest to the target: a channel at 32x32 resolution costs 16x one at 8x8, so it goes sooner.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,8 +24,10 @@ from lightning_compress.pruning import criteria, selection
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.masks import expand_unit_masks
 from lightning_compress.pruning.statistics import GradientStatistics
-from lightning_compress.pruning.structured import family_mask, unit_families
+from lightning_compress.pruning.structured import BlockLayout, family_blocks, family_mask, layout, unit_families
 from lightning_compress.pruning.tracked import TrackedLayers
+
+STRUCTURED_TARGETS = ("units", "macs")
 
 
 def plan_masks(
@@ -26,40 +39,150 @@ def plan_masks(
     unit_masks: Mapping[str, Tensor],
     groups: Mapping[str, Any] | None,
     target: float | None,
+    *,
+    structured_target: str = "units",
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """New (parameter masks, unit masks), on the CPU. ``target`` None prunes by the config's thresholds. Masks only
     shrink: what ``masks`` / ``unit_masks`` already prune stays pruned."""
+    if structured_target not in STRUCTURED_TARGETS:
+        raise ValueError(f"`structured_target` must be one of {list(STRUCTURED_TARGETS)}, got {structured_target!r}")
     names = layers.names
     weights = [w.detach() for w in layers.weights()]
-    if config.structured:
-        families = unit_families(names, groups)
-        if not families:
-            reasons = {n: g.reason for n, g in (groups or {}).items() if n in layers.modules}
-            raise RuntimeError(f"structured pruning: no selected layer can lose units safely: {reasons}")
-        by_name = dict(zip(names, criteria.unit_scores(config.criterion, layers.weights(), stats)))
-        # a coupled set shares its units: one score (the members' mean), one mask for all of them
-        scores = [torch.stack([by_name[n].float() for n in family]).mean(0) for family in families]
-        units = layers.num_units()
-        current = [family_mask(f, unit_masks, units[f[0]], by_name[f[0]].device) for f in families]
-    else:
+    if not config.structured:
         scores = criteria.weight_scores(config.criterion, weights, stats)
         current = [
             masks.get(f"{n}.weight", torch.ones_like(w, dtype=torch.bool)).to(w.device) for n, w in zip(names, weights)
         ]
-    if target is None:  # the article's thresholds
-        if stats is None or config.mean_threshold is None or config.std_threshold is None:
-            raise ValueError("pruning by thresholds needs gradient statistics and both thresholds")
-        flags = criteria.below_thresholds(stats, config.structured, config.mean_threshold, config.std_threshold)
-        flags_by_name = dict(zip(names, flags))
-        if config.structured:  # a shared unit goes when every member flags it
-            flagged = [torch.stack([flags_by_name[n] for n in family]).all(0) for family in families]
+        if target is None:
+            flags = _thresholds(config, stats)
+            keep = selection.threshold_masks(flags, current, scores, config.min_keep)
         else:
-            flagged = [flags_by_name[n] for n in names]
-        keep = selection.threshold_masks(flagged, current, scores, config.min_keep)
-    else:
-        keep = selection.keep_masks(scores, current, target, scope=config.scope, min_keep=config.min_keep)
-    if config.structured:
-        new_units = {n: k.cpu() for family, k in zip(families, keep) for n in family}
-        return {n: m.cpu() for n, m in expand_unit_masks(model, new_units, groups).items()}, new_units
-    return {f"{n}.weight": k.cpu() for n, k in zip(names, keep)}, {}
+            keep = selection.keep_masks(scores, current, target, scope=config.scope, min_keep=config.min_keep)
+        return {f"{n}.weight": k.cpu() for n, k in zip(names, keep)}, {}
 
+    families = unit_families(names, groups)
+    if not families:
+        reasons = {n: g.reason for n, g in (groups or {}).items() if n in layers.modules}
+        raise RuntimeError(f"structured pruning: no selected layer can lose units safely: {reasons}")
+    rows = layers.num_units()
+    layouts = {n: layout(n, groups, rows[n]) for family in families for n in family}
+    by_name = dict(zip(names, criteria.unit_scores(config.criterion, layers.weights(), stats)))
+    scores = [family_blocks(family, by_name, layouts) for family in families]
+    current = [layouts[f[0]].to_blocks(family_mask(f, unit_masks, rows[f[0]]), "any") for f in families]
+    if target is None:
+        flags_by_name = dict(zip(names, _thresholds(config, stats)))  # a block goes when every row of every member
+        flagged = [torch.stack([layouts[n].to_blocks(flags_by_name[n].cpu(), "all") for n in f]).all(0)
+                   for f in families]
+        keep = selection.threshold_masks(flagged, current, scores, config.min_keep)
+    elif structured_target == "units" and all(lay == BlockLayout(lay.rows) for lay in layouts.values()):
+        keep = selection.keep_masks(scores, current, target, scope=config.scope, min_keep=config.min_keep)
+    else:
+        keep = _weighted_keep(families, layouts, scores, current, target, config, groups, structured_target)
+    new_units = {n: layouts[n].to_rows(k.cpu()) for family, k in zip(families, keep) for n in family}
+    return expand_masks(model, new_units, groups), new_units
+
+
+def _thresholds(config: PruningConfig, stats: GradientStatistics | None) -> list[Tensor]:
+    if stats is None or config.mean_threshold is None or config.std_threshold is None:
+        raise ValueError("pruning by thresholds needs gradient statistics and both thresholds")
+    return criteria.below_thresholds(stats, config.structured, config.mean_threshold, config.std_threshold)
+
+
+def _weighted_keep(
+    families: list[list[str]],
+    layouts: Mapping[str, BlockLayout],
+    scores: list[Tensor],
+    current: list[Tensor],
+    target: float,
+    config: PruningConfig,
+    groups: Mapping[str, Any] | None,
+    structured_target: str,
+) -> list[Tensor]:
+    """Remove blocks in ascending order of score per cost (units, or MACs saved) until the fraction removed is
+    closest to ``target`` (per family with ``scope="layer"``). Each family keeps its ``min_keep`` floor of blocks."""
+    if structured_target == "macs":
+        if not groups or any(f[0] not in groups for f in families):
+            raise ValueError("`structured_target`='macs' needs the dependency analysis (an example input) for every "
+                             "selected layer")
+        from lightning_compress.structure.macs import block_macs, estimated_macs
+
+        rows_of = {n: lay.to_rows for n, lay in layouts.items()}
+        costs = block_macs(groups, families, {n: rows_of[n](k) for f, k in zip(families, current) for n in f})
+        dense = estimated_macs(groups, {})
+
+        def removed(keeps: list[Tensor]) -> float:
+            unit_masks = {n: rows_of[n](k) for f, k in zip(families, keeps) for n in f}
+            return 1.0 - estimated_macs(groups, unit_masks) / max(dense, 1e-12)
+    else:
+        costs = [float(layouts[f[0]].rows_per_block) for f in families]
+        total = sum(layouts[f[0]].rows for f in families)
+
+        def removed(keeps: list[Tensor]) -> float:
+            return 1.0 - sum(int(k.sum()) * c for k, c in zip(keeps, costs)) / max(total, 1)
+
+    candidates = []  # (score per cost, family, block) of the blocks that may go
+    for i, (score, keep) in enumerate(zip(scores, current)):
+        floor = min(selection.floor_count(keep.numel(), config.min_keep), int(keep.sum()))
+        s = torch.nan_to_num(score.float(), nan=0.0).masked_fill(~keep, float("-inf"))
+        protected = selection.top_k(s, floor)
+        ratio = s / costs[i] if costs[i] > 0 else torch.full_like(s, float("inf"))
+        candidates += [(float(ratio[b]), i, b) for b in range(keep.numel()) if bool(keep[b]) and not protected[b]]
+    candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+
+    def after(chosen: list[tuple[float, int, int]]) -> list[Tensor]:
+        keeps = [k.clone() for k in current]
+        for _, i, b in chosen:
+            keeps[i][b] = False
+        return keeps
+
+    if config.scope == "layer":
+        keeps = []
+        for i in range(len(families)):
+            mine = [c for c in candidates if c[1] == i]
+            n_blocks = current[i].numel()
+            goal = target * n_blocks - (n_blocks - int(current[i].sum()))
+            keeps.append(after(mine[: max(0, min(len(mine), int(round(goal))))])[i])
+        return keeps
+    if removed(current) >= target:
+        return current
+    low, high = 0, len(candidates)  # smallest prefix reaching the target (removed() grows with the prefix)
+    while low < high:
+        middle = (low + high) // 2
+        if removed(after(candidates[:middle])) >= target - 1e-12:
+            high = middle
+        else:
+            low = middle + 1
+    if low > 0 and math.fabs(removed(after(candidates[: low - 1])) - target) < math.fabs(
+        removed(after(candidates[:low])) - target
+    ):
+        low -= 1
+    return after(candidates[:low])
+
+
+def expand_masks(
+    model: nn.Module, unit_keep: Mapping[str, Tensor], groups: Mapping[str, Any] | None
+) -> dict[str, Tensor]:
+    """Parameter keep-masks for unit masks: :func:`~lightning_compress.pruning.masks.expand_unit_masks` for Linear /
+    Conv producers; for an attention module its ``in_proj_weight`` rows and ``in_proj_bias``, and the columns of
+    ``out_proj`` (its consumer) that the kept heads feed."""
+    from lightning_compress.structure.attention import ATTENTION_TYPES
+
+    modules = dict(model.named_modules())
+    attention = {n: k for n, k in unit_keep.items() if isinstance(modules[n], ATTENTION_TYPES)}
+    out = expand_unit_masks(model, {n: k for n, k in unit_keep.items() if n not in attention}, groups)
+    for name, keep in attention.items():
+        module, keep = modules[name], keep.bool()
+        out[f"{name}.in_proj_weight"] = keep.view(-1, 1).expand_as(module.in_proj_weight).clone()
+        if module.in_proj_bias is not None:
+            out[f"{name}.in_proj_bias"] = keep.clone()
+        group = (groups or {}).get(name)
+        if group is not None and group.prunable:
+            units = keep.view(group.parts, -1).any(0)
+            for consumer, repeat, offset in group.consumers:
+                weight = modules[consumer].weight
+                cols = torch.ones(weight.shape[1], dtype=torch.bool)
+                cols[offset : offset + units.numel() * repeat] = units.repeat_interleave(repeat)
+                column_mask = cols.view(1, -1).expand_as(weight).clone()
+                key = f"{consumer}.weight"
+                out[key] = out[key] & column_mask if key in out else column_mask
+    return {n: m.cpu() for n, m in out.items()}

@@ -10,8 +10,8 @@ Two granularities, chosen per use:
   M2), about 2x the tracked parameters, plus one scratch block. The buffers are flat and the gradients are
   processed in blocks (on CPU at most ``_BLOCK`` elements, small tensors sharing one) through that reused scratch
   buffer, so a step allocates nothing and a small model costs a handful of ops.
-* **per unit** (``per_unit=True``; costs almost nothing in memory): for each output unit (row of a Linear weight, output channel
-  of a Conv weight) two per-step signals, stored 32 steps at a time and merged into a float64 mean / M2:
+* **per unit** (``per_unit=True``; costs almost nothing in memory): for each output unit (row of a Linear weight,
+  output channel of a Conv weight) two per-step signals, stored 32 steps at a time and merged into a float64 mean / M2:
   ``rms`` = root-mean-square of the unit's gradient (near zero and stable => the unit is unimportant) and
   ``taylor`` = ``sum_j w_ij * g_ij``, the first-order change of the loss if the unit were removed
   (Molchanov et al., 2019: importance ``E[(sum w*g)^2]``).
@@ -41,74 +41,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-
-class _RunningMoments:
-    """Count / mean / M2 (float64) of a stream of equally shaped float32 samples. Samples are stored in a block of
-    ``block`` rows (one copy per sample) and merged with Chan et al.'s formula when the block is full or before
-    any read: per sample that is one op instead of Welford's five, and the block's own moments are two-pass."""
-
-    def __init__(self, shape: tuple[int, ...], device: torch.device, block: int = 32) -> None:
-        self.count = 0
-        self._mean = torch.zeros(shape, dtype=torch.float64, device=device)
-        self._m2 = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.pending = torch.empty((block, *shape), dtype=torch.float32, device=device)
-        self.n_pending = 0
-
-    def add(self, x: Tensor) -> None:
-        self.pending[self.n_pending].copy_(x)
-        self.n_pending += 1
-        if self.n_pending == len(self.pending):
-            self.flush()
-
-    def flush(self) -> None:
-        n_b = self.n_pending
-        if n_b == 0:
-            return
-        block = self.pending[:n_b].to(torch.float64)
-        mean_b = block.mean(0)
-        m2_b = (block - mean_b).square_().sum(0)
-        n = self.count + n_b
-        delta = mean_b - self._mean
-        self._mean.add_(delta, alpha=n_b / n)
-        self._m2.add_(m2_b).addcmul_(delta, delta, value=self.count * n_b / n)
-        self.count, self.n_pending = n, 0
-
-    @property
-    def mean(self) -> Tensor:
-        self.flush()
-        return self._mean
-
-    @property
-    def m2(self) -> Tensor:
-        self.flush()
-        return self._m2
-
-    def variance(self) -> Tensor:
-        return (self.m2 / max(self.count, 1)).clamp_min(0)
-
-    def state_dict(self, rows: Sequence[str]) -> dict:
-        """Saved as it is (pending samples not merged), so a resumed run merges at the same steps. One entry per
-        row of the first dimension, named by ``rows``."""
-        return {
-            **{key: {"count": self.count, "mean": self._mean[row].cpu().clone(), "m2": self._m2[row].cpu().clone()}
-               for row, key in enumerate(rows)},
-            "pending": self.pending[: self.n_pending].cpu().clone(),
-        }
-
-    def load_state_dict(self, state: dict, rows: Sequence[str]) -> None:
-        self.count = int(state[rows[0]]["count"])
-        for row, key in enumerate(rows):
-            _copy_checked(f"per-unit {key}", [self._mean[row], self._m2[row]],
-                          [state[key]["mean"], state[key]["m2"]], ["mean", "m2"])
-        pending = state.get("pending")
-        if pending is not None and (pending.dim() != self.pending.dim() or len(pending) > len(self.pending)
-                                    or pending.shape[1:] != self.pending.shape[1:]):
-            raise ValueError(f"the checkpoint's pending per-unit samples are shaped {tuple(pending.shape)}, expected "
-                             f"(<= {len(self.pending)}, {', '.join(map(str, self.pending.shape[1:]))})")
-        self.n_pending = 0 if pending is None else len(pending)
-        if pending is not None:
-            self.pending[: len(pending)].copy_(pending)
-
+from lightning_compress.pruning.moments import RunningMoments as _RunningMoments
+from lightning_compress.pruning.moments import copy_checked as _copy_checked
 
 MAX_STEP = 1e15  # largest |g - mean| (and per-unit signal) of a counted step; see the module docstring
 _WEIGHT_FORMAT = "welford-v2"  # per-weight state: running mean and M2, count = GradientStatistics.count
@@ -164,7 +98,8 @@ class GradientStatistics:
             self._mean, self._m2 = (self._views(b) for b in self._flat.values())
 
     def _views(self, flat: Tensor) -> list[Tensor]:
-        return [part.view(shape) for part, shape in zip(torch.split(flat, [s.numel() for s in self.shapes]), self.shapes)]
+        parts = torch.split(flat, [s.numel() for s in self.shapes])
+        return [part.view(shape) for part, shape in zip(parts, self.shapes)]
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()  # called from on_after_backward with autograd on: never build a graph across steps
@@ -330,18 +265,6 @@ class GradientStatistics:
 def _peak(t: Tensor) -> float:
     """Largest ``|t|`` (NaN if ``t`` holds one, so that ``not _peak(t) <= bound`` refuses it)."""
     return float(torch.linalg.vector_norm(t, math.inf))
-
-
-def _copy_checked(what: str, destinations: Sequence[Tensor], sources: Sequence[Tensor], names: Sequence[str]) -> None:
-    """Copy checkpoint tensors into the buffers, refusing any of another shape (``copy_`` would broadcast it)."""
-    if len(sources) != len(destinations):
-        raise ValueError(f"the checkpoint holds {len(sources)} {what} tensors, this run tracks {len(destinations)}")
-    for name, dst, src in zip(names, destinations, sources):
-        if not isinstance(src, Tensor) or src.shape != dst.shape:
-            got = tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__
-            raise ValueError(f"the checkpoint's {what} statistics of {name!r} are shaped {got}, expected "
-                             f"{tuple(dst.shape)}: a checkpoint of another model?")
-        dst.copy_(src)
 
 
 _BLOCK = 1 << 20  # elements (4 MiB of float32) per block of shifted gradients on CPU: stays in the cache

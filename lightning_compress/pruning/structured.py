@@ -1,9 +1,16 @@
-"""Structured pruning's units: which selected layers can lose output units, and which of them share their units
-(coupled sets: producers a residual add sums must drop the same channels). No Lightning import."""
+"""Structured pruning's units: which selected layers can lose output units, which of them share their units
+(coupled sets: producers a residual add sums, the q / k / v of one attention), and how units group into *blocks*
+that go together (an attention head: ``head_dim`` rows of q, k and v). No Lightning import.
+
+Unit masks are over the rows of each layer's unit weight (a Linear's weight rows, an attention module's
+``in_proj_weight`` rows); scores come per row from the gradient statistics, and a block's score is the mean of its
+rows' scores over its parts and over the members of its coupled set.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,11 +19,13 @@ from torch import Tensor
 
 def unit_families(selected: Iterable[str], groups: Mapping[str, Any] | None) -> list[list[str]]:
     """The selected layers that can lose units, as sets that share their units: a layer alone, or the producers a
-    residual add couples (those of them that are selected). ``groups`` are the dependency analysis's
-    ``UnitGroup`` s by layer name; a layer the analysis has not seen (or before it ran) stands alone."""
+    residual add / an attention couples (those of them that are selected). ``groups`` are the dependency analysis's
+    ``UnitGroup`` s by layer name. Before the analysis ran (``groups`` None or empty) every layer stands alone;
+    after it, a selected layer it has no group for (an ``Embedding``: its rows are no output units) is left out."""
+    analysed = bool(groups)
     groups = groups or {}
     selected = list(selected)
-    prunable = [n for n in selected if groups.get(n) is None or groups[n].prunable]
+    prunable = [n for n in selected if (n not in groups and not analysed) or (n in groups and groups[n].prunable)]
     families, seen = [], set()
     for name in prunable:
         if name in seen:
@@ -28,8 +37,54 @@ def unit_families(selected: Iterable[str], groups: Mapping[str, Any] | None) -> 
     return families
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """Rows = ``parts`` copies of ``units`` units; units go in blocks of ``block``."""
+
+    rows: int
+    parts: int = 1
+    block: int = 1
+
+    @property
+    def units(self) -> int:
+        return self.rows // self.parts
+
+    @property
+    def blocks(self) -> int:
+        return self.units // self.block
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.block * self.parts
+
+    def to_blocks(self, per_row: Tensor, reduce: str = "mean") -> Tensor:
+        """(rows,) -> (blocks,): the mean (scores), ``any`` (keep-masks) or ``all`` (flags) over each block's rows."""
+        view = per_row.reshape(self.parts, self.blocks, self.block).transpose(0, 1).reshape(self.blocks, -1)
+        if reduce == "any":
+            return view.any(1)
+        if reduce == "all":
+            return view.all(1)
+        return view.float().mean(1)
+
+    def to_rows(self, per_block: Tensor) -> Tensor:
+        """(blocks,) -> (rows,): every row of a block takes the block's value."""
+        return per_block.repeat_interleave(self.block).repeat(self.parts)
+
+
+def layout(name: str, groups: Mapping[str, Any] | None, rows: int) -> BlockLayout:
+    group = (groups or {}).get(name)
+    if group is None:
+        return BlockLayout(rows)
+    return BlockLayout(rows, group.parts, group.block)
+
+
+def family_blocks(family: list[str], per_row: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]) -> Tensor:
+    """One score per block of a coupled set: the mean of its rows' scores over parts and members."""
+    return torch.stack([layouts[n].to_blocks(per_row[n].detach().float().cpu()) for n in family]).mean(0)
+
+
 def family_mask(family: list[str], unit_masks: Mapping[str, Tensor], num_units: int, device: Any = None) -> Tensor:
-    """The units a family keeps: those every member keeps (all of them before the first event)."""
+    """The rows a family keeps: those every member keeps (all of them before the first event)."""
     keep = torch.ones(num_units, dtype=torch.bool)
     for name in family:
         if name in unit_masks:

@@ -43,7 +43,7 @@ from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, compile_patt
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.quantization.calibration import feed, take_batches, to_device
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, rungs
-from lightning_compress.quantization.gptq import BLOCK_SIZE, DAMP, gptq_model, gptq_supports
+from lightning_compress.quantization.gptq import GPTQConfig, gptq_model, gptq_supports
 from lightning_compress.quantization.packing import packed_nbytes
 from lightning_compress.quantization.primitives import (
     QuantizedTensor,
@@ -254,8 +254,7 @@ def quantize(
     calibration_data: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     calibration_batches: int = 32,
-    gptq_damp: float = DAMP,
-    gptq_block_size: int = BLOCK_SIZE,
+    gptq: GPTQConfig | None = None,
     metric_fn: Callable[[nn.Module], float] | None = None,
     max_metric_drop: float | None = None,
     higher_is_better: bool = True,
@@ -280,7 +279,7 @@ def quantize(
             ``calibration_batches`` are used, moved to the model's device.
         forward: how a batch is fed, ``forward(model, batch)``; default: dicts as ``model(**batch)``, tuples / lists
             as ``model(batch[0])``, anything else as ``model(batch)``.
-        gptq_damp, gptq_block_size: GPTQ's dampening (fraction of the mean Hessian diagonal) and lazy-batch width.
+        gptq: :class:`~.gptq.GPTQConfig` (dampening, block size, act order, sequential); default ``GPTQConfig()``.
         metric_fn: ``metric_fn(model) -> float`` measured on the float model and after quantization
             (``higher_is_better`` says its direction); with ``max_metric_drop`` the layers fall back, most sensitive
             first, along ``fallback``: ``"more_bits"`` (every even width above ``bits`` up to 8, then float) or
@@ -304,6 +303,8 @@ def quantize(
             raise ValueError(f"`max_metric_drop`={max_metric_drop} needs `metric_fn` (a callable model -> float)")
     if forward is not None and not callable(forward):
         raise TypeError(f"`forward` must be a callable (model, batch) -> output, got {forward!r}")
+    if gptq is not None and not isinstance(gptq, GPTQConfig):
+        raise TypeError(f"`gptq` must be a GPTQConfig or None, got {gptq!r}")
     if method == "gptq" and calibration_data is None:
         raise ValueError("`method`='gptq' needs `calibration_data`: an iterable of batches the model can run")
     defaults = module_types is None
@@ -331,7 +332,7 @@ def quantize(
     if method == "gptq":
         data = calibration_data if calibration_data is not None else ()
         cache = _gptq(model, layers, specs, floats, data, forward or feed, calibration_batches,
-                      gptq_damp, gptq_block_size, result.notes)
+                      gptq or GPTQConfig(), result.notes)
     else:
         cache = {(n, plan[n]): quantize_layer(n, m, specs[n]) for n, m in layers.items()}
     if metric_fn is not None:
@@ -373,8 +374,7 @@ def _gptq(
     data: Iterable[Any],
     run: Callable[[nn.Module, Any], Any],
     limit: int,
-    damp: float,
-    block_size: int,
+    config: GPTQConfig,
     notes: dict[str, str],
 ) -> dict[tuple[str, int], LayerQuantization]:
     """GPTQ where it applies (layers in forward order, from the quantized layers' outputs); round to nearest first
@@ -390,7 +390,7 @@ def _gptq(
     training = model.training
     model.eval()
     try:
-        qtensors, left = gptq_model(model, todo, specs, batches, run, damp=damp, block_size=block_size)
+        qtensors, left = gptq_model(model, todo, specs, batches, run, config)
     finally:
         model.train(training)
     for name, module in todo.items():

@@ -35,14 +35,14 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.core._compat import has_int8_matmul, int8_matmul
+from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec, quantize_tensor
 
 _ACT_QMAX = 127.0  # symmetric activation codes in [-127, 127]
@@ -55,6 +55,10 @@ _FUSED_PARENTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Mul
 
 class Int8Linear(nn.Module):
     """A Linear layer with int8 weights (one float scale per output row) and int8 dynamic activations."""
+
+    qweight: Tensor
+    weight_scale: Tensor
+    bias: Tensor | None
 
     def __init__(self, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()

@@ -44,6 +44,7 @@ class Graph:
             self._names.add(node.name)
         self._qdq: dict[str, str] = {}  # tensor -> its DequantizeLinear output
         self.params: dict[str, tuple[float, int]] = {}  # activation tensor -> (scale, uint8 zero point)
+        self.dynamic: dict[str, tuple[str, str, str]] = {}  # tensor -> its DynamicQuantizeLinear outputs
 
     # ------------------------------------------------------------------------------------------ names and values
     def unique(self, name: str) -> str:

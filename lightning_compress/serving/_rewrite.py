@@ -78,13 +78,11 @@ def _bias(graph: Graph, bias: str | None, shape: tuple[int, ...]) -> str | None:
 
 
 def _dynamic_input(graph: Graph, tensor: str) -> tuple[str, str, str]:
-    cached = getattr(graph, "_dynamic", {})
-    if tensor not in cached:
-        outs = [graph.unique(f"{tensor}_{s}") for s in ("quantized", "scale", "zero_point")]
-        graph.add_node("DynamicQuantizeLinear", [tensor], outs)
-        cached[tensor] = tuple(outs)
-        graph._dynamic = cached  # type: ignore[attr-defined]
-    return cached[tensor]
+    if tensor not in graph.dynamic:  # one DynamicQuantizeLinear per activation, shared by its readers
+        q, s, z = (graph.unique(f"{tensor}_{part}") for part in ("quantized", "scale", "zero_point"))
+        graph.add_node("DynamicQuantizeLinear", [tensor], [q, s, z])
+        graph.dynamic[tensor] = (q, s, z)
+    return graph.dynamic[tensor]
 
 
 def dynamic(graph: Graph, site: WeightSite, key: str, codes: np.ndarray, scale: np.ndarray) -> str:

@@ -1,40 +1,47 @@
-"""Physically remove pruned units, giving a smaller dense model; save it and load it back. Pure PyTorch.
+"""Physically remove pruned units, giving a smaller dense model. Pure PyTorch.
 
-:func:`compact` takes keep-masks over the output units of Linear / Conv layers ("producers") and, using the
-dependency groups of :func:`lightning_compress.structure.dependency.find_unit_groups`, slices the producer's weight rows
-and bias, its BatchNorm followers' weight / bias / running statistics, and the consumers' input columns
-(``repeat`` columns per unit after a flatten, shifted by ``offset`` after a concat), updating
+:func:`compact` takes keep-masks over the units of Linear / Conv layers and attention modules ("producers") and,
+using the dependency groups of :func:`lightning_compress.structure.dependency.find_unit_groups`, slices the
+producer's weight rows and bias, its BatchNorm followers' weight / bias / running statistics, and the consumers'
+input columns (``repeat`` columns per unit after a flatten, shifted by ``offset`` after a concat), updating
 ``in_features`` / ``out_features`` / ``in_channels`` / ``out_channels`` / ``num_features``.
 
-- Coupled producers (a residual add) share their units: a unit goes only when *every* coupled producer drops
-  it (a missing mask keeps all), so a unit some branch still uses is never cut.
+- Coupled producers (a residual add, the q / k / v of attention) share their units: a unit goes only when *every*
+  coupled producer drops it (a missing mask keeps all), and units go in whole blocks (a head goes when none of its
+  rows is kept, in any part).
+- Attention: ``nn.MultiheadAttention`` is replaced by a :class:`~lightning_compress.structure.attention.
+  PrunedMultiheadAttention` with the kept heads; a module holding Hugging Face style ``num_attention_heads`` /
+  ``all_head_size`` next to its q / k / v Linears gets them updated.
 - Units of unprunable groups are kept; the layers are listed in ``CompactionResult.skipped`` with the reason.
 - Safety net: before committing, the compacted model is run on a random input shaped like ``example_input``
   (eval mode) and compared with the *masked* model (the removed units' producer rows, biases and follower
   weight / bias zeroed; consumers untouched). On a mismatch every change is rolled back and a ``RuntimeError``
-  raised, so the model is never left silently wrong.
+  raised, so the model is never left silently wrong. :func:`verify_groups` runs the same trial per group.
 - Optimizers hold the old parameters: build a new optimizer after compacting.
 
-Reloading: a compacted state_dict has new shapes. :func:`save_compacted` writes a safetensors file (no pickle,
-temp file + ``os.replace``); :func:`load_compacted` shrinks a freshly built instance to the shapes in the file
-and loads it strictly. :func:`shrink_to_state_dict` does the shrinking alone, e.g. before
-``model.load_state_dict(torch.load(ckpt)["state_dict"])`` for a Lightning checkpoint written after compaction.
+Saving and loading: :mod:`lightning_compress.structure.serialization` (re-exported here).
 """
 
 from __future__ import annotations
 
 import copy
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
-from lightning_compress.structure.dependency import FOLLOWER_TYPES, PRODUCER_TYPES, UnitGroup, as_args, find_unit_groups
-
-FORMAT = "lightning_compress.compacted/1"
+from lightning_compress.structure.attention import ATTENTION_TYPES, PrunedMultiheadAttention, attention_layout
+from lightning_compress.structure.dependency import FOLLOWER_TYPES, UnitGroup, find_unit_groups, unit_weight
+from lightning_compress.structure.serialization import (  # noqa: F401 - re-exported
+    FORMAT,
+    load_compacted,
+    save_compacted,
+    shrink_to_state_dict,
+)
+from lightning_compress.structure.trace import analysis_mode, as_call
 
 
 @dataclass
@@ -51,32 +58,61 @@ class CompactionResult:
         return f"parameters {self.params_before:,} -> {self.params_after:,}; {changed}{skipped}"
 
 
+@dataclass
+class _Plan:
+    rows: dict[str, Tensor] = field(default_factory=dict)  # producer / follower -> keep-mask over its rows
+    cols: dict[str, Tensor] = field(default_factory=dict)  # consumer -> keep-mask over its input columns
+    heads: dict[str, int] = field(default_factory=dict)  # module with HF-style head attributes -> heads kept
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
 def compact(
-    model: nn.Module, unit_masks: Mapping[str, Tensor], example_input: Tensor | tuple, *, inplace: bool = False
+    model: nn.Module, unit_masks: Mapping[str, Tensor], example_input: Any, *, inplace: bool = False
 ) -> CompactionResult:
     """Remove the units whose ``unit_masks[name]`` entry is False (True = keep) from ``model`` (a copy unless
     ``inplace``). The result computes what the masked model computes (pruned units zeroed), in fewer operations."""
-    groups = find_unit_groups(model, example_input)
+    groups = find_unit_groups(model, example_input, verify=False)
     masks = _checked_masks(unit_masks, groups)
     if not inplace:
         model = copy.deepcopy(model)  # a LightningModule's deepcopy leaves its trainer behind
     modules = dict(model.named_modules())
     params_before = count_parameters(model)
-    rows, cols, skipped = _plan(groups, masks, modules)
-    with _eval_mode(model), torch.no_grad():
-        inputs = _probe_input(example_input, model)
-        expected = _masked_outputs(model, modules, rows, inputs)
-        undo = _apply(modules, rows, cols)
-        try:
-            mismatch = _mismatch(expected, _outputs(model, inputs))
-        except Exception as err:  # noqa: BLE001 - any failure of the compacted model means: roll back
-            mismatch = f"the compacted model raised {type(err).__name__}: {err}"
-        if mismatch:
-            for module, name, value in reversed(undo):
-                setattr(module, name, value)
-            raise RuntimeError(f"compaction changed the model's outputs ({mismatch}); the model was left unchanged")
-    units = {n: (g.num_units, int(rows[n].sum()) if n in rows else g.num_units) for n, g in groups.items()}
-    return CompactionResult(model, units, params_before, count_parameters(model), skipped)
+    plan = _plan(groups, masks, modules)
+    with analysis_mode(model), torch.no_grad():
+        mismatch = _trial(model, modules, plan, _probe_input(example_input, model), keep=True)
+    if mismatch:
+        raise RuntimeError(f"compaction changed the model's outputs ({mismatch}); the model was left unchanged")
+    units = {n: (g.num_units, int(plan.rows[n].sum()) if n in plan.rows else g.num_units) for n, g in groups.items()}
+    return CompactionResult(model, units, params_before, count_parameters(model), plan.skipped)
+
+
+def verify_groups(model: nn.Module, example_input: Any, groups: Mapping[str, UnitGroup]) -> None:
+    """Remove one block of every prunable set on a copy of ``model`` and compare with the masked model; a set whose
+    removal changes the outputs (or breaks the forward) becomes ``prunable=False`` with the difference as reason."""
+    families = _families(groups)
+    if not families:
+        return
+    trial = copy.deepcopy(model)
+    modules = dict(trial.named_modules())
+
+    def masks(chosen: list[list[str]]) -> dict[str, Tensor]:
+        out = {}
+        for family in chosen:
+            group = groups[family[0]]
+            unit = torch.ones(group.num_units // group.parts, dtype=torch.bool)
+            unit[-group.block :] = False
+            out[family[0]] = unit.repeat(group.parts)
+        return out
+
+    with analysis_mode(trial), torch.no_grad():
+        inputs = _probe_input(example_input, trial)
+        if not _trial(trial, modules, _plan(groups, masks(families), modules), inputs, keep=False):
+            return
+        for family in families:
+            mismatch = _trial(trial, modules, _plan(groups, masks([family]), modules), inputs, keep=False)
+            for name in family if mismatch else []:
+                groups[name].prunable = False
+                groups[name].reason = f"a trial removal of one of its units changed the model's outputs ({mismatch})"
 
 
 def unit_masks_from_weights(model: nn.Module, groups: Mapping[str, UnitGroup]) -> dict[str, Tensor]:
@@ -87,27 +123,48 @@ def unit_masks_from_weights(model: nn.Module, groups: Mapping[str, UnitGroup]) -
     masks = {}
     for name, group in groups.items():
         producer = modules[name]
-        alive = producer.weight.detach().reshape(producer.weight.shape[0], -1).ne(0).any(dim=1)
-        for module in [producer] + [modules[f] for f in group.followers]:
-            for pname in ("weight", "bias") if module is not producer else ("bias",):
-                value = getattr(module, pname, None)
+        weight = unit_weight(producer).detach()
+        alive = weight.reshape(weight.shape[0], -1).ne(0).any(dim=1)
+        bias = _bias(producer)
+        if bias is not None:
+            alive |= bias.detach().ne(0)
+        for follower in group.followers:
+            for value in (modules[follower].weight, modules[follower].bias):
                 if value is not None:
-                    alive |= value.detach().ne(0)
+                    alive |= value.detach().ne(0).repeat(group.parts)
         masks[name] = alive.cpu()
     return masks
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model``, a tied (shared) parameter counted once."""
     return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------- planning and applying
+def _bias(module: nn.Module) -> Tensor | None:
+    return module.in_proj_bias if isinstance(module, ATTENTION_TYPES) else getattr(module, "bias", None)
+
+
+def _families(groups: Mapping[str, UnitGroup]) -> list[list[str]]:
+    families, seen = [], set()
+    for name, group in groups.items():
+        if group.prunable and name not in seen and group.num_blocks > 1:
+            family = [name, *[c for c in group.coupled if c in groups]]
+            seen.update(family)
+            families.append(family)
+    return families
+
+
 def _checked_masks(unit_masks: Mapping[str, Tensor], groups: Mapping[str, UnitGroup]) -> dict[str, Tensor]:
     out = {}
     for name, mask in unit_masks.items():
         if name not in groups:
             allowed = sorted(groups)
-            raise ValueError(f"`unit_masks` names {name!r}, which is not a Linear / Conv layer; allowed: {allowed}")
+            raise ValueError(
+                f"`unit_masks` names {name!r}, which is not a Linear / Conv layer or attention module; "
+                f"allowed: {allowed}"
+            )
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (groups[name].num_units,):
             got = type(mask).__name__
             if isinstance(mask, Tensor):
@@ -121,40 +178,47 @@ def _checked_masks(unit_masks: Mapping[str, Tensor], groups: Mapping[str, UnitGr
     return out
 
 
-def _plan(
-    groups: Mapping[str, UnitGroup], masks: Mapping[str, Tensor], modules: Mapping[str, nn.Module]
-) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, str]]:
-    """Row keep-masks for producers and followers, column keep-masks for consumers, layers skipped."""
-    rows: dict[str, Tensor] = {}
-    cols: dict[str, Tensor] = {}
-    skipped = {}
+def family_units(group: UnitGroup, masks: Mapping[str, Tensor], family: list[str]) -> Tensor:
+    """Keep-mask over the units of one part of a coupled set: a unit stays when any member keeps it in any part,
+    extended to whole blocks."""
+    units = group.num_units // group.parts
+    keep = torch.zeros(units, dtype=torch.bool)
+    for member in family:
+        mask = masks.get(member)
+        keep |= mask.view(-1, units).any(0) if mask is not None else torch.ones(units, dtype=torch.bool)
+    return keep.view(-1, group.block).any(1).repeat_interleave(group.block)
+
+
+def _plan(groups: Mapping[str, UnitGroup], masks: Mapping[str, Tensor], modules: Mapping[str, nn.Module]) -> _Plan:
+    plan = _Plan()
     for name, group in groups.items():
         if not group.prunable:
             if name in masks and not bool(masks[name].all()):
-                skipped[name] = group.reason
+                plan.skipped[name] = group.reason
             continue
-        if name in rows:
+        if name in plan.rows:
             continue  # done with a coupled producer
         family = [name, *group.coupled]
-        keep = torch.zeros(group.num_units, dtype=torch.bool)
-        for producer in family:
-            keep |= masks.get(producer, torch.ones(group.num_units, dtype=torch.bool))
+        keep = family_units(group, masks, family)
         if bool(keep.all()):
             continue
-        for layer in family + group.followers:
-            rows[layer] = keep
+        for layer in family:
+            plan.rows[layer] = keep.repeat(groups[layer].parts)
+            parent = modules.get(layer.rpartition(".")[0])
+            if group.block > 1 and hasattr(parent, "num_attention_heads"):
+                plan.heads[layer.rpartition(".")[0]] = int(keep.sum()) // group.block
+        for follower in group.followers:
+            plan.rows[follower] = keep
         for consumer, repeat, offset in group.consumers:
             width = modules[consumer].weight.shape[1]
             if offset + keep.numel() * repeat > width:
                 raise RuntimeError(f"dependency group of {name!r} maps units past the {width} inputs of {consumer!r}")
-            column = cols.setdefault(consumer, torch.ones(width, dtype=torch.bool))
+            column = plan.cols.setdefault(consumer, torch.ones(width, dtype=torch.bool))
             column[offset : offset + keep.numel() * repeat] &= keep.repeat_interleave(repeat)
-    return rows, cols, skipped
+    return plan
 
 
-def _apply(
-    modules: Mapping[str, nn.Module], rows: Mapping[str, Tensor], cols: Mapping[str, Tensor]
-) -> list[tuple[nn.Module, str, object]]:
+def _apply(modules: Mapping[str, nn.Module], plan: _Plan) -> list[tuple[nn.Module, str, object]]:
     """Slice every listed module; return what to set back to undo it."""
     undo: list[tuple[nn.Module, str, object]] = []
 
@@ -169,16 +233,31 @@ def _apply(
         elif isinstance(old, Tensor):
             replace(module, name, old[index].clone())
 
-    for name, keep in rows.items():
+    for name, keep in plan.cols.items():  # before attention modules are rebuilt around their out_proj
         module = modules[name]
+        sliced(module, "weight", (slice(None), keep.to(module.weight.device)))
+        replace(module, _size_attributes(module)[1], int(keep.sum()))
+    for name, keep in plan.rows.items():
+        module = modules[name]
+        if isinstance(module, ATTENTION_TYPES):
+            parent_name, _, child = name.rpartition(".")
+            new = PrunedMultiheadAttention.like(module, int(keep.sum()) // 3 // attention_layout(module)[2])
+            with torch.no_grad():
+                new.in_proj_weight.copy_(module.in_proj_weight[keep.to(module.in_proj_weight.device)])
+                if module.in_proj_bias is not None:
+                    new.in_proj_bias.copy_(module.in_proj_bias[keep.to(module.in_proj_bias.device)])
+            new.out_proj = module.out_proj
+            replace(modules[parent_name], child, new)
+            continue
         keep = keep.to(module.weight.device)
         for tensor_name in ("weight", "bias", "running_mean", "running_var"):
             sliced(module, tensor_name, (keep,))
         replace(module, _size_attributes(module)[0], int(keep.sum()))
-    for name, keep in cols.items():
+    for name, heads in plan.heads.items():
         module = modules[name]
-        sliced(module, "weight", (slice(None), keep.to(module.weight.device)))
-        replace(module, _size_attributes(module)[1], int(keep.sum()))
+        replace(module, "num_attention_heads", heads)
+        if hasattr(module, "all_head_size") and hasattr(module, "attention_head_size"):
+            replace(module, "all_head_size", heads * module.attention_head_size)
     return undo
 
 
@@ -191,43 +270,51 @@ def _size_attributes(module: nn.Module) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------- the safety net
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+def _trial(model: nn.Module, modules: Mapping[str, nn.Module], plan: _Plan, inputs: tuple, *, keep: bool) -> str:
+    """Apply ``plan`` and compare with the masked model; undo on a mismatch (always, unless ``keep``). Returns the
+    mismatch ("" when the outputs agree)."""
+    expected = _masked_outputs(model, modules, plan.rows, inputs)
+    undo = _apply(modules, plan)
     try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+        mismatch = _mismatch(expected, _outputs(model, inputs))
+    except Exception as err:
+        mismatch = f"the compacted model raised {type(err).__name__}: {err}"
+    if mismatch or not keep:
+        for module, name, value in reversed(undo):
+            setattr(module, name, value)
+    return mismatch
 
 
-def _probe_input(example_input: Tensor | tuple, model: nn.Module) -> tuple:
+def _probe_input(example_input: Any, model: nn.Module) -> tuple[tuple, dict]:
     """Random normal tensors shaped like the floating-point example inputs (a zero example checks little)."""
     generator = torch.Generator().manual_seed(0)
-    return tuple(
-        torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-        if isinstance(x, Tensor) and x.is_floating_point()
-        else x
-        for x in as_args(example_input, model)
-    )
+    args, kwargs = as_call(example_input, model)
+
+    def probe(x: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point():
+            return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        return x
+
+    return tuple(probe(a) for a in args), {k: probe(v) for k, v in kwargs.items()}
 
 
-def _outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:
-    leaves = torch.utils._pytree.tree_leaves(model(*inputs))
+def _outputs(model: nn.Module, inputs: tuple[tuple, dict]) -> list[Tensor]:
+    out = model(*inputs[0], **inputs[1])
+    leaves = tree_leaves(dict(out) if isinstance(out, Mapping) else out)
     return [t.detach().clone() for t in leaves if isinstance(t, Tensor)]
 
 
 def _masked_outputs(
-    model: nn.Module, modules: Mapping[str, nn.Module], rows: Mapping[str, Tensor], inputs: tuple
+    model: nn.Module, modules: Mapping[str, nn.Module], rows: Mapping[str, Tensor], inputs: tuple[tuple, dict]
 ) -> list[Tensor]:
     """Outputs of the masked model: removed units zeroed in the producers (weight row, bias) and followers (weight,
     bias), parameters restored afterwards. Consumer columns are left alone on purpose, so that the comparison also
     checks the analysis' claim that a zeroed unit stays zero until its consumers."""
     saved = []
     for name, keep in rows.items():
-        for pname in ("weight", "bias"):
-            p = getattr(modules[name], pname, None)
+        module = modules[name]
+        weight = unit_weight(module) if not isinstance(module, FOLLOWER_TYPES) else module.weight
+        for p in (weight, _bias(module)):
             if p is not None:
                 saved.append((p, p.detach().clone()))
                 p.mul_(keep.to(p.device).view(-1, *[1] * (p.dim() - 1)).to(p.dtype))
@@ -243,78 +330,13 @@ def _mismatch(expected: list[Tensor], got: list[Tensor]) -> str:
         return f"output shapes {[tuple(t.shape) for t in expected]} became {[tuple(t.shape) for t in got]}"
     for a, b in zip(expected, got):
         if a.is_floating_point():
-            scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
-            error = float((a - b).abs().max()) if a.numel() else 0.0
+            finite = a.isfinite() & b.isfinite()
+            if not torch.equal(a.isfinite(), b.isfinite()):
+                return "non-finite outputs differ"
+            scale = max(1.0, float(a[finite].abs().max())) if finite.any() else 1.0
+            error = float((a[finite] - b[finite]).abs().max()) if finite.any() else 0.0
             if error > max(1e-4, 10 * torch.finfo(a.dtype).eps) * scale:  # fp32: 1e-4, bf16: 0.08 (of the max)
                 return f"max abs difference {error:.3g}"
         elif not torch.equal(a, b):
             return "integer outputs differ"
     return ""
-
-
-# ---------------------------------------------------------------------------- saving and loading
-def save_compacted(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's weights (with their compacted shapes) to a safetensors file, atomically."""
-    from safetensors.torch import save_model
-
-    path = os.fspath(path)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_model(model, temporary, metadata={"format": FORMAT})
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def load_compacted(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Shrink a freshly built ``model`` (same class and arguments as the one saved) to the shapes recorded by
-    :func:`save_compacted` and load the weights strictly. Returns ``model``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, load_model
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"`path` {path!r} does not exist")
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"`path` {path!r} was not written by save_compacted (format {metadata.get('format')!r})")
-    shrink_to_state_dict(model, load_file(path))
-    load_model(model, path, strict=True)
-    return model
-
-
-def shrink_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
-    """Resize ``model``'s Linear / Conv / BatchNorm layers to the shapes their tensors have in ``state_dict``
-    (new parameters are zero-filled, to be overwritten by ``load_state_dict``). Returns ``model``."""
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        weight = state_dict.get(f"{prefix}weight")
-        if type(module) in PRODUCER_TYPES and weight is not None:
-            if weight.shape[2:] != module.weight.shape[2:] or weight.dim() != module.weight.dim():
-                raise ValueError(f"`state_dict[{prefix + 'weight'!r}]` has shape {tuple(weight.shape)}, "
-                                 f"which `{name}` ({type(module).__name__}) cannot take")
-            out, fan_in = weight.shape[0], weight.shape[1]
-            if isinstance(module, nn.Linear):
-                module.out_features, module.in_features = out, fan_in
-            else:
-                module.out_channels, module.in_channels = out, fan_in * module.groups
-            _resize(module, "weight", weight.shape)
-            _resize(module, "bias", (out,))
-        elif type(module) in FOLLOWER_TYPES:
-            reference = weight if weight is not None else state_dict.get(f"{prefix}running_mean")
-            if reference is not None:
-                module.num_features = reference.shape[0]
-                for tensor_name in ("weight", "bias", "running_mean", "running_var"):
-                    _resize(module, tensor_name, reference.shape)
-    return model
-
-
-def _resize(module: nn.Module, name: str, shape: tuple | torch.Size) -> None:
-    old = getattr(module, name, None)
-    if isinstance(old, Tensor) and old.shape != shape:
-        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
-        if isinstance(old, nn.Parameter):
-            new = nn.Parameter(new, requires_grad=old.requires_grad)
-        setattr(module, name, new)

@@ -85,9 +85,10 @@ def find_unit_groups(model: nn.Module, example_input: Any, *, verify: bool = Tru
     names = [n for n, m in model.named_modules() if isinstance(m, (*PRODUCER_TYPES, *ATTENTION_TYPES))]
     try:
         graph = record(model, example_input, lambda m: isinstance(m, OPAQUE_TYPES))
-    except Exception as err:  # noqa: BLE001 - the model itself failed on the example: reported per layer
+    except Exception as err:
         message = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-        reason = f"the forward pass of {type(model).__name__} on the example input raised {type(err).__name__}: {message}"
+        reason = (f"the forward pass of {type(model).__name__} on the example input raised "
+                  f"{type(err).__name__}: {message}")
         return {n: _unseen(model, n, reason) for n in names}
     walk = Walk(model, graph)
     for node in graph.nodes:
@@ -151,3 +152,14 @@ def _group(walk: Walk, model: nn.Module, name: str) -> UnitGroup:
         attention_macs=float(root.attention_macs),
         fan_in=fan_in(module),
     )
+
+
+def prunability_table(groups: dict[str, UnitGroup]) -> str:
+    """One line per layer: prunable or refused (with why), its units, blocks and coupled layers; for a log."""
+    lines = [f"{'layer':<48} {'units':>6} {'blocks':>6}  decision"]
+    for name, group in groups.items():
+        decision = "prunable" if group.prunable else f"refused: {group.reason}"
+        if group.prunable and group.coupled:
+            decision += f" (with {', '.join(group.coupled)})"
+        lines.append(f"{name:<48} {group.num_units:>6} {group.num_blocks:>6}  {decision}")
+    return "\n".join(lines)

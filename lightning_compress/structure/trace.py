@@ -39,7 +39,8 @@ _DUNDER = {
     "__sub__": (operator.sub, False), "__isub__": (operator.sub, False), "__rsub__": ("rsub", False),
     "__mul__": (operator.mul, False), "__rmul__": (operator.mul, True), "__imul__": (operator.mul, False),
     "__truediv__": (operator.truediv, False), "__itruediv__": (operator.truediv, False),
-    "__rtruediv__": ("rdiv", False), "__rdiv__": ("rdiv", False), "__matmul__": (torch.matmul, False), "__getitem__": (operator.getitem, False),
+    "__rtruediv__": ("rdiv", False), "__rdiv__": ("rdiv", False), "__matmul__": (torch.matmul, False),
+    "__getitem__": (operator.getitem, False),
 }  # fmt: skip
 
 
@@ -181,7 +182,8 @@ def record(model: nn.Module, example_input: Any, opaque: Callable[[nn.Module], b
             handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
         with analysis_mode(model), recorder:
             out = model(*args, **kwargs)
-        leaves = [t for t in tree_leaves(out if not isinstance(out, Mapping) else dict(out)) if isinstance(t, torch.Tensor)]
+        leaves = tree_leaves(dict(out) if isinstance(out, Mapping) else out)
+        leaves = [t for t in leaves if isinstance(t, torch.Tensor)]
         recorder.graph.output(tuple(recorder.node(t) for t in leaves))
     finally:
         for handle in handles:

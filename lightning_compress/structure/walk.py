@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import operator
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
-from math import gcd, prod
+from dataclasses import replace
+from math import prod
 
 import torch
 import torch.nn.functional as F
@@ -22,91 +22,29 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.structure.attention import ATTENTION_TYPES, attention_layout, unsupported
-
-PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-FOLLOWER_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.ELU, nn.SELU, nn.CELU, nn.Hardtanh,
-    nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-)  # fmt: skip
-POOL_MODULES = (
-    (nn.MaxPool1d, 1), (nn.MaxPool2d, 2), (nn.MaxPool3d, 3), (nn.AvgPool1d, 1), (nn.AvgPool2d, 2), (nn.AvgPool3d, 3),
-    (nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveAvgPool2d, 2), (nn.AdaptiveAvgPool3d, 3),
-    (nn.AdaptiveMaxPool1d, 1), (nn.AdaptiveMaxPool2d, 2), (nn.AdaptiveMaxPool3d, 3),
-)  # fmt: skip
-# modules recorded as one call (everything else is entered and its torch functions recorded)
-OPAQUE_TYPES = (
-    *PRODUCER_TYPES, *FOLLOWER_TYPES, *ATTENTION_TYPES, *ELEMENTWISE_MODULES, *(t for t, _ in POOL_MODULES),
-    nn.Flatten, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.Embedding, nn.PReLU,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, torch.tanh, F.tanh,
-    F.elu, F.selu, F.celu, F.hardtanh, F.hardswish, F.softsign, F.tanhshrink, F.hardshrink, F.softshrink,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout,
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "detach", "float", "double", "half",
-                        "to", "type_as", "gelu"}
-_POOL_FUNCTIONS = {
-    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
-    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
-    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
-}  # fmt: skip
-_ADD = ({operator.add, operator.sub, torch.add, torch.sub}, {"add", "sub", "add_", "sub_"})
-_SCALE = ({operator.mul, torch.mul, operator.truediv, torch.div}, {"mul", "mul_", "div", "div_"})
-_REDUCE = ({torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"})
-_RESHAPE = ({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze},
-            {"flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"})
-_PERMUTE = ({torch.permute, torch.transpose}, {"permute", "transpose"})
-_MATMUL = ({torch.matmul, torch.bmm}, {"matmul", "bmm"})
-_SOFTMAX = ({F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}, {"softmax", "log_softmax"})
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-
-
-class Refused(Exception):
-    """The operation at hand cannot be followed: every unit set it touches becomes unprunable."""
-
-
-class Space:
-    """One set of units (union-find node: residual adds and attention merge sets). ``num_units`` counts the units
-    of one *part* (attention modules: q, k and v are three parts sharing their units); units go in ``block`` s."""
-
-    def __init__(self, producer: str, num_units: int, parts: int = 1, block: int = 1) -> None:
-        self.parent, self.num_units, self.parts, self.block = self, num_units, parts, block
-        self.producers, self.followers, self.reasons = [producer], [], []  # type: list[str], list[str], list[str]
-        self.consumers: list[tuple[str, int, int]] = []
-        self.attention_macs = 0.0  # MACs of attention products that shrink with the units (q@k, p@v)
-
-    def root(self) -> Space:
-        while self.parent is not self.parent.parent:
-            self.parent = self.parent.parent
-        return self.parent
-
-    def merge(self, other: Space) -> None:
-        a, b = self.root(), other.root()
-        if a is not b:
-            b.parent = a
-            a.producers += b.producers
-            a.followers += b.followers
-            a.consumers += b.consumers
-            a.reasons += b.reasons
-            a.block = a.block * b.block // gcd(a.block, b.block)
-            a.attention_macs += b.attention_macs
-
-
-@dataclass(frozen=True)
-class Seg:
-    space: Space
-    offset: int
-    repeat: int
-    block: int = 1
-
-
-@dataclass(frozen=True)
-class Tag:
-    dim: int  # non-negative index of the dimension holding the units
-    segs: tuple[Seg, ...]
-    dirty: str = ""  # why the removed units' positions are not zero here ("" when they are)
+from lightning_compress.structure.kinds import (  # noqa: F401 - PRODUCER_TYPES etc. re-exported
+    ADD,
+    CAT,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    FOLLOWER_TYPES,
+    MATMUL,
+    OPAQUE_TYPES,
+    PERMUTE,
+    POOL_FUNCTIONS,
+    POOL_MODULES,
+    PRODUCER_TYPES,
+    REDUCE,
+    RESHAPE,
+    SCALE,
+    SOFTMAX,
+    Refused,
+    Seg,
+    Space,
+    Tag,
+    reshaped,
+)
 
 
 def _is(node: fx.Node, kinds: tuple[set, set]) -> bool:
@@ -227,20 +165,20 @@ class Walk:
             raise Refused("model output")
         if module is not None:
             return self._follow_module(node, module)
-        if (node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+        if (node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ELEMENTWISE_METHODS
         ):
             return self._same(node)
-        if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
-            return self._pool(node, _POOL_FUNCTIONS[node.target])  # type: ignore[index]
-        for kinds, rule in ((_ADD, self._add), (_SCALE, self._scale), (_REDUCE, self._reduce),
-                            (_RESHAPE, self._reshape), (_PERMUTE, self._permute), (_MATMUL, self._matmul),
-                            (_SOFTMAX, self._softmax)):
+        if node.op == "call_function" and node.target in POOL_FUNCTIONS:
+            return self._pool(node, POOL_FUNCTIONS[node.target])  # type: ignore[index]
+        for kinds, rule in ((ADD, self._add), (SCALE, self._scale), (REDUCE, self._reduce),
+                            (RESHAPE, self._reshape), (PERMUTE, self._permute), (MATMUL, self._matmul),
+                            (SOFTMAX, self._softmax)):
             if _is(node, kinds):
                 return rule(node)
         if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
             return self._sdpa(node)
-        if node.op == "call_function" and node.target in _CAT:
+        if node.op == "call_function" and node.target in CAT:
             return self._cat(node)
         what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
         raise Refused(f"units reach `{what}` at `{node.name}`, which is not supported")
@@ -346,13 +284,15 @@ class Walk:
                 raise Refused(f"`{node.name}` multiplies or divides the units by a tensor")
         return tag
 
-    def _reduce(self, node: fx.Node) -> Tag:
+    def _reduce(self, node: fx.Node) -> Tag | None:
         tag = self._input_tag(node)
         rank = len(shape(node.args[0]))
         dims = _arg(node, 1, "dim")
         keepdim = _arg(node, 2, "keepdim", False)
         dims = [dims] if isinstance(dims, int) else dims
         if not dims or not all(isinstance(d, int) for d in dims) or tag.dim in [d % rank for d in dims]:
+            if node.target in (torch.sum, "sum") and not tag.dirty:
+                return None  # removed units add zero to a sum: the result holds no units and does not change
             raise Refused(f"`{node.name}` reduces over the units")
         return Tag(tag.dim if keepdim else tag.dim - sum(d % rank < tag.dim for d in dims), tag.segs, tag.dirty)
 
@@ -364,39 +304,7 @@ class Walk:
         return replace(tag, dirty=tag.dirty or f"`{node.name}` turns the removed units' zeros into non-zero values")
 
     def _reshape(self, node: fx.Node) -> Tag:
-        tag = self._input_tag(node)
-        d, before, after = tag.dim, shape(node.args[0]), shape(node)
-        lead = prod(before[:d])
-        d2 = next((i for i in range(len(after) + 1) if prod(after[:i]) == lead and i < len(after)), None)
-        if d2 is not None and after[d2] == 1 and before[d] != 1:  # skip inserted size-1 dims before the units
-            d2 = next((i for i in range(d2, len(after)) if after[i] != 1), None)
-        if d2 is None or prod(after[:d2]) != lead:
-            raise Refused(f"`{node.name}` mixes the units with other dimensions")
-        size, new = after[d2], before[d]
-        if size == new:
-            return Tag(d2, tag.segs, tag.dirty)
-        if size > new and size % new == 0:  # merged with the dims after it
-            factor = size // new
-            if factor not in {prod(before[d + 1 : e]) for e in range(d + 1, len(before) + 1)}:
-                raise Refused(f"`{node.name}` mixes the units with other dimensions")
-            segs = tuple(_merged(s, factor) for s in tag.segs)
-            return Tag(d2, segs, tag.dirty)
-        inner = new // size if size < new and new % size == 0 else 0
-        if not inner or inner not in {prod(after[d2 + 1 : e]) for e in range(d2 + 1, len(after) + 1)}:
-            raise Refused(f"`{node.name}` mixes the units with other dimensions")
-        return Tag(d2, tuple(self._split(node, s, inner) for s in tag.segs), tag.dirty)
-
-    def _split(self, node: fx.Node, seg: Seg, inner: int) -> Seg:
-        """The units' dimension split into (heads, inner): one head position holds ``inner`` positions."""
-        root = seg.space.root()
-        extent = root.num_units // seg.block * seg.repeat
-        if seg.offset % inner or extent % inner or not (seg.repeat % inner == 0 or inner % seg.repeat == 0):
-            raise Refused(f"`{node.name}` splits the units into groups that cut across them")
-        if seg.repeat % inner == 0:
-            return Seg(seg.space, seg.offset // inner, seg.repeat // inner, seg.block)
-        block = seg.block * inner // seg.repeat
-        root.block = root.block * block // gcd(root.block, block)
-        return Seg(seg.space, seg.offset // inner, 1, block)
+        return reshaped(self._input_tag(node), shape(node.args[0]), shape(node), node.name)
 
     def _permute(self, node: fx.Node) -> Tag:
         tag = self._input_tag(node)
@@ -473,11 +381,3 @@ class Walk:
 
 def _layout(tag: Tag) -> list[tuple[int, int, int, int]]:
     return [(s.offset, s.repeat, s.block, s.space.root().num_units) for s in tag.segs]
-
-
-def _merged(seg: Seg, factor: int) -> Seg:
-    """The units' dimension merged with the ``factor`` positions after each of its positions."""
-    repeat, block = seg.repeat * factor, seg.block
-    if block > 1 and repeat % block == 0:  # a head's positions, shared out among its units again
-        repeat, block = repeat // block, 1
-    return Seg(seg.space, seg.offset * factor, repeat, block)

@@ -1,7 +1,7 @@
 """The compression callbacks under 2-process DDP on CPU (gloo), with the real ``DigitsDataModule``.
 
 ``strategy="ddp_spawn"`` runs in this process: Lightning spawns the two workers and pickles the trainer to them, so
-the callbacks live at module level in ``tests/_ddp_helpers.py``. ``strategy="ddp"`` runs that file as a script, which
+the callbacks live at module level in ``tests/ddp/scenarios.py``. ``strategy="ddp"`` runs that file as a script, which
 Lightning re-runs for rank 1. Workers never assert: probes all-gather what every rank saw (digests of statistics,
 masks, weights; metrics; decisions) and write it to files; every assertion is here. What a rank "saw" is gathered,
 not trusted: two ranks agreeing is checked, never assumed from the broadcast.
@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests import _ddp_helpers as H
 import pytest
 import torch
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+from tests.ddp import probes as P
+from tests.ddp import scenarios as H
 
 pytestmark = pytest.mark.ddp
 
@@ -151,7 +153,7 @@ def test_metric_is_the_whole_validation_set_value_on_every_rank(main_run) -> Non
     for entry in record["events"]:
         ranks = entry["ranks"]
         event = _same_on_every_rank([r["event"] for r in ranks], f"event record at step {entry['tick']}")
-        _same_on_every_rank([r["baseline_metric"] for r in ranks], "baseline metric")
+        _same_on_every_rank([r["initial_metric"] for r in ranks], "baseline metric")
         if event is not None and event["accepted"]:  # the weights the metric was measured on are still in place
             for r in ranks:
                 assert event["metric_after"] == pytest.approx(r["full_val_metric"], abs=1e-6), entry["tick"]
@@ -183,7 +185,7 @@ def test_quantization_takes_the_same_decisions_on_every_rank(main_run) -> None:
 
 def test_reports_and_exports_are_written_once_by_rank_zero(main_run) -> None:
     _, out, _ = main_run
-    artifacts = out / H.ARTIFACTS
+    artifacts = out / P.ARTIFACTS
     expected = {"model.safetensors", "model.fp32.safetensors", "compression_report.json", "compression_report.md",
                 "compression_report.png"}
     assert {p.name for p in artifacts.iterdir()} == expected, "missing files, or temporary files left behind"
@@ -203,7 +205,7 @@ def test_export_is_complete_on_every_rank_when_quantization_returns(main_run) ->
     assert [r["export_ready"] for r in record["final"]] == [True, True]
     from lightning_compress.quantization.export import read_metadata
 
-    read_metadata(out / H.ARTIFACTS / "model.safetensors")
+    read_metadata(out / P.ARTIFACTS / "model.safetensors")
 
 
 # --------------------------------------------------------------------------- accumulation + bf16 (ddp_spawn)
@@ -295,7 +297,7 @@ def refusals(tmp_path_factory) -> dict[tuple[str, str], list[dict[str, Any]]]:
 @pytest.mark.parametrize("callback", ["GradientStabilityPruning", "PostTrainingQuantization"])
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
 def test_sharded_strategies_are_refused_at_setup_on_every_rank(refusals, callback: str, strategy: str) -> None:
-    """Real FSDP reaches the callbacks' ``setup`` on CPU (see ``_ddp_helpers.FSDPStrategy``); DeepSpeed is a
+    """Real FSDP reaches the callbacks' ``setup`` on CPU (see ``ddp/scenarios.FSDPStrategy``); DeepSpeed is a
     same-named ``DDPStrategy`` subclass, as the real one is. Without its own check, PostTrainingQuantization got as
     far as FSDP's GPU check under FSDP and, under DeepSpeed, trained the whole fit and quantized shards."""
     outcomes = refusals[(callback, strategy)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import tempfile
 
 import lightning.pytorch as pl
 import pytest
@@ -13,21 +12,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_compress import GradientStabilityPruning
 from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
 from lightning_compress.demos.models import MLPClassifier, SmallCNN
+from tests.helpers import GradSpy, StopAfterEpoch, quiet_trainer
 
-
-def _trainer(callbacks, max_epochs=2, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        max_epochs=max_epochs,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        default_root_dir=tempfile.mkdtemp(prefix="lc-test-"),  # the compression report is written there
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+_trainer = quiet_trainer
 
 
 def _mlp(**kwargs) -> MLPClassifier:
@@ -39,25 +26,13 @@ class _SGDMomentumMLP(MLPClassifier):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
-class _GradSpy(Callback):
-    """Records the gradient the optimizer really uses (in `on_before_optimizer_step`) of one parameter."""
-
-    def __init__(self, module_name: str) -> None:
-        self.module_name = module_name
-        self.grads: list[torch.Tensor] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        weight = dict(pl_module.named_modules())[self.module_name].weight
-        self.grads.append(weight.grad.detach().clone())
-
-
 # --------------------------------------------------------------------------- statistics in the loop
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_statistics_are_those_of_each_optimizer_step(accumulate: int) -> None:
     """Under accumulation the stats see the summed gradient of each optimizer step, never a partial one."""
     pl.seed_everything(1)
     pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=12, evaluate=False)
-    spy = _GradSpy("net.1")
+    spy = GradSpy("net.1")
     trainer = _trainer([pruning, spy], max_epochs=1, max_steps=12, accumulate_grad_batches=accumulate)
     trainer.fit(_mlp(), DigitsDataModule(batch_size=32))
     stats = pruning.stats
@@ -198,17 +173,6 @@ def test_compact_removes_units_and_keeps_the_outputs() -> None:
 
 
 # --------------------------------------------------------------------------- resume
-class _StopAfterEpoch(Callback):
-    """Ends the fit after `epoch` (0-based), as a crash or a pre-emption would, leaving its checkpoint."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
 def _resume_setup(tmp_path, stop_after: int | None = None, ckpt_path: str | None = None):
     pl.seed_everything(7)
     pruning = GradientStabilityPruning(sparsity=0.8, schedule="polynomial", start_step=5, end_step=70, frequency=5,
@@ -216,7 +180,7 @@ def _resume_setup(tmp_path, stop_after: int | None = None, ckpt_path: str | None
     callbacks: list[Callback] = [pruning]
     if stop_after is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1, save_top_k=-1))
-        callbacks.append(_StopAfterEpoch(stop_after))
+        callbacks.append(StopAfterEpoch(stop_after))
     trainer = _trainer(callbacks, max_epochs=4, enable_checkpointing=stop_after is not None)
     model = _mlp()
     trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)

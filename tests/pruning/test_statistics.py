@@ -172,7 +172,7 @@ def _roundtrip(state: dict) -> dict:
 @pytest.mark.parametrize("per_weight", [True, False])
 def test_resume_equals_uninterrupted(split: int, per_weight: bool) -> None:
     grads, weights = _stream(40)
-    kwargs = dict(per_weight=per_weight, per_unit=True)
+    kwargs = {"per_weight": per_weight, "per_unit": True}
     uninterrupted = GradientStatistics(NAMES, SHAPES, **kwargs)
     _feed(uninterrupted, grads, weights)
 

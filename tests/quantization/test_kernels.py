@@ -11,8 +11,7 @@ from torch import nn
 
 from lightning_compress.demos.data import MNIST5kDataModule
 from lightning_compress.demos.models import MLPClassifier
-from lightning_compress.quantization import Int8Linear, quantize
-from lightning_compress.quantization import kernels
+from lightning_compress.quantization import Int8Linear, kernels, quantize
 from lightning_compress.quantization.kernels import (
     POLICY_ENV,
     int8_kernel_decision,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.demos.models import MLPClassifier, SmallCNN
-from lightning_compress.structure.dependency import UnitGroup, find_unit_groups
+from lightning_compress.structure.dependency import UnitGroup, find_unit_groups, prunability_table
 
 
 # ---------------------------------------------------------------------------- small models
@@ -139,7 +139,8 @@ class FixedView(nn.Module):
 def test_mlp_chain_and_output_layer() -> None:
     groups = find_unit_groups(MLPClassifier(input_size=64, hidden=[32, 16]), torch.randn(2, 64))
     assert list(groups) == ["net.1", "net.3", "net.5"]
-    assert groups["net.1"] == UnitGroup("net.1", 32, [], [("net.3", 1, 0)], True, "", [])
+    expected = UnitGroup("net.1", 32, [], [("net.3", 1, 0)], True, "", [], macs=2 * 64 * 32, fan_in=64)
+    assert groups["net.1"] == expected
     assert groups["net.3"].consumers == [("net.5", 1, 0)]
     assert (groups["net.5"].prunable, groups["net.5"].reason) == (False, "model output")
 
@@ -196,12 +197,28 @@ def test_every_returned_layer_is_model_output() -> None:
     assert groups["out"].reason == groups["aux"].reason == "model output"
 
 
-def test_untraceable_model_reports_the_tracing_error() -> None:
+def test_data_dependent_control_flow_is_followed() -> None:
+    """torch.fx cannot trace Branchy; the recorded forward pass takes its real branch. `h.sum()` feeds only the
+    condition, and removed units add zero to a sum, so fc1 stays prunable."""
     groups = find_unit_groups(Branchy(), torch.randn(2, 4))
     assert set(groups) == {"fc1", "fc2"}
-    for group in groups.values():
-        assert not group.prunable
-        assert group.reason.startswith("torch.fx could not trace Branchy: TraceError")
+    assert groups["fc1"].prunable and groups["fc1"].consumers == [("fc2", 1, 0)]
+    assert groups["fc2"].reason == "model output"
+
+
+class Failing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def test_a_forward_that_raises_makes_every_layer_unprunable_with_the_error() -> None:
+    group = find_unit_groups(Failing(), torch.randn(2, 4))["fc"]
+    assert not group.prunable
+    assert group.reason == "the forward pass of Failing on the example input raised RuntimeError: boom"
 
 
 @pytest.mark.parametrize(
@@ -211,7 +228,7 @@ def test_untraceable_model_reports_the_tracing_error() -> None:
         ("layernorm", "units reach `norm` (LayerNorm)"),
         ("constant", "adds a constant"),
         ("input_add", "adds the units to a tensor no prunable layer produces"),
-        ("size", "uses the size of the unit dimension"),
+        ("size", "a trial removal of one of its units changed the model's outputs (max abs difference"),
         ("index", "units reach `getitem`"),
         ("reused", "`fc1` is called more than once"),
     ],
@@ -230,7 +247,8 @@ def test_plain_refusing_model_is_prunable() -> None:
 def test_view_with_a_literal_unit_size_is_refused(literal: bool, prunable: bool) -> None:
     group = find_unit_groups(FixedView(literal), torch.randn(2, 1, 4, 4))["conv"]
     assert group.prunable is prunable
-    assert prunable or "fixes the size of the unit dimension" in group.reason
+    assert prunable or "a trial removal of one of its units changed the model's outputs (the compacted model raised" \
+        in group.reason
     assert not prunable or group.consumers == [("fc", 16, 0)]
 
 
@@ -250,9 +268,18 @@ def test_unused_layer_and_shared_weights() -> None:
     assert "`net.0` shares a parameter" in groups["net.0"].reason
     assert "consumed by `net.2`, which shares a parameter" in groups["net.0"].reason
     assert "`net.2` shares a parameter" in groups["net.2"].reason
-    assert groups["spare"].reason.startswith("not called in the traced forward")
+    assert groups["spare"].reason.startswith("not called in the forward pass")
 
 
 def test_example_input_type_is_checked() -> None:
-    with pytest.raises(TypeError, match="`example_input` must be a tensor or a tuple of tensors, got dict"):
-        find_unit_groups(nn.Linear(2, 2), {"x": torch.zeros(1, 2)})
+    with pytest.raises(TypeError, match="`example_input` must be a tensor, a tuple of positional arguments or a dict "
+                       "of keyword arguments, got str"):
+        find_unit_groups(nn.Linear(2, 2), "x")
+
+
+def test_prunability_table_names_every_layer_and_why() -> None:
+    table = prunability_table(find_unit_groups(Depthwise(), torch.randn(2, 2, 6, 6)))
+    lines = table.splitlines()
+    assert len(lines) == 5 and lines[0].split() == ["layer", "units", "blocks", "decision"]
+    assert "refused: `depthwise` is a grouped convolution (groups=4)" in table
+    assert any(line.startswith("project") and line.endswith("prunable") for line in lines)

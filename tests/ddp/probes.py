@@ -1,14 +1,8 @@
-"""2-process DDP runs on CPU for ``tests/test_ddp.py``: probes, scenarios and the ``strategy="ddp"`` entry point.
-
-Each scenario is a plain function ``scenario(strategy, out_dir)`` that builds its trainers and calls ``fit``:
-
-* ``strategy="ddp_spawn"``: the test calls it in the pytest process; Lightning spawns the 2 workers and pickles the
-  trainer to them, which is why every callback here is defined at module level.
-* ``strategy="ddp"``: the test runs this file as a script (``python tests/_ddp_helpers.py SCENARIO OUT_DIR``);
-  Lightning re-runs the same command line for rank 1, so both ranks execute the scenario.
+"""Probes for the 2-process DDP runs of ``tests/callbacks/test_ddp.py`` (the scenarios are in ``scenarios.py``).
 
 Workers never assert (an assertion on one rank would leave the other waiting in a collective): the probes all-gather
-what every rank saw and write it to ``OUT_DIR/<tag>.rank<r>.json``; the test asserts on those files.
+what every rank saw and write it to ``OUT_DIR/<tag>.rank<r>.json``; the test asserts on those files. Every callback
+is defined at module level, because ``ddp_spawn`` pickles the trainer to its workers.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from torch import Tensor
@@ -33,7 +27,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_compress import GradientStabilityPruning
 from lightning_compress.demos.data import DigitsDataModule
-from lightning_compress.demos.models import MLPClassifier
+from tests.helpers import StopAfterEpoch  # noqa: F401 - used by the scenarios
 
 ARTIFACTS = "artifacts"  # what the library writes (exports, reports); the probes write to OUT_DIR itself
 
@@ -179,7 +173,7 @@ class _PreEvent(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         pruning = pruning_of(trainer)
         tick = trainer.global_step
-        if pruning.schedule_unit != "step" or tick in self._seen or not pruning.schedule.is_event(tick):
+        if pruning.config.schedule_unit != "step" or tick in self._seen or not pruning.schedule.is_event(tick):
             return
         self._seen.add(tick)
         mine = {
@@ -241,7 +235,7 @@ class RankProbe(Callback):
             _COUNTS["bucket"] = None
         pruning = pruning_of(trainer)
         tick = trainer.global_step
-        if pruning.schedule_unit != "step" or tick in self._seen or not pruning.schedule.is_event(tick):
+        if pruning.config.schedule_unit != "step" or tick in self._seen or not pruning.schedule.is_event(tick):
             return
         self._seen.add(tick)
         last = pruning.history[-1] if pruning.history and pruning.history[-1]["tick"] == tick else None
@@ -251,7 +245,7 @@ class RankProbe(Callback):
             "weights": digest(dict(pl_module.named_parameters())),
             "sparsity": pruning.current_sparsity(),
             "event": last,
-            "baseline_metric": pruning.controller.initial_metric,
+            "initial_metric": pruning.controller.initial_metric,
             "full_val_metric": full_val_metric(trainer, pl_module) if pruning._has_val else None,
         }
         self.events.append({"tick": tick, "ranks": gather(mine)})
@@ -334,17 +328,6 @@ class GradSpy(Callback):
         path.write_text(json.dumps(everyone))
 
 
-class StopAfterEpoch(Callback):
-    """Ends the fit after ``epoch`` (0-based), as a pre-emption would, leaving its checkpoint."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
 # --------------------------------------------------------------------------- data with the single-process order
 class _StridedEpochSampler(DistributedSampler):
     """``EpochSeededSampler``'s permutation of the epoch, dealt round-robin to the ranks: rank r takes positions
@@ -385,151 +368,3 @@ class FSDPStrategy(_LightningFSDPStrategy):
 class DeepSpeedStrategy(DDPStrategy):
     """Stand-in named like Lightning's ``DeepSpeedStrategy`` (which, like this one, subclasses ``DDPStrategy``, so an
     ``isinstance(strategy, DDPStrategy)`` check would wrongly accept it); ``deepspeed`` is not installed."""
-
-
-# --------------------------------------------------------------------------- scenarios
-def model() -> MLPClassifier:
-    return MLPClassifier(input_size=64, hidden=[64, 32])
-
-
-def trainer(strategy: Any, callbacks: list[Callback], root: str | Path, **kwargs: Any) -> pl.Trainer:
-    """``root``: ``default_root_dir``, where the compression report (rank zero) and checkpoints go."""
-    defaults: dict[str, Any] = dict(
-        default_root_dir=str(root),
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
-
-
-def pruning_with_rollbacks() -> GradientStabilityPruning:
-    """A constant schedule aggressive enough that some events break the bound and are rolled back."""
-    return GradientStabilityPruning(sparsity=0.97, schedule="constant", amount=0.6, start_step=10, frequency=10,
-                                    max_metric_drop=0.05, on_violation="backoff")
-
-
-def scenario_main(strategy: str, out_dir: str) -> None:
-    """Pruning with accepted and rolled-back events, then 2-bit quantization that falls back to float for the
-    layers most sensitive (measured with the synced metric), and an export."""
-    from lightning_compress.callbacks.quantization import PostTrainingQuantization
-
-    pl.seed_everything(3)
-    (Path(out_dir) / ARTIFACTS).mkdir(exist_ok=True)
-    quant = PostTrainingQuantization(bits=2, granularity="per_channel", max_metric_drop=0.05,
-                                     export_path=str(Path(out_dir) / ARTIFACTS / "model.safetensors"))
-    probe = RankProbe(out_dir, "main", audit=True, slow_export_s=1.0)
-    callbacks = probe.callbacks(pruning_with_rollbacks(), quant)
-    trainer(strategy, callbacks, Path(out_dir) / ARTIFACTS, max_epochs=3).fit(model(), DigitsDataModule(batch_size=32))
-
-
-def scenario_accumulate_bf16(strategy: str, out_dir: str) -> None:
-    """Accumulation over 2 micro-batches and bf16 autocast: statistics of the 10 optimizer steps' synced gradients."""
-    pl.seed_everything(5)
-    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=10, evaluate=False)
-    probe = RankProbe(out_dir, "accum")
-    callbacks = probe.callbacks(GradSpy(out_dir, "accum"), pruning)
-    trainer(strategy, callbacks, out_dir, max_epochs=1, max_steps=10, accumulate_grad_batches=2,
-            precision="bf16-mixed").fit(model(), DigitsDataModule(batch_size=16))
-
-
-def scenario_odd_val(strategy: str, out_dir: str) -> None:
-    """359 validation samples on 2 ranks: the metric must still count each exactly once."""
-    pl.seed_everything(4)
-    pruning = GradientStabilityPruning(sparsity=0.3, schedule="one_shot", start_step=10, evaluate=True)
-    probe = RankProbe(out_dir, "oddval")
-    trainer(strategy, probe.callbacks(pruning), out_dir, max_epochs=1, max_steps=10).fit(
-        MLPClassifier(input_size=64, hidden=[64, 32], lr=1e-2), DigitsDataModule(batch_size=32, val_fraction=0.2)
-    )
-
-
-def _resume_fit(strategy: str, out_dir: str, tag: str, stop_after: int | None = None, ckpt: str | None = None) -> None:
-    pl.seed_everything(7)
-    pruning = GradientStabilityPruning(sparsity=0.8, schedule="polynomial", start_step=5, end_step=70, frequency=5,
-                                       evaluate=False)
-    probe = RankProbe(out_dir, tag)
-    callbacks = probe.callbacks(pruning)
-    if stop_after is not None:
-        callbacks += [ModelCheckpoint(dirpath=Path(out_dir) / tag, save_last=True, every_n_epochs=1, save_top_k=-1),
-                      StopAfterEpoch(stop_after)]
-    fit = trainer(strategy, callbacks, Path(out_dir) / tag, max_epochs=4, enable_checkpointing=stop_after is not None)
-    fit.fit(model(), DigitsDataModule(batch_size=32), ckpt_path=ckpt)
-
-
-def scenario_resume(strategy: str, out_dir: str) -> None:
-    """Uninterrupted, stopped after epoch 1 (steps 20-39 of the 5-70 ramp), and resumed from its last.ckpt."""
-    _resume_fit(strategy, out_dir, "full")
-    _resume_fit(strategy, out_dir, "part", stop_after=1)
-    _resume_fit(strategy, out_dir, "resumed", ckpt=str(Path(out_dir) / "part" / "last.ckpt"))
-
-
-def parity_pruning() -> GradientStabilityPruning:
-    return GradientStabilityPruning(sparsity=0.8, schedule="polynomial", start_step=6, end_step=30, frequency=6,
-                                    evaluate=False)
-
-
-def parity_fit(strategy: Any, out_dir: str, tag: str, batch_size: int, devices: int, strided: bool = False) -> None:
-    """36 steps of one epoch (every batch full in both layouts: 1,257 samples, 39 batches of 32)."""
-    pl.seed_everything(11)
-    probe = RankProbe(out_dir, tag)
-    dm = (StridedDigits if strided else DigitsDataModule)(batch_size=batch_size)
-    trainer(strategy, probe.callbacks(parity_pruning()), out_dir, devices=devices, max_epochs=1, max_steps=36).fit(model(), dm)
-
-
-def scenario_parity(strategy: str, out_dir: str) -> None:
-    """Global batch 32 as 2 x 16: Lightning's sampler (its own order) and the single-process order."""
-    parity_fit(strategy, out_dir, "ddp_default", batch_size=16, devices=2)
-    parity_fit(strategy, out_dir, "ddp_strided", batch_size=16, devices=2, strided=True)
-
-
-def scenario_refuse(strategy: str, out_dir: str) -> None:
-    """Each callback under FSDP and a DeepSpeed-named DDP strategy: the error, and how many steps ran before it."""
-    from lightning_compress.callbacks.quantization import PostTrainingQuantization
-
-    results = []
-    for strategy_cls in (FSDPStrategy, DeepSpeedStrategy):
-        for make in (lambda: GradientStabilityPruning(), lambda: PostTrainingQuantization()):
-            callback = make()
-            counter = _BatchCounter()
-            outcome: dict[str, Any] = {"strategy": strategy_cls.__name__, "callback": type(callback).__name__}
-            try:
-                trainer(strategy_cls(), [counter, callback], out_dir, max_epochs=1, limit_train_batches=2,
-                        limit_val_batches=2).fit(model(), DigitsDataModule(batch_size=32))
-                outcome["error"] = None
-            except Exception as err:  # noqa: BLE001 - recorded for the test to check
-                outcome["error"] = f"{type(err).__name__}: {err}"
-            outcome["batches"] = counter.batches
-            results.append(outcome)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    (Path(out_dir) / f"refuse.rank{rank}.json").write_text(json.dumps(results, indent=1))
-
-
-class _BatchCounter(Callback):
-    def __init__(self) -> None:
-        self.batches = 0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self.batches += 1
-
-
-SCENARIOS = {
-    "main": scenario_main,
-    "accumulate_bf16": scenario_accumulate_bf16,
-    "odd_val": scenario_odd_val,
-    "resume": scenario_resume,
-    "parity": scenario_parity,
-    "refuse": scenario_refuse,
-}
-
-
-if __name__ == "__main__":  # strategy="ddp": Lightning runs this command again for rank 1
-    torch.set_num_threads(1)
-    name, out = sys.argv[1], sys.argv[2]
-    SCENARIOS[name]("ddp", out)

