@@ -29,6 +29,7 @@ import copy
 import functools
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -105,6 +106,7 @@ def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, ca
     started = time.perf_counter()
     pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        default_root_dir=tempfile.mkdtemp(prefix="lc-bench-"),  # the callbacks' reports go there
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks or [],
         num_sanity_val_steps=0,
     ).fit(model, datamodule=data)
@@ -152,7 +154,7 @@ def structured(dense: ResNet18, data: pl.LightningDataModule, args: argparse.Nam
     with torch.inference_mode():
         timings = measure_interleaved({k: functools.partial(m.eval(), x64) for k, m in arms.items()},
                                       repeats=args.repeats, warmup=2)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.train_threads)
     out: dict[str, Any] = {}
     for name, model in arms.items():
         with torch.inference_mode():
@@ -180,7 +182,8 @@ def unstructured(dense: ResNet18, data: pl.LightningDataModule, args: argparse.N
         for seed in range(args.seeds):
             for arm in arms:
                 pl.seed_everything(seed, verbose=False)
-                model = fork(dense, args.lr / 5)
+                model, seeded = fork(dense, args.lr / 5), copy.copy(data)
+                seeded.seed = 1000 + seed  # the data order (the split was made once, in the constructor)
                 if arm.startswith("ModelPruning"):
                     weights = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
                     callback: pl.Callback = ModelPruning(
@@ -192,7 +195,7 @@ def unstructured(dense: ResNet18, data: pl.LightningDataModule, args: argparse.N
                                                         start_step=max(1, steps // 10), end_step=steps // 2)
                 else:
                     callback = GradientStabilityPruning(sparsity=sparsity, evaluate=False, verbose=0)
-                fit(model, data, args.finetune, [callback])
+                fit(model, seeded, args.finetune, [callback])
                 arms[arm].append(accuracy(model, data))
                 reached[arm].append(weight_sparsity(model))
                 print(f"  unstructured {sparsity}: seed {seed} {arm}: {arms[arm][-1]:.2f} % "
@@ -212,16 +215,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the unstructured comparison (default 3)")
     parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the dense fit (arms: / 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    parser.add_argument("--train-threads", type=int, default=1, help="torch threads for training (on a shared "
+                        "machine 2 threads can be 10x slower than 1)")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per model")
     parser.add_argument("--only", choices=("structured", "unstructured"), default=None, help="run one part")
-    parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 + 1 epochs, 2 seeds (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 + 2 epochs, 2 seeds (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "resnet.json", help="where the figures go")
     args = parser.parse_args()
-    defaults = (8, 14, 1, 1, 2) if args.quick else (32, 28, 3, 2, 3)
+    defaults = (8, 14, 1, 2, 2) if args.quick else (32, 28, 3, 2, 3)
     for name, value in zip(("width", "image_size", "epochs", "finetune", "seeds"), defaults):
         setattr(args, name, getattr(args, name) if getattr(args, name) is not None else value)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.train_threads)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"CPU capability: {capability}; torch {torch.__version__}; {vars(args)}", flush=True)
     started = time.perf_counter()

@@ -19,6 +19,7 @@ import argparse
 import copy
 import functools
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -78,6 +79,7 @@ def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, ca
     started = time.perf_counter()
     pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        default_root_dir=tempfile.mkdtemp(prefix="lc-bench-"),  # the callbacks' reports go there
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks or [],
         num_sanity_val_steps=0,
     ).fit(model, datamodule=data)
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="dense training epochs (default 4)")
     parser.add_argument("--finetune", type=int, default=None, help="fine-tuning epochs of both arms (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    parser.add_argument("--train-threads", type=int, default=1, help="torch threads for training (on a shared "
+                        "machine 2 threads can be 10x slower than 1)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per model")
     parser.add_argument("--quick", action="store_true", help="width 64, 2 layers, 1 + 1 epochs (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "transformer_structured.json", help="figures")
@@ -110,7 +114,7 @@ def main() -> None:
     for name, value in zip(("width", "layers", "epochs", "finetune"), defaults):
         setattr(args, name, getattr(args, name) if getattr(args, name) is not None else value)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.train_threads)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"CPU capability: {capability}; torch {torch.__version__}; {vars(args)}", flush=True)
     started = time.perf_counter()
@@ -132,7 +136,7 @@ def main() -> None:
     with torch.inference_mode():
         timings = measure_interleaved({k: functools.partial(m.eval(), x64) for k, m in arms.items()},
                                       repeats=args.repeats, warmup=2)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.train_threads)
     rows = {name: {"parameters": count_parameters(m), "MACs / image": count_macs(m, x64[:1]),
                    "latency batch 64 (ms)": timings[name].median_ms, "test accuracy (%)": accuracy(m, data)}
             for name, m in arms.items()}

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_compress.callbacks.pruning import GradientStabilityPruning  # noqa: F401
 from lightning_compress.callbacks.quantization import PostTrainingQuantization  # noqa: F401
+from lightning_compress.core.io import check_export_path
 
 # imported so that jsonargparse knows them by their short class names
 from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
@@ -71,7 +72,7 @@ class CompressionCLI(LightningCLI):
 
     def before_fit(self) -> None:
         _check_data_package(self.datamodule)
-        _make_export_dirs(self.trainer.callbacks)
+        _check_export_paths(self.trainer)
 
     def before_validate(self) -> None:
         _check_data_package(self.datamodule)
@@ -102,27 +103,18 @@ class CLIConfigError(ValueError):
     """A setting the CLI can check before training and that cannot work; ``main`` prints it without a traceback."""
 
 
-def _make_export_dirs(callbacks: Sequence[Any]) -> None:
-    """Create the directories of the callbacks' ``export_path`` (e.g. ``runs/job/model.safetensors``), so a config
-    can name a file under a run directory that does not exist yet. Refuses, before training, an ``export_path``
-    that is a directory or whose directory cannot be created or written to."""
-    for callback in callbacks:
+def _check_export_paths(trainer: Any) -> None:
+    """Check the callbacks' ``export_path`` before training, with the rule the callback applies in ``setup``
+    (:func:`~lightning_compress.core.io.check_export_path`: relative paths land in the run's log directory), and
+    create its directory; a path that cannot work ends the CLI with one line instead of a traceback."""
+    for callback in trainer.callbacks:
         path = getattr(callback, "export_path", None)
         if not isinstance(path, (str, os.PathLike)):
             continue
-        name = f"{type(callback).__name__}(export_path={os.fspath(path)!r})"
-        target = Path(path).expanduser().resolve()
-        if target.is_dir():
-            raise CLIConfigError(f"`export_path` of {name} is an existing directory; allowed: a file path ending in "
-                                 "'.safetensors' (e.g. runs/job/model.safetensors)")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise CLIConfigError(f"`export_path` of {name}: its directory {str(target.parent)!r} cannot be created "
-                                 f"({err.strerror or err}); allowed: a path in a writable location") from None
-        if not os.access(target.parent, os.W_OK | os.X_OK):
-            raise CLIConfigError(f"`export_path` of {name}: its directory {str(target.parent)!r} is not writable; "
-                                 "allowed: a path in a writable location")
+            check_export_path(path, trainer.log_dir or trainer.default_root_dir)
+        except ValueError as err:
+            raise CLIConfigError(f"{type(callback).__name__}: {err}") from None
 
 
 def _names_a_class(arg: str, group: str) -> bool:

@@ -67,8 +67,9 @@ FIT: list[FitCase] = [
     ("quantization_regression_metric", lambda _: PostTrainingQuantization(metric=MSE), DigitsDataModule, {},
      ValueError, ("metric", MSE), "integration/evaluation.py dry_run(): the error does not name the metric"),
     ("export_path_is_a_directory", lambda p: PostTrainingQuantization(export_path=str(p / "dir.safetensors")),
-     DigitsDataModule, {}, ValueError, ("export_path", "dir.safetensors", "directory"),
-     "callbacks/quantization.py setup(): an export_path that is a directory passes; it fails after the fit"),
+     DigitsDataModule, {}, ValueError, ("export_path", "dir.safetensors", "directory"), ""),
+    ("export_path_existing_file", lambda p: PostTrainingQuantization(export_path=str(p / "old.safetensors")),
+     DigitsDataModule, {}, ValueError, ("export_path", "old.safetensors", "already exists"), ""),
     ("export_path_cannot_be_created", lambda _: PostTrainingQuantization(export_path="/proc/nope/x.safetensors"),
      DigitsDataModule, {}, ValueError, ("export_path", "/proc/nope/x.safetensors"), ""),
     ("pruning_include_matches_nothing", lambda _: GradientStabilityPruning(include=["nomatch"]), DigitsDataModule,
@@ -101,6 +102,7 @@ def test_setup_refuses_before_the_first_step(tmp_path: Path, make: Callable[[Pat
                                              trainer_kwargs: dict[str, Any], error: type[Exception],
                                              texts: tuple[str, ...]) -> None:
     (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "old.safetensors").write_bytes(b"a previous export")
     torch.manual_seed(0)
     model = (_DictMLP if data is _DictDigits else MLPClassifier)(input_size=64, hidden=[16])
     before = copy.deepcopy(model.state_dict())
@@ -215,6 +217,10 @@ CLI: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("export_path_proc", [_Q, "--trainer.callbacks.export_path=/proc/nope/x.safetensors"],
      ("`export_path`", "/proc/nope/x.safetensors", "cannot be created")),
     ("export_path_suffix", [_Q, "--trainer.callbacks.export_path={tmp}/model.pt"], ("`export_path`", "model.pt")),
+    ("export_path_existing_file", [_Q, "--trainer.callbacks.export_path={tmp}/old.safetensors"],
+     ("`export_path`", "old.safetensors", "already exists")),
+    ("export_path_relative_directory", [_Q, "--trainer.callbacks.export_path=sub.safetensors"],
+     ("`export_path`", "'sub.safetensors'", "existing directory")),
     ("include_string", [_P, "--trainer.callbacks.include=net.1"], ("include", "net.1")),
     ("sparsity_above_one", [_P, "--trainer.callbacks.sparsity=1.5"], ("`sparsity`", "1.5")),
     ("evaluate_not_a_bool", [_P, "--trainer.callbacks.evaluate=maybe"], ("evaluate", "maybe")),
@@ -227,7 +233,9 @@ CLI: list[tuple[str, list[str], tuple[str, ...]]] = [
 def test_cli_refuses_with_a_message_and_no_traceback(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
                                                      texts: tuple[str, ...]) -> None:
     (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "old.safetensors").write_bytes(b"a previous export")
     root = tmp_path / "root"
+    (root / "sub.safetensors").mkdir(parents=True)  # relative export paths land in the log dir (root, no logger)
     with pytest.raises(SystemExit) as info:
         main([*_BASE, f"--trainer.default_root_dir={root}", *(a.format(tmp=tmp_path) for a in args)])
     assert info.value.code == 2
@@ -236,4 +244,5 @@ def test_cli_refuses_with_a_message_and_no_traceback(tmp_path: Path, capsys: pyt
     for text in texts:
         assert text in err, f"{text!r} missing from: {err[-2000:]}"
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert written == []  # no checkpoint, config or export: no step ran
+    assert written == [tmp_path / "old.safetensors"]  # no checkpoint, config or export: no step ran
+    assert (tmp_path / "old.safetensors").read_bytes() == b"a previous export"

@@ -49,8 +49,12 @@ def fake_data() -> dict[str, dict[str, Any]]:
             {"scheme": "int8 per-channel RTN", "acc": 96.0}, {"scheme": "int4 per-channel RTN", "acc": 94.2},
             {"scheme": "int4 g32 MSE", "acc": 95.7}, {"scheme": "int2 g32 MSE asym", "acc": 41.3}]},
     }
+    serving = {
+        "machine": {**MACHINE, "mode": "full", "cpu_capability": "AVX2", "onnxruntime": "1.32.0"}, "threads": 1,
+        "checks": [{"check": "MLP ORT int8 vs ORT fp32, batch 64", "value": "1.93x", "target": ">= 1.8x", "pass": True}],
+    }
     return {"stats_overhead": stats, "sparsity": {"runs": runs, "machine": {**MACHINE, "mode": "full"}},
-            "structured": structured, "quantization": quantization}
+            "structured": structured, "quantization": quantization, "serving": serving}
 
 
 def summary(data: dict[str, Any]) -> str:

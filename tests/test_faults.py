@@ -247,13 +247,16 @@ def test_a_pruning_callback_reused_for_a_second_fit_starts_afresh() -> None:
 
 
 def test_a_quantization_callback_reused_for_a_second_fit_exports_the_second_model(tmp_path: Path) -> None:
-    callback = PostTrainingQuantization(bits=4, export_path=str(tmp_path / "m.safetensors"))
-    models = []
+    callback = PostTrainingQuantization(bits=4, export_path="m.safetensors")  # relative: in each run's log dir
+    models, exports = [], []
     for seed in (0, 1):
         torch.manual_seed(seed)
         models.append(MLPClassifier(input_size=64, hidden=[16]))
-        quiet_trainer([callback], max_steps=2, limit_val_batches=1).fit(models[-1], DigitsDataModule(batch_size=64))
-    loaded = load_quantized(MLPClassifier(input_size=64, hidden=[16]), tmp_path / "m.safetensors")
+        trainer = quiet_trainer([callback], max_steps=2, limit_val_batches=1, default_root_dir=tmp_path / str(seed))
+        trainer.fit(models[-1], DigitsDataModule(batch_size=64))
+        exports.append(Path(callback.report.files["quantized"]))
+    assert exports == [tmp_path / "0" / "m.safetensors", tmp_path / "1" / "m.safetensors"]
+    loaded = load_quantized(MLPClassifier(input_size=64, hidden=[16]), exports[1])
     assert all(torch.equal(v, models[1].state_dict()[k]) for k, v in loaded.state_dict().items())
     assert len([e for e in callback.report.events if e.kind == "quantize"]) == 1
     assert set(callback.float_weights) == {n for n, m in models[1].named_modules() if isinstance(m, nn.Linear)}

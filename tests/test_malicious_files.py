@@ -49,7 +49,7 @@ def _export(path: Path, scheme: str = "int4_group_asym") -> Path:
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
+        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
 
 def _rewrite(path: Path, tensors: Callable[[dict], None] | None = None, meta: Callable[[dict], Any] | None = None,

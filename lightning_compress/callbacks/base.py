@@ -196,4 +196,5 @@ class CompressionCallback(Callback):
 
 
 def compression_callbacks(trainer: pl.Trainer) -> list[CompressionCallback]:
-    return [callback for callback in trainer.callbacks if isinstance(callback, CompressionCallback)]
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by a connector, invisible to mypy
+    return [callback for callback in callbacks if isinstance(callback, CompressionCallback)]

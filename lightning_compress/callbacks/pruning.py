@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.accounting import layer_float_bytes
+from lightning_compress.core.modules import weight_of
 from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
 from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC
@@ -114,6 +115,7 @@ class GradientStabilityPruning(CompressionCallback):
         self._groups: dict[str, Any] | None = None
         self._example_input: Any = None
         self._compacted = False
+        self._module_parameters: dict[str, Tensor] = {}
 
     @property
     @override
@@ -139,16 +141,17 @@ class GradientStabilityPruning(CompressionCallback):
         self._reset_run()
         self._setup_fit(trainer, pl_module, needs_metric=self.config.evaluate or self.max_metric_drop is not None)
         selected = {n: m for n, m in self.selection.select(pl_module).items()
-                    if isinstance(getattr(m, "weight", None), Tensor) and m.weight.requires_grad}
+                    if isinstance(getattr(m, "weight", None), Tensor) and weight_of(m).requires_grad}
         if not selected:
             raise ValueError(f"{self.selection.describe()} select no trainable module of {type(pl_module).__name__}: "
                              "nothing to prune")
         self.layers = TrackedLayers(selected)
+        self._module_parameters = dict(pl_module.named_parameters(remove_duplicate=False))
         c = self.config
         total = trainer.max_epochs if c.schedule_unit == "epoch" else trainer.estimated_stepping_batches
-        finite = total is not None and total not in (-1, float("inf"))
+        length = int(total) if total is not None and total not in (-1, float("inf")) else None
         self.schedule = PruningSchedule.for_fit(
-            c.schedule, c.sparsity if c.sparsity is not None else 1.0, int(total) if finite else None,
+            c.schedule, c.sparsity if c.sparsity is not None else 1.0, length,
             c.schedule_unit, c.start_step, c.end_step, c.frequency, c.amount, c.initial_sparsity,
         )
 
@@ -298,9 +301,9 @@ class GradientStabilityPruning(CompressionCallback):
         self._remove_hooks()
         self._apply_masks()
         per_layer = self.layers.layer_mask_sparsity(self.masks)
-        for name, module in self.layers.modules.items():
-            fp32 = layer_float_bytes(module, module.weight)
-            record = self.report.layers.setdefault(name, LayerRecord(parameters=module.weight.numel(), bytes_fp32=fp32))
+        for (name, module), weight in zip(self.layers.modules.items(), self.layers.weights()):
+            fp32 = layer_float_bytes(module, weight)
+            record = self.report.layers.setdefault(name, LayerRecord(parameters=weight.numel(), bytes_fp32=fp32))
             record.sparsity = per_layer[name]
             record.bytes_compressed = record.bytes_compressed or fp32
         if self.config.compact and self.unit_masks:
@@ -349,10 +352,13 @@ class GradientStabilityPruning(CompressionCallback):
         self.controller.load_state_dict(state.get("controller", state))  # older checkpoints: flat keys
 
     def _checked_masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        params = dict(self.layers.modules)
+        """Masks restored from a checkpoint must fit the model's parameters exactly (a mask that broadcasts would
+        zero a whole layer)."""
+        params = dict(self._module_parameters)
         for key, mask in masks.items():
-            owner = params.get(key.rpartition(".")[0])
-            if owner is not None and tuple(mask.shape) != tuple(owner.weight.shape) and key.endswith(".weight"):
-                raise ValueError(f"the checkpoint's pruning mask {key!r} has shape {tuple(mask.shape)}, the model's "
-                                 f"weight {tuple(owner.weight.shape)}: it belongs to another model")
-        return masks
+            param = params.get(key)
+            if param is None or not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(param.shape):
+                shape = None if param is None else tuple(param.shape)
+                raise ValueError(f"the checkpoint's pruning mask {key!r} ({getattr(mask, 'shape', type(mask))}) does "
+                                 f"not fit the model's parameter ({shape}): the checkpoint belongs to another model")
+        return {key: mask.bool() for key, mask in masks.items()}

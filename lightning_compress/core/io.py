@@ -45,6 +45,32 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     return target
 
 
+def check_export_path(value: str | os.PathLike[str], base_dir: str | os.PathLike[str], argument: str = "export_path",
+                      *, create: bool = True) -> Path:
+    """Where an export named ``value`` goes, checked before any training: a relative path lands in ``base_dir`` (the
+    run's log directory, so runs never overwrite each other's exports), an absolute one is used as given. Refused
+    with a ``ValueError`` naming ``argument`` and the value: an existing directory, an absolute path to an existing
+    file, a directory that cannot be created (``/proc/...``) or written to. ``create``: make the directory."""
+    given = Path(value).expanduser()
+    path = given if given.is_absolute() else Path(base_dir) / given
+    shown = f"`{argument}`={os.fspath(value)!r}"
+    if path.is_dir():
+        raise ValueError(f"{shown} is an existing directory; allowed: a file path ending in '.safetensors', or None")
+    if given.is_absolute() and path.exists():
+        raise ValueError(f"{shown} already exists; allowed: a new file, or a relative path (kept inside each run's "
+                         "log directory)")
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{shown}: its directory {str(path.parent)!r} cannot be created "
+                             f"({err.strerror or err}); allowed: a path in a writable directory, or None") from None
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{shown}: its directory {str(path.parent)!r} is not writable; allowed: a path in a "
+                             "writable directory, or None")
+    return path
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return atomic_write(path, lambda handle: handle.write(data))
 

@@ -122,7 +122,7 @@ def unpadded(loader: Any, rank: int, world_size: int) -> Any:
         return loader
     if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
         return loader
-    if len(loader.dataset) < world_size:  # keep the padding: a rank without a batch builds no metric and raises alone
+    if len(loader.dataset) < world_size:  # type: ignore[arg-type]  # keep the padding: a rank without a batch builds no metric and raises alone
         return loader
     return DataLoader(
         loader.dataset,
@@ -173,7 +173,7 @@ def dry_run(trainer: pl.Trainer, pl_module: pl.LightningModule, spec: MetricSpec
 def test_dataloaders(trainer: pl.Trainer) -> list[Iterable[Any]]:
     """The datamodule's test dataloaders when it defines ``test_dataloader`` (else none), for the evaluation of the
     delivered model; sharded per rank by :func:`evaluate` like the validation data."""
-    datamodule = trainer.datamodule
+    datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by a connector, invisible to mypy
     if datamodule is None or not is_overridden("test_dataloader", datamodule):
         return []
     loaders = datamodule.test_dataloader()

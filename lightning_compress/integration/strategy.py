@@ -57,7 +57,7 @@ def check_reparametrization(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     would be lost."""
     from lightning.pytorch.callbacks import ModelPruning
 
-    if any(isinstance(other, ModelPruning) for other in trainer.callbacks):
+    if any(isinstance(other, ModelPruning) for other in trainer.callbacks):  # type: ignore[attr-defined]
         raise ValueError(
             f"{callback} cannot run in the same Trainer as Lightning's ModelPruning: ModelPruning re-parametrises "
             "the weights (`weight_orig` * `weight_mask`), so what lightning_compress writes into `.weight` would be "

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from lightning_compress.core.modules import weight_of
+
 
 class TrackedLayers:
     """The selected modules, one per distinct weight tensor: a module whose weight another selected module already
@@ -21,7 +23,7 @@ class TrackedLayers:
         self.shared: dict[str, str] = {}  # module name -> the tracked module that holds its weight
         owner: dict[int, str] = {}
         for name, module in modules.items():
-            key = id(module.weight)
+            key = id(weight_of(module, name))
             if key in owner:
                 self.shared[name] = owner[key]
             else:
@@ -36,27 +38,28 @@ class TrackedLayers:
         return list(self.modules)
 
     def weights(self) -> list[Tensor]:
-        return [module.weight for module in self.modules.values()]
+        return [weight_of(module) for module in self.modules.values()]
 
     def num_units(self) -> dict[str, int]:
-        return {name: int(module.weight.shape[0]) for name, module in self.modules.items()}
+        return {name: int(weight_of(module).shape[0]) for name, module in self.modules.items()}
 
     def mask_sparsity(self, masks: Mapping[str, Tensor]) -> float:
         """Fraction of the tracked weights whose keep-mask is False."""
         pruned = sum(int((~masks[f"{n}.weight"]).sum()) for n in self.modules if f"{n}.weight" in masks)
-        return pruned / max(sum(m.weight.numel() for m in self.modules.values()), 1)
+        return pruned / max(sum(w.numel() for w in self.weights()), 1)
 
     def layer_mask_sparsity(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
         out = {}
-        for name, module in self.modules.items():
+        for name, weight in zip(self.modules, self.weights()):
             mask = masks.get(f"{name}.weight")
-            out[name] = 0.0 if mask is None else float((~mask).sum()) / module.weight.numel()
+            out[name] = 0.0 if mask is None else float((~mask).sum()) / weight.numel()
         return out
 
     def zero_fraction(self) -> float:
         """Fraction of exactly-zero elements over the tracked weights."""
-        weights = [m.weight for m in self.modules.values()]
-        return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
+        weights = self.weights()
+        zeros = sum(int(w.eq(0).sum()) for w in weights)
+        return zeros / max(sum(w.numel() for w in weights), 1)
 
     def weights_finite(self) -> bool:
-        return all(bool(m.weight.detach().isfinite().all()) for m in self.modules.values())
+        return all(bool(w.detach().isfinite().all()) for w in self.weights())

@@ -80,7 +80,9 @@ def mse_search(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tens
     return out_lo.reshape(lo.shape), out_hi.reshape(hi.shape)
 
 
-def _errors(x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, codes: bool = False) -> tuple[Tensor, Tensor]:
+def _errors(
+    x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, codes: bool = False
+) -> tuple[Tensor, Tensor]:
     """Squared error per row of ``x`` (n, L) at per-row ``scale`` / ``zero``; with ``codes``, also ``q - z``."""
     qmin, qmax = int_range(spec.bits, spec.symmetric)
     s = scale.float().unsqueeze(-1)
@@ -112,7 +114,8 @@ def _search_chunk(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[T
     if len(coarse) > 2:  # the runner-up basin too: the error is not unimodal in the ratio (rounding)
         centres.append(coarse_idx[coarse_err.scatter(1, pos.unsqueeze(1), float("inf")).argmin(dim=1)])
     mid = max(1, k // 3)
-    for centres_now, offsets in (  # 2. fine: around the two best coarse ratios every `mid`, then every 1 around the best
+    # 2. fine: around the two best coarse ratios every `mid` grid steps, then every step around the best
+    for centres_now, offsets in (
         (centres, [o for o in range(-k + mid, k, mid) if o]),
         (None, [o for o in range(-mid + 1, mid) if o]),
     ):

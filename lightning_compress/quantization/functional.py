@@ -42,6 +42,16 @@ from lightning_compress.core.gate import MetricGate
 from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, compile_patterns, select_modules
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.quantization.calibration import feed, take_batches, to_device
+from lightning_compress.quantization.coverage import (
+    EMBEDDING_BITS,
+    QUANT_MODULE_TYPES,
+    bits_for,
+    check_finite,
+    float_leftovers,
+    unfit_defaults,
+    weight_name,
+)
+from lightning_compress.quantization.coverage import layer_weight as _weight
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, rungs
 from lightning_compress.quantization.gptq import GPTQConfig, gptq_model, gptq_supports
 from lightning_compress.quantization.packing import packed_nbytes
@@ -53,29 +63,7 @@ from lightning_compress.quantization.primitives import (
     sqnr_db,
 )
 
-# What quantize() selects by default: every layer kind with a weight over input features, plus embedding tables and
-# the fused q/k/v projection of nn.MultiheadAttention (the biggest tensors of a transformer). Pruning keeps
-# core.selection.DEFAULT_MODULE_TYPES.
-QUANT_MODULE_TYPES: tuple[str, ...] = (*DEFAULT_MODULE_TYPES, "Embedding", "torch.nn.MultiheadAttention")
-_OPTIONAL_BY_DEFAULT = (nn.Embedding, nn.MultiheadAttention)  # kept float, not an error, when their shape does not fit
-_QUANT_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
 METHODS = ("rtn", "gptq")
-EMBEDDING_BITS = 8
-
-
-def weight_name(module: nn.Module) -> str:
-    return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
-
-
-def _weight(name: str, module: nn.Module) -> Tensor:
-    attr = weight_name(module)
-    weight = getattr(module, attr, None)
-    if not isinstance(weight, Tensor) or weight.dim() < 2 or not weight.is_floating_point():
-        raise ValueError(
-            f"`module_types` selected {name!r} ({type(module).__name__}) whose `{attr}` is not a float tensor with "
-            "2 or more dims; only such weights can be quantized (exclude it with `exclude`)"
-        )
-    return weight
 
 
 @dataclass
@@ -197,22 +185,6 @@ def check_group_size(layers: Mapping[str, nn.Module], spec: QuantSpec) -> None:
             ) from None
 
 
-def check_finite(layers: Mapping[str, nn.Module]) -> None:
-    """Raise naming every selected layer whose weight holds NaN / inf (before anything is changed)."""
-    bad = []
-    for name, module in layers.items():
-        weight = _weight(name, module).detach()
-        if not bool(weight.isfinite().all()):
-            nan, inf = int(weight.isnan().sum()), int(weight.isinf().sum())
-            bad.append(f"{name!r} ({type(module).__name__}.{weight_name(module)}: {nan} NaN, {inf} inf)")
-    if bad:
-        raise ValueError(
-            f"cannot quantize non-finite weights: {', '.join(bad)}. One NaN / inf makes its row's range (or the "
-            "tensor's) non-finite and would silently zero or poison it; fix the weights or leave these layers out "
-            "with `exclude`"
-        )
-
-
 def quantize_layer(name: str, module: nn.Module, spec: QuantSpec) -> LayerQuantization:
     """Quantize one module's weight and write the dequantized values into it, in place."""
     weight = _weight(name, module)
@@ -249,7 +221,7 @@ def quantize(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     bits_overrides: Mapping[str, int] | None = None,
-    embedding_bits: int | None = EMBEDDING_BITS,
+    embedding_bits: int | None = None,
     method: str = "rtn",
     calibration_data: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
@@ -273,7 +245,8 @@ def quantize(
         scale_dtype: ``"float32"`` or ``"float16"`` (smaller files for small groups).
         module_types, include, exclude: which modules (see :func:`lightning_compress.select_modules`); default
             :data:`QUANT_MODULE_TYPES` (Linear, Conv1d/2d/3d, Embedding, MultiheadAttention).
-        embedding_bits: bits for ``nn.Embedding`` tables (default 8); ``None``: the same as ``bits``.
+        embedding_bits: bits for ``nn.Embedding`` tables; ``None``: 8 under the default selection (``module_types``
+            not given), else ``bits`` (as before: a model whose Embedding was asked for explicitly keeps ``bits``).
         method: ``"rtn"`` or ``"gptq"`` (needs ``calibration_data``).
         calibration_data: an iterable of batches (a DataLoader, a list of tensors or of tokenizer dicts); at most
             ``calibration_batches`` are used, moved to the model's device.
@@ -310,11 +283,9 @@ def quantize(
     defaults = module_types is None
     types = QUANT_MODULE_TYPES if module_types is None else module_types
     layers, skipped = select_layers(model, types, include, exclude)
-    if defaults and spec.granularity == "per_group":
-        for name, module in list(layers.items()):
-            if isinstance(module, _OPTIONAL_BY_DEFAULT) and _weight(name, module)[0].numel() % spec.group_size:
-                skipped[name] = f"kept float: `group_size`={spec.group_size} does not divide its input size"
-                del layers[name]
+    if defaults:
+        skipped.update(unfit_defaults(layers, spec))
+        layers = {name: module for name, module in layers.items() if name not in skipped}
     if not layers:
         raise ValueError(
             f"nothing to quantize: no module matches `module_types`={list(types)!r}, "
@@ -322,7 +293,8 @@ def quantize(
         )
     check_group_size(layers, spec)
     check_finite(layers)
-    plan = {name: _bits_for(name, module, bits, bits_overrides, embedding_bits) for name, module in layers.items()}
+    emb_bits = embedding_bits if embedding_bits is not None else (EMBEDDING_BITS if defaults else bits)
+    plan = {name: bits_for(name, module, bits, bits_overrides, emb_bits) for name, module in layers.items()}
     specs = {name: replace(spec, bits=b) for name, b in plan.items()}
     keep_float = metric_fn is not None or method == "gptq"
     floats = {n: _weight(n, m).detach().clone() for n, m in layers.items()} if keep_float else {}
@@ -352,18 +324,8 @@ def quantize(
             skipped[name] = "kept float: metric fallback (`max_metric_drop`)"
         else:
             result.layers[name] = cache[(name, plan[name])]
-    result.skipped.update(_float_leftovers(model, layers, skipped))
+    result.skipped.update(float_leftovers(model, layers, skipped))
     return result
-
-
-def _bits_for(
-    name: str, module: nn.Module, bits: int, overrides: Mapping[str, int] | None, embedding_bits: int | None
-) -> int:
-    if any(re.search(pattern, name) for pattern in overrides or {}):
-        return resolve_bits(name, bits, overrides)
-    if isinstance(module, nn.Embedding) and embedding_bits is not None:
-        return embedding_bits
-    return bits
 
 
 def _gptq(
@@ -422,22 +384,4 @@ def _apply(
             else:
                 cache[(name, bits)] = quantize_layer(name, module, replace(specs[name], bits=bits))
 
-
-def _float_leftovers(model: nn.Module, layers: Mapping[str, nn.Module], skipped: Mapping[str, str]) -> dict[str, str]:
-    """Every other module that owns parameters, with why they stay float."""
-    out = {}
-    for name, module in model.named_modules():
-        if name in layers or name in skipped or not any(True for _ in module.parameters(recurse=False)):
-            continue
-        kind = type(module).__name__
-        if "Norm" in kind:
-            out[name] = f"{kind}: normalization scale / shift stay float (one value per feature)"
-        elif isinstance(module, _QUANT_CLASSES):
-            out[name] = f"{kind}: not selected (`module_types`, `include`, `exclude`)"
-        elif isinstance(module, nn.MultiheadAttention):
-            out[name] = "MultiheadAttention: in_proj_bias stays float (biases are never quantized)"
-        else:
-            names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
-            out[name] = f"{kind}: parameters ({names}) are not a layer weight; they stay float"
-    return out
 

@@ -5,7 +5,7 @@ Pure PyTorch, no Lightning.
 
 For a layer ``y = W x`` (``W``: ``(rows, cols)``; a Conv as ``W`` ``(out, in * k)`` on unfolded patches) the
 objective ``|W X - W_hat X|^2`` has Hessian ``H = 2 X^T X / n`` over the ``n`` calibration rows of ``X``
-(:class:`HessianAccumulator`). :func:`gptq_quantize`:
+(:class:`~.hessian.HessianAccumulator`). :func:`gptq_quantize`:
 
 1. ``H += damp * mean(diag H) * I`` (dampening); inputs that were always zero (``H_jj = 0``) get ``H_jj = 1``;
 2. ``U = chol(H^-1)^T`` (upper Cholesky factor of the inverse): row ``j`` of ``U`` is how the error of column ``j``
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.core.validation import check_bool, check_number
+from lightning_compress.quantization.hessian import accumulate_hessians, conv_geometry, probe_layers
 from lightning_compress.quantization.primitives import (
     QuantizedTensor,
     QuantSpec,
@@ -63,63 +63,6 @@ class GPTQConfig:
         check_number("block_size", self.block_size, low=1, integer=True)
         check_bool("act_order", self.act_order)
         check_bool("sequential", self.sequential)
-
-
-class HessianAccumulator:
-    """``sum x x^T`` over calibration rows ``x`` (float32) and their count; :meth:`hessian` is ``2 X^T X / n``."""
-
-    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
-        self.xtx = torch.zeros(columns, columns, device=device)
-        self.count = 0
-
-    def add(self, rows: Tensor) -> None:
-        rows = rows.detach().reshape(-1, self.xtx.shape[0]).to(self.xtx.device, torch.float32)
-        self.xtx.addmm_(rows.t(), rows)
-        self.count += rows.shape[0]
-
-    def hessian(self) -> Tensor:
-        return self.xtx * (2.0 / max(1, self.count))
-
-
-@dataclass(frozen=True)
-class _ConvGeometry:
-    kernel: tuple[int, int]
-    dilation: tuple[int, int]
-    padding: tuple[int, int]
-    stride: tuple[int, int]
-
-
-def conv_geometry(module: nn.Module) -> _ConvGeometry | None:
-    """Unfold parameters of a Conv1d / Conv2d that GPTQ supports (zero padding, one group); ``None`` otherwise."""
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or module.groups != 1 or module.padding_mode != "zeros":
-        return None
-    padding = module.padding
-    if isinstance(padding, str):
-        if padding != "valid":
-            return None  # "same" pads asymmetrically for even kernels: not expressible in F.unfold
-        padding = (0,) * len(module.kernel_size)
-
-    def two(value: tuple[int, ...]) -> tuple[int, int]:
-        return (1, value[0]) if isinstance(module, nn.Conv1d) else (value[0], value[1])
-
-    pad = (0, padding[0]) if isinstance(module, nn.Conv1d) else (padding[0], padding[1])
-    return _ConvGeometry(two(module.kernel_size), two(module.dilation), pad, two(module.stride))
-
-
-def layer_input_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The rows ``X`` (``(n, cols)``) with ``module``'s output = ``X W^T`` (+ bias): Linear inputs as they are,
-    Conv1d / Conv2d inputs unfolded into patches (``C * kernel`` columns, in the weight's flattening order)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        geo = conv_geometry(module)
-        if geo is None:
-            raise ValueError(f"GPTQ does not support this convolution: {module}")
-        if isinstance(module, nn.Conv1d):
-            x = x.unsqueeze(-2)  # (B, C, L) -> (B, C, 1, L)
-        if x.dim() == 3:
-            x = x.unsqueeze(0)  # unbatched input
-        patches = F.unfold(x, geo.kernel, dilation=geo.dilation, padding=geo.padding, stride=geo.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B * L, C * k)
-    return x.reshape(-1, x.shape[-1])
 
 
 def gptq_quantize(
@@ -171,7 +114,11 @@ def gptq_quantize(
             g = int(group_of[c])
             if dynamic_groups and c % spec.group_size == 0:  # GPTQ's rule: calibrate the group on its current values
                 end = c + spec.group_size
-                values = W1[:, j : end - i1] if end <= i2 else torch.cat([W1[:, j:], W[:, i2:end]], dim=1)
+                if end <= i2:
+                    values = W1[:, j : end - i1]
+                else:  # the group runs past the block: its later columns with this block's pending updates
+                    later = W[:, i2:end] - err_block @ U[i1:i2, i2:end]
+                    values = torch.cat([W1[:, j:], later], dim=1)
                 if pruned is not None:
                     values = values.masked_fill(pruned[:, c:end], 0.0)
                 scale, zero = choose_qparams(*calibrate(values.unsqueeze(1), spec), spec)
@@ -223,18 +170,6 @@ def _inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the model driver
-class _StopForward(Exception):
-    """Raised by a hook once every layer of the pass has seen its input: the rest of the forward is not needed."""
-
-
-def _mha_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
-    names = ("query", "key", "value")
-    values = [args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names)]
-    if values[0] is values[1] and values[1] is values[2]:
-        return [values[0]]  # self-attention: one input (and one Hessian) for the fused q/k/v projection
-    return values
-
-
 def gptq_supports(module: nn.Module) -> str:
     """Why GPTQ cannot quantize ``module`` (``""`` when it can); the caller rounds such layers to nearest."""
     if isinstance(module, nn.MultiheadAttention):
@@ -244,12 +179,6 @@ def gptq_supports(module: nn.Module) -> str:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return "" if conv_geometry(module) is not None else "grouped, non-zero-padded or 'same'-padded convolution"
     return f"no input Hessian for a {type(module).__name__}"
-
-
-def _input_rows(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
-    if isinstance(module, nn.MultiheadAttention):
-        return [x.reshape(-1, x.shape[-1]) for x in _mha_inputs(args, kwargs)]
-    return [layer_input_rows(module, args[0] if args else next(iter(kwargs.values())))]
 
 
 def gptq_model(
@@ -266,7 +195,7 @@ def gptq_model(
     left to the caller (not supported, or not reached by ``run(model, batch)``), the reason."""
     notes = {name: why for name, module in layers.items() if (why := gptq_supports(module))}
     todo = {name: module for name, module in layers.items() if name not in notes}
-    order, calls, keys = _probe(model, todo, batches[0], run)
+    order, calls, keys = probe_layers(model, todo, batches[0], run)
     for name in todo:
         if name not in calls:
             notes[name] = "not called as a module by the calibration forward (used functionally?)"
@@ -275,7 +204,8 @@ def gptq_model(
         passes.setdefault(keys[name] if config.sequential else (), []).append(name)
     out: dict[str, QuantizedTensor] = {}
     for members in passes.values():
-        hessians = _accumulate(model, {n: todo[n] for n in members}, {n: calls[n] for n in members}, batches, run)
+        group = {n: todo[n] for n in members}
+        hessians = accumulate_hessians(model, group, {n: calls[n] for n in members}, batches, run)
         for name in members:
             module = todo[name]
             weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
@@ -298,73 +228,3 @@ def _concat_rows(parts: Sequence[QuantizedTensor], weight: Tensor) -> QuantizedT
     zeros = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])  # type: ignore[misc]
     return QuantizedTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zeros,
                            parts[0].spec, tuple(weight.shape), weight.dtype)
-
-
-def _probe(
-    model: nn.Module, layers: Mapping[str, nn.Module], batch: Any, run: Callable[[nn.Module, Any], Any]
-) -> tuple[list[str], dict[str, int], dict[str, tuple[int, ...]]]:
-    """One forward: the order layers are first called in, how often each is called, and the identity of each one's
-    first input (the tensors are kept alive meanwhile, so the ids cannot be reused)."""
-    order: list[str] = []
-    calls: dict[str, int] = {}
-    keys: dict[str, tuple[int, ...]] = {}
-    alive: list[Any] = []
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            if name not in keys:
-                first = _mha_inputs(args, kwargs) if isinstance(module, nn.MultiheadAttention) else [args[0]]
-                alive.append(first)
-                keys[name] = tuple(id(x) for x in first)
-                order.append(name)
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            run(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order, calls, keys
-
-
-def _accumulate(
-    model: nn.Module,
-    members: Mapping[str, nn.Module],
-    expected: Mapping[str, int],
-    batches: Sequence[Any],
-    run: Callable[[nn.Module, Any], Any],
-) -> dict[str, list[HessianAccumulator]]:
-    """The input Hessians of ``members`` over ``batches``; each forward stops once every member has been called as
-    often as in the probe."""
-    acc: dict[str, list[HessianAccumulator]] = {}
-    seen: dict[str, int] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            rows = _input_rows(module, args, kwargs)
-            if name not in acc:
-                device = next(module.parameters()).device
-                acc[name] = [HessianAccumulator(r.shape[1], device) for r in rows]
-            for a, r in zip(acc[name], rows):
-                a.add(r)
-            seen[name] = seen.get(name, 0) + 1
-            if all(seen.get(n, 0) >= expected[n] for n in members):
-                raise _StopForward
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in members.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                seen.clear()
-                try:
-                    run(model, batch)
-                except _StopForward:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return acc

@@ -176,7 +176,8 @@ def _smooth(
                 result.consumers[producer] = consumers
             else:
                 for c in consumers:
-                    skipped[c] = f"folding into {producer!r} changed the model's output (another reader, e.g. a residual)"
+                    skipped[c] = (f"folding into {producer!r} changed the model's output "
+                                  "(another reader, e.g. a residual)")
     finally:
         model.train(training)
     return result, (linears, act_max)
@@ -248,7 +249,7 @@ def _find_producers(
         if name not in inputs:
             skipped[name] = "not called by the calibration forward"
         elif source is None:
-            skipped[name] = "its input is not a LayerNorm / Linear output (e.g. after an activation): nothing to fold into"
+            skipped[name] = "its input is not a LayerNorm / Linear output (e.g. after an activation)"
         elif isinstance(producers[source], nn.LayerNorm) and producers[source].weight is None:
             skipped[name] = f"its producer {source!r} is a LayerNorm without affine weight"
         elif producers[source].weight.shape[0] != module.weight.shape[1]:

@@ -1,2 +1,3 @@
-"""Model structure, no Lightning: which units depend on which (``dependency``) and physically removing pruned
-units (``compaction``)."""
+"""Model structure, no Lightning: one real forward pass recorded (``trace``), which units depend on which
+(``dependency``, engine in ``walk`` / ``kinds``), attention with fewer heads (``attention``), physically removing
+pruned units (``compaction``), saving and loading the result (``serialization``) and what it costs (``macs``)."""

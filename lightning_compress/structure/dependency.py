@@ -45,7 +45,10 @@ from lightning_compress.structure.attention import ATTENTION_TYPES, attention_la
 from lightning_compress.structure.trace import as_call, record
 from lightning_compress.structure.walk import FOLLOWER_TYPES, OPAQUE_TYPES, PRODUCER_TYPES, Walk
 
-__all__ = ["FOLLOWER_TYPES", "PRODUCER_TYPES", "UnitGroup", "as_args", "find_unit_groups", "num_units", "unit_weight"]
+__all__ = [
+    "FOLLOWER_TYPES", "PRODUCER_TYPES", "UnitGroup", "as_args", "find_unit_groups", "num_units", "prunability_table",
+    "unit_weight", "unit_weight_name",
+]
 
 
 @dataclass
@@ -104,6 +107,11 @@ def find_unit_groups(model: nn.Module, example_input: Any, *, verify: bool = Tru
 def unit_weight(module: nn.Module) -> torch.Tensor:
     """The parameter whose rows are the module's units: ``weight``, or ``in_proj_weight`` for attention."""
     return module.in_proj_weight if isinstance(module, ATTENTION_TYPES) else module.weight
+
+
+def unit_weight_name(module: nn.Module) -> str:
+    """The name of :func:`unit_weight` on its module (``"weight"`` or ``"in_proj_weight"``), for parameter masks."""
+    return "in_proj_weight" if isinstance(module, ATTENTION_TYPES) else "weight"
 
 
 def num_units(module: nn.Module) -> int:

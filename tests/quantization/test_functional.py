@@ -191,3 +191,107 @@ def test_int_range_used_for_codes():
     q = result.layers[""].qtensor.q
     low, high = int_range(3, False)
     assert q.dtype == torch.uint8 and int(q.min()) >= low and int(q.max()) <= high
+
+
+# ---------------------------------------------------------------------------------------------- issue 15 additions
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(30, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.norm = nn.LayerNorm(32)
+        self.pos = nn.Parameter(torch.zeros(1, 6, 32))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos
+        a, _ = self.attn(h, h, h)
+        return self.head(self.norm(h + a)).mean(1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_layer(bad):
+    model = ConvNet()
+    with torch.no_grad():
+        model.fc1.weight[3, 7] = bad
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"cannot quantize non-finite weights: 'fc1' \(Linear.weight: "):
+        quantize(model, bits=4)
+    assert all(torch.equal(v, before[k]) or k == "fc1.weight" for k, v in model.state_dict().items())
+    assert torch.equal(model.conv.weight, before["conv.weight"])  # nothing was quantized before the refusal
+
+
+def test_whole_model_defaults_embeddings_8_bit_attention_and_float_report():
+    model = TinyTransformer()
+    result = quantize(model, bits=4)
+    assert set(result.layers) == {"tok", "attn", "attn.out_proj", "head"}
+    assert result.layers["tok"].bits == 8 and result.layers["attn"].bits == 4
+    assert "normalization" in result.skipped["norm"] and "pos" in result.skipped[""]
+    assert quantize(TinyTransformer(), bits=4, embedding_bits=6).layers["tok"].bits == 6
+    explicit = quantize(TinyTransformer(), bits=4, module_types=["Embedding"])  # as before: the requested bits
+    assert explicit.layers["tok"].bits == 4
+    assert quantize(TinyTransformer(), bits=4, bits_overrides={"tok": 3}).layers["tok"].bits == 3
+    legacy = quantize(TinyTransformer(), bits=4, module_types=["Linear"])  # the old default selection
+    assert set(legacy.layers) == {"attn.out_proj", "head"} and "not selected" in legacy.skipped["tok"]
+
+
+def test_default_selected_embedding_that_group_size_does_not_divide_stays_float():
+    model = nn.Sequential(nn.Embedding(10, 12), nn.Linear(12, 16), nn.Linear(16, 4))
+    result = quantize(model, bits=4, granularity="per_group", group_size=8, exclude=["1"])  # 12 % 8 != 0
+    assert list(result.layers) == ["2"] and "does not divide" in result.skipped["0"]
+    with pytest.raises(ValueError, match=r"layer '0' \(Embedding\): `group_size`=8 does not divide"):
+        quantize(model, bits=4, granularity="per_group", group_size=8, module_types=["Embedding"])
+
+
+def _guarded(model, x, max_drop, fallback):
+    with torch.no_grad():
+        target = model(x)
+
+    def metric(m):  # negative output error vs the float model: 0 is perfect, higher is better
+        with torch.no_grad():
+            return -F.mse_loss(m(x), target).item() / target.var().item()
+
+    return quantize(model, bits=2, metric_fn=metric, max_metric_drop=max_drop, fallback=fallback)
+
+
+@pytest.mark.parametrize("fallback", ["more_bits", "float"])
+def test_guarded_quantize_falls_back_until_the_bound_holds(fallback):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(256, 16)
+    result = _guarded(model, x, 0.02, fallback)
+    assert result.metric_before == 0.0 and result.fallbacks
+    assert result.metric_before - result.metric_after <= 0.02
+    steps = [(s["from_bits"], s["to_bits"]) for s in result.fallbacks]
+    if fallback == "more_bits":
+        assert steps[0] == (2, 4)  # the first rung above 2 bits
+    else:
+        assert all(to == 32 for _, to in steps)
+    kept_float = {s["layer"] for s in result.fallbacks if s["to_bits"] == 32}
+    assert kept_float == {n for n, why in result.skipped.items() if "fallback" in why}
+    assert all(layer.bits > 2 for n, layer in result.layers.items() if n in {s["layer"] for s in result.fallbacks})
+
+
+def test_unguarded_metric_is_only_measured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    result = quantize(model, bits=8, metric_fn=lambda m: 1.0)
+    assert (result.metric_before, result.metric_after, result.fallbacks) == (1.0, 1.0, [])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "awq"}, ValueError, r"`method` must be one of \['gptq', 'rtn'\], got 'awq'"),
+        ({"method": "gptq"}, ValueError, r"`method`='gptq' needs `calibration_data`"),
+        ({"max_metric_drop": 0.1}, ValueError, r"`max_metric_drop`=0.1 needs `metric_fn`"),
+        ({"embedding_bits": 9}, ValueError, r"`embedding_bits` must be an integer in \[2, 8\], got 9"),
+        ({"fallback": "int8"}, ValueError, r"`fallback` must be one of \['float', 'more_bits'\], got 'int8'"),
+        ({"calibration_batches": 0}, ValueError, r"`calibration_batches` must be an integer in \[1, inf\], got 0"),
+        ({"forward": "model(**batch)"}, TypeError, r"`forward` must be a callable"),
+        ({"gptq": {"damp": 0.1}}, TypeError, r"`gptq` must be a GPTQConfig or None"),
+    ],
+)
+def test_new_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        quantize(ConvNet(), **kwargs)

@@ -9,12 +9,8 @@ from torch import nn
 
 from lightning_compress.quantization.export import load_quantized, save_quantized
 from lightning_compress.quantization.functional import quantize
-from lightning_compress.quantization.gptq import (
-    GPTQConfig,
-    HessianAccumulator,
-    gptq_quantize,
-    layer_input_rows,
-)
+from lightning_compress.quantization.gptq import GPTQConfig, gptq_quantize
+from lightning_compress.quantization.hessian import HessianAccumulator, layer_input_rows
 from lightning_compress.quantization.primitives import QuantSpec, int_range, quantize_tensor
 
 
@@ -172,7 +168,8 @@ def test_cross_attention_gets_one_hessian_per_projection_and_custom_forward():
     model = _Net().eval()
     memory = torch.randn(4, 7, 32)
     calib = [(b["ids"], memory) for b in _batches(4)]
-    result = quantize(model, bits=4, method="gptq", calibration_data=calib, module_types=["torch.nn.MultiheadAttention"],
+    types = ["torch.nn.MultiheadAttention"]
+    result = quantize(model, bits=4, method="gptq", calibration_data=calib, module_types=types,
                       forward=lambda m, batch: m(batch[0], memory=batch[1]))
     assert result.layers["attn"].method == "gptq" and result.layers["attn"].qtensor.scale.shape == (96, 1)
 

@@ -197,3 +197,23 @@ def test_deterministic():
 def test_spec_validation(kwargs, error, match):
     with pytest.raises(error, match=match):
         QuantSpec(**kwargs)
+
+
+def test_mse_calibration_runs_the_fast_search_and_beats_the_exhaustive_grid():
+    """``calibrate(..., "mse")`` is the fast search of :mod:`calibration`; its total error is at most the old
+    exhaustive grid's (kept there as the reference)."""
+    from lightning_compress.quantization.calibration import exhaustive_mse_search, mse_search
+
+    weight = torch.distributions.StudentT(2.5).sample((32, 128))
+    spec = QuantSpec(bits=3, granularity="per_group", group_size=32, calibration="mse")
+    groups = grouped_view(weight, spec.granularity, spec.group_size)
+    lo, hi = calibrate(groups, spec)
+    fast = mse_search(groups, *torch.aminmax(groups, dim=-1), spec)
+    assert torch.equal(lo, fast[0]) and torch.equal(hi, fast[1])
+
+    def total_error(bounds):
+        scale, zero = choose_qparams(*bounds, spec)
+        return (dequantize(quantize(groups, scale, zero, 3, True), scale, zero) - groups).square().sum()
+
+    reference = exhaustive_mse_search(groups, *torch.aminmax(groups, dim=-1), spec)
+    assert total_error((lo, hi)) <= total_error(reference) * (1 + 1e-6)
