@@ -188,8 +188,6 @@ def test_export_and_float_copy_of_different_runs_are_told_apart(tmp_path: Path) 
         load_quantized(_net(), tmp_path / "m.safetensors", expect_run="run-1")
 
 
-@pytest.mark.xfail(strict=True, reason="TEMPORARY, callbacks/quantization.py _finish(): pass one run_id "
-                   "(export.new_run_id()) to both save_float(...) and save_quantized(...)")
 def test_the_callbacks_export_and_float_copy_share_a_run_id(tmp_path: Path) -> None:
     callback = PostTrainingQuantization(bits=4, export_path=str(tmp_path / "m.safetensors"))
     quiet_trainer([callback], max_steps=2, limit_val_batches=1).fit(MLPClassifier(input_size=64, hidden=[16]),

@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_compress.core.accounting import state_bytes
 from lightning_compress.core.gate import REFERENCES, MetricGate
+from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.artifacts import CHECKPOINT_KEY, checkpoint_entry, prepare_for_checkpoint
@@ -66,6 +67,7 @@ class CompressionCallback(Callback):
         self._published = False
         self._has_val = False
         self._compressed_module: int | None = None  # id() of the module this callback compressed in memory
+        self.selection = Selection(DEFAULT_MODULE_TYPES)  # subclasses set their own
 
     # ------------------------------------------------------------------ what subclasses provide
     def settings(self) -> dict[str, Any]:
@@ -92,6 +94,8 @@ class CompressionCallback(Callback):
             )
         if needs_metric and self._has_val:
             evaluation.dry_run(trainer, pl_module, self.metric_spec, argument=f"{type(self).__name__}(metric=...)")
+        for line in self.selection.check(pl_module):  # refuses an include / exclude pattern that matches nothing
+            rank_zero_info(f"{type(self).__name__}: {line}")
         peers = compression_callbacks(trainer)
         self._leader = peers[0] if peers else self
         if self._leader is self:

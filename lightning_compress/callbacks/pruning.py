@@ -22,7 +22,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
@@ -33,14 +33,12 @@ from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.controller import PruningController
-from lightning_compress.pruning.masks import ParameterMasks
 from lightning_compress.pruning.planner import plan_masks
 from lightning_compress.pruning.schedule import PruningSchedule
+from lightning_compress.pruning.state import MaskState
 from lightning_compress.pruning.statistics import GradientStatistics
-from lightning_compress.pruning.structured import unit_families, unit_sparsity
 from lightning_compress.pruning.tracked import TrackedLayers
 from lightning_compress.reporting.records import CompressionEvent, LayerRecord
-
 
 COMPACTED_FILE = "model.compact.safetensors"  # with compact=True, in the run's log directory
 
@@ -102,20 +100,32 @@ class GradientStabilityPruning(CompressionCallback):
         self._pending_state: dict[str, Any] | None = None
         self._reset_run()
 
-    def _reset_run(self) -> None:
+    def _reset_run(self, pl_module: pl.LightningModule | None = None, layers: TrackedLayers | None = None) -> None:
         """A fresh run: a callback instance used for a second fit starts from nothing (``state_dict`` marks *)."""
         self.controller = PruningController(self.gate, self.metric_reference, self.config.on_violation)  # *
         self.stats: GradientStatistics | None = None  # *
-        self.masks: dict[str, Tensor] = {}  # * parameter name -> bool keep-mask
-        self.unit_masks: dict[str, Tensor] = {}  # * structured: module name -> bool keep-mask over output units
+        self.state = MaskState(pl_module or nn.Module(), layers or TrackedLayers({}), self.config.structured)  # *
         self.schedule: PruningSchedule | None = None
-        self.layers = TrackedLayers({})
-        self._applied: ParameterMasks | None = None
-        self._hooks: list[Any] = []
-        self._groups: dict[str, Any] | None = None
         self._example_input: Any = None
         self._compacted = False
-        self._module_parameters: dict[str, Tensor] = {}
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        return self.state.masks
+
+    @property
+    def unit_masks(self) -> dict[str, Tensor]:
+        return self.state.unit_masks
+
+    @property
+    def layers(self) -> TrackedLayers:
+        return self.state.layers
+
+    def current_sparsity(self) -> float:
+        return self.state.sparsity()
+
+    def weight_sparsity(self) -> float:
+        return self.state.weight_sparsity()
 
     @property
     @override
@@ -138,15 +148,13 @@ class GradientStabilityPruning(CompressionCallback):
         if stage != "fit":
             self._guard_checkpoint_loading(pl_module)
             return
-        self._reset_run()
         self._setup_fit(trainer, pl_module, needs_metric=self.config.evaluate or self.max_metric_drop is not None)
         selected = {n: m for n, m in self.selection.select(pl_module).items()
                     if isinstance(getattr(m, "weight", None), Tensor) and weight_of(m).requires_grad}
         if not selected:
             raise ValueError(f"{self.selection.describe()} select no trainable module of {type(pl_module).__name__}: "
                              "nothing to prune")
-        self.layers = TrackedLayers(selected)
-        self._module_parameters = dict(pl_module.named_parameters(remove_duplicate=False))
+        self._reset_run(pl_module, TrackedLayers(selected))
         c = self.config
         total = trainer.max_epochs if c.schedule_unit == "epoch" else trainer.estimated_stepping_batches
         length = int(total) if total is not None and total not in (-1, float("inf")) else None
@@ -165,9 +173,8 @@ class GradientStabilityPruning(CompressionCallback):
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
-        self._bind_masks(pl_module)
-        for optimizer in trainer.optimizers:
-            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._apply_masks()))
+        self.state.bind()
+        self.state.attach(trainer.optimizers)
         if getattr(pl_module, "example_input_array", None) is not None:
             self._example_input = pl_module.example_input_array
 
@@ -187,16 +194,7 @@ class GradientStabilityPruning(CompressionCallback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._applied is not None:
-            self._applied.apply_to_grads()
-
-    def _apply_masks(self) -> None:
-        if self._applied is not None:
-            self._applied.apply()
-
-    def _bind_masks(self, pl_module: pl.LightningModule) -> None:
-        self._applied = ParameterMasks(pl_module, self.masks) if self.masks else None
-        self._apply_masks()
+        self.state.apply_to_grads()
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
@@ -210,18 +208,6 @@ class GradientStabilityPruning(CompressionCallback):
             self._run_pruning_event(trainer, pl_module, tick)
         pl_module.log("pruning/sparsity", self.current_sparsity(), logger=False)  # for ModelCheckpoint / EarlyStopping
 
-    # ------------------------------------------------------------------ accounting
-    def current_sparsity(self) -> float:
-        """Fraction pruned: of the tracked weights, or (structured) of the prunable units, a coupled set once."""
-        if self.config.structured:
-            families = unit_families(self.layers.names, self._groups)
-            return unit_sparsity(families, self.unit_masks, self.layers.num_units())
-        return self.layers.mask_sparsity(self.masks)
-
-    def weight_sparsity(self) -> float:
-        """Fraction of the tracked weights that pruning removed (structured runs too), each parameter once."""
-        return self.layers.mask_sparsity(self.masks)
-
     # ------------------------------------------------------------------ pruning events
     def _run_pruning_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tick: int) -> None:
         if self.config.structured:
@@ -234,14 +220,10 @@ class GradientStabilityPruning(CompressionCallback):
             return
         evaluating = self._has_val and (self.config.evaluate or self.max_metric_drop is not None)
         before = self._evaluate(trainer, pl_module) if evaluating else None
-        old = (self.masks, self.unit_masks)
-        new = plan_masks(self.config, pl_module, self.layers, self.stats, self.masks, self.unit_masks, self._groups,
-                         target)
+        new = plan_masks(self.config, pl_module, self.layers, self.stats, self.masks, self.unit_masks,
+                         self.state.groups, target)
         new = trainer.strategy.broadcast(new, src=0)  # one decision for all ranks
-        params = dict(pl_module.named_parameters(remove_duplicate=False))
-        snapshot = {n: params[n].detach().clone() for n in new[0]}
-        self.masks, self.unit_masks = new
-        self._bind_masks(pl_module)
+        undo = self.state.try_masks(*new)
         tried = self.current_sparsity()
         after = self._evaluate(trainer, pl_module) if evaluating else None
         decision = self.controller.conclude(
@@ -250,29 +232,24 @@ class GradientStabilityPruning(CompressionCallback):
             extra={"weight_sparsity": self.weight_sparsity()},
         )
         if decision.accepted:
-            for optimizer in trainer.optimizers:
-                self._applied.apply_to_optimizer_state(optimizer)  # type: ignore[union-attr]
+            self.state.keep(trainer.optimizers)
             if self.config.restart_statistics and self.stats is not None:
                 self.stats.reset()
         else:
-            with torch.no_grad():
-                for name, value in snapshot.items():
-                    params[name].copy_(value)
-            self.masks, self.unit_masks = old
-            self._bind_masks(pl_module)
+            self.state.roll_back(undo)
             rank_zero_warn(f"GradientStabilityPruning: step {tick} to sparsity {tried:.3f} refused: {decision.reason};"
                            f" rolled back ({decision.note})")
         self._record(trainer, pl_module, self.history[-1])
 
     def _analyse(self, pl_module: pl.LightningModule) -> None:
-        if self._groups is None and self._example_input is not None:
+        if self.state.groups is None and self._example_input is not None:
             try:
                 from lightning_compress.structure.dependency import find_unit_groups
 
-                self._groups = find_unit_groups(pl_module, self._example_input)
+                self.state.groups = find_unit_groups(pl_module, self._example_input)
             except Exception as err:  # noqa: BLE001 - the analysis is best effort; masking stays correct without it
                 rank_zero_warn(f"GradientStabilityPruning: dependency analysis failed ({err}); pruning rows only")
-                self._groups = {}
+                self.state.groups = {}
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any]) -> None:
         structured = self.config.structured
@@ -298,8 +275,8 @@ class GradientStabilityPruning(CompressionCallback):
     # ------------------------------------------------------------------ end of fit
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Freeze the masks into the weights, fill the report's layers and (``compact``) remove pruned units."""
-        self._remove_hooks()
-        self._apply_masks()
+        self.state.detach()
+        self.state.apply()
         per_layer = self.layers.layer_mask_sparsity(self.masks)
         for (name, module), weight in zip(self.layers.modules.items(), self.layers.weights()):
             fp32 = layer_float_bytes(module, weight)
@@ -311,7 +288,8 @@ class GradientStabilityPruning(CompressionCallback):
 
             result = compact(pl_module, self.unit_masks, self._example_input, inplace=True)
             rank_zero_info(f"GradientStabilityPruning: compacted the model: {result}")
-            self.masks, self.unit_masks, self._applied, self._compacted = {}, {}, None, True
+            self.state.clear()
+            self._compacted = True
             path = Path(trainer.log_dir or trainer.default_root_dir) / COMPACTED_FILE
             if trainer.is_global_zero:
                 save_compacted(pl_module, path)
@@ -319,26 +297,17 @@ class GradientStabilityPruning(CompressionCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        self.state.detach()
         super().teardown(trainer, pl_module, stage)
 
     def checkpoint_details(self) -> dict[str, Any]:
         return {"compacted": self._compacted, "pruned": self.weight_sparsity() if not self._compacted else None}
 
-    def _remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "stats": self.stats.state_dict() if self.stats is not None else None,
-            "masks": {n: m.cpu() for n, m in self.masks.items()},
-            "unit_masks": {n: m.cpu() for n, m in self.unit_masks.items()},
-            "controller": self.controller.state_dict(),
-        }
+        return {"stats": self.stats.state_dict() if self.stats is not None else None, **self.state.state_dict(),
+                "controller": self.controller.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -347,18 +316,5 @@ class GradientStabilityPruning(CompressionCallback):
     def _restore(self, state: dict[str, Any]) -> None:
         if self.stats is not None and state.get("stats") is not None:
             self.stats.load_state_dict(state["stats"])
-        self.masks = self._checked_masks(dict(state.get("masks", {})))
-        self.unit_masks = dict(state.get("unit_masks", {}))
+        self.state.load_state_dict(state)
         self.controller.load_state_dict(state.get("controller", state))  # older checkpoints: flat keys
-
-    def _checked_masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Masks restored from a checkpoint must fit the model's parameters exactly (a mask that broadcasts would
-        zero a whole layer)."""
-        params = dict(self._module_parameters)
-        for key, mask in masks.items():
-            param = params.get(key)
-            if param is None or not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(param.shape):
-                shape = None if param is None else tuple(param.shape)
-                raise ValueError(f"the checkpoint's pruning mask {key!r} ({getattr(mask, 'shape', type(mask))}) does "
-                                 f"not fit the model's parameter ({shape}): the checkpoint belongs to another model")
-        return {key: mask.bool() for key, mask in masks.items()}

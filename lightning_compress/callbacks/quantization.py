@@ -29,10 +29,10 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
-from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
+from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection, check_patterns_match
 from lightning_compress.core.validation import check_bool, check_choice
 from lightning_compress.integration.evaluation import DEFAULT_METRIC
-from lightning_compress.quantization.export import save_float, save_quantized
+from lightning_compress.quantization.export import new_run_id, save_float, save_quantized
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
 from lightning_compress.quantization.functional import (
     LayerQuantization,
@@ -104,6 +104,7 @@ class PostTrainingQuantization(CompressionCallback):
         self.bits_used: dict[str, int] = {}  # module name -> final bits (FLOAT_BITS = kept float)
         self.sensitivity: dict[str, float] = {}  # module name -> metric drop quantized alone (when measured)
         self._export_file: Path | None = None  # export_path resolved in setup
+        self.run_id: str | None = None
 
     @property
     def float_copy_path(self) -> str | None:
@@ -129,6 +130,7 @@ class PostTrainingQuantization(CompressionCallback):
             raise ValueError(f"nothing to quantize in {type(pl_module).__name__}: no module matches "
                              f"{self.selection.describe()}")
         check_group_size(layers, self.spec)
+        check_patterns_match("bits_overrides", list(self.bits_overrides), list(layers), what="selected layer")
         self._export_file = None if self.export_path is None else self._resolve_export(trainer)
 
     def _resolve_export(self, trainer: pl.Trainer) -> Path:
@@ -179,8 +181,9 @@ class PostTrainingQuantization(CompressionCallback):
             self.report.events.append(CompressionEvent("quantize", trainer.global_step, None, None, accepted=False,
                                                        note="skipped: the float weights are not finite"))
             return
+        self.run_id = new_run_id()  # written into the export and its float copy: files of one run, told apart
         if self.float_copy_path is not None and trainer.is_global_zero:
-            save_float(pl_module, self.float_copy_path)
+            save_float(pl_module, self.float_copy_path, run_id=self.run_id)
         before = self._evaluate(trainer, pl_module)
         plan = {name: resolve_bits(name, self.spec.bits, self.bits_overrides) for name in layers}
         cache: dict[tuple[str, int], LayerQuantization] = {}
@@ -225,7 +228,7 @@ class PostTrainingQuantization(CompressionCallback):
         is never lost to a full disk."""
         if self._export_file is not None and trainer.is_global_zero and self.result is not None:
             try:
-                save_quantized(pl_module, self.result, self._export_file)
+                save_quantized(pl_module, self.result, self._export_file, run_id=self.run_id)
             except BaseException:
                 self.restore_float(pl_module)
                 rank_zero_warn(f"PostTrainingQuantization: writing {str(self._export_file)!r} failed; the model in "

@@ -165,8 +165,9 @@ def dry_run(trainer: pl.Trainer, pl_module: pl.LightningModule, spec: MetricSpec
             metric.compute()
     except Exception as err:
         raise ValueError(
-            f"{argument}: evaluating one validation batch failed, so the metric could not be measured after a "
-            f"compression step: {type(err).__name__}: {err}"
+            f"{argument}: evaluating one validation batch with `metric`={spec.class_path!r}, `metric_kwargs`="
+            f"{spec.kwargs!r} failed, so the metric could not be measured after a compression step: "
+            f"{type(err).__name__}: {err}"
         ) from err
 
 

@@ -5,12 +5,13 @@ quantized, at how many bits, what is refused (non-finite weights) and what stays
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from lightning_compress.core.selection import DEFAULT_MODULE_TYPES
-from lightning_compress.quantization.primitives import QuantSpec
+from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, compile_patterns, select_modules
+from lightning_compress.core.validation import check_number
+from lightning_compress.quantization.primitives import QuantSpec, grouped_view
 
 # What quantize() selects by default: every layer kind with a weight over input features, plus embedding tables and
 # the fused q/k/v projection of nn.MultiheadAttention (the biggest tensors of a transformer). Pruning keeps
@@ -34,6 +35,60 @@ def layer_weight(name: str, module: nn.Module) -> Tensor:
             "2 or more dims; only such weights can be quantized (exclude it with `exclude`)"
         )
     return weight
+
+
+def select_layers(
+    model: nn.Module,
+    module_types: Sequence[str] = DEFAULT_MODULE_TYPES,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Selected modules with a quantizable weight, each weight once; and the skipped ones with the reason."""
+    if isinstance(module_types, str):
+        raise TypeError(f"`module_types` must be a list of type names, got the string {module_types!r}")
+    chosen: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    owner: dict[int, str] = {}
+    for name, module in select_modules(model, module_types, include, exclude).items():
+        weight = layer_weight(name, module)
+        if id(weight) in owner:
+            skipped[name] = f"weight tied to {owner[id(weight)]!r}, quantized there"
+            continue
+        owner[id(weight)] = name
+        chosen[name] = module
+    return chosen, skipped
+
+
+def resolve_bits(name: str, bits: int, overrides: Mapping[str, int] | None) -> int:
+    """``bits``, unless a ``bits_overrides`` regex (first match, in order) matches the module name."""
+    for pattern, value in (overrides or {}).items():
+        if re.search(pattern, name):
+            return value
+    return bits
+
+
+def check_bits_overrides(overrides: Mapping[str, int] | None) -> None:
+    if overrides is None:
+        return
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"`bits_overrides` must map name regexes to bits, got {overrides!r}")
+    compile_patterns("bits_overrides", list(overrides))
+    for pattern, value in overrides.items():
+        check_number(f"bits_overrides[{pattern!r}]", value, low=2, high=8, integer=True)
+
+
+def check_group_size(layers: Mapping[str, nn.Module], spec: QuantSpec) -> None:
+    """Raise naming the first selected layer whose input size ``group_size`` does not divide."""
+    if spec.granularity != "per_group":
+        return
+    for name, module in layers.items():
+        weight = layer_weight(name, module)
+        try:
+            grouped_view(weight.detach(), spec.granularity, spec.group_size)
+        except ValueError as err:
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}): {err} (or leave it out with `exclude`)"
+            ) from None
 
 
 def check_finite(layers: Mapping[str, nn.Module]) -> None:
@@ -66,7 +121,7 @@ def unfit_defaults(layers: Mapping[str, nn.Module], spec: QuantSpec) -> dict[str
 
 def bits_for(name: str, module: nn.Module, bits: int, overrides: Mapping[str, int] | None, embedding_bits: int) -> int:
     if any(re.search(pattern, name) for pattern in overrides or {}):
-        return next(v for p, v in overrides.items() if re.search(p, name))  # type: ignore[union-attr]
+        return resolve_bits(name, bits, overrides)
     return embedding_bits if isinstance(module, nn.Embedding) else bits
 
 

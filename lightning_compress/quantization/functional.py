@@ -29,7 +29,6 @@ rounded to nearest.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,15 +38,18 @@ from torch import Tensor, nn
 
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
-from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, compile_patterns, select_modules
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.quantization.calibration import feed, take_batches, to_device
-from lightning_compress.quantization.coverage import (
+from lightning_compress.quantization.coverage import (  # noqa: F401 - resolve_bits, weight_name: re-exported
     EMBEDDING_BITS,
     QUANT_MODULE_TYPES,
     bits_for,
+    check_bits_overrides,
     check_finite,
+    check_group_size,
     float_leftovers,
+    resolve_bits,
+    select_layers,
     unfit_defaults,
     weight_name,
 )
@@ -58,7 +60,6 @@ from lightning_compress.quantization.packing import packed_nbytes
 from lightning_compress.quantization.primitives import (
     QuantizedTensor,
     QuantSpec,
-    grouped_view,
     quantize_tensor,
     sqnr_db,
 )
@@ -129,60 +130,6 @@ class QuantizationResult:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {name: layer.summary() for name, layer in self.layers.items()}
-
-
-def select_layers(
-    model: nn.Module,
-    module_types: Sequence[str] = DEFAULT_MODULE_TYPES,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Selected modules with a quantizable weight, each weight once; and the skipped ones with the reason."""
-    if isinstance(module_types, str):
-        raise TypeError(f"`module_types` must be a list of type names, got the string {module_types!r}")
-    chosen: dict[str, nn.Module] = {}
-    skipped: dict[str, str] = {}
-    owner: dict[int, str] = {}
-    for name, module in select_modules(model, module_types, include, exclude).items():
-        weight = _weight(name, module)
-        if id(weight) in owner:
-            skipped[name] = f"weight tied to {owner[id(weight)]!r}, quantized there"
-            continue
-        owner[id(weight)] = name
-        chosen[name] = module
-    return chosen, skipped
-
-
-def resolve_bits(name: str, bits: int, overrides: Mapping[str, int] | None) -> int:
-    """``bits``, unless a ``bits_overrides`` regex (first match, in order) matches the module name."""
-    for pattern, value in (overrides or {}).items():
-        if re.search(pattern, name):
-            return value
-    return bits
-
-
-def check_bits_overrides(overrides: Mapping[str, int] | None) -> None:
-    if overrides is None:
-        return
-    if not isinstance(overrides, Mapping):
-        raise TypeError(f"`bits_overrides` must map name regexes to bits, got {overrides!r}")
-    compile_patterns("bits_overrides", list(overrides))
-    for pattern, value in overrides.items():
-        check_number(f"bits_overrides[{pattern!r}]", value, low=2, high=8, integer=True)
-
-
-def check_group_size(layers: Mapping[str, nn.Module], spec: QuantSpec) -> None:
-    """Raise naming the first selected layer whose input size ``group_size`` does not divide."""
-    if spec.granularity != "per_group":
-        return
-    for name, module in layers.items():
-        weight = _weight(name, module)
-        try:
-            grouped_view(weight.detach(), spec.granularity, spec.group_size)
-        except ValueError as err:
-            raise ValueError(
-                f"layer {name!r} ({type(module).__name__}): {err} (or leave it out with `exclude`)"
-            ) from None
 
 
 def quantize_layer(name: str, module: nn.Module, spec: QuantSpec) -> LayerQuantization:
