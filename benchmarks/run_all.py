@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))  # `_timing`, when run as a script or imported by 
 from _timing import RESULTS, machine_info  # noqa: E402
 
 README = HERE.parent / "README.md"
-NAMES = ("sparsity", "stats_overhead", "structured", "quantization", "serving")
+NAMES = ("sparsity", "stats_overhead", "structured", "quantization", "serving", "minilm")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # Targets from the issues (points of test accuracy, fractions, speed-up factors).
@@ -195,12 +195,23 @@ def serving_section(d: dict[str, Any]) -> list[str]:
             f"onnxruntime {d['machine']['onnxruntime']}."]
 
 
+def minilm_section(d: dict[str, Any]) -> list[str]:
+    rows = [[r["scheme"], f"{r['min_cos']:.4f}", f"{r['mean_cos']:.4f}", f"{r['nn_agreement']:.2f}",
+             f"{r['file_ratio']:.3f}x", f"{r['seconds']:.1f}", r["verdict"]] for r in d["schemes"]]
+    acts = "; ".join(f"{r['scheme']}: min cos {r['min_cos']:.4f}" for r in d.get("int8_activations", []))
+    return [f"all-MiniLM-L6-v2, {d['sentences']} sentences, embedding cosine vs fp32; calibration "
+            f"{d['calibration_texts']} other texts. CPU capability {d['machine'].get('cpu_capability', '?')}.", "",
+            table(["scheme", "min cos", "mean cos", "NN agree", "file vs fp32", "time s", "verdict"], rows), "",
+            f"int8 activations: {acts}."]
+
+
 SECTIONS = {  # name -> (title, builder), in NAMES order
     "sparsity": ("Accuracy vs sparsity (SmallCNN, MNIST-5k)", sparsity_section),
     "stats_overhead": ("Gradient-statistics overhead", stats_section),
     "structured": ("Structured pruning + compaction", structured_section),
     "quantization": ("Post-training quantization", quantization_section),
     "serving": ("Serving: ONNX Runtime int8 vs fp32 vs ORT's own quantization", serving_section),
+    "minilm": ("Quantizing a real transformer (all-MiniLM-L6-v2)", minilm_section),
 }
 
 

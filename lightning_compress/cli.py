@@ -5,10 +5,12 @@
     lightning-compress fit --config configs/prune.yaml --trainer.max_epochs=2
     lightning-compress fit --model=my_pkg.MyModule --data=my_pkg.MyData \\
         --trainer.callbacks+=lightning_compress.GradientStabilityPruning --trainer.callbacks.sparsity=0.5
-    lightning-compress test --config configs/prune.yaml --ckpt_path runs/prune/.../last.ckpt
+    lightning-compress test --config configs/prune.yaml --ckpt_path runs/prune/.../compressed.ckpt
+    lightning-compress test --config configs/quantize.yaml --ckpt_path runs/quantize/.../model.int4.safetensors
     python -m lightning_compress fit ...                            # the same
 
-Subcommands: ``fit``, ``validate``, ``test``. Model and data are given by class path (any ``LightningModule`` /
+Subcommands: ``fit``, ``validate``, ``test``, ``predict``; the last three take ``--ckpt_path`` pointing at any
+artifact of a fit (``compressed.ckpt``, the quantized export, the compacted model). Model and data are given by class path (any ``LightningModule`` /
 ``LightningDataModule``); the built-in ones can be named by their class name alone: ``MLPClassifier``,
 ``SmallCNN``, ``DigitsDataModule``, ``MNIST5kDataModule``; and so can the callbacks
 ``GradientStabilityPruning`` / ``PostTrainingQuantization`` under ``trainer.callbacks``.
@@ -38,13 +40,20 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_compress.callbacks.pruning import GradientStabilityPruning  # noqa: F401
 from lightning_compress.callbacks.quantization import PostTrainingQuantization  # noqa: F401
 from lightning_compress.core.io import check_export_path
+from lightning_compress.integration.artifacts import (
+    CHECKPOINT_KEY,
+    artifact_kind,
+    load_compressed,
+    prepare_for_checkpoint,
+    read_checkpoint_entry,
+)
 
 # imported so that jsonargparse knows them by their short class names
 from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
 from lightning_compress.demos.models import MLPClassifier, SmallCNN  # noqa: F401
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
-SUBCOMMANDS = ("fit", "validate", "test")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRACEBACK_ENV = "LIGHTNING_COMPRESS_TRACEBACK"  # 1: the full traceback of a missing-package / export_path error
 
 
@@ -79,6 +88,30 @@ class CompressionCLI(LightningCLI):
 
     def before_test(self) -> None:
         _check_data_package(self.datamodule)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """``validate`` / ``test`` / ``predict --ckpt_path`` accept every artifact of this package: an export
+        (``*.safetensors``) is loaded into the model here (Lightning reads only checkpoints); a compressed
+        checkpoint gets its compacted shapes before Lightning loads it."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        path = kwargs.get("ckpt_path")
+        if subcommand != "fit" and isinstance(path, str) and Path(path).is_file():
+            try:
+                if artifact_kind(path) != "checkpoint":
+                    load_compressed(self.model, path)
+                    kwargs["ckpt_path"] = None
+                else:
+                    prepare_for_checkpoint(self.model, {CHECKPOINT_KEY: read_checkpoint_entry(path),
+                                                        "state_dict": _state_dict(path)})
+            except ValueError as err:
+                raise CLIConfigError(f"`ckpt_path`={path!r}: {err}") from None
+        return kwargs
+
+
+def _state_dict(path: str) -> dict[str, Any]:
+    import torch
+
+    return dict(torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {}))
 
 
 # the optional package each built-in datamodule loads its data with

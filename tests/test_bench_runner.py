@@ -53,8 +53,14 @@ def fake_data() -> dict[str, dict[str, Any]]:
         "machine": {**MACHINE, "mode": "full", "cpu_capability": "AVX2", "onnxruntime": "1.32.0"}, "threads": 1,
         "checks": [{"check": "MLP ORT int8 vs ORT fp32, batch 64", "value": "1.93x", "target": ">= 1.8x", "pass": True}],
     }
+    minilm = {
+        "machine": {**MACHINE, "mode": "full", "cpu_capability": "AVX2"}, "sentences": 62, "calibration_texts": 161,
+        "schemes": [{"scheme": "int4 g128 GPTQ", "min_cos": 0.96, "mean_cos": 0.98, "nn_agreement": 0.98,
+                     "file_ratio": 0.135, "seconds": 15.0, "verdict": "**FAIL**"}],
+        "int8_activations": [{"scheme": "SmoothQuant", "min_cos": 0.998}],
+    }
     return {"stats_overhead": stats, "sparsity": {"runs": runs, "machine": {**MACHINE, "mode": "full"}},
-            "structured": structured, "quantization": quantization, "serving": serving}
+            "structured": structured, "quantization": quantization, "serving": serving, "minilm": minilm}
 
 
 def summary(data: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ At the end of fit (after pruning has finished, whatever order the callbacks are 
 
 from __future__ import annotations
 
-import os
+import itertools
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -29,21 +29,25 @@ from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
+from lightning_compress.core.io import check_export_path
 from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection, check_patterns_match
-from lightning_compress.core.validation import check_bool, check_choice
-from lightning_compress.integration.evaluation import DEFAULT_METRIC
+from lightning_compress.core.validation import check_bool, check_choice, check_number
+from lightning_compress.integration.evaluation import DEFAULT_METRIC, predict
 from lightning_compress.quantization.export import new_run_id, save_float, save_quantized
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
 from lightning_compress.quantization.functional import (
+    METHODS,
     LayerQuantization,
     QuantizationResult,
     check_bits_overrides,
     check_group_size,
+    gptq_layers,
     quantize_layer,
     resolve_bits,
     select_layers,
     weight_name,
 )
+from lightning_compress.quantization.gptq import GPTQConfig
 from lightning_compress.quantization.primitives import QuantSpec
 from lightning_compress.reporting.records import CompressionEvent, LayerRecord
 
@@ -59,8 +63,10 @@ class PostTrainingQuantization(CompressionCallback):
             float model at the end of training.
         fallback: over the bound, the most sensitive layers go back to ``"float"``, or ``"more_bits"`` (every even
             width up to 8, then float).
-        export_path: ``*.safetensors`` file for the quantized model (rank zero); ``save_float_copy`` also writes
-            ``*.fp32.safetensors`` beside it before quantizing.
+        export_path: ``*.safetensors`` file for the quantized model (rank zero; relative: in the run's log
+            directory); ``save_float_copy`` also writes ``*.fp32.safetensors`` beside it before quantizing.
+        method: ``"rtn"`` (round to nearest) or ``"gptq"`` (data-aware rounding from each layer's input Hessian,
+            measured on ``calibration_batches`` batches of the training data, the same batches on every rank).
     """
 
     finish_order = 10
@@ -86,8 +92,13 @@ class PostTrainingQuantization(CompressionCallback):
         fallback: Literal["float", "more_bits"] = "float",
         export_path: str | None = None,
         save_float_copy: bool = True,
+        method: Literal["rtn", "gptq"] = "rtn",
+        calibration_batches: int = 32,
     ) -> None:
         super().__init__(metric, metric_kwargs, max_metric_drop)
+        check_choice("method", method, METHODS)
+        check_number("calibration_batches", calibration_batches, low=1, integer=True)
+        self.method, self.calibration_batches = method, calibration_batches
         self.spec = QuantSpec(bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype)
         self.selection = Selection.from_args(module_types, include, exclude, DEFAULT_MODULE_TYPES)
         check_bits_overrides(bits_overrides)
@@ -116,7 +127,8 @@ class PostTrainingQuantization(CompressionCallback):
         return {**vars(self.spec), **super().settings(), "module_types": list(self.selection.module_types),
                 "include": list(self.selection.include), "exclude": list(self.selection.exclude),
                 "bits_overrides": self.bits_overrides, "fallback": self.fallback, "export_path": self.export_path,
-                "save_float_copy": self.save_float_copy}
+                "save_float_copy": self.save_float_copy, "method": self.method,
+                "calibration_batches": self.calibration_batches}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -131,30 +143,9 @@ class PostTrainingQuantization(CompressionCallback):
                              f"{self.selection.describe()}")
         check_group_size(layers, self.spec)
         check_patterns_match("bits_overrides", list(self.bits_overrides), list(layers), what="selected layer")
-        self._export_file = None if self.export_path is None else self._resolve_export(trainer)
-
-    def _resolve_export(self, trainer: pl.Trainer) -> Path:
-        """A relative ``export_path`` lands in this run's log directory (``.../version_N/``), so runs never overwrite
-        each other's exports; an absolute one is used as given, and refused if a file is already there."""
-        given = Path(str(self.export_path))
-        path = given if given.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / given
-        if path.is_dir():
-            raise ValueError(f"`export_path`={self.export_path!r} is an existing directory; allowed: a file path ending "
-                             "in '.safetensors', or None")
-        if given.is_absolute() and path.exists():
-            raise ValueError(f"`export_path`={self.export_path!r} already exists; allowed: a new file, or a relative "
-                             "path (kept inside each run's log directory)")
-        parent = path.parent
-        if trainer.is_global_zero:
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise ValueError(f"`export_path`={self.export_path!r}: its directory {str(parent)!r} cannot be created "
-                                 f"({err.strerror}); allowed: a path in a writable directory, or None") from None
-            if not os.access(parent, os.W_OK):
-                raise ValueError(f"`export_path`={self.export_path!r}: its directory {str(parent)!r} is not writable; "
-                                 "allowed: a path in a writable directory, or None")
-        return path
+        if self.export_path is not None:  # relative: in this run's log directory; never over another run's file
+            base = trainer.log_dir or trainer.default_root_dir
+            self._export_file = check_export_path(self.export_path, base, create=trainer.is_global_zero)
 
     def checkpoint_details(self) -> dict[str, Any]:
         return {"quantized": dict(self.bits_used),
@@ -187,6 +178,8 @@ class PostTrainingQuantization(CompressionCallback):
         before = self._evaluate(trainer, pl_module)
         plan = {name: resolve_bits(name, self.spec.bits, self.bits_overrides) for name in layers}
         cache: dict[tuple[str, int], LayerQuantization] = {}
+        if self.method == "gptq":
+            cache.update(self._gptq(trainer, pl_module, layers, plan))
         self._apply(layers, plan, cache)
         after = self._evaluate(trainer, pl_module)
         fallbacks: list[dict[str, Any]] = []
@@ -206,6 +199,27 @@ class PostTrainingQuantization(CompressionCallback):
         self.result = QuantizationResult({n: cache[(n, b)] for n, b in plan.items() if b != FLOAT_BITS}, skipped)
         self._record(trainer, layers, before, after, fallbacks)
         self._export(trainer, pl_module)
+
+    def _gptq(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module], plan: dict[str, int]
+    ) -> dict[tuple[str, int], LayerQuantization]:
+        """GPTQ for the planned widths (a fallback to other widths rounds to nearest), from rank zero's first
+        ``calibration_batches`` training batches, broadcast so that every rank computes the same Hessians."""
+        loader = trainer.train_dataloader
+        batches = list(itertools.islice(iter(loader), self.calibration_batches)) if loader is not None else []
+        batches = trainer.strategy.broadcast(batches, src=0)
+        if not batches:
+            raise ValueError("`method`='gptq' needs training batches to calibrate on; the fit has none")
+        rank_zero_info(f"PostTrainingQuantization: GPTQ, calibrating {len(layers)} layers on {len(batches)} batches")
+        batches = [trainer.strategy.batch_to_device(b, pl_module.device) for b in batches]
+        specs = {name: replace(self.spec, bits=bits) for name, bits in plan.items() if bits != FLOAT_BITS}
+        floats = {name: weight.to(pl_module.device) for name, weight in self.float_weights.items()}
+        notes: dict[str, str] = {}
+        cache = gptq_layers(pl_module, {n: layers[n] for n in specs}, specs, floats, batches,
+                            lambda model, batch: predict(model, batch)[0], len(batches), GPTQConfig(), notes)
+        for name, note in notes.items():
+            rank_zero_info(f"PostTrainingQuantization: {name}: {note}")
+        return cache
 
     def _apply(
         self, layers: dict[str, nn.Module], plan: dict[str, int], cache: dict[tuple[str, int], LayerQuantization]

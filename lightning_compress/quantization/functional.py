@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
+from lightning_compress.core.selection import check_patterns_match
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.quantization.calibration import feed, take_batches, to_device
 from lightning_compress.quantization.coverage import (  # noqa: F401 - resolve_bits, weight_name: re-exported
@@ -239,6 +240,7 @@ def quantize(
             f"`include`={include!r}, `exclude`={exclude!r}"
         )
     check_group_size(layers, spec)
+    check_patterns_match("bits_overrides", list(bits_overrides or {}), list(layers), what="selected layer")
     check_finite(layers)
     emb_bits = embedding_bits if embedding_bits is not None else (EMBEDDING_BITS if defaults else bits)
     plan = {name: bits_for(name, module, bits, bits_overrides, emb_bits) for name, module in layers.items()}
@@ -250,7 +252,7 @@ def quantize(
     result = QuantizationResult(skipped=skipped)
     if method == "gptq":
         data = calibration_data if calibration_data is not None else ()
-        cache = _gptq(model, layers, specs, floats, data, forward or feed, calibration_batches,
+        cache = gptq_layers(model, layers, specs, floats, data, forward or feed, calibration_batches,
                       gptq or GPTQConfig(), result.notes)
     else:
         cache = {(n, plan[n]): quantize_layer(n, m, specs[n]) for n, m in layers.items()}
@@ -275,7 +277,7 @@ def quantize(
     return result
 
 
-def _gptq(
+def gptq_layers(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     specs: Mapping[str, QuantSpec],

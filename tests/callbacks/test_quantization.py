@@ -251,3 +251,30 @@ def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path):
     ]
     weight = load_quantized(_model(), export).net[3].weight
     assert max(len(torch.unique(row)) for row in weight) <= 16  # 4-bit codes, one scale per row
+
+
+def _output_error(model, reference_state) -> float:
+    """Mean squared difference of the logits on the validation data, quantized vs float."""
+    reference = _model()
+    reference.load_state_dict(reference_state)
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        return sum(float((model(x) - reference(x)).square().mean()) for x, _ in dm.val_dataloader())
+
+
+def test_gptq_from_the_training_data_beats_round_to_nearest(tmp_path):
+    errors = {}
+    for method in ("rtn", "gptq"):
+        callback = PostTrainingQuantization(bits=3, granularity="per_channel", method=method, calibration_batches=8)
+        trainer, model = _fit([callback], tmp_path / method, epochs=3)
+        callback.restore_float(model)
+        float_state = {k: v.clone() for k, v in model.state_dict().items()}
+        for name, layer in callback.result.layers.items():  # back to the quantized weights
+            model.get_submodule(name).weight.data.copy_(layer.qtensor.dequantize())
+        errors[method] = _output_error(model, float_state)
+        assert {layer.method for layer in callback.result.layers.values()} == {method}
+        assert report_for(trainer).settings["quantization"]["method"] == method
+    assert errors["gptq"] < errors["rtn"], errors
