@@ -55,7 +55,7 @@ def fake_data() -> dict[str, dict[str, Any]]:
     }
     minilm = {
         "machine": {**MACHINE, "mode": "full", "cpu_capability": "AVX2"}, "sentences": 62, "calibration_texts": 161,
-        "schemes": [{"scheme": "int4 g128 GPTQ", "min_cos": 0.96, "mean_cos": 0.98, "nn_agreement": 0.98,
+        "schemes": [{"scheme": "GPTQ int4 g128", "min_cos": 0.96, "mean_cos": 0.98, "nn_agreement": 0.98,
                      "file_ratio": 0.135, "seconds": 15.0, "verdict": "**FAIL**"}],
         "int8_activations": [{"scheme": "SmoothQuant", "min_cos": 0.998}],
     }
