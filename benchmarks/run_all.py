@@ -244,9 +244,9 @@ def update_readme(text: str, block: str) -> str:
     if START in text and END in text:
         before, rest = text.split(START, 1)
         return f"{before}{START}\n{block.strip()}\n{END}{rest.split(END, 1)[1]}"
-    section = ("## Benchmark results\n\n`make bench` runs every benchmark in `benchmarks/` in full mode (about 10 min on "
-               "2 idle cores),\nwrites `benchmarks/results/*.json` and `summary.md`, and rewrites this section. "
-               "`make bench ARGS=\"--only structured\"`\nre-runs one and keeps the others' figures; "
+    section = ("## Benchmark results\n\n`make bench` runs every benchmark in `benchmarks/` in full mode "
+               "(about 10 min on 2 idle cores),\nwrites `benchmarks/results/*.json` and `summary.md`, and rewrites "
+               "this section. `make bench ARGS=\"--only structured\"`\nre-runs one and keeps the others' figures; "
                "`make bench-quick` is a smoke run into `benchmarks/results/quick/`\nthat leaves this section alone.\n\n"
                f"{START}\n{block.strip()}\n{END}\n")
     found = re.search(r"^## (Licen[cs]e|Contributing|Development)\b", text, re.MULTILINE)

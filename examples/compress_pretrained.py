@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_compress.structure.compaction import compact, count_parameters, save_compacted
 from lightning_compress.demos.data import load_digits_arrays
 from lightning_compress.quantization import load_quantized, quantize, save_quantized
+from lightning_compress.structure.compaction import compact, count_parameters, save_compacted
 
 
 def build_mlp(hidden: tuple[int, int] = (128, 64)) -> nn.Sequential:

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_compress import GradientStabilityPruning, PostTrainingQuantization
+from lightning_compress import GradientStabilityPruning, PostTrainingQuantization, load_compressed
 from lightning_compress.demos.data import MNIST5kDataModule
-from lightning_compress import load_compressed
 
 
 class DigitClassifier(pl.LightningModule):

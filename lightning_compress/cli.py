@@ -10,9 +10,9 @@
     python -m lightning_compress fit ...                            # the same
 
 Subcommands: ``fit``, ``validate``, ``test``, ``predict``; the last three take ``--ckpt_path`` pointing at any
-artifact of a fit (``compressed.ckpt``, the quantized export, the compacted model). Model and data are given by class path (any ``LightningModule`` /
-``LightningDataModule``); the built-in ones can be named by their class name alone: ``MLPClassifier``,
-``SmallCNN``, ``DigitsDataModule``, ``MNIST5kDataModule``; and so can the callbacks
+artifact of a fit (``compressed.ckpt``, the quantized export, the compacted model). Model and data are given by class
+path (any ``LightningModule`` / ``LightningDataModule``); the built-in ones can be named by their class name alone:
+``MLPClassifier``, ``SmallCNN``, ``DigitsDataModule``, ``MNIST5kDataModule``; and so can the callbacks
 ``GradientStabilityPruning`` / ``PostTrainingQuantization`` under ``trainer.callbacks``.
 
 The built-in job: ``fit`` given neither ``--config`` nor a ``--model`` / ``--data`` class runs
@@ -40,6 +40,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_compress.callbacks.pruning import GradientStabilityPruning  # noqa: F401
 from lightning_compress.callbacks.quantization import PostTrainingQuantization  # noqa: F401
 from lightning_compress.core.io import check_export_path
+
+# imported so that jsonargparse knows them by their short class names
+from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
+from lightning_compress.demos.models import MLPClassifier, SmallCNN  # noqa: F401
 from lightning_compress.integration.artifacts import (
     CHECKPOINT_KEY,
     artifact_kind,
@@ -47,10 +51,6 @@ from lightning_compress.integration.artifacts import (
     prepare_for_checkpoint,
     read_checkpoint_entry,
 )
-
-# imported so that jsonargparse knows them by their short class names
-from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
-from lightning_compress.demos.models import MLPClassifier, SmallCNN  # noqa: F401
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts import `_timing` this way
-import run_all  # noqa: E402
+import run_all
 
 MACHINE = {"cpu": "Fake CPU 9000", "cpu_count": 2, "torch": "2.13.0", "lightning": "2.6.6",
            "date": "2026-01-02T03:04:05"}
@@ -51,7 +51,9 @@ def fake_data() -> dict[str, dict[str, Any]]:
     }
     serving = {
         "machine": {**MACHINE, "mode": "full", "cpu_capability": "AVX2", "onnxruntime": "1.32.0"}, "threads": 1,
-        "checks": [{"check": "MLP ORT int8 vs ORT fp32, batch 64", "value": "1.93x", "target": ">= 1.8x", "pass": True}],
+        "checks": [
+            {"check": "MLP ORT int8 vs ORT fp32, batch 64", "value": "1.93x", "target": ">= 1.8x", "pass": True},
+        ],
     }
     minilm = {
         "machine": {**MACHINE, "mode": "full", "cpu_capability": "AVX2"}, "sentences": 62, "calibration_texts": 161,

@@ -29,7 +29,6 @@ from lightning_compress.integration.strategy import check_reparametrization, che
 from lightning_compress.reporting.publish import publish
 from lightning_compress.reporting.records import CompressionReport
 
-
 COMPRESSED_CHECKPOINT = "compressed.ckpt"  # written in the run's log directory at the end of every fit
 
 
@@ -124,7 +123,9 @@ class CompressionCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Mark every checkpoint: ``"training"`` (float weights, pruning in progress: resume from it) or, once the
         fit's compression is done, ``"compressed"`` with what was done (compacted shapes, quantized layers)."""
         stage = "compressed" if self._finished else "training"
@@ -191,7 +192,7 @@ class CompressionCallback(Callback):
             loaders = evaluation.test_dataloaders(trainer)
             if loaders:
                 report.delivered_test_metric = evaluation.evaluate(trainer, pl_module, self.metric_spec, loaders)
-        except Exception as err:  # noqa: BLE001 - the test figure is extra; a datamodule without test data says so
+        except Exception as err:  # the test figure is extra; a datamodule without test data says so
             rank_zero_warn(f"lightning-compress: could not evaluate the delivered model on the test data: {err!r}")
         path = Path(trainer.log_dir or trainer.default_root_dir) / COMPRESSED_CHECKPOINT
         trainer.save_checkpoint(path)  # every rank calls it; rank zero writes

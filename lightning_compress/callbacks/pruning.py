@@ -180,7 +180,9 @@ class GradientStabilityPruning(CompressionCallback):
 
     # ------------------------------------------------------------------ per step
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._example_input is None and isinstance(batch, (list, tuple)) and isinstance(batch[0], Tensor):
             self._example_input = batch[0][:2].detach()
 
@@ -247,7 +249,7 @@ class GradientStabilityPruning(CompressionCallback):
                 from lightning_compress.structure.dependency import find_unit_groups
 
                 self.state.groups = find_unit_groups(pl_module, self._example_input)
-            except Exception as err:  # noqa: BLE001 - the analysis is best effort; masking stays correct without it
+            except Exception as err:  # the analysis is best effort; masking stays correct without it
                 rank_zero_warn(f"GradientStabilityPruning: dependency analysis failed ({err}); pruning rows only")
                 self.state.groups = {}
 

@@ -273,7 +273,9 @@ class PostTrainingQuantization(CompressionCallback):
             weight = getattr(module, weight_name(module))
             fp32 = layer_float_bytes(module, weight)
             layer = self.result.layers.get(name) if self.result else None
-            note = "kept float (fallback)" if layer is None else f"int{self.bits_used[name]} SQNR {layer.sqnr_db:.1f} dB"
+            note = (
+                "kept float (fallback)" if layer is None else f"int{self.bits_used[name]} SQNR {layer.sqnr_db:.1f} dB"
+            )
             if name in self.sensitivity:
                 note += f"; drop alone {self.sensitivity[name]:.4g}"
             record = report.layers.setdefault(name, LayerRecord(parameters=weight.numel(), bytes_fp32=fp32))

@@ -113,7 +113,8 @@ class ResumableDataLoader(DataLoader):
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[Any]:
+    # DataLoader types it as returning its own iterator class; ours wraps that in a counting generator
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         return self._counted(super().__iter__())
 
     def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:

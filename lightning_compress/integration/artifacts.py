@@ -79,11 +79,11 @@ def load_compressed(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
         model.load_state_dict(state, strict=True)
         return model
     checkpoint = _load_checkpoint(path)
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict):
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict):
         raise ValueError(f"`path` {str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry)")
     prepare_for_checkpoint(model, checkpoint)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state_dict, strict=True)
     return model
 
 
@@ -110,7 +110,9 @@ def _load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"`path` {str(path)!r} could not be read as a checkpoint: {type(err).__name__}: {err}") from None
+        raise ValueError(
+            f"`path` {str(path)!r} could not be read as a checkpoint: {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"`path` {str(path)!r} is not a Lightning checkpoint (not a dict)")
     return checkpoint

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from torchmetrics import Metric
 
@@ -134,7 +135,7 @@ def unpadded(loader: Any, rank: int, world_size: int) -> Any:
     )
 
 
-def predict(pl_module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(pl_module: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     step = getattr(pl_module, "compression_step", None)
     if callable(step):
         return step(batch)

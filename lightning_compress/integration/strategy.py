@@ -36,7 +36,7 @@ def destroy_gloo_group_at_exit() -> None:
     the rank with "terminate called without an active exception" (SIGABRT) after a fit that succeeded. Destroying
     the group joins those threads while the interpreter is still whole. Registered once; harmless if someone
     else destroys the group first."""
-    global _EXIT_HOOK_REGISTERED
+    global _EXIT_HOOK_REGISTERED  # noqa: PLW0603 - a deliberate per-process flag: register the hook once
     if _EXIT_HOOK_REGISTERED or not (dist.is_available() and dist.is_initialized()):
         return
     if dist.get_backend() != "gloo":

@@ -8,6 +8,7 @@ model's ``state_dict`` keeps its original keys and shapes and loads with ``stric
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -16,10 +17,20 @@ from lightning_compress.pruning.statistics import unit_view
 
 
 # ---------------------------------------------------------------------------- structured: units -> parameters
+class UnitGroupLike(Protocol):
+    """What :func:`expand_unit_masks` reads of a ``structure.dependency.UnitGroup`` (and ``prunable``, if present)."""
+
+    @property
+    def followers(self) -> Sequence[str]: ...
+
+    @property
+    def consumers(self) -> Sequence[Sequence[Any]]: ...  # (name, repeat[, offset])
+
+
 def expand_unit_masks(
     model: nn.Module,
     unit_keep: Mapping[str, Tensor],
-    groups: Mapping[str, object] | None = None,
+    groups: Mapping[str, UnitGroupLike] | None = None,
 ) -> dict[str, Tensor]:
     """Parameter keep-masks (by qualified parameter name) for structured unit masks.
 

@@ -256,7 +256,7 @@ def quantize(
                       gptq or GPTQConfig(), result.notes)
     else:
         cache = {(n, plan[n]): quantize_layer(n, m, specs[n]) for n, m in layers.items()}
-    if metric_fn is not None:
+    if metric_fn is not None and before is not None:  # `before` is None exactly when there is no metric_fn
         result.metric_before = before
         result.metric_after = after = float(metric_fn(model))
         if max_metric_drop is not None and not gate.judge(before, after).accepted:

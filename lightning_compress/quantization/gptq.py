@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.validation import check_bool, check_number
+from lightning_compress.quantization.coverage import layer_weight
 from lightning_compress.quantization.hessian import accumulate_hessians, conv_geometry, probe_layers
 from lightning_compress.quantization.primitives import (
     QuantizedTensor,
@@ -99,8 +100,8 @@ def gptq_quantize(
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     group_of = perm // spec.group_size if per_group else torch.zeros_like(perm)  # group of each permuted column
-    pruned = W == 0
-    pruned = pruned if bool(pruned.any()) else None
+    is_zero = W == 0
+    pruned = is_zero if bool(is_zero.any()) else None
     U = _inverse_cholesky(H, damp)  # (cols, cols), upper triangular
     qmin, qmax = int_range(spec.bits, spec.symmetric)
     codes = torch.empty(rows, cols, device=W.device)
@@ -208,7 +209,7 @@ def gptq_model(
         hessians = accumulate_hessians(model, group, {n: calls[n] for n in members}, batches, run)
         for name in members:
             module = todo[name]
-            weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+            weight = layer_weight(name, module)  # in_proj_weight of an attention, else weight
             parts = hessians[name]
             if len(parts) > 1 and specs[name].granularity == "per_tensor":
                 notes[name] = "per_tensor scale with different q / k / v inputs"

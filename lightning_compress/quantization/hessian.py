@@ -82,7 +82,7 @@ class StopForward(Exception):
 
 def mha_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
     names = ("query", "key", "value")
-    values = [args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names)]
+    values: list[Tensor] = [args[i] if i < len(args) else kwargs[name] for i, name in enumerate(names)]
     if values[0] is values[1] and values[1] is values[2]:
         return [values[0]]  # self-attention: one input (and one Hessian) for the fused q/k/v projection
     return values

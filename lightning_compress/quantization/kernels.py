@@ -258,8 +258,8 @@ def swap_int8_linear(
         if type(module) is not nn.Linear:
             skipped[name] = f"{type(module).__name__} is a Linear subclass its owner may read `.weight` from"
         elif isinstance(parent, _FUSED_PARENTS):
-            skipped[name] = (f"inside {type(parent).__name__}, whose fused fast path reads `.weight` directly and would "
-                             "bypass the int8 kernel")
+            skipped[name] = (f"inside {type(parent).__name__}, whose fused fast path reads `.weight` directly and "
+                             "would bypass the int8 kernel")
         elif qt.int_weight() is None:
             skipped[name] = (f"{qt.spec.bits}-bit {qt.spec.granularity} codes (symmetric={qt.spec.symmetric}) have "
                              "no int8 form with one scale per row (export_onnx runs them on MatMulNBits)")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.modules import optional_tensor, weight_of
 from lightning_compress.core.selection import select_modules
 from lightning_compress.core.validation import check_bool, check_number
 from lightning_compress.quantization.calibration import feed, take_batches, to_device
@@ -65,6 +66,8 @@ def smoothing_scale(act_max: Tensor, weight_max: Tensor, alpha: float = ALPHA) -
 
 class SmoothedInt8Linear(Int8Linear):
     """An :class:`~.kernels.Int8Linear` of ``W diag(s)`` whose input is multiplied by ``1 / s`` first."""
+
+    inv_input_scale: Tensor  # a buffer, registered in __init__
 
     def __init__(self, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor) -> None:
         super().__init__(qweight, weight_scale, bias)
@@ -204,9 +207,10 @@ def _fold(producer: nn.Module, scale: Tensor) -> None:
         if producer.bias is not None:
             producer.bias.div_(scale.to(producer.bias.dtype))
         return
-    producer.weight.div_(scale.to(producer.weight.dtype).unsqueeze(1))  # Linear: output rows
-    if producer.bias is not None:
-        producer.bias.div_(scale.to(producer.bias.dtype))
+    weight, bias = weight_of(producer), optional_tensor(producer, "bias")
+    weight.div_(scale.to(weight.dtype).unsqueeze(1))  # Linear: output rows
+    if bias is not None:
+        bias.div_(scale.to(bias.dtype))
 
 
 def _find_producers(
@@ -252,7 +256,7 @@ def _find_producers(
             skipped[name] = "its input is not a LayerNorm / Linear output (e.g. after an activation)"
         elif isinstance(producers[source], nn.LayerNorm) and producers[source].weight is None:
             skipped[name] = f"its producer {source!r} is a LayerNorm without affine weight"
-        elif producers[source].weight.shape[0] != module.weight.shape[1]:
+        elif weight_of(producers[source], source).shape[0] != weight_of(module, name).shape[1]:
             skipped[name] = f"its producer {source!r} does not have one output per input channel"
         else:
             found[name] = source

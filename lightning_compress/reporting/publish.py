@@ -99,7 +99,7 @@ def _emit(summary: dict[str, Any], trainer: pl.Trainer) -> None:
     directory = output_dir(trainer)
     try:
         write_files(summary, directory)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         rank_zero_warn(f"lightning-compress: could not write the compression report to {directory!r}: {err!r}")
     _console(trainer).print(render_console(summary))
     metrics = logger_metrics(summary)
@@ -111,7 +111,7 @@ def _emit(summary: dict[str, Any], trainer: pl.Trainer) -> None:
                 add_figure("compression/report", build_figure(summary), global_step=trainer.global_step)
         except ImportError:  # no matplotlib: the figure is skipped (write_files said so)
             pass
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             rank_zero_warn(f"lightning-compress: could not log the compression report to {type(logger).__name__}: "
                            f"{err!r}")
 

@@ -121,7 +121,8 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
     weights = sum(v["parameters"] for v in layers.values())
     sparsity = sum(v["sparsity"] * v["parameters"] for v in layers.values()) / weights if weights else 0.0
     rounded = sum((v["zeros_after_rounding"] or 0.0) * v["parameters"] for v in layers.values())
-    zeros_after_rounding = rounded / weights if weights and any(v["bits"] < FLOAT_BITS for v in layers.values()) else None
+    rounds = bool(weights) and any(v["bits"] < FLOAT_BITS for v in layers.values())  # any layer rounded at all
+    zeros_after_rounding = rounded / weights if rounds else None
 
     events = [
         {

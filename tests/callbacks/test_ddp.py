@@ -111,7 +111,9 @@ def test_gradient_statistics_are_identical_on_every_rank_at_every_pruning_decisi
     ticks = [e["tick"] for e in record["pre"]]
     assert ticks == [10, 20, 30, 40, 50, 60]
     for entry in record["pre"]:
-        state = _same_on_every_rank(entry["ranks"], f"statistics and weights before the decision at step {entry['tick']}")
+        state = _same_on_every_rank(
+            entry["ranks"], f"statistics and weights before the decision at step {entry['tick']}"
+        )
         assert state["stats_count"] == entry["tick"], "one statistics update per optimizer step"
     final = record["final"]
     _same_on_every_rank([r["stats"] for r in final], "final statistics")
@@ -165,8 +167,12 @@ def test_rollback_is_decided_alike_on_every_rank_and_restores_the_same_weights(m
     _, _, record = main_run
     pre = {e["tick"]: e["ranks"] for e in record["pre"]}
     events = [(e["tick"], e["ranks"]) for e in record["events"] if e["ranks"][0]["event"] is not None]
-    decisions = [_same_on_every_rank([r["event"]["accepted"] for r in ranks], f"decision at {t}") for t, ranks in events]
-    assert True in decisions and False in decisions, f"the scenario must have accepted and rolled-back steps: {decisions}"
+    decisions = [
+        _same_on_every_rank([r["event"]["accepted"] for r in ranks], f"decision at {t}") for t, ranks in events
+    ]
+    assert True in decisions and False in decisions, (
+        f"the scenario must have accepted and rolled-back steps: {decisions}"
+    )
     previous_masks = None
     for tick, ranks in events:
         if not ranks[0]["event"]["accepted"]:

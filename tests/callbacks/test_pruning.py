@@ -282,7 +282,10 @@ def test_80_percent_sparsity_within_2_points_of_dense_on_mnist() -> None:
         ({"start_step": 50, "end_step": 10}, r"`end_step` \(10\) must not be before `start_step` \(50\)"),
         ({"start_step": 10, "end_step": 10}, r"`end_step` must be after `start_step`"),
         ({"start_step": 0}, r"`start_step` must be an integer in \[1, inf\], got 0"),
-        ({"schedule": "one_shot", "schedule_unit": "epoch", "start_step": 0}, r"`start_step` must be an integer in \[1"),
+        (
+            {"schedule": "one_shot", "schedule_unit": "epoch", "start_step": 0},
+            r"`start_step` must be an integer in \[1",
+        ),
         ({"evaluate": "no"}, r"`evaluate` must be True or False, got .no."),
         ({"compact": "no", "structured": True}, r"`compact` must be True or False"),
         ({"include": "net.5"}, r"`include` must be a list of strings, got the string .net\.5."),
@@ -335,7 +338,11 @@ class _StepCounter(Callback):
 
 
 def test_empty_module_selection_is_refused_before_training() -> None:
-    _fails_in_setup(GradientStabilityPruning(include=["no_such_layer"]), match=r"select no trainable module")
+    _fails_in_setup(GradientStabilityPruning(include=["no_such_layer"]),
+                    match=r"`include` entry 'no_such_layer'.*matches no module")
+    frozen = MLPClassifier(input_size=64, hidden=[16])
+    frozen.net.requires_grad_(False)
+    _fails_in_setup(GradientStabilityPruning(), model=frozen, match=r"select no trainable module")
 
 
 def test_bound_without_validation_data_is_refused_before_training() -> None:

@@ -108,7 +108,11 @@ def test_constructor_validates_every_argument(kwargs, error, match):
             r"layer 'net.1' \(Linear\): `group_size`=128 does not divide the input size 64.*\[64, 32, 16, 8\]",
         ),
         ({"max_metric_drop": 0.01}, {"limit_val_batches": 0}, r"`max_metric_drop`=0.01 needs validation data"),
-        ({"export_path": "/proc/nope/m.safetensors"}, {}, r"`export_path`='/proc/nope/m.safetensors'.*cannot be created"),
+        (
+            {"export_path": "/proc/nope/m.safetensors"},
+            {},
+            r"`export_path`='/proc/nope/m.safetensors'.*cannot be created",
+        ),
     ],
 )
 def test_setup_refuses_before_training(tmp_path, kwargs, trainer_kwargs, match):
@@ -130,7 +134,7 @@ def test_fit_quantizes_exports_and_keeps_the_float_weights(tmp_path):
     assert rec.files["quantized"] == str(export)
     assert rec.files["float_copy"] == str(tmp_path / "digits.fp32.safetensors")
     assert set(rec.layers) == {"net.1", "net.3", "net.5"}
-    for name, layer in rec.layers.items():  # int8 codes + a float scale per row + the float bias
+    for layer in rec.layers.values():  # int8 codes + a float scale per row + the float bias
         assert layer.bits == 8 and layer.bytes_compressed < 0.35 * layer.bytes_fp32
     assert sum(r.bytes_compressed for r in rec.layers.values()) < 0.3 * sum(r.bytes_fp32 for r in rec.layers.values())
     assert rec.events[-1].kind == "quantize" and rec.events[-1].accepted

@@ -79,4 +79,5 @@ def test_pruning_figures_can_be_monitored_by_lightning_callbacks(tmp_path: Path)
     trainer.fit(MLPClassifier(input_size=64, hidden=[32]), DigitsDataModule(batch_size=64))
     assert float(trainer.callback_metrics["pruning/sparsity"]) == pytest.approx(0.5, abs=0.01)
     assert trainer.current_epoch == 1, "EarlyStopping saw the sparsity reach its threshold after the first epoch"
-    assert checkpoint.best_model_score is not None and float(checkpoint.best_model_score) == pytest.approx(0.5, abs=0.01)
+    assert checkpoint.best_model_score is not None
+    assert float(checkpoint.best_model_score) == pytest.approx(0.5, abs=0.01)

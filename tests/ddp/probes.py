@@ -303,7 +303,8 @@ def _stats_finite(stats: Any) -> bool | None:
 
 
 class GradSpy(Callback):
-    """The gradient the optimizer uses (``on_before_optimizer_step``, listed before pruning) of one module, every step."""
+    """The gradient the optimizer uses (``on_before_optimizer_step``, listed before pruning) of one module, every
+    step."""
 
     def __init__(self, out_dir: str | Path, tag: str, module_name: str = "net.1") -> None:
         self.out_dir, self.tag, self.module_name = str(out_dir), tag, module_name
@@ -345,11 +346,12 @@ class _StridedEpochSampler(DistributedSampler):
         return iter(order[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return -(-self.size // self.num_replicas)
+        return (self.size + self.num_replicas - 1) // self.num_replicas  # ceil(size / replicas)
 
 
 class StridedDigits(DigitsDataModule):
-    """Digits whose training order under DDP is the single-process order (Lightning leaves a DistributedSampler alone)."""
+    """Digits whose training order under DDP is the single-process order (Lightning leaves a DistributedSampler
+    alone)."""
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._splits["train"]

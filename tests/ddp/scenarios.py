@@ -130,7 +130,9 @@ def parity_fit(strategy: Any, out_dir: str, tag: str, batch_size: int, devices: 
     pl.seed_everything(11)
     probe = RankProbe(out_dir, tag)
     dm = (StridedDigits if strided else DigitsDataModule)(batch_size=batch_size)
-    trainer(strategy, probe.callbacks(parity_pruning()), out_dir, devices=devices, max_epochs=1, max_steps=36).fit(model(), dm)
+    trainer(strategy, probe.callbacks(parity_pruning()), out_dir, devices=devices, max_epochs=1, max_steps=36).fit(
+        model(), dm
+    )
 
 
 def scenario_parity(strategy: str, out_dir: str) -> None:
@@ -145,7 +147,7 @@ def scenario_refuse(strategy: str, out_dir: str) -> None:
 
     results = []
     for strategy_cls in (FSDPStrategy, DeepSpeedStrategy):
-        for make in (lambda: GradientStabilityPruning(), lambda: PostTrainingQuantization()):
+        for make in (GradientStabilityPruning, PostTrainingQuantization):
             callback = make()
             counter = _BatchCounter()
             outcome: dict[str, Any] = {"strategy": strategy_cls.__name__, "callback": type(callback).__name__}
@@ -153,7 +155,7 @@ def scenario_refuse(strategy: str, out_dir: str) -> None:
                 trainer(strategy_cls(), [counter, callback], out_dir, max_epochs=1, limit_train_batches=2,
                         limit_val_batches=2).fit(model(), DigitsDataModule(batch_size=32))
                 outcome["error"] = None
-            except Exception as err:  # noqa: BLE001 - recorded for the test to check
+            except Exception as err:  # recorded for the test to check
                 outcome["error"] = f"{type(err).__name__}: {err}"
             outcome["batches"] = counter.batches
             results.append(outcome)

@@ -64,7 +64,8 @@ def test_quantize_then_test_the_checkpoint_gives_the_quantized_metric(tmp_path: 
     compressed = report_of(trainer).files["compressed_checkpoint"]
     quantized_acc = accuracy_of(model, data.test_dataloader())
     float_model = _mlp()
-    float_model.load_state_dict(torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)["state_dict"])
+    best = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
+    float_model.load_state_dict(best["state_dict"])
     assert accuracy_of(float_model, data.test_dataloader()) != pytest.approx(quantized_acc, abs=1e-6)
     (result,) = trainer.test(model, data, ckpt_path=compressed, verbose=False)
     assert result["test_acc"] == pytest.approx(quantized_acc, abs=1e-6)

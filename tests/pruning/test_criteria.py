@@ -122,12 +122,12 @@ def test_gradient_criteria_without_statistics_raise(criterion: str) -> None:
 
 @pytest.mark.parametrize("per_weight", [True, False], ids=["per_weight_stats", "per_unit_stats"])
 def test_weight_scores_unknown_criterion_raises(per_weight: bool) -> None:
-    with pytest.raises(ValueError, match="`criterion` must be one of .*, got 'bogus'"):
+    with pytest.raises(ValueError, match=r"`criterion` must be one of .*, got 'bogus'"):
         scoring.weight_scores("bogus", [W], _stats(per_weight=per_weight))
 
 
 def test_unit_scores_unknown_criterion_raises() -> None:
-    with pytest.raises(ValueError, match="`criterion` must be one of .*, got 'bogus'"):
+    with pytest.raises(ValueError, match=r"`criterion` must be one of .*, got 'bogus'"):
         scoring.unit_scores("bogus", [W], _stats(per_weight=False))
 
 

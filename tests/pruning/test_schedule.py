@@ -16,7 +16,7 @@ def _zhu_gupta(t: int, s_i: float, s_f: float, t0: int, t_end: int) -> float:
 # ---------------------------------------------------------------------------- one_shot
 def test_one_shot() -> None:
     schedule = PruningSchedule(kind="one_shot", sparsity=0.7, start=5)
-    assert [t for t in range(0, 30) if schedule.is_event(t)] == [5]
+    assert [t for t in range(30) if schedule.is_event(t)] == [5]
     assert schedule.target(5) == 0.7
     assert schedule.target(4) is None and schedule.target(6) is None and schedule.target(10) is None
     assert schedule.last_tick() == 5
@@ -25,7 +25,7 @@ def test_one_shot() -> None:
 # ---------------------------------------------------------------------------- constant
 def test_constant_targets_and_cap() -> None:
     schedule = PruningSchedule(kind="constant", sparsity=0.5, start=2, frequency=3, amount=0.2)
-    events = [t for t in range(0, 20) if schedule.is_event(t)]
+    events = [t for t in range(20) if schedule.is_event(t)]
     assert events == [2, 5, 8, 11, 14, 17]
     assert schedule.target(2) == pytest.approx(0.2)
     assert schedule.target(5) == pytest.approx(1 - 0.8**2)  # 0.36
@@ -38,7 +38,7 @@ def test_constant_targets_and_cap() -> None:
 
 def test_constant_with_end() -> None:
     schedule = PruningSchedule(kind="constant", sparsity=0.9, start=1, end=9, frequency=4, amount=0.5)
-    assert [t for t in range(0, 20) if schedule.is_event(t)] == [1, 5, 9]
+    assert [t for t in range(20) if schedule.is_event(t)] == [1, 5, 9]
     assert [schedule.target(t) for t in (1, 5, 9)] == pytest.approx([0.5, 0.75, 0.875])
     assert schedule.target(13) is None
     assert schedule.last_tick() == 9
@@ -48,7 +48,7 @@ def test_constant_with_end() -> None:
 @pytest.mark.parametrize("s_i", [0.0, 0.2])
 def test_polynomial_follows_zhu_gupta(s_i: float) -> None:
     schedule = PruningSchedule(kind="polynomial", sparsity=0.8, start=10, end=50, frequency=10, initial_sparsity=s_i)
-    assert [t for t in range(0, 100) if schedule.is_event(t)] == [10, 20, 30, 40, 50]
+    assert [t for t in range(100) if schedule.is_event(t)] == [10, 20, 30, 40, 50]
     assert schedule.target(10) == pytest.approx(s_i)
     assert schedule.target(20) == pytest.approx(_zhu_gupta(20, s_i, 0.8, 10, 50))
     assert schedule.target(30) == pytest.approx(0.8 + (s_i - 0.8) * 0.125)
@@ -63,7 +63,7 @@ def test_polynomial_follows_zhu_gupta(s_i: float) -> None:
 
 def test_polynomial_end_is_an_event_off_the_grid() -> None:
     schedule = PruningSchedule(kind="polynomial", sparsity=0.6, start=1, end=10, frequency=4)
-    assert [t for t in range(0, 20) if schedule.is_event(t)] == [1, 5, 9, 10]
+    assert [t for t in range(20) if schedule.is_event(t)] == [1, 5, 9, 10]
     assert schedule.target(9) == pytest.approx(_zhu_gupta(9, 0.0, 0.6, 1, 10))
     assert schedule.target(10) == pytest.approx(0.6)
 

@@ -53,7 +53,7 @@ def test_layer_scope_prunes_each_tensor_on_its_own(sparsity: float) -> None:
 
 def test_unknown_scope_raises() -> None:
     scores = [torch.rand(4)]
-    with pytest.raises(ValueError, match="`scope` must be one of .*, got 'model'"):
+    with pytest.raises(ValueError, match=r"`scope` must be one of .*, got 'model'"):
         selection.keep_masks(scores, _all_kept(scores), 0.5, scope="model")
 
 

@@ -64,7 +64,7 @@ def test_from_quantized_uses_the_exported_codes_and_refuses_groups():
         qt = quantize_tensor(linear.weight, spec)
         assert torch.equal(Int8Linear.from_quantized(linear, qt).dequantized_weight(), qt.dequantize())
     grouped = quantize_tensor(linear.weight, QuantSpec(granularity="per_group", group_size=8))
-    with pytest.raises(ValueError, match="8-bit per_group weight .* has no int8 form"):
+    with pytest.raises(ValueError, match=r"8-bit per_group weight .* has no int8 form"):
         Int8Linear.from_quantized(linear, grouped)
 
 

@@ -56,7 +56,7 @@ def test_unpack_does_not_alias_input():
 
 @pytest.mark.parametrize(("codes", "signed"), [([0, 16], False), ([-1, 3], False), ([8], True), ([-9], True)])
 def test_out_of_range_codes_raise(codes, signed):
-    with pytest.raises(ValueError, match="outside the .* 4-bit range"):
+    with pytest.raises(ValueError, match=r"outside the .* 4-bit range"):
         pack(torch.tensor(codes), 4, signed=signed)
 
 
