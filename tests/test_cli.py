@@ -71,7 +71,7 @@ def test_builtin_job_only_without_config_or_classes(args: list[str], builtin: bo
 
 
 def test_subcommands() -> None:
-    assert set(CompressionCLI.subcommands()) == {"fit", "validate", "test"}
+    assert set(CompressionCLI.subcommands()) == {"fit", "validate", "test", "predict"}
 
 
 def test_bare_fit_uses_the_builtin_job(capsys: pytest.CaptureFixture) -> None:
@@ -137,4 +137,5 @@ def test_missing_data_package_ends_with_a_clean_message(tmp_path: Path, monkeypa
 def test_python_dash_m_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "lightning_compress", "--help"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
-    assert "fit" in out and "validate" in out and "test" in out and "predict" not in out
+    assert "fit" in out and "validate" in out and "test" in out and "predict" in out
+    assert "tune" not in out
