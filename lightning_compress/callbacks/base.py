@@ -114,6 +114,17 @@ class CompressionCallback(Callback):
             report = self._leader._report = CompressionReport()
         return report
 
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None, metrics: dict[str, float],
+             extra: dict[str, float] | None = None) -> None:
+        """``metrics`` into ``callback_metrics`` (``ModelCheckpoint`` / ``EarlyStopping`` can monitor them; only
+        where Lightning allows ``self.log``: pass ``pl_module=None`` elsewhere) and, with ``extra``, to every logger
+        now, whatever ``log_every_n_steps`` is."""
+        if pl_module is not None:
+            for name, value in metrics.items():
+                pl_module.log(name, value, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics({**metrics, **(extra or {})}, step=trainer.global_step)
+
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         return evaluation.evaluate(trainer, pl_module, self.metric_spec) if self._has_val else None
 

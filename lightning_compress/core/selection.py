@@ -28,6 +28,7 @@ MODULE_TYPES: dict[str, type[nn.Module]] = {
     "Conv2d": nn.Conv2d,
     "Conv3d": nn.Conv3d,
     "Embedding": nn.Embedding,
+    "MultiheadAttention": nn.MultiheadAttention,
 }
 
 

@@ -213,3 +213,17 @@ def evaluate(
         raise RuntimeError("the dataloaders yielded no batch: nothing to evaluate the compression on")
     value = metric.compute()
     return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def first_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, purpose: str) -> Any:
+    """Two examples of the first training batch ``(inputs, targets, ...)``, for an analysis of a model that has no
+    ``example_input_array``; a ``ValueError`` says what to set when the batches do not show what the forward takes."""
+    loader = trainer.train_dataloader
+    batch = next(iter(loader), None) if loader is not None else None
+    if not (isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor)):
+        raise ValueError(
+            f"{purpose} runs the model on an example input: set `example_input_array` on {type(pl_module).__name__} "
+            f"(a tensor, a tuple of arguments or a dict of keyword arguments); its training batches "
+            f"({type(batch).__name__}) do not say what the forward takes"
+        )
+    return batch[0][:2].to(pl_module.device)

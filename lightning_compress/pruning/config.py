@@ -17,6 +17,7 @@ SCOPES = ("global", "layer")
 SCHEDULE_UNITS = ("step", "epoch")
 STATISTICS = ("auto", "per_weight", "per_unit")
 ON_VIOLATION = ("backoff", "stop")
+STRUCTURED_TARGETS = ("units", "macs")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class PruningConfig:
     evaluate: bool = True
     compact: bool = False
     verbose: int = 1
+    structured_target: str = "units"
 
     def __post_init__(self) -> None:
         self._check_target()
@@ -70,6 +72,10 @@ class PruningConfig:
         if self.compact and not self.structured:
             raise ValueError("`compact`=True removes pruned units, so it needs structured=True")
         check_number("verbose", self.verbose, low=0, high=2, integer=True)
+        check_choice("structured_target", self.structured_target, STRUCTURED_TARGETS)
+        if self.structured_target != "units" and not self.structured:
+            raise ValueError(f"`structured_target`={self.structured_target!r} counts the MACs of removed units, so it "
+                             "needs structured=True; allowed without it: 'units'")
 
     def _check_target(self) -> None:
         thresholds = (self.mean_threshold, self.std_threshold)

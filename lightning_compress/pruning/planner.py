@@ -3,14 +3,16 @@ thresholds), unstructured or by unit. No Lightning import.
 
 Structured targets (``structured_target``):
 
-``units``  ``target`` is the fraction of the prunable units removed (a coupled set counted once). Blocks (attention
-           heads) are ranked by their score per unit, so a head competes with single neurons on equal terms.
+``units``  ``target`` is the fraction of the prunable units removed (a coupled set counted once). A block (an
+           attention head) is ranked by its score per unit (the mean of its rows' scores), so a head competes with
+           single neurons on equal terms, and counts as the units it holds.
 ``macs``   ``target`` is the fraction of the analysed layers' multiply-accumulates removed (see
-           :func:`lightning_compress.structure.macs.estimated_macs`). Blocks are ranked by score per MAC their
-           removal saves (first order, at the current masks), and the number removed is chosen so the estimated
-           MACs come closest to the target: a channel at 32x32 resolution costs 16x one at 8x8, so it goes sooner.
-           (Dividing each set's scores by their mean first was measured worse on the ResNet benchmark: the
-           residual sets, whose blocks cost the most, then collapsed to one channel.)
+           :func:`lightning_compress.structure.macs.estimated_macs`). Blocks are ranked by their importance (the
+           sum of their rows' scores) per MAC their removal saves (first order, at the current masks), and the
+           number removed is chosen so the estimated MACs come closest to the target: a channel at 32x32
+           resolution costs 16x one at 8x8, so it goes sooner. (Dividing each set's scores by their mean first was
+           measured worse on the ResNet benchmark: the residual sets, whose blocks cost the most, then collapsed
+           to one channel.)
 """
 
 from __future__ import annotations
@@ -23,13 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.pruning import criteria, selection
-from lightning_compress.pruning.config import PruningConfig
+from lightning_compress.pruning.config import STRUCTURED_TARGETS, PruningConfig
 from lightning_compress.pruning.masks import expand_unit_masks
 from lightning_compress.pruning.statistics import GradientStatistics
 from lightning_compress.pruning.structured import BlockLayout, family_blocks, family_mask, layout, unit_families
 from lightning_compress.pruning.tracked import TrackedLayers
-
-STRUCTURED_TARGETS = ("units", "macs")
 
 
 def plan_masks(
@@ -53,14 +53,15 @@ def plan_masks(
     if not config.structured:
         scores = criteria.weight_scores(config.criterion, weights, stats)
         current = [
-            masks.get(f"{n}.weight", torch.ones_like(w, dtype=torch.bool)).to(w.device) for n, w in zip(names, weights)
+            masks.get(layers.param_name(n), torch.ones_like(w, dtype=torch.bool)).to(w.device)
+            for n, w in zip(names, weights)
         ]
         if target is None:
             flags = _thresholds(config, stats)
             keep = selection.threshold_masks(flags, current, scores, config.min_keep)
         else:
             keep = selection.keep_masks(scores, current, target, scope=config.scope, min_keep=config.min_keep)
-        return {f"{n}.weight": k.cpu() for n, k in zip(names, keep)}, {}
+        return {layers.param_name(n): k.cpu() for n, k in zip(names, keep)}, {}
 
     families = unit_families(names, groups)
     if not families:
@@ -127,7 +128,11 @@ def _weighted_keep(
         floor = min(selection.floor_count(keep.numel(), config.min_keep), int(keep.sum()))
         s = torch.nan_to_num(score.float(), nan=0.0).masked_fill(~keep, float("-inf"))
         protected = selection.top_k(s, floor)
-        ratio = s / costs[i] if costs[i] > 0 else torch.full_like(s, float("inf"))
+        if structured_target == "units":  # a block's score is already per unit (the mean of its rows)
+            ratio = s
+        else:  # the block's whole importance (its rows' sum) per MAC its removal saves
+            rows = layouts[families[i][0]].rows_per_block
+            ratio = s * rows / costs[i] if costs[i] > 0 else torch.full_like(s, float("inf"))
         candidates += [(float(ratio[b]), i, b) for b in range(keep.numel()) if bool(keep[b]) and not protected[b]]
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def unit_families(selected: Iterable[str], groups: Mapping[str, Any] | None) -> list[list[str]]:
@@ -97,3 +97,17 @@ def unit_sparsity(families: list[list[str]], unit_masks: Mapping[str, Tensor], n
     total = sum(num_units[f[0]] for f in families)
     kept = sum(int(family_mask(f, unit_masks, num_units[f[0]]).sum()) for f in families)
     return 1.0 - kept / max(total, 1)
+
+
+def analyse(model: nn.Module, example_input: Any, selected: list[str]) -> tuple[dict[str, Any], str]:
+    """The dependency analysis of ``model`` on ``example_input``, for the layers a structured run selected: their
+    unit groups, and a table of which are prunable and which are refused, and why (for the log). Raises a
+    ``ValueError`` naming the reasons when none of them can lose units."""
+    from lightning_compress.structure.dependency import find_unit_groups, prunability_table
+
+    groups = find_unit_groups(model, example_input)
+    table = prunability_table({name: group for name, group in groups.items() if name in selected})
+    if not unit_families(selected, groups):
+        reasons = {name: groups[name].reason for name in selected if name in groups}
+        raise ValueError(f"structured pruning: no selected layer can lose units safely: {reasons}")
+    return groups, table

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from lightning_compress.core.modules import weight_of
+from lightning_compress.structure.dependency import unit_weight, unit_weight_name
 
 
 class TrackedLayers:
@@ -23,12 +23,22 @@ class TrackedLayers:
         self.shared: dict[str, str] = {}  # module name -> the tracked module that holds its weight
         owner: dict[int, str] = {}
         for name, module in modules.items():
-            key = id(weight_of(module, name))
+            key = id(unit_weight(module))
             if key in owner:
                 self.shared[name] = owner[key]
             else:
                 owner[key] = name
                 self.modules[name] = module
+
+    @classmethod
+    def trainable(cls, modules: Mapping[str, nn.Module]) -> TrackedLayers:
+        """The modules whose unit weight (``weight``, an attention's ``in_proj_weight``) is trained."""
+        kept = {}
+        for name, module in modules.items():
+            weight = getattr(module, "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight", None)
+            if isinstance(weight, Tensor) and weight.requires_grad:
+                kept[name] = module
+        return cls(kept)
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -37,21 +47,26 @@ class TrackedLayers:
     def names(self) -> list[str]:
         return list(self.modules)
 
+    def param_name(self, name: str) -> str:
+        """The parameter of ``name`` whose entries the masks keep (``weight``, or an attention's ``in_proj_weight``)."""
+        return f"{name}.{unit_weight_name(self.modules[name])}"
+
     def weights(self) -> list[Tensor]:
-        return [weight_of(module) for module in self.modules.values()]
+        return [unit_weight(module) for module in self.modules.values()]
 
     def num_units(self) -> dict[str, int]:
-        return {name: int(weight_of(module).shape[0]) for name, module in self.modules.items()}
+        return {name: int(unit_weight(module).shape[0]) for name, module in self.modules.items()}
 
     def mask_sparsity(self, masks: Mapping[str, Tensor]) -> float:
         """Fraction of the tracked weights whose keep-mask is False."""
-        pruned = sum(int((~masks[f"{n}.weight"]).sum()) for n in self.modules if f"{n}.weight" in masks)
+        keys = [self.param_name(n) for n in self.modules]
+        pruned = sum(int((~masks[key]).sum()) for key in keys if key in masks)
         return pruned / max(sum(w.numel() for w in self.weights()), 1)
 
     def layer_mask_sparsity(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
         out = {}
         for name, weight in zip(self.modules, self.weights()):
-            mask = masks.get(f"{name}.weight")
+            mask = masks.get(self.param_name(name))
             out[name] = 0.0 if mask is None else float((~mask).sum()) / weight.numel()
         return out
 

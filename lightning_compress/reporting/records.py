@@ -35,6 +35,13 @@ class CompressionEvent:
     drop: float | None = None  # metric_after worse than reference, in the metric's units (negative: better)
     unit_sparsity: float | None = None  # structured pruning: fraction of the prunable units removed
 
+    @classmethod
+    def from_pruning(cls, entry: dict[str, Any], structured: bool) -> CompressionEvent:
+        """The event of one entry of :attr:`PruningController.history`."""
+        note = "; ".join(text for text in (entry["reason"], entry["note"]) if text)
+        return cls("prune", entry["step"], entry["metric_before"], entry["metric_after"], entry["weight_sparsity"],
+                   entry["accepted"], note, entry["reference"], entry["drop"], entry["sparsity"] if structured else None)
+
 
 @dataclass
 class LayerRecord:
@@ -67,6 +74,11 @@ class CompressionReport:
     # every entry of the model's state_dict when the first compression callback set up -> its bytes (floats
     # counted as fp32): the "before" of the whole-model totals, taken before pruning or compaction changed anything
     model_state_bytes: dict[str, int] = field(default_factory=dict)
+
+    def record_layer(self, name: str, parameters: int, bytes_fp32: int) -> LayerRecord:
+        """The layer's record, created (float, nothing removed) the first time a callback reports on it."""
+        return self.layers.setdefault(name, LayerRecord(parameters=parameters, bytes_fp32=bytes_fp32,
+                                                        bytes_compressed=bytes_fp32))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -43,6 +43,16 @@ def _fmt_drop(drop: float | None) -> str:
     return "-" if drop is None else f"{-drop:+.4f}"
 
 
+def pruning_line(entry: Mapping[str, Any], metric: str, sparsity: float, structured: bool,
+                 per_layer: Mapping[str, float] | None = None) -> str:
+    """The console line of one pruning event (``per_layer``: verbose=2)."""
+    shown = "" if entry["metric_after"] is None else (
+        f", {metric} {_fmt_metric(entry['metric_before'])} -> {_fmt_metric(entry['metric_after'])}")
+    layers = f" ({', '.join(f'{n} {s:.0%}' for n, s in per_layer.items())})" if per_layer else ""
+    return (f"GradientStabilityPruning: step {entry['step']}: sparsity {sparsity:.3f}{' (units)' if structured else ''}"
+            f"{shown}{'' if entry['accepted'] else ' (rolled back)'}{layers}")
+
+
 def headline_parts(summary: Mapping[str, Any]) -> list[str]:
     """What the run delivered, each figure saying what it is: the delivered model's metric, the cost of each
     compression step compared like with like, the size and the sparsity."""

@@ -1,0 +1,101 @@
+"""Structured pruning through the callback on a stock ``nn.TransformerEncoder`` (fx cannot trace inside it):
+attention heads and FFN neurons found in ``setup``, removed at the end, MACs reported, the result reloads."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress import GradientStabilityPruning, load_compressed
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.pruning.config import PruningConfig
+from lightning_compress.structure.attention import PrunedMultiheadAttention
+from tests.helpers import quiet_trainer, report_of
+
+
+class RowTransformer(pl.LightningModule):
+    """An 8x8 digit read as 8 tokens of 8 pixels, a 2-layer encoder with 4 heads, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+        self.example_input_array = torch.zeros(2, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.view(x.shape[0], 8, 8))).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def _pruning(**kwargs) -> GradientStabilityPruning:
+    return GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, scope="layer", schedule="one_shot",
+                                    start_step=40, **kwargs)
+
+
+class _GroupsAtFitStart(pl.Callback):
+    """Records, before any training step, which layers the pruning callback already knows it can prune."""
+
+    def __init__(self, pruning: GradientStabilityPruning) -> None:
+        self.pruning, self.prunable = pruning, None
+
+    def on_fit_start(self, trainer, pl_module):
+        groups = self.pruning.state.groups or {}
+        self.prunable = sorted(name for name, group in groups.items() if group.prunable)
+
+
+def test_heads_and_ffn_neurons_are_found_in_setup_and_removed(capfd: pytest.CaptureFixture) -> None:
+    pl.seed_everything(0)
+    model, pruning = RowTransformer(), _pruning()
+    probe = _GroupsAtFitStart(pruning)
+    quiet_trainer([pruning, probe], max_epochs=3).fit(model, DigitsDataModule(batch_size=64))
+    assert "encoder.layers.0.self_attn" in probe.prunable and "encoder.layers.1.linear1" in probe.prunable
+    assert "which layers can lose units" in capfd.readouterr().err
+    attention = model.encoder.layers[0].self_attn
+    assert isinstance(attention, PrunedMultiheadAttention) and attention.num_heads < 4
+    assert model.encoder.layers[0].linear1.out_features < 64
+    report = pruning.report
+    assert report.macs_after is not None and report.macs_after < report.macs_before
+    reloaded = load_compressed(RowTransformer(), report.files["compacted"])
+    x = torch.rand(5, 1, 8, 8)
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x))
+
+
+def test_a_macs_target_runs_and_removes_compute() -> None:
+    pl.seed_everything(0)
+    model, pruning = RowTransformer(), _pruning(structured_target="macs")
+    trainer = quiet_trainer([pruning], max_epochs=3)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    report = report_of(trainer)
+    assert report.macs_after < 0.75 * report.macs_before
+    assert report.settings["pruning"]["structured_target"] == "macs"
+
+
+def test_a_macs_target_needs_structured_pruning() -> None:
+    with pytest.raises(ValueError, match=r"`structured_target`='macs'.*needs structured=True"):
+        GradientStabilityPruning(structured_target="macs")
+    with pytest.raises(ValueError, match=r"`structured_target` must be one of"):
+        PruningConfig(structured=True, structured_target="flops")
+
+
+def test_without_an_example_input_the_first_batch_is_used() -> None:
+    pl.seed_everything(0)
+    model, pruning = RowTransformer(), _pruning()
+    model.example_input_array = None
+    quiet_trainer([pruning], max_epochs=3).fit(model, DigitsDataModule(batch_size=64))
+    assert isinstance(model.encoder.layers[1].self_attn, PrunedMultiheadAttention)
