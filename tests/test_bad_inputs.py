@@ -34,7 +34,7 @@ PRUNING: list[Case] = [
     ("scope_unknown", {"scope": "local"}, ValueError, ("scope", "'local'")),
     ("schedule_unknown", {"schedule": "cubic"}, ValueError, ("schedule", "'cubic'")),
     ("schedule_unit_unknown", {"schedule_unit": "batch"}, ValueError, ("schedule_unit", "'batch'")),
-    ("start_step_zero", {"start_step": 0}, ValueError, ("start_step", "0")),
+    ("start_step_zero", {"schedule": "constant", "start_step": 0}, ValueError, ("start_step", "0")),
     ("one_shot_start_zero_epoch", {"schedule": "one_shot", "start_step": 0, "schedule_unit": "epoch"}, ValueError,
      ("start_step", "0")),
     ("one_shot_start_zero_magnitude", {"schedule": "one_shot", "start_step": 0, "criterion": "magnitude"},

@@ -33,9 +33,12 @@ def check_schedule_args(
     fire."""
     if kind not in SCHEDULES:
         raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {kind!r}")
-    for name, value in (("start_step", start), ("end_step", end), ("frequency", frequency)):
+    # a polynomial ramp may start at 0 (its origin: the first event is at `frequency`); one_shot and constant events
+    # happen at `start` itself, and tick 0 never comes
+    first = 0 if kind == "polynomial" else 1
+    for name, value, low in (("start_step", start, first), ("end_step", end, 1), ("frequency", frequency, 1)):
         if value is not None:
-            check_number(name, value, low=1, integer=True)
+            check_number(name, value, low=low, integer=True)
     if start is not None and end is not None:
         if end < start:
             raise ValueError(f"`end_step` ({end}) must not be before `start_step` ({start}): the schedule would never run")

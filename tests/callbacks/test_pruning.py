@@ -281,7 +281,7 @@ def test_80_percent_sparsity_within_2_points_of_dense_on_mnist() -> None:
         ({"schedule_unit": "batch"}, r"`schedule_unit` must be one of"),
         ({"start_step": 50, "end_step": 10}, r"`end_step` \(10\) must not be before `start_step` \(50\)"),
         ({"start_step": 10, "end_step": 10}, r"`end_step` must be after `start_step`"),
-        ({"start_step": 0}, r"`start_step` must be an integer in \[1, inf\], got 0"),
+        ({"schedule": "constant", "start_step": 0}, r"`start_step` must be an integer in \[1, inf\], got 0"),
         (
             {"schedule": "one_shot", "schedule_unit": "epoch", "start_step": 0},
             r"`start_step` must be an integer in \[1",

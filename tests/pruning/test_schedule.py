@@ -106,3 +106,9 @@ def test_valid_edge_cases_are_accepted() -> None:
     PruningSchedule(kind="constant", start=3, end=3)  # a single event
     PruningSchedule(kind="one_shot", start=1)  # ticks count from 1: the first optimizer step / epoch end
     PruningSchedule(kind="polynomial", end=2, sparsity=0.5, initial_sparsity=0.5)
+
+
+def test_a_polynomial_ramp_may_start_at_zero_and_fires_from_the_first_tick() -> None:
+    schedule = PruningSchedule(kind="polynomial", sparsity=0.5, start=0, end=5, frequency=1)
+    assert [t for t in range(1, 8) if schedule.is_event(t)] == [1, 2, 3, 4, 5]
+    assert schedule.target(5) == pytest.approx(0.5) and 0 < schedule.target(1) < schedule.target(2)
