@@ -30,6 +30,7 @@ class _Classifier(pl.LightningModule):
         self.weight_decay = weight_decay
         self.val_acc = MulticlassAccuracy(num_classes=num_classes)
         self.test_acc = MulticlassAccuracy(num_classes=num_classes)
+        self.save_hyperparameters()  # the subclass's arguments too: Lightning collects every __init__ frame
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -59,20 +60,11 @@ class _Classifier(pl.LightningModule):
 class MLPClassifier(_Classifier):
     """Flatten -> [Linear -> ReLU] * len(hidden) -> Linear. ``input_size`` is H*W*C (64 for digits, 784 for MNIST)."""
 
-    def __init__(
-        self,
-        input_size: int = 784,
-        hidden: list[int] | None = None,
-        num_classes: int = 10,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-    ) -> None:
+    def __init__(self, input_size: int = 784, hidden: list[int] | None = None, num_classes: int = 10,
+                 lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(num_classes, lr, weight_decay)
-        hidden = [256, 128] if hidden is None else list(hidden)
         check_number("input_size", input_size, low=1, integer=True)
-        for width in hidden:
-            check_number("hidden", width, low=1, integer=True)
-        self.save_hyperparameters()
+        hidden = _widths("hidden", hidden, [256, 128])
         layers: list[nn.Module] = [nn.Flatten()]
         widths = [input_size, *hidden]
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
@@ -95,15 +87,9 @@ class SmallCNN(_Classifier):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(num_classes, lr, weight_decay)
-        channels = [16, 32] if channels is None else list(channels)
         check_number("image_size", image_size, low=4, integer=True)
         check_number("hidden", hidden, low=1, integer=True)
-        if len(channels) != 2:
-            raise ValueError(f"`channels` must list 2 widths, got {channels!r}")
-        for width in channels:
-            check_number("channels", width, low=1, integer=True)
-        self.save_hyperparameters()
-        c1, c2 = channels
+        c1, c2 = _widths("channels", channels, [16, 32], count=2)
         side = image_size // 4  # two 2x2 max-pools
         self.net = nn.Sequential(
             nn.Conv2d(1, c1, 3, padding=1),
@@ -120,3 +106,13 @@ class SmallCNN(_Classifier):
             nn.Linear(hidden, num_classes),
         )
         self.example_input_array = torch.zeros(2, 1, image_size, image_size)
+
+
+def _widths(argument: str, given: list[int] | None, default: list[int], count: int | None = None) -> list[int]:
+    """Layer widths: ``default`` when not given; each a positive integer; exactly ``count`` of them if given."""
+    widths = list(default if given is None else given)
+    if count is not None and len(widths) != count:
+        raise ValueError(f"`{argument}` must list {count} widths, got {given!r}")
+    for width in widths:
+        check_number(argument, width, low=1, integer=True)
+    return widths

@@ -86,8 +86,9 @@ class PruningRun:
         tried = self.state.sparsity()
         after = evaluate()
         decision = self.controller.conclude(
-            tick=tick, step=step, metric_before=before, metric_after=after, weights_finite=self.layers.weights_finite(),
-            sparsity_before=before_sparsity, sparsity_tried=tried, extra={"weight_sparsity": self.state.weight_sparsity()},
+            tick=tick, step=step, metric_before=before, metric_after=after,
+            weights_finite=self.layers.weights_finite(), sparsity_before=before_sparsity, sparsity_tried=tried,
+            extra={"weight_sparsity": self.state.weight_sparsity()},
         )
         if decision.accepted:
             self.state.keep(optimizers)

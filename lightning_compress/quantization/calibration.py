@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -165,6 +165,17 @@ def feed(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     return model(batch)
+
+
+def run_with_hooks(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any], handles: list[Any]) -> None:
+    """One forward of ``batch`` without gradients while the hooks behind ``handles`` record what they need; the
+    hooks are removed afterwards, whatever happens."""
+    try:
+        with torch.no_grad():
+            run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

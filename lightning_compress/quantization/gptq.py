@@ -206,7 +206,7 @@ def gptq_model(
     out: dict[str, QuantizedTensor] = {}
     for members in passes.values():
         group = {n: todo[n] for n in members}
-        hessians = accumulate_hessians(model, group, {n: calls[n] for n in members}, batches, run)
+        hessians = accumulate_hessians(model, batches, run, members=group, expected={n: calls[n] for n in members})
         for name in members:
             module = todo[name]
             weight = layer_weight(name, module)  # in_proj_weight of an attention, else weight

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.quantization.calibration import run_with_hooks
+
 
 class HessianAccumulator:
     """``sum x x^T`` over calibration rows ``x`` (float32) and their count; :meth:`hessian` is ``2 X^T X / n``."""
@@ -114,22 +116,14 @@ def probe_layers(
                 order.append(name)
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            run(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, batch, run, [m.register_forward_pre_hook(hook(n), with_kwargs=True)
+                                       for n, m in layers.items()])
     return order, calls, keys
 
 
 def accumulate_hessians(
-    model: nn.Module,
-    members: Mapping[str, nn.Module],
-    expected: Mapping[str, int],
-    batches: Sequence[Any],
-    run: Callable[[nn.Module, Any], Any],
+    model: nn.Module, batches: Sequence[Any], run: Callable[[nn.Module, Any], Any], *,
+    members: Mapping[str, nn.Module], expected: Mapping[str, int],
 ) -> dict[str, list[HessianAccumulator]]:
     """The input Hessians of ``members`` over ``batches``; each forward stops once every member has been called as
     often as in the probe."""

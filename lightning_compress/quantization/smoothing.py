@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from lightning_compress.core.modules import optional_tensor, weight_of
 from lightning_compress.core.selection import select_modules
 from lightning_compress.core.validation import check_bool, check_number
-from lightning_compress.quantization.calibration import feed, take_batches, to_device
+from lightning_compress.quantization.calibration import feed, run_with_hooks, take_batches, to_device
 from lightning_compress.quantization.kernels import Int8Linear
 from lightning_compress.quantization.primitives import QuantSpec, quantize_tensor
 
@@ -92,27 +92,21 @@ def smooth(
     """Fold smoothing scales for the selected ``nn.Linear`` layers into their producers, in place, where the model's
     output stays the same (checked). ``calibration_data``, ``forward``, ``calibration_batches``: as in
     :func:`~.functional.quantize` (dict batches are fed as ``model(**batch)`` by default)."""
-    result, _ = _smooth(model, calibration_data, alpha, forward, calibration_batches, include, exclude)
+    result, _ = _smooth(model, calibration_data, alpha=alpha, forward=forward, calibration_batches=calibration_batches,
+                        include=include, exclude=exclude)
     return result
 
 
 def smooth_int8(
-    model: nn.Module,
-    calibration_data: Iterable[Any],
-    *,
-    alpha: float = ALPHA,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
-    calibration_batches: int = 8,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    runtime_scales: bool = True,
+    model: nn.Module, calibration_data: Iterable[Any], *, runtime_scales: bool = True, **options: Any
 ) -> SmoothingResult:
-    """:func:`smooth`, then swap every selected ``nn.Linear`` for an int8 layer (weights 8-bit symmetric per
-    channel, from the float weights): :class:`SmoothedInt8Linear` where no scale was folded (``runtime_scales``;
-    else a plain :class:`~.kernels.Int8Linear`). Returns what was folded, what is scaled at run time, and why."""
+    """:func:`smooth` (``options``: its keyword arguments), then swap every selected ``nn.Linear`` for an int8
+    layer (weights 8-bit symmetric per channel, from the float weights): :class:`SmoothedInt8Linear` where no scale
+    was folded (``runtime_scales``; else a plain :class:`~.kernels.Int8Linear`). Returns what was folded, what is
+    scaled at run time, and why."""
     check_bool("runtime_scales", runtime_scales)
-    result, (linears, act_max) = _smooth(model, calibration_data, alpha, forward, calibration_batches, include,
-                                         exclude)
+    result, (linears, act_max) = _smooth(model, calibration_data, **options)
+    alpha = options.get("alpha", ALPHA)
     spec = QuantSpec(bits=8)
     done = set(result.smoothed())
     with torch.no_grad():
@@ -129,15 +123,13 @@ def smooth_int8(
     return result
 
 
-def _smooth(
-    model: nn.Module,
-    calibration_data: Iterable[Any],
-    alpha: float,
-    forward: Callable[[nn.Module, Any], Any] | None,
-    calibration_batches: int,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-) -> tuple[SmoothingResult, tuple[dict[str, nn.Linear], dict[str, Tensor]]]:
+_Found = tuple[dict[str, nn.Linear], dict[str, Tensor]]  # the linears seen, and their inputs' per-channel maxima
+
+
+def _smooth(model: nn.Module, calibration_data: Iterable[Any], alpha: float = ALPHA,
+            forward: Callable[[nn.Module, Any], Any] | None = None, calibration_batches: int = 8,
+            include: Sequence[str] | None = None,
+            exclude: Sequence[str] | None = None) -> tuple[SmoothingResult, _Found]:
     check_number("alpha", alpha, low=0.0, high=1.0)
     check_number("calibration_batches", calibration_batches, low=1, integer=True)
     run = forward or feed
@@ -240,13 +232,7 @@ def _find_producers(
         return hook
 
     handles = [m.register_forward_hook(on_output(n)) for n, m in producers.items()]
-    handles += [m.register_forward_pre_hook(on_input(n)) for n, m in linears.items()]
-    try:
-        with torch.no_grad():
-            run(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, batch, run, handles + [m.register_forward_pre_hook(on_input(n)) for n, m in linears.items()])
     found, skipped = {}, {}
     for name, module in linears.items():
         source = outputs.get(inputs[name]) if name in inputs else None

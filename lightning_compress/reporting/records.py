@@ -39,8 +39,9 @@ class CompressionEvent:
     def from_pruning(cls, entry: dict[str, Any], structured: bool) -> CompressionEvent:
         """The event of one entry of :attr:`PruningController.history`."""
         note = "; ".join(text for text in (entry["reason"], entry["note"]) if text)
+        units = entry["sparsity"] if structured else None
         return cls("prune", entry["step"], entry["metric_before"], entry["metric_after"], entry["weight_sparsity"],
-                   entry["accepted"], note, entry["reference"], entry["drop"], entry["sparsity"] if structured else None)
+                   entry["accepted"], note, entry["reference"], entry["drop"], units)
 
 
 @dataclass
