@@ -245,9 +245,7 @@ COMPACTED: list[Any] = [  # pytest.param(corrupt, texts)
                  id="layer_grown_to_4096_units"),
     pytest.param(lambda p: _raw_resave(p, "0.weight", torch.zeros(96)), ("'0.weight'",), id="wrong_rank"),
     pytest.param(lambda p: _raw_resave(p, "0.bias", torch.zeros(12, dtype=torch.int64)), ("'0.bias'", "I64"),
-                 id="wrong_dtype", marks=pytest.mark.xfail(strict=True, reason=(
-                     "TEMPORARY, structure/serialization.py _checked_header(): a declared dtype other than the "
-                     "model's tensor's (I64 bias for an F32 one) is accepted and cast by load_state_dict"))),
+                 id="wrong_dtype"),
     pytest.param(lambda p: _raw_resave(p, "9.weight", torch.zeros(1)), ("'9.weight'",), id="unknown_key"),
     pytest.param(lambda p: p.write_bytes(p.read_bytes()[:-9]) and p, (), id="truncated"),
     pytest.param(lambda p: p.write_bytes(struct.pack("<Q", 8) + b"{bad}   ") and p, (), id="header_bad_json"),

@@ -41,7 +41,9 @@ def check_schedule_args(
             check_number(name, value, low=low, integer=True)
     if start is not None and end is not None:
         if end < start:
-            raise ValueError(f"`end_step` ({end}) must not be before `start_step` ({start}): the schedule would never run")
+            raise ValueError(
+                f"`end_step` ({end}) must not be before `start_step` ({start}): the schedule would never run"
+            )
         if kind == "polynomial" and end == start:
             raise ValueError(f"`end_step` must be after `start_step` for a polynomial ramp, both are {start}")
     check_number("amount", amount, low=0, high=1, low_inclusive=False, high_inclusive=False)

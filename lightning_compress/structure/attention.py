@@ -15,6 +15,7 @@ same columns of ``out_proj.weight``.
 from __future__ import annotations
 
 import math
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ class PrunedMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     @classmethod
-    def like(cls, module: nn.Module, num_heads: int) -> PrunedMultiheadAttention:
+    def like(cls, module: AttentionModule, num_heads: int) -> PrunedMultiheadAttention:
         """An instance shaped like ``module`` (a (pruned) multi-head attention) with ``num_heads`` heads, on the
         same device and dtype."""
         embed_dim, _, head_dim = attention_layout(module)
@@ -107,15 +108,15 @@ class PrunedMultiheadAttention(nn.Module):
 
 
 ATTENTION_TYPES = (nn.MultiheadAttention, PrunedMultiheadAttention)
+AttentionModule: TypeAlias = nn.MultiheadAttention | PrunedMultiheadAttention  # isinstance(m, ATTENTION_TYPES)
 
 
-def attention_layout(module: nn.Module) -> tuple[int, int, int]:
+def attention_layout(module: AttentionModule) -> tuple[int, int, int]:
     """``(embed_dim, num_heads, head_dim)`` of a multi-head attention module."""
-    head_dim = getattr(module, "head_dim", module.embed_dim // module.num_heads)
-    return module.embed_dim, module.num_heads, head_dim
+    return module.embed_dim, module.num_heads, module.head_dim
 
 
-def unsupported(module: nn.Module) -> str:
+def unsupported(module: AttentionModule) -> str:
     """Why the heads of this attention module cannot be removed ("" if they can)."""
     if isinstance(module, PrunedMultiheadAttention):
         return ""

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from lightning_compress.core.modules import weight_of
 from lightning_compress.structure.attention import ATTENTION_TYPES, PrunedMultiheadAttention, attention_layout
 from lightning_compress.structure.dependency import FOLLOWER_TYPES, UnitGroup, find_unit_groups, unit_weight
 from lightning_compress.structure.serialization import (  # noqa: F401 - re-exported
@@ -210,7 +211,7 @@ def _plan(groups: Mapping[str, UnitGroup], masks: Mapping[str, Tensor], modules:
         for follower in group.followers:
             plan.rows[follower] = keep
         for consumer, repeat, offset in group.consumers:
-            width = modules[consumer].weight.shape[1]
+            width = weight_of(modules[consumer], consumer).shape[1]
             if offset + keep.numel() * repeat > width:
                 raise RuntimeError(f"dependency group of {name!r} maps units past the {width} inputs of {consumer!r}")
             column = plan.cols.setdefault(consumer, torch.ones(width, dtype=torch.bool))
@@ -235,7 +236,7 @@ def _apply(modules: Mapping[str, nn.Module], plan: _Plan) -> list[tuple[nn.Modul
 
     for name, keep in plan.cols.items():  # before attention modules are rebuilt around their out_proj
         module = modules[name]
-        sliced(module, "weight", (slice(None), keep.to(module.weight.device)))
+        sliced(module, "weight", (slice(None), keep.to(weight_of(module, name).device)))
         replace(module, _size_attributes(module)[1], int(keep.sum()))
     for name, keep in plan.rows.items():
         module = modules[name]
@@ -244,20 +245,21 @@ def _apply(modules: Mapping[str, nn.Module], plan: _Plan) -> list[tuple[nn.Modul
             new = PrunedMultiheadAttention.like(module, int(keep.sum()) // 3 // attention_layout(module)[2])
             with torch.no_grad():
                 new.in_proj_weight.copy_(module.in_proj_weight[keep.to(module.in_proj_weight.device)])
-                if module.in_proj_bias is not None:
+                if module.in_proj_bias is not None and new.in_proj_bias is not None:  # like() copies the bias flag
                     new.in_proj_bias.copy_(module.in_proj_bias[keep.to(module.in_proj_bias.device)])
             new.out_proj = module.out_proj
             replace(modules[parent_name], child, new)
             continue
-        keep = keep.to(module.weight.device)
+        keep = keep.to(weight_of(module, name).device)
         for tensor_name in ("weight", "bias", "running_mean", "running_var"):
             sliced(module, tensor_name, (keep,))
         replace(module, _size_attributes(module)[0], int(keep.sum()))
     for name, heads in plan.heads.items():
         module = modules[name]
         replace(module, "num_attention_heads", heads)
-        if hasattr(module, "all_head_size") and hasattr(module, "attention_head_size"):
-            replace(module, "all_head_size", heads * module.attention_head_size)
+        head_size = getattr(module, "attention_head_size", None)
+        if hasattr(module, "all_head_size") and isinstance(head_size, int):
+            replace(module, "all_head_size", heads * head_size)
     return undo
 
 

@@ -8,7 +8,8 @@ Layers are recognised by ``isinstance`` (``NonDynamicallyQuantizableLinear`` is 
 
 :func:`find_unit_groups` records one forward pass on the example input (:mod:`lightning_compress.structure.trace`:
 real execution, so Python control flow takes its real branch and ``torch.nn`` containers are entered), then
-follows every tensor that holds units (:mod:`lightning_compress.structure.walk`):
+follows every tensor that holds units (:mod:`lightning_compress.structure.walk`, the modules, and
+:mod:`lightning_compress.structure.operations`, torch functions and Tensor methods):
 
 - element-wise activations and dropout, scaling by a number or by a tensor that is the same for every unit,
   pooling and ``mean``/``sum``/``amax`` over other dimensions, ``permute``/``transpose``, ``view``/``reshape``/
@@ -41,9 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.core.modules import weight_of
 from lightning_compress.structure.attention import ATTENTION_TYPES, attention_layout
+from lightning_compress.structure.kinds import FOLLOWER_TYPES, OPAQUE_TYPES, PRODUCER_TYPES
 from lightning_compress.structure.trace import as_call, record
-from lightning_compress.structure.walk import FOLLOWER_TYPES, OPAQUE_TYPES, PRODUCER_TYPES, Walk
+from lightning_compress.structure.walk import Walk
 
 __all__ = [
     "FOLLOWER_TYPES", "PRODUCER_TYPES", "UnitGroup", "as_args", "find_unit_groups", "num_units", "prunability_table",
@@ -106,7 +109,7 @@ def find_unit_groups(model: nn.Module, example_input: Any, *, verify: bool = Tru
 
 def unit_weight(module: nn.Module) -> torch.Tensor:
     """The parameter whose rows are the module's units: ``weight``, or ``in_proj_weight`` for attention."""
-    return module.in_proj_weight if isinstance(module, ATTENTION_TYPES) else module.weight
+    return module.in_proj_weight if isinstance(module, ATTENTION_TYPES) else weight_of(module)
 
 
 def unit_weight_name(module: nn.Module) -> str:
@@ -121,7 +124,7 @@ def num_units(module: nn.Module) -> int:
 def fan_in(module: nn.Module) -> int:
     if isinstance(module, ATTENTION_TYPES):
         return attention_layout(module)[0]
-    return int(module.weight.shape[1]) * getattr(module, "groups", 1)
+    return int(weight_of(module).shape[1]) * getattr(module, "groups", 1)
 
 
 def as_args(example_input: Any, model: nn.Module | None = None) -> tuple:

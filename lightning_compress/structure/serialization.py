@@ -2,9 +2,10 @@
 
 A compacted ``state_dict`` has smaller shapes than the model class builds. :func:`save_compacted` writes a
 safetensors file (no pickle) through :func:`lightning_compress.core.io.atomic_write`; tied parameters are stored
-once and named as aliases in the metadata. :func:`load_compacted` reads the file's header first and checks every
-declared tensor against the file and the model *before allocating anything*: the header's length, each tensor's
-dtype, byte range (inside the file, matching its shape) and shape (same rank as the model's tensor, no dimension
+once and named as aliases in the metadata. :func:`load_compacted` reads the file's header first
+(:func:`lightning_compress.core.io.read_safetensors_header`) and checks every declared tensor against the file and
+the model *before allocating anything*: the header's length, each tensor's byte range (inside the file, matching its
+shape), dtype (the model's tensor's: nothing is converted) and shape (same rank as the model's tensor, no dimension
 larger: compaction only removes units), no key unknown to the model, none missing. Only then does it shrink the
 model (:func:`shrink_to_state_dict`) and load the tensors strictly. Errors name the file and the key.
 """
@@ -14,20 +15,26 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from math import prod
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.io import atomic_write
-from lightning_compress.structure.attention import ATTENTION_TYPES, PrunedMultiheadAttention, attention_layout
-from lightning_compress.structure.walk import FOLLOWER_TYPES, PRODUCER_TYPES
+from lightning_compress.core.io import atomic_write, read_safetensors_header
+from lightning_compress.structure.attention import (
+    ATTENTION_TYPES,
+    AttentionModule,
+    PrunedMultiheadAttention,
+    attention_layout,
+)
+from lightning_compress.structure.kinds import FOLLOWER_TYPES, PRODUCER_TYPES
 
 FORMAT = "lightning_compress.compacted/1"
-MAX_HEADER_BYTES = 100 * 2**20
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_CODES = {  # torch dtype -> safetensors dtype code
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 
 
 def save_compacted(model: nn.Module, path: str | os.PathLike) -> None:
@@ -66,49 +73,31 @@ def load_compacted(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def _checked_header(model: nn.Module, path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """The declared shapes and aliases, every declaration checked against the file and the model."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if length < 2 or length > min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError(f"{path!r} is not a safetensors file: its header length {length} does not fit in "
-                             f"its {size} bytes")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as err:
-            raise ValueError(f"{path!r} has an unreadable safetensors header: {err}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path!r} has a safetensors header that is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    header = read_safetensors_header(path)  # the header itself: length, JSON, dtypes, shapes, byte ranges
+    metadata = header.metadata
     if metadata.get("format") != FORMAT:
         raise ValueError(f"`path` {path!r} was not written by save_compacted (format {metadata.get('format')!r})")
     try:
         aliases = json.loads(metadata.get("aliases", "{}"))
     except ValueError:
         aliases = None
-    if not isinstance(aliases, dict) or any(v not in header for v in aliases.values()):
+    if not isinstance(aliases, dict) or not all(
+        isinstance(alias, str) and isinstance(key, str) and key in header.tensors for alias, key in aliases.items()
+    ):
         raise ValueError(f"{path!r} has malformed `aliases` metadata: {metadata.get('aliases')!r}")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    data_bytes = size - 8 - length
+    expected = model.state_dict()
     shapes: dict[str, tuple[int, ...]] = {}
-    for key, info in header.items():
+    for key, entry in header.tensors.items():
         if key not in expected:
             raise ValueError(f"{path!r} holds tensor {key!r}, which {type(model).__name__} does not have")
-        info = info if isinstance(info, dict) else {}
-        shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
-        valid_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-        if not valid_shape or dtype not in _DTYPE_BYTES:
-            raise ValueError(f"{path!r} declares tensor {key!r} with shape {shape!r} and dtype {dtype!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_bytes
-                and offsets[1] - offsets[0] == prod(shape) * _DTYPE_BYTES[dtype]):
-            raise ValueError(f"{path!r} declares tensor {key!r} of shape {tuple(shape)} ({dtype}) at bytes "
-                             f"{offsets!r}, which its {data_bytes} data bytes cannot hold")
-        model_shape = expected[key]
-        if len(shape) != len(model_shape) or any(d > m for d, m in zip(shape, model_shape)):
-            raise ValueError(f"{path!r} declares tensor {key!r} with shape {tuple(shape)}, but the model's is "
+        model_shape, model_dtype = tuple(expected[key].shape), expected[key].dtype
+        if entry.dtype != _CODES.get(model_dtype):
+            raise ValueError(f"{path!r} declares tensor {key!r} as {entry.dtype}, but the model's is "
+                             f"{_CODES.get(model_dtype, model_dtype)}: load_compacted does not convert dtypes")
+        if len(entry.shape) != len(model_shape) or any(d > m for d, m in zip(entry.shape, model_shape)):
+            raise ValueError(f"{path!r} declares tensor {key!r} with shape {entry.shape}, but the model's is "
                              f"{model_shape}: a compacted tensor has the same rank and no larger dimension")
-        shapes[key] = tuple(shape)
+        shapes[key] = entry.shape
     missing = sorted(set(expected) - set(shapes) - set(aliases))
     if missing:
         raise ValueError(f"{path!r} lacks tensors the model has: {missing}")
@@ -121,7 +110,7 @@ def shrink_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor | Seq
     ``state_dict`` (tensors, or shapes), new parameters zero-filled, to be overwritten by ``load_state_dict``.
     Returns ``model``."""
     shapes = {k: tuple(v.shape) if isinstance(v, Tensor) else tuple(v) for k, v in state_dict.items()}
-    attention: list[tuple[str, nn.Module, int]] = []
+    attention: list[tuple[str, AttentionModule, int]] = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         weight = shapes.get(f"{prefix}weight")
@@ -155,15 +144,17 @@ def shrink_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor | Seq
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
     for module in model.modules():  # Hugging Face style attention holding its head count
-        query = getattr(module, "query", None)
-        if isinstance(query, nn.Linear) and isinstance(getattr(module, "attention_head_size", None), int):
-            module.num_attention_heads = query.out_features // module.attention_head_size
+        query, head_size = getattr(module, "query", None), getattr(module, "attention_head_size", None)
+        if isinstance(query, nn.Linear) and isinstance(head_size, int):
+            heads = query.out_features // head_size
+            # setattr: Module.__setattr__ is typed for tensors and modules only, these are plain ints
+            setattr(module, "num_attention_heads", heads)  # noqa: B010
             if hasattr(module, "all_head_size"):
-                module.all_head_size = module.num_attention_heads * module.attention_head_size
+                setattr(module, "all_head_size", heads * head_size)  # noqa: B010
     return model
 
 
-def _resize(module: nn.Module, name: str, shape: Any) -> None:
+def _resize(module: nn.Module, name: str, shape: Sequence[int]) -> None:
     old = getattr(module, name, None)
     if isinstance(old, Tensor) and tuple(old.shape) != tuple(shape):
         new = torch.zeros(shape, dtype=old.dtype, device=old.device)

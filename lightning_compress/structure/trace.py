@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 # Tensor dunder methods -> what fx would record for the same Python expression
-_DUNDER = {
+_DUNDER: dict[str, tuple[Callable[..., Any] | str, bool]] = {
     "__add__": (operator.add, False), "__radd__": (operator.add, True), "__iadd__": (operator.add, False),
     "__sub__": (operator.sub, False), "__isub__": (operator.sub, False), "__rsub__": ("rsub", False),
     "__mul__": (operator.mul, False), "__rmul__": (operator.mul, True), "__imul__": (operator.mul, False),
@@ -48,6 +48,8 @@ def as_call(example_input: Any, model: nn.Module | None = None) -> tuple[tuple, 
     """The example input as ``(args, kwargs)``: a tensor, a tuple / list of positional arguments, or a dict of
     keyword arguments (as Lightning's ``example_input_array`` allows). With ``model``, floating-point tensors are
     moved to the device and dtype of the model's first floating-point parameter."""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     if isinstance(example_input, torch.Tensor):
         args, kwargs = (example_input,), {}
     elif isinstance(example_input, (tuple, list)):
@@ -149,7 +151,7 @@ class _Recorder(TorchFunctionMode):
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.depth == 0:
-            module._lc_call = (self.mapped(args), self.mapped(kwargs))  # type: ignore[attr-defined]
+            module.__dict__["_lc_call"] = (self.mapped(args), self.mapped(kwargs))  # popped by post_hook
         self.depth += 1
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:

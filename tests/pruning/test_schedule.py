@@ -83,7 +83,8 @@ def test_schedule_is_frozen_and_defaults() -> None:
         (dict(kind="polynomial", end=None), "`end_step` is required by schedule='polynomial'"),
         (dict(kind="polynomial", end=10, sparsity=0.5, initial_sparsity=0.6),
          r"`initial_sparsity` \(0.6\) must not exceed `sparsity` \(0.5\)"),
-        (dict(kind="polynomial", end=10, initial_sparsity=-0.1), r"`initial_sparsity` must be a number in \[0, 1\), got -0.1"),
+        (dict(kind="polynomial", end=10, initial_sparsity=-0.1),
+         r"`initial_sparsity` must be a number in \[0, 1\), got -0.1"),
         (dict(kind="constant", start=5, end=4), r"`end_step` \(4\) must not be before `start_step` \(5\)"),
         (dict(kind="one_shot", start=5, end=4), r"`end_step` \(4\) must not be before `start_step` \(5\)"),
         (
