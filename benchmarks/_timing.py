@@ -107,6 +107,8 @@ def machine_info(quick: bool | None = None) -> dict[str, Any]:
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": _version("torch"),
         "lightning": _version("lightning"), "python": platform.python_version(),
         "threads": torch.get_num_threads() if torch is not None else None,
+        # int8 speed depends on it (AVX2 / AVX512 / AVX512_VNNI ...): every speed figure carries it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability() if torch is not None else None,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     if quick is not None:

@@ -226,7 +226,11 @@ def build_summary(data: dict[str, dict[str, Any] | None], quick: bool = False, r
     elif ran and seconds is not None:
         note += f" ({seconds / 60:.1f} min)"
     note += ". Smoke mode: fewer seeds, epochs and repeats, not reference figures." if quick else "."
-    lines = [(f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, lightning {m['lightning']}, "
+    capability = next((d["machine"].get("cpu_capability") for d in data.values()
+                       if isinstance(d, dict) and isinstance(d.get("machine"), dict)
+                       and d["machine"].get("cpu_capability")), None)
+    cores = f"{m['cpu_count']} cores" + (f" (CPU capability {capability})" if capability else "")
+    lines = [(f"Machine: {m['cpu']}, {cores}, torch {m['torch']}, lightning {m['lightning']}, "
               f"{m['date'][:10]}. {note}")]
     for name, (title, builder) in SECTIONS.items():
         d, lines = data.get(name), [*lines, "", f"### {title}", ""]

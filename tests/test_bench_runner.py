@@ -77,7 +77,7 @@ def row(text: str, figure: str) -> list[str]:
 
 def test_tables_hold_the_given_numbers() -> None:
     text = summary(fake_data())
-    assert "Fake CPU 9000, 2 cores, torch 2.13.0, lightning 2.6.6, 2026-01-02" in text
+    assert "Fake CPU 9000, 2 cores (CPU capability AVX2), torch 2.13.0, lightning 2.6.6, 2026-01-02" in text
     assert "All figures come from one run of `make bench`" in text
     assert row(text, "statistics update, SmallCNN")[1:] == ["0.123 ms", "Adam step 0.500 ms", "0.25×", "≤ 0.3×", "PASS"]
     assert row(text, "`Trainer.fit`, callback, evaluate=False")[1:4] == ["10.50 s", "no callback 10.00 s", "+5.0 %"]
