@@ -240,11 +240,14 @@ class _RankHash(Callback):
 
 
 @pytest.mark.ddp
-def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])  # gptq: every rank calibrates on rank zero's batches
+def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path, method):
     out = tmp_path / "out"
     out.mkdir()
     export = out / "ddp.safetensors"
-    callbacks = [PostTrainingQuantization(bits=4, max_metric_drop=0.5, export_path=str(export)), _RankHash(out)]
+    quantization = PostTrainingQuantization(bits=4, max_metric_drop=0.5, export_path=str(export), method=method,
+                                            calibration_batches=4)
+    callbacks = [quantization, _RankHash(out)]
     _fit(callbacks, tmp_path, epochs=2, strategy="ddp_spawn", devices=2)
     assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
     assert sorted(p.name for p in out.iterdir()) == [
