@@ -8,8 +8,9 @@ every arm then fine-tunes a copy of it for ``--finetune`` epochs (SGD, momentum 
 cosine decay from ``--lr / 5`` without warm-up for the arms):
 
 (a) structured, 50 %: ``GradientStabilityPruning(structured=True, compact=True)`` with the target in units (the
-    default) and in MACs (``structured_target="macs"``; until the callback takes that argument, this script passes
-    it to the planner the callback calls). Parameters, MACs (``count_macs``), latency at batch 64 (median,
+    default) and in MACs (``structured_target="macs"``); ``--normalize``, ``--round-to`` and ``--macs-exponent``
+    (planner settings the callback does not take as arguments yet) are set on its config. Parameters, MACs
+    (``count_macs``), latency at batch 64 (median,
     ``torch.set_num_threads(--threads)``, the models timed in turns) and test accuracy against the dense model
     fine-tuned the same epochs. Target: >= 2x faster at <= 1.5 points drop.
 (b) unstructured 0.8 and 0.9, ``--seeds`` seeds (data order) from the same dense checkpoint: the default
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import statistics
 import sys
@@ -42,9 +44,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelPruning
 from torch import Tensor, nn
 
-import lightning_compress.callbacks.pruning as pruning_callback
 from lightning_compress import GradientStabilityPruning
-from lightning_compress.pruning.planner import plan_masks
 from lightning_compress.structure.compaction import count_parameters
 from lightning_compress.structure.macs import count_macs
 
@@ -144,13 +144,12 @@ def structured(dense: ResNet18, data: pl.LightningDataModule, args: argparse.Nam
     for target in ("units", "macs"):
         pl.seed_everything(0, verbose=False)
         model = fork(dense, args.lr / 5)
-        callback = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, evaluate=False, verbose=0)
-        original = pruning_callback.plan_masks
-        pruning_callback.plan_masks = functools.partial(plan_masks, structured_target=target)  # see the docstring
-        try:
-            seconds[target] = fit(model, data, args.finetune, [callback])
-        finally:
-            pruning_callback.plan_masks = original
+        callback = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, evaluate=False, verbose=0,
+                                            structured_target=target, min_keep=args.min_keep)
+        names = ("normalize", "round_to", "macs_exponent")
+        extra = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+        callback.config = dataclasses.replace(callback.config, **extra)  # settings the callback does not take yet
+        seconds[target] = fit(model, data, args.finetune, [callback])
         arms[target] = model
     torch.set_num_threads(args.threads)
     x64 = next(iter(data.test_dataloader()))[0][:64]
@@ -221,6 +220,12 @@ def main() -> None:
     parser.add_argument("--train-threads", type=int, default=1, help="torch threads for training (on a shared "
                         "machine 2 threads can be 10x slower than 1)")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per model")
+    parser.add_argument("--normalize", default=None, choices=("none", "mean", "median"),
+                        help="structured arms: unit scores divided by their layer's mean / median")
+    parser.add_argument("--min-keep", type=float, default=0.0, help="structured arms: per-layer floor")
+    parser.add_argument("--round-to", type=int, default=None, help="structured arms: kept channels a multiple of this")
+    parser.add_argument("--macs-exponent", type=float, default=None,
+                        help="MACs arm: rank by score / MACs^this (default: the config's, 0.5)")
     parser.add_argument("--only", choices=("structured", "unstructured"), default=None, help="run one part")
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 + 2 epochs, 2 seeds (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "resnet.json", help="where the figures go")

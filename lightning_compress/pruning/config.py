@@ -18,6 +18,7 @@ SCHEDULE_UNITS = ("step", "epoch")
 STATISTICS = ("auto", "per_weight", "per_unit")
 ON_VIOLATION = ("backoff", "stop")
 STRUCTURED_TARGETS = ("units", "macs")
+NORMALIZATIONS = ("none", "mean", "median")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class PruningConfig:
     compact: bool = False
     verbose: int = 1
     structured_target: str = "units"
+    # structured planner settings (see lightning_compress.pruning.planner's docstring for what was measured)
+    normalize: str = "none"  # "mean" / "median": unit scores divided by their layer's before the global ranking
+    round_to: int = 1  # each layer keeps a multiple of this many units (channels, neurons; not heads)
+    macs_exponent: float = 0.5  # structured_target="macs": rank by score / (MACs saved) ** macs_exponent
 
     def __post_init__(self) -> None:
         self._check_target()
@@ -76,6 +81,10 @@ class PruningConfig:
         if self.structured_target != "units" and not self.structured:
             raise ValueError(f"`structured_target`={self.structured_target!r} counts the MACs of removed units, so it "
                              "needs structured=True; allowed without it: 'units'")
+
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_number("round_to", self.round_to, low=1, integer=True)
+        check_number("macs_exponent", self.macs_exponent, low=0, high=1)
 
     def _check_target(self) -> None:
         thresholds = (self.mean_threshold, self.std_threshold)

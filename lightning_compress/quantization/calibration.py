@@ -65,25 +65,34 @@ def exhaustive_mse_search(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) ->
     return lo * best_ratio, hi * best_ratio
 
 
-def mse_search(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """Coarse-to-fine grid search plus least-squares scale refinement; ``x`` is ``(rows, groups, group_len)``."""
+def mse_search(
+    x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Coarse-to-fine grid search plus least-squares scale refinement; ``x`` is ``(rows, groups, group_len)``.
+
+    ``weights`` (broadcastable to ``x``, non-negative; e.g. ``diag(H)`` per input column, the mean square of that
+    input): the error minimized is then ``sum(weights * (dequantize(quantize(x)) - x)^2)`` per (row, group), the
+    error the layer's *output* sees from each column alone, instead of the plain weight-space MSE."""
     rows, groups, length = x.shape
     flat_x = x.reshape(rows * groups, length).float()
+    flat_w = None if weights is None else weights.float().expand(rows, groups, length).reshape(rows * groups, length)
     flat_lo, flat_hi = lo.reshape(-1).float(), hi.reshape(-1).float()
     out_lo, out_hi = torch.empty_like(flat_lo), torch.empty_like(flat_hi)
     step = max(1, CHUNK_ELEMENTS // max(1, length))
     for start in range(0, flat_x.shape[0], step):
         stop = min(start + step, flat_x.shape[0])
         out_lo[start:stop], out_hi[start:stop] = _search_chunk(
-            flat_x[start:stop], flat_lo[start:stop], flat_hi[start:stop], spec
+            flat_x[start:stop], flat_lo[start:stop], flat_hi[start:stop], spec,
+            None if flat_w is None else flat_w[start:stop],
         )
     return out_lo.reshape(lo.shape), out_hi.reshape(hi.shape)
 
 
 def _errors(
-    x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, codes: bool = False
+    x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, codes: bool = False, w: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Squared error per row of ``x`` (n, L) at per-row ``scale`` / ``zero``; with ``codes``, also ``q - z``."""
+    """Squared error (times ``w``) per row of ``x`` (n, L) at per-row ``scale`` / ``zero``; with ``codes``, also
+    ``q - z``."""
     qmin, qmax = int_range(spec.bits, spec.symmetric)
     s = scale.float().unsqueeze(-1)
     t = x / s
@@ -94,19 +103,23 @@ def _errors(
         z = zero.float().unsqueeze(-1)
         t.clamp_(qmin - z, qmax - z)  # codes minus zero point, so that t * s is the reconstruction
     centred = t.clone() if codes else t
-    t.mul_(s).sub_(x)
-    return t.square_().sum(-1), centred
+    t.mul_(s).sub_(x).square_()
+    if w is not None:
+        t.mul_(w)
+    return t.sum(-1), centred
 
 
 def _qparams_at(lo: Tensor, hi: Tensor, ratio: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
     return choose_qparams(lo * ratio, hi * ratio, spec)
 
 
-def _search_chunk(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def _search_chunk(
+    x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec, w: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     grid = torch.linspace(1.0, MSE_MIN_RATIO, spec.mse_grid)
     k = max(1, math.ceil(math.sqrt(spec.mse_grid)))
     coarse = sorted(set(range(0, spec.mse_grid, k)) | {spec.mse_grid - 1})
-    coarse_err = torch.stack([_errors(x, *_qparams_at(lo, hi, grid[i], spec), spec)[0] for i in coarse], dim=1)
+    coarse_err = torch.stack([_errors(x, *_qparams_at(lo, hi, grid[i], spec), spec, w=w)[0] for i in coarse], dim=1)
     best_err, pos = coarse_err.min(dim=1)  # 1. coarse
     coarse_idx = torch.tensor(coarse)
     best_idx = coarse_idx[pos]
@@ -122,7 +135,7 @@ def _search_chunk(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[T
         for centre in centres_now or [best_idx.clone()]:
             for offset in offsets:
                 idx = (centre + offset).clamp(0, spec.mse_grid - 1)
-                err, _ = _errors(x, *_qparams_at(lo, hi, grid[idx], spec), spec)
+                err, _ = _errors(x, *_qparams_at(lo, hi, grid[idx], spec), spec, w=w)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_idx = torch.where(better, idx, best_idx)
@@ -131,11 +144,12 @@ def _search_chunk(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[T
     scale, zero = choose_qparams(best_lo, best_hi, spec)
     for _ in range(LLOYD_STEPS):  # 3. least-squares scale for the current codes
         _, centred = _errors(x, scale, zero, spec, codes=True)
-        denom = centred.square().sum(-1)
-        ls_scale = torch.where(denom > 0, (x * centred).sum(-1) / denom.clamp(min=1e-30), scale.float())
+        wc = centred if w is None else centred * w  # weighted least squares: s* = <w x, c> / <w c, c>
+        denom = (wc * centred).sum(-1)
+        ls_scale = torch.where(denom > 0, (x * wc).sum(-1) / denom.clamp(min=1e-30), scale.float())
         cand_lo, cand_hi = _range_of(ls_scale, zero, spec)
         cand_scale, cand_zero = choose_qparams(cand_lo, cand_hi, spec)
-        err, _ = _errors(x, cand_scale, cand_zero, spec)
+        err, _ = _errors(x, cand_scale, cand_zero, spec, w=w)
         better = (err < best_err) & (ls_scale > 0)
         if not bool(better.any()):
             break

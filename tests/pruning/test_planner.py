@@ -120,3 +120,75 @@ def test_expand_masks_without_groups_masks_rows_only() -> None:
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
     params = expand_masks(model, {"0": torch.tensor([True, False, True, True])}, None)
     assert set(params) == {"0.weight", "0.bias"} and params["0.weight"][1].sum() == 0
+
+
+def test_round_counts_keeps_multiples_and_the_total() -> None:
+    from lightning_compress.pruning.planner import round_counts
+
+    counts = round_counts([60, 60, 60, 60], [64, 64, 64, 64], [1, 1, 1, 1], [1.0] * 4, 8)
+    assert all(c % 8 == 0 for c in counts)
+    assert sum(counts) == 240  # 16 units asked for go as two whole multiples, not rounded back to 256
+    assert round_counts([3, 20], [16, 20], [1, 1], [1.0, 1.0], 8) == [8, 16]  # never below one multiple
+    assert round_counts([3, 64], [16, 64], [1, 1], [1.0, 1.0], 8) == [8, 56]  # what the forced 8 keeps goes elsewhere
+    assert round_counts([13], [13], [1], [1.0], 8) == [13]  # capped by what is still kept
+    assert round_counts([9], [64], [40], [1.0], 8) == [40]  # the floor, rounded up to a multiple
+
+
+def _resnet_like() -> tuple[nn.Module, torch.Tensor]:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+            self.c, self.fc = nn.Conv2d(64, 64, 3, padding=1), nn.Linear(64, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.b(torch.relu(self.a(x))))
+            return self.fc(torch.relu(self.c(nn.functional.max_pool2d(h, 2))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.c.weight.mul_(100)  # one layer's scores 100x the others'
+    return model, torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("target", ["units", "macs"])
+def test_round_to_keeps_channel_counts_multiples_of_8(target: str) -> None:
+    model, x = _resnet_like()
+    groups = find_unit_groups(model, x)
+    layers = layers_of(model, ["a", "b", "c"])
+    config = PruningConfig(sparsity=0.5, structured=True, criterion="magnitude", round_to=8, normalize="mean")
+    unit_masks: dict[str, torch.Tensor] = {}
+    for step in (0.1, 0.2, 0.3, 0.4, 0.5):  # a gradual schedule: small steps still remove whole multiples
+        _, unit_masks = plan_masks(config, model, layers, None, {}, unit_masks, groups, step, structured_target=target)
+        assert all(int(k.sum()) % 8 == 0 for k in unit_masks.values()), {n: int(k.sum()) for n, k in unit_masks.items()}
+    if target == "units":
+        removed = 1 - sum(int(k.sum()) for k in unit_masks.values()) / 160
+    else:
+        removed = 1 - estimated_macs(groups, unit_masks) / estimated_macs(groups, {})
+    assert abs(removed - 0.5) < 0.15
+
+
+def test_normalised_scores_keep_every_layer_above_its_floor() -> None:
+    model, x = _resnet_like()
+    groups = find_unit_groups(model, x)
+    layers = layers_of(model, ["a", "b", "c"])
+    raw = PruningConfig(sparsity=0.5, structured=True, criterion="magnitude")
+    _, by_raw = plan_masks(raw, model, layers, None, {}, {}, groups, 0.5)
+    assert int(by_raw["c"].sum()) == 64  # raw scale: the loud layer keeps all its units
+    config = PruningConfig(sparsity=0.5, structured=True, criterion="magnitude", normalize="mean", min_keep=0.25)
+    for target in ("units", "macs"):
+        _, keep = plan_masks(config, model, layers, None, {}, {}, groups, 0.5, structured_target=target)
+        for name, k in keep.items():
+            assert int(k.sum()) >= 0.25 * k.numel(), (target, name, int(k.sum()))
+        if target == "units":
+            assert int(keep["c"].sum()) < 64  # ranked against its own layer, the loud layer loses units too
+
+
+def test_new_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="normalize"):
+        PruningConfig(structured=True, normalize="max")
+    with pytest.raises(ValueError, match="round_to"):
+        PruningConfig(structured=True, round_to=0)
+    with pytest.raises(ValueError, match="macs_exponent"):
+        PruningConfig(structured=True, macs_exponent=2.0)

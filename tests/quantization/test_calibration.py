@@ -143,3 +143,30 @@ def test_to_device_nested_and_take_batches_bounded():
 def test_take_batches_errors(data, error, match):
     with pytest.raises(error, match=match):
         take_batches(data, 4)
+
+
+def _weighted_error(x, lo, hi, spec, w):
+    scale, zero = choose_qparams(lo, hi, spec)
+    return ((dequantize(quantize(x, scale, zero, spec.bits, spec.symmetric), scale, zero) - x).square() * w).sum(-1)
+
+
+LOW = SPECS[:8]  # 2 and 3 bits, where the choice of range matters most
+
+
+@pytest.mark.parametrize("spec", LOW, ids=lambda s: f"{s.bits}b-{s.granularity}-{'sym' if s.symmetric else 'asym'}")
+def test_weighted_search_lowers_the_weighted_error(spec):
+    """Per-column weights (an input's mean square, heavy-tailed like outlier channels): the weighted search's weighted
+    error is at most min/max's per (row, group) and, in total, at most the unweighted search's; unit weights change
+    nothing."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(48, 128, generator=g)
+    x = grouped_view(weight, spec.granularity, spec.group_size).float()
+    lo, hi = torch.aminmax(x, dim=-1)
+    w = (torch.randn(128, generator=g).exp() ** 3).reshape(1, x.shape[1], x.shape[2])
+    weighted = _weighted_error(x, *mse_search(x, lo, hi, spec, weights=w), spec, w)
+    plain = _weighted_error(x, *mse_search(x, lo, hi, spec), spec, w)
+    assert (weighted <= _weighted_error(x, lo, hi, spec, w) * (1 + 1e-5)).all()
+    assert weighted.sum() <= plain.sum()
+    ones = torch.ones_like(w)
+    for a, b in zip(mse_search(x, lo, hi, spec, weights=ones), mse_search(x, lo, hi, spec)):
+        torch.testing.assert_close(a, b)

@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_compress.quantization.export import load_quantized, save_quantized
 from lightning_compress.quantization.functional import quantize
-from lightning_compress.quantization.gptq import GPTQConfig, gptq_quantize
+from lightning_compress.quantization.gptq import GPTQConfig, gptq_best, gptq_quantize, output_error
 from lightning_compress.quantization.hessian import HessianAccumulator, layer_input_rows
 from lightning_compress.quantization.primitives import QuantSpec, int_range, quantize_tensor
 
@@ -185,3 +185,23 @@ def test_sequential_and_one_pass_configs_and_validation():
         GPTQConfig(act_order="yes")
     with pytest.raises(ValueError, match=r"`hessian` must be \(8, 8\)"):
         gptq_quantize(torch.randn(4, 8), torch.eye(7), QuantSpec())
+
+
+def test_clip_powers_keep_the_lowest_output_error():
+    """Several H-weighted clipping searches (inputs with outlier columns): the kept run's output error is the lowest
+    of them, so never above the plain search's (power 0); the default (power 0 only) is plain GPTQ."""
+    g = torch.Generator().manual_seed(3)
+    X = _correlated_inputs(d=64, seed=3) * torch.where(torch.arange(64) % 16 == 0, 20.0, 1.0)  # outlier columns
+    W = torch.randn(32, 64, generator=g)
+    H = 2 * X.T @ X / X.shape[0]
+    spec = QuantSpec(bits=3, granularity="per_group", group_size=32, symmetric=False, calibration="mse")
+    errors = {p: output_error(W, gptq_quantize(W, H, spec, damp=0.1, clip_power=p), H) for p in (0.0, 0.5, 1.0)}
+    best = gptq_best(W, H, spec, GPTQConfig(damp=0.1, clip_powers=(0.0, 0.5, 1.0)))
+    assert output_error(W, best, H) == pytest.approx(min(errors.values()), rel=1e-6)
+    assert output_error(W, best, H) <= errors[0.0]
+    plain = gptq_best(W, H, spec, GPTQConfig(damp=0.1))
+    torch.testing.assert_close(plain.q, gptq_quantize(W, H, spec, damp=0.1).q)
+    with pytest.raises(TypeError, match="`clip_powers` must be a non-empty tuple"):
+        GPTQConfig(clip_powers=())
+    with pytest.raises(ValueError, match=r"`clip_powers\[\]` must be a number in \[0.0, 2.0\]"):
+        GPTQConfig(clip_powers=(0.0, 3.0))
