@@ -45,11 +45,10 @@ from lightning_compress.core.io import check_export_path
 from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
 from lightning_compress.demos.models import MLPClassifier, SmallCNN  # noqa: F401
 from lightning_compress.integration.artifacts import (
-    CHECKPOINT_KEY,
     artifact_kind,
+    load_checkpoint,
     load_compressed,
     prepare_for_checkpoint,
-    read_checkpoint_entry,
 )
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
@@ -101,17 +100,10 @@ class CompressionCLI(LightningCLI):
                     load_compressed(self.model, path)
                     kwargs["ckpt_path"] = None
                 else:
-                    prepare_for_checkpoint(self.model, {CHECKPOINT_KEY: read_checkpoint_entry(path),
-                                                        "state_dict": _state_dict(path)})
+                    prepare_for_checkpoint(self.model, load_checkpoint(path))  # read once
             except ValueError as err:
                 raise CLIConfigError(f"`ckpt_path`={path!r}: {err}") from None
         return kwargs
-
-
-def _state_dict(path: str) -> dict[str, Any]:
-    import torch
-
-    return dict(torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {}))
 
 
 # the optional package each built-in datamodule loads its data with

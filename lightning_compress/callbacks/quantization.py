@@ -49,7 +49,7 @@ from lightning_compress.quantization.functional import (
 )
 from lightning_compress.quantization.gptq import GPTQConfig
 from lightning_compress.quantization.primitives import QuantSpec
-from lightning_compress.reporting.records import CompressionEvent, LayerRecord
+from lightning_compress.reporting.records import CompressionEvent
 
 
 class PostTrainingQuantization(CompressionCallback):
@@ -278,7 +278,7 @@ class PostTrainingQuantization(CompressionCallback):
             )
             if name in self.sensitivity:
                 note += f"; drop alone {self.sensitivity[name]:.4g}"
-            record = report.layers.setdefault(name, LayerRecord(parameters=weight.numel(), bytes_fp32=fp32))
+            record = report.record_layer(name, weight.numel(), fp32)
             record.bits = self.bits_used[name]
             record.bytes_compressed = fp32 if layer is None else layer.nbytes() + bias_bytes(module)
             if layer is not None:  # zeros that rounding produced, beyond those pruning made (kept apart)
@@ -288,7 +288,5 @@ class PostTrainingQuantization(CompressionCallback):
         report.events.append(self._event(trainer, before, after, self.bits_used, True, "final"))
         report.metric_before = before  # the float model at the end of training: what quantization is judged against
         if before is not None and after is not None:
-            for logger in trainer.loggers:
-                logger.log_metrics({"quantization/metric_before": before, "quantization/metric_after": after},
-                                   step=trainer.global_step)
+            self._log(trainer, None, {"quantization/metric_before": before, "quantization/metric_after": after})
             rank_zero_info(f"PostTrainingQuantization: {self.metric_spec.name} {before:.4f} -> {after:.4f}")

@@ -30,7 +30,7 @@ def checkpoint_entry(stage: str, **details: Any) -> dict[str, Any]:
 
 def read_checkpoint_entry(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``lightning_compress`` entry of a Lightning checkpoint (None if it has none)."""
-    checkpoint = _load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     entry = checkpoint.get(CHECKPOINT_KEY)
     return entry if isinstance(entry, dict) else None
 
@@ -78,7 +78,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
         shrink_to_state_dict(model, state)
         model.load_state_dict(state, strict=True)
         return model
-    checkpoint = _load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     state_dict = checkpoint.get("state_dict")
     if not isinstance(state_dict, dict):
         raise ValueError(f"`path` {str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry)")
@@ -106,7 +106,8 @@ def _declared_shapes(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
 
 
-def _load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict, tensors only (``weights_only``), on the CPU."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

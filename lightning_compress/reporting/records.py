@@ -14,7 +14,7 @@ What each figure means (the summary and every rendering keep these meanings):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 2
@@ -80,9 +80,3 @@ class CompressionReport:
         """The layer's record, created (float, nothing removed) the first time a callback reports on it."""
         return self.layers.setdefault(name, LayerRecord(parameters=parameters, bytes_fp32=bytes_fp32,
                                                         bytes_compressed=bytes_fp32))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("model_state_bytes")
-        out["schema_version"] = SCHEMA_VERSION
-        return out
