@@ -23,7 +23,6 @@ import inspect
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,16 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from lightning_compress.quantization import quantize, save_quantized
+from lightning_compress.quantization import quantize
 from lightning_compress.quantization.gptq import GPTQConfig
 from lightning_compress.quantization.kernels import Int8Linear
 from lightning_compress.quantization.primitives import QuantSpec, quantize_tensor
 from lightning_compress.quantization.smoothing import smooth_int8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
+from _common import file_size
 from _timing import RESULTS, machine_info, write_json
 
 DOC_MODULES = (
@@ -226,16 +225,6 @@ def compare(ref: torch.Tensor, emb: torch.Tensor) -> dict[str, float]:
     return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()), "nn_agreement": float(nn_agree)}
 
 
-def file_bytes(bert: nn.Module, result: Any = None) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.safetensors")
-        if result is None:
-            save_file({k: v.contiguous() for k, v in bert.state_dict().items()}, path)
-        else:
-            save_quantized(bert, result, path)
-        return os.path.getsize(path)
-
-
 def schemes(cal: list[dict[str, torch.Tensor]]) -> list[tuple[str, dict[str, Any]]]:
     gptq = {"method": "gptq", "calibration_data": cal, "calibration_batches": len(cal), "gptq": GPTQ}
     return [
@@ -298,7 +287,7 @@ def main() -> None:
     texts = list(CALIBRATION_TEXTS) + doc_paragraphs(48 if args.quick else 160)
     cal = batches(st, texts)
     tokens = sum(int(b["attention_mask"].sum()) for b in cal)
-    base = file_bytes(bert)
+    base = file_size(bert)
     print(f"{len(EVAL_SENTENCES)} evaluation sentences; calibration {len(texts)} texts, {len(cal)} batches, "
           f"{tokens} tokens; fp32 file {base / 1e6:.1f} MB")
     rows = []
@@ -308,7 +297,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = quantize(bert, **kwargs)
         seconds = time.perf_counter() - t0
-        row = {"scheme": label, **compare(ref, embed(st)), "file_ratio": file_bytes(bert, result) / base,
+        row = {"scheme": label, **compare(ref, embed(st)), "file_ratio": file_size(bert, result) / base,
                "seconds": seconds, "float_kept": sorted(result.skipped)}
         row["verdict"] = verdict(label, row)
         rows.append(row)

@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from lightning_compress.demos.data import MNIST5kDataModule
@@ -38,30 +36,8 @@ from lightning_compress.quantization import load_quantized, quantize, save_quant
 from lightning_compress.quantization.kernels import torchao_quantize_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
+from _common import accuracy, file_size, train
 from _timing import RESULTS, machine_info, write_json
-
-
-def train(model: nn.Module, loader, epochs: int, lr: float) -> nn.Module:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader) -> float:
-    model.eval()
-    hits = total = 0
-    for x, y in loader:
-        hits += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    return 100.0 * hits / total
 
 
 @torch.no_grad()
@@ -77,16 +53,6 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
             model(x)
         rounds.append((time.perf_counter() - start) / 10 * 1e3)
     return min(rounds)
-
-
-def file_size(tensors_or_model, result=None) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.safetensors")
-        if result is None:
-            save_file({k: v.contiguous() for k, v in tensors_or_model.state_dict().items()}, path)
-        else:
-            save_quantized(tensors_or_model, result, path)
-        return os.path.getsize(path)
 
 
 def mean_sqnr(result) -> float:

@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -49,6 +48,7 @@ from lightning_compress.structure.compaction import count_parameters
 from lightning_compress.structure.macs import count_macs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing`, `_data` when run as a script
+from _common import BenchClassifier, accuracy, fit
 from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, measure_interleaved, write_json
 
@@ -69,10 +69,9 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18(pl.LightningModule):
+class ResNet18(BenchClassifier):
     def __init__(self, width: int = 32, image_size: int = 28, lr: float = 0.05) -> None:
-        super().__init__()
-        self.lr, self.finetuning = lr, False
+        super().__init__(lr)
         self.resize = nn.AvgPool2d(28 // image_size) if image_size != 28 else nn.Identity()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         blocks, inputs = [], width
@@ -87,43 +86,10 @@ class ResNet18(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.layers(self.stem(self.resize(x))).mean((2, 3)))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
-        steps = int(self.trainer.estimated_stepping_batches)
-        if self.finetuning:  # no warm-up: a warm-up from a trained model shook it (accuracy fell to 12 % mid-way)
-            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        else:
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
 
 
-def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, callbacks: list | None = None) -> float:
-    started = time.perf_counter()
-    pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        default_root_dir=tempfile.mkdtemp(prefix="lc-bench-"),  # the callbacks' reports go there
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks or [],
-        num_sanity_val_steps=0,
-    ).fit(model, datamodule=data)
-    return time.perf_counter() - started
-
-
-@torch.inference_mode()
-def accuracy(model: nn.Module, data: pl.LightningDataModule) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in data.test_dataloader():
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    return 100 * correct / total
 
 
 def weight_sparsity(model: nn.Module) -> float:
@@ -162,7 +128,8 @@ def structured(dense: ResNet18, data: pl.LightningDataModule, args: argparse.Nam
         with torch.inference_mode():
             out[name] = {
                 "parameters": count_parameters(model), "MACs / image": count_macs(model, x64[:1]),
-                "latency batch 64 (ms)": timings[name].median_ms, "test accuracy (%)": accuracy(model, data),
+                "latency batch 64 (ms)": timings[name].median_ms,
+                "test accuracy (%)": accuracy(model, data.test_dataloader()),
                 "fit seconds": seconds[name],
             }
     for name in ("units", "macs"):
@@ -198,7 +165,7 @@ def unstructured(dense: ResNet18, data: pl.LightningDataModule, args: argparse.N
                 else:
                     callback = GradientStabilityPruning(sparsity=sparsity, evaluate=False, verbose=0)
                 fit(model, seeded, args.finetune, [callback])
-                arms[arm].append(accuracy(model, data))
+                arms[arm].append(accuracy(model, data.test_dataloader()))
                 reached[arm].append(weight_sparsity(model))
                 print(f"  unstructured {sparsity}: seed {seed} {arm}: {arms[arm][-1]:.2f} % "
                       f"(sparsity {reached[arm][-1]:.3f})", flush=True)
@@ -242,7 +209,7 @@ def main() -> None:
     data = PreloadedMNIST5k(batch_size=64, seed=0)
     dense = ResNet18(args.width, args.image_size, args.lr)
     dense_seconds = fit(dense, data, args.epochs)
-    dense_accuracy = accuracy(dense, data)
+    dense_accuracy = accuracy(dense, data.test_dataloader())
     print(f"dense: {count_parameters(dense):,} parameters, {dense_accuracy:.2f} % after {args.epochs} epochs "
           f"({dense_seconds:.0f} s)", flush=True)
     results: dict[str, Any] = {}

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.demos.data import MNIST5kDataModule
@@ -51,6 +50,7 @@ from lightning_compress.quantization.kernels import swap_int8_linear
 from lightning_compress.serving import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
+from _common import train
 from _timing import RESULTS, Timing, cpu_model, machine_info, write_json
 
 MLP_SPEEDUP, CNN_SPEEDUP = 1.8, 1.5  # our ORT int8 vs ORT fp32 at batch 64
@@ -64,18 +64,6 @@ CALIBRATION = 512
 # and its best instance's median is reported.
 SESSIONS = 3
 
-
-def train(model: nn.Module, loader: Any, epochs: int, lr: float) -> nn.Module:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
-    return model.eval()
 
 
 def measure_warm(fns: dict[str, Callable[[], object]], repeats: int, inner: int) -> dict[str, Timing]:

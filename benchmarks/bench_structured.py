@@ -39,6 +39,7 @@ from lightning_compress.structure.compaction import compact, count_parameters
 from lightning_compress.structure.dependency import UnitGroup, find_unit_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing` when run as a script
+from _common import accuracy, fit
 from _timing import RESULTS, machine_info, write_json
 
 FRACTION = 0.5
@@ -78,24 +79,6 @@ class KeepPruned(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         zero_pruned(pl_module, self.groups, self.masks)
-
-
-def fit(model: pl.LightningModule, data: MNIST5kDataModule, epochs: int, callbacks: list | None = None) -> None:
-    trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks or [],
-    )  # fmt: skip
-    trainer.fit(model, datamodule=data)
-
-
-@torch.inference_mode()
-def accuracy(model: nn.Module, data: MNIST5kDataModule) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in data.test_dataloader():
-        correct += int((model(x).argmax(dim=1) == y).sum())
-        total += len(y)
-    return correct / total
 
 
 def nonzero(model: nn.Module) -> int:
@@ -160,13 +143,13 @@ def main() -> None:
     fit(dense, data, args.epochs)
     pruned = SmallCNN(**ARCH)
     pruned.load_state_dict(dense.state_dict())
-    acc_before_finetune = accuracy(dense, data)
+    acc_before_finetune = accuracy(dense, data.test_dataloader())
     fit(dense, data, args.finetune)
 
     groups = find_unit_groups(pruned, example)
     masks = unit_masks(pruned, groups, FRACTION)
     zero_pruned(pruned, groups, masks)
-    acc_pruned_no_finetune = accuracy(pruned, data)
+    acc_pruned_no_finetune = accuracy(pruned, data.test_dataloader())
     fit(pruned, data, args.finetune, [KeepPruned(groups, masks)])
     result = compact(pruned, masks, example)
     compacted = result.model
@@ -187,7 +170,7 @@ def main() -> None:
         "latency batch 1 (ms)": latencies_ms(models, batch1, 300),
         "latency batch 64 (ms)": latencies_ms(models, batch64, 40),
     }
-    figures["test accuracy (%)"] = {k: 100 * accuracy(m, data) for k, m in models.items()}
+    figures["test accuracy (%)"] = {k: accuracy(m, data.test_dataloader()) for k, m in models.items()}
     rows["test accuracy (%)"] = {k: f"{v:.2f}" for k, v in figures["test accuracy (%)"].items()}
     for name in ("latency batch 1 (ms)", "latency batch 64 (ms)"):
         figures[name] = {k: float(v) for k, v in rows[name].items()}  # the printed median, 0.001 ms resolution
@@ -200,12 +183,12 @@ def main() -> None:
         ratio = f"{dense_ms[name] / float(values['compacted']):.2f}x" if name in dense_ms else ""
         print(f"{name:24}{values['dense']:>14}{values['masked']:>14}{values['compacted']:>14}{ratio:>10}")
     print(f"units kept: { {n: f'{a}->{b}' for n, (a, b) in result.units.items()} }; skipped: {result.skipped}")
-    print(f"accuracy before fine-tuning: dense {100 * acc_before_finetune:.2f} %, "
-          f"pruned {100 * acc_pruned_no_finetune:.2f} %; training + compaction took {train_s:.0f} s")
+    print(f"accuracy before fine-tuning: dense {acc_before_finetune:.2f} %, "
+          f"pruned {acc_pruned_no_finetune:.2f} %; training + compaction took {train_s:.0f} s")
     write_json(args.json, dict(
         benchmark="structured", machine=machine_info(args.quick), arch=ARCH, fraction=FRACTION, epochs=args.epochs,
         finetune=args.finetune, latency_threads=args.threads, figures=figures,
-        accuracy_before_finetune={"dense": 100 * acc_before_finetune, "pruned": 100 * acc_pruned_no_finetune},
+        accuracy_before_finetune={"dense": acc_before_finetune, "pruned": acc_pruned_no_finetune},
         units={n: list(ab) for n, ab in result.units.items()}, skipped=result.skipped,
         seconds=time.perf_counter() - started,
     ))

@@ -21,15 +21,12 @@ import argparse
 import copy
 import functools
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress import GradientStabilityPruning
@@ -37,16 +34,16 @@ from lightning_compress.structure.compaction import count_parameters
 from lightning_compress.structure.macs import count_macs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing`, `_data` when run as a script
+from _common import BenchClassifier, accuracy, fit
 from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, measure_interleaved, write_json
 
 
-class RowTransformer(pl.LightningModule):
+class RowTransformer(BenchClassifier):
     def __init__(self, width: int = 128, layers: int = 4, heads: int = 8, lr: float = 1e-3) -> None:
-        super().__init__()
+        super().__init__(lr)
         import transformers
 
-        self.lr, self.finetuning = lr, False
         self.rows = nn.Linear(28, width)
         config = transformers.BertConfig(
             vocab_size=2, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
@@ -61,43 +58,10 @@ class RowTransformer(pl.LightningModule):
         tokens = self.rows(x.flatten(0, 1))  # (B, 28 rows, width)
         return self.classifier(self.bert(inputs_embeds=tokens).pooler_output)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
-        steps = int(self.trainer.estimated_stepping_batches)
-        if self.finetuning:  # no warm-up: a warm-up from a trained model shook it (accuracy fell to 12 % mid-way)
-            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        else:
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, callbacks: list | None = None) -> float:
-    started = time.perf_counter()
-    pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        default_root_dir=tempfile.mkdtemp(prefix="lc-bench-"),  # the callbacks' reports go there
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks or [],
-        num_sanity_val_steps=0,
-    ).fit(model, datamodule=data)
-    return time.perf_counter() - started
-
-
-@torch.inference_mode()
-def accuracy(model: nn.Module, data: pl.LightningDataModule) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in data.test_dataloader():
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    return 100 * correct / total
 
 
 def main() -> None:
@@ -126,7 +90,7 @@ def main() -> None:
     data = PreloadedMNIST5k(batch_size=64, seed=0)
     dense = RowTransformer(args.width, args.layers, args.heads)
     fit(dense, data, args.epochs)
-    before = accuracy(dense, data)
+    before = accuracy(dense, data.test_dataloader())
     arms = {name: copy.deepcopy(dense) for name in ("dense", "50 % global", "50 % per layer")}
     for model in arms.values():
         model.lr, model.finetuning = 3e-4, True
@@ -144,7 +108,8 @@ def main() -> None:
                                       repeats=args.repeats, warmup=2)
     torch.set_num_threads(args.train_threads)
     rows = {name: {"parameters": count_parameters(m), "MACs / image": count_macs(m, x64[:1]),
-                   "latency batch 64 (ms)": timings[name].median_ms, "test accuracy (%)": accuracy(m, data)}
+                   "latency batch 64 (ms)": timings[name].median_ms,
+                   "test accuracy (%)": accuracy(m, data.test_dataloader())}
             for name, m in arms.items()}
     reference, kept = rows["dense"], {}
     for name in ("50 % global", "50 % per layer"):
