@@ -81,6 +81,9 @@ PRUNING: list[Case] = [
     ("compact_unstructured", {"compact": True}, ValueError, ("compact", "True")),
     ("verbose_three", {"verbose": 3}, ValueError, ("verbose", "3")),
     ("verbose_float", {"verbose": 1.5}, TypeError, ("verbose", "1.5")),
+    ("structured_target_unknown", {"structured": True, "structured_target": "flops"}, ValueError,
+     ("structured_target", "'flops'")),
+    ("structured_target_macs_unstructured", {"structured_target": "macs"}, ValueError, ("structured_target", "'macs'")),
 ]
 
 QUANTIZATION: list[Case] = [
@@ -119,6 +122,9 @@ QUANTIZATION: list[Case] = [
     ("export_path_int", {"export_path": 5}, ValueError, ("export_path", "5")),
     ("save_float_copy_string", {"save_float_copy": "yes"}, TypeError, ("save_float_copy", "'yes'")),
     ("save_float_copy_int", {"save_float_copy": 1}, TypeError, ("save_float_copy", "1")),
+    ("method_unknown", {"method": "awq"}, ValueError, ("method", "'awq'")),
+    ("calibration_batches_zero", {"calibration_batches": 0}, ValueError, ("calibration_batches", "0")),
+    ("calibration_batches_float", {"calibration_batches": 2.5}, TypeError, ("calibration_batches", "2.5")),
 ]
 
 
