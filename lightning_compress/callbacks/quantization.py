@@ -37,18 +37,17 @@ from lightning_compress.quantization.export import new_run_id, save_float, save_
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
 from lightning_compress.quantization.functional import (
     METHODS,
-    LayerQuantization,
     QuantizationResult,
     check_bits_overrides,
     check_group_size,
     gptq_layers,
-    quantize_layer,
     resolve_bits,
     select_layers,
     weight_name,
 )
 from lightning_compress.quantization.gptq import GPTQConfig
 from lightning_compress.quantization.primitives import QuantSpec
+from lightning_compress.quantization.rungs import LayerRungs
 from lightning_compress.reporting.records import CompressionEvent
 
 
@@ -177,18 +176,20 @@ class PostTrainingQuantization(CompressionCallback):
             save_float(pl_module, self.float_copy_path, run_id=self.run_id)
         before = self._evaluate(trainer, pl_module)
         plan = {name: resolve_bits(name, self.spec.bits, self.bits_overrides) for name in layers}
-        cache: dict[tuple[str, int], LayerQuantization] = {}
         if self.method == "gptq":
-            cache.update(self._gptq(trainer, pl_module, layers, plan))
-        self._apply(layers, plan, cache)
+            states = self._gptq(trainer, pl_module, layers, plan, keep_hessians=before is not None)
+        else:
+            specs = {name: replace(self.spec, bits=bits) for name, bits in plan.items()}
+            states = LayerRungs(layers, self.float_weights, specs)
+        states.apply(plan)
         after = self._evaluate(trainer, pl_module)
         fallbacks: list[dict[str, Any]] = []
         if before is not None and not self.gate.judge(before, after).accepted:
             self.report.events.append(self._event(trainer, before, after, plan, False, "all layers quantized"))
             after, fallbacks, self.sensitivity = fall_back(
-                list(layers), plan, lambda p: self._apply(layers, p, cache),
-                lambda: self._evaluate(trainer, pl_module) or 0.0, lambda n, b: cache[(n, b)].sqnr_db,
-                self.gate, before, rungs(self.spec.bits, self.fallback),
+                list(layers), plan, states.apply, lambda: self._evaluate(trainer, pl_module) or 0.0,
+                lambda n, b: states[(n, b)].sqnr_db, self.gate, before, rungs(self.spec.bits, self.fallback),
+                size=states.weights,
             )
             for step in fallbacks:
                 rank_zero_info(f"PostTrainingQuantization: {step['layer']} int{step['from_bits']} -> {step['kept']}, "
@@ -196,15 +197,17 @@ class PostTrainingQuantization(CompressionCallback):
             if not self.gate.judge(before, after).accepted:
                 rank_zero_warn("PostTrainingQuantization: every layer fell back and the bound still does not hold")
         self.bits_used = dict(plan)
-        self.result = QuantizationResult({n: cache[(n, b)] for n, b in plan.items() if b != FLOAT_BITS}, skipped)
+        self.result = QuantizationResult({n: states[(n, b)] for n, b in plan.items() if b != FLOAT_BITS}, skipped)
         self._record(trainer, layers, before, after, fallbacks)
         self._export(trainer, pl_module)
 
     def _gptq(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module], plan: dict[str, int]
-    ) -> dict[tuple[str, int], LayerQuantization]:
-        """GPTQ for the planned widths (a fallback to other widths rounds to nearest), from rank zero's first
-        ``calibration_batches`` training batches, broadcast so that every rank computes the same Hessians."""
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module], plan: dict[str, int],
+        *, keep_hessians: bool,
+    ) -> LayerRungs:
+        """GPTQ for the planned widths (with ``keep_hessians``, a fallback's other widths are GPTQ too), from rank
+        zero's first ``calibration_batches`` training batches, broadcast so that every rank computes the same
+        Hessians."""
         loader = trainer.train_dataloader
         batches = list(itertools.islice(iter(loader), self.calibration_batches)) if loader is not None else []
         batches = trainer.strategy.broadcast(batches, src=0)
@@ -215,27 +218,12 @@ class PostTrainingQuantization(CompressionCallback):
         specs = {name: replace(self.spec, bits=bits) for name, bits in plan.items() if bits != FLOAT_BITS}
         floats = {name: weight.to(pl_module.device) for name, weight in self.float_weights.items()}
         notes: dict[str, str] = {}
-        cache = gptq_layers(pl_module, {n: layers[n] for n in specs}, specs, floats, batches,
-                            lambda model, batch: predict(model, batch)[0], len(batches), GPTQConfig(), notes)
+        states = gptq_layers(pl_module, {n: layers[n] for n in specs}, specs, floats, batches,
+                             lambda model, batch: predict(model, batch)[0], len(batches), GPTQConfig(), notes,
+                             keep_hessians=keep_hessians)
         for name, note in notes.items():
             rank_zero_info(f"PostTrainingQuantization: {name}: {note}")
-        return cache
-
-    def _apply(
-        self, layers: dict[str, nn.Module], plan: dict[str, int], cache: dict[tuple[str, int], LayerQuantization]
-    ) -> None:
-        """Put every layer in the state ``plan`` says: float weights, or quantized at that many bits."""
-        with torch.no_grad():
-            for name, module in layers.items():
-                weight = getattr(module, weight_name(module))
-                weight.copy_(self.float_weights[name].to(weight.device))
-                bits = plan[name]
-                if bits == FLOAT_BITS:
-                    continue
-                if (name, bits) not in cache:
-                    cache[(name, bits)] = quantize_layer(name, module, replace(self.spec, bits=bits))
-                else:
-                    weight.copy_(cache[(name, bits)].qtensor.dequantize().to(weight.device))
+        return states
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the export (rank zero). If writing fails, the float weights are put back first: the trained model

@@ -3,7 +3,11 @@ Pure: the caller gives how to put the model in a state and how to measure it; no
 
 1. Each layer's *sensitivity* is measured: the metric drop with only that layer quantized.
 2. The most sensitive layers (ties: lower SQNR first) climb the rungs one at a time (e.g. int4 -> int6 -> int8 ->
-   float), re-measuring after each, until the gate (:mod:`lightning_compress.core.gate`) passes.
+   float), re-measuring after each, until the gate (:mod:`lightning_compress.core.gate`) passes. Given each
+   layer's ``size`` (its weight count: what a promotion adds to the file), the order is sensitivity *per weight*:
+   the bound is bought with the fewest extra bytes (a greedy knapsack). Measured on all-MiniLM-L6-v2, int4 g128
+   GPTQ bounded at 0.015 cosine on held-out sentences: ordered by sensitivity alone, the 11.7 M-weight word
+   embedding went to 6 bits third and the file grew from 0.135x to 0.178x fp32.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def fall_back(
     gate: MetricGate,
     reference: float,
     ladder: Sequence[int],
+    size: Callable[[str], int] | None = None,
 ) -> tuple[float | None, list[dict[str, Any]], dict[str, float]]:
     """Promote layers of ``plan`` (changed in place) until ``gate`` passes against ``reference``. Returns the
     metric after the last change, the fallbacks taken and the per-layer sensitivities."""
@@ -46,7 +51,8 @@ def fall_back(
         apply({n: plan[name] if n == name else FLOAT_BITS for n in names})
         drop = gate.drop(reference, evaluate())
         sensitivity[name] = float("inf") if drop is None or drop != drop else drop
-    order = sorted(names, key=lambda n: (-sensitivity[n], sqnr_db(n, plan[n]), n))
+    weights = {n: max(1, size(n)) if size is not None else 1 for n in names}
+    order = sorted(names, key=lambda n: (-sensitivity[n] / weights[n], sqnr_db(n, plan[n]), n))
     taken: list[dict[str, Any]] = []
     after: float | None = None
     for rung in ladder:
@@ -59,7 +65,8 @@ def fall_back(
             taken.append({
                 "layer": name, "from_bits": old, "to_bits": rung, "kept": label(rung),
                 "sensitivity": sensitivity[name], "sqnr_db": sqnr_db(name, old), "metric_after": after,
-                "reason": f"most sensitive remaining layer (metric drop {sensitivity[name]:.4g} when quantized alone)",
+                "reason": f"most sensitive remaining layer{' per weight' if size is not None else ''} (metric drop "
+                          f"{sensitivity[name]:.4g} when quantized alone, {weights[name]} weights)",
             })
             if gate.judge(reference, after).accepted:
                 return after, taken, sensitivity

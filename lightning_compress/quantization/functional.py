@@ -24,7 +24,7 @@ and silently zero or poison the whole row, so :func:`quantize` raises naming the
 Accuracy guard: with ``metric_fn`` (model -> float) and ``max_metric_drop``, the model is measured before and after;
 if the drop exceeds the bound, layers fall back (most sensitive first) to more bits and then float, as the
 Lightning callback does (:mod:`.fallback`, :class:`~lightning_compress.core.gate.MetricGate`). Fallback rungs are
-rounded to nearest.
+made like the first pass (GPTQ from the kept Hessians with ``method="gptq"``; :mod:`.rungs`).
 """
 
 from __future__ import annotations
@@ -57,64 +57,13 @@ from lightning_compress.quantization.coverage import (  # noqa: F401 - resolve_b
 from lightning_compress.quantization.coverage import layer_weight as _weight
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, rungs
 from lightning_compress.quantization.gptq import GPTQConfig, gptq_model, gptq_supports
-from lightning_compress.quantization.packing import packed_nbytes
+from lightning_compress.quantization.layer import LayerQuantization, quantize_layer, record_layer
 from lightning_compress.quantization.primitives import (
-    QuantizedTensor,
     QuantSpec,
-    quantize_tensor,
-    sqnr_db,
 )
+from lightning_compress.quantization.rungs import LayerRungs
 
 METHODS = ("rtn", "gptq")
-
-
-@dataclass
-class LayerQuantization:
-    """One quantized weight: where it lives, its codes/qparams and how faithful it is."""
-
-    module: str  # qualified module name, e.g. "net.1"
-    attr: str  # "weight" or "in_proj_weight"
-    module_type: str
-    qtensor: QuantizedTensor
-    sqnr_db: float
-    sparsity: float  # fraction of exact zeros after quantization (equals the fraction before: zeros stay zero)
-    method: str = "rtn"  # "rtn" or "gptq" (whose SQNR is lower by design: it minimizes the *output* error)
-
-    @property
-    def key(self) -> str:
-        """The weight's ``state_dict`` key."""
-        return f"{self.module}.{self.attr}" if self.module else self.attr
-
-    @property
-    def bits(self) -> int:
-        return self.qtensor.spec.bits
-
-    def nbytes(self) -> int:
-        """Bytes of codes (packed) plus scales and zero points, as exported."""
-        qt = self.qtensor
-        codes = packed_nbytes(qt.q.numel(), qt.spec.bits)
-        extra = qt.scale.numel() * qt.scale.element_size()
-        if qt.zero_point is not None:
-            extra += packed_nbytes(qt.zero_point.numel(), qt.spec.bits)
-        return codes + extra
-
-    def summary(self) -> dict[str, Any]:
-        spec = self.qtensor.spec
-        return {
-            "module": self.module,
-            "type": self.module_type,
-            "bits": spec.bits,
-            "granularity": spec.granularity,
-            "group_size": spec.group_size if spec.granularity == "per_group" else None,
-            "symmetric": spec.symmetric,
-            "calibration": spec.calibration,
-            "scale_dtype": str(self.qtensor.scale.dtype).removeprefix("torch."),
-            "shape": list(self.qtensor.shape),
-            "sqnr_db": self.sqnr_db,
-            "sparsity": self.sparsity,
-            "nbytes": self.nbytes(),
-            "method": self.method,
-        }
 
 
 @dataclass
@@ -131,27 +80,6 @@ class QuantizationResult:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {name: layer.summary() for name, layer in self.layers.items()}
-
-
-def quantize_layer(name: str, module: nn.Module, spec: QuantSpec) -> LayerQuantization:
-    """Quantize one module's weight and write the dequantized values into it, in place."""
-    weight = _weight(name, module)
-    check_finite({name: module})
-    return _record_layer(name, module, quantize_tensor(weight, spec), "rtn")
-
-
-def _record_layer(
-    name: str, module: nn.Module, qtensor: QuantizedTensor, method: str, reference: Tensor | None = None
-) -> LayerQuantization:
-    """Write ``qtensor``'s dequantized values into the module's weight; SQNR against ``reference`` (default: the
-    weight it replaces)."""
-    weight = _weight(name, module)
-    dequantized = qtensor.dequantize()
-    with torch.no_grad():
-        sqnr = sqnr_db(weight if reference is None else reference, dequantized)
-        weight.copy_(dequantized)
-        sparsity = float((weight == 0).sum().item()) / max(1, weight.numel())
-    return LayerQuantization(name, weight_name(module), type(module).__name__, qtensor, sqnr, sparsity, method)
 
 
 def quantize(
@@ -252,27 +180,25 @@ def quantize(
     result = QuantizationResult(skipped=skipped)
     if method == "gptq":
         data = calibration_data if calibration_data is not None else ()
-        cache = gptq_layers(model, layers, specs, floats, data, forward or feed, calibration_batches,
-                      gptq or GPTQConfig(), result.notes)
+        states = gptq_layers(model, layers, specs, floats, data, forward or feed, calibration_batches,
+                             gptq or GPTQConfig(), result.notes, keep_hessians=max_metric_drop is not None)
     else:
-        cache = {(n, plan[n]): quantize_layer(n, m, specs[n]) for n, m in layers.items()}
+        states = LayerRungs(layers, floats, specs)
+        for name, module in layers.items():
+            states.add(quantize_layer(name, module, specs[name]))
     if metric_fn is not None and before is not None:  # `before` is None exactly when there is no metric_fn
         result.metric_before = before
         result.metric_after = after = float(metric_fn(model))
         if max_metric_drop is not None and not gate.judge(before, after).accepted:
-
-            def apply(state: dict[str, int]) -> None:
-                _apply(layers, state, floats, specs, cache)
-
             result.metric_after, result.fallbacks, _ = fall_back(
-                list(layers), plan, apply, lambda: float(metric_fn(model)), lambda n, b: cache[(n, b)].sqnr_db,
-                gate, before, rungs(spec.bits, fallback),
+                list(layers), plan, states.apply, lambda: float(metric_fn(model)), lambda n, b: states[(n, b)].sqnr_db,
+                gate, before, rungs(spec.bits, fallback), size=states.weights,
             )
     for name in layers:
         if plan[name] == FLOAT_BITS:
             skipped[name] = "kept float: metric fallback (`max_metric_drop`)"
         else:
-            result.layers[name] = cache[(name, plan[name])]
+            result.layers[name] = states[(name, plan[name])]
     result.skipped.update(float_leftovers(model, layers, skipped))
     return result
 
@@ -287,50 +213,33 @@ def gptq_layers(
     limit: int,
     config: GPTQConfig,
     notes: dict[str, str],
-) -> dict[tuple[str, int], LayerQuantization]:
+    *,
+    keep_hessians: bool = False,
+) -> LayerRungs:
     """GPTQ where it applies (layers in forward order, from the quantized layers' outputs); round to nearest first
-    for the layers without an input Hessian (embeddings), last for those the forward did not reach."""
+    for the layers without an input Hessian (embeddings), last for those the forward did not reach. The returned
+    states hold these quantizations; with ``keep_hessians`` (a metric fallback may follow) also the Hessians, so that
+    other widths of the GPTQ layers are GPTQ too."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = [to_device(batch, device) for batch in take_batches(data, limit)]
-    cache: dict[tuple[str, int], LayerQuantization] = {}
+    hessians: dict[str, list[Tensor]] | None = {} if keep_hessians else None
+    states = LayerRungs(layers, floats, specs, hessians, config)
     for name, module in layers.items():
         if why := gptq_supports(module):
             notes[name] = f"round to nearest: {why}"
-            cache[(name, specs[name].bits)] = quantize_layer(name, module, specs[name])
-    todo = {n: m for n, m in layers.items() if (n, specs[n].bits) not in cache}
+            states.add(quantize_layer(name, module, specs[name]))
+    todo = {n: m for n, m in layers.items() if (n, specs[n].bits) not in states.made}
     training = model.training
     model.eval()
     try:
-        qtensors, left = gptq_model(model, todo, specs, batches, run, config)
+        qtensors, left = gptq_model(model, todo, specs, batches, run, config, hessians)
     finally:
         model.train(training)
+    states.hessians.update(hessians or {})
     for name, module in todo.items():
         if name in qtensors:
-            cache[(name, specs[name].bits)] = _record_layer(name, module, qtensors[name], "gptq", floats[name])
+            states.add(record_layer(name, module, qtensors[name], "gptq", floats[name]))
         else:
             notes[name] = f"round to nearest: {left[name]}"
-            cache[(name, specs[name].bits)] = quantize_layer(name, module, specs[name])
-    return dict(sorted(cache.items(), key=lambda item: list(layers).index(item[0][0])))
-
-
-def _apply(
-    layers: Mapping[str, nn.Module],
-    plan: Mapping[str, int],
-    floats: Mapping[str, Tensor],
-    specs: Mapping[str, QuantSpec],
-    cache: dict[tuple[str, int], LayerQuantization],
-) -> None:
-    """Put every layer in the state ``plan`` says (float, or quantized at that many bits; new rungs: RTN)."""
-    with torch.no_grad():
-        for name, module in layers.items():
-            weight = _weight(name, module)
-            weight.copy_(floats[name])
-            bits = plan[name]
-            if bits == FLOAT_BITS:
-                continue
-            if (name, bits) in cache:
-                weight.copy_(cache[(name, bits)].qtensor.dequantize().to(weight.device))
-            else:
-                cache[(name, bits)] = quantize_layer(name, module, replace(specs[name], bits=bits))
-
-
+            states.add(quantize_layer(name, module, specs[name]))
+    return states

@@ -239,11 +239,14 @@ def gptq_model(
     batches: Sequence[Any],
     run: Callable[[nn.Module, Any], Any],
     config: GPTQConfig = GPTQConfig(),
+    hessians: dict[str, list[Tensor]] | None = None,
 ) -> tuple[dict[str, QuantizedTensor], dict[str, str]]:
     """Quantize ``layers`` of ``model`` with GPTQ, in the order the forward reaches them, each from inputs that the
     already quantized layers produced. Layers that read the very same input tensor (q / k / v projections) share one
     pass. The dequantized weights are written in place. Returns the quantized tensors by layer name, and, for layers
-    left to the caller (not supported, or not reached by ``run(model, batch)``), the reason."""
+    left to the caller (not supported, or not reached by ``run(model, batch)``), the reason. ``hessians``, when
+    given, receives each quantized layer's input Hessians (on the CPU; several for a MultiheadAttention's q / k / v),
+    so that :func:`gptq_weight` can quantize it again at another width without a forward."""
     notes = {name: why for name, module in layers.items() if (why := gptq_supports(module))}
     todo = {name: module for name, module in layers.items() if name not in notes}
     order, calls, keys = probe_layers(model, todo, batches[0], run)
@@ -256,21 +259,29 @@ def gptq_model(
     out: dict[str, QuantizedTensor] = {}
     for members in passes.values():
         group = {n: todo[n] for n in members}
-        hessians = accumulate_hessians(model, batches, run, members=group, expected={n: calls[n] for n in members})
+        accumulated = accumulate_hessians(model, batches, run, members=group, expected={n: calls[n] for n in members})
         for name in members:
             module = todo[name]
             weight = layer_weight(name, module)  # in_proj_weight of an attention, else weight
-            parts = hessians[name]
+            parts = [h.hessian() for h in accumulated[name]]
             if len(parts) > 1 and specs[name].granularity == "per_tensor":
                 notes[name] = "per_tensor scale with different q / k / v inputs"
                 continue
-            chunks = weight.detach().chunk(len(parts), dim=0)
-            qts = [gptq_best(w, h.hessian(), specs[name], config) for w, h in zip(chunks, parts)]
-            qt = qts[0] if len(qts) == 1 else _concat_rows(qts, weight)
+            qt = gptq_weight(weight, parts, specs[name], config)
             with torch.no_grad():
                 weight.copy_(qt.dequantize())
             out[name] = qt
+            if hessians is not None:
+                hessians[name] = [h.cpu() for h in parts]
     return out, notes
+
+
+def gptq_weight(weight: Tensor, hessians: Sequence[Tensor], spec: QuantSpec, config: GPTQConfig) -> QuantizedTensor:
+    """:func:`gptq_best` of ``weight`` for its input Hessian; with several (a MultiheadAttention's q / k / v, each
+    fed its own input), of each equal row chunk for its Hessian, the chunks concatenated."""
+    chunks = weight.detach().chunk(len(hessians), dim=0)
+    qts = [gptq_best(w, h.to(w.device), spec, config) for w, h in zip(chunks, hessians)]
+    return qts[0] if len(qts) == 1 else _concat_rows(qts, weight)
 
 
 def _concat_rows(parts: Sequence[QuantizedTensor], weight: Tensor) -> QuantizedTensor:
