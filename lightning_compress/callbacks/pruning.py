@@ -38,8 +38,9 @@ class GradientStabilityPruning(CompressionCallback):
     Args (the README's table says more): ``sparsity`` (final fraction of the tracked weights, structured: of the
     units; None to prune by ``mean_threshold`` / ``std_threshold``), ``criterion`` (``weighted_stability``
     |w|·(|mean g| + std g), ``stability``, ``magnitude``, ``taylor``), ``structured`` (with ``structured_target``
-    ``units`` or ``macs``, and ``compact`` to remove the pruned units at the end), ``scope``, ``schedule``
-    (``polynomial`` / ``constant`` / ``one_shot``) with ``schedule_unit``, ``start_step``, ``end_step``,
+    ``units`` or ``macs``, and ``compact`` to remove the pruned units at the end; the structured planner's
+    ``normalize``, ``round_to`` and ``macs_exponent``, see :mod:`lightning_compress.pruning.planner`), ``scope``,
+    ``schedule`` (``polynomial`` / ``constant`` / ``one_shot``) with ``schedule_unit``, ``start_step``, ``end_step``,
     ``frequency``, ``amount``, ``initial_sparsity``; ``min_keep``, ``restart_statistics``, ``statistics``,
     ``module_types`` / ``include`` / ``exclude``, ``metric`` / ``metric_kwargs``, ``max_metric_drop`` and
     ``metric_reference`` (the gate), ``on_violation``, ``evaluate``, ``verbose`` (0, 1, 2).
@@ -78,12 +79,16 @@ class GradientStabilityPruning(CompressionCallback):
         compact: bool = False,
         verbose: int = 1,
         structured_target: Literal["units", "macs"] = "units",
+        normalize: Literal["none", "mean", "median"] = "none",
+        round_to: int = 1,
+        macs_exponent: float = 0.5,
     ) -> None:
         super().__init__(metric, metric_kwargs, max_metric_drop, metric_reference)
         self.config = PruningConfig(
             sparsity, criterion, structured, scope, schedule, schedule_unit, start_step, end_step, frequency, amount,
             initial_sparsity, mean_threshold, std_threshold, min_keep, restart_statistics, statistics, on_violation,
-            evaluate, compact, verbose, structured_target,
+            evaluate, compact, verbose, structured_target, normalize=normalize, round_to=round_to,
+            macs_exponent=macs_exponent,
         )
         defaults = STRUCTURED_MODULE_TYPES if structured else DEFAULT_MODULE_TYPES
         self.selection = Selection.from_args(module_types, include, exclude, defaults)

@@ -21,11 +21,21 @@ Further settings (:class:`~lightning_compress.pruning.config.PruningConfig`; bot
 MACs 1.36x / -10.1 points):
 
 ``normalize``      ``mean`` / ``median``: each set's block scores divided by that statistic of its kept blocks
-                   before the global ranking (:func:`normalised`). Off by default: with ``min_keep=0.25`` it cut
-                   MACs further (units 7.1 M of 28.6 M, 1.97x) but accuracy collapsed (-88 points units, -31 MACs).
+                   before the global ranking (:func:`normalised`). Units target, ``mean``, ``min_keep=0.25``
+                   (dense model fine-tuned 97.87 %, one seed): 45 % -> 6.7 M MACs, 2.8x, -1.07 points; 50 % ->
+                   5.9 M, 2.5x, -1.47 (``min_keep=0``: 5.8 M, 2.5x, -1.87); 40 % (``min_keep=0``) 8.1 M, 2.3x,
+                   -1.20; ``median`` 45 %: 2.4x, -2.13. It is the ranking that cuts the stage-1 residual set of
+                   the ResNet (16 -> 4-6 channels), which the raw ranking keeps whole, and with one thread oneDNN
+                   runs 16 channels at 28x28 at half the MACs per second of 15 or fewer, so this is where the
+                   latency goes (see ``benchmarks/bench_resnet.py``). But it is not reliable: the same 45 % setting
+                   collapsed to chance (11.7 %, -85.6 points, 2.16x) in the full benchmark run (another dense
+                   model / data order), as it did before at 50 % (-88 points); cause not found yet. With a MACs
+                   target it is harmful: block importance is the mean over a set's members while its cost sums
+                   their MACs, so residual sets went to 1 channel (-2.93 points, 1.55x). Off by default.
 ``round_to``       each layer of single-unit blocks keeps a multiple of this many units (:func:`round_counts`).
-                   Off by default: 8 left latency where it was (units 1.33x, MACs 1.43x): the 1.4x at 2x fewer
-                   MACs is no odd-channel-count artefact of oneDNN.
+                   Off by default: 8 left latency where it was (units 1.33x, MACs 1.43x). The channel count that
+                   matters on this CPU is not a multiple but a step (16 at 28x28 runs at half the MACs per second of
+                   15), so rounding up to a multiple of 8 can land a layer on the slow side.
 ``min_keep``       (the per-layer floor) 0.25 with ``macs_exponent`` 0.5: MACs arm -1.87 points, units -2.40: no
                    clear gain over 0 (-1.33 / -3.07), so it stays the user's choice.
 """

@@ -93,6 +93,20 @@ def test_a_macs_target_needs_structured_pruning() -> None:
         PruningConfig(structured=True, structured_target="flops")
 
 
+def test_planner_settings_are_arguments_and_bad_values_are_refused() -> None:
+    pruning = GradientStabilityPruning(structured=True, normalize="median", round_to=8, macs_exponent=0.25)
+    assert (pruning.config.normalize, pruning.config.round_to, pruning.config.macs_exponent) == ("median", 8, 0.25)
+    assert pruning.settings()["round_to"] == 8
+    with pytest.raises(ValueError, match=r"`normalize` must be one of \['mean', 'median', 'none'\], got 'max'"):
+        GradientStabilityPruning(structured=True, normalize="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`round_to` must be an integer in \[1, inf\], got 0"):
+        GradientStabilityPruning(structured=True, round_to=0)
+    with pytest.raises(TypeError, match=r"`round_to` must be an integer, got 8.0"):
+        GradientStabilityPruning(structured=True, round_to=8.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`macs_exponent` must be a number in \[0, 1\], got 1.5"):
+        GradientStabilityPruning(structured=True, structured_target="macs", macs_exponent=1.5)
+
+
 def test_without_an_example_input_the_first_batch_is_used() -> None:
     pl.seed_everything(0)
     model, pruning = RowTransformer(), _pruning()
