@@ -6,9 +6,9 @@
     python benchmarks/run_all.py --summary-only       # rebuild summary + README from the JSON files alone
 
 Each benchmark runs as a subprocess (``sys.executable``, output streamed) and leaves a JSON file of its figures; the
-summary is built from those files alone. Full mode = every script's own defaults: about 10 min on 2 idle cores
-(sparsity 5-7 min, the others 1-2 min each). A missed target is a FAIL in the summary, not an error: the exit status
-is 1 only when a benchmark script fails.
+summary is built from those files alone. Full mode = every script's own defaults: about 14 min on 2 idle cores
+(sparsity 5-7 min, gptq_models 4 min, the others 1-2 min each). A missed target is a FAIL in the summary, not an
+error: the exit status is 1 only when a benchmark script fails.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))  # `_timing`, when run as a script or imported by 
 from _timing import RESULTS, machine_info  # noqa: E402
 
 README = HERE.parent / "README.md"
-NAMES = ("sparsity", "stats_overhead", "structured", "quantization", "serving", "minilm")
+NAMES = ("sparsity", "stats_overhead", "structured", "quantization", "serving", "minilm", "gptq_models")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # Targets from the issues (points of test accuracy, fractions, speed-up factors).
@@ -205,6 +205,30 @@ def minilm_section(d: dict[str, Any]) -> list[str]:
             f"int8 activations: {acts}."]
 
 
+def gptq_models_section(d: dict[str, Any]) -> list[str]:
+    """One row per (model, bits, grouping): RTN and GPTQ side by side."""
+    by = {(r["model"], r["scheme"]): r for r in d["rows"]}
+    rows = []
+    for r in d["rows"]:
+        if r["method"] != "rtn":
+            continue
+        g = by[(r["model"], r["scheme"].replace("RTN", "GPTQ"))]
+        kept = f" ({100 * r['float_kept_share']:.1f} % float)" if r["float_kept_share"] else ""
+        rows.append([r["model"], r["scheme"].removesuffix(" RTN") + kept,
+                     f"{r['acc']:.2f} ({0.0 - r['drop']:+.2f})", f"{g['acc']:.2f} ({0.0 - g['drop']:+.2f})",
+                     f"{r['logit_rel_err']:.3f} / {g['logit_rel_err']:.3f}", f"{r['file_ratio']:.3f}×",
+                     f"{r['seconds']:.2f} / {g['seconds']:.1f}"])
+    fp32 = ", ".join(f"{name} {m['fp32_acc']:.2f} %" for name, m in d["models"].items())
+    images = next(iter(d["models"].values()))["calibration_images"]
+    return [f"Test accuracy % (change vs fp32, pt) on MNIST-5k's 750 test images; fp32: {fp32}. Asymmetric, MSE "
+            f"clipping; GPTQ calibrated on {images} training images. CPU capability "
+            f"{d['machine'].get('cpu_capability', '?')}.", "",
+            table(["model", "scheme", "RTN", "GPTQ", "logit error RTN / GPTQ", "file vs fp32",
+                   "quantize() s RTN / GPTQ"], rows), "",
+            f"GPTQ below RTN in accuracy: {', '.join(d['gptq_below_rtn']) or 'nowhere'}; in logit error "
+            f"(‖L − L_fp32‖ / ‖L_fp32‖ on the test images): {', '.join(d['gptq_logit_err_above_rtn']) or 'nowhere'}."]
+
+
 SECTIONS = {  # name -> (title, builder), in NAMES order
     "sparsity": ("Accuracy vs sparsity (SmallCNN, MNIST-5k)", sparsity_section),
     "stats_overhead": ("Gradient-statistics overhead", stats_section),
@@ -212,6 +236,7 @@ SECTIONS = {  # name -> (title, builder), in NAMES order
     "quantization": ("Post-training quantization", quantization_section),
     "serving": ("Serving: ONNX Runtime int8 vs fp32 vs ORT's own quantization", serving_section),
     "minilm": ("Quantizing a real transformer (all-MiniLM-L6-v2)", minilm_section),
+    "gptq_models": ("GPTQ vs round-to-nearest on a BERT classifier and a ResNet-18 (MNIST-5k)", gptq_models_section),
 }
 
 

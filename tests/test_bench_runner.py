@@ -61,8 +61,18 @@ def fake_data() -> dict[str, dict[str, Any]]:
                      "file_ratio": 0.135, "seconds": 15.0, "verdict": "**FAIL**"}],
         "int8_activations": [{"scheme": "SmoothQuant", "min_cos": 0.998}],
     }
+    gptq_models = {
+        "machine": {**MACHINE, "mode": "full", "cpu_capability": "AVX2"},
+        "models": {"ResNet18 w16": {"fp32_acc": 98.0, "calibration_images": 1024}},
+        "rows": [{"model": "ResNet18 w16", "scheme": "int3 g32 RTN", "method": "rtn", "acc": 96.5, "drop": 1.5,
+                  "logit_rel_err": 0.164, "file_ratio": 0.157, "seconds": 0.2, "float_kept_share": 0.021},
+                 {"model": "ResNet18 w16", "scheme": "int3 g32 GPTQ", "method": "gptq", "acc": 97.5, "drop": 0.5,
+                  "logit_rel_err": 0.037, "file_ratio": 0.157, "seconds": 5.0, "float_kept_share": 0.021}],
+        "gptq_below_rtn": [], "gptq_logit_err_above_rtn": [],
+    }
     return {"stats_overhead": stats, "sparsity": {"runs": runs, "machine": {**MACHINE, "mode": "full"}},
-            "structured": structured, "quantization": quantization, "serving": serving, "minilm": minilm}
+            "structured": structured, "quantization": quantization, "serving": serving, "minilm": minilm,
+            "gptq_models": gptq_models}
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -88,6 +98,8 @@ def test_tables_hold_the_given_numbers() -> None:
     assert row(text, "int8 per-channel")[2:] == ["97.40 (+0.10)", "4.60 (0.250×)", "1.250 (1.60×)"]
     assert row(text, "int4") == ["int4", "94.20", "95.70"] and row(text, "int2") == ["int2", "–", "41.30"]
     assert "int8 per-channel 0.31 s" in text and "22.0M-parameter" in text
+    assert row(text, "ResNet18 w16")[1:] == ["int3 g32 (2.1 % float)", "96.50 (-1.50)", "97.50 (-0.50)",
+                                             "0.164 / 0.037", "0.157×", "0.20 / 5.0"]
 
 
 @pytest.mark.parametrize(
