@@ -33,6 +33,7 @@ from lightning_compress.core.io import check_export_path
 from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection, check_patterns_match
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, predict
+from lightning_compress.integration.progress import layer_progress
 from lightning_compress.quantization.export import new_run_id, save_float, save_quantized
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
 from lightning_compress.quantization.functional import (
@@ -207,7 +208,7 @@ class PostTrainingQuantization(CompressionCallback):
     ) -> LayerRungs:
         """GPTQ for the planned widths (with ``keep_hessians``, a fallback's other widths are GPTQ too), from rank
         zero's first ``calibration_batches`` training batches, broadcast so that every rank computes the same
-        Hessians."""
+        Hessians; a progress bar (one step per layer) on rank zero in the Trainer's style."""
         loader = trainer.train_dataloader
         batches = list(itertools.islice(iter(loader), self.calibration_batches)) if loader is not None else []
         batches = trainer.strategy.broadcast(batches, src=0)
@@ -218,9 +219,10 @@ class PostTrainingQuantization(CompressionCallback):
         specs = {name: replace(self.spec, bits=bits) for name, bits in plan.items() if bits != FLOAT_BITS}
         floats = {name: weight.to(pl_module.device) for name, weight in self.float_weights.items()}
         notes: dict[str, str] = {}
-        states = gptq_layers(pl_module, {n: layers[n] for n in specs}, specs, floats, batches,
-                             lambda model, batch: predict(model, batch)[0], len(batches), GPTQConfig(), notes,
-                             keep_hessians=keep_hessians)
+        with layer_progress(trainer, len(specs), "GPTQ") as progress:
+            states = gptq_layers(pl_module, {n: layers[n] for n in specs}, specs, floats, batches,
+                                 lambda model, batch: predict(model, batch)[0], len(batches), GPTQConfig(), notes,
+                                 keep_hessians=keep_hessians, progress=progress)
         for name, note in notes.items():
             rank_zero_info(f"PostTrainingQuantization: {name}: {note}")
         return states

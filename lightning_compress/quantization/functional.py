@@ -107,6 +107,7 @@ def quantize(
     max_metric_drop: float | None = None,
     higher_is_better: bool = True,
     fallback: str = "more_bits",
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> QuantizationResult:
     """Quantize the weights of ``model``'s selected layers to ``bits``-bit integers, in place (dequantized).
 
@@ -129,6 +130,7 @@ def quantize(
         forward: how a batch is fed, ``forward(model, batch)``; default: dicts as ``model(**batch)``, tuples / lists
             as ``model(batch[0])``, anything else as ``model(batch)``.
         gptq: :class:`~.gptq.GPTQConfig` (dampening, block size, act order, sequential); default ``GPTQConfig()``.
+        progress: ``progress(done, total, layer_name)``, called as GPTQ takes each layer (e.g. a tqdm bar's update).
         metric_fn: ``metric_fn(model) -> float`` measured on the float model and after quantization
             (``higher_is_better`` says its direction); with ``max_metric_drop`` the layers fall back, most sensitive
             first, along ``fallback``: ``"more_bits"`` (every even width above ``bits`` up to 8, then float) or
@@ -152,6 +154,8 @@ def quantize(
             raise ValueError(f"`max_metric_drop`={max_metric_drop} needs `metric_fn` (a callable model -> float)")
     if forward is not None and not callable(forward):
         raise TypeError(f"`forward` must be a callable (model, batch) -> output, got {forward!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"`progress` must be a callable (done, total, layer_name) or None, got {progress!r}")
     if gptq is not None and not isinstance(gptq, GPTQConfig):
         raise TypeError(f"`gptq` must be a GPTQConfig or None, got {gptq!r}")
     if method == "gptq" and calibration_data is None:
@@ -181,7 +185,8 @@ def quantize(
     if method == "gptq":
         data = calibration_data if calibration_data is not None else ()
         states = gptq_layers(model, layers, specs, floats, data, forward or feed, calibration_batches,
-                             gptq or GPTQConfig(), result.notes, keep_hessians=max_metric_drop is not None)
+                             gptq or GPTQConfig(), result.notes, keep_hessians=max_metric_drop is not None,
+                             progress=progress)
     else:
         states = LayerRungs(layers, floats, specs)
         for name, module in layers.items():
@@ -215,6 +220,7 @@ def gptq_layers(
     notes: dict[str, str],
     *,
     keep_hessians: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> LayerRungs:
     """GPTQ where it applies (layers in forward order, from the quantized layers' outputs); round to nearest first
     for the layers without an input Hessian (embeddings), last for those the forward did not reach. The returned
@@ -232,7 +238,7 @@ def gptq_layers(
     training = model.training
     model.eval()
     try:
-        qtensors, left = gptq_model(model, todo, specs, batches, run, config, hessians)
+        qtensors, left = gptq_model(model, todo, specs, batches, run, config, hessians, progress)
     finally:
         model.train(training)
     states.hessians.update(hessians or {})

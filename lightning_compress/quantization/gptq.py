@@ -240,13 +240,15 @@ def gptq_model(
     run: Callable[[nn.Module, Any], Any],
     config: GPTQConfig = GPTQConfig(),
     hessians: dict[str, list[Tensor]] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[dict[str, QuantizedTensor], dict[str, str]]:
     """Quantize ``layers`` of ``model`` with GPTQ, in the order the forward reaches them, each from inputs that the
     already quantized layers produced. Layers that read the very same input tensor (q / k / v projections) share one
     pass. The dequantized weights are written in place. Returns the quantized tensors by layer name, and, for layers
     left to the caller (not supported, or not reached by ``run(model, batch)``), the reason. ``hessians``, when
     given, receives each quantized layer's input Hessians (on the CPU; several for a MultiheadAttention's q / k / v),
-    so that :func:`gptq_weight` can quantize it again at another width without a forward."""
+    so that :func:`gptq_weight` can quantize it again at another width without a forward. ``progress(done, total,
+    name)`` is called after each layer (a progress bar's hook)."""
     notes = {name: why for name, module in layers.items() if (why := gptq_supports(module))}
     todo = {name: module for name, module in layers.items() if name not in notes}
     order, calls, keys = probe_layers(model, todo, batches[0], run)
@@ -257,10 +259,14 @@ def gptq_model(
     for name in order:
         passes.setdefault(keys[name] if config.sequential else (), []).append(name)
     out: dict[str, QuantizedTensor] = {}
+    total, done = sum(len(members) for members in passes.values()), 0
     for members in passes.values():
         group = {n: todo[n] for n in members}
         accumulated = accumulate_hessians(model, batches, run, members=group, expected={n: calls[n] for n in members})
         for name in members:
+            done += 1
+            if progress is not None:
+                progress(done, total, name)
             module = todo[name]
             weight = layer_weight(name, module)  # in_proj_weight of an attention, else weight
             parts = [h.hessian() for h in accumulated[name]]

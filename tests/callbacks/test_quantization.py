@@ -6,11 +6,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 from safetensors.torch import load_file
 from torchmetrics.classification import MulticlassAccuracy
 
+import lightning_compress.callbacks.quantization as quantization_module
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.demos.data import DigitsDataModule
@@ -285,3 +286,23 @@ def test_gptq_from_the_training_data_beats_round_to_nearest(tmp_path):
         assert {layer.method for layer in callback.result.layers.values()} == {method}
         assert report_for(trainer).settings["quantization"]["method"] == method
     assert errors["gptq"] < errors["rtn"], errors
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_gptq_shows_a_progress_bar_per_layer_in_the_trainers_style(tmp_path, capsys, monkeypatch, bar):
+    callback = PostTrainingQuantization(bits=4, method="gptq", calibration_batches=2)
+    progress = TQDMProgressBar() if bar == "tqdm" else RichProgressBar()
+    calls = []
+    original = quantization_module.gptq_layers
+
+    def spy(*args, **kwargs):  # what the bar is told, whatever the terminal shows
+        hook = kwargs["progress"]
+        kwargs["progress"] = lambda done, total, name: (calls.append((done, total)), hook(done, total, name))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quantization_module, "gptq_layers", spy)
+    _fit([callback, progress], tmp_path, epochs=1, enable_progress_bar=True)
+    n = len(callback.result.layers)
+    assert calls == [(i, n) for i in range(1, n + 1)]
+    if bar == "tqdm":
+        assert f"GPTQ:   0%|          | 0/{n} " in capsys.readouterr().err  # drawn (then updated every 0.1 s)

@@ -205,3 +205,14 @@ def test_clip_powers_keep_the_lowest_output_error():
         GPTQConfig(clip_powers=())
     with pytest.raises(ValueError, match=r"`clip_powers\[\]` must be a number in \[0.0, 2.0\]"):
         GPTQConfig(clip_powers=(0.0, 3.0))
+
+
+def test_quantize_reports_progress_per_gptq_layer_and_refuses_a_bad_hook():
+    calls = []
+    result = quantize(_Net().eval(), bits=4, method="gptq", calibration_data=_batches(2),
+                      progress=lambda done, total, name: calls.append((done, total, name)))
+    gptq_layers = [name for name, layer in result.layers.items() if layer.method == "gptq"]
+    assert [c[0] for c in calls] == list(range(1, len(gptq_layers) + 1))
+    assert {c[1] for c in calls} == {len(gptq_layers)} and sorted(c[2] for c in calls) == sorted(gptq_layers)
+    with pytest.raises(TypeError, match=r"`progress` must be a callable \(done, total, layer_name\) or None, got 3"):
+        quantize(_Net().eval(), bits=4, method="gptq", calibration_data=_batches(1), progress=3)
