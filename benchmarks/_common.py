@@ -34,6 +34,8 @@ def train(model: nn.Module, loader: Any, epochs: int, lr: float) -> nn.Module:
 
 def fit(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int, callbacks: list | None = None) -> float:
     """A quiet CPU ``Trainer.fit`` (no validation, logger or checkpoints); returns its seconds."""
+    model.train()  # Lightning's fit keeps the mode it is given: a model left in eval mode by `accuracy` would
+    # fine-tune with frozen BatchNorm statistics (and no dropout); the ResNet arms fell to chance that way
     started = time.perf_counter()
     pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

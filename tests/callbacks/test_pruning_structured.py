@@ -3,6 +3,8 @@ attention heads and FFN neurons found in ``setup``, removed at the end, MACs rep
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -113,3 +115,41 @@ def test_without_an_example_input_the_first_batch_is_used() -> None:
     model.example_input_array = None
     quiet_trainer([pruning], max_epochs=3).fit(model, DigitsDataModule(batch_size=64))
     assert isinstance(model.encoder.layers[1].self_attn, PrunedMultiheadAttention)
+
+
+class _ConvBN(pl.LightningModule):
+    """A conv + BatchNorm digit classifier (8x8 inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+        self.example_input_array = torch.zeros(2, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x.view(-1, 1, 8, 8)))).mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_batchnorm_left_in_eval_mode_is_warned_about(eval_mode: bool) -> None:
+    """Lightning's fit does not call ``train()``: a model left in eval mode (an accuracy check before the fit)
+    fine-tunes with its BatchNorm statistics frozen at the unpruned model's, which threw a pruned ResNet to chance."""
+    pl.seed_everything(0)
+    model = _ConvBN()
+    model.train(not eval_mode)
+    pruning = GradientStabilityPruning(sparsity=0.25, structured=True, schedule="one_shot", start_step=2,
+                                       evaluate=False, verbose=0, exclude=[r"^head$"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer([pruning], max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(
+            model, DigitsDataModule(batch_size=32))
+    frozen = [w for w in caught if "BatchNorm layer(s) are in eval mode" in str(w.message)]
+    assert len(frozen) == (1 if eval_mode else 0)
+    if eval_mode:
+        assert "bn" in str(frozen[0].message)
