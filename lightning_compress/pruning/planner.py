@@ -10,34 +10,29 @@ Structured targets (``structured_target``):
            :func:`lightning_compress.structure.macs.estimated_macs`). Blocks are ranked by their importance (the
            sum of their rows' scores) per MAC their removal saves (first order, at the current masks), and the
            number removed is chosen so the estimated MACs come closest to the target: a channel at 32x32
-           resolution costs 16x one at 8x8, so it goes sooner. (Dividing each set's scores by their mean first was
-           measured worse on the ResNet benchmark: the residual sets, whose blocks cost the most, then collapsed
-           to one channel.) The ratio is ``score / MACs ** macs_exponent``, default 0.5: with 1.0 (score per MAC)
-           the cheapest-to-lose channels outranked important ones and the benchmark's MACs arm lost 10.1 points
-           (1.36x); with 0.5 it lost 1.33 points at the same 14.3 M MACs (1.41x; same dense model and seed).
+           resolution costs 16x one at 8x8, so it goes sooner. The ratio is ``score / MACs ** macs_exponent``,
+           default 0.5 (``benchmarks/bench_resnet.py --only structured --width 16``, 50 % of the MACs, one seed,
+           dense 97.87 %: 0.5 -> 14.3 M MACs, 1.33x, -0.40 points; 1.0 -> 14.3 M, 1.37x, -0.67).
 
-Further settings (:class:`~lightning_compress.pruning.config.PruningConfig`; both off by default, measured on
-``benchmarks/bench_resnet.py --only structured --width 16``, one seed, 50 %; baseline units 1.39x / -3.07 points,
-MACs 1.36x / -10.1 points):
+Further settings (:class:`~lightning_compress.pruning.config.PruningConfig`, all off by default; same benchmark, units
+target 50 %: 15.4 M MACs, 1.31x, -0.80 points):
 
 ``normalize``      ``mean`` / ``median``: each set's block scores divided by that statistic of its kept blocks
-                   before the global ranking (:func:`normalised`). Units target, ``mean``, ``min_keep=0.25``
-                   (dense model fine-tuned 97.87 %, one seed): 45 % -> 6.7 M MACs, 2.8x, -1.07 points; 50 % ->
-                   5.9 M, 2.5x, -1.47 (``min_keep=0``: 5.8 M, 2.5x, -1.87); 40 % (``min_keep=0``) 8.1 M, 2.3x,
-                   -1.20; ``median`` 45 %: 2.4x, -2.13. It is the ranking that cuts the stage-1 residual set of
-                   the ResNet (16 -> 4-6 channels), which the raw ranking keeps whole, and with one thread oneDNN
-                   runs 16 channels at 28x28 at half the MACs per second of 15 or fewer, so this is where the
-                   latency goes (see ``benchmarks/bench_resnet.py``). But it is not reliable: the same 45 % setting
-                   collapsed to chance (11.7 %, -85.6 points, 2.16x) in the full benchmark run (another dense
-                   model / data order), as it did before at 50 % (-88 points); cause not found yet. With a MACs
-                   target it is harmful: block importance is the mean over a set's members while its cost sums
-                   their MACs, so residual sets went to 1 channel (-2.93 points, 1.55x). Off by default.
-``round_to``       each layer of single-unit blocks keeps a multiple of this many units (:func:`round_counts`).
-                   Off by default: 8 left latency where it was (units 1.33x, MACs 1.43x). The channel count that
-                   matters on this CPU is not a multiple but a step (16 at 28x28 runs at half the MACs per second of
-                   15), so rounding up to a multiple of 8 can land a layer on the slow side.
-``min_keep``       (the per-layer floor) 0.25 with ``macs_exponent`` 0.5: MACs arm -1.87 points, units -2.40: no
-                   clear gain over 0 (-1.33 / -3.07), so it stays the user's choice.
+                   before the global ranking (:func:`normalised`), so each layer is ranked against itself. With
+                   ``mean`` and ``min_keep=0.25``: 45 % of the units -> 6.7 M MACs, 2.62x, -1.07 points; 50 % ->
+                   5.9 M, 2.46x, -1.47 (``min_keep=0``: 2.5x, -1.87; ``median`` 45 %: 2.4x, -2.13). It cuts the
+                   stage-1 residual set of the ResNet (16 -> 4-6 channels), which the raw ranking keeps whole, and
+                   with one thread oneDNN runs a 3x3 convolution at 28x28 with 16 channels at about half the MACs
+                   per second of 15 or fewer, so that is where the latency goes. With a MACs target it is harmful:
+                   block importance is the mean over a set's members while its cost sums their MACs, so residual
+                   sets went to 1 channel (-2.93 points, 1.55x). (Earlier "collapses to chance" with it came from the
+                   benchmark fine-tuning models left in eval mode, BatchNorm statistics frozen; the callback now
+                   warns about that.)
+``round_to``       each layer of single-unit blocks keeps a multiple of this many units (:func:`round_counts`). 8
+                   did not change the latency; the channel count that matters on this CPU is not a multiple but a
+                   step (16 at 28x28 runs at half the MACs per second of 15), so rounding up to a multiple of 8 can
+                   land a layer on the slow side.
+``min_keep``       the per-layer floor; 0.25 is what keeps the ``normalize`` arm above within 1.5 points.
 """
 
 from __future__ import annotations
