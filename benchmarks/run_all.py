@@ -199,9 +199,15 @@ def minilm_section(d: dict[str, Any]) -> list[str]:
     rows = [[r["scheme"], f"{r['min_cos']:.4f}", f"{r['mean_cos']:.4f}", f"{r['nn_agreement']:.2f}",
              f"{r['file_ratio']:.3f}x", f"{r['seconds']:.1f}", r["verdict"]] for r in d["schemes"]]
     acts = "; ".join(f"{r['scheme']}: min cos {r['min_cos']:.4f}" for r in d.get("int8_activations", []))
+    guarded = [f"{r['scheme']}: held-out min cos {r['guard']['before']:.4f} -> {r['guard']['after']:.4f}, "
+               f"{r['guard']['promoted']} layers promoted; weights "
+               + ", ".join(f"{w} {100 * f:.0f} %" for w, f in r["bits"].items())
+               for r in d["schemes"] if r.get("guard")]
     return [f"all-MiniLM-L6-v2, {d['sentences']} sentences, embedding cosine vs fp32; calibration "
             f"{d['calibration_texts']} other texts. CPU capability {d['machine'].get('cpu_capability', '?')}.", "",
             table(["scheme", "min cos", "mean cos", "NN agree", "file vs fp32", "time s", "verdict"], rows), "",
+            *([f"Guarded rows (`metric_fn` = min cosine on held-out sentences, mixed precision): {'; '.join(guarded)}.",
+               ""] if guarded else []),
             f"int8 activations: {acts}."]
 
 
@@ -246,7 +252,14 @@ def build_summary(data: dict[str, dict[str, Any] | None], quick: bool = False, r
     m = machine or machine_info()
     make = "make bench-quick" if quick else "make bench"
     note = f"All figures come from one run of `{make}`"
-    if ran and set(ran) != set(NAMES):
+    dates = sorted(str(d["machine"]["date"]) for d in data.values()
+                   if isinstance(d, dict) and isinstance(d.get("machine"), dict) and d["machine"].get("date"))
+    spread = (datetime.datetime.fromisoformat(dates[-1]) - datetime.datetime.fromisoformat(dates[0])) if dates else None
+    if spread is not None and spread.total_seconds() > 2700:
+        note = (f"Sections come from `{make}` and from re-runs of single sections since (`benchmarks/run_all.py "
+                f"--only NAME`), {dates[0][:16].replace('T', ' ')} to {dates[-1][:16].replace('T', ' ')}: each date "
+                "is under its title")
+    elif ran and set(ran) != set(NAMES):
         note += f"; {', '.join(ran)} re-run since (`benchmarks/run_all.py --only/--skip`), dates under each title"
     elif ran and seconds is not None:
         note += f" ({seconds / 60:.1f} min)"

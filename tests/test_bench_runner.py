@@ -181,3 +181,12 @@ def test_commands(tmp_path: Path) -> None:
     assert quick[1:] == [script, "--quick", "--json", str(tmp_path / "structured.json")]
     assert run_all.command("sparsity", False, tmp_path)[2:] == ["--out", str(tmp_path / "sparsity.md")]
 
+
+
+def test_sections_measured_hours_apart_are_not_called_one_run() -> None:
+    data: dict[str, Any] = fake_data()
+    data["minilm"] = {**data["minilm"], "machine": {**data["minilm"]["machine"], "date": "2026-01-02T06:00:00"}}
+    data["sparsity"] = {**data["sparsity"], "machine": {**data["sparsity"]["machine"], "date": "2026-01-02T01:00:00"}}
+    text = run_all.build_summary(data, machine=MACHINE)
+    assert "All figures come from one run" not in text
+    assert "2026-01-02 01:00 to 2026-01-02 06:00: each date is under its title" in text
