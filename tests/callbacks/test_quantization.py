@@ -17,6 +17,7 @@ from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization import load_quantized
+from lightning_compress.quantization.export import read_metadata
 from tests.helpers import report_of as report_for
 
 
@@ -241,13 +242,17 @@ class _RankHash(Callback):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("method", ["rtn", "gptq"])  # gptq: every rank calibrates on rank zero's batches
-def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path, method):
+@pytest.mark.parametrize(("method", "bits", "bound"), [
+    ("rtn", 4, 0.5),
+    ("gptq", 4, 0.5),  # every rank calibrates on rank zero's batches
+    ("gptq", 2, 0.0),  # ... and falls back along GPTQ rungs made from the kept Hessians, the same on every rank
+])
+def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path, method, bits, bound):
     out = tmp_path / "out"
     out.mkdir()
     export = out / "ddp.safetensors"
-    quantization = PostTrainingQuantization(bits=4, max_metric_drop=0.5, export_path=str(export), method=method,
-                                            calibration_batches=4)
+    quantization = PostTrainingQuantization(bits=bits, max_metric_drop=bound, export_path=str(export),
+                                            method=method, calibration_batches=4)
     callbacks = [quantization, _RankHash(out)]
     _fit(callbacks, tmp_path, epochs=2, strategy="ddp_spawn", devices=2)
     assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
@@ -257,6 +262,11 @@ def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path, method):
         "rank0.txt",
         "rank1.txt",
     ]
+    if bits == 2:  # the callback object stays in the spawned processes: the export says what was kept
+        layers = read_metadata(export)["layers"]
+        at_two = [key for key, layer in layers.items() if layer["bits"] == 2]
+        assert len(at_two) < 3, f"a zero bound should have promoted a layer of the three: {layers}"
+        return
     weight = load_quantized(_model(), export).net[3].weight
     assert max(len(torch.unique(row)) for row in weight) <= 16  # 4-bit codes, one scale per row
 
