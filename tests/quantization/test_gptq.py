@@ -1,6 +1,7 @@
 """GPTQ against a by-hand reference, on correlated inputs vs round-to-nearest, zeros, Conv unfolding, export."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -216,3 +217,22 @@ def test_quantize_reports_progress_per_gptq_layer_and_refuses_a_bad_hook():
     assert {c[1] for c in calls} == {len(gptq_layers)} and sorted(c[2] for c in calls) == sorted(gptq_layers)
     with pytest.raises(TypeError, match=r"`progress` must be a callable \(done, total, layer_name\) or None, got 3"):
         quantize(_Net().eval(), bits=4, method="gptq", calibration_data=_batches(1), progress=3)
+
+
+def test_the_unclipped_range_is_a_candidate_so_mse_clipping_never_raises_the_output_error():
+    """A few large weights meeting large inputs: MSE clipping (best for the weights) clips them and the output pays;
+    with ``try_unclipped`` the min/max run is kept when its output error is lower (and the spec says so)."""
+    g = torch.Generator().manual_seed(5)
+    X = _correlated_inputs(d=64, seed=5) * torch.where(torch.arange(64) < 4, 30.0, 1.0)
+    W = torch.randn(32, 64, generator=g) * 0.1
+    W[:, :4] += torch.randn(32, 4, generator=g)  # the large weights sit on the large inputs
+    H = 2 * X.T @ X / X.shape[0]
+    spec = QuantSpec(bits=3, symmetric=False, calibration="mse")
+    errors = {c: output_error(W, gptq_quantize(W, H, replace(spec, calibration=c), damp=0.1), H)
+              for c in ("mse", "minmax")}
+    best = gptq_best(W, H, spec, GPTQConfig(damp=0.1))
+    assert output_error(W, best, H) == pytest.approx(min(errors.values()), rel=1e-6)
+    assert errors["minmax"] < errors["mse"] and best.spec.calibration == "minmax"  # the case this guards against
+    only_mse = gptq_best(W, H, spec, GPTQConfig(damp=0.1, try_unclipped=False))
+    assert only_mse.spec.calibration == "mse"
+    assert output_error(W, only_mse, H) == pytest.approx(errors["mse"], rel=1e-6)
