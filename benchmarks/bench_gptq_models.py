@@ -12,7 +12,8 @@ batch 64) exactly as its own benchmark trains it:
 Schemes, each ``quantize()`` of a fresh copy of the trained model (default selection: every Linear / Conv2d, the
 BERT embeddings at 8 bits; Batch/LayerNorm and biases stay float): int4 and int3, per output channel and per group
 of ``--group-size`` (32) inputs, each round-to-nearest (``method="rtn"``) and GPTQ (``method="gptq"``, ``GPTQConfig()``:
-sequential, act order, damp 0.01; convolutions through their unfolded patches); asymmetric with the MSE clipping
+sequential, act order, damp 0.01, the unclipped range tried beside the MSE one per layer; convolutions through
+their unfolded patches); asymmetric with the MSE clipping
 search (``symmetric=False, calibration="mse"``, as ``bench_minilm.py``). GPTQ calibrates on the first
 ``--calibration-batches`` (16) training batches, 1,024 images, fed as ``model(batch[0])`` (the default for tuples).
 Per-group leaves out, float, the layers whose input size the group does not divide (``exclude``): the transformer's
