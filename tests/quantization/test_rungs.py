@@ -22,11 +22,11 @@ def _two_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 8))
     floats = {n: model.get_submodule(n).weight.detach().clone() for n in ("0", "1")}
-    return model, {n: model.get_submodule(n) for n in ("0", "1")}, floats
+    return {n: model.get_submodule(n) for n in ("0", "1")}, floats
 
 
 def test_a_new_width_is_gptq_from_the_kept_hessian_and_beats_rounding_to_nearest():
-    model, layers, floats = _two_layers()
+    layers, floats = _two_layers()
     X = _correlated()
     H = 2 * X.T @ X / X.shape[0]
     specs = {n: QuantSpec(bits=3) for n in layers}
@@ -40,7 +40,7 @@ def test_a_new_width_is_gptq_from_the_kept_hessian_and_beats_rounding_to_nearest
 
 
 def test_apply_puts_each_layer_in_its_planned_state_and_float_back_exactly():
-    model, layers, floats = _two_layers()
+    layers, floats = _two_layers()
     states = LayerRungs(layers, floats, {n: QuantSpec(bits=4) for n in layers})
     states.apply({"0": 2, "1": 8})
     assert torch.equal(layers["0"].weight, states[("0", 2)].qtensor.dequantize())
