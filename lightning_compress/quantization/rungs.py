@@ -3,9 +3,10 @@ the metric fallback (:mod:`.fallback`) moves layers between. No Lightning import
 
 A width that the first pass did not make (a fallback rung: int4 -> int6 -> int8) is quantized the way the first pass
 was: with GPTQ from the layer's input Hessian when one was kept (``method="gptq"``; the Hessian the first pass
-measured, so no new forward), else rounded to nearest. Before, every rung was rounded to nearest, so an int3 GPTQ
-layer promoted to int4 lost GPTQ's gain with it: on all-MiniLM-L6-v2 (int3 g128, bound on held-out sentences) the
-first dozen promotions moved the metric by less than 0.01.
+measured, so no new forward; with ``GPTQConfig(sequential=True)`` that Hessian saw the earlier layers at their
+first-pass widths, an approximation once they are promoted), else rounded to nearest. Before, every rung was
+rounded to nearest, so an int3 GPTQ layer promoted to int4 lost GPTQ's gain with it: on all-MiniLM-L6-v2 (int3
+g128, bound on held-out sentences) the first dozen promotions moved the metric by less than 0.01.
 """
 
 from __future__ import annotations
