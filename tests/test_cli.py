@@ -31,7 +31,8 @@ SMALL = [
 
 
 def test_the_expected_configs_ship() -> None:
-    assert {p.name for p in CONFIGS} >= {"prune.yaml", "quantize.yaml", "prune_then_quantize.yaml", "ddp_cpu.yaml"}
+    assert {p.name for p in CONFIGS} >= {"prune.yaml", "quantize.yaml", "prune_then_quantize.yaml", "ddp_cpu.yaml",
+                                         "quantize_gptq.yaml"}
 
 
 @pytest.mark.parametrize("config", [*CONFIGS, DEFAULT_CONFIG], ids=lambda p: p.name)
@@ -118,6 +119,16 @@ def test_prune_then_quantize_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert report["bytes_source"] == "file"
     assert report["bytes_compressed_estimate"] <= export.stat().st_size <= report["bytes_compressed_estimate"] + 16_384
     assert (log_dir / "model.int4.fp32.safetensors").stat().st_size >= report["bytes_fp32"]
+
+
+def test_gptq_config_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs" / "quantize_gptq.yaml"), *SMALL])
+    log_dir = tmp_path / "runs" / "quantize_gptq" / "lightning_logs" / "version_0"
+    report = json.loads((log_dir / "compression_report.json").read_text())
+    assert report["settings"]["quantization"]["method"] == "gptq"
+    assert all(layer["bits"] in (3, 4, 6, 8, 32) for layer in report["layers"].values())
+    assert report["bytes_compressed"] == (log_dir / "model.int3.safetensors").stat().st_size
 
 
 def test_missing_data_package_ends_with_a_clean_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
