@@ -10,6 +10,9 @@ Then the int8-activation path: plain ``Int8Linear`` vs SmoothQuant-smoothed (``s
 Calibration (GPTQ, smoothing) uses *other* text: the passages below plus paragraphs of the Python standard library's
 docstrings (offline, deterministic for a given Python), tokenized, sorted by length, in batches of 16.
 
+``int4 g32 fp16-scale GPTQ`` spends the same file budget differently: groups of 32 with float16 scales (and 4-bit
+zero points) instead of groups of 128 with float32 scales.
+
 The guarded rows add ``quantize()``'s accuracy guard: ``metric_fn`` is the min cosine vs fp32 over a held-out set
 (the calibration passages split into sentences; no evaluation sentence), ``max_metric_drop`` 0.015 (int4) / 0.04
 (int3); layers that break it climb to more bits (GPTQ at the new width, cheapest per weight first). They are
@@ -62,6 +65,7 @@ GUARD = {4: 0.015, 3: 0.04}  # bits -> max_metric_drop of the guarded rows (min 
 TARGETS = {  # scheme -> (min cosine at least, file ratio at most, seconds at most)
     "int4 g128 GPTQ": (0.98, 0.16, 60.0),
     "int3 g128 GPTQ": (0.95, None, 60.0),
+    "int4 g32 fp16-scale GPTQ": (0.98, 0.16, 60.0),  # not g128: smaller groups, half-size scales, same budget
     f"int4 g128 GPTQ guard {GUARD[4]}": (0.98, 0.16, None),  # the time target is GPTQ's; the guard adds one
     f"int3 g128 GPTQ guard {GUARD[3]}": (0.95, None, None),  # metric evaluation per layer and per promotion
     "int8 with embeddings": (None, 0.27, None),
@@ -261,6 +265,7 @@ def schemes(cal: list[dict[str, torch.Tensor]], metric: Any) -> list[tuple[str, 
         ("int4 g128 MSE", {"bits": 4, **LOW_BITS}),
         ("int4 g128 GPTQ", {"bits": 4, **LOW_BITS, **gptq}),
         ("int3 g128 GPTQ", {"bits": 3, **LOW_BITS, **gptq}),
+        ("int4 g32 fp16-scale GPTQ", {"bits": 4, **LOW_BITS, "group_size": 32, "scale_dtype": "float16", **gptq}),
         (f"int4 g128 GPTQ guard {GUARD[4]}", {"bits": 4, **LOW_BITS, **gptq, "metric_fn": metric,
                                                "max_metric_drop": GUARD[4]}),
         (f"int3 g128 GPTQ guard {GUARD[3]}", {"bits": 3, **LOW_BITS, **gptq, "metric_fn": metric,
