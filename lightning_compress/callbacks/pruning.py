@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback
@@ -28,6 +27,7 @@ from lightning_compress.pruning.structured import analyse
 from lightning_compress.pruning.tracked import TrackedLayers
 from lightning_compress.reporting.records import CompressionEvent
 from lightning_compress.reporting.render import pruning_line
+from lightning_compress.structure.kinds import FOLLOWER_TYPES  # the BatchNorm types
 
 COMPACTED_FILE = "model.compact.safetensors"  # with compact=True, in the run's log directory
 STRUCTURED_MODULE_TYPES = (*DEFAULT_MODULE_TYPES, "MultiheadAttention")  # structured: heads of nn.MultiheadAttention
@@ -257,9 +257,6 @@ class GradientStabilityPruning(CompressionCallback):
         self._pending_state = dict(state_dict)  # applied in on_train_start, once the statistics exist
 
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
 def _warn_frozen_batchnorm(pl_module: pl.LightningModule) -> None:
     """Warn when BatchNorm layers start the fit in eval mode (Lightning's ``fit`` does not call ``train()``: a
     model left in eval mode, e.g. by an accuracy check, trains so). Their running statistics then stay those of
@@ -267,7 +264,7 @@ def _warn_frozen_batchnorm(pl_module: pl.LightningModule) -> None:
     layers, and a pruning event can throw the fit off (a ResNet-18 fine-tune fell to chance within 10 steps of its
     first structured event; the same run in train mode kept 96.8 %)."""
     frozen = [name for name, module in pl_module.named_modules()
-              if isinstance(module, _BATCH_NORMS) and module.track_running_stats
+              if isinstance(module, FOLLOWER_TYPES) and module.track_running_stats
               and not module.training]
     if frozen:
         shown = ", ".join(frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")

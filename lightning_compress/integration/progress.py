@@ -20,10 +20,8 @@ Progress = Callable[[int, int, str], None]  # (done, total, current item's name)
 @contextmanager
 def layer_progress(trainer: pl.Trainer, total: int, description: str) -> Iterator[Progress]:
     """Yields ``progress(done, total, name)``; the bar is closed on exit, whatever happens inside."""
-    bar = trainer.progress_bar_callback
-    if not trainer.is_global_zero or bar is None:
-        yield lambda done, total, name: None
-    elif isinstance(bar, RichProgressBar):
+    bar = trainer.progress_bar_callback if trainer.is_global_zero else None
+    if isinstance(bar, RichProgressBar):
         with _rich_bar(trainer, total, description) as update:
             yield update
     elif isinstance(bar, TQDMProgressBar):
@@ -38,8 +36,12 @@ def layer_progress(trainer: pl.Trainer, total: int, description: str) -> Iterato
             yield update
         finally:
             tqdm.close()
-    else:  # a user's own progress bar: no second one beside it
-        yield lambda done, total, name: None
+    else:  # no progress bar, not rank zero, or a user's own bar (no second one beside it)
+        yield _silent
+
+
+def _silent(done: int, total: int, name: str) -> None:
+    pass
 
 
 @contextmanager
@@ -47,12 +49,12 @@ def _rich_bar(trainer: pl.Trainer, total: int, description: str) -> Iterator[Pro
     from rich.errors import LiveError
     from rich.progress import Progress as RichProgress
 
-    console: Any = _compat.progress_bar_console(trainer)
-    progress = RichProgress(console=console, transient=True) if console is not None else RichProgress(transient=True)
+    console: Any = _compat.progress_bar_console(trainer)  # None: rich's global console
+    progress = RichProgress(console=console, transient=True)
     try:
         progress.start()
     except LiveError:  # an older rich that cannot nest live displays: no bar
-        yield lambda done, total, name: None
+        yield _silent
         return
     task = progress.add_task(description, total=total)
     try:

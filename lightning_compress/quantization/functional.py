@@ -228,8 +228,7 @@ def gptq_layers(
     other widths of the GPTQ layers are GPTQ too."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = [to_device(batch, device) for batch in take_batches(data, limit)]
-    hessians: dict[str, list[Tensor]] | None = {} if keep_hessians else None
-    states = LayerRungs(layers, floats, specs, hessians, config)
+    states = LayerRungs(layers, floats, specs, gptq=config)
     for name, module in layers.items():
         if why := gptq_supports(module):
             notes[name] = f"round to nearest: {why}"
@@ -238,10 +237,10 @@ def gptq_layers(
     training = model.training
     model.eval()
     try:
-        qtensors, left = gptq_model(model, todo, specs, batches, run, config, hessians, progress)
+        qtensors, left = gptq_model(model, todo, specs, batches, run, config,
+                                    states.hessians if keep_hessians else None, progress)
     finally:
         model.train(training)
-    states.hessians.update(hessians or {})
     for name, module in todo.items():
         if name in qtensors:
             states.add(record_layer(name, module, qtensors[name], "gptq", floats[name]))

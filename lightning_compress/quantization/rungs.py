@@ -58,15 +58,16 @@ class LayerRungs:
     def __getitem__(self, key: tuple[str, int]) -> LayerQuantization:
         if key not in self.made:
             name, bits = key
-            weight = layer_weight(name, self.layers[name])
-            with torch.no_grad():
-                weight.copy_(self.floats[name].to(weight.device))
-            spec = replace(self.specs[name], bits=bits)
+            module, spec = self.layers[name], replace(self.specs[name], bits=bits)
+            weight = layer_weight(name, module)
+            original = self.floats[name].to(weight.device)
             if name in self.hessians:
-                qt = gptq_weight(weight, self.hessians[name], spec, self.gptq)
-                self.made[key] = record_layer(name, self.layers[name], qt, "gptq", reference=weight.detach().clone())
+                qt = gptq_weight(original, self.hessians[name], spec, self.gptq)
+                self.made[key] = record_layer(name, module, qt, "gptq", reference=original)
             else:
-                self.made[key] = quantize_layer(name, self.layers[name], spec)
+                with torch.no_grad():
+                    weight.copy_(original)
+                self.made[key] = quantize_layer(name, module, spec)
         return self.made[key]
 
     def apply(self, plan: Mapping[str, int]) -> None:
