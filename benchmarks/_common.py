@@ -1,12 +1,15 @@
-"""Shared benchmark pieces: a plain-torch training loop, a quiet Lightning fit, test accuracy, the size of a
-model's safetensors file, and the LightningModule base of the structured benchmarks' models."""
+"""Shared benchmark pieces: the start of a run (defaults, threads, seed, header), a plain-torch training loop, a quiet
+Lightning fit, test accuracy, the size of a model's safetensors file, and the LightningModule base of the structured
+benchmarks' models."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +19,20 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_compress.quantization import save_quantized
+
+
+def start_run(args: argparse.Namespace, defaults: Mapping[str, tuple[Any, Any]]) -> str:
+    """Fill the arguments left ``None`` from ``defaults`` (name -> (full value, ``--quick`` value)), silence
+    warnings, set ``args.train_threads``, seed 0, print the run's header; returns the CPU capability."""
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.train_threads)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"CPU capability: {capability}; torch {torch.__version__}; {vars(args)}", flush=True)
+    pl.seed_everything(0, verbose=False)
+    return capability
 
 
 def train(model: nn.Module, loader: Any, epochs: int, lr: float) -> nn.Module:

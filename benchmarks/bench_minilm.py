@@ -223,8 +223,8 @@ def batches(st: Any, texts: list[str], size: int = 16) -> list[dict[str, torch.T
 
 
 @torch.no_grad()
-def embed(st: Any) -> torch.Tensor:
-    return st.encode(list(EVAL_SENTENCES), convert_to_tensor=True, normalize_embeddings=True, batch_size=32)
+def embed(st: Any, sentences: tuple[str, ...] | list[str] = EVAL_SENTENCES) -> torch.Tensor:
+    return st.encode(list(sentences), convert_to_tensor=True, normalize_embeddings=True, batch_size=32)
 
 
 def compare(ref: torch.Tensor, emb: torch.Tensor) -> dict[str, float]:
@@ -248,13 +248,8 @@ def guard_sentences() -> list[str]:
 def guard_metric(st: Any) -> Any:
     """``metric_fn(model)``: min cosine of the guard sentences' embeddings vs fp32 (the reference: measured now)."""
     sentences = guard_sentences()
-
-    @torch.no_grad()
-    def encode() -> torch.Tensor:
-        return st.encode(sentences, convert_to_tensor=True, normalize_embeddings=True, batch_size=32)
-
-    reference = encode()
-    return lambda model: float((reference * encode()).sum(-1).min())
+    reference = embed(st, sentences)
+    return lambda model: float((reference * embed(st, sentences)).sum(-1).min())
 
 
 def schemes(cal: list[dict[str, torch.Tensor]], metric: Any) -> list[tuple[str, dict[str, Any]]]:

@@ -38,7 +38,6 @@ import functools
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from lightning_compress.structure.compaction import count_parameters
 from lightning_compress.structure.macs import count_macs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing`, `_data` when run as a script
-from _common import BenchClassifier, accuracy, fit
+from _common import BenchClassifier, accuracy, fit, start_run
 from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, measure_interleaved, write_json
 
@@ -223,15 +222,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 + 2 epochs, 2 seeds (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "resnet.json", help="where the figures go")
     args = parser.parse_args()
-    defaults = (8, 14, 1, 2, 2) if args.quick else (32, 28, 3, 2, 3)
-    for name, value in zip(("width", "image_size", "epochs", "finetune", "seeds"), defaults):
-        setattr(args, name, getattr(args, name) if getattr(args, name) is not None else value)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.train_threads)
-    capability = torch.backends.cpu.get_cpu_capability()
-    print(f"CPU capability: {capability}; torch {torch.__version__}; {vars(args)}", flush=True)
+    capability = start_run(args, {"width": (32, 8), "image_size": (28, 14), "epochs": (3, 1), "finetune": (2, 2),
+                                  "seeds": (3, 2)})
     started = time.perf_counter()
-    pl.seed_everything(0, verbose=False)
     data = PreloadedMNIST5k(batch_size=64, seed=0)
     dense = ResNet18(args.width, args.image_size, args.lr)
     dense_seconds = fit(dense, data, args.epochs)

@@ -23,7 +23,6 @@ import copy
 import functools
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -35,7 +34,7 @@ from lightning_compress.structure.compaction import count_parameters
 from lightning_compress.structure.macs import count_macs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_timing`, `_data` when run as a script
-from _common import BenchClassifier, accuracy, fit
+from _common import BenchClassifier, accuracy, fit, start_run
 from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, measure_interleaved, write_json
 
@@ -79,15 +78,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="width 64, 2 layers, 1 + 1 epochs (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "transformer_structured.json", help="figures")
     args = parser.parse_args()
-    defaults = (64, 2, 1, 1) if args.quick else (128, 4, 4, 2)
-    for name, value in zip(("width", "layers", "epochs", "finetune"), defaults):
-        setattr(args, name, getattr(args, name) if getattr(args, name) is not None else value)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.train_threads)
-    capability = torch.backends.cpu.get_cpu_capability()
-    print(f"CPU capability: {capability}; torch {torch.__version__}; {vars(args)}", flush=True)
+    capability = start_run(args, {"width": (128, 64), "layers": (4, 2), "epochs": (4, 1), "finetune": (2, 1)})
     started = time.perf_counter()
-    pl.seed_everything(0, verbose=False)
     data = PreloadedMNIST5k(batch_size=64, seed=0)
     dense = RowTransformer(args.width, args.layers, args.heads)
     fit(dense, data, args.epochs)
