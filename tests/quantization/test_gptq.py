@@ -184,6 +184,8 @@ def test_sequential_and_one_pass_configs_and_validation():
         GPTQConfig(damp=2)
     with pytest.raises(TypeError, match=r"`act_order` must be True or False, got 'yes'"):
         GPTQConfig(act_order="yes")
+    with pytest.raises(TypeError, match=r"`try_unclipped` must be True or False, got 1"):
+        GPTQConfig(try_unclipped=1)
     with pytest.raises(ValueError, match=r"`hessian` must be \(8, 8\)"):
         gptq_quantize(torch.randn(4, 8), torch.eye(7), QuantSpec())
 
