@@ -7,6 +7,7 @@ rank take rank zero's masks, the optimizers. A test can drive :meth:`PruningRun.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,30 @@ from lightning_compress.pruning.statistics import GradientStatistics
 from lightning_compress.pruning.tracked import TrackedLayers
 
 _NO_GAIN = 1e-9  # a target at most this far above the current sparsity prunes nothing: no event
+_NAMES_SHOWN = 3  # non-finite parameters named in the error
+
+
+class FitDivergedError(RuntimeError):
+    """The model was not finite (weights or validation metric) *before* a pruning event: the fit diverged on its
+    own, and pruning is not to blame. Raised instead of trying the event, so nothing pruned a broken model and no
+    rollback reports the event as the cause."""
+
+
+def check_finite_before(model: nn.Module, step: int, metric: float | None = None) -> None:
+    """Raise :class:`FitDivergedError` when a parameter of ``model`` or the ``metric`` measured before the event at
+    ``step`` is NaN / inf, naming the first offending parameters."""
+    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:_NAMES_SHOWN]) + (f" and {len(bad) - _NAMES_SHOWN} more" if len(bad) > _NAMES_SHOWN
+                                                 else "")
+        what = f"the model's weights are not finite before the pruning event at step {step}: {shown}"
+    elif metric is not None and not math.isfinite(metric):
+        what = f"the validation metric is not finite ({metric}) before the pruning event at step {step}"
+    else:
+        return
+    raise FitDivergedError(f"{what}; the fit diverged before pruning (fp16 parameters with Adam(W)? a learning rate "
+                           "too high?); this event pruned nothing and the fit is stopped, so no compressed model is "
+                           "delivered")
 
 
 class PruningRun:
@@ -79,6 +104,7 @@ class PruningRun:
         if self.config.sparsity is not None and (target is None or target <= before_sparsity + _NO_GAIN):
             return None
         before = evaluate()
+        check_finite_before(self.state.model, step, before)  # a fit that diverged on its own is not the event's fault
         new = plan_masks(self.config, self.state.model, self.layers, self.stats, self.state.masks,
                          self.state.unit_masks, self.state.groups, target,
                          structured_target=self.config.structured_target)

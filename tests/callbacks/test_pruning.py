@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -425,3 +426,38 @@ def test_restart_statistics_counts_only_the_steps_since_the_last_event(restart: 
     _trainer([pruning], max_epochs=-1, max_steps=12).fit(_mlp(), DigitsDataModule(batch_size=32))
     assert [e["step"] for e in pruning.history] == [5, 10]
     assert pruning.stats.count == (2 if restart else 12)
+
+
+# --------------------------------------------------------------------------- a fit that diverged on its own
+class _HalfMLP(MLPClassifier):
+    """fp16 parameters trained by AdamW (eps 1e-8 is 0 in fp16): the weights become NaN / inf within a few steps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.half()).float()
+
+
+class _NaNWeightAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.net[3].weight[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("how", ["fp16_adamw", "nan_written"])
+def test_a_model_not_finite_before_an_event_fails_the_fit_and_blames_the_fit(how: str) -> None:
+    pl.seed_everything(0)
+    model = _HalfMLP(input_size=64, hidden=[64, 32], lr=1e-2).half() if how == "fp16_adamw" else _mlp()
+    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=15)
+    callbacks: list[Callback] = [pruning] if how == "fp16_adamw" else [_NaNWeightAt(12), pruning]
+    trainer = _trainer(callbacks, max_epochs=1)
+    with pytest.raises(RuntimeError) as info:
+        trainer.fit(model, DigitsDataModule(batch_size=64))
+    message = str(info.value)
+    assert "not finite before the pruning event at step 15" in message and "fit diverged" in message
+    assert "net.3.weight" in message
+    assert "after the step" not in message  # the event is not blamed
+    assert pruning.history == [] and pruning.masks == {}
+    assert not list(Path(trainer.default_root_dir).rglob("compressed.ckpt"))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from lightning_compress.core.gate import MetricGate
 from lightning_compress.pruning.config import PruningConfig
-from lightning_compress.pruning.run import PruningRun
+from lightning_compress.pruning.run import FitDivergedError, PruningRun
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.tracked import TrackedLayers
 
@@ -66,3 +67,23 @@ def test_state_round_trips() -> None:
     other.load_state_dict(run.state_dict())
     assert other.controller.history == run.controller.history
     assert all(torch.equal(other.state.masks[k], m) for k, m in run.state.masks.items())
+
+
+@pytest.mark.parametrize(("poison", "metrics", "texts"), [
+    ("weight", [0.9, 0.9], ("weights are not finite", "step 7", "2.bias", "fit diverged")),
+    ("metric", [float("nan"), 0.9], ("validation metric is not finite (nan)", "step 7", "fit diverged")),
+], ids=["nan_weight", "nan_metric"])
+def test_a_model_not_finite_before_the_event_is_an_error_of_the_fit(poison: str, metrics: list[float],
+                                                                    texts: tuple[str, ...]) -> None:
+    run, model = _run(bound=None, metrics=metrics)
+    if poison == "weight":
+        with torch.no_grad():
+            model[2].bias[1] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run.controller.due(1, run.schedule)
+    with pytest.raises(FitDivergedError) as info:
+        run.event(1, 7, run.evaluate)  # type: ignore[attr-defined]
+    for text in texts:
+        assert text in str(info.value), f"{text!r} missing from: {info.value}"
+    assert run.controller.history == [] and run.state.masks == {}  # no event recorded, nothing pruned
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
