@@ -29,6 +29,7 @@ from lightning_compress.quantization.export import (
     load_quantized,
     save_quantized,
 )
+from lightning_compress.reporting.publish import RUNS_DIR
 from tests.helpers import quiet_trainer
 
 
@@ -253,7 +254,8 @@ def test_a_quantization_callback_reused_for_a_second_fit_exports_the_second_mode
         trainer = quiet_trainer([callback], max_steps=2, limit_val_batches=1, default_root_dir=tmp_path / str(seed))
         trainer.fit(models[-1], DigitsDataModule(batch_size=64))
         exports.append(Path(callback.report.files["quantized"]))
-    assert exports == [tmp_path / "0" / "m.safetensors", tmp_path / "1" / "m.safetensors"]
+    run = Path(RUNS_DIR) / "run_0"  # no logger: a fresh directory of each run under its default_root_dir
+    assert exports == [tmp_path / "0" / run / "m.safetensors", tmp_path / "1" / run / "m.safetensors"]
     loaded = load_quantized(MLPClassifier(input_size=64, hidden=[16]), exports[1])
     assert all(torch.equal(v, models[1].state_dict()[k]) for k, v in loaded.state_dict().items())
     assert len([e for e in callback.report.events if e.kind == "quantize"]) == 1

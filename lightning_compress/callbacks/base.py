@@ -12,7 +12,7 @@ is hung on the ``Trainer``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -26,10 +26,16 @@ from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.artifacts import CHECKPOINT_KEY, checkpoint_entry, prepare_for_checkpoint
 from lightning_compress.integration.strategy import check_reparametrization, check_strategy, destroy_gloo_group_at_exit
-from lightning_compress.reporting.publish import publish
+from lightning_compress.reporting.publish import announce, decide_run_dir, save_report
 from lightning_compress.reporting.records import CompressionReport
 
-COMPRESSED_CHECKPOINT = "compressed.ckpt"  # written in the run's log directory at the end of every fit
+COMPRESSED_CHECKPOINT = "compressed.ckpt"  # written in the run's directory at the end of every fit
+_NO_TRAINING = ("max_epochs", "max_steps", "limit_train_batches")  # Trainer arguments whose 0 runs no step
+_NAMES_SHOWN = 3  # non-finite parameters named in the error
+
+
+class ModelNotFiniteError(RuntimeError):
+    """The model is not finite when the fit would deliver it: no compressed artifact is written for it."""
 
 
 class CompressionCallback(Callback):
@@ -66,6 +72,7 @@ class CompressionCallback(Callback):
         self._published = False
         self._has_val = False
         self._compressed_module: int | None = None  # id() of the module this callback compressed in memory
+        self._run_dir: Path | None = None  # where this fit's files go; decided by the leader in setup
         self.selection = Selection(DEFAULT_MODULE_TYPES)  # subclasses set their own
 
     # ------------------------------------------------------------------ what subclasses provide
@@ -82,6 +89,7 @@ class CompressionCallback(Callback):
     def _setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, needs_metric: bool) -> None:
         """The shared ``setup`` preamble: refuse what cannot work, before any training step."""
         check_strategy(trainer, type(self).__name__)
+        check_trains(trainer, type(self).__name__)
         check_reparametrization(trainer, pl_module, type(self).__name__)
         destroy_gloo_group_at_exit()
         self._finished = self._published = False
@@ -99,6 +107,7 @@ class CompressionCallback(Callback):
         self._leader = peers[0] if peers else self
         if self._leader is self:
             self._report = CompressionReport(model_state_bytes=state_bytes(pl_module))
+            self._run_dir = decide_run_dir(trainer)  # every rank (a broadcast); once per fit, before any step
         report = self.report
         report.settings[self.report_name] = self.settings()
         report.gate[self.report_name] = {"max_metric_drop": self.max_metric_drop, "reference": self.metric_reference}
@@ -106,6 +115,13 @@ class CompressionCallback(Callback):
             report.metric_name = self.metric_spec.name
             report.metric_description = self.metric_spec.description
             report.higher_is_better = self.metric_spec.higher_is_better
+
+    def run_dir(self, trainer: pl.Trainer) -> Path:
+        """The directory of this fit's files (decided once per fit by the leader, see
+        :func:`~lightning_compress.reporting.publish.decide_run_dir`): every writer of the package uses it."""
+        if self._leader._run_dir is None:  # a hook called outside a fit (a test calling it by hand)
+            self._leader._run_dir = decide_run_dir(trainer)
+        return self._leader._run_dir
 
     @property
     def report(self) -> CompressionReport:
@@ -183,20 +199,33 @@ class CompressionCallback(Callback):
 
     def _finish_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         peers = compression_callbacks(trainer) or [self]
-        for peer in sorted(peers, key=lambda callback: callback.finish_order):
-            if not peer._finished:
-                peer._finish(trainer, pl_module)
-                peer._finished = True
-                peer._compressed_module = id(pl_module)
+        try:
+            for peer in sorted(peers, key=lambda callback: callback.finish_order):
+                if not peer._finished:
+                    peer._finish(trainer, pl_module)
+                    peer._finished = True
+                    peer._compressed_module = id(pl_module)
+        except OSError as err:  # an export that could not be written (a full disk): the report says which
+            self._fail(trainer, pl_module, err)
         leader = self._leader
         if not leader._published:
             leader._published = True
             self._deliver(trainer, pl_module)
 
     def _deliver(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Evaluate the delivered model once more (validation and, when the datamodule has it, test data) and
-        publish the report."""
+        """Evaluate the delivered model once more (validation and, when the datamodule has it, test data), then
+        write the report (first: it is small, and says what the fit did even when the disk fills up), then
+        ``compressed.ckpt``, then the report again with its size, and print it. A model that is not finite is
+        delivered as nothing: no checkpoint, and the fit raises."""
         report = self.report
+        broken = [name for name, p in pl_module.named_parameters() if not bool(p.detach().isfinite().all())]
+        if broken:
+            shown = ", ".join(broken[:_NAMES_SHOWN]) + (f" and {len(broken) - _NAMES_SHOWN} more"
+                                                        if len(broken) > _NAMES_SHOWN else "")
+            self._fail(trainer, pl_module, ModelNotFiniteError(
+                f"the model is not finite at the end of the fit (NaN / inf in {shown}): the fit diverged, so no "
+                f"compressed model is delivered and no {COMPRESSED_CHECKPOINT} is written (fp16 parameters with "
+                "Adam(W)? a learning rate too high?)"))
         if self._has_val:
             report.metric_after = report.delivered_metric = self._evaluate(trainer, pl_module)
         try:
@@ -205,10 +234,41 @@ class CompressionCallback(Callback):
                 report.delivered_test_metric = evaluation.evaluate(trainer, pl_module, self.metric_spec, loaders)
         except Exception as err:  # the test figure is extra; a datamodule without test data says so
             rank_zero_warn(f"lightning-compress: could not evaluate the delivered model on the test data: {err!r}")
-        path = Path(trainer.log_dir or trainer.default_root_dir) / COMPRESSED_CHECKPOINT
-        trainer.save_checkpoint(path)  # every rank calls it; rank zero writes
+        directory = self.run_dir(trainer)
+        path = directory / COMPRESSED_CHECKPOINT
         report.files["compressed_checkpoint"] = str(path.resolve())
-        publish(report, trainer, pl_module)
+        save_report(report, pl_module, directory)
+        try:
+            trainer.save_checkpoint(path)  # every rank calls it; rank zero writes
+        except OSError as err:
+            self._fail(trainer, pl_module, err if err.filename else OSError(err.errno, err.strerror, str(path)))
+        announce(save_report(report, pl_module, directory), trainer)
+
+    def _fail(self, trainer: pl.Trainer, pl_module: pl.LightningModule, error: Exception) -> NoReturn:
+        """End the fit with ``error``, after writing a report that says so (what failed and why; no compressed
+        checkpoint listed): the events and the pruning history survive a full disk. The report is small, but the
+        disk may be full: a report that cannot be written warns, and ``error`` is raised all the same."""
+        report = self.report
+        report.failure = f"{type(error).__name__}: {error}"
+        report.files.pop("compressed_checkpoint", None)
+        self._leader._published = True
+        try:
+            save_report(report, pl_module, self.run_dir(trainer))
+        except OSError as err:
+            rank_zero_warn(f"lightning-compress: could not write the compression report either: {err}")
+        raise error
+
+
+def check_trains(trainer: pl.Trainer, callback: str) -> None:
+    """Refuse a fit that runs no training step (``max_epochs=0``, ``max_steps=0``, ``limit_train_batches=0``): the
+    callbacks would never run and nothing would be compressed, without a word."""
+    for name in _NO_TRAINING:
+        value = getattr(trainer, name)
+        if value == 0:
+            raise ValueError(
+                f"Trainer(`{name}`={value!r}) runs no training step, so {callback} would never run and nothing would "
+                f"be compressed; allowed: `{name}` > 0 (or leave it at its default)"
+            )
 
 
 def compression_callbacks(trainer: pl.Trainer) -> list[CompressionCallback]:

@@ -234,7 +234,7 @@ class GradientStabilityPruning(CompressionCallback):
         rank_zero_info(f"GradientStabilityPruning: compacted the model: {result}")
         self.state.clear()
         self._compacted = True
-        path = Path(trainer.log_dir or trainer.default_root_dir) / COMPACTED_FILE
+        path = Path(self.run_dir(trainer)) / COMPACTED_FILE
         if trainer.is_global_zero:
             save_compacted(pl_module, path)
         self.report.files["compacted"] = str(path.resolve())

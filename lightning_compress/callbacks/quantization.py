@@ -144,7 +144,7 @@ class PostTrainingQuantization(CompressionCallback):
         check_group_size(layers, self.spec)
         check_patterns_match("bits_overrides", list(self.bits_overrides), list(layers), what="selected layer")
         if self.export_path is not None:  # relative: in this run's log directory; never over another run's file
-            base = trainer.log_dir or trainer.default_root_dir
+            base = self.run_dir(trainer)
             self._export_file = check_export_path(self.export_path, base, create=trainer.is_global_zero)
 
     def checkpoint_details(self) -> dict[str, Any]:

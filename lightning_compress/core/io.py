@@ -37,8 +37,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (None, tmp):  # a full disk's write() names no file: name it
+            raise OSError(err.errno, err.strerror or str(err), os.fspath(target)) from err
         raise
     _fsync_directory(target.parent)
     remove_orphans(target)

@@ -1,6 +1,7 @@
-"""The report, out: files in the run's log directory, the console, the loggers. Called once per fit, on every
-rank, when the last compression callback is done: it summarizes everywhere (cheap, no collective) and prints,
-writes and logs on rank zero only."""
+"""The report, out: files in the run's directory, the console, the loggers. Called once per fit, on every rank,
+when the last compression callback is done: it summarizes everywhere (cheap, no collective) and prints, writes and
+logs on rank zero only. :func:`decide_run_dir` is where every file of a fit goes, so that two fits never overwrite
+each other."""
 
 from __future__ import annotations
 
@@ -54,14 +55,42 @@ def write_files(summary: dict[str, Any], directory: str | os.PathLike[str]) -> d
     return written
 
 
-def output_dir(trainer: pl.Trainer) -> str:
-    """``trainer.log_dir`` without its broadcast (only rank zero writes), falling back to ``default_root_dir``."""
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        directory = getattr(logger, "log_dir", None) or logger.save_dir
-        if directory:
-            return str(directory)
-    return str(trainer.default_root_dir)
+RUNS_DIR = "lightning_compress_runs"  # under default_root_dir: one fresh run_<n> per fit that has no logger
+
+
+def decide_run_dir(trainer: pl.Trainer) -> Path:
+    """The directory every file of this fit goes to (compressed.ckpt, report, exports with a relative path, the
+    compacted model): the logger's log directory when there is one, else a fresh ``default_root_dir /
+    lightning_compress_runs / run_<n>`` that no earlier fit used (created with ``exist_ok=False``, so two runs,
+    even concurrent ones, never share it). Every rank must call it (rank zero creates, then broadcasts the path);
+    the callbacks call it once per fit, in ``setup``, before any training step. A ``default_root_dir`` that cannot
+    hold it is refused here, naming it."""
+    directory = trainer.log_dir if trainer.loggers else None  # Lightning broadcasts rank zero's (a collective)
+    if directory:
+        return Path(directory)
+    found: str | None = None
+    if trainer.is_global_zero:
+        try:
+            found = str(_fresh_run_dir(Path(trainer.default_root_dir) / RUNS_DIR))
+        except OSError as err:
+            found = f"`default_root_dir`={str(trainer.default_root_dir)!r}: cannot create this run's directory " \
+                    f"{RUNS_DIR}/run_<n> in it ({err.strerror or err}); allowed: a writable directory"
+    found = trainer.strategy.broadcast(found)
+    if found is None or found.startswith("`default_root_dir`"):
+        raise ValueError(found or "no run directory was decided on rank zero")
+    return Path(found)
+
+
+def _fresh_run_dir(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    number = sum(1 for _ in root.glob("run_*"))
+    while True:
+        candidate = root / f"run_{number}"
+        try:
+            candidate.mkdir(exist_ok=False)
+            return candidate
+        except FileExistsError:
+            number += 1
 
 
 def logger_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
@@ -93,14 +122,23 @@ def _console(trainer: pl.Trainer) -> Any:
     return console
 
 
-@rank_zero_only
-def _emit(summary: dict[str, Any], trainer: pl.Trainer) -> None:
-    # The fit is over and its model is compressed: a report that cannot be written or drawn warns, never raises.
-    directory = output_dir(trainer)
-    try:
+def save_report(report: CompressionReport, pl_module: pl.LightningModule, directory: str | os.PathLike[str]
+                ) -> dict[str, Any]:
+    """Summarize (every rank: no collective) and, on rank zero, write the report files into ``directory``; returns
+    the summary. A file that cannot be written raises the ``OSError`` naming it (the atomic writer adds the path):
+    the caller decides what the fit does about it."""
+    summary = summarize(report, pl_module)
+    if getattr(rank_zero_only, "rank", 0) == 0:
         write_files(summary, directory)
-    except Exception as err:
-        rank_zero_warn(f"lightning-compress: could not write the compression report to {directory!r}: {err!r}")
+    for key, file in summary["files"].items():
+        report.files.setdefault(key, file["path"])
+    return summary
+
+
+@rank_zero_only
+def announce(summary: dict[str, Any], trainer: pl.Trainer) -> None:
+    """Print the report and log its figures to every logger (rank zero). The fit is over and its model compressed:
+    a logger that cannot take it warns, never raises."""
     _console(trainer).print(render_console(summary))
     metrics = logger_metrics(summary)
     for logger in trainer.loggers:
@@ -116,10 +154,7 @@ def _emit(summary: dict[str, Any], trainer: pl.Trainer) -> None:
                            f"{err!r}")
 
 
-def publish(report: CompressionReport, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Summarize (every rank: no collective, so the ranks need not wait for each other) and print, write and log
-    (rank zero). Files: ``compression_report.{json,md,png}`` in ``trainer.log_dir`` (else ``default_root_dir``)."""
-    summary = summarize(report, pl_module)
-    _emit(summary, trainer)
-    for key, file in summary["files"].items():
-        report.files.setdefault(key, file["path"])
+def publish(report: CompressionReport, trainer: pl.Trainer, pl_module: pl.LightningModule,
+            directory: str | os.PathLike[str]) -> None:
+    """:func:`save_report` into ``directory`` (the run's, from :func:`decide_run_dir`), then :func:`announce`."""
+    announce(save_report(report, pl_module, directory), trainer)

@@ -75,6 +75,9 @@ class CompressionReport:
     # every entry of the model's state_dict when the first compression callback set up -> its bytes (floats
     # counted as fp32): the "before" of the whole-model totals, taken before pruning or compaction changed anything
     model_state_bytes: dict[str, int] = field(default_factory=dict)
+    # why the fit delivered nothing (an artifact that could not be written, a model that is not finite): the error,
+    # naming the file or the parameters; None when the fit delivered its model
+    failure: str | None = None
 
     def record_layer(self, name: str, parameters: int, bytes_fp32: int) -> LayerRecord:
         """The layer's record, created (float, nothing removed) the first time a callback reports on it."""

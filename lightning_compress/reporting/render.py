@@ -58,7 +58,7 @@ def headline_parts(summary: Mapping[str, Any]) -> list[str]:
     compression step compared like with like, the size and the sparsity."""
     name = summary["metric_name"] or "metric"
     delivered = summary["delivered"]
-    parts = []
+    parts = [f"FAILED, nothing delivered: {summary['failure']}"] if summary.get("failure") else []
     if delivered["val"] is not None:
         test = f", {_fmt_metric(delivered['test'])} test" if delivered["test"] is not None else ""
         parts.append(f"delivered {name} {_fmt_metric(delivered['val'])} val{test}")

@@ -162,6 +162,7 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
         "metric_after": _finite(report.metric_after),
         "metric_drop": _finite(_drop(report.metric_before, report.metric_after, report.higher_is_better)),
         "delivered": {"val": _finite(report.delivered_metric), "test": _finite(report.delivered_test_metric)},
+        "failure": report.failure,
         "pruning": _pruning_summary(events),
         "quantization": _quantization_summary(report, events),
         "sparsity": sparsity,

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelPruning
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_compress import GradientStabilityPruning, PostTrainingQuantization
-from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.base import CompressionCallback, ModelNotFiniteError
 from lightning_compress.core.accounting import state_bytes
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.reporting import publish
+from lightning_compress.reporting.publish import JSON_NAME, MARKDOWN_NAME
 from tests.helpers import quiet_trainer, report_of
 from tests.integration.test_evaluation_helpers import accuracy_of
 
@@ -86,3 +90,84 @@ def test_reparametrised_weights_are_refused(tmp_path: Path) -> None:
     torch.nn.utils.prune.l1_unstructured(model.net[1], "weight", amount=0.3)
     with pytest.raises(ValueError, match=r"re-parametrised weights, found in \['net.1'\]"):
         quiet_trainer([GradientStabilityPruning()], max_steps=3).fit(model, DigitsDataModule(batch_size=64))
+
+
+# ---------------------------------------------------------------------------- where a fit's files go
+def _files_of_a_fit(root: Path, seed: int) -> tuple[dict[str, str], MLPClassifier]:
+    torch.manual_seed(seed)
+    model = _mlp()
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot", start_step=3,
+                                       evaluate=False)
+    quantization = PostTrainingQuantization(bits=4, export_path="model.safetensors")  # relative: in the run's dir
+    quiet_trainer([pruning, quantization], max_steps=5, limit_val_batches=2, default_root_dir=root).fit(
+        model, DigitsDataModule(batch_size=64))
+    return dict(pruning.report.files), model
+
+
+def test_two_fits_without_a_logger_in_one_root_never_overwrite_each_other(tmp_path: Path) -> None:
+    first, _ = _files_of_a_fit(tmp_path, seed=0)
+    contents = {key: Path(path).read_bytes() for key, path in first.items()}
+    second, _ = _files_of_a_fit(tmp_path, seed=1)
+    kinds = {"compressed_checkpoint", "compacted", "quantized", "float_copy", "report_json", "report_markdown"}
+    assert kinds <= set(first) and set(first) == set(second)
+    runs = tmp_path / publish.RUNS_DIR
+    for key in first:
+        assert Path(first[key]).parent == runs / "run_0" and Path(second[key]).parent == runs / "run_1", key
+        assert Path(first[key]).read_bytes() == contents[key], f"the second fit changed the first fit's {key}"
+    assert Path(first["quantized"]).read_bytes() != Path(second["quantized"]).read_bytes()  # two models, two files
+    assert not [p for p in tmp_path.iterdir() if p.name != publish.RUNS_DIR]  # nothing in default_root_dir itself
+
+
+def test_with_a_logger_the_files_go_to_its_log_directory(tmp_path: Path) -> None:
+    quantization = PostTrainingQuantization(bits=4, export_path="model.safetensors")
+    trainer = quiet_trainer([quantization], max_steps=2, limit_val_batches=1, default_root_dir=tmp_path,
+                            logger=CSVLogger(tmp_path))
+    trainer.fit(_mlp(), DigitsDataModule(batch_size=64))
+    log_dir = Path(trainer.loggers[0].log_dir)
+    assert {Path(p).parent for p in quantization.report.files.values()} == {log_dir}
+    assert not (tmp_path / publish.RUNS_DIR).exists()
+
+
+# ---------------------------------------------------------------------------- a fit that runs no training step
+@pytest.mark.parametrize("trainer_kwargs", [
+    {"max_epochs": 0},
+    {"max_steps": 0},
+    {"limit_train_batches": 0},
+    {"limit_train_batches": 0.0},
+], ids=str)
+@pytest.mark.parametrize("callback", [PostTrainingQuantization, GradientStabilityPruning])
+def test_a_fit_that_trains_no_step_is_refused_in_setup(tmp_path: Path, trainer_kwargs, callback) -> None:
+    (name, value), = trainer_kwargs.items()
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = quiet_trainer([callback()], default_root_dir=tmp_path, **trainer_kwargs)
+    with pytest.raises(ValueError, match=rf"Trainer\(`{name}`={value!r}\) runs no training step, so "
+                                         rf"{callback.__name__} would never run"):
+        trainer.fit(model, DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.rglob("*.*"))  # no file written
+
+
+# ---------------------------------------------------------------------------- a model that is not finite
+class _PoisonAtFinish(_Recorder):
+    """Writes a NaN into a weight in its ``_finish``: the model is broken after every compression callback ran."""
+
+    def _finish(self, trainer, pl_module):
+        with torch.no_grad():
+            pl_module.net[1].weight[0, 0] = float("nan")
+
+
+def test_a_model_that_is_not_finite_at_delivery_gets_no_compressed_artifact(tmp_path: Path) -> None:
+    callback = _PoisonAtFinish("poison", 0, [])
+    with pytest.raises(ModelNotFiniteError, match=r"not finite at the end of the fit \(NaN / inf in net\.1\.weight\)"
+                                                  r".*no compressed\.ckpt is written"):
+        quiet_trainer([callback], max_steps=2, limit_val_batches=1, default_root_dir=tmp_path).fit(
+            _mlp(), DigitsDataModule(batch_size=64))
+    assert not list(tmp_path.rglob("*.ckpt"))
+    (report_path,) = tmp_path.rglob(JSON_NAME)
+    report = json.loads(report_path.read_text())
+    assert report["failure"].startswith("ModelNotFiniteError: the model is not finite")
+    assert report["delivered"] == {"val": None, "test": None}  # the broken model is not presented as delivered
+    assert "compressed_checkpoint" not in report["files"]
+    assert "FAILED, nothing delivered" in (report_path.parent / MARKDOWN_NAME).read_text()

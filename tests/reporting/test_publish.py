@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_compress.core import io
 from lightning_compress.reporting import publish as report_output
-from lightning_compress.reporting.publish import publish
+from lightning_compress.reporting.publish import publish, save_report
 from tests.reporting._fixtures import _model, _report
 
 
@@ -22,22 +24,42 @@ def test_publish_writes_prints_and_logs(tmp_path: Path, capsys: pytest.CaptureFi
     model = _model()
     trainer = _trainer(tmp_path)
     report = _report(model)
-    publish(report, trainer, model)
-    log_dir = Path(trainer.loggers[0].log_dir)
-    assert (log_dir / report_output.JSON_NAME).is_file() and (log_dir / report_output.MARKDOWN_NAME).is_file()
-    assert report.files["report_json"] == str(log_dir / report_output.JSON_NAME)
+    directory = report_output.decide_run_dir(trainer)
+    assert directory == Path(trainer.loggers[0].log_dir)  # a logger: its log directory
+    publish(report, trainer, model, directory)
+    assert (directory / report_output.JSON_NAME).is_file() and (directory / report_output.MARKDOWN_NAME).is_file()
+    assert report.files["report_json"] == str(directory / report_output.JSON_NAME)
     assert "lightning-compress report" in capsys.readouterr().out
     trainer.loggers[0].save()
-    header = (log_dir / "metrics.csv").read_text().splitlines()[0]
+    header = (directory / "metrics.csv").read_text().splitlines()[0]
     for key in ("compression/bytes_fp32", "compression/bytes_compressed", "compression/ratio", "compression/sparsity"):
         assert key in header, key
 
 
-def test_publish_without_logger_writes_to_default_root_dir(tmp_path: Path) -> None:
-    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False)
-    publish(_report(), trainer, _model())
-    assert (tmp_path / report_output.JSON_NAME).is_file()
+def _no_logger(root: Path) -> pl.Trainer:
+    return pl.Trainer(logger=False, default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False)
+
+
+def test_without_logger_each_run_gets_a_fresh_directory_never_reused(tmp_path: Path) -> None:
+    runs = tmp_path / report_output.RUNS_DIR
+    first = report_output.decide_run_dir(_no_logger(tmp_path))
+    (runs / "run_1").mkdir()  # taken by someone else in the meantime: skipped, not shared
+    second = report_output.decide_run_dir(_no_logger(tmp_path))
+    (runs / "run_0").rmdir()  # a gap below the count: still a new name
+    third = report_output.decide_run_dir(_no_logger(tmp_path))
+    assert [first, second, third] == [runs / "run_0", runs / "run_2", runs / "run_3"]
+    assert all(d.is_dir() for d in (second, third))
+
+
+@pytest.mark.parametrize("blocker", ["file", "file_parent"])
+def test_a_default_root_dir_that_cannot_hold_a_run_is_refused_naming_it(tmp_path: Path, blocker: str) -> None:
+    root = tmp_path / "not_a_directory"
+    root.write_text("")
+    if blocker == "file_parent":
+        root = root / "below"
+    with pytest.raises(ValueError, match=r"`default_root_dir`=.*not_a_directory.*cannot create this run's directory"):
+        report_output.decide_run_dir(_no_logger(root))
 
 
 def test_publish_on_other_ranks_writes_and_prints_nothing(
@@ -45,15 +67,20 @@ def test_publish_on_other_ranks_writes_and_prints_nothing(
 ) -> None:
     trainer = _trainer(tmp_path)
     monkeypatch.setattr(report_output.rank_zero_only, "rank", 1)
-    publish(_report(), trainer, _model())
+    publish(_report(), trainer, _model(), tmp_path / "run")
     assert not list(tmp_path.rglob(report_output.JSON_NAME))
     assert "lightning-compress report" not in capsys.readouterr().out
 
 
-def test_a_report_that_cannot_be_written_warns_and_never_fails_the_fit(tmp_path: Path) -> None:
-    blocker = tmp_path / "not_a_directory"
-    blocker.write_text("")
-    trainer = pl.Trainer(logger=False, default_root_dir=blocker, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False)
-    with pytest.warns(UserWarning, match="could not write the compression report"):
-        publish(_report(), trainer, _model())
+def test_a_report_that_cannot_be_written_raises_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    def full_disk(handle) -> None:
+        handle.write(b"{")
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file named
+
+    real = io.atomic_write
+    monkeypatch.setattr(report_output, "write_text",
+                        lambda path, text: real(path, full_disk))
+    with pytest.raises(OSError, match=r"No space left on device: '.*compression_report\.md'") as info:
+        save_report(_report(), _model(), tmp_path)
+    assert info.value.errno == errno.ENOSPC
+    assert not [p for p in tmp_path.iterdir() if p.suffix != ".png"]  # no partial file, no temporary file
