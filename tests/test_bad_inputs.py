@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_compress import GradientStabilityPruning, PostTrainingQuantization, quantize
 from lightning_compress.core.selection import Selection, check_patterns_match, explain_matches
+from lightning_compress.quantization import GPTQConfig
 
 Case = tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]  # id, kwargs, error, texts the message holds
 
@@ -161,6 +162,22 @@ def _poisoned(value: float) -> nn.Module:
     return net
 
 
+def _nan_after_first() -> Callable[[nn.Module], float]:
+    calls: list[int] = []
+
+    def metric(model: nn.Module) -> float:
+        calls.append(1)
+        return 1.0 if len(calls) == 1 else math.nan  # the float model measures, the quantized one does not
+
+    return metric
+
+
+def _nan_batch() -> torch.Tensor:
+    batch = torch.zeros(2, 8)
+    batch[1, 3] = math.nan
+    return batch
+
+
 FUNCTIONAL: list[Case] = [
     ("bits_nine", {"bits": 9}, ValueError, ("bits", "9")),
     ("bits_one", {"bits": 1}, ValueError, ("bits", "1")),
@@ -180,6 +197,32 @@ FUNCTIONAL: list[Case] = [
     ("include_matches_nothing", {"include": ["nomatch"]}, ValueError, ("include", "nomatch")),
     ("bits_overrides_one", {"bits_overrides": {"0": 1}}, ValueError, ("bits_overrides", "1")),
     ("bits_overrides_bad_regex", {"bits_overrides": {"[": 4}}, ValueError, ("bits_overrides", "'['")),
+    # arguments that would do nothing (issue 19, cluster 7)
+    ("rtn_calibration_data", {"calibration_data": [torch.zeros(2, 8)]}, ValueError,
+     ("calibration_data", "list", "'rtn'")),
+    ("rtn_forward", {"forward": lambda m, b: m(b)}, ValueError, ("forward", "function", "'rtn'")),
+    ("rtn_gptq", {"gptq": GPTQConfig()}, ValueError, ("gptq", "GPTQConfig", "'rtn'")),
+    ("rtn_progress", {"progress": print}, ValueError, ("progress", "builtin_function_or_method", "'rtn'")),
+    ("rtn_calibration_batches", {"calibration_batches": 4}, ValueError, ("calibration_batches", "4", "'rtn'")),
+    ("fallback_without_bound", {"fallback": "float"}, ValueError, ("fallback", "'float'", "max_metric_drop")),
+    # metric_fn (issue 19, cluster 5)
+    ("metric_fn_not_callable", {"metric_fn": 0.5}, TypeError, ("metric_fn", "0.5")),
+    ("metric_fn_nan", {"metric_fn": lambda m: math.nan}, ValueError, ("metric_fn", "nan")),
+    ("metric_fn_inf", {"metric_fn": lambda m: -math.inf}, ValueError, ("metric_fn", "-inf")),
+    ("metric_fn_none", {"metric_fn": lambda m: None}, ValueError, ("metric_fn", "None")),
+    ("metric_fn_string", {"metric_fn": lambda m: "0.9"}, ValueError, ("metric_fn", "'0.9'")),
+    ("metric_fn_vector", {"metric_fn": lambda m: torch.ones(2)}, ValueError, ("metric_fn", "tensor([1., 1.])")),
+    ("metric_fn_nan_after", {"metric_fn": _nan_after_first(), "max_metric_drop": 0.1}, ValueError,
+     ("metric_fn", "nan")),
+    # GPTQ calibration (issue 19, clusters 5, 7, 11)
+    ("gptq_nan_batch", {"method": "gptq", "calibration_data": [torch.zeros(2, 8), _nan_batch()]}, ValueError,
+     ("calibration_data", "batch 1", "1 NaN")),
+    ("gptq_inf_in_tuple", {"method": "gptq", "calibration_data": [(torch.full((2, 8), math.inf), torch.zeros(2))]},
+     ValueError, ("calibration_data", "batch 0", "16 inf")),
+    ("gptq_wrong_width", {"method": "gptq", "calibration_data": [torch.zeros(2, 5)]}, ValueError,
+     ("calibration_data", "(2, 5)", "'0'", "(..., 8)")),
+    ("gptq_forward_reaches_nothing", {"method": "gptq", "calibration_data": [torch.zeros(2, 8)],
+                                      "forward": lambda m, b: None}, ValueError, ("`forward`", "'0', '2'", "no input")),
 ]
 @pytest.mark.parametrize(("kwargs", "error", "texts"), [c[1:] for c in FUNCTIONAL], ids=[c[0] for c in FUNCTIONAL])
 def test_quantize_refuses_and_changes_no_weight(kwargs: dict[str, Any], error: type[Exception],

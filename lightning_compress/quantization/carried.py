@@ -11,7 +11,7 @@ Lightning import.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +59,18 @@ def carried(model: nn.Module) -> CarriedQuantization | None:
     """The quantization ``model`` carries, or None for a model that was never quantized (or was restored)."""
     record = model.__dict__.get(ATTRIBUTE)
     return record if isinstance(record, CarriedQuantization) and record.codes else None
+
+
+def drop(model: nn.Module, keys: Iterable[str]) -> None:
+    """Remove ``keys`` from the record (those weights went back to float, e.g. a metric fallback); the record goes
+    when no key is left."""
+    record = carried(model)
+    if record is None:
+        return
+    for key in keys:
+        record.codes.pop(key, None)
+    if not record.codes:
+        forget(model)
 
 
 def forget(model: nn.Module) -> None:

@@ -30,7 +30,7 @@ made like the first pass (GPTQ from the kept Hessians with ``method="gptq"``; :m
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,29 +38,39 @@ from torch import Tensor, nn
 
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
-from lightning_compress.core.selection import check_patterns_match
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.quantization.calibration import feed, take_batches, to_device
+from lightning_compress.quantization.carried import attach, drop
+from lightning_compress.quantization.checks import (
+    bound_outcome,
+    check_finite_batches,
+    check_metric_fn,
+    check_runs,
+    float_copies,
+    measure,
+    refuse_fallback_without_bound,
+    refuse_unused,
+    restore,
+    warn,
+)
 from lightning_compress.quantization.coverage import (  # noqa: F401 - resolve_bits, weight_name: re-exported
-    EMBEDDING_BITS,
+    CALIBRATION_BATCHES,
+    FALLBACK,
     QUANT_MODULE_TYPES,
-    bits_for,
     check_bits_overrides,
     check_finite,
     check_group_size,
     float_leftovers,
+    plan_layers,
     resolve_bits,
     select_layers,
-    unfit_defaults,
     weight_name,
 )
 from lightning_compress.quantization.coverage import layer_weight as _weight
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, rungs
 from lightning_compress.quantization.gptq import GPTQConfig, gptq_model, gptq_supports
 from lightning_compress.quantization.layer import LayerQuantization, quantize_layer, record_layer
-from lightning_compress.quantization.primitives import (
-    QuantSpec,
-)
+from lightning_compress.quantization.primitives import QuantSpec
 from lightning_compress.quantization.rungs import LayerRungs
 
 METHODS = ("rtn", "gptq")
@@ -73,6 +83,7 @@ class QuantizationResult:
     notes: dict[str, str] = field(default_factory=dict)  # module name -> remark (e.g. GPTQ fell back to RTN: why)
     metric_before: float | None = None  # with `metric_fn`: the float model's metric
     metric_after: float | None = None  # ... and the returned model's
+    bound_met: bool | None = None  # with `max_metric_drop`: whether the returned model meets it (None: no bound)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)  # layers promoted to keep the metric bound
 
     def sqnr(self) -> dict[str, float]:
@@ -101,12 +112,12 @@ def quantize(
     method: str = "rtn",
     calibration_data: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
-    calibration_batches: int = 32,
+    calibration_batches: int | None = None,
     gptq: GPTQConfig | None = None,
     metric_fn: Callable[[nn.Module], float] | None = None,
     max_metric_drop: float | None = None,
     higher_is_better: bool = True,
-    fallback: str = "more_bits",
+    fallback: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> QuantizationResult:
     """Quantize the weights of ``model``'s selected layers to ``bits``-bit integers, in place (dequantized).
@@ -133,8 +144,14 @@ def quantize(
         progress: ``progress(done, total, layer_name)``, called as GPTQ takes each layer (e.g. a tqdm bar's update).
         metric_fn: ``metric_fn(model) -> float`` measured on the float model and after quantization
             (``higher_is_better`` says its direction); with ``max_metric_drop`` the layers fall back, most sensitive
-            first, along ``fallback``: ``"more_bits"`` (every even width above ``bits`` up to 8, then float) or
-            ``"float"``.
+            first, along ``fallback``: ``"more_bits"`` (every even width above ``bits`` up to 8, then float; the
+            default) or ``"float"``. ``metric_fn`` must return a finite number (else ValueError); a bound met only with
+            every layer float, or not met, warns and sets ``QuantizationResult.bound_met``.
+
+    Arguments that would do nothing are refused: ``calibration_data``, ``forward``, ``gptq``, ``progress``,
+    ``calibration_batches`` with ``method="rtn"``; ``fallback`` without ``max_metric_drop``. Whatever raises, the
+    selected layers get their float weights back. The model carries its codes afterwards
+    (:mod:`.carried`), so an export needs no ``result``.
 
     Returns:
         the per-layer codes, qparams, SQNR and sparsity (layers in model order), what stayed float and why, notes,
@@ -145,9 +162,12 @@ def quantize(
     if embedding_bits is not None:
         check_number("embedding_bits", embedding_bits, low=2, high=8, integer=True)
     check_choice("method", method, METHODS)
-    check_number("calibration_batches", calibration_batches, low=1, integer=True)
-    check_choice("fallback", fallback, FALLBACKS)
+    if calibration_batches is not None:
+        check_number("calibration_batches", calibration_batches, low=1, integer=True)
+    if fallback is not None:
+        check_choice("fallback", fallback, FALLBACKS)
     check_bool("higher_is_better", higher_is_better)
+    check_metric_fn(metric_fn)
     if max_metric_drop is not None:
         check_number("max_metric_drop", max_metric_drop, low=0.0)
         if metric_fn is None:
@@ -160,45 +180,59 @@ def quantize(
         raise TypeError(f"`gptq` must be a GPTQConfig or None, got {gptq!r}")
     if method == "gptq" and calibration_data is None:
         raise ValueError("`method`='gptq' needs `calibration_data`: an iterable of batches the model can run")
-    defaults = module_types is None
-    types = QUANT_MODULE_TYPES if module_types is None else module_types
-    layers, skipped = select_layers(model, types, include, exclude)
-    if defaults:
-        skipped.update(unfit_defaults(layers, spec))
-        layers = {name: module for name, module in layers.items() if name not in skipped}
-    if not layers:
-        raise ValueError(
-            f"nothing to quantize: no module matches `module_types`={list(types)!r}, "
-            f"`include`={include!r}, `exclude`={exclude!r}"
-        )
-    check_group_size(layers, spec)
-    check_patterns_match("bits_overrides", list(bits_overrides or {}), list(layers), what="selected layer")
+    refuse_unused(method, {"calibration_data": calibration_data, "forward": forward, "gptq": gptq,
+                           "progress": progress, "calibration_batches": calibration_batches})
+    refuse_fallback_without_bound(fallback, max_metric_drop)
+    chosen = plan_layers(model, spec, module_types, include, exclude, bits_overrides, embedding_bits)
+    layers, skipped, specs = chosen.layers, chosen.skipped, chosen.specs
     check_finite(layers)
-    emb_bits = embedding_bits if embedding_bits is not None else (EMBEDDING_BITS if defaults else bits)
-    plan = {name: bits_for(name, module, bits, bits_overrides, emb_bits) for name, module in layers.items()}
-    specs = {name: replace(spec, bits=b) for name, b in plan.items()}
-    keep_float = metric_fn is not None or method == "gptq"
-    floats = {n: _weight(n, m).detach().clone() for n, m in layers.items()} if keep_float else {}
+    plan = chosen.bits
+    floats = float_copies(layers, _weight)  # the way back, whatever raises below
+    try:
+        result = _quantize(model, layers, skipped, specs, plan, floats, spec.bits, method, calibration_data,
+                           forward or feed, calibration_batches or CALIBRATION_BATCHES, gptq or GPTQConfig(),
+                           metric_fn, max_metric_drop, higher_is_better, fallback or FALLBACK, progress)
+    except BaseException:
+        restore(layers, floats, _weight)
+        raise
+    drop(model, [_weight_key(name, layers[name]) for name in layers if plan[name] == FLOAT_BITS])
+    attach(model, {layer.key: layer.qtensor for layer in result.layers.values()}, "quantize()")
+    return result
+
+
+def _quantize(
+    model: nn.Module, layers: dict[str, nn.Module], skipped: dict[str, str], specs: dict[str, QuantSpec],
+    plan: dict[str, int], floats: dict[str, Tensor], bits: int, method: str, calibration_data: Iterable[Any] | None,
+    forward: Callable[[nn.Module, Any], Any], calibration_batches: int, gptq: GPTQConfig,
+    metric_fn: Callable[[nn.Module], float] | None, max_metric_drop: float | None, higher_is_better: bool,
+    fallback: str, progress: Callable[[int, int, str], None] | None,
+) -> QuantizationResult:
+    """:func:`quantize` after its checks: the first pass, the metric, the fallback (``plan`` changed in place)."""
     gate = MetricGate(max_metric_drop, higher_is_better)
-    before = None if metric_fn is None else float(metric_fn(model))
+    before = None if metric_fn is None else measure(metric_fn, model)
     result = QuantizationResult(skipped=skipped)
     if method == "gptq":
         data = calibration_data if calibration_data is not None else ()
-        states = gptq_layers(model, layers, specs, floats, data, forward or feed, calibration_batches,
-                             gptq or GPTQConfig(), result.notes, keep_hessians=max_metric_drop is not None,
-                             progress=progress)
+        states = gptq_layers(model, layers, specs, floats, data, forward, calibration_batches, gptq, result.notes,
+                             keep_hessians=max_metric_drop is not None, progress=progress)
     else:
         states = LayerRungs(layers, floats, specs)
         for name, module in layers.items():
             states.add(quantize_layer(name, module, specs[name]))
     if metric_fn is not None and before is not None:  # `before` is None exactly when there is no metric_fn
         result.metric_before = before
-        result.metric_after = after = float(metric_fn(model))
+        result.metric_after = after = measure(metric_fn, model)
         if max_metric_drop is not None and not gate.judge(before, after).accepted:
             result.metric_after, result.fallbacks, _ = fall_back(
-                list(layers), plan, states.apply, lambda: float(metric_fn(model)), lambda n, b: states[(n, b)].sqnr_db,
-                gate, before, rungs(spec.bits, fallback), size=states.weights,
+                list(layers), plan, states.apply, lambda: measure(metric_fn, model),
+                lambda n, b: states[(n, b)].sqnr_db, gate, before, rungs(bits, fallback), size=states.weights,
             )
+            drops = [gate.drop(before, m) for m in (after, *(f["metric_after"] for f in result.fallbacks))]
+            result.bound_met, message = bound_outcome("quantize()", max_metric_drop, drops, plan, FLOAT_BITS)
+            if message:
+                warn(message)
+        elif max_metric_drop is not None:
+            result.bound_met = True
     for name in layers:
         if plan[name] == FLOAT_BITS:
             skipped[name] = "kept float: metric fallback (`max_metric_drop`)"
@@ -206,6 +240,10 @@ def quantize(
             result.layers[name] = states[(name, plan[name])]
     result.skipped.update(float_leftovers(model, layers, skipped))
     return result
+
+
+def _weight_key(name: str, module: nn.Module) -> str:
+    return f"{name}.{weight_name(module)}" if name else weight_name(module)
 
 
 def gptq_layers(
@@ -228,6 +266,13 @@ def gptq_layers(
     other widths of the GPTQ layers are GPTQ too."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = [to_device(batch, device) for batch in take_batches(data, limit)]
+    check_finite_batches(batches)
+    training = model.training
+    model.eval()
+    try:
+        check_runs(model, batches[0], run)
+    finally:
+        model.train(training)
     states = LayerRungs(layers, floats, specs, gptq=config)
     for name, module in layers.items():
         if why := gptq_supports(module):

@@ -262,6 +262,13 @@ def gptq_model(
     notes = {name: why for name, module in layers.items() if (why := gptq_supports(module))}
     todo = {name: module for name, module in layers.items() if name not in notes}
     order, calls, keys = probe_layers(model, todo, batches[0], run)
+    if todo and not calls:
+        raise ValueError(
+            f"the calibration forward (`forward` on `calibration_data`) reached none of the layers GPTQ quantizes: "
+            f"{', '.join(map(repr, todo))} saw no input (they would all silently be rounded to nearest); allowed: a "
+            "`forward` that calls these modules on the batch (default: dicts as model(**batch), tuples as "
+            "model(batch[0]))"
+        )
     for name in todo:
         if name not in calls:
             notes[name] = "not called as a module by the calibration forward (used functionally?)"
@@ -283,7 +290,7 @@ def gptq_model(
             if len(parts) > 1 and specs[name].granularity == "per_tensor":
                 notes[name] = "per_tensor scale with different q / k / v inputs"
                 continue
-            qt = gptq_weight(weight, parts, specs[name], config)
+            qt = gptq_weight(weight, parts, specs[name], config, name)
             with torch.no_grad():
                 weight.copy_(qt.dequantize())
             out[name] = qt
@@ -292,11 +299,20 @@ def gptq_model(
     return out, notes
 
 
-def gptq_weight(weight: Tensor, hessians: Sequence[Tensor], spec: QuantSpec, config: GPTQConfig) -> QuantizedTensor:
+def gptq_weight(
+    weight: Tensor, hessians: Sequence[Tensor], spec: QuantSpec, config: GPTQConfig, layer: str = "the layer"
+) -> QuantizedTensor:
     """:func:`gptq_best` of ``weight`` for its input Hessian; with several (a MultiheadAttention's q / k / v, each
-    fed its own input), of each equal row chunk for its Hessian, the chunks concatenated."""
+    fed its own input), of each equal row chunk for its Hessian, the chunks concatenated. A Hessian that is not
+    finite, or not positive definite even with dampening, raises naming ``layer``."""
+    if not all(bool(h.isfinite().all()) for h in hessians):
+        raise ValueError(f"layer {layer!r}: its input Hessian holds NaN / inf: the calibration inputs that reached it "
+                         "were not finite (check `calibration_data` and the layers before it)")
     chunks = weight.detach().chunk(len(hessians), dim=0)
-    qts = [gptq_best(w, h.to(w.device), spec, config) for w, h in zip(chunks, hessians)]
+    try:
+        qts = [gptq_best(w, h.to(w.device), spec, config) for w, h in zip(chunks, hessians)]
+    except RuntimeError as err:
+        raise RuntimeError(f"layer {layer!r}: {err}; raise `GPTQConfig.damp` or give more calibration data") from err
     return qts[0] if len(qts) == 1 else _concat_rows(qts, weight)
 
 

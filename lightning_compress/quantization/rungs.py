@@ -62,7 +62,7 @@ class LayerRungs:
             weight = layer_weight(name, module)
             original = self.floats[name].to(weight.device)
             if name in self.hessians:
-                qt = gptq_weight(original, self.hessians[name], spec, self.gptq)
+                qt = gptq_weight(original, self.hessians[name], spec, self.gptq, name)
                 self.made[key] = record_layer(name, module, qt, "gptq", reference=original)
             else:
                 with torch.no_grad():

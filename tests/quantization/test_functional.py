@@ -1,6 +1,7 @@
 """``quantize(model, ...)`` on plain nn.Modules: in-place replacement, selection, overrides, errors, real data."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from torch import nn
 
 from lightning_compress.demos.data import MNIST5kDataModule
 from lightning_compress.demos.models import MLPClassifier
-from lightning_compress.quantization import quantize
+from lightning_compress.quantization import GPTQConfig, QuantSpec, quantize
+from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.gptq import gptq_weight
 from lightning_compress.quantization.primitives import int_range
 
 
@@ -123,8 +126,9 @@ def test_summary_is_json_friendly():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"module_types": ["Embedding"]}, ValueError, r"nothing to quantize: .*`module_types`=\['Embedding'\]"),
-        ({"include": ["nope"]}, ValueError, r"nothing to quantize: .*`include`=\['nope'\]"),
+        ({"module_types": ["Embedding"]}, ValueError,
+         r"nothing to quantize in ConvNet: .*`module_types`=\['Embedding'\]"),
+        ({"include": ["nope"]}, ValueError, r"nothing to quantize in ConvNet: .*`include`=\['nope'\]"),
         (
             {"granularity": "per_group", "group_size": 16},
             ValueError,
@@ -295,3 +299,93 @@ def test_unguarded_metric_is_only_measured():
 def test_new_argument_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         quantize(ConvNet(), **kwargs)
+
+
+# ---------------------------------------------------------------------------- the model carries its codes (issue 19)
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_model_carries_the_codes_quantize_wrote(method):
+    model = _mlp()
+    kwargs = {"method": "gptq", "calibration_data": [torch.randn(32, 16)]} if method == "gptq" else {}
+    result = quantize(model, bits=4, **kwargs)
+    record = carried(model)
+    assert record is not None and record.source == "quantize()"
+    assert set(record.codes) == {"0.weight", "2.weight", "4.weight"}
+    assert all(record.codes[layer.key] is layer.qtensor for layer in result.layers.values())
+    assert record.stale(model) == []
+
+
+def test_layers_that_fall_back_to_float_leave_the_record():
+    model = _mlp()
+    torch.manual_seed(1)
+    result = _guarded(model, torch.randn(256, 16), 0.2, "float")
+    kept_float = {f"{s['layer']}.weight" for s in result.fallbacks if s["to_bits"] == 32}
+    record = carried(model)
+    assert kept_float and record is not None
+    assert set(record.codes) == {layer.key for layer in result.layers.values()}
+    assert not kept_float & set(record.codes) and record.stale(model) == []
+
+
+def test_the_default_arguments_warn_about_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(_mlp(), bits=8, metric_fn=lambda m: 1.0)
+
+
+# ---------------------------------------------------------------------------- a bound no fallback meets
+def test_a_bound_met_only_with_every_layer_float_warns_and_says_so():
+    model = _mlp()
+    with pytest.warns(UserWarning, match=r"quantize\(\): `max_metric_drop`=0.0 was met only with nothing quantized: "
+                                         r"the best drop reached was 0, and every layer was left float"):
+        result = _guarded(model, torch.randn(256, 16), 0.0, "float")
+    assert result.bound_met is True and result.layers == {}
+    assert carried(model) is None
+
+
+def test_a_bound_never_met_warns_and_records_it():
+    calls = []
+
+    def drifting(model):  # the float model scores 1.0, every later measurement 0.5 (a metric that never recovers)
+        calls.append(1)
+        return 1.0 if len(calls) == 1 else 0.5
+
+    with pytest.warns(UserWarning, match=r"`max_metric_drop`=0.1 was not met: the best drop reached was 0.5, and "
+                                         r"every layer was left float"):
+        result = quantize(_mlp(), bits=2, metric_fn=drifting, max_metric_drop=0.1, fallback="float")
+    assert result.bound_met is False and result.metric_after == 0.5
+
+
+def test_a_met_bound_is_recorded_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = quantize(_mlp(), bits=8, metric_fn=lambda m: 1.0, max_metric_drop=0.01)
+    assert result.bound_met is True and result.fallbacks == []
+
+
+# ---------------------------------------------------------------------------- nothing left half-quantized
+def test_an_error_mid_way_restores_the_float_weights():
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def metric(m):  # fine for the float model and the first fallback states, then None
+        calls.append(1)
+        return 1.0 if len(calls) == 1 else (0.0 if len(calls) < 4 else None)
+
+    with pytest.raises(ValueError, match=r"`metric_fn` must return a finite number .*returned None"):
+        quantize(model, bits=2, metric_fn=metric, max_metric_drop=0.1)
+    assert len(calls) == 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert carried(model) is None
+
+
+def test_a_hessian_that_is_not_positive_definite_names_the_layer():
+    spec = QuantSpec(bits=4)
+    with pytest.raises(RuntimeError, match=r"layer 'blocks.0.fc': the layer's input Hessian is not positive definite"):
+        gptq_weight(torch.randn(4, 6), [-torch.eye(6)], spec, GPTQConfig(), "blocks.0.fc")
+    with pytest.raises(ValueError, match=r"layer 'fc': its input Hessian holds NaN"):
+        gptq_weight(torch.randn(4, 6), [torch.full((6, 6), float("nan"))], spec, GPTQConfig(), "fc")
