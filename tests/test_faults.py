@@ -4,6 +4,7 @@ and a callback instance reused for a second fit."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -173,6 +174,59 @@ def test_disk_full_for_the_float_copy_too_still_leaves_the_model_float(tmp_path:
     for name, weight in callback.float_weights.items():
         assert torch.equal(modules[name].weight.detach().cpu(), weight), name
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == []
+
+
+# ---------------------------------------------------------------------------- disk full: the report names the file
+def _full_disk(path: Any, data: bytes) -> Path:
+    """The one atomic writer, its ``write()`` failing as a full disk does: errno 28 and no file named."""
+    def write(handle: Any) -> None:
+        handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return atomic_write(path, write)
+
+
+def _pruned_then_exported(root: Path) -> pl.Trainer:
+    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=2, evaluate=False)
+    quantization = PostTrainingQuantization(bits=4, export_path="m.safetensors", save_float_copy=False)
+    torch.manual_seed(0)
+    return quiet_trainer([pruning, quantization], max_steps=4, limit_val_batches=2, default_root_dir=root)
+
+
+def _report_in(root: Path) -> dict[str, Any]:
+    (path,) = root.rglob("compression_report.json")
+    return json.loads(path.read_text())
+
+
+def test_disk_full_at_export_names_the_file_and_the_report_keeps_the_pruning_history(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    monkeypatch.setattr(export, "write_bytes", _full_disk)
+    trainer = _pruned_then_exported(tmp_path)
+    with pytest.raises(OSError, match=r"No space left on device: '.*m\.safetensors'") as info:
+        trainer.fit(MLPClassifier(input_size=64, hidden=[16]), DigitsDataModule(batch_size=64))
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("m.safetensors")
+    report = _report_in(tmp_path)
+    assert "m.safetensors" in report["failure"] and "No space left on device" in report["failure"]
+    assert report["events"][0]["kind"] == "prune" and report["events"][0]["accepted"]  # the pruning history
+    assert "compressed_checkpoint" not in report["files"] and not list(tmp_path.rglob("*.ckpt"))
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("m.safetensors"))
+
+
+def test_disk_full_at_the_compressed_checkpoint_names_it_after_the_report_is_written(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    trainer = _pruned_then_exported(tmp_path)
+
+    def full_disk(checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.strategy.checkpoint_io, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device: '.*compressed\.ckpt'") as info:
+        trainer.fit(MLPClassifier(input_size=64, hidden=[16]), DigitsDataModule(batch_size=64))
+    assert info.value.errno == errno.ENOSPC
+    report = _report_in(tmp_path)
+    assert "compressed.ckpt" in report["failure"] and "compressed_checkpoint" not in report["files"]
+    assert report["files"]["quantized"]["bytes"] > 0  # the export before it was written, and is listed
+    assert [e["kind"] for e in report["events"]] == ["prune", "quantize"]
 
 
 # ---------------------------------------------------------------------------- export and float copy of one run
