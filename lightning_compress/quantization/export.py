@@ -43,9 +43,13 @@ from torch import Tensor, nn
 
 from lightning_compress.core.io import UntrustedFileError, read_safetensors_header, write_bytes
 from lightning_compress.quantization import export_checks as checks
+from lightning_compress.quantization.carried import attach, carried
 from lightning_compress.quantization.functional import QuantizationResult
+from lightning_compress.quantization.layer import LayerQuantization
 from lightning_compress.quantization.packing import pack, unpack
 from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec
+from lightning_compress.structure.serialization import shrink_to_state_dict
+from lightning_compress.structure.shape_rules import RECORD_KEY, compacted_axes, encode
 
 FORMAT, FLOAT_FORMAT, METADATA_KEY, VERSION = checks.FORMAT, checks.FLOAT_FORMAT, checks.METADATA_KEY, checks.VERSION
 
@@ -94,7 +98,7 @@ def quantized_tensors(
         else:
             tensors[key] = value.detach().to("cpu", copy=True).contiguous()  # copies: no shared storage
     meta = {"format": FORMAT, "version": VERSION, "layers": layers_meta, "aliases": aliases,
-            "run_id": run_id or new_run_id()}
+            "run_id": run_id or new_run_id(), RECORD_KEY: encode(compacted_axes(model))}
     return tensors, meta
 
 
@@ -105,18 +109,55 @@ def atomic_save(tensors: dict[str, Tensor], path: str | os.PathLike[str], metada
 
 
 def save_quantized(
-    model: nn.Module, result: QuantizationResult, path: str | os.PathLike[str], *, run_id: str | None = None
+    model: nn.Module,
+    result: QuantizationResult | str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    run_id: str | None = None,
 ) -> Path:
     """Write ``model`` (quantized by :func:`~lightning_compress.quantize`, which returned ``result``) to ``path``.
-    ``run_id``: the id shared with the run's float copy (:func:`save_float`); a fresh one when None."""
+    Without ``result`` (``save_quantized(model, path)``) the codes the model carries are written
+    (:mod:`.carried`: set by ``quantize()``, the callback and :func:`load_quantized`). ``run_id``: the id shared
+    with the run's float copy (:func:`save_float`); a fresh one when None."""
+    if path is None and isinstance(result, (str, os.PathLike)):
+        result, path = None, result
+    if path is None:
+        raise TypeError("save_quantized() needs `path`: save_quantized(model, path) or save_quantized(model, result, "
+                        "path)")
+    if result is None:
+        result = _carried_result(model)
+    if not isinstance(result, QuantizationResult):
+        raise TypeError(f"`result` must be the QuantizationResult quantize() returned, a path, or None (the codes "
+                        f"the model carries), got {type(result).__name__}")
     tensors, meta = quantized_tensors(model, result, run_id)
     return atomic_save(tensors, path, meta)
+
+
+def _carried_result(model: nn.Module) -> QuantizationResult:
+    """The codes ``model`` carries, as a :class:`QuantizationResult` to write; refused when it carries none or when
+    its weights are no longer those codes."""
+    record = carried(model)
+    if record is None:
+        raise ValueError(f"`model` ({type(model).__name__}) is not quantized: it carries no codes and no `result` "
+                         "was given; allowed: a model returned by quantize() / load_quantized() or quantized by "
+                         "PostTrainingQuantization, or pass `result`")
+    stale = record.stale(model)
+    if stale:
+        raise ValueError(f"`model`'s weights {stale[:5]} are no longer the codes {record.source} left (trained, "
+                         "restored to float or edited since): quantize it again before saving")
+    modules = dict(model.named_modules())
+    layers = {}
+    for key, qt in record.codes.items():
+        module, _, attr = key.rpartition(".")
+        layers[module] = LayerQuantization(module, attr, type(modules[module]).__name__, qt, math.nan, 0.0)
+    return QuantizationResult(layers=layers)
 
 
 def save_float(model: nn.Module, path: str | os.PathLike[str], *, run_id: str | None = None) -> Path:
     """Write the model's full-precision ``state_dict`` (the way back before quantizing), atomically."""
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FLOAT_FORMAT, "version": VERSION, "run_id": run_id or new_run_id()}
+    meta = {"format": FLOAT_FORMAT, "version": VERSION, "run_id": run_id or new_run_id(),
+            RECORD_KEY: encode(compacted_axes(model))}
     return atomic_save(state, path, meta)
 
 
@@ -162,6 +203,13 @@ def load_quantized_tensors(
 ) -> tuple[dict[str, Tensor], dict[str, QuantizedTensor]]:
     """The float entries and the :class:`QuantizedTensor` of each quantized weight, by state-dict key. With
     ``model``, the file's keys, shapes and dtypes are checked against ``model.state_dict()`` before reading."""
+    _, floats, quantized = _read_checked(path, model, expect_run)
+    return floats, quantized
+
+
+def _read_checked(
+    path: str | os.PathLike[str], model: nn.Module | None, expect_run: str | None
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, QuantizedTensor]]:
     name = os.fspath(path)
     header = read_safetensors_header(name)
     meta = checks.parse_metadata(name, header, FORMAT)
@@ -193,7 +241,7 @@ def load_quantized_tensors(
             quantized[key] = qt
     for alias, key in meta["aliases"].items():
         floats[alias] = quantized[key].dequantize()
-    return floats, quantized
+    return meta, floats, quantized
 
 
 def load_quantized(
@@ -201,34 +249,43 @@ def load_quantized(
 ) -> nn.Module:
     """Load ``path`` into ``model`` (a fresh instance of the class that was exported) and return it.
 
-    Weights are the dequantized values, bit-identical to the quantized model that was saved; the file must hold
-    exactly the model's keys, shapes and dtypes (checked before anything is read). ``expect_run``: refuse a file
-    whose ``run_id`` differs (e.g. ``read_run_id`` of the float copy). ``int_kernels=True`` then replaces each
-    ``nn.Linear`` whose codes fit int8 with one scale per output row (per_tensor / per_channel) by an
-    :class:`~.kernels.Int8Linear`; other layers keep the dequantized float weights.
+    Weights are the dequantized values, bit-identical to the quantized model that was saved. The file must hold
+    the model's keys and dtypes, and its shapes must be the model's, or smaller along the axes its compaction
+    record lists (an export of a compacted model: the model is shrunk to them); all checked before any tensor is
+    read, and the model is changed only once everything is. The model then carries its codes
+    (:mod:`.carried`), so ``save_quantized(model, path)`` and ``export_onnx`` know it is quantized.
+    ``expect_run``: refuse a file whose ``run_id`` differs (e.g. ``read_run_id`` of the float copy).
+    ``int_kernels=True`` then replaces each ``nn.Linear`` whose codes fit int8 with one scale per output row
+    (per_tensor / per_channel) by an :class:`~.kernels.Int8Linear`; other layers keep the dequantized float weights.
     """
-    floats, quantized = load_quantized_tensors(path, model, expect_run=expect_run)
+    name = os.fspath(path)
+    meta, floats, quantized = _read_checked(name, model, expect_run)
     state = dict(floats)
     for key, qt in quantized.items():
         state[key] = qt.dequantize()
+    shrink_to_state_dict(model, state, meta[RECORD_KEY], source=name)
     model.load_state_dict(state, strict=True)
     if int_kernels:
         from lightning_compress.quantization.kernels import swap_int8_linear
 
         swap_int8_linear(model, quantized)
+    kept = model.state_dict()  # an Int8Linear holds its own codes; the layers that kept float carry them
+    attach(model, {key: qt for key, qt in quantized.items() if key in kept}, f"load_quantized({name!r})")
     return model
 
 
 def load_float(model: nn.Module, path: str | os.PathLike[str], *, expect_run: str | None = None) -> nn.Module:
-    """Load a float copy written by :func:`save_float` into ``model`` (keys, shapes, dtypes checked first).
-    ``expect_run``: refuse a copy whose ``run_id`` differs (``read_run_id`` of the quantized export)."""
+    """Load a float copy written by :func:`save_float` into ``model`` (keys, dtypes and the shape rule checked
+    first, as in :func:`load_quantized`). ``expect_run``: refuse a copy whose ``run_id`` differs (``read_run_id``
+    of the quantized export)."""
     name = os.fspath(path)
     header = read_safetensors_header(name)
     meta = checks.parse_metadata(name, header, FLOAT_FORMAT)
     checks.check_run(name, meta, expect_run)
     checks.check_entries(name, header, None)
-    checks.check_against_model(name, header, None, model)
+    shapes = checks.check_against_model(name, header, meta, model)
     with safe_open(name, framework="pt") as handle:
         state = {key: handle.get_tensor(key) for key in header.tensors}
+    shrink_to_state_dict(model, shapes, meta[RECORD_KEY], source=name)
     model.load_state_dict(state, strict=True)
     return model

@@ -20,6 +20,7 @@ from lightning_compress.core.io import SafetensorsHeader, UntrustedFileError
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.packing import packed_nbytes
 from lightning_compress.quantization.primitives import QuantSpec
+from lightning_compress.structure.shape_rules import RECORD_KEY, check_declared_shapes, parse_record
 
 FORMAT = "lightning-compress/quantized-safetensors"
 FLOAT_FORMAT = "lightning-compress/float-safetensors"
@@ -83,6 +84,8 @@ def parse_metadata(name: str, header: SafetensorsHeader, expected: str) -> dict[
         raise UntrustedFileError(f"`path` {name!r} has format version {version}; this version reads <= {VERSION}")
     if not isinstance(meta.get("run_id", ""), str):
         raise UntrustedFileError(f"{name!r}: metadata key 'run_id' must be a string, got {meta['run_id']!r:.100}")
+    meta[RECORD_KEY] = (parse_record(name, meta[RECORD_KEY], f"metadata key {RECORD_KEY!r}") if RECORD_KEY in meta
+                        else None)  # None: written before files recorded what compaction shrank
     if expected == FORMAT:
         for field, kind_ in (("layers", dict), ("aliases", dict)):
             if not isinstance(meta.get(field, {}), kind_):
@@ -171,24 +174,25 @@ def check_entries(name: str, header: SafetensorsHeader, meta: dict[str, Any] | N
             raise UntrustedFileError(f"{name!r}, key {alias!r}: stored both as an alias and as a tensor")
 
 
-def check_against_model(name: str, header: SafetensorsHeader, meta: dict[str, Any] | None, model: nn.Module) -> None:
-    """The file's keys, shapes and dtypes are exactly the model's ``state_dict``."""
+def check_against_model(
+    name: str, header: SafetensorsHeader, meta: dict[str, Any], model: nn.Module
+) -> dict[str, tuple[int, ...]]:
+    """The file's keys and dtypes are the model's ``state_dict``'s; its shapes follow the one shape rule
+    (:func:`~lightning_compress.structure.shape_rules.check_declared_shapes`: equal, or smaller along the axes its
+    compaction record lists). Returns every key's declared shape."""
     state = model.state_dict()
-    layers = (meta or {}).get("layers", {})
+    layers = meta.get("layers", {})
     declared: dict[str, tuple[tuple[int, ...], str]] = {k: (e.shape, e.dtype) for k, e in header.tensors.items()
                                                          if ":" not in k}
     for key, info in layers.items():
         declared[key] = (tuple(info["shape"]), ST_CODES[DTYPES[info["dtype"]]])
-    for alias, target in (meta or {}).get("aliases", {}).items():
+    for alias, target in meta.get("aliases", {}).items():
         declared[alias] = declared[target]
-    extra, missing = sorted(set(declared) - set(state)), sorted(set(state) - set(declared))
-    if extra or missing:
-        key = (extra or missing)[0]
-        where = "is not in the model's state_dict" if extra else "of the model's state_dict is not in the file"
-        raise UntrustedFileError(f"{name!r}, key {key!r}: {where} (unexpected {extra[:5]}, missing {missing[:5]}): "
-                                 f"a file of another model ({type(model).__name__})?")
-    for key, (shape, code) in declared.items():
+    shapes = {key: shape for key, (shape, _) in declared.items()}
+    check_declared_shapes(name, shapes, model, meta.get(RECORD_KEY))
+    for key, (_, code) in declared.items():
         value = state[key]
-        if shape != tuple(value.shape) or code != ST_CODES.get(value.dtype, "?"):
-            raise UntrustedFileError(f"{name!r}, key {key!r}: declared {code} {list(shape)}, the model has "
-                                     f"{ST_CODES.get(value.dtype, value.dtype)} {list(value.shape)}")
+        if code != ST_CODES.get(value.dtype, "?"):
+            raise UntrustedFileError(f"{name!r}, key {key!r}: declared {code}, the model has "
+                                     f"{ST_CODES.get(value.dtype, value.dtype)}: the loaders do not convert dtypes")
+    return shapes

@@ -42,6 +42,7 @@ from lightning_compress.structure.serialization import (  # noqa: F401 - re-expo
     save_compacted,
     shrink_to_state_dict,
 )
+from lightning_compress.structure.shape_rules import record_compaction, shapes_of
 from lightning_compress.structure.trace import analysis_mode, as_call
 
 
@@ -77,12 +78,13 @@ def compact(
     if not inplace:
         model = copy.deepcopy(model)  # a LightningModule's deepcopy leaves its trainer behind
     modules = dict(model.named_modules())
-    params_before = count_parameters(model)
+    params_before, shapes_before = count_parameters(model), shapes_of(model)
     plan = _plan(groups, masks, modules)
     with analysis_mode(model), torch.no_grad():
         mismatch = _trial(model, modules, plan, _probe_input(example_input, model), keep=True)
     if mismatch:
         raise RuntimeError(f"compaction changed the model's outputs ({mismatch}); the model was left unchanged")
+    record_compaction(model, shapes_before)  # which axes shrank: all that a saved file may shrink on loading
     units = {n: (g.num_units, int(plan.rows[n].sum()) if n in plan.rows else g.num_units) for n, g in groups.items()}
     return CompactionResult(model, units, params_before, count_parameters(model), plan.skipped)
 

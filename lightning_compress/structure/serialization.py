@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.io import atomic_write, read_safetensors_header
+from lightning_compress.core.io import UntrustedFileError, atomic_write, read_safetensors_header
 from lightning_compress.structure.attention import (
     ATTENTION_TYPES,
     AttentionModule,
@@ -27,6 +27,17 @@ from lightning_compress.structure.attention import (
     attention_layout,
 )
 from lightning_compress.structure.kinds import FOLLOWER_TYPES, PRODUCER_TYPES
+from lightning_compress.structure.shape_rules import (
+    RECORD_KEY,
+    CompactedAxes,
+    check_declared_shapes,
+    compacted_axes,
+    declared_shapes,
+    encode,
+    parse_record,
+    record_compaction,
+    shapes_of,
+)
 
 FORMAT = "lightning_compress.compacted/1"
 _CODES = {  # torch dtype -> safetensors dtype code
@@ -38,7 +49,8 @@ _CODES = {  # torch dtype -> safetensors dtype code
 
 
 def save_compacted(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's tensors (with their compacted shapes) to a safetensors file, atomically."""
+    """Write the model's tensors (with their compacted shapes) to a safetensors file, atomically, with the record of
+    which axes compaction shrank (:mod:`.shape_rules`), which is all a loader lets the file shrink."""
     from safetensors.torch import save
 
     tensors: dict[str, Tensor] = {}
@@ -51,65 +63,85 @@ def save_compacted(model: nn.Module, path: str | os.PathLike) -> None:
             continue
         seen[identity] = key
         tensors[key] = value.detach().cpu().contiguous()
-    data = save(tensors, metadata={"format": FORMAT, "aliases": json.dumps(aliases)})
+    metadata = {"format": FORMAT, "aliases": json.dumps(aliases),
+                RECORD_KEY: json.dumps(encode(compacted_axes(model)))}
+    data = save(tensors, metadata=metadata)
     atomic_write(path, lambda handle: handle.write(data))
 
 
 def load_compacted(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Shrink a freshly built ``model`` (same class and arguments as the one saved) to the shapes recorded by
-    :func:`save_compacted` and load the tensors strictly. Returns ``model``."""
+    :func:`save_compacted` and load the tensors strictly. Returns ``model``; on a refusal it is untouched."""
     from safetensors.torch import load_file
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`path` {path!r} does not exist")
-    shapes, aliases = _checked_header(model, path)
-    shrink_to_state_dict(model, shapes)
+    shapes, aliases, record = _checked_header(model, path)
+    shrink_to_state_dict(model, shapes, record, source=path)
     state = load_file(path)
     state.update({alias: state[key] for alias, key in aliases.items()})
     model.load_state_dict(state, strict=True)
     return model
 
 
-def _checked_header(model: nn.Module, path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """The declared shapes and aliases, every declaration checked against the file and the model."""
+def _checked_header(
+    model: nn.Module, path: str
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str], CompactedAxes | None]:
+    """The declared shapes, aliases and compaction record, every declaration checked against the file and the
+    model (:func:`~.shape_rules.check_declared_shapes`)."""
     header = read_safetensors_header(path)  # the header itself: length, JSON, dtypes, shapes, byte ranges
     metadata = header.metadata
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"`path` {path!r} was not written by save_compacted (format {metadata.get('format')!r})")
-    try:
-        aliases = json.loads(metadata.get("aliases", "{}"))
-    except ValueError:
-        aliases = None
+        raise UntrustedFileError(f"`path` {path!r} was not written by save_compacted (metadata 'format' "
+                                 f"{metadata.get('format')!r:.100}, expected {FORMAT!r})")
+    aliases = _json_field(path, metadata, "aliases", "{}")
     if not isinstance(aliases, dict) or not all(
         isinstance(alias, str) and isinstance(key, str) and key in header.tensors for alias, key in aliases.items()
     ):
-        raise ValueError(f"{path!r} has malformed `aliases` metadata: {metadata.get('aliases')!r}")
+        raise UntrustedFileError(f"{path!r}: metadata 'aliases' must map names to stored tensors, got "
+                                 f"{metadata.get('aliases')!r:.200}")
+    record = None
+    if RECORD_KEY in metadata:
+        record = parse_record(path, _json_field(path, metadata, RECORD_KEY, "{}"), f"metadata {RECORD_KEY!r}")
     expected = model.state_dict()
-    shapes: dict[str, tuple[int, ...]] = {}
     for key, entry in header.tensors.items():
-        if key not in expected:
-            raise ValueError(f"{path!r} holds tensor {key!r}, which {type(model).__name__} does not have")
-        model_shape, model_dtype = tuple(expected[key].shape), expected[key].dtype
-        if entry.dtype != _CODES.get(model_dtype):
-            raise ValueError(f"{path!r} declares tensor {key!r} as {entry.dtype}, but the model's is "
-                             f"{_CODES.get(model_dtype, model_dtype)}: load_compacted does not convert dtypes")
-        if len(entry.shape) != len(model_shape) or any(d > m for d, m in zip(entry.shape, model_shape)):
-            raise ValueError(f"{path!r} declares tensor {key!r} with shape {entry.shape}, but the model's is "
-                             f"{model_shape}: a compacted tensor has the same rank and no larger dimension")
-        shapes[key] = entry.shape
-    missing = sorted(set(expected) - set(shapes) - set(aliases))
-    if missing:
-        raise ValueError(f"{path!r} lacks tensors the model has: {missing}")
+        if key in expected and entry.dtype != _CODES.get(expected[key].dtype):
+            raise UntrustedFileError(f"{path!r} declares tensor {key!r} as {entry.dtype}, but the model's is "
+                                     f"{_CODES.get(expected[key].dtype, expected[key].dtype)}: load_compacted does "
+                                     "not convert dtypes")
+    shapes = {key: entry.shape for key, entry in header.tensors.items()}
     shapes.update({alias: shapes[key] for alias, key in aliases.items()})
-    return shapes, aliases
+    check_declared_shapes(path, shapes, model, record)
+    return shapes, aliases, record
 
 
-def shrink_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor | Sequence[int]]) -> nn.Module:
+def _json_field(path: str, metadata: dict[str, str], field: str, default: str) -> object:
+    try:
+        return json.loads(metadata.get(field, default))
+    except ValueError:
+        raise UntrustedFileError(f"{path!r}: metadata {field!r} is not valid JSON: "
+                                 f"{metadata.get(field)!r:.200}") from None
+
+
+def shrink_to_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor | Sequence[int]],
+    record: Mapping[str, Sequence[int]] | None,
+    *,
+    source: str = "state_dict",
+) -> nn.Module:
     """Resize ``model``'s Linear / Conv / BatchNorm layers and attention modules to the shapes their tensors have in
     ``state_dict`` (tensors, or shapes), new parameters zero-filled, to be overwritten by ``load_state_dict``.
-    Returns ``model``."""
-    shapes = {k: tuple(v.shape) if isinstance(v, Tensor) else tuple(v) for k, v in state_dict.items()}
+
+    ``record`` is the compaction record of the file ``state_dict`` comes from (``source``, named in errors; None: a
+    file that has none). Every shape is checked by :func:`~.shape_rules.check_declared_shapes` and the whole resize
+    planned before anything changes: the model can only shrink along the recorded axes, and a refusal leaves it
+    untouched. The model then carries the record of what was shrunk. Returns ``model``."""
+    shapes = declared_shapes(state_dict)
+    check_declared_shapes(source, shapes, model, record)
+    before = shapes_of(model)
+    resizes: list[tuple[nn.Module, dict[str, int], dict[str, tuple[int, ...]]]] = []
     attention: list[tuple[str, AttentionModule, int]] = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -117,26 +149,24 @@ def shrink_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor | Seq
         if isinstance(module, ATTENTION_TYPES) and f"{prefix}in_proj_weight" in shapes:
             rows, head_dim = shapes[f"{prefix}in_proj_weight"][0], attention_layout(module)[2]
             if rows % (3 * head_dim) or rows == 0:
-                raise ValueError(f"`state_dict[{prefix + 'in_proj_weight'!r}]` has {rows} rows, not a multiple of "
-                                 f"3 x head_dim {head_dim}")
+                raise UntrustedFileError(f"{source!r}, key {prefix + 'in_proj_weight'!r}: {rows} rows, not a "
+                                         f"positive multiple of 3 x head_dim {head_dim}")
             attention.append((name, module, rows // (3 * head_dim)))
         elif isinstance(module, PRODUCER_TYPES) and weight is not None:
-            if len(weight) != module.weight.dim() or weight[2:] != tuple(module.weight.shape[2:]):
-                raise ValueError(f"`state_dict[{prefix + 'weight'!r}]` has shape {weight}, "
-                                 f"which `{name}` ({type(module).__name__}) cannot take")
             out, fan_in = weight[0], weight[1]
-            if isinstance(module, nn.Linear):
-                module.out_features, module.in_features = out, fan_in
-            else:
-                module.out_channels, module.in_channels = out, fan_in * module.groups
-            _resize(module, "weight", weight)
-            _resize(module, "bias", (out,))
+            sizes = ({"out_features": out, "in_features": fan_in} if isinstance(module, nn.Linear)
+                     else {"out_channels": out, "in_channels": fan_in * module.groups})
+            resizes.append((module, sizes, {"weight": weight, "bias": (out,)}))
         elif isinstance(module, FOLLOWER_TYPES):
             reference = weight if weight is not None else shapes.get(f"{prefix}running_mean")
             if reference is not None:
-                module.num_features = reference[0]
-                for tensor_name in ("weight", "bias", "running_mean", "running_var"):
-                    _resize(module, tensor_name, reference)
+                names = ("weight", "bias", "running_mean", "running_var")
+                resizes.append((module, {"num_features": reference[0]}, dict.fromkeys(names, reference)))
+    for module, sizes, tensors in resizes:  # checked and planned: now change the model
+        for attribute, size in sizes.items():
+            setattr(module, attribute, size)
+        for tensor_name, shape in tensors.items():
+            _resize(module, tensor_name, shape)
     for name, module, heads in attention:
         if heads != attention_layout(module)[1] or isinstance(module, PrunedMultiheadAttention):
             new = PrunedMultiheadAttention.like(module, heads)
@@ -151,6 +181,7 @@ def shrink_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor | Seq
             setattr(module, "num_attention_heads", heads)  # noqa: B010
             if hasattr(module, "all_head_size"):
                 setattr(module, "all_head_size", heads * head_size)  # noqa: B010
+    record_compaction(model, before)
     return model
 
 

@@ -22,6 +22,7 @@ from lightning_compress.structure.compaction import (
     unit_masks_from_weights,
 )
 from lightning_compress.structure.dependency import find_unit_groups
+from lightning_compress.structure.shape_rules import compacted_axes
 from tests.structure.test_dependency import Branchy, Concat, Depthwise, Mixed, Refusing, Residual
 
 
@@ -216,7 +217,8 @@ def test_save_and_load_into_a_fresh_instance(tmp_path) -> None:  # type: ignore[
     assert count_parameters(fresh) == result.params_after
     torch.testing.assert_close(outputs(fresh, x), outputs(result.model, x), atol=0, rtol=0)
 
-    other = shrink_to_state_dict(SmallCNN(image_size=8, channels=[4, 6], hidden=8), result.model.state_dict())
+    other = shrink_to_state_dict(SmallCNN(image_size=8, channels=[4, 6], hidden=8), result.model.state_dict(),
+                                 compacted_axes(result.model))
     other.load_state_dict(result.model.state_dict(), strict=True)
     torch.testing.assert_close(outputs(other, x), outputs(result.model, x), atol=0, rtol=0)
 
@@ -228,5 +230,5 @@ def test_load_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     save_file({"weight": torch.zeros(2, 2)}, plain)
     with pytest.raises(ValueError, match="was not written by save_compacted"):
         load_compacted(nn.Linear(2, 2), plain)
-    with pytest.raises(ValueError, match=r"`state_dict\['weight'\]` has shape \(2, 2\), which `` \(Conv2d\) cannot"):
-        shrink_to_state_dict(nn.Conv2d(2, 2, 3), {"weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"'state_dict', key 'weight': declared shape \[2, 2\], the model has "):
+        shrink_to_state_dict(nn.Conv2d(2, 2, 3), {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}, {"weight": [0]})
