@@ -4,6 +4,6 @@
 :func:`export_onnx` runs.
 """
 
-from lightning_compress.serving.onnx import INTEGER_OPS, LayerExport, OnnxExportReport, export_onnx
+from lightning_compress.serving.onnx import INTEGER_OPS, LayerExport, OnnxExportReport, OutputCheckError, export_onnx
 
-__all__ = ["INTEGER_OPS", "LayerExport", "OnnxExportReport", "export_onnx"]
+__all__ = ["INTEGER_OPS", "LayerExport", "OnnxExportReport", "OutputCheckError", "export_onnx"]

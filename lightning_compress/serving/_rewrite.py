@@ -239,3 +239,45 @@ def weight_only(graph: Graph, site: WeightSite, key: str, qt: Any) -> None:
         dq = shaped
     if site.layout == "transposed":
         graph.add_node("Transpose", [dq], [target], perm=[1, 0])
+
+
+def gather(graph: Graph, site: WeightSite, key: str, qt: Any) -> str:
+    """An embedding lookup on our codes: ``Gather`` of the int8 / uint8 table, then ``Cast -> (Sub zero point) ->
+    Mul scale`` on the gathered rows only (their scales gathered alike). The table stays integer in memory; a
+    ``DequantizeLinear`` of the whole table would be folded back to float by ORT at load."""
+    node = site.node
+    axis = _attrs(node, graph.onnx).get("axis", 0)
+    if node.input[0] != site.initializer or site.layout != "same" or axis != 0 or site.row_factor is not None:
+        raise Unsupported(f"Gather {node.name!r} does not read the embedding table as rows (axis 0)")
+    spec = qt.spec
+    q = qt.q.cpu().numpy()
+    rows, width = q.shape
+    groups = qt.scale.shape[1] if qt.scale.dim() == 2 else 1
+    if spec.granularity == "per_tensor" or qt.scale.shape[0] != rows:
+        raise Unsupported("an embedding table needs one scale per row (per_channel / per_group) to be gathered")
+    dtype = INT8 if q.min() >= -128 and q.max() <= 127 else np.uint8
+    if dtype == np.uint8 and (q.min() < 0 or q.max() > 255):
+        raise Unsupported(f"{spec.bits}-bit codes do not fit in 8 bits")
+    ids, out = node.input[1], node.output[0]
+    table = graph.add_init(f"{key}_quantized", np.ascontiguousarray(q.reshape(rows, groups, width // groups)
+                                                                    .astype(dtype)))
+    scale = graph.add_init(f"{key}_scale", qt.scale.float().cpu().numpy().reshape(rows, groups, 1))
+    codes, values = graph.unique(f"{key}_gathered"), graph.unique(f"{key}_float")
+    graph.add_node("Gather", [table, ids], [codes], axis=0)
+    graph.add_node("Cast", [codes], [values], to=_FLOAT)
+    if qt.zero_point is not None:
+        zero = graph.add_init(f"{key}_zero_point", qt.zero_point.float().cpu().numpy().reshape(rows, groups, 1))
+        picked, centered = graph.unique(f"{key}_zero_gathered"), graph.unique(f"{key}_centered")
+        graph.add_node("Gather", [zero, ids], [picked], axis=0)
+        graph.add_node("Sub", [values, picked], [centered])
+        values = centered
+    scales, scaled = graph.unique(f"{key}_scales"), graph.unique(f"{key}_scaled")
+    graph.add_node("Gather", [scale, ids], [scales], axis=0)
+    graph.add_node("Mul", [values, scales], [scaled])  # (*ids, groups, group_len)
+    ids_shape, shape = graph.unique(f"{key}_ids_shape"), graph.unique(f"{key}_out_shape")
+    graph.add_node("Shape", [ids], [ids_shape])
+    graph.add_node("Concat", [ids_shape, graph.add_init(f"{key}_width", np.array([width], dtype=np.int64))],
+                   [shape], axis=0)
+    graph.add_node("Reshape", [scaled, shape], [out])
+    graph.graph.node.remove(node)
+    return "Gather"

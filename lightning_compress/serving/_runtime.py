@@ -7,7 +7,7 @@ import copy
 import importlib
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +42,6 @@ def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def input_batches(data: Tensor | Iterable[Any]) -> list[Tensor]:
-    if isinstance(data, Tensor):
-        return list(data.split(64))
-    batches = []
-    for batch in data:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(x, Tensor):
-            raise TypeError(f"`calibration_data` must yield tensors or (inputs, ...) batches, got {type(x).__name__}")
-        batches.append(x)
-    if not batches:
-        raise ValueError("`calibration_data` is empty")
-    return batches
-
-
 def session(model: bytes | str | os.PathLike[str], ort: Any, optimized: str | None = None, threads: int = 1) -> Any:
     """A CPU ``InferenceSession`` (default graph optimizations), optionally saving the optimized graph."""
     options = ort.SessionOptions()
@@ -68,7 +54,7 @@ def session(model: bytes | str | os.PathLike[str], ort: Any, optimized: str | No
 
 
 def calibrate(
-    float_bytes: bytes, tensors: list[str], batches: list[Tensor], onnx: Any, ort: Any
+    float_bytes: bytes, tensors: list[str], feeds: list[dict[str, Any]], onnx: Any, ort: Any
 ) -> dict[str, tuple[float, float]]:
     """Min / max of each named tensor of the float graph over ``batches``."""
     model = onnx.load_from_string(float_bytes)
@@ -78,20 +64,19 @@ def calibrate(
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     calibration = session(model.SerializeToString(), ort)
     ranges: dict[str, list[float]] = {name: [np.inf, -np.inf] for name in tensors}
-    for x in batches:
-        values = calibration.run(tensors, {"input": x.detach().float().cpu().numpy()})
+    for feed in feeds:
+        values = calibration.run(tensors, feed)
         for name, value in zip(tensors, values):
             ranges[name][0] = min(ranges[name][0], float(value.min()))
             ranges[name][1] = max(ranges[name][1], float(value.max()))
     return {name: (lo, hi) for name, (lo, hi) in ranges.items()}
 
 
-
-def check_runtime_ops(layers: Mapping[str, Any], path: Path, onnx: Any, ort: Any) -> None:
+def check_runtime_ops(layers: Mapping[str, Any], model: bytes | Path, onnx: Any, ort: Any) -> None:
     """Which operator reads each layer's codes once ORT has optimized the graph (what it really runs)."""
     with tempfile.TemporaryDirectory() as tmp:
         optimized = os.path.join(tmp, "optimized.onnx")
-        session(path, ort, optimized)
+        session(model, ort, optimized)
         graph = onnx.load(optimized, load_external_data=False).graph
     readers: dict[str, list[str]] = {}
     for node in graph.node:
@@ -102,25 +87,45 @@ def check_runtime_ops(layers: Mapping[str, Any], path: Path, onnx: Any, ort: Any
             layer.runtime_op = None
             continue
         ops = readers.get(layer.codes, [])
-        integer = [op for op in ops if op in INTEGER_OPS]
+        integer = [op for op in ops if op in INTEGER_OPS or (op == "Gather" and layer.op == "Gather")]
         layer.runtime_op = integer[0] if integer else (ops[0] if ops else "constant-folded to float")
         if not integer:
             runs = f"ORT runs {layer.runtime_op} on it after optimization (no integer kernel)"
             layer.reason = f"{layer.reason}; {runs}" if layer.reason else runs
 
 
+class OutputCheckError(RuntimeError):
+    """ONNX Runtime's outputs cannot be trusted to equal the model's (non-finite values); nothing was written."""
+
+
 @torch.no_grad()
-def check_outputs(model: nn.Module, path: Path, inputs: list[Tensor], ort: Any) -> tuple[float, float, int]:
-    """(max abs difference, argmax agreement, samples) of ORT's outputs vs ``model``'s on ``inputs``."""
-    reference = copy.deepcopy(model).cpu().eval()
-    ort_session = session(path, ort)
+def check_outputs(
+    reference: nn.Module, model: bytes, names: list[str], feeds: list[tuple[list[Tensor], dict[str, Any]]], ort: Any
+) -> tuple[float, float, int]:
+    """(max abs difference, argmax agreement of the first output, samples) of ORT's outputs ``names`` vs
+    ``reference`` (positional tensors in, a tuple of the same outputs out) on each ``(tensors, feed)``. A NaN or inf
+    in either side's outputs raises :class:`OutputCheckError`: no agreement is ever reported on garbage."""
+    reference = copy.deepcopy(reference).cpu().eval()
+    ort_session = session(model, ort)
     diff, agree, total, classified = 0.0, 0, 0, 0
-    for x in inputs:
-        expected = reference(x.detach().cpu()).float().numpy()
-        got = ort_session.run(["output"], {"input": x.detach().float().cpu().numpy()})[0]
-        diff = max(diff, float(np.abs(got - expected).max()))
-        if expected.ndim == 2 and expected.shape[1] > 1:
-            agree += int((got.argmax(1) == expected.argmax(1)).sum())
-            classified += expected.shape[0]
-        total += expected.shape[0]
+    for i, (tensors, feed) in enumerate(feeds):
+        expected = [t.detach().float().cpu().numpy() for t in reference(*tensors)]
+        got = ort_session.run(names, feed)
+        where = "the example" if i == 0 else f"calibration batch {i - 1}"
+        for name, want, have in zip(names, expected, got):
+            bad_torch, bad_ort = int((~np.isfinite(want)).sum()), int((~np.isfinite(have)).sum())
+            if bad_torch or bad_ort:
+                raise OutputCheckError(
+                    f"output {name!r} on {where} has {bad_torch} non-finite values in PyTorch and {bad_ort} in ONNX "
+                    "Runtime; the export cannot be checked, so nothing was written (look for NaN / inf weights or "
+                    "an overflow in the model)")
+            if want.shape != have.shape:
+                raise OutputCheckError(f"output {name!r} on {where}: ONNX Runtime gives shape {have.shape}, PyTorch "
+                                       f"{want.shape}; nothing was written")
+            diff = max(diff, float(np.abs(have - want).max())) if want.size else diff
+        first, first_ort = expected[0], got[0]
+        if first.ndim == 2 and first.shape[1] > 1:
+            agree += int((first_ort.argmax(1) == first.argmax(1)).sum())
+            classified += first.shape[0]
+        total += first.shape[0] if first.ndim else 1
     return diff, agree / classified if classified else float("nan"), total

@@ -22,7 +22,7 @@ import copy
 import io
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,22 +34,23 @@ from torch import Tensor, nn
 from lightning_compress.core.io import write_bytes
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.quantization.functional import QuantizationResult
-from lightning_compress.quantization.kernels import Int8Linear
-from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec
-from lightning_compress.serving import _rewrite
+from lightning_compress.quantization.primitives import QuantizedTensor
+from lightning_compress.serving import _codes, _inputs, _rewrite
 from lightning_compress.serving._graph import Graph, WeightSite, find_weight, uint8_qparams
+from lightning_compress.serving._inputs import OutputKey
 from lightning_compress.serving._runtime import (
     INTEGER_OPS,
+    OutputCheckError,  # noqa: F401 - re-exported
     calibrate,
     check_outputs,
     check_runtime_ops,
-    input_batches,
     require_onnx,
     version_tuple,
 )
 
 ACTIVATIONS = ("dynamic", "static")
 DEFAULT_OPSET = 17
+WRAPPED = "model."  # the exported module is _inputs.Exported, holding the model as `model`
 NBITS_MIN_ORT = (1, 20)  # MatMulNBits' bias input and 8-bit CPU kernel (tested: 1.32)
 
 
@@ -68,7 +69,8 @@ class LayerExport:
 
     @property
     def integer(self) -> bool:
-        return self.runtime_op in INTEGER_OPS
+        """On an integer operator, or an embedding looked up from its integer table (``Gather`` of our codes)."""
+        return self.runtime_op in INTEGER_OPS or (self.runtime_op == "Gather" and self.op == "Gather")
 
 
 @dataclass
@@ -78,10 +80,13 @@ class OnnxExportReport:
     activations: str
     opset: int
     layers: dict[str, LayerExport] = field(default_factory=dict)
-    max_abs_diff: float = float("nan")  # ORT vs the in-memory model, over the checked samples
-    argmax_agreement: float = float("nan")  # fraction of samples whose argmax agrees (nan for 1-column outputs)
+    max_abs_diff: float = float("nan")  # ORT vs the in-memory model, over the checked samples and outputs
+    argmax_agreement: float = float("nan")  # fraction of samples whose argmax agrees (nan unless (batch, classes))
     samples: int = 0
     onnxruntime: str = ""
+    inputs: list[str] = field(default_factory=list)  # graph input names, in order
+    outputs: list[str] = field(default_factory=list)  # graph output names, in order
+    source: str = ""  # where the codes came from: "result", the carried record's source, "" for a float model
 
     @property
     def not_integer(self) -> dict[str, str]:
@@ -90,13 +95,16 @@ class OnnxExportReport:
                 if not layer.integer}
 
     def __str__(self) -> str:
-        ops = ", ".join(f"{n}: {layer.runtime_op or layer.op}" for n, layer in self.layers.items()) or "none"
+        ops = ", ".join(f"{n}: {layer.runtime_op or layer.op}" for n, layer in self.layers.items())
+        agreement = ("n/a" if self.argmax_agreement != self.argmax_agreement
+                     else f"{100 * self.argmax_agreement:.2f} %")
         lines = [
             (f"{self.path} ({self.nbytes / 1e6:.2f} MB, {self.activations} activations, opset {self.opset}, "
-             f"onnxruntime {self.onnxruntime})"),
-            f"quantized layers -> ORT ops: {ops}",
+             f"onnxruntime {self.onnxruntime}); inputs {self.inputs} -> outputs {self.outputs}"),
+            (f"quantized layers ({self.source}) -> ORT ops: {ops}" if self.layers
+             else "float model: nothing quantized (no `result`, no codes carried by the model)"),
             (f"ORT vs in-memory model on {self.samples} samples: max |diff| {self.max_abs_diff:.3g}, "
-             f"argmax agreement {100 * self.argmax_agreement:.2f} %"),
+             f"argmax agreement {agreement}"),
         ]
         if self.not_integer:
             lines.append(f"NOT on integer kernels: {self.not_integer}")
@@ -106,50 +114,80 @@ class OnnxExportReport:
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
-    example_input: Tensor,
+    example_inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None = None,
     result: QuantizationResult | Mapping[str, QuantizedTensor] | str | os.PathLike[str] | None = None,
     *,
+    outputs: OutputKey | Sequence[OutputKey] | None = None,
+    dynamic_axes: Mapping[str, Any] | None = None,
     activations: str = "dynamic",
     calibration_data: Tensor | Iterable[Any] | None = None,
     opset: int = DEFAULT_OPSET,
     accuracy_level: int = 4,
+    example_input: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None = None,
 ) -> OnnxExportReport:
-    """Write ``model`` to ``path`` as ONNX running our quantized layers on ORT integer kernels; check it.
+    """Write ``model`` to ``path`` as ONNX running our quantized layers on ORT integer kernels; check it first.
+
+    Everything is checked before anything is written: the arguments, the inputs (finite), one PyTorch run of the
+    example; then the graph is built and run in ONNX Runtime from memory, and only a graph whose outputs are finite
+    and whose report is complete is written (atomically). A failed check leaves no file (and an older file at
+    ``path`` untouched).
 
     Args:
         model: the compressed model in memory (quantized in place by :func:`~lightning_compress.quantize`, loaded
-            by ``load_quantized`` / ``load_compacted``, or float). ``Int8Linear`` layers export their own codes.
-        example_input: one input batch (its batch axis is exported as dynamic).
+            by ``load_quantized`` / ``load_compacted``, or float), e.g. a Hugging Face ``BertModel`` as it is.
+        path: where to write; must end in ``.onnx`` (a ``.safetensors`` export is ``save_quantized``'s job).
+        example_inputs: one input batch: a tensor (graph input ``input``), a tuple of tensors (positional
+            arguments, named after ``model.forward``'s parameters) or a dict of keyword tensors (named after its
+            keys). Integer tensors keep their dtype. ``example_input=`` is the older name of the same argument.
         result: where the codes come from: the :class:`QuantizationResult` ``quantize`` returned, a mapping
-            state-dict key -> :class:`QuantizedTensor`, or the path of a ``save_quantized`` file. ``None``: only
-            ``Int8Linear`` layers are quantized (a float model exports as float).
+            state-dict key -> :class:`QuantizedTensor` (keys may carry or lack one wrapper prefix), or the path of a
+            ``save_quantized`` file. ``None``: the codes the model carries (``quantize()``, the callback and
+            ``load_quantized`` attach them) and its ``Int8Linear`` layers; a model carrying none exports as float
+            and the report says so.
+        outputs: which outputs of a model returning a tuple, dict or ``ModelOutput`` to export and check: names
+            (``"last_hidden_state"``) or indices; default the first tensor. A tensor output is named ``output``.
+        dynamic_axes: per input name, the dims to make dynamic (a list, or dim -> name); default dims 0 and 1
+            (batch, sequence) for integer inputs, dim 0 for float ones.
         activations: ``"dynamic"`` (activation scales computed per batch at run time) or ``"static"`` (uint8
             scales calibrated min/max on ``calibration_data``; ``QLinearConv``). Use ``"static"`` for CNNs: ORT's
-            ``ConvInteger`` (dynamic) measured 5x *slower* than fp32 on the benchmark CNN, QLinearConv 1.8x faster.
-        calibration_data: a tensor of inputs, or an iterable of input tensors or ``(inputs, targets, ...)``
-            batches. Required for ``"static"``; when given, the output check also runs on it.
+            ``ConvInteger`` (dynamic) is slower than fp32 on the benchmark CNN, QLinearConv faster.
+        calibration_data: a tensor of inputs, or an iterable of batches shaped like ``example_inputs`` (for a
+            tensor example: tensors or ``(inputs, targets, ...)``; for a dict: dicts with its keys; for a tuple:
+            tuples starting with its tensors). Required for ``"static"``; when given, the output check also runs on
+            it.
         opset: ONNX opset of the default domain, 13..20.
         accuracy_level: ``MatMulNBits``' ``accuracy_level`` (4: int8 activations, 0: float compute).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"`example_input` must be a torch.Tensor (one input batch), got {type(example_input).__name__}")
+    if example_input is not None:
+        if example_inputs is not None:
+            raise TypeError("pass `example_inputs` or its older name `example_input`, not both")
+        example_inputs, argument = example_input, "example_input"
+    else:
+        argument = "example_inputs"
+    _check_model(model)
+    target = _check_path(path)
+    if example_inputs is None:
+        raise TypeError(f"`{argument}` is required: one input batch (a tensor, a tuple or a dict of tensors)")
     check_choice("activations", activations, ACTIVATIONS)
     check_number("opset", opset, low=13, high=20, integer=True)
     check_choice("accuracy_level", accuracy_level, (0, 1, 2, 3, 4))
+    wanted = _inputs.check_outputs_arg(outputs)
     if activations == "static" and calibration_data is None:
         raise ValueError("`activations`='static' needs `calibration_data` (a few hundred typical inputs), got None")
+    inputs = _inputs.prepare(model, example_inputs, argument)
+    _inputs.check_finite(argument, inputs.names, inputs.tensors)
+    in_axes = _inputs.axes(inputs, dynamic_axes)
+    batches = [] if calibration_data is None else _inputs.batches_like(inputs, calibration_data)
     onnx, ort = require_onnx()
-    batches = [] if calibration_data is None else input_batches(calibration_data)
 
-    export_model = copy.deepcopy(model).cpu().eval()
-    example_input = example_input.detach().cpu()
-    codes = _collect_codes(export_model, result)
-    float_bytes = _torch_export(export_model, example_input, opset)
+    reference = copy.deepcopy(model).cpu().eval()
+    out_names, positions = _inputs.select(_inputs.dry_run(reference, inputs), wanted)
+    export_model = copy.deepcopy(reference)
+    codes, source = _codes.collect(export_model, result)
+    wrapped = _inputs.Exported(export_model, inputs, positions).eval()
+    float_bytes = _torch_export(wrapped, inputs, out_names, in_axes, opset)
     graph = Graph(onnx.load_from_string(float_bytes), onnx)
-    state = export_model.state_dict()
-    layers, sites = _plan(graph, export_model, state, codes)
+    layers, sites = _plan(graph, export_model, export_model.state_dict(), codes)
 
     static_sites: dict[str, WeightSite] = {}
     for name, site in sites.items():
@@ -159,6 +197,8 @@ def export_onnx(
             route = _route(site, qt, ort.__version__)
             if route == "nbits":
                 layer.op = _rewrite.matmul_nbits(graph, site, key, qt, accuracy_level)
+            elif route == "gather":
+                layer.op = _rewrite.gather(graph, site, key, qt)
             elif activations == "dynamic":
                 layer.op = _rewrite.dynamic(graph, site, key, _int8(qt), qt.row_scale().numpy())
             else:
@@ -168,73 +208,61 @@ def export_onnx(
             layer.reason = str(why)
             _rewrite.weight_only(graph, site, key, qt)
             layer.op = "DequantizeLinear (float kernel)"
+    feeds = [(tensors, inputs.feed(tensors)) for tensors in [inputs.tensors, *batches]]
     if static_sites:
-        _quantize_static(graph, static_sites, codes, layers, float_bytes, batches, onnx, ort)
+        _quantize_static(graph, static_sites, codes, layers, float_bytes, [f for _, f in feeds[1:]], onnx, ort)
     for name in sites:
         layers[name].codes = _codes_name(graph, codes[name][0])
     final = graph.finish()
     if any(node.domain == "com.microsoft" for node in final.graph.node):
         final.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     data = final.SerializeToString()
-    target = write_bytes(path, data)
-    report = OnnxExportReport(target, len(data), activations, opset, layers, onnxruntime=ort.__version__)
-    check_runtime_ops(report.layers, target, onnx, ort)
+    report = OnnxExportReport(target, len(data), activations, opset, layers, onnxruntime=ort.__version__,
+                              inputs=list(inputs.names), outputs=out_names, source=source)
+    check_runtime_ops(report.layers, data, onnx, ort)
     report.max_abs_diff, report.argmax_agreement, report.samples = check_outputs(
-        model, target, [example_input, *batches], ort)
+        _inputs.Exported(reference, inputs, positions), data, out_names, feeds, ort)
+    report.path = write_bytes(target, data)  # only a checked graph reaches the disk
     return report
 
 
-# ---------------------------------------------------------------------------------------------- collecting codes
-def _collect_codes(
-    model: nn.Module, result: QuantizationResult | Mapping[str, QuantizedTensor] | str | os.PathLike[str] | None
-) -> dict[str, tuple[str, QuantizedTensor]]:
-    """module name -> (state-dict key, codes). Replaces ``Int8Linear`` layers in ``model`` by float Linears."""
-    by_key: dict[str, QuantizedTensor] = {}
-    if isinstance(result, QuantizationResult):
-        by_key = {layer.key: layer.qtensor for layer in result.layers.values()}
-    elif isinstance(result, (str, os.PathLike)):
-        from lightning_compress.quantization.export import load_quantized_tensors
-
-        by_key = load_quantized_tensors(result)[1]
-    elif isinstance(result, Mapping):
-        by_key = dict(result)
-    elif result is not None:
-        raise TypeError("`result` must be a QuantizationResult, a mapping of state-dict keys to QuantizedTensor, "
-                        f"a save_quantized file path, or None; got {type(result).__name__}")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Int8Linear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            qweight, scale, bias = module.qweight, module.weight_scale, module.bias
-            with torch.no_grad():
-                linear.weight.copy_(module.dequantized_weight())
-                if bias is not None:
-                    linear.bias.copy_(bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
-            qt = QuantizedTensor(qweight.clone(), scale.reshape(-1, 1).clone(), None, QuantSpec(bits=8),
-                                 tuple(qweight.shape), torch.float32)
-            by_key.setdefault(f"{name}.weight", qt)
-    state = model.state_dict()
-    codes = {}
-    for key, qt in by_key.items():
-        if key not in state:
-            raise ValueError(f"`result` has a weight {key!r} that is not in the model's state_dict: wrong model?")
-        weight = state[key].detach().float().cpu()
-        if weight.shape != qt.shape or not torch.equal(weight, qt.dequantize().float().cpu()):
-            raise ValueError(f"`result` does not describe `model`: {key!r} is not the dequantized codes; pass the "
-                             "model quantize() changed in place (or the one load_quantized() returned)")
-        codes[key.rpartition(".")[0]] = (key, qt)
-    return codes
+def _check_model(model: Any) -> None:
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, Mapping):
+        raise TypeError(f"`model` must be a torch.nn.Module, got a {type(model).__name__} (a state_dict?): build "
+                        "the model and call load_state_dict (or load_compressed) first")
+    raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _torch_export(model: nn.Module, example_input: Tensor, opset: int) -> bytes:
+def _check_path(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a file path ending in '.onnx', got {type(path).__name__}")
+    target = Path(path)
+    if target.suffix.lower() != ".onnx":
+        hint = " (a safetensors export is save_quantized's job)" if target.suffix == ".safetensors" else ""
+        raise ValueError(f"`path`={os.fspath(path)!r} must end in '.onnx'{hint}")
+    if target.is_dir():
+        raise ValueError(f"`path`={os.fspath(path)!r} is an existing directory; allowed: a file path ending in "
+                         "'.onnx'")
+    return target
+
+
+def _torch_export(
+    model: nn.Module, inputs: _inputs.Inputs, outputs: list[str], in_axes: Mapping[str, Mapping[int, str]], opset: int
+) -> bytes:
     buffer = io.BytesIO()
+    with torch.no_grad():
+        sample = model(*inputs.tensors)
+    axes: dict[str, Any] = {name: dict(dims) for name, dims in in_axes.items() if dims}
+    for name, value in zip(outputs, sample):
+        axes[name] = _inputs.output_axes(inputs, in_axes, value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(
-            model, (example_input,), buffer,  # type: ignore[arg-type]  # a file object works too
-            dynamo=False, opset_version=opset, input_names=["input"], output_names=["output"],
-            do_constant_folding=True, dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            model, tuple(inputs.tensors), buffer,  # type: ignore[arg-type]  # a file object works too
+            dynamo=False, opset_version=opset, input_names=inputs.names, output_names=outputs,
+            do_constant_folding=True, dynamic_axes=axes,
         )
     return buffer.getvalue()
 
@@ -249,7 +277,7 @@ def _plan(
     for name, (key, qt) in codes.items():
         module = model.get_submodule(name)
         layers[name] = LayerExport(name, type(module).__name__, qt.spec.bits, qt.spec.granularity, op="-")
-        site = find_weight(graph, key, state[key].detach().float().cpu().numpy(), claimed)
+        site = find_weight(graph, f"{WRAPPED}{key}", state[key].detach().float().cpu().numpy(), claimed)
         if isinstance(site, str):
             layers[name].reason = site
             continue
@@ -260,6 +288,8 @@ def _plan(
 
 def _route(site: WeightSite, qt: QuantizedTensor, ort_version: str) -> str:
     spec = qt.spec
+    if site.node.op_type == "Gather":
+        return "gather"
     linear = site.node.op_type in ("Gemm", "MatMul")
     if linear and (spec.bits <= 4 or spec.granularity == "per_group"):
         if version_tuple(ort_version) < NBITS_MIN_ORT:
@@ -298,7 +328,7 @@ def _quantize_static(
     codes: Mapping[str, tuple[str, QuantizedTensor]],
     layers: Mapping[str, LayerExport],
     float_bytes: bytes,
-    batches: list[Tensor],
+    feeds: list[dict[str, Any]],
     onnx: Any,
     ort: Any,
 ) -> None:
@@ -313,7 +343,7 @@ def _quantize_static(
         keep_float = site.node.op_type != "Conv" and graph.is_output(out)  # QGemm / QLinearMatMul emit float
         outputs[name] = (out if not keep_float else "", relu)
     wanted = {site.node.input[0] for site in sites.values()} | {t for t, _ in outputs.values() if t}
-    ranges = calibrate(float_bytes, sorted(wanted), batches, onnx, ort)
+    ranges = calibrate(float_bytes, sorted(wanted), feeds, onnx, ort)
     for name, site in sites.items():
         tensor, relu = outputs[name]
         if relu is not None and tensor:

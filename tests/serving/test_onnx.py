@@ -183,8 +183,8 @@ def test_write_is_atomic_and_a_failed_export_keeps_the_old_file(tmp_path, digits
     model = _mlp().eval()
     target = tmp_path / "m.onnx"
     target.write_bytes(b"previous")
-    with pytest.raises(RuntimeError):
-        export_onnx(model, target, torch.zeros(2, 3))  # wrong input size: torch cannot trace it
+    with pytest.raises(ValueError, match=r"`example_inputs` \(input: \(2, 3\) float32\) cannot go through the model"):
+        export_onnx(model, target, torch.zeros(2, 3))  # wrong input size: refused before anything is exported
     assert target.read_bytes() == b"previous"
     export_onnx(model, target, digits[0][:2])
     assert onnx.load(target).graph.node and os.listdir(tmp_path) == ["m.onnx"]  # no temporary file left
@@ -198,8 +198,8 @@ def test_arguments_are_checked(tmp_path, digits):
         export_onnx(model, tmp_path / "m.onnx", x, activations="static")
     with pytest.raises(ValueError, match=r"`opset` must be an integer in \[13, 20\], got 21"):
         export_onnx(model, tmp_path / "m.onnx", x, opset=21)
-    with pytest.raises(TypeError, match=r"`example_input` must be a torch.Tensor"):
-        export_onnx(model, tmp_path / "m.onnx", [x])
+    with pytest.raises(TypeError, match=r"`example_input` must be a torch.Tensor, a tuple of tensors"):
+        export_onnx(model, tmp_path / "m.onnx", example_input=x.numpy())
     result = quantize(_mlp(seed=1), bits=8)
     with pytest.raises(ValueError, match=r"`result` does not describe `model`: '1.weight'"):
         export_onnx(model, tmp_path / "m.onnx", x, result)

@@ -1,0 +1,122 @@
+"""Where ``export_onnx`` gets a quantized model's integer codes. No Lightning.
+
+In order: ``result`` when given (a :class:`QuantizationResult`, a key -> :class:`QuantizedTensor` mapping or a
+``save_quantized`` file); otherwise what the model carries (:mod:`lightning_compress.quantization.carried`: the
+model's own record and its submodules', whose keys are prefixed with the submodule's name); plus the codes of
+``Int8Linear`` layers. A carried record whose weights changed since is refused, naming the keys. A model that
+carries nothing is exported as float -- never guessed quantized from how its weights look.
+
+``result`` keys are matched to the model's ``state_dict`` as given, or after adding / stripping one wrapper prefix
+(the codes of ``model.bert`` exported through ``model``, or the other way round).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.functional import QuantizationResult
+from lightning_compress.quantization.kernels import Int8Linear
+from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec
+
+Codes = dict[str, tuple[str, QuantizedTensor]]  # module name -> (state-dict key, codes)
+
+
+def from_result(result: Any) -> dict[str, QuantizedTensor] | None:
+    """The codes ``result`` holds, by its own keys (None for None)."""
+    if result is None:
+        return None
+    if isinstance(result, QuantizationResult):
+        return {layer.key: layer.qtensor for layer in result.layers.values()}
+    if isinstance(result, (str, os.PathLike)):
+        from lightning_compress.quantization.export import load_quantized_tensors
+
+        return dict(load_quantized_tensors(result)[1])
+    if isinstance(result, Mapping):
+        return dict(result)
+    raise TypeError("`result` must be a QuantizationResult, a mapping of state-dict keys to QuantizedTensor, "
+                    f"a save_quantized file path, or None; got {type(result).__name__}")
+
+
+def from_model(model: nn.Module) -> tuple[dict[str, QuantizedTensor], str]:
+    """What ``model`` and its submodules carry, keys relative to ``model``; refuses a stale record."""
+    codes: dict[str, QuantizedTensor] = {}
+    sources = []
+    for name, module in model.named_modules():
+        record = carried(module)
+        if record is None:
+            continue
+        own = _int8_owned(module)  # swapped to Int8Linear since: those layers carry their own codes
+        stale = [key for key in record.stale(module) if key not in own]
+        prefix = f"{name}." if name else ""
+        if stale:
+            shown = [prefix + key for key in stale]
+            raise ValueError(f"`model` carries quantized codes ({record.source}) that no longer match its weights: "
+                             f"{shown[:8]}{' ...' if len(shown) > 8 else ''} changed since (trained, restored to "
+                             "float or edited); quantize it again, or pass `result=` for the weights it has now")
+        for key, qt in record.codes.items():
+            if key not in own:
+                codes.setdefault(prefix + key, qt)
+        sources.append(f"{name or 'model'}: {record.source}")
+    return codes, "; ".join(sources)
+
+
+def _int8_owned(model: nn.Module) -> set[str]:
+    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+
+
+def match_keys(by_key: Mapping[str, QuantizedTensor], state: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
+    """``by_key`` re-keyed onto ``state``: as given, or with one wrapper prefix added or stripped (the same for
+    every key)."""
+    if all(key in state for key in by_key):
+        return dict(by_key)
+    first = next(key for key in by_key if key not in state)
+    parts = first.split(".")
+    options = [("strip", ".".join(parts[:i]) + ".") for i in range(1, len(parts)) if ".".join(parts[i:]) in state]
+    options += [("add", s[: -len(first)]) for s in state if s.endswith("." + first)]
+    for how, prefix in options:
+        moved = {(key[len(prefix):] if how == "strip" and key.startswith(prefix) else
+                  prefix + key if how == "add" else key): qt for key, qt in by_key.items()}
+        if all(key in state for key in moved):
+            return moved
+    raise ValueError(f"`result` has a weight {first!r} that is not in the model's state_dict (also not after adding "
+                     "or removing a wrapper's prefix): wrong model?")
+
+
+def collect(model: nn.Module, result: Any) -> tuple[Codes, str]:
+    """module name -> (state-dict key, codes), and where they came from. Replaces ``Int8Linear`` layers in
+    ``model`` (the export copy) by float Linears holding their dequantized weights."""
+    given = from_result(result)
+    state = model.state_dict()
+    if given is not None:
+        by_key, source = match_keys(given, state), "result"
+    else:
+        by_key, source = from_model(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Linear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            qweight, scale, bias = module.qweight, module.weight_scale, module.bias
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantized_weight())
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            qt = QuantizedTensor(qweight.clone(), scale.reshape(-1, 1).clone(), None, QuantSpec(bits=8),
+                                 tuple(qweight.shape), torch.float32)
+            by_key.setdefault(f"{name}.weight", qt)
+            source = source or "Int8Linear layers"
+    state = model.state_dict()
+    codes: Codes = {}
+    for key, qt in by_key.items():
+        weight = state[key].detach().float().cpu()
+        if weight.shape != qt.shape or not torch.equal(weight, qt.dequantize().float().cpu()):
+            raise ValueError(f"`result` does not describe `model`: {key!r} is not the dequantized codes; pass the "
+                             "model quantize() changed in place (or the one load_quantized() returned)")
+        codes[key.rpartition(".")[0]] = (key, qt)
+    return codes, source
