@@ -83,6 +83,16 @@ FIT: list[FitCase] = [
      {"limit_val_batches": 0}, ValueError, ("max_metric_drop", "0.01"), ""),
     ("quantization_bound_without_validation", lambda _: PostTrainingQuantization(max_metric_drop=0.02),
      DigitsDataModule, {"limit_val_batches": 0}, ValueError, ("max_metric_drop", "0.02"), ""),
+    # arguments that would silently do nothing (issue 19, cluster 7)
+    ("pruning_round_to_above_every_layer", lambda _: GradientStabilityPruning(structured=True, round_to=16),
+     DigitsDataModule, {}, ValueError, ("`round_to`=16", "'net.1': 16"), ""),
+    ("two_pruning_callbacks_same_layers", lambda _: [GradientStabilityPruning(), GradientStabilityPruning(0.5)],
+     DigitsDataModule, {}, ValueError, ("two GradientStabilityPruning", "'net.1'", "sparsity=0.8", "sparsity=0.5"),
+     ""),
+    ("pruning_limit_train_batches_0", lambda _: GradientStabilityPruning(), DigitsDataModule,
+     {"limit_train_batches": 0}, ValueError, ("limit_train_batches", "0", "GradientStabilityPruning"), ""),
+    ("pruning_max_steps_0", lambda _: GradientStabilityPruning(), DigitsDataModule, {"max_steps": 0}, ValueError,
+     ("max_steps", "0", "GradientStabilityPruning"), ""),
 ]
 
 
@@ -100,13 +110,32 @@ def test_setup_refuses_before_the_first_step(tmp_path: Path, make: Callable[[Pat
     torch.manual_seed(0)
     model = (_DictMLP if data is _DictDigits else MLPClassifier)(input_size=64, hidden=[16])
     before = copy.deepcopy(model.state_dict())
-    trainer = quiet_trainer([make(tmp_path)], max_steps=3, **trainer_kwargs)
+    made = make(tmp_path)
+    trainer = quiet_trainer(made if isinstance(made, list) else [made], **{"max_steps": 3, **trainer_kwargs})
     with pytest.raises(error) as info:
         trainer.fit(model, data(batch_size=64))
     for text in texts:
         assert text in str(info.value), f"{text!r} missing from: {info.value}"
     assert trainer.global_step == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+IDLE: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [  # constructor arguments that would do nothing
+    ("normalize_unstructured", {"normalize": "mean"}, ("`normalize`='mean'", "structured=True")),
+    ("round_to_unstructured", {"round_to": 8}, ("`round_to`=8", "structured=True")),
+    ("macs_exponent_units_target", {"structured": True, "macs_exponent": 0.25},
+     ("`macs_exponent`=0.25", "structured_target='macs'")),
+    ("round_to_with_thresholds", {"structured": True, "sparsity": None, "mean_threshold": 0.1, "std_threshold": 0.1,
+                                  "round_to": 4}, ("`round_to`=4", "`sparsity` is None")),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "texts"), [c[1:] for c in IDLE], ids=[c[0] for c in IDLE])
+def test_an_argument_that_would_do_nothing_is_refused(kwargs: dict[str, Any], texts: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError) as info:
+        GradientStabilityPruning(**kwargs)
+    for text in texts:
+        assert text in str(info.value), f"{text!r} missing from: {info.value}"
 
 
 # ---------------------------------------------------------------------------- loaders' and savers' arguments

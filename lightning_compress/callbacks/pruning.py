@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.base import CompressionCallback, compression_callbacks
 from lightning_compress.core.accounting import layer_float_bytes
 from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
 from lightning_compress.integration import _compat
@@ -23,11 +23,12 @@ from lightning_compress.integration.evaluation import DEFAULT_METRIC, first_inpu
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.run import PruningRun
 from lightning_compress.pruning.schedule import PruningSchedule
-from lightning_compress.pruning.structured import analyse
+from lightning_compress.pruning.structured import analyse, check_round_to
 from lightning_compress.pruning.tracked import TrackedLayers
 from lightning_compress.reporting.records import CompressionEvent
 from lightning_compress.reporting.render import pruning_line
 from lightning_compress.structure.kinds import FOLLOWER_TYPES  # the BatchNorm types
+from lightning_compress.structure.shape_rules import compacted_axes, encode
 
 COMPACTED_FILE = "model.compact.safetensors"  # with compact=True, in the run's log directory
 STRUCTURED_MODULE_TYPES = (*DEFAULT_MODULE_TYPES, "MultiheadAttention")  # structured: heads of nn.MultiheadAttention
@@ -102,6 +103,7 @@ class GradientStabilityPruning(CompressionCallback):
         self.run = PruningRun(self.config, self.gate, self.metric_reference, pl_module, layers, schedule)
         self._example_input: Any = None
         self._compacted = False
+        self._compacted_axes: dict[str, dict[str, int]] = {}  # which axes compaction shrank, for compressed.ckpt
 
     controller = property(lambda self: self.run.controller, doc="accept / roll back / back off, and the history")
     state = property(lambda self: self.run.state, doc="the masks in force")
@@ -140,6 +142,7 @@ class GradientStabilityPruning(CompressionCallback):
         if not len(layers):
             raise ValueError(f"{self.selection.describe()} select no trainable module of {type(pl_module).__name__}: "
                              "nothing to prune")
+        self._check_no_overlap(trainer, pl_module, layers)
         c = self.config
         total = trainer.max_epochs if c.schedule_unit == "epoch" else trainer.estimated_stepping_batches
         length = int(total) if total is not None and total not in (-1, float("inf")) else None
@@ -162,9 +165,29 @@ class GradientStabilityPruning(CompressionCallback):
         self.state.attach(trainer.optimizers)
         _warn_frozen_batchnorm(pl_module)
 
+    def _check_no_overlap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: TrackedLayers) -> None:
+        """Two pruning callbacks over the same layers would each mask what the other keeps and count the other's
+        pruning as their own: refused, naming both."""
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]  # set by a connector
+        for other in compression_callbacks(trainer):
+            if other is self or not isinstance(other, GradientStabilityPruning):
+                continue
+            shared = sorted(set(layers.names) & set(other.selection.select(pl_module)))
+            if shared:
+                mine, theirs = (f"trainer.callbacks[{callbacks.index(c)}] ({c._describe()})" for c in (self, other))
+                raise ValueError(
+                    f"two GradientStabilityPruning callbacks prune the same layers {shared}: {mine} and {theirs}; "
+                    "allowed: one pruning callback per layer (split the layers with `include` / `exclude`)"
+                )
+
+    def _describe(self) -> str:
+        c = self.config
+        return f"sparsity={c.sparsity!r}, criterion={c.criterion!r}, structured={c.structured}"
+
     def _analyse(self, pl_module: pl.LightningModule, example_input: Any) -> None:
         self._example_input = example_input
         self.state.groups, table = analyse(pl_module, example_input, self.layers.names)
+        check_round_to(self.config.round_to, self.layers.names, self.state.groups, self.layers.num_units())
         rank_zero_info(f"GradientStabilityPruning: which layers can lose units\n{table}")
 
     # ------------------------------------------------------------------ per step
@@ -234,6 +257,7 @@ class GradientStabilityPruning(CompressionCallback):
         rank_zero_info(f"GradientStabilityPruning: compacted the model: {result}")
         self.state.clear()
         self._compacted = True
+        self._compacted_axes = encode(compacted_axes(pl_module))
         path = Path(self.run_dir(trainer)) / COMPACTED_FILE
         if trainer.is_global_zero:
             save_compacted(pl_module, path)
@@ -245,7 +269,8 @@ class GradientStabilityPruning(CompressionCallback):
         super().teardown(trainer, pl_module, stage)
 
     def checkpoint_details(self) -> dict[str, Any]:
-        return {"compacted": self._compacted, "pruned": self.weight_sparsity() if not self._compacted else None}
+        return {"compacted": self._compacted, "pruned": self.weight_sparsity() if not self._compacted else None,
+                "compacted_axes": self._compacted_axes}
 
     # ------------------------------------------------------------------ checkpointing
     @override

@@ -85,6 +85,27 @@ class PruningConfig:
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_number("round_to", self.round_to, low=1, integer=True)
         check_number("macs_exponent", self.macs_exponent, low=0, high=1)
+        self._check_no_argument_idle()
+
+    def _check_no_argument_idle(self) -> None:
+        """Refuse a planner setting that this configuration never reads (it would silently do nothing)."""
+        defaults = {"normalize": "none", "round_to": 1, "macs_exponent": 0.5}
+        needs = {"normalize": "structured=True", "round_to": "structured=True",
+                 "macs_exponent": "structured=True and structured_target='macs'"}
+        read = {"normalize": self.structured, "round_to": self.structured,
+                "macs_exponent": self.structured and self.structured_target == "macs"}
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value == default:
+                continue
+            if not read[name]:
+                raise ValueError(f"`{name}`={value!r} is a setting of the structured planner that only "
+                                 f"{needs[name]} reads, so here it would do nothing; allowed: {needs[name]}, or "
+                                 f"leave `{name}` at {default!r}")
+            if self.sparsity is None:
+                raise ValueError(f"`{name}`={value!r} shapes a `sparsity` target, but `sparsity` is None (pruning by "
+                                 f"thresholds), so it would do nothing; allowed: a `sparsity`, or leave `{name}` at "
+                                 f"{default!r}")
 
     def _check_target(self) -> None:
         thresholds = (self.mean_threshold, self.std_threshold)

@@ -111,3 +111,22 @@ def analyse(model: nn.Module, example_input: Any, selected: list[str]) -> tuple[
         reasons = {name: groups[name].reason for name in selected if name in groups}
         raise ValueError(f"structured pruning: no selected layer can lose units safely: {reasons}")
     return groups, table
+
+
+def check_round_to(round_to: int, selected: list[str], groups: Mapping[str, Any] | None,
+                   num_units: Mapping[str, int]) -> None:
+    """Refuse a ``round_to`` that no layer can honour: a layer of single units (not heads) keeps at least one
+    multiple of ``round_to``, so a layer of ``round_to`` units or fewer is never pruned; when that is every layer,
+    the run would ask for sparsity, deliver none and call each event accepted."""
+    if round_to <= 1:
+        return
+    sizes = {f[0]: num_units[f[0]] for f in unit_families(selected, groups)
+             if layout(f[0], groups, num_units[f[0]]) == BlockLayout(num_units[f[0]])}
+    if not any(size > round_to for size in sizes.values()):
+        largest = max(sizes.values(), default=0)
+        allowed = f"a `round_to` below {largest}" if largest > 1 else "`round_to`=1"
+        raise ValueError(
+            f"`round_to`={round_to} leaves nothing to prune: each layer keeps at least one multiple of {round_to} "
+            f"units, and no prunable layer of single units has more (units per layer: {sizes or 'none'}; attention "
+            f"heads are not rounded); allowed: {allowed}"
+        )

@@ -461,3 +461,10 @@ def test_a_model_not_finite_before_an_event_fails_the_fit_and_blames_the_fit(how
     assert "after the step" not in message  # the event is not blamed
     assert pruning.history == [] and pruning.masks == {}
     assert not list(Path(trainer.default_root_dir).rglob("compressed.ckpt"))
+
+
+def test_two_pruning_callbacks_over_disjoint_layers_are_allowed() -> None:
+    first, second = GradientStabilityPruning(include=["net.1"], schedule="one_shot", start_step=4, evaluate=False), \
+        GradientStabilityPruning(include=["net.3"], schedule="one_shot", start_step=4, evaluate=False)
+    _trainer([first, second], max_epochs=1, max_steps=6).fit(_mlp(), DigitsDataModule(batch_size=64))
+    assert list(first.masks) == ["net.1.weight"] and list(second.masks) == ["net.3.weight"]

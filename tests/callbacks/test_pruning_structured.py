@@ -96,7 +96,8 @@ def test_a_macs_target_needs_structured_pruning() -> None:
 
 
 def test_planner_settings_are_arguments_and_bad_values_are_refused() -> None:
-    pruning = GradientStabilityPruning(structured=True, normalize="median", round_to=8, macs_exponent=0.25)
+    pruning = GradientStabilityPruning(structured=True, normalize="median", round_to=8, macs_exponent=0.25,
+                                       structured_target="macs")
     assert (pruning.config.normalize, pruning.config.round_to, pruning.config.macs_exponent) == ("median", 8, 0.25)
     assert pruning.settings()["round_to"] == 8
     with pytest.raises(ValueError, match=r"`normalize` must be one of \['mean', 'median', 'none'\], got 'max'"):
