@@ -127,7 +127,7 @@ def _json_field(path: str, metadata: dict[str, str], field: str, default: str) -
 def shrink_to_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, Tensor | Sequence[int]],
-    record: Mapping[str, Sequence[int]] | None,
+    record: Mapping[str, Mapping[int, int]] | None,
     *,
     source: str = "state_dict",
 ) -> nn.Module:

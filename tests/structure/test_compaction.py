@@ -231,4 +231,5 @@ def test_load_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="was not written by save_compacted"):
         load_compacted(nn.Linear(2, 2), plain)
     with pytest.raises(ValueError, match=r"'state_dict', key 'weight': declared shape \[2, 2\], the model has "):
-        shrink_to_state_dict(nn.Conv2d(2, 2, 3), {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}, {"weight": [0]})
+        shrink_to_state_dict(nn.Conv2d(2, 2, 3), {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)},
+                             {"weight": {0: 2}})
