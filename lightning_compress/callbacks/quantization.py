@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,26 +30,41 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
 from lightning_compress.core.io import check_export_path
-from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection, check_patterns_match
+from lightning_compress.core.selection import Selection
 from lightning_compress.core.validation import check_bool, check_choice, check_number
-from lightning_compress.integration.evaluation import DEFAULT_METRIC, predict
+from lightning_compress.integration import _compat
+from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode, predict
 from lightning_compress.integration.progress import layer_progress
-from lightning_compress.quantization.export import new_run_id, save_float, save_quantized
-from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
-from lightning_compress.quantization.functional import (
-    METHODS,
-    QuantizationResult,
+from lightning_compress.quantization.carried import attach, drop, forget
+from lightning_compress.quantization.checks import (
+    bound_outcome,
+    check_runs,
+    refuse_fallback_without_bound,
+    refuse_unreached,
+    refuse_unused,
+)
+from lightning_compress.quantization.coverage import (
+    CALIBRATION_BATCHES,
+    FALLBACK,
+    QUANT_MODULE_TYPES,
+    LayerPlan,
     check_bits_overrides,
-    check_group_size,
-    gptq_layers,
-    resolve_bits,
-    select_layers,
+    layer_weight,
+    plan_layers,
+    weight_key,
     weight_name,
 )
-from lightning_compress.quantization.gptq import GPTQConfig
+from lightning_compress.quantization.export import new_run_id, save_float, save_quantized
+from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
+from lightning_compress.quantization.functional import METHODS, QuantizationResult, gptq_layers
+from lightning_compress.quantization.gptq import GPTQConfig, gptq_supports
+from lightning_compress.quantization.hessian import probe_layers
 from lightning_compress.quantization.primitives import QuantSpec
 from lightning_compress.quantization.rungs import LayerRungs
 from lightning_compress.reporting.records import CompressionEvent
+
+CALIBRATION_PATH = "PostTrainingQuantization's GPTQ calibration (the training batches, fed as `compression_step` or " \
+    "model(batch[0]))"
 
 
 class PostTrainingQuantization(CompressionCallback):
@@ -58,15 +73,24 @@ class PostTrainingQuantization(CompressionCallback):
     Args:
         bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype: the scheme, as
             in :func:`lightning_compress.quantize` (``bits_overrides``: module-name regex -> bits, first match).
-        module_types, include, exclude: which modules (default Linear, Conv1d/2d/3d); biases stay float.
+        module_types, include, exclude, embedding_bits: which modules, as :func:`lightning_compress.quantize` (the
+            same defaults: Linear, Conv1d/2d/3d, Embedding at 8 bits, MultiheadAttention in-proj); biases stay
+            float.
         metric, metric_kwargs, max_metric_drop: the gate (see :class:`CompressionCallback`); the reference is the
             float model at the end of training.
         fallback: over the bound, the most sensitive layers go back to ``"float"``, or ``"more_bits"`` (every even
-            width up to 8, then float).
+            width up to 8, then float; the default). Refused without ``max_metric_drop`` (it would do nothing).
         export_path: ``*.safetensors`` file for the quantized model (rank zero; relative: in the run's log
             directory); ``save_float_copy`` also writes ``*.fp32.safetensors`` beside it before quantizing.
         method: ``"rtn"`` (round to nearest) or ``"gptq"`` (data-aware rounding from each layer's input Hessian,
-            measured on ``calibration_batches`` batches of the training data, the same batches on every rank).
+            measured on ``calibration_batches`` batches of the training data, the same batches on every rank;
+            ``setup`` runs one training batch through that path). ``calibration_batches`` with ``"rtn"`` is refused.
+
+    A ``group_size`` that does not divide a selected layer is refused in ``setup``; a layer whose width changed during
+    the fit (structured compaction) so that it no longer fits is quantized per channel, with a warning and a note.
+    Weights that are not finite at the end of the fit raise before anything is quantized or written. Whatever
+    raises while quantizing, the float weights are put back. The quantized model carries its codes
+    (:mod:`lightning_compress.quantization.carried`).
     """
 
     finish_order = 10
@@ -89,25 +113,35 @@ class PostTrainingQuantization(CompressionCallback):
         metric: str = DEFAULT_METRIC,
         metric_kwargs: dict[str, Any] | None = None,
         max_metric_drop: float | None = None,
-        fallback: Literal["float", "more_bits"] = "float",
+        fallback: Literal["float", "more_bits"] | None = None,
         export_path: str | None = None,
         save_float_copy: bool = True,
         method: Literal["rtn", "gptq"] = "rtn",
-        calibration_batches: int = 32,
+        calibration_batches: int | None = None,
+        embedding_bits: int | None = None,
     ) -> None:
         super().__init__(metric, metric_kwargs, max_metric_drop)
         check_choice("method", method, METHODS)
-        check_number("calibration_batches", calibration_batches, low=1, integer=True)
-        self.method, self.calibration_batches = method, calibration_batches
+        if calibration_batches is not None:
+            check_number("calibration_batches", calibration_batches, low=1, integer=True)
+        if embedding_bits is not None:
+            check_number("embedding_bits", embedding_bits, low=2, high=8, integer=True)
+        if fallback is not None:
+            check_choice("fallback", fallback, FALLBACKS)
+        refuse_unused(method, {"calibration_batches": calibration_batches})
+        refuse_fallback_without_bound(fallback, max_metric_drop)
+        self.method = method
+        self.calibration_batches = calibration_batches or CALIBRATION_BATCHES
+        self.embedding_bits = embedding_bits
         self.spec = QuantSpec(bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype)
-        self.selection = Selection.from_args(module_types, include, exclude, DEFAULT_MODULE_TYPES)
+        self.selection = Selection.from_args(module_types, include, exclude, QUANT_MODULE_TYPES)
+        self._default_types = module_types is None  # the default coverage (embeddings at 8 bits), as quantize()
         check_bits_overrides(bits_overrides)
-        check_choice("fallback", fallback, FALLBACKS)
         if export_path is not None and (not isinstance(export_path, str) or not export_path.endswith(".safetensors")):
             raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
         check_bool("save_float_copy", save_float_copy)
         self.bits_overrides = dict(bits_overrides or {})
-        self.fallback = fallback
+        self.fallback = fallback or FALLBACK
         self.export_path = export_path
         self.save_float_copy = save_float_copy
         self.float_weights: dict[str, Tensor] = {}  # module name -> float weight before quantizing (CPU)
@@ -128,7 +162,7 @@ class PostTrainingQuantization(CompressionCallback):
                 "include": list(self.selection.include), "exclude": list(self.selection.exclude),
                 "bits_overrides": self.bits_overrides, "fallback": self.fallback, "export_path": self.export_path,
                 "save_float_copy": self.save_float_copy, "method": self.method,
-                "calibration_batches": self.calibration_batches}
+                "calibration_batches": self.calibration_batches, "embedding_bits": self.embedding_bits}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -137,12 +171,9 @@ class PostTrainingQuantization(CompressionCallback):
             return
         self._setup_fit(trainer, pl_module, needs_metric=True)
         self.float_weights, self.result, self.bits_used, self.sensitivity = {}, None, {}, {}
-        layers, _ = self._layers(pl_module)
-        if not layers:
-            raise ValueError(f"nothing to quantize in {type(pl_module).__name__}: no module matches "
-                             f"{self.selection.describe()}")
-        check_group_size(layers, self.spec)
-        check_patterns_match("bits_overrides", list(self.bits_overrides), list(layers), what="selected layer")
+        plan = self._plan(pl_module)  # refuses nothing to quantize, a group size that does not divide, ...
+        if self.method == "gptq":
+            self._dry_run_calibration(trainer, pl_module, plan)
         if self.export_path is not None:  # relative: in this run's log directory; never over another run's file
             base = self.run_dir(trainer)
             self._export_file = check_export_path(self.export_path, base, create=trainer.is_global_zero)
@@ -151,42 +182,73 @@ class PostTrainingQuantization(CompressionCallback):
         return {"quantized": dict(self.bits_used),
                 "export": str(self._export_file.resolve()) if self._export_file is not None else None}
 
-    def _layers(self, pl_module: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    def _plan(self, pl_module: nn.Module, *, regroup: bool = False) -> LayerPlan:
         s = self.selection
-        return select_layers(pl_module, s.module_types, s.include or None, s.exclude or None)
+        return plan_layers(pl_module, self.spec, None if self._default_types else s.module_types,
+                           s.include or None, s.exclude or None, self.bits_overrides, self.embedding_bits,
+                           regroup=regroup)
+
+    def _dry_run_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: LayerPlan) -> None:
+        """One *training* batch through the GPTQ calibration path (eval mode, no gradients, the global RNG left as
+        it was), so that a layout it cannot feed, or a forward that reaches none of the layers, fails now and not
+        after the whole fit."""
+        loader = training_dataloader(trainer)
+        if loader is None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(loader), None)
+        if batch is None:
+            return
+        batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+        todo = {n: m for n, m in plan.layers.items() if not gptq_supports(m)}
+        with eval_mode(pl_module):
+            check_runs(pl_module, batch, _calibration_forward, "the training data", CALIBRATION_PATH)
+            _, calls, _ = probe_layers(pl_module, todo, batch, _calibration_forward)
+        refuse_unreached(list(todo), calls, CALIBRATION_PATH)
 
     def restore_float(self, pl_module: nn.Module) -> None:
-        """Put the float weights saved before quantizing back into ``pl_module``."""
+        """Put the float weights saved before quantizing back into ``pl_module`` (which then carries no codes)."""
         modules = dict(pl_module.named_modules())
         with torch.no_grad():
             for name, weight in self.float_weights.items():
                 target = getattr(modules[name], weight_name(modules[name]))
                 target.copy_(weight.to(target.device))
+        forget(pl_module)
 
     # -- the work ----------------------------------------------------------------------------------------------
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers, skipped = self._layers(pl_module)
-        self.float_weights = {n: getattr(m, weight_name(m)).detach().to("cpu", copy=True) for n, m in layers.items()}
-        if not all(bool(w.isfinite().all()) for w in self.float_weights.values()):
-            rank_zero_warn("PostTrainingQuantization: the trained weights hold NaN / inf; nothing was quantized")
-            self.report.events.append(CompressionEvent("quantize", trainer.global_step, None, None, accepted=False,
-                                                       note="skipped: the float weights are not finite"))
-            return
+        check_finite_model(pl_module)  # a diverged fit: nothing quantized, nothing written
+        chosen = self._plan(pl_module, regroup=True)
+        layers = chosen.layers
+        self.float_weights = {n: layer_weight(n, m).detach().to("cpu", copy=True) for n, m in layers.items()}
+        for name, note in chosen.notes.items():
+            rank_zero_warn(f"PostTrainingQuantization: {name}: {note}")
         self.run_id = new_run_id()  # written into the export and its float copy: files of one run, told apart
         if self.float_copy_path is not None and trainer.is_global_zero:
             save_float(pl_module, self.float_copy_path, run_id=self.run_id)
+        try:
+            self._quantize(trainer, pl_module, chosen)
+        except BaseException:
+            self.restore_float(pl_module)  # never left partly quantized
+            raise
+        self._export(trainer, pl_module)
+
+    def _quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, chosen: LayerPlan) -> None:
+        """The first pass at the planned widths, the gate, the fallback; the result, the report and the carried
+        codes."""
+        layers, plan = chosen.layers, chosen.bits
         before = self._evaluate(trainer, pl_module)
-        plan = {name: resolve_bits(name, self.spec.bits, self.bits_overrides) for name in layers}
         if self.method == "gptq":
-            states = self._gptq(trainer, pl_module, layers, plan, keep_hessians=before is not None)
+            states = self._gptq(trainer, pl_module, chosen, keep_hessians=before is not None)
         else:
-            specs = {name: replace(self.spec, bits=bits) for name, bits in plan.items()}
-            states = LayerRungs(layers, self.float_weights, specs)
+            states = LayerRungs(layers, self.float_weights, chosen.specs)
         states.apply(plan)
         after = self._evaluate(trainer, pl_module)
         fallbacks: list[dict[str, Any]] = []
+        bound_met = None if before is None else True
         if before is not None and not self.gate.judge(before, after).accepted:
             self.report.events.append(self._event(trainer, before, after, plan, False, "all layers quantized"))
+            first = after
             after, fallbacks, self.sensitivity = fall_back(
                 list(layers), plan, states.apply, lambda: self._evaluate(trainer, pl_module) or 0.0,
                 lambda n, b: states[(n, b)].sqnr_db, self.gate, before, rungs(self.spec.bits, self.fallback),
@@ -195,16 +257,21 @@ class PostTrainingQuantization(CompressionCallback):
             for step in fallbacks:
                 rank_zero_info(f"PostTrainingQuantization: {step['layer']} int{step['from_bits']} -> {step['kept']}, "
                                f"metric {step['metric_after']:.4f}")
-            if not self.gate.judge(before, after).accepted:
-                rank_zero_warn("PostTrainingQuantization: every layer fell back and the bound still does not hold")
+            drops = [self.gate.drop(before, m) for m in (first, *(f["metric_after"] for f in fallbacks))]
+            assert self.max_metric_drop is not None  # a gate that can refuse has a bound
+            bound_met, message = bound_outcome(type(self).__name__, self.max_metric_drop, drops, plan, FLOAT_BITS)
+            if message:
+                rank_zero_warn(message)
         self.bits_used = dict(plan)
-        self.result = QuantizationResult({n: states[(n, b)] for n, b in plan.items() if b != FLOAT_BITS}, skipped)
+        self.result = QuantizationResult({n: states[(n, b)] for n, b in plan.items() if b != FLOAT_BITS},
+                                         dict(chosen.skipped), dict(chosen.notes), metric_before=before,
+                                         metric_after=after, fallbacks=fallbacks, bound_met=bound_met)
+        drop(pl_module, [weight_key(n, m) for n, m in layers.items() if plan[n] == FLOAT_BITS])
+        attach(pl_module, {q.key: q.qtensor for q in self.result.layers.values()}, type(self).__name__)
         self._record(trainer, layers, before, after, fallbacks)
-        self._export(trainer, pl_module)
 
     def _gptq(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module], plan: dict[str, int],
-        *, keep_hessians: bool,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, chosen: LayerPlan, *, keep_hessians: bool
     ) -> LayerRungs:
         """GPTQ for the planned widths (with ``keep_hessians``, a fallback's other widths are GPTQ too), from rank
         zero's first ``calibration_batches`` training batches, broadcast so that every rank computes the same
@@ -214,17 +281,18 @@ class PostTrainingQuantization(CompressionCallback):
         batches = trainer.strategy.broadcast(batches, src=0)
         if not batches:
             raise ValueError("`method`='gptq' needs training batches to calibrate on; the fit has none")
-        rank_zero_info(f"PostTrainingQuantization: GPTQ, calibrating {len(layers)} layers on {len(batches)} batches")
+        rank_zero_info(f"PostTrainingQuantization: GPTQ, calibrating {len(chosen.layers)} layers on {len(batches)} "
+                       "batches")
         batches = [trainer.strategy.batch_to_device(b, pl_module.device) for b in batches]
-        specs = {name: replace(self.spec, bits=bits) for name, bits in plan.items() if bits != FLOAT_BITS}
         floats = {name: weight.to(pl_module.device) for name, weight in self.float_weights.items()}
         notes: dict[str, str] = {}
-        with layer_progress(trainer, len(specs), "GPTQ") as progress:
-            states = gptq_layers(pl_module, {n: layers[n] for n in specs}, specs, floats, batches,
-                                 lambda model, batch: predict(model, batch)[0], len(batches), GPTQConfig(), notes,
-                                 keep_hessians=keep_hessians, progress=progress)
+        with layer_progress(trainer, len(chosen.specs), "GPTQ") as progress:
+            states = gptq_layers(pl_module, chosen.layers, chosen.specs, floats, batches, _calibration_forward,
+                                 len(batches), GPTQConfig(), notes, keep_hessians=keep_hessians, progress=progress,
+                                 argument="the training data")
         for name, note in notes.items():
             rank_zero_info(f"PostTrainingQuantization: {name}: {note}")
+        chosen.notes.update(notes)
         return states
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -268,6 +336,8 @@ class PostTrainingQuantization(CompressionCallback):
             )
             if name in self.sensitivity:
                 note += f"; drop alone {self.sensitivity[name]:.4g}"
+            if self.result is not None and name in self.result.notes:
+                note += f"; {self.result.notes[name]}"
             record = report.record_layer(name, weight.numel(), fp32)
             record.bits = self.bits_used[name]
             record.bytes_compressed = fp32 if layer is None else layer.nbytes() + bias_bytes(module)
@@ -280,3 +350,29 @@ class PostTrainingQuantization(CompressionCallback):
         if before is not None and after is not None:
             self._log(trainer, None, {"quantization/metric_before": before, "quantization/metric_after": after})
             rank_zero_info(f"PostTrainingQuantization: {self.metric_spec.name} {before:.4f} -> {after:.4f}")
+
+
+def _calibration_forward(model: nn.Module, batch: Any) -> Any:
+    return predict(model, batch)[0]
+
+
+def training_dataloader(trainer: pl.Trainer) -> Any:
+    """The first training dataloader of the fit's source, or None."""
+    loader = _compat.training_dataloader(trainer)
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    return loader
+
+
+def check_finite_model(pl_module: nn.Module) -> None:
+    """Raise when any parameter of the trained model holds NaN / inf: the fit diverged, and quantizing (or writing
+    anything called compressed) would deliver garbage."""
+    bad = [name for name, p in pl_module.named_parameters() if not bool(p.detach().isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise RuntimeError(
+            f"the model's weights are not finite before quantization: {shown}; the fit diverged (e.g. fp16 "
+            "parameters + AdamW) -- nothing was quantized or exported"
+        )

@@ -36,3 +36,11 @@ def loss_scale(trainer: Any) -> float:
     if scaler is not None and scaler.is_enabled():
         return float(scaler.get_scale())
     return 1.0
+
+
+def training_dataloader(trainer: Any) -> Any:
+    """A fresh training dataloader from the fit's source (a datamodule's or the model's ``train_dataloader``), before
+    Lightning has loaded it (a dry run in ``setup``); None when the fit has none. Read off ``_FitLoop._data_source``
+    (private)."""
+    source = trainer.fit_loop._data_source
+    return source.dataloader() if source.is_defined() else None

@@ -60,7 +60,20 @@ def measure(metric_fn: Callable[[nn.Module], Any], model: nn.Module) -> float:
     return number
 
 
-def check_finite_batches(batches: Sequence[Any], argument: str = "calibration_data") -> None:
+def refuse_unreached(layers: Sequence[str], reached: Mapping[str, int], argument: str = "`forward` on "
+                     "`calibration_data`") -> None:
+    """Raise when the calibration forward reached none of ``layers`` (GPTQ would silently round them all to
+    nearest)."""
+    if layers and not any(name in reached for name in layers):
+        raise ValueError(
+            f"the calibration forward ({argument}) reached none of the layers GPTQ quantizes: "
+            f"{', '.join(map(repr, layers))} saw no input (they would all silently be rounded to nearest); allowed: "
+            "a forward that calls these modules on the batch (default: dicts as model(**batch), tuples as "
+            "model(batch[0]))"
+        )
+
+
+def check_finite_batches(batches: Sequence[Any], argument: str = "`calibration_data`") -> None:
     """Raise naming the first batch (by index) holding a NaN / inf in a floating tensor: its Hessian would be NaN and
     GPTQ would fail late, naming no cause (or write garbage)."""
     for index, batch in enumerate(batches):
@@ -68,12 +81,12 @@ def check_finite_batches(batches: Sequence[Any], argument: str = "calibration_da
             if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
                 nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
                 raise ValueError(
-                    f"`{argument}` batch {index} holds non-finite values ({nan} NaN, {inf} inf in a tensor shaped "
+                    f"{argument} batch {index} holds non-finite values ({nan} NaN, {inf} inf in a tensor shaped "
                     f"{tuple(tensor.shape)}); calibration needs finite inputs"
                 )
 
 
-def check_runs(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any], argument: str = "calibration_data",
+def check_runs(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any], argument: str = "`calibration_data`",
                how: str = "`forward`") -> None:
     """One forward of ``batch`` (no gradients); a failure is raised again naming ``argument``, the batch's shapes
     and, when known, the last weighted layer entered and the input size it expects, instead of torch's bare
@@ -100,7 +113,7 @@ def check_runs(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any
             where = f"; it failed in or after layer {name!r} ({type(module).__name__}), which got an input shaped " \
                     f"{shape}" + (f" and expects {expected}" if expected else "")
         raise ValueError(
-            f"`{argument}` batch 0 (tensors shaped {shapes}) does not run through the model with {how}{where}: "
+            f"{argument} batch 0 (tensors shaped {shapes}) does not run through the model with {how}{where}: "
             f"{type(err).__name__}: {err}"
         ) from err
     finally:

@@ -38,6 +38,11 @@ def weight_name(module: nn.Module) -> str:
     return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
 
 
+def weight_key(name: str, module: nn.Module) -> str:
+    """The ``state_dict`` key of the quantized weight of module ``name``."""
+    return f"{name}.{weight_name(module)}" if name else weight_name(module)
+
+
 def layer_weight(name: str, module: nn.Module) -> Tensor:
     attr = weight_name(module)
     weight = getattr(module, attr, None)

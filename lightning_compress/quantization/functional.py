@@ -64,6 +64,7 @@ from lightning_compress.quantization.coverage import (  # noqa: F401 - resolve_b
     plan_layers,
     resolve_bits,
     select_layers,
+    weight_key,
     weight_name,
 )
 from lightning_compress.quantization.coverage import layer_weight as _weight
@@ -195,7 +196,7 @@ def quantize(
     except BaseException:
         restore(layers, floats, _weight)
         raise
-    drop(model, [_weight_key(name, layers[name]) for name in layers if plan[name] == FLOAT_BITS])
+    drop(model, [weight_key(name, layers[name]) for name in layers if plan[name] == FLOAT_BITS])
     attach(model, {layer.key: layer.qtensor for layer in result.layers.values()}, "quantize()")
     return result
 
@@ -242,10 +243,6 @@ def _quantize(
     return result
 
 
-def _weight_key(name: str, module: nn.Module) -> str:
-    return f"{name}.{weight_name(module)}" if name else weight_name(module)
-
-
 def gptq_layers(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -259,6 +256,7 @@ def gptq_layers(
     *,
     keep_hessians: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    argument: str = "`calibration_data`",
 ) -> LayerRungs:
     """GPTQ where it applies (layers in forward order, from the quantized layers' outputs); round to nearest first
     for the layers without an input Hessian (embeddings), last for those the forward did not reach. The returned
@@ -266,11 +264,11 @@ def gptq_layers(
     other widths of the GPTQ layers are GPTQ too."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = [to_device(batch, device) for batch in take_batches(data, limit)]
-    check_finite_batches(batches)
+    check_finite_batches(batches, argument)
     training = model.training
     model.eval()
     try:
-        check_runs(model, batches[0], run)
+        check_runs(model, batches[0], run, argument)
     finally:
         model.train(training)
     states = LayerRungs(layers, floats, specs, gptq=config)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.validation import check_bool, check_number
 from lightning_compress.quantization.calibration import mse_search
+from lightning_compress.quantization.checks import refuse_unreached
 from lightning_compress.quantization.coverage import layer_weight
 from lightning_compress.quantization.hessian import accumulate_hessians, conv_geometry, probe_layers
 from lightning_compress.quantization.primitives import (
@@ -262,13 +263,7 @@ def gptq_model(
     notes = {name: why for name, module in layers.items() if (why := gptq_supports(module))}
     todo = {name: module for name, module in layers.items() if name not in notes}
     order, calls, keys = probe_layers(model, todo, batches[0], run)
-    if todo and not calls:
-        raise ValueError(
-            f"the calibration forward (`forward` on `calibration_data`) reached none of the layers GPTQ quantizes: "
-            f"{', '.join(map(repr, todo))} saw no input (they would all silently be rounded to nearest); allowed: a "
-            "`forward` that calls these modules on the batch (default: dicts as model(**batch), tuples as "
-            "model(batch[0]))"
-        )
+    refuse_unreached(list(todo), calls)
     for name in todo:
         if name not in calls:
             notes[name] = "not called as a module by the calibration forward (used functionally?)"

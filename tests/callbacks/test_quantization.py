@@ -17,6 +17,7 @@ from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization import load_quantized
+from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.export import read_metadata
 from tests.helpers import report_of as report_for
 
@@ -251,8 +252,9 @@ def test_ddp_ranks_quantize_identically_and_rank_zero_exports(tmp_path, method, 
     out = tmp_path / "out"
     out.mkdir()
     export = out / "ddp.safetensors"
+    gptq = {"calibration_batches": 4} if method == "gptq" else {}  # refused with "rtn": it would do nothing
     quantization = PostTrainingQuantization(bits=bits, max_metric_drop=bound, export_path=str(export),
-                                            method=method, calibration_batches=4)
+                                            method=method, **gptq)
     callbacks = [quantization, _RankHash(out)]
     _fit(callbacks, tmp_path, epochs=2, strategy="ddp_spawn", devices=2)
     assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
@@ -286,7 +288,8 @@ def _output_error(model, reference_state) -> float:
 def test_gptq_from_the_training_data_beats_round_to_nearest(tmp_path):
     errors = {}
     for method in ("rtn", "gptq"):
-        callback = PostTrainingQuantization(bits=3, granularity="per_channel", method=method, calibration_batches=8)
+        gptq = {"calibration_batches": 8} if method == "gptq" else {}
+        callback = PostTrainingQuantization(bits=3, granularity="per_channel", method=method, **gptq)
         trainer, model = _fit([callback], tmp_path / method, epochs=3)
         callback.restore_float(model)
         float_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -316,3 +319,120 @@ def test_gptq_shows_a_progress_bar_per_layer_in_the_trainers_style(tmp_path, cap
     assert calls == [(i, n) for i in range(1, n + 1)]
     if bar == "tqdm":
         assert f"GPTQ:   0%|          | 0/{n} " in capsys.readouterr().err  # drawn (then updated every 0.1 s)
+
+
+# ---------------------------------------------------------------------------- issue 19 / 20: carried codes, late errors
+def test_the_fitted_model_carries_its_codes_and_restore_float_forgets_them(tmp_path):
+    callback = PostTrainingQuantization(bits=4)
+    _, model = _fit([callback], tmp_path, epochs=1)
+    record = carried(model)
+    assert record is not None and record.source == "PostTrainingQuantization"
+    assert set(record.codes) == {f"{name}.weight" for name in callback.result.layers}
+    assert all(record.codes[layer.key] is layer.qtensor for layer in callback.result.layers.values())
+    assert record.stale(model) == []
+    callback.restore_float(model)
+    assert carried(model) is None
+
+
+def test_a_layer_sent_back_to_float_leaves_the_carried_codes(tmp_path):
+    callback = PostTrainingQuantization(bits=8, granularity="per_tensor", bits_overrides={r"net\.1$": 2},
+                                        max_metric_drop=0.005, fallback="float")
+    _, model = _fit([callback], tmp_path)
+    assert callback.bits_used["net.1"] == 32 and callback.result.bound_met is True
+    assert set(carried(model).codes) == {"net.3.weight", "net.5.weight"} and carried(model).stale(model) == []
+
+
+class _Poison(Callback):
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            pl_module.net[3].weight[0, 0] = float("nan")
+
+
+def test_non_finite_weights_at_the_end_of_the_fit_raise_and_write_nothing(tmp_path):
+    export = tmp_path / "nan.safetensors"
+    with pytest.raises(RuntimeError, match=r"the model's weights are not finite before quantization: net\.3\.weight; "
+                                           r"the fit diverged .* nothing was quantized or exported"):
+        _fit([_Poison(), PostTrainingQuantization(bits=8, export_path=str(export))], tmp_path, epochs=1)
+    assert not export.exists() and not (tmp_path / "nan.fp32.safetensors").exists()
+
+
+def test_an_error_while_quantizing_puts_the_float_weights_back(tmp_path, monkeypatch):
+    callback = PostTrainingQuantization(bits=4, max_metric_drop=0.01)
+    calls = []
+
+    def failing_evaluate(trainer, pl_module):  # the float model measures; the quantized one raises
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("evaluation failed")
+        return 0.9
+
+    monkeypatch.setattr(callback, "_evaluate", failing_evaluate)
+    model = _model()
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        _fit([callback], tmp_path, model=model, epochs=1)
+    for name, weight in callback.float_weights.items():
+        assert torch.equal(model.get_submodule(name).weight, weight)
+    assert carried(model) is None
+
+
+class _DictTraining(MLPClassifier):
+    """Trains on dict batches while validation batches are tuples: the calibration path reads the training data."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+
+class _DictTrainData(DigitsDataModule):
+    def train_dataloader(self):
+        return [{"x": x, "y": y} for x, y in super().train_dataloader()]
+
+
+def test_gptq_dry_runs_a_training_batch_in_setup(tmp_path):
+    model = _DictTraining(input_size=64, hidden=[64, 32], lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = pl.Trainer(callbacks=[PostTrainingQuantization(bits=4, method="gptq")], max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"the training data batch 0 .* does not run through the model with "
+                                         r"PostTrainingQuantization's GPTQ calibration .*compression_step"):
+        trainer.fit(model, _DictTrainData(batch_size=64))
+    assert trainer.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_group_size_misfits_are_all_named_in_setup_with_sizes_that_fit(tmp_path):
+    model = MLPClassifier(input_size=64, hidden=[48, 32], lr=1e-2)
+    with pytest.raises(ValueError, match=r"layer 'net.3' \(Linear\): `group_size`=64 does not divide the input size "
+                                         r"48, allowed e.g. \[48, 24, 16, 12\]; layer 'net.5' .* input size 32.*"
+                                         r"divide every selected layer's input size: \[16, 8, 4, 2\]"):
+        _fit([PostTrainingQuantization(bits=4, granularity="per_group", group_size=64)], tmp_path, model=model)
+
+
+class _Compactor(CompressionCallback):
+    """Stands in for structured compaction at the end of the fit: net.1 keeps 48 of its 64 units."""
+
+    finish_order = 0
+    report_name = "compactor"
+
+    def setup(self, trainer, pl_module, stage):
+        self._setup_fit(trainer, pl_module, needs_metric=False)
+
+    def _finish(self, trainer, pl_module):
+        first, second = pl_module.net[1], pl_module.net[3]
+        narrow, after = torch.nn.Linear(64, 48), torch.nn.Linear(48, second.out_features)
+        with torch.no_grad():
+            narrow.weight.copy_(first.weight[:48])
+            narrow.bias.copy_(first.bias[:48])
+            after.weight.copy_(second.weight[:, :48])
+            after.bias.copy_(second.bias)
+        pl_module.net[1], pl_module.net[3] = narrow, after
+
+
+def test_a_width_that_no_longer_fits_the_group_is_quantized_per_channel_with_a_warning(tmp_path):
+    callback = PostTrainingQuantization(bits=4, granularity="per_group", group_size=32)
+    with pytest.warns(UserWarning, match=r"net.3: per_channel: `group_size`=32 no longer divides its input size 48"):
+        trainer, model = _fit([callback, _Compactor()], tmp_path, epochs=1)
+    granularity = {name: layer.qtensor.spec.granularity for name, layer in callback.result.layers.items()}
+    assert granularity == {"net.1": "per_group", "net.3": "per_channel", "net.5": "per_group"}
+    assert "no longer divides" in callback.result.notes["net.3"]
+    assert "no longer divides" in report_for(trainer).layers["net.3"].note
+    assert carried(model).stale(model) == []
