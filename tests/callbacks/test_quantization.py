@@ -1,6 +1,8 @@
 """PostTrainingQuantization in real ``Trainer.fit`` runs on scikit-learn's digits."""
 
+import copy
 import hashlib
+import inspect
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,7 +18,7 @@ from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
-from lightning_compress.quantization import load_quantized
+from lightning_compress.quantization import load_quantized, quantize
 from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.export import read_metadata
 from tests.helpers import report_of as report_for
@@ -436,3 +438,48 @@ def test_a_width_that_no_longer_fits_the_group_is_quantized_per_channel_with_a_w
     assert "no longer divides" in callback.result.notes["net.3"]
     assert "no longer divides" in report_for(trainer).layers["net.3"].note
     assert carried(model).stale(model) == []
+
+
+# ---------------------------------------------------------------------------- one set of defaults (issue 20, item 3)
+def test_every_shared_default_of_the_callback_equals_quantizes():
+    callback = inspect.signature(PostTrainingQuantization.__init__).parameters
+    function = inspect.signature(quantize).parameters
+    shared = sorted(set(callback) & set(function) - {"self"})
+    assert {"bits", "module_types", "embedding_bits", "fallback", "calibration_batches", "method"} <= set(shared)
+    assert {name: callback[name].default for name in shared} == {name: function[name].default for name in shared}
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertModel(config)
+
+
+class _EncoderClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 32)
+        layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, input_ids):
+        return self.head(self.encoder(self.embed(input_ids)).mean(1))
+
+
+@pytest.mark.parametrize("make", [_bert, _EncoderClassifier], ids=["bert", "transformer_encoder"])
+@pytest.mark.parametrize("kwargs", [{}, {"bits": 4, "granularity": "per_group", "group_size": 16}])
+def test_the_callback_and_quantize_select_the_same_layers_at_the_same_bits(make, kwargs):
+    model = make()
+    planned = PostTrainingQuantization(**kwargs)._plan(model)
+    result = quantize(copy.deepcopy(model), **kwargs)
+    assert {n: s.bits for n, s in planned.specs.items()} == {n: layer.bits for n, layer in result.layers.items()}
+    types = {type(model.get_submodule(name)).__name__ for name in result.layers}
+    assert {"Embedding", "Linear"} <= types
+    embeddings = [n for n in result.layers if isinstance(model.get_submodule(n), torch.nn.Embedding)]
+    assert embeddings and all(result.layers[n].bits == 8 for n in embeddings)
+    if make is _EncoderClassifier:
+        assert "MultiheadAttention" in types  # the fused q/k/v in-proj, by both
