@@ -126,6 +126,10 @@ QUANTIZATION: list[Case] = [
     ("method_unknown", {"method": "awq"}, ValueError, ("method", "'awq'")),
     ("calibration_batches_zero", {"calibration_batches": 0}, ValueError, ("calibration_batches", "0")),
     ("calibration_batches_float", {"calibration_batches": 2.5}, TypeError, ("calibration_batches", "2.5")),
+    ("calibration_batches_with_rtn", {"calibration_batches": 8}, ValueError, ("calibration_batches", "8", "'rtn'")),
+    ("fallback_without_bound", {"fallback": "more_bits"}, ValueError, ("fallback", "'more_bits'", "max_metric_drop")),
+    ("embedding_bits_nine", {"embedding_bits": 9}, ValueError, ("embedding_bits", "9")),
+    ("embedding_bits_string", {"embedding_bits": "8"}, TypeError, ("embedding_bits", "'8'")),
 ]
 
 
