@@ -182,8 +182,7 @@ class CompressionCallback(Callback):
                     "compressed model in memory), the fit's `compressed.ckpt`, or "
                     "`lightning_compress.load_compressed(MyModel(), path)` on a fresh model"
                 )
-            if stage == "compressed":
-                prepare_for_checkpoint(pl_module, checkpoint)
+            prepare_for_checkpoint(pl_module, checkpoint)  # any stage: entry, hyper-parameters, the shape rule
             original(checkpoint)
 
         pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
@@ -242,7 +241,7 @@ class CompressionCallback(Callback):
             trainer.save_checkpoint(path)  # every rank calls it; rank zero writes
         except OSError as err:
             self._fail(trainer, pl_module, err if err.filename else OSError(err.errno, err.strerror, str(path)))
-        announce(save_report(report, pl_module, directory), trainer)
+        announce(save_report(report, pl_module, directory, plot=False), trainer)  # with the checkpoint's size
 
     def _fail(self, trainer: pl.Trainer, pl_module: pl.LightningModule, error: Exception) -> NoReturn:
         """End the fit with ``error``, after writing a report that says so (what failed and why; no compressed
@@ -253,7 +252,7 @@ class CompressionCallback(Callback):
         report.files.pop("compressed_checkpoint", None)
         self._leader._published = True
         try:
-            save_report(report, pl_module, self.run_dir(trainer))
+            save_report(report, pl_module, self.run_dir(trainer), plot=False)
         except OSError as err:
             rank_zero_warn(f"lightning-compress: could not write the compression report either: {err}")
         raise error

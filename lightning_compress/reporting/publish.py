@@ -37,20 +37,21 @@ def write_plot(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
     return path
 
 
-def write_files(summary: dict[str, Any], directory: str | os.PathLike[str]) -> dict[str, str]:
+def write_files(summary: dict[str, Any], directory: str | os.PathLike[str], plot: bool = True) -> dict[str, str]:
     """JSON, Markdown and (with matplotlib) PNG into ``directory``; returns what was written, by kind. The JSON
-    lists all three under ``files``."""
+    lists all three under ``files``. ``plot=False``: an update of the text files, the PNG already there is kept."""
     directory = Path(directory)
     written = {"report_json": str(directory / JSON_NAME), "report_markdown": str(directory / MARKDOWN_NAME)}
-    plot = write_plot(summary, directory / PLOT_NAME)
-    if plot is not None:
-        written["report_plot"] = str(plot)
+    existing = directory / PLOT_NAME
+    figure = write_plot(summary, existing) if plot else existing if existing.is_file() else None
+    if figure is not None:
+        written["report_plot"] = str(figure)
     summary["files"] = {
         **summary["files"],
         **{key: {"path": path, "bytes": os.path.getsize(path) if key == "report_plot" else None}
            for key, path in written.items()},
     }
-    write_text(directory / MARKDOWN_NAME, to_markdown(summary, PLOT_NAME if plot is not None else None))
+    write_text(directory / MARKDOWN_NAME, to_markdown(summary, PLOT_NAME if figure is not None else None))
     write_text(directory / JSON_NAME, to_json(summary))
     return written
 
@@ -122,14 +123,14 @@ def _console(trainer: pl.Trainer) -> Any:
     return console
 
 
-def save_report(report: CompressionReport, pl_module: pl.LightningModule, directory: str | os.PathLike[str]
-                ) -> dict[str, Any]:
+def save_report(report: CompressionReport, pl_module: pl.LightningModule, directory: str | os.PathLike[str],
+                plot: bool = True) -> dict[str, Any]:
     """Summarize (every rank: no collective) and, on rank zero, write the report files into ``directory``; returns
     the summary. A file that cannot be written raises the ``OSError`` naming it (the atomic writer adds the path):
-    the caller decides what the fit does about it."""
+    the caller decides what the fit does about it. ``plot=False``: the text files only (an update)."""
     summary = summarize(report, pl_module)
     if getattr(rank_zero_only, "rank", 0) == 0:
-        write_files(summary, directory)
+        write_files(summary, directory, plot)
     for key, file in summary["files"].items():
         report.files.setdefault(key, file["path"])
     return summary
