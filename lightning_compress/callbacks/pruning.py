@@ -143,20 +143,24 @@ class GradientStabilityPruning(CompressionCallback):
             raise ValueError(f"{self.selection.describe()} select no trainable module of {type(pl_module).__name__}: "
                              "nothing to prune")
         self._check_no_overlap(trainer, pl_module, layers)
+        self._reset_run(pl_module, layers)  # the schedule follows in on_train_start
+        if self.config.structured and getattr(pl_module, "example_input_array", None) is not None:
+            self._analyse(pl_module, pl_module.example_input_array)  # decided before any step
+
+    def _schedule(self, trainer: pl.Trainer) -> PruningSchedule:
+        """The fit's schedule. Read in ``on_train_start``, not ``setup``: ``trainer.estimated_stepping_batches``
+        sets up the train data when first read, and read in ``setup`` (before Lightning restores a checkpoint) it
+        makes Lightning skip restoring the loader's position, so a run resumed mid-epoch restarts its epoch."""
         c = self.config
         total = trainer.max_epochs if c.schedule_unit == "epoch" else trainer.estimated_stepping_batches
         length = int(total) if total is not None and total not in (-1, float("inf")) else None
-        schedule = PruningSchedule.for_fit(c.schedule, c.sparsity if c.sparsity is not None else 1.0, length,
-                                           c.schedule_unit, c.start_step, c.end_step, c.frequency, c.amount,
-                                           c.initial_sparsity)
-        self._reset_run(pl_module, layers, schedule)
-        if c.structured and getattr(pl_module, "example_input_array", None) is not None:
-            self._analyse(pl_module, pl_module.example_input_array)  # decided before any step
+        return PruningSchedule.for_fit(c.schedule, c.sparsity if c.sparsity is not None else 1.0, length,
+                                       c.schedule_unit, c.start_step, c.end_step, c.frequency, c.amount,
+                                       c.initial_sparsity)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.config.structured and self.state.groups is None:  # no example_input_array: the first batch
-            self._analyse(pl_module, first_inputs(trainer, pl_module, "structured pruning"))
+        self.run.schedule = self._schedule(trainer)
         self.run.start_statistics()
         if self._pending_state is not None:
             self.run.load_state_dict(self._pending_state)
@@ -191,6 +195,12 @@ class GradientStabilityPruning(CompressionCallback):
         rank_zero_info(f"GradientStabilityPruning: which layers can lose units\n{table}")
 
     # ------------------------------------------------------------------ per step
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
+        if self.config.structured and self.state.groups is None:  # no example_input_array: the first batch, as
+            # the hook has it (reading the loader again would start a second pass over it: not resumable)
+            self._analyse(pl_module, first_inputs(trainer, pl_module, "structured pruning", batch))
+
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _compat.is_last_micro_batch(trainer):  # earlier micro-batches: .grad is a partial sum

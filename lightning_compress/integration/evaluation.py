@@ -215,11 +215,14 @@ def evaluate(
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def first_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, purpose: str) -> Any:
-    """Two examples of the first training batch ``(inputs, targets, ...)``, for an analysis of a model that has no
-    ``example_input_array``; a ``ValueError`` says what to set when the batches do not show what the forward takes."""
-    loader = trainer.train_dataloader
-    batch = next(iter(loader), None) if loader is not None else None
+def first_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, purpose: str, batch: Any = None) -> Any:
+    """Two examples of the first training batch ``(inputs, targets, ...)`` (or of ``batch``, a hook's: iterating
+    the loader again would start a second pass over it, which a resumable loader counts), for an analysis of a model
+    that has no ``example_input_array``; a ``ValueError`` says what to set when the batches do not show what the
+    forward takes."""
+    if batch is None:
+        loader = trainer.train_dataloader
+        batch = next(iter(loader), None) if loader is not None else None
     if not (isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor)):
         raise ValueError(
             f"{purpose} runs the model on an example input: set `example_input_array` on {type(pl_module).__name__} "

@@ -95,7 +95,7 @@ class MaskState:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Masks restored from a checkpoint must fit the model's parameters exactly (a mask that broadcast would
-        zero a whole layer)."""
+        zero a whole layer), and unit masks its tracked layers' units (checked now, not at the next event)."""
         masks = dict(state.get("masks", {}))
         for key, mask in masks.items():
             param = self._params.get(key)
@@ -103,6 +103,14 @@ class MaskState:
                 shape = None if param is None else tuple(param.shape)
                 raise ValueError(f"the checkpoint's pruning mask {key!r} ({getattr(mask, 'shape', type(mask))}) does "
                                  f"not fit the model's parameter ({shape}): the checkpoint belongs to another model")
+        units = self.layers.num_units()
+        unit_masks = dict(state.get("unit_masks", {}))
+        for name, mask in unit_masks.items():
+            if name not in units or not isinstance(mask, Tensor) or tuple(mask.shape) != (units[name],):
+                expected = f"({units[name]},), one entry per output unit" if name in units else "no such pruned layer"
+                raise ValueError(f"the checkpoint's unit mask for layer {name!r} ({getattr(mask, 'shape', type(mask))})"
+                                 f" does not fit the model's (expected {expected}): the checkpoint belongs to another "
+                                 "model or another selection of layers")
         self.masks = {key: mask.bool() for key, mask in masks.items()}
-        self.unit_masks = {key: mask.bool() for key, mask in dict(state.get("unit_masks", {})).items()}
+        self.unit_masks = {key: mask.bool() for key, mask in unit_masks.items()}
         self.bind()

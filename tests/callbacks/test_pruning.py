@@ -201,6 +201,56 @@ def test_resume_mid_pruning_gives_the_same_masks(tmp_path) -> None:
         torch.testing.assert_close(a, b, msg=name)
 
 
+class _ReadsStepsInSetup(Callback):
+    """What the pruning callback once did in ``setup``: set up the train data before Lightning restores a checkpoint
+    (Lightning then skips restoring the loader's position, so the resumed epoch restarts)."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        trainer.estimated_stepping_batches  # noqa: B018 - the read is the point
+
+
+def _mid_epoch_fit(root, variant: str, ckpt_path: str | None = None):
+    pl.seed_everything(7)
+    if variant == "reads_steps_in_setup":
+        callbacks: list[Callback] = [_ReadsStepsInSetup()]
+    else:
+        callbacks = [GradientStabilityPruning(sparsity=0.6, structured=variant == "structured_first_batch",
+                                              start_step=5, end_step=60, frequency=5, evaluate=False)]
+    if ckpt_path is None:
+        callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=7, save_top_k=-1))
+    model = _mlp()
+    if variant == "structured_first_batch":
+        model.example_input_array = None  # analysed on the first batch the fit sees
+    trainer = _trainer(callbacks, max_epochs=4, enable_checkpointing=ckpt_path is None, default_root_dir=root)
+    trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+    return callbacks[0], model
+
+
+@pytest.mark.parametrize("variant", ["unstructured", "structured_first_batch"])
+def test_resume_from_mid_epoch_checkpoints_is_bit_exact(tmp_path, variant: str) -> None:
+    # digits: 20 steps per epoch; checkpoints at steps 7 (epoch 0), 21 and 28 (epoch 1), all between pruning events
+    full, full_model = _mid_epoch_fit(tmp_path / "full", variant)
+    for step in (7, 21, 28):
+        (ckpt,) = (tmp_path / "full").glob(f"*-step={step}.ckpt")
+        resumed, model = _mid_epoch_fit(tmp_path / f"resumed{step}", variant, str(ckpt))
+        assert full.masks and set(resumed.masks) == set(full.masks)
+        for name in full.masks:
+            assert torch.equal(resumed.masks[name], full.masks[name]), (step, name)
+        for name, weight in full_model.state_dict().items():
+            assert torch.equal(model.state_dict()[name], weight), (step, name)
+        assert [h["tick"] for h in resumed.history] == [h["tick"] for h in full.history]
+
+
+def test_reading_the_fit_length_in_setup_is_what_broke_mid_epoch_resume(tmp_path) -> None:
+    """The control: without the pruning callback, a callback that only reads ``estimated_stepping_batches`` in
+    ``setup`` already resumes a different fit (if Lightning fixes this, the pruning callback may read it there
+    again)."""
+    _, full_model = _mid_epoch_fit(tmp_path / "full", "reads_steps_in_setup")
+    (ckpt,) = (tmp_path / "full").glob("*-step=7.ckpt")
+    _, model = _mid_epoch_fit(tmp_path / "resumed", "reads_steps_in_setup", str(ckpt))
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in full_model.state_dict().items())
+
+
 # --------------------------------------------------------------------------- bound and rollback
 class _WeightsBeforeEvent(Callback):
     def __init__(self, step: int) -> None:
