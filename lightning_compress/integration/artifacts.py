@@ -99,13 +99,15 @@ def load_compressed(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
 
 
 def prepare_for_checkpoint(
-    model: nn.Module, checkpoint: dict[str, Any], source: str = "the checkpoint"
+    model: nn.Module, checkpoint: dict[str, Any], source: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Check a Lightning checkpoint (``source`` names it in errors) against ``model`` and resize the model to the
     compacted shapes it holds, before its state is loaded (by :func:`load_compressed`, by Lightning for a
     ``ckpt_path`` with our callbacks in the Trainer, by the CLI). Checked first, in this order: the ``state_dict``
     maps names to tensors; the ``hyper_parameters`` equal the model's ``hparams`` (where both have the key); the
     shapes follow the one shape rule under the entry's compaction record. Returns the ``state_dict``."""
+    if source is None:  # Lightning's ckpt_path when it is Lightning that loads the checkpoint
+        source = str(getattr(getattr(model, "_trainer", None), "ckpt_path", None) or "the checkpoint")
     state_dict = checkpoint.get("state_dict")
     if not isinstance(state_dict, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state_dict.items()
