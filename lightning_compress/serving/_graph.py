@@ -79,6 +79,18 @@ class Graph:
     def producer(self, tensor: str) -> Any | None:
         return next((node for node in self.graph.node if tensor in node.output), None)
 
+    def through_identity(self, tensor: str) -> str:
+        """The initializer an ``Identity`` chain forwards (the exporter shares equal constants, e.g. zero biases,
+        that way), else ``tensor`` itself."""
+        seen = set()
+        while tensor not in self.inits and tensor not in seen:
+            seen.add(tensor)
+            producer = self.producer(tensor)
+            if producer is None or producer.op_type != "Identity":
+                break
+            tensor = producer.input[0]
+        return tensor
+
     def is_output(self, tensor: str) -> bool:
         return any(v.name == tensor for v in self.graph.output)
 

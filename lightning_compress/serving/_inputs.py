@@ -239,6 +239,29 @@ def output_axes(inputs: Inputs, in_axes: Mapping[str, Mapping[int, str]], out: T
     return found
 
 
+def probe(inputs: Inputs, in_axes: Mapping[str, Mapping[int, str]]) -> list[Tensor] | None:
+    """The example at other sizes along its dynamic axes (the batch one longer, every other dynamic axis one shorter,
+    or longer when it has one entry), so the check proves the graph runs at a shape it was not traced at; None
+    when nothing is dynamic. Inputs sharing an axis name change together."""
+    sizes: dict[str, int] = {}
+    for name, t in zip(inputs.names, inputs.tensors):
+        for dim, label in in_axes[name].items():
+            sizes.setdefault(label, t.shape[dim] + 1 if label == "batch" or t.shape[dim] < 2 else t.shape[dim] - 1)
+    if not sizes:
+        return None
+    out = []
+    for name, t in zip(inputs.names, inputs.tensors):
+        for dim, label in in_axes[name].items():
+            size = sizes[label]
+            if size <= t.shape[dim]:
+                t = t.narrow(dim, 0, size)
+            else:  # repeat the last slice
+                t = torch.cat([t, t.narrow(dim, t.shape[dim] - 1, 1).expand(
+                    *[size - t.shape[dim] if d == dim else -1 for d in range(t.dim())])], dim)
+        out.append(t.contiguous())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the dry run
 def first_layer(model: nn.Module) -> str:
     """What the model's first weighted layer expects, for error messages."""

@@ -46,7 +46,7 @@ def operands(graph: Graph, site: WeightSite) -> tuple[str, str | None, str]:
         want = "same" if attrs.get("transB", 0) else "transposed"
         if node.input[1] != site.initializer or site.layout != want:
             raise Unsupported(f"Gemm {node.name!r} reads the weight in an unexpected layout")
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        bias = graph.through_identity(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         return node.input[0], bias, node.output[0]
     if node.op_type == "MatMul":
         if node.input[1] != site.initializer or site.layout != "transposed":
@@ -55,7 +55,7 @@ def operands(graph: Graph, site: WeightSite) -> tuple[str, str | None, str]:
     if node.op_type == "Conv":
         if node.input[1] != site.initializer or site.layout != "same":
             raise Unsupported(f"Conv {node.name!r} reads the weight in an unexpected layout")
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        bias = graph.through_identity(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         return node.input[0], bias, node.output[0]
     raise Unsupported(f"the weight is read by a {node.op_type} node ({node.name!r}); integer forms exist for "
                       "Gemm, MatMul and Conv")

@@ -100,18 +100,26 @@ class OutputCheckError(RuntimeError):
 
 @torch.no_grad()
 def check_outputs(
-    reference: nn.Module, model: bytes, names: list[str], feeds: list[tuple[list[Tensor], dict[str, Any]]], ort: Any
+    reference: nn.Module, model: bytes, names: list[str], feeds: list[tuple[str, list[Tensor], dict[str, Any]]],
+    ort: Any, probe: tuple[str, list[Tensor], dict[str, Any]] | None = None,
 ) -> tuple[float, float, int]:
     """(max abs difference, argmax agreement of the first output, samples) of ORT's outputs ``names`` vs
-    ``reference`` (positional tensors in, a tuple of the same outputs out) on each ``(tensors, feed)``. A NaN or inf
-    in either side's outputs raises :class:`OutputCheckError`: no agreement is ever reported on garbage."""
+    ``reference`` (positional tensors in, a tuple of the same outputs out) on each ``(where, tensors, feed)``. A NaN
+    or inf in either side's outputs, or a feed ORT cannot run, raises :class:`OutputCheckError`: no agreement is ever
+    reported on garbage. ``probe`` is checked alike and enters the max difference, not the sample count."""
     reference = copy.deepcopy(reference).cpu().eval()
     ort_session = session(model, ort)
     diff, agree, total, classified = 0.0, 0, 0, 0
-    for i, (tensors, feed) in enumerate(feeds):
+    for i, (where, tensors, feed) in enumerate([*feeds, *([probe] if probe else [])]):
         expected = [t.detach().float().cpu().numpy() for t in reference(*tensors)]
-        got = ort_session.run(names, feed)
-        where = "the example" if i == 0 else f"calibration batch {i - 1}"
+        try:
+            got = ort_session.run(names, feed)
+        except Exception as err:  # ORT raises its own Fail / InvalidArgument types
+            shapes = {name: tuple(value.shape) for name, value in feed.items()}
+            raise OutputCheckError(
+                f"ONNX Runtime cannot run the exported graph on {where} {shapes}: {str(err)[:300]}; the model turns "
+                "a size into a constant while traced. Make that axis static with `dynamic_axes` (e.g. "
+                "{'input_ids': [0]}); nothing was written") from None
         for name, want, have in zip(names, expected, got):
             bad_torch, bad_ort = int((~np.isfinite(want)).sum()), int((~np.isfinite(have)).sum())
             if bad_torch or bad_ort:
@@ -123,6 +131,8 @@ def check_outputs(
                 raise OutputCheckError(f"output {name!r} on {where}: ONNX Runtime gives shape {have.shape}, PyTorch "
                                        f"{want.shape}; nothing was written")
             diff = max(diff, float(np.abs(have - want).max())) if want.size else diff
+        if i == len(feeds):
+            continue  # the probe
         first, first_ort = expected[0], got[0]
         if first.ndim == 2 and first.shape[1] > 1:
             agree += int((first_ort.argmax(1) == first.argmax(1)).sum())

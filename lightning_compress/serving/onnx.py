@@ -47,6 +47,7 @@ from lightning_compress.serving._runtime import (
     require_onnx,
     version_tuple,
 )
+from lightning_compress.serving._traceable import make_traceable
 
 ACTIVATIONS = ("dynamic", "static")
 DEFAULT_OPSET = 17
@@ -66,6 +67,7 @@ class LayerExport:
     runtime_op: str | None = None  # the operator reading our codes after ORT's graph optimizations
     reason: str = ""  # why it is not on an integer operator
     codes: str = ""  # name of the initializer holding the codes
+    used: bool = True  # False: the exported outputs do not depend on this layer, so the graph has no trace of it
 
     @property
     def integer(self) -> bool:
@@ -92,7 +94,12 @@ class OnnxExportReport:
     def not_integer(self) -> dict[str, str]:
         """Quantized layers ORT does not run on an integer operator -> why."""
         return {name: layer.reason or f"ORT runs {layer.runtime_op}" for name, layer in self.layers.items()
-                if not layer.integer}
+                if not layer.integer and layer.used}
+
+    @property
+    def unused(self) -> list[str]:
+        """Quantized layers the exported outputs do not depend on (e.g. BERT's pooler under ``last_hidden_state``)."""
+        return [name for name, layer in self.layers.items() if not layer.used]
 
     def __str__(self) -> str:
         ops = ", ".join(f"{n}: {layer.runtime_op or layer.op}" for n, layer in self.layers.items())
@@ -108,6 +115,8 @@ class OnnxExportReport:
         ]
         if self.not_integer:
             lines.append(f"NOT on integer kernels: {self.not_integer}")
+        if self.unused:
+            lines.append(f"not in the graph (the exported outputs do not use them): {self.unused}")
         return "\n".join(lines)
 
 
@@ -184,10 +193,13 @@ def export_onnx(
     out_names, positions = _inputs.select(_inputs.dry_run(reference, inputs), wanted)
     export_model = copy.deepcopy(reference)
     codes, source = _codes.collect(export_model, result)
+    types = {name: type(export_model.get_submodule(name)).__name__ for name in codes}
+    make_traceable(export_model)  # nn.MultiheadAttention -> the same math with a symbolic sequence length
     wrapped = _inputs.Exported(export_model, inputs, positions).eval()
     float_bytes = _torch_export(wrapped, inputs, out_names, in_axes, opset)
     graph = Graph(onnx.load_from_string(float_bytes), onnx)
-    layers, sites = _plan(graph, export_model, export_model.state_dict(), codes)
+    layers, sites = _plan(graph, types, export_model.state_dict(), codes)
+    _mark_unused(layers, sites, codes, wrapped, inputs, out_names)
 
     static_sites: dict[str, WeightSite] = {}
     for name, site in sites.items():
@@ -208,9 +220,12 @@ def export_onnx(
             layer.reason = str(why)
             _rewrite.weight_only(graph, site, key, qt)
             layer.op = "DequantizeLinear (float kernel)"
-    feeds = [(tensors, inputs.feed(tensors)) for tensors in [inputs.tensors, *batches]]
+    feeds = [("the example", inputs.tensors, inputs.feed(inputs.tensors))]
+    feeds += [(f"calibration batch {i}", tensors, inputs.feed(tensors)) for i, tensors in enumerate(batches)]
     if static_sites:
-        _quantize_static(graph, static_sites, codes, layers, float_bytes, [f for _, f in feeds[1:]], onnx, ort)
+        _quantize_static(graph, static_sites, codes, layers, float_bytes, [f for _, _, f in feeds[1:]], onnx, ort)
+    other = _inputs.probe(inputs, in_axes)  # the dynamic axes must really be dynamic
+    probe = None if other is None else ("the example at other sizes along its dynamic axes", other, inputs.feed(other))
     for name in sites:
         layers[name].codes = _codes_name(graph, codes[name][0])
     final = graph.finish()
@@ -221,7 +236,7 @@ def export_onnx(
                               inputs=list(inputs.names), outputs=out_names, source=source)
     check_runtime_ops(report.layers, data, onnx, ort)
     report.max_abs_diff, report.argmax_agreement, report.samples = check_outputs(
-        _inputs.Exported(reference, inputs, positions), data, out_names, feeds, ort)
+        _inputs.Exported(reference, inputs, positions), data, out_names, feeds, ort, probe)
     report.path = write_bytes(target, data)  # only a checked graph reaches the disk
     return report
 
@@ -252,8 +267,7 @@ def _torch_export(
     model: nn.Module, inputs: _inputs.Inputs, outputs: list[str], in_axes: Mapping[str, Mapping[int, str]], opset: int
 ) -> bytes:
     buffer = io.BytesIO()
-    with torch.no_grad():
-        sample = model(*inputs.tensors)
+    sample = model(*inputs.tensors)  # with grad, as the tracer runs it (no fused inference-only fast paths)
     axes: dict[str, Any] = {name: dict(dims) for name, dims in in_axes.items() if dims}
     for name, value in zip(outputs, sample):
         axes[name] = _inputs.output_axes(inputs, in_axes, value)
@@ -269,14 +283,13 @@ def _torch_export(
 
 # ---------------------------------------------------------------------------------------------- planning
 def _plan(
-    graph: Graph, model: nn.Module, state: Mapping[str, Tensor], codes: Mapping[str, tuple[str, QuantizedTensor]]
+    graph: Graph, types: Mapping[str, str], state: Mapping[str, Tensor], codes: _codes.Codes
 ) -> tuple[dict[str, LayerExport], dict[str, WeightSite]]:
     layers: dict[str, LayerExport] = {}
     sites: dict[str, WeightSite] = {}
     claimed: set[str] = set()
     for name, (key, qt) in codes.items():
-        module = model.get_submodule(name)
-        layers[name] = LayerExport(name, type(module).__name__, qt.spec.bits, qt.spec.granularity, op="-")
+        layers[name] = LayerExport(name, types[name], qt.spec.bits, qt.spec.granularity, op="-")
         site = find_weight(graph, f"{WRAPPED}{key}", state[key].detach().float().cpu().numpy(), claimed)
         if isinstance(site, str):
             layers[name].reason = site
@@ -284,6 +297,35 @@ def _plan(
         claimed.add(site.initializer)
         sites[name] = site
     return layers, sites
+
+
+def _mark_unused(
+    layers: Mapping[str, LayerExport], sites: Mapping[str, WeightSite], codes: _codes.Codes,
+    wrapped: nn.Module, inputs: _inputs.Inputs, out_names: list[str],
+) -> None:
+    """Layers found nowhere in the graph whose weight the exported outputs do not depend on (autograd says so
+    exactly): the tracer dropped them as dead code, which is not a failure to reach an integer kernel."""
+    missing = [name for name in layers if name not in sites]
+    params = dict(wrapped.named_parameters())
+    weights = {name: params[f"{WRAPPED}{codes[name][0]}"] for name in missing if f"{WRAPPED}{codes[name][0]}" in params}
+    if not weights:
+        return
+    flags = {name: w.requires_grad for name, w in weights.items()}
+    try:
+        with torch.enable_grad():
+            for w in weights.values():
+                w.requires_grad_(True)
+            outs = [o for o in wrapped(*inputs.tensors) if o.is_floating_point()]
+            total = sum((o.float().sum() for o in outs), torch.zeros(()))
+            grads = (torch.autograd.grad(total, list(weights.values()), allow_unused=True) if total.requires_grad
+                     else [None] * len(weights))
+    finally:
+        for name, w in weights.items():
+            w.requires_grad_(flags[name])
+    for name, grad in zip(weights, grads):
+        if grad is None:
+            layers[name].used = False
+            layers[name].reason = f"the exported outputs {out_names} do not depend on it (dead code in this graph)"
 
 
 def _route(site: WeightSite, qt: QuantizedTensor, ort_version: str) -> str:

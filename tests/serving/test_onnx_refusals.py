@@ -122,3 +122,23 @@ def test_a_dict_output_model_is_exported_and_checked_on_the_named_output(tmp_pat
     assert report.outputs == ["probs", "logits"] and report.inputs == ["x"]
     assert report.samples == 20 and report.max_abs_diff < 1e-5 and report.argmax_agreement == 1.0
     assert "float model: nothing quantized" in str(report)
+
+
+class Baked(nn.Module):
+    """Turns the batch size into a constant while traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x):
+        return self.body(x).reshape(int(x.shape[0]), 2, 2)
+
+
+def test_a_dynamic_axis_the_trace_made_constant_is_caught_and_nothing_written(tmp_path):
+    with pytest.raises(OutputCheckError, match=r"ONNX Runtime cannot run the exported graph on the example at other "
+                                               r"sizes along its dynamic axes \{'input': \(5, 8\)\}: .*`dynamic_axes`"):
+        export_onnx(Baked(), tmp_path / "m.onnx", X)
+    assert os.listdir(tmp_path) == []
+    report = export_onnx(Baked(), tmp_path / "m.onnx", X, dynamic_axes={"input": []})  # static, as asked
+    assert report.max_abs_diff < 1e-5

@@ -1,0 +1,123 @@
+"""export_onnx on transformers taking token ids, with no wrapper and no ``result``: a Hugging Face ``BertModel`` and an
+``nn.TransformerEncoder`` classifier, int8 and int4 g32. ORT equals PyTorch at batch sizes and sequence lengths the
+example did not have; every quantized layer is on an integer operator (embeddings: ``Gather`` of int8 codes) or
+named with the reason."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.quantization import quantize
+from lightning_compress.quantization.carried import attach
+from lightning_compress.serving import export_onnx
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 120
+SCHEMES = {"int8": {"bits": 8}, "int4 g32": {"bits": 4, "granularity": "per_group", "group_size": 32}}
+SHAPES = [(3, 7), (5, 23)]  # (batch, tokens), neither the example's (2, 12)
+
+
+class EncoderClassifier(nn.Module):
+    """Token ids and a padding mask in, class logits out (mean over the kept tokens)."""
+
+    def __init__(self, d=64, heads=4, layers=2, classes=5):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.pos = nn.Embedding(64, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+        for p in self.encoder.parameters():  # the stack's layers start as copies of one layer
+            nn.init.normal_(p, std=0.1)
+
+    def forward(self, input_ids, attention_mask):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self.encoder(self.embed(input_ids) + self.pos(positions), src_key_padding_mask=attention_mask == 0)
+        keep = attention_mask.unsqueeze(-1).float()
+        return self.head((h * keep).sum(1) / keep.sum(1).clamp_min(1))
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64)
+    return transformers.BertModel(config).eval()
+
+
+def _tokens(batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, length // 2:] = 0  # one padded sequence
+    return ids, mask
+
+
+def _quantize(model, scheme):
+    result = quantize(model, **SCHEMES[scheme])
+    attach(model, {layer.key: layer.qtensor for layer in result.layers.values()}, "quantize()")
+    return result
+
+
+def _compare(path, model, names, output):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for i, (batch, length) in enumerate(SHAPES):
+        ids, mask = _tokens(batch, length, seed=10 + i)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+        want = (out[output] if output else out).numpy()
+        got = session.run(None, {names[0]: ids.numpy(), names[1]: mask.numpy()})[0]
+        assert got.shape == want.shape
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    return worst
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_bert_model_directly_from_a_dict_of_token_inputs(tmp_path, scheme):
+    torch.manual_seed(0)
+    model = _bert()
+    _quantize(model, scheme)
+    ids, mask = _tokens(2, 12, seed=0)
+    report = export_onnx(model, tmp_path / "bert.onnx", {"input_ids": ids, "attention_mask": mask})
+    assert report.inputs == ["input_ids", "attention_mask"] and report.outputs == ["last_hidden_state"]
+    graph = onnx.load(tmp_path / "bert.onnx").graph
+    for value in graph.input:  # int64 ids kept, batch and sequence dynamic
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert [d.dim_param for d in value.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert report.not_integer == {}, str(report)
+    assert report.unused == ["pooler.dense"] and "do not depend on it" in report.layers["pooler.dense"].reason
+    qkv = [n for n in report.layers if n.endswith(("query", "key", "value"))]
+    assert len(qkv) == 6 and all(report.layers[n].integer for n in qkv)
+    expected = {"int8": {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}, "int4 g32": {"MatMulNBits"}}[scheme]
+    assert {report.layers[n].runtime_op for n in qkv} <= expected
+    assert report.layers["embeddings.word_embeddings"].runtime_op == "Gather"
+    codes = {i.name: i for i in graph.initializer}[report.layers["embeddings.word_embeddings"].codes]
+    assert codes.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    assert _compare(tmp_path / "bert.onnx", model, report.inputs, "last_hidden_state") < 0.02
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_transformer_encoder_classifier_from_a_tuple_of_token_inputs(tmp_path, scheme):
+    torch.manual_seed(1)
+    model = EncoderClassifier().eval()
+    _quantize(model, scheme)
+    report = export_onnx(model, tmp_path / "enc.onnx", _tokens(2, 12, seed=0))
+    assert report.inputs == ["input_ids", "attention_mask"] and report.outputs == ["output"]
+    assert report.not_integer == {} and report.unused == [], str(report)
+    assert {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "embed", "head"} <= set(report.layers)
+    assert _compare(tmp_path / "enc.onnx", model, report.inputs, None) < 0.02
+
+
+def test_bert_outputs_by_name_and_the_pooler_then_counts(tmp_path):
+    torch.manual_seed(2)
+    model = _bert()
+    _quantize(model, "int8")
+    ids, mask = _tokens(2, 12, seed=0)
+    report = export_onnx(model, tmp_path / "b.onnx", {"input_ids": ids, "attention_mask": mask},
+                         outputs=["pooler_output", 0], calibration_data=[{"input_ids": ids[:1], "attention_mask":
+                                                                           mask[:1], "labels": torch.zeros(1)}])
+    assert report.outputs == ["pooler_output", "last_hidden_state"] and report.samples == 3
+    assert report.unused == [] and report.layers["pooler.dense"].integer
