@@ -11,8 +11,9 @@ from torch import Tensor
 
 class RunningMoments:
     """Count / mean / M2 (float64) of a stream of equally shaped float32 samples. Samples are stored in a block of
-    ``block`` rows (one copy per sample) and merged with Chan et al.'s formula when the block is full or before
-    any read: per sample that is one op instead of Welford's five, and the block's own moments are two-pass."""
+    ``block`` rows (written in place through :meth:`slot`, or copied by :meth:`add`) and merged with Chan et al.'s
+    formula when the block is full or before any read: per sample that is no op at all instead of Welford's five,
+    and the block's own moments are two-pass."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device, block: int = 32) -> None:
         self.count = 0
@@ -22,7 +23,16 @@ class RunningMoments:
         self.n_pending = 0
 
     def add(self, x: Tensor) -> None:
-        self.pending[self.n_pending].copy_(x)
+        self.slot().copy_(x)
+        self.commit()
+
+    def slot(self) -> Tensor:
+        """The storage of the next sample, to be written in place (no copy); it counts only after :meth:`commit`,
+        so a sample found bad while being written is simply overwritten by the next one."""
+        return self.pending[self.n_pending]
+
+    def commit(self) -> None:
+        """Count the sample written into :meth:`slot`."""
         self.n_pending += 1
         if self.n_pending == len(self.pending):
             self.flush()
@@ -31,9 +41,13 @@ class RunningMoments:
         n_b = self.n_pending
         if n_b == 0:
             return
-        block = self.pending[:n_b].to(torch.float64)
+        # the block's own moments, two-pass in float32 over at most `block` samples (relative error of order
+        # block * 2**-24, far below the spread of any real signal), in place: the samples are consumed. Only the
+        # merge, where the count grows without bound, needs float64 (widening the block first cost more than the rest)
+        block = self.pending[:n_b]
         mean_b = block.mean(0)
-        m2_b = (block - mean_b).square_().sum(0)
+        m2_b = block.sub_(mean_b).square_().sum(0, dtype=torch.float64)
+        mean_b = mean_b.to(torch.float64)
         n = self.count + n_b
         delta = mean_b - self._mean
         self._mean.add_(delta, alpha=n_b / n)

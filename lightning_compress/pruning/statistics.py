@@ -4,28 +4,39 @@ Two granularities, chosen per use:
 
 * **per weight** (``per_weight=True``): the mean and standard deviation over steps of every gradient element, by
   Welford's update in float32, which is shifted by the running mean at every step and so stays accurate when
-  ``|mean| >> std`` (raw fp32 sums of ``g`` and ``g^2`` lose the variance entirely there). With ``d = g - mean``
-  the update ``mean += d/n``, ``M2 += d*d*(n-1)/n`` is three passes over the gradients: the same memory traffic as
-  accumulating shifted window sums, with half the state. Memory: two float32 buffers per tracked weight (mean,
-  M2), about 2x the tracked parameters, plus one scratch block. The buffers are flat and the gradients are
-  processed in blocks (on CPU at most ``_BLOCK`` elements, small tensors sharing one) through that reused scratch
-  buffer, so a step allocates nothing and a small model costs a handful of ops.
+  ``|mean| >> std`` (raw fp32 sums of ``g`` and ``g^2`` lose the variance entirely there; float64 sums would keep
+  it but double the state, and CPU kernels that mix float32 and float64 are not vectorized: far slower than the
+  whole Welford step). With ``d = g - mean`` the update ``mean += d/n``, ``M2 += d*d*(n-1)/n``
+  is three elementwise ops, the fewest that eager PyTorch allows (no single op reads ``g`` and writes both sums).
+  Memory: two float32 buffers per tracked weight (mean, M2), plus one scratch block. The buffers are flat and the
+  gradients are processed in blocks (on CPU at most ``_BLOCK`` elements, small tensors sharing one, sized so that
+  ``d`` and the block of the mean stay in a core's L2 cache between the three ops) through that reused scratch
+  buffer, so a step allocates nothing and a small model costs a handful of ops whatever its number of layers.
 * **per unit** (``per_unit=True``; costs almost nothing in memory): for each output unit (row of a Linear weight,
-  output channel of a Conv weight) two per-step signals, stored 32 steps at a time and merged into a float64 mean / M2:
-  ``rms`` = root-mean-square of the unit's gradient (near zero and stable => the unit is unimportant) and
-  ``taylor`` = ``sum_j w_ij * g_ij``, the first-order change of the loss if the unit were removed
-  (Molchanov et al., 2019: importance ``E[(sum w*g)^2]``).
+  output channel of a Conv weight) two per-step signals, written in place into a block of 32 stored samples and
+  merged into a float64 mean / M2 when the block is full: ``rms`` = root-mean-square of the unit's gradient (near
+  zero and stable => the unit is unimportant) and ``taylor`` = ``sum_j w_ij * g_ij``, the first-order change of the
+  loss if the unit were removed (Molchanov et al., 2019: importance ``E[(sum w*g)^2]``).
+
+``torch.compile`` of the per-weight step fuses the three ops into one loop and is faster per step on CPU, but its
+first compile delays the first step by far more than a short fine-tune saves, and needs a C++ compiler at run time:
+not used (``benchmarks/bench_stats_overhead.py`` has the figures).
 
 Steps that are not counted (``update`` returns False, ``skipped_steps`` grows, nothing is accumulated):
 
 * a step whose gradients contain NaN/inf (e.g. an fp16 step the GradScaler will skip);
-* a *huge* step: one where, after dividing out the loss scale, some per-unit signal or some shifted gradient
-  ``|g - mean|`` exceeds :data:`MAX_STEP` (1e15; with several blocks the check is ``|g| <= MAX_STEP / 2`` on the
-  gradients, which bounds ``|g - mean|`` by ``MAX_STEP`` as the mean is an average of such gradients). Such a step
-  is a divergence, not information: counted, its ``d*d`` (up to 3e38 for a finite float32 ``d``) would overflow the
-  float32 M2 to ``inf`` and every later std of that weight would stay ``inf``. Skipping (not clipping) keeps the
-  mean and std those of the ordinary steps, as the GradScaler does for an overflowing step. With every counted
-  ``|d| <= 1e15`` each step adds at most 1e30 to M2, so the statistics stay finite for 3e8 counted steps.
+* a *huge* step: one where, after dividing out the loss scale, some per-unit signal exceeds :data:`MAX_STEP`
+  (1e15) or the shifted gradients ``d = g - mean`` may: with one block the check is ``||d||_2 <= MAX_STEP``, with
+  several it is ``||g||_2 <= MAX_STEP / 2`` for every gradient tensor, made before any block is touched (this bounds
+  every ``|d|`` by ``MAX_STEP`` as the mean is an average of such gradients). An L2 norm bounds every element and,
+  unlike a max-abs reduction, runs at memory speed (a BLAS dot, one ``torch._foreach_norm`` for all layers); it is
+  stricter than a max-abs check only for gradients beyond ``MAX_STEP / (2 sqrt(numel))`` (5e10 for a tensor of 1e8
+  weights), far beyond any real gradient. Such a step is a divergence, not information: counted, its ``d*d`` (up
+  to 3e38 for a finite float32 ``d``) would overflow the float32 M2 to ``inf`` and every later std of that weight
+  would stay ``inf``. Skipping (not clipping) keeps the mean and std those of the ordinary steps, as the GradScaler
+  does for an overflowing step.
+  With every counted ``|d| <= 1e15`` each step adds at most 1e30 to M2, so the statistics stay finite for 3e8
+  counted steps.
 
 The checks are made before anything is accumulated, so a skipped step changes nothing. A checkpoint whose per-weight
 statistics are not finite (written before this check existed) is not loaded as it is: the statistics restart from
@@ -34,6 +45,7 @@ zero steps, with a warning.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -41,6 +53,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_compress.core._compat import foreach_copy_, foreach_norm
 from lightning_compress.pruning.moments import RunningMoments as _RunningMoments
 from lightning_compress.pruning.moments import copy_checked as _copy_checked
 
@@ -82,14 +95,22 @@ class GradientStatistics:
         self._sqrt_row = torch.cat(
             [torch.full((u,), k**0.5, dtype=torch.float32) for u, k in zip(self.units, row_sizes)]
         ).to(self.device)
-        self._blocks = _blocks([s.numel() for s in self.shapes], _BLOCK if self.device.type == "cpu" else None)
-        self._scratch: Tensor | None = None  # per-weight mode: reused buffer for one block of shifted gradients
-        self._unit_scratch: Tensor | None = None  # per-unit mode on CPU: reused buffer for w*g of a row block
+        on_cpu = self.device.type == "cpu"
+        self._blocks = _blocks([s.numel() for s in self.shapes], _BLOCK if on_cpu else None)
+        ends = list(itertools.accumulate(self.units))
+        self._unit_ranges = list(zip([0, *ends[:-1]], ends))  # each tensor's units in the flat (units,) rows
+        # reused buffers, allocated once: one block of shifted gradients (per weight), w*g of a row block (per unit)
+        self._scratch = torch.empty(max(end - start for start, end, _ in self._blocks) if per_weight else 0,
+                                    device=self.device)
+        widest = max(math.prod(s[1:]) for s in self.shapes)
+        self._unit_scratch = torch.empty(max(_BLOCK, widest)) if per_unit and on_cpu else None
         self.reset()
 
     def reset(self) -> None:
         """Forget every counted step (e.g. after a pruning event, to collect statistics of the pruned network)."""
         self._unit = _RunningMoments((len(_UNIT_ROWS), sum(self.units)), self.device)
+        if self.per_unit:
+            self._plan_units()
         self.skipped_steps = 0
         self.count = 0  # counted steps
         if self.per_weight:  # flat float32 buffers (one op per block), read through per-tensor views
@@ -108,53 +129,79 @@ class GradientStatistics:
         it is divided out. Returns False (and counts nothing) if any gradient is NaN/inf or the step is huge
         (beyond :data:`MAX_STEP`, see the module docstring)."""
         inv = 1.0 / grad_scale
-        signals = self._unit_signals(grads, weights) if self.per_unit else None
-        if signals is not None and not _peak(signals) * inv <= MAX_STEP:  # NaN compares False: skipped too
-            self.skipped_steps += 1
-            return False
+        if self.per_unit:  # written into the next pending sample, committed only once the whole step is counted
+            signals = self._unit_signals(grads, weights)
+            if not _peak(signals) * inv <= MAX_STEP:  # NaN compares False: skipped too
+                self.skipped_steps += 1
+                return False
         if self.per_weight and not self._welford_step(grads, inv):
             self.skipped_steps += 1
             return False
-        if signals is not None:
-            self._unit.add(signals if inv == 1.0 else signals * inv)
+        if self.per_unit:
+            if inv != 1.0:
+                signals.mul_(inv)
+            self._unit.commit()
         self.count += 1
         return True
 
     def _unit_signals(self, grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
-        """(2, units): each unit's gradient rms and its ``sum_j w_ij g_ij``, row blocks through a reused buffer."""
-        norms, dots = [], []
-        for g, w in zip(grads, weights):
-            g2 = unit_view(g) if g.dtype == torch.float32 else unit_view(g).float()
-            w2 = unit_view(w).to(torch.float32)
-            norms.append(torch.linalg.vector_norm(g2, dim=1))
-            rows = max(1, _BLOCK // g2.shape[1])
-            if rows >= g2.shape[0] or self.device.type != "cpu":
-                dots.append((w2 * g2).sum(1))
-                continue
-            if self._unit_scratch is None:
-                self._unit_scratch = torch.empty(_BLOCK + max(s[1:].numel() for s in self.shapes))
-            out = torch.empty(g2.shape[0])
-            for lo in range(0, g2.shape[0], rows):
-                hi = min(lo + rows, g2.shape[0])
-                product = self._unit_scratch[: (hi - lo) * g2.shape[1]].view(hi - lo, g2.shape[1])
-                torch.sum(torch.mul(w2[lo:hi], g2[lo:hi], out=product), 1, out=out[lo:hi])
-            dots.append(out)
-        return torch.stack((torch.cat(norms).div_(self._sqrt_row), torch.cat(dots)))
+        """(2, units), in place in the next pending sample: each unit's gradient rms and its ``sum_j w_ij g_ij``.
+        One norm per layer; the dot products go through a reused product buffer in row blocks on CPU, so that the
+        product stays in cache and no step allocates (except to widen 16-bit weights). Row reductions have no
+        ``torch._foreach_*`` form, hence the loop over layers: two ops per layer (three off CPU), every output view
+        made once in :meth:`_plan_units`."""
+        for (rms, chunks), g, w in zip(self._unit_plan[self._unit.n_pending], grads, weights):
+            g2, w2 = unit_view(g), unit_view(w)
+            if g2.dtype == torch.float32:
+                torch.linalg.vector_norm(g2, dim=1, out=rms)
+            else:
+                torch.linalg.vector_norm(g2, dim=1, dtype=torch.float32, out=rms)
+            for lo, hi, dots, product in chunks:
+                w_rows, g_rows = (w2, g2) if len(chunks) == 1 else (w2[lo:hi], g2[lo:hi])
+                if product is None:  # off CPU: one fused product-sum per layer
+                    torch.linalg.vecdot(w_rows.float(), g_rows.float(), dim=1, out=dots)
+                    continue
+                if g2.dtype == w2.dtype == torch.float32:
+                    torch.mul(w_rows, g_rows, out=product)
+                else:  # 16-bit: widened into the buffer, products exact in float32
+                    product.copy_(g_rows).mul_(w_rows)
+                torch.sum(product, 1, out=dots)
+        signals = self._unit.slot()
+        signals[0].div_(self._sqrt_row)
+        return signals
+
+    def _plan_units(self) -> None:
+        """For each pending sample and layer, the views the per-unit update writes: the layer's rms entries and, per
+        block of rows, its dot-product entries and the block's product buffer (slicing them at every step costs about
+        as much as the ops on a small layer)."""
+        scratch = self._unit_scratch
+        plan = []
+        for slot in self._unit.pending:
+            layers = []
+            for (lo, hi), shape in zip(self._unit_ranges, self.shapes):
+                k = math.prod(shape[1:])
+                rows = hi - lo if scratch is None else max(1, _BLOCK // k)
+                chunks = [(r, min(r + rows, hi - lo)) for r in range(0, hi - lo, rows)]
+                layers.append((slot[0, lo:hi], [(r0, r1, slot[1, lo + r0 : lo + r1],
+                                                 None if scratch is None else scratch[: (r1 - r0) * k].view(-1, k))
+                                                for r0, r1 in chunks]))
+            plan.append(layers)
+        self._unit_plan = plan
 
     def _welford_step(self, grads: Sequence[Tensor], inv: float) -> bool:
-        """Welford, block by block: ``d = g*inv - mean``, ``mean += d/n``, ``M2 += d*d*(n-1)/n`` (on CPU a block is
-        at most ``_BLOCK`` elements, so ``d`` stays in cache). Nothing is changed unless the whole step is finite
-        and not huge: a single block is checked on ``|d| <= MAX_STEP`` itself, several are checked on the gradients
-        first (``|g| <= MAX_STEP / 2``, one read pass)."""
+        """Welford, block by block: ``d = g*inv - mean``, ``mean += d/n``, ``M2 += d*d*(n-1)/n``. On CPU a block is
+        at most ``_BLOCK`` elements, so ``d`` and the block of ``mean`` stay in the core's cache between the three
+        ops and memory sees one read of ``g`` and one read-modify-write of ``mean`` and of ``M2``. Nothing is
+        changed unless the whole step is finite and not huge: a single block is checked on ``||d||_2 <= MAX_STEP``
+        (a BLAS dot of ``d`` in cache), several are checked first on the gradients, ``||g||_2 <= MAX_STEP / 2`` per
+        tensor (one ``torch._foreach_norm`` for all layers, one read pass); either bounds every ``|d|``."""
         single = len(self._blocks) == 1
-        if not single and not all(_peak(g) * inv <= MAX_STEP / 2 for g in grads):  # NaN compares False
+        if not single and not _largest_norm(grads) * inv <= MAX_STEP / 2:  # NaN compares False
             return False
-        if self._scratch is None:
-            self._scratch = torch.empty(max(end - start for start, end, _ in self._blocks), device=self.device)
         n = self.count + 1
         for start, end, parts in self._blocks:
             d = self._shifted(grads, inv, start, end, parts)
-            if single and not _peak(d) <= MAX_STEP:
+            if single and not float(torch.dot(d, d)) <= MAX_STEP**2:
                 return False
             self._flat["mean"][start:end].add_(d, alpha=1.0 / n)
             self._flat["m2"][start:end].addcmul_(d, d, value=(n - 1) / n)
@@ -162,7 +209,7 @@ class GradientStatistics:
 
     def _shifted(self, grads: Sequence[Tensor], inv: float, start: int, end: int, parts: list) -> Tensor:
         """The block ``[start, end)`` of the flattened ``g*inv - mean``, in the scratch buffer."""
-        d = self._scratch[: end - start]  # type: ignore[index]
+        d = self._scratch[: end - start]
         shift = self._flat["mean"][start:end]
         if len(parts) == 1 and inv == 1.0:
             index, lo, hi = parts[0]
@@ -174,7 +221,7 @@ class GradientStatistics:
         elif all(t.dtype == d.dtype for t in sources):
             torch.cat(sources, out=d)
         else:  # 16-bit gradients: converted while copied
-            torch._foreach_copy_(list(torch.split(d, [hi - lo for _, lo, hi in parts])), sources)
+            foreach_copy_(list(torch.split(d, [hi - lo for _, lo, hi in parts])), sources)
         if inv != 1.0:
             d.mul_(inv)
         return d.sub_(shift)
@@ -261,14 +308,21 @@ class GradientStatistics:
 
 
 def _peak(t: Tensor) -> float:
-    """Largest ``|t|`` (NaN if ``t`` holds one, so that ``not _peak(t) <= bound`` refuses it). One ``aminmax`` pass:
-    ``torch.linalg.vector_norm(t, inf)`` measured 48x slower on CPU (279 vs 6 us for 106k floats, where a sum takes
-    6 us and ``aminmax`` 14 us)."""
+    """Largest ``|t|`` (NaN if ``t`` holds one, so that ``not _peak(t) <= bound`` refuses it), for the small
+    per-unit signals: one ``aminmax`` pass (``torch.linalg.vector_norm(t, inf)`` is far slower on CPU)."""
     low, high = torch.aminmax(t)
     return float(torch.maximum(high, low.neg()))
 
 
-_BLOCK = 1 << 20  # elements (4 MiB of float32) per block of shifted gradients on CPU: stays in the cache
+def _largest_norm(tensors: Sequence[Tensor]) -> float:
+    """Largest L2 norm among ``tensors`` (NaN/inf if one holds NaN/inf): one ``torch._foreach_norm`` for all of
+    them, accumulated and returned in float32 so that loss-scaled fp16 gradients do not overflow fp16."""
+    return float(torch.stack(foreach_norm(tensors, dtype=torch.float32)).max())
+
+
+_BLOCK = 1 << 17  # elements (512 KiB of float32) per block on CPU: d, and the block of mean, stay in a core's L2
+# cache between the ops of a block (4 MiB blocks spilled it: each op then read memory again); fewer blocks only save
+# the per-op overhead, a few microseconds each
 
 
 def _blocks(sizes: Sequence[int], limit: int | None) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
