@@ -61,6 +61,14 @@ def operands(graph: Graph, site: WeightSite) -> tuple[str, str | None, str]:
                       "Gemm, MatMul and Conv")
 
 
+def int8_codes(qt: Any) -> np.ndarray:
+    """Our codes as int8 (codes minus zero point), or :class:`Unsupported` when they have no such form."""
+    codes = qt.int_weight()
+    if codes is None:
+        raise Unsupported(f"{qt.spec.bits}-bit {qt.spec.granularity} codes have no int8 form")
+    return codes.cpu().numpy()
+
+
 def fold_rows(codes: np.ndarray, scale: np.ndarray, factor: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Our int8 codes, unchanged, and float32 per-row scales times a folded BatchNorm's row factor (a negative
     factor gives a negative scale: negating the codes instead would overflow code -128)."""

@@ -1,19 +1,27 @@
 """``export_onnx``: the compressed model as an ONNX graph that ONNX Runtime runs on integer kernels. No Lightning.
 
+0. Everything the caller gives is checked first (:mod:`._inputs`): the path ends in ``.onnx``, the inputs are
+   finite, and the model runs once in PyTorch on the example (a failure names the example's shapes and what the
+   first layer expects). Codes come from ``result`` or from what the model carries (:mod:`._codes`).
 1. torch exports the in-memory model (float, quantized -- its weights are the dequantized values --, or compacted)
-   with the TorchScript exporter (``dynamo=False``: the torch.export one needs ``onnxscript``), batch axis dynamic.
+   with the TorchScript exporter (``dynamo=False``: the torch.export one needs ``onnxscript``), through a wrapper
+   taking positional tensors and returning the selected outputs; integer (token) inputs get dynamic batch and
+   sequence axes, float ones a dynamic batch axis. ``nn.MultiheadAttention`` is traced as the same math with a
+   symbolic length (:mod:`._traceable`).
 2. Each quantized weight is found in that graph (by name, or by value: a Linear's ``MatMul`` holds ``w.T``, an
    eval-mode BatchNorm is folded into its Conv's rows) and its node is rewritten from *our* codes and scales,
-   never re-quantized (:mod:`._rewrite`): int8-able codes (per-tensor / per-channel) go to
+   never re-quantized (:mod:`._plan`, :mod:`._rewrite`): int8-able codes (per-tensor / per-channel) go to
    ``MatMulInteger`` / ``ConvInteger`` (``activations="dynamic"``) or to QDQ with calibrated uint8 activations
-   (``"static"``, which ORT fuses into ``QLinearConv`` / ``QGemm``); Linear codes of <= 4 bits or with per-group
-   scales go to ``com.microsoft.MatMulNBits``; anything else keeps float kernels on ``DequantizeLinear`` of our
-   codes, and the report says why.
-3. The file is written atomically, then checked: ORT optimizes the graph (what it will really run) and each
-   quantized layer's codes must be read by an integer operator; ORT's outputs are compared with the in-memory
-   model's (max abs difference, argmax agreement) on ``example_input`` and the calibration data.
+   (``"static"``, :mod:`._static`, which ORT fuses into ``QLinearConv`` / ``QGemm``); Linear codes of <= 4 bits
+   or with per-group scales go to ``com.microsoft.MatMulNBits``; embeddings to ``Gather`` of the integer table;
+   anything else keeps float kernels on ``DequantizeLinear`` of our codes, and the report says why.
+3. The graph is checked from memory before it is written: ORT optimizes it (what it will really run) and each
+   quantized layer's codes must be read by an integer operator (or the report names why not); ORT's outputs are
+   compared with the in-memory model's on the example, the calibration data and the example at other sizes along
+   its dynamic axes. A NaN / inf on either side, or a shape ORT cannot run, raises :class:`OutputCheckError`.
+   Only then is the file written, atomically.
 
-``onnx`` and ``onnxruntime`` are an optional extra, imported only here.
+``onnx`` and ``onnxruntime`` are an optional extra, imported only when :func:`export_onnx` runs.
 """
 
 from __future__ import annotations
@@ -23,11 +31,9 @@ import io
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,89 +41,23 @@ from lightning_compress.core.io import write_bytes
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.primitives import QuantizedTensor
-from lightning_compress.serving import _codes, _inputs, _rewrite
-from lightning_compress.serving._graph import Graph, WeightSite, find_weight, uint8_qparams
+from lightning_compress.serving import _codes, _inputs, _plan, _rewrite, _static
+from lightning_compress.serving._graph import Graph, WeightSite
 from lightning_compress.serving._inputs import OutputKey
+from lightning_compress.serving._report import LayerExport, OnnxExportReport
 from lightning_compress.serving._runtime import (
     INTEGER_OPS,
-    OutputCheckError,  # noqa: F401 - re-exported
-    calibrate,
+    OutputCheckError,
     check_outputs,
     check_runtime_ops,
     require_onnx,
-    version_tuple,
 )
 from lightning_compress.serving._traceable import make_traceable
 
+__all__ = ["INTEGER_OPS", "LayerExport", "OnnxExportReport", "OutputCheckError", "export_onnx"]
+
 ACTIVATIONS = ("dynamic", "static")
 DEFAULT_OPSET = 17
-WRAPPED = "model."  # the exported module is _inputs.Exported, holding the model as `model`
-NBITS_MIN_ORT = (1, 20)  # MatMulNBits' bias input and 8-bit CPU kernel (tested: 1.32)
-
-
-@dataclass
-class LayerExport:
-    """How one quantized layer was exported and what ONNX Runtime runs for it."""
-
-    module: str
-    module_type: str
-    bits: int
-    granularity: str
-    op: str  # what the written graph holds: MatMulInteger, ConvInteger, QLinearConv, QGemm, MatMulNBits, ...
-    runtime_op: str | None = None  # the operator reading our codes after ORT's graph optimizations
-    reason: str = ""  # why it is not on an integer operator
-    codes: str = ""  # name of the initializer holding the codes
-    used: bool = True  # False: the exported outputs do not depend on this layer, so the graph has no trace of it
-
-    @property
-    def integer(self) -> bool:
-        """On an integer operator, or an embedding looked up from its integer table (``Gather`` of our codes)."""
-        return self.runtime_op in INTEGER_OPS or (self.runtime_op == "Gather" and self.op == "Gather")
-
-
-@dataclass
-class OnnxExportReport:
-    path: Path
-    nbytes: int
-    activations: str
-    opset: int
-    layers: dict[str, LayerExport] = field(default_factory=dict)
-    max_abs_diff: float = float("nan")  # ORT vs the in-memory model, over the checked samples and outputs
-    argmax_agreement: float = float("nan")  # fraction of samples whose argmax agrees (nan unless (batch, classes))
-    samples: int = 0
-    onnxruntime: str = ""
-    inputs: list[str] = field(default_factory=list)  # graph input names, in order
-    outputs: list[str] = field(default_factory=list)  # graph output names, in order
-    source: str = ""  # where the codes came from: "result", the carried record's source, "" for a float model
-
-    @property
-    def not_integer(self) -> dict[str, str]:
-        """Quantized layers ORT does not run on an integer operator -> why."""
-        return {name: layer.reason or f"ORT runs {layer.runtime_op}" for name, layer in self.layers.items()
-                if not layer.integer and layer.used}
-
-    @property
-    def unused(self) -> list[str]:
-        """Quantized layers the exported outputs do not depend on (e.g. BERT's pooler under ``last_hidden_state``)."""
-        return [name for name, layer in self.layers.items() if not layer.used]
-
-    def __str__(self) -> str:
-        ops = ", ".join(f"{n}: {layer.runtime_op or layer.op}" for n, layer in self.layers.items())
-        agreement = ("n/a" if self.argmax_agreement != self.argmax_agreement
-                     else f"{100 * self.argmax_agreement:.2f} %")
-        lines = [
-            (f"{self.path} ({self.nbytes / 1e6:.2f} MB, {self.activations} activations, opset {self.opset}, "
-             f"onnxruntime {self.onnxruntime}); inputs {self.inputs} -> outputs {self.outputs}"),
-            (f"quantized layers ({self.source}) -> ORT ops: {ops}" if self.layers
-             else "float model: nothing quantized (no `result`, no codes carried by the model)"),
-            (f"ORT vs in-memory model on {self.samples} samples: max |diff| {self.max_abs_diff:.3g}, "
-             f"argmax agreement {agreement}"),
-        ]
-        if self.not_integer:
-            lines.append(f"NOT on integer kernels: {self.not_integer}")
-        if self.unused:
-            lines.append(f"not in the graph (the exported outputs do not use them): {self.unused}")
-        return "\n".join(lines)
 
 
 def export_onnx(
@@ -198,23 +138,23 @@ def export_onnx(
     wrapped = _inputs.Exported(export_model, inputs, positions).eval()
     float_bytes = _torch_export(wrapped, inputs, out_names, in_axes, opset)
     graph = Graph(onnx.load_from_string(float_bytes), onnx)
-    layers, sites = _plan(graph, types, export_model.state_dict(), codes)
-    _mark_unused(layers, sites, codes, wrapped, inputs, out_names)
+    layers, sites = _plan.plan(graph, types, export_model.state_dict(), codes)
+    _plan.mark_unused(layers, sites, codes, wrapped, inputs, out_names)
 
     static_sites: dict[str, WeightSite] = {}
     for name, site in sites.items():
         key, qt = codes[name]
         layer = layers[name]
         try:
-            route = _route(site, qt, ort.__version__)
+            route = _plan.route(site, qt, ort.__version__)
             if route == "nbits":
                 layer.op = _rewrite.matmul_nbits(graph, site, key, qt, accuracy_level)
             elif route == "gather":
                 layer.op = _rewrite.gather(graph, site, key, qt)
             elif activations == "dynamic":
-                layer.op = _rewrite.dynamic(graph, site, key, _int8(qt), qt.row_scale().numpy())
+                layer.op = _rewrite.dynamic(graph, site, key, _rewrite.int8_codes(qt), qt.row_scale().numpy())
             else:
-                _check_static(graph, site)
+                _static.check_static(graph, site)
                 static_sites[name] = site
         except _rewrite.Unsupported as why:
             layer.reason = str(why)
@@ -223,11 +163,13 @@ def export_onnx(
     feeds = [("the example", inputs.tensors, inputs.feed(inputs.tensors))]
     feeds += [(f"calibration batch {i}", tensors, inputs.feed(tensors)) for i, tensors in enumerate(batches)]
     if static_sites:
-        _quantize_static(graph, static_sites, codes, layers, float_bytes, [f for _, _, f in feeds[1:]], onnx, ort)
+        calibration = [f for _, _, f in feeds[1:]]
+        _static.quantize_static(graph, static_sites, codes, layers, float_bytes, calibration, onnx, ort)
     other = _inputs.probe(inputs, in_axes)  # the dynamic axes must really be dynamic
-    probe = None if other is None else ("the example at other sizes along its dynamic axes", other, inputs.feed(other))
+    probe = None if other is None else ("the example at other sizes along its dynamic axes", other,
+                                        inputs.feed(other))
     for name in sites:
-        layers[name].codes = _codes_name(graph, codes[name][0])
+        layers[name].codes = _plan.codes_name(graph, codes[name][0])
     final = graph.finish()
     if any(node.domain == "com.microsoft" for node in final.graph.node):
         final.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
@@ -279,129 +221,3 @@ def _torch_export(
             do_constant_folding=True, dynamic_axes=axes,
         )
     return buffer.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------- planning
-def _plan(
-    graph: Graph, types: Mapping[str, str], state: Mapping[str, Tensor], codes: _codes.Codes
-) -> tuple[dict[str, LayerExport], dict[str, WeightSite]]:
-    layers: dict[str, LayerExport] = {}
-    sites: dict[str, WeightSite] = {}
-    claimed: set[str] = set()
-    for name, (key, qt) in codes.items():
-        layers[name] = LayerExport(name, types[name], qt.spec.bits, qt.spec.granularity, op="-")
-        site = find_weight(graph, f"{WRAPPED}{key}", state[key].detach().float().cpu().numpy(), claimed)
-        if isinstance(site, str):
-            layers[name].reason = site
-            continue
-        claimed.add(site.initializer)
-        sites[name] = site
-    return layers, sites
-
-
-def _mark_unused(
-    layers: Mapping[str, LayerExport], sites: Mapping[str, WeightSite], codes: _codes.Codes,
-    wrapped: nn.Module, inputs: _inputs.Inputs, out_names: list[str],
-) -> None:
-    """Layers found nowhere in the graph whose weight the exported outputs do not depend on (autograd says so
-    exactly): the tracer dropped them as dead code, which is not a failure to reach an integer kernel."""
-    missing = [name for name in layers if name not in sites]
-    params = dict(wrapped.named_parameters())
-    weights = {name: params[f"{WRAPPED}{codes[name][0]}"] for name in missing if f"{WRAPPED}{codes[name][0]}" in params}
-    if not weights:
-        return
-    flags = {name: w.requires_grad for name, w in weights.items()}
-    try:
-        with torch.enable_grad():
-            for w in weights.values():
-                w.requires_grad_(True)
-            outs = [o for o in wrapped(*inputs.tensors) if o.is_floating_point()]
-            total = sum((o.float().sum() for o in outs), torch.zeros(()))
-            grads = (torch.autograd.grad(total, list(weights.values()), allow_unused=True) if total.requires_grad
-                     else [None] * len(weights))
-    finally:
-        for name, w in weights.items():
-            w.requires_grad_(flags[name])
-    for name, grad in zip(weights, grads):
-        if grad is None:
-            layers[name].used = False
-            layers[name].reason = f"the exported outputs {out_names} do not depend on it (dead code in this graph)"
-
-
-def _route(site: WeightSite, qt: QuantizedTensor, ort_version: str) -> str:
-    spec = qt.spec
-    if site.node.op_type == "Gather":
-        return "gather"
-    linear = site.node.op_type in ("Gemm", "MatMul")
-    if linear and (spec.bits <= 4 or spec.granularity == "per_group"):
-        if version_tuple(ort_version) < NBITS_MIN_ORT:
-            raise _rewrite.Unsupported(f"MatMulNBits with a bias and 8-bit blocks needs onnxruntime >= "
-                                       f"{'.'.join(map(str, NBITS_MIN_ORT))}, found {ort_version}")
-        return "nbits"
-    if qt.int_weight() is None:
-        raise _rewrite.Unsupported(
-            f"{spec.bits}-bit {spec.granularity} codes (symmetric={spec.symmetric}) have no int8 form with one scale "
-            "per output channel; integer Conv needs per_tensor / per_channel codes, symmetric or <= 7 bits")
-    return "int8"
-
-
-def _int8(qt: QuantizedTensor) -> np.ndarray:
-    codes = qt.int_weight()
-    if codes is None:
-        raise _rewrite.Unsupported(f"{qt.spec.bits}-bit {qt.spec.granularity} codes have no int8 form")
-    return codes.cpu().numpy()
-
-
-def _check_static(graph: Graph, site: WeightSite) -> None:
-    _, bias, _ = _rewrite.operands(graph, site)
-    if bias is not None and bias not in graph.inits:
-        raise _rewrite.Unsupported(f"the bias {bias!r} is computed in the graph, not an initializer")
-
-
-def _codes_name(graph: Graph, key: str) -> str:
-    candidates = [name for name in graph.inits if name.startswith(f"{key}_quantized")]
-    return candidates[-1] if candidates else ""
-
-
-# ---------------------------------------------------------------------------------------------- static activations
-def _quantize_static(
-    graph: Graph,
-    sites: Mapping[str, WeightSite],
-    codes: Mapping[str, tuple[str, QuantizedTensor]],
-    layers: Mapping[str, LayerExport],
-    float_bytes: bytes,
-    feeds: list[dict[str, Any]],
-    onnx: Any,
-    ort: Any,
-) -> None:
-    """QDQ on the inputs and outputs of the int8 layers (a following Relu is absorbed into the output's uint8
-    range), calibrated min/max on ``batches``; then our codes as ``DequantizeLinear`` weights."""
-    outputs: dict[str, tuple[str, Any | None]] = {}  # layer -> (tensor to quantize after it, Relu to drop)
-    for name, site in sites.items():
-        y = site.node.output[0]
-        readers = graph.consumers(y)
-        relu = readers[0] if len(readers) == 1 and readers[0].op_type == "Relu" and not graph.is_output(y) else None
-        out = relu.output[0] if relu is not None else y
-        keep_float = site.node.op_type != "Conv" and graph.is_output(out)  # QGemm / QLinearMatMul emit float
-        outputs[name] = (out if not keep_float else "", relu)
-    wanted = {site.node.input[0] for site in sites.values()} | {t for t, _ in outputs.values() if t}
-    ranges = calibrate(float_bytes, sorted(wanted), feeds, onnx, ort)
-    for name, site in sites.items():
-        tensor, relu = outputs[name]
-        if relu is not None and tensor:
-            site.node.output[0] = relu.output[0]
-            graph.graph.node.remove(relu)
-        if tensor:
-            graph.qdq(tensor, *uint8_qparams(*ranges[tensor]))
-    graph.propagate_through_transparent_ops()
-    for name, site in sites.items():
-        x = site.node.input[0]
-        if x not in graph.params:
-            site.node.input[0] = graph.qdq(x, *uint8_qparams(*ranges[x]))
-        key, qt = codes[name]
-        try:
-            layers[name].op = _rewrite.static(graph, site, key, _int8(qt), qt.row_scale().numpy())
-        except _rewrite.Unsupported as why:  # pragma: no cover - every precondition was checked before
-            layers[name].reason = str(why)
-            _rewrite.weight_only(graph, site, key, qt)
-            layers[name].op = "DequantizeLinear (float kernel)"

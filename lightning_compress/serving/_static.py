@@ -1,0 +1,62 @@
+"""``activations="static"``: calibrated uint8 activation scales around the int8 layers (QDQ), which ONNX Runtime
+fuses into ``QLinearConv`` / ``QGemm`` / ``QLinearMatMul``. No Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning_compress.quantization.primitives import QuantizedTensor
+from lightning_compress.serving import _rewrite
+from lightning_compress.serving._graph import Graph, WeightSite, uint8_qparams
+from lightning_compress.serving._report import LayerExport
+from lightning_compress.serving._runtime import calibrate
+
+
+def check_static(graph: Graph, site: WeightSite) -> None:
+    _, bias, _ = _rewrite.operands(graph, site)
+    if bias is not None and bias not in graph.inits:
+        raise _rewrite.Unsupported(f"the bias {bias!r} is computed in the graph, not an initializer")
+
+
+def quantize_static(
+    graph: Graph,
+    sites: Mapping[str, WeightSite],
+    codes: Mapping[str, tuple[str, QuantizedTensor]],
+    layers: Mapping[str, LayerExport],
+    float_bytes: bytes,
+    feeds: list[dict[str, Any]],
+    onnx: Any,
+    ort: Any,
+) -> None:
+    """QDQ on the inputs and outputs of the int8 layers (a following Relu is absorbed into the output's uint8
+    range), calibrated min/max on ``batches``; then our codes as ``DequantizeLinear`` weights."""
+    outputs: dict[str, tuple[str, Any | None]] = {}  # layer -> (tensor to quantize after it, Relu to drop)
+    for name, site in sites.items():
+        y = site.node.output[0]
+        readers = graph.consumers(y)
+        relu = readers[0] if len(readers) == 1 and readers[0].op_type == "Relu" and not graph.is_output(y) else None
+        out = relu.output[0] if relu is not None else y
+        keep_float = site.node.op_type != "Conv" and graph.is_output(out)  # QGemm / QLinearMatMul emit float
+        outputs[name] = (out if not keep_float else "", relu)
+    wanted = {site.node.input[0] for site in sites.values()} | {t for t, _ in outputs.values() if t}
+    ranges = calibrate(float_bytes, sorted(wanted), feeds, onnx, ort)
+    for name, site in sites.items():
+        tensor, relu = outputs[name]
+        if relu is not None and tensor:
+            site.node.output[0] = relu.output[0]
+            graph.graph.node.remove(relu)
+        if tensor:
+            graph.qdq(tensor, *uint8_qparams(*ranges[tensor]))
+    graph.propagate_through_transparent_ops()
+    for name, site in sites.items():
+        x = site.node.input[0]
+        if x not in graph.params:
+            site.node.input[0] = graph.qdq(x, *uint8_qparams(*ranges[x]))
+        key, qt = codes[name]
+        try:
+            layers[name].op = _rewrite.static(graph, site, key, _rewrite.int8_codes(qt), qt.row_scale().numpy())
+        except _rewrite.Unsupported as why:  # pragma: no cover - every precondition was checked before
+            layers[name].reason = str(why)
+            _rewrite.weight_only(graph, site, key, qt)
+            layers[name].op = "DequantizeLinear (float kernel)"
