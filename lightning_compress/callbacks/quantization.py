@@ -38,9 +38,9 @@ from lightning_compress.integration.progress import layer_progress
 from lightning_compress.quantization.carried import attach, drop, forget
 from lightning_compress.quantization.checks import (
     bound_outcome,
-    check_runs,
+    check_calibration,
+    check_finite_model,
     refuse_fallback_without_bound,
-    refuse_unreached,
     refuse_unused,
 )
 from lightning_compress.quantization.coverage import (
@@ -57,8 +57,7 @@ from lightning_compress.quantization.coverage import (
 from lightning_compress.quantization.export import new_run_id, save_float, save_quantized
 from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
 from lightning_compress.quantization.functional import METHODS, QuantizationResult, gptq_layers
-from lightning_compress.quantization.gptq import GPTQConfig, gptq_supports
-from lightning_compress.quantization.hessian import probe_layers
+from lightning_compress.quantization.gptq import GPTQConfig
 from lightning_compress.quantization.primitives import QuantSpec
 from lightning_compress.quantization.rungs import LayerRungs
 from lightning_compress.reporting.records import CompressionEvent
@@ -200,11 +199,9 @@ class PostTrainingQuantization(CompressionCallback):
         if batch is None:
             return
         batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-        todo = {n: m for n, m in plan.layers.items() if not gptq_supports(m)}
         with eval_mode(pl_module):
-            check_runs(pl_module, batch, _calibration_forward, "the training data", CALIBRATION_PATH)
-            _, calls, _ = probe_layers(pl_module, todo, batch, _calibration_forward)
-        refuse_unreached(list(todo), calls, CALIBRATION_PATH)
+            check_calibration(pl_module, plan.layers, batch, _calibration_forward, "the training data",
+                              CALIBRATION_PATH)
 
     def restore_float(self, pl_module: nn.Module) -> None:
         """Put the float weights saved before quantizing back into ``pl_module`` (which then carries no codes)."""
@@ -217,7 +214,7 @@ class PostTrainingQuantization(CompressionCallback):
 
     # -- the work ----------------------------------------------------------------------------------------------
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_finite_model(pl_module)  # a diverged fit: nothing quantized, nothing written
+        check_finite_model(pl_module, "before quantization", "nothing was quantized or exported")
         chosen = self._plan(pl_module, regroup=True)
         layers = chosen.layers
         self.float_weights = {n: layer_weight(n, m).detach().to("cpu", copy=True) for n, m in layers.items()}
@@ -364,15 +361,3 @@ def training_dataloader(trainer: pl.Trainer) -> Any:
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
     return loader
-
-
-def check_finite_model(pl_module: nn.Module) -> None:
-    """Raise when any parameter of the trained model holds NaN / inf: the fit diverged, and quantizing (or writing
-    anything called compressed) would deliver garbage."""
-    bad = [name for name, p in pl_module.named_parameters() if not bool(p.detach().isfinite().all())]
-    if bad:
-        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        raise RuntimeError(
-            f"the model's weights are not finite before quantization: {shown}; the fit diverged (e.g. fp16 "
-            "parameters + AdamW) -- nothing was quantized or exported"
-        )

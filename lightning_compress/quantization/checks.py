@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.quantization.hessian import gptq_supports, probe_layers
+
 METRIC_FN_HELP = "a callable model -> a finite float"
 
 
@@ -119,6 +121,28 @@ def check_runs(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any
     finally:
         for handle in handles:
             handle.remove()
+
+
+def check_calibration(model: nn.Module, layers: Mapping[str, nn.Module], batch: Any,
+                      run: Callable[[nn.Module, Any], Any], argument: str, how: str) -> None:
+    """A dry run of GPTQ's calibration on one batch (the caller sets eval mode): :func:`check_runs`, then refuse a
+    forward that reaches none of the layers GPTQ would take."""
+    check_runs(model, batch, run, argument, how)
+    todo = {name: module for name, module in layers.items() if not gptq_supports(module)}
+    _, calls, _ = probe_layers(model, todo, batch, run)
+    refuse_unreached(list(todo), calls, how)
+
+
+def check_finite_model(model: nn.Module, when: str, consequence: str) -> None:
+    """Raise naming the parameters holding NaN / inf: the fit diverged, and compressing (or writing anything called
+    compressed) would deliver garbage."""
+    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise RuntimeError(
+            f"the model's weights are not finite {when}: {shown}; the fit diverged (e.g. fp16 parameters + AdamW) "
+            f"-- {consequence}"
+        )
 
 
 def _expected_input(module: nn.Module) -> str:

@@ -41,7 +41,11 @@ from lightning_compress.core.validation import check_bool, check_number
 from lightning_compress.quantization.calibration import mse_search
 from lightning_compress.quantization.checks import refuse_unreached
 from lightning_compress.quantization.coverage import layer_weight
-from lightning_compress.quantization.hessian import accumulate_hessians, conv_geometry, probe_layers
+from lightning_compress.quantization.hessian import (
+    accumulate_hessians,
+    gptq_supports,
+    probe_layers,
+)
 from lightning_compress.quantization.primitives import (
     QuantizedTensor,
     QuantSpec,
@@ -232,17 +236,6 @@ def _inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the model driver
-def gptq_supports(module: nn.Module) -> str:
-    """Why GPTQ cannot quantize ``module`` (``""`` when it can); the caller rounds such layers to nearest."""
-    if isinstance(module, nn.MultiheadAttention):
-        return "" if module.in_proj_weight is not None else "MultiheadAttention with separate q/k/v weights"
-    if isinstance(module, nn.Linear):
-        return ""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return "" if conv_geometry(module) is not None else "grouped, non-zero-padded or 'same'-padded convolution"
-    return f"no input Hessian for a {type(module).__name__}"
-
-
 def gptq_model(
     model: nn.Module,
     layers: Mapping[str, nn.Module],

@@ -78,6 +78,17 @@ def layer_input_rows(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def gptq_supports(module: nn.Module) -> str:
+    """Why GPTQ cannot quantize ``module`` (``""`` when it can); the caller rounds such layers to nearest."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "" if module.in_proj_weight is not None else "MultiheadAttention with separate q/k/v weights"
+    if isinstance(module, nn.Linear):
+        return ""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return "" if conv_geometry(module) is not None else "grouped, non-zero-padded or 'same'-padded convolution"
+    return f"no input Hessian for a {type(module).__name__}"
+
+
 class StopForward(Exception):
     """Raised by a hook once every layer of the pass has seen its input: the rest of the forward is not needed."""
 
