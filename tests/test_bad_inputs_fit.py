@@ -89,6 +89,14 @@ FIT: list[FitCase] = [
     ("two_pruning_callbacks_same_layers", lambda _: [GradientStabilityPruning(), GradientStabilityPruning(0.5)],
      DigitsDataModule, {}, ValueError, ("two GradientStabilityPruning", "'net.1'", "sparsity=0.8", "sparsity=0.5"),
      ""),
+    ("pruning_round_to_off_the_quantizers_grid", lambda _: [
+        GradientStabilityPruning(structured=True, compact=True, round_to=12),
+        PostTrainingQuantization(bits=4, granularity="per_group", group_size=16)], DigitsDataModule, {}, ValueError,
+     ("`round_to`=12", "group_size=16"), ""),
+    ("pruning_thresholds_on_the_quantizers_grid", lambda _: [
+        GradientStabilityPruning(sparsity=None, mean_threshold=0.1, std_threshold=0.1, structured=True, compact=True),
+        PostTrainingQuantization(bits=4, granularity="per_group", group_size=16)], DigitsDataModule, {}, ValueError,
+     ("`sparsity`=None", "group_size=16", "compact=True"), ""),
     ("pruning_limit_train_batches_0", lambda _: GradientStabilityPruning(), DigitsDataModule,
      {"limit_train_batches": 0}, ValueError, ("limit_train_batches", "0", "GradientStabilityPruning"), ""),
     ("pruning_max_steps_0", lambda _: GradientStabilityPruning(), DigitsDataModule, {"max_steps": 0}, ValueError,

@@ -8,6 +8,8 @@ counted, under 16-bit AMP the loss scale is divided out, under DDP the gradients
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
 from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, first_inputs
 from lightning_compress.pruning.config import PruningConfig
+from lightning_compress.pruning.grid import grid_misfits, grid_round_to
 from lightning_compress.pruning.run import PruningRun
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.structured import analyse, check_round_to
@@ -95,12 +98,13 @@ class GradientStabilityPruning(CompressionCallback):
         defaults = STRUCTURED_MODULE_TYPES if structured else DEFAULT_MODULE_TYPES
         self.selection = Selection.from_args(module_types, include, exclude, defaults)
         self._pending_state: dict[str, Any] | None = None
+        self._grid_source: str | None = None  # the quantizer whose group size sets round_to in this fit
         self._reset_run()
 
     def _reset_run(self, pl_module: pl.LightningModule | None = None, layers: TrackedLayers | None = None,
-                   schedule: PruningSchedule | None = None) -> None:
+                   config: PruningConfig | None = None) -> None:
         """A fresh run: a callback instance used for a second fit starts from nothing."""
-        self.run = PruningRun(self.config, self.gate, self.metric_reference, pl_module, layers, schedule)
+        self.run = PruningRun(config or self.config, self.gate, self.metric_reference, pl_module, layers)
         self._example_input: Any = None
         self._compacted = False
         self._compacted_axes: dict[str, dict[str, int]] = {}  # which axes compaction shrank, for compressed.ckpt
@@ -143,7 +147,7 @@ class GradientStabilityPruning(CompressionCallback):
             raise ValueError(f"{self.selection.describe()} select no trainable module of {type(pl_module).__name__}: "
                              "nothing to prune")
         self._check_no_overlap(trainer, pl_module, layers)
-        self._reset_run(pl_module, layers)  # the schedule follows in on_train_start
+        self._reset_run(pl_module, layers, self._on_grid(trainer))  # the schedule follows in on_train_start
         if self.config.structured and getattr(pl_module, "example_input_array", None) is not None:
             self._analyse(pl_module, pl_module.example_input_array)  # decided before any step
 
@@ -184,6 +188,27 @@ class GradientStabilityPruning(CompressionCallback):
                     "allowed: one pruning callback per layer (split the layers with `include` / `exclude`)"
                 )
 
+    def _on_grid(self, trainer: pl.Trainer) -> PruningConfig:
+        """The fit's settings: with compaction and a per-group ``PostTrainingQuantization`` in the same Trainer,
+        ``round_to`` becomes its ``group_size`` (see :mod:`lightning_compress.pruning.grid`), in the report too."""
+        from lightning_compress.callbacks.quantization import PostTrainingQuantization
+
+        c, self._grid_source = self.config, None
+        sizes = sorted({q.spec.group_size for q in compression_callbacks(trainer)
+                        if isinstance(q, PostTrainingQuantization) and q.spec.granularity == "per_group"})
+        if not (c.structured and c.compact and sizes):
+            return c
+        group_size = math.lcm(*sizes)
+        source = f"PostTrainingQuantization(granularity='per_group', group_size={'/'.join(map(str, sizes))})"
+        if c.sparsity is None:
+            raise ValueError(f"structured pruning by thresholds (`sparsity`=None) with compact=True cannot keep "
+                             f"compacted widths multiples of {group_size}, which {source} in the same Trainer needs; "
+                             "allowed: a `sparsity` target, or compact=False")
+        round_to = grid_round_to(c.round_to, group_size, source)
+        self._grid_source = source
+        self.report.settings[self.report_name].update(round_to=round_to, round_to_set_by=source)
+        return replace(c, round_to=round_to)
+
     def _describe(self) -> str:
         c = self.config
         return f"sparsity={c.sparsity!r}, criterion={c.criterion!r}, structured={c.structured}"
@@ -191,7 +216,14 @@ class GradientStabilityPruning(CompressionCallback):
     def _analyse(self, pl_module: pl.LightningModule, example_input: Any) -> None:
         self._example_input = example_input
         self.state.groups, table = analyse(pl_module, example_input, self.layers.names)
-        check_round_to(self.config.round_to, self.layers.names, self.state.groups, self.layers.num_units())
+        round_to = self.run.config.round_to
+        check_round_to(round_to, self.layers.names, self.state.groups, self.layers.num_units())
+        misfits = grid_misfits(self.layers.names, self.state.groups, self.layers.num_units(), round_to)
+        if self._grid_source is not None and misfits:  # on a quantizer's grid: what rounding cannot fix
+            raise ValueError(f"structured pruning with compact=True must leave widths that are multiples of {round_to}"
+                             f" ({self._grid_source} in the same Trainer), and these layers "
+                             f"cannot: {misfits}; allowed: leave them out with `exclude`, or a `group_size` dividing "
+                             "their widths")
         rank_zero_info(f"GradientStabilityPruning: which layers can lose units\n{table}")
 
     # ------------------------------------------------------------------ per step
