@@ -194,3 +194,35 @@ def test_copy_of_quantized_model_still_exports(tmp_path):
     clone = copy.deepcopy(model)
     save_quantized(clone, result, tmp_path / "m.safetensors")
     assert torch.equal(load_quantized(Net(), tmp_path / "m.safetensors").fc1.weight, clone.fc1.weight)
+
+
+# ---------------------------------------------------------------------------- the codes a model carries (issue 19)
+def test_load_quantized_attaches_the_codes_and_save_quantized_writes_them_back(tmp_path, monkeypatch):
+    from lightning_compress.quantization.carried import carried
+    from lightning_compress.quantization.kernels import POLICY_ENV
+
+    model = _trained_net()
+    save_quantized(model, quantize(model, bits=4, module_types=["Linear", "Conv2d"]), tmp_path / "m.safetensors")
+    monkeypatch.setenv(POLICY_ENV, "never")  # int_kernels=True, but every layer keeps float (as a slow CPU would)
+    loaded = load_quantized(Net(), tmp_path / "m.safetensors", int_kernels=True)
+    record = carried(loaded)
+    assert record is not None and record.source == f"load_quantized({str(tmp_path / 'm.safetensors')!r})"
+    assert sorted(record.codes) == ["conv.weight", "fc1.weight", "fc2.weight"] and record.stale(loaded) == []
+    save_quantized(loaded, tmp_path / "again.safetensors")  # no result: the carried codes
+    again = load_quantized(Net(), tmp_path / "again.safetensors")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_save_quantized_without_result_refuses_a_float_or_changed_model(tmp_path):
+    with pytest.raises(ValueError, match=r"`model` \(Net\) is not quantized: it carries no codes"):
+        save_quantized(_trained_net(), tmp_path / "float.safetensors")
+    model = _trained_net()
+    save_quantized(model, quantize(model, bits=8), tmp_path / "m.safetensors")
+    loaded = load_quantized(Net(), tmp_path / "m.safetensors")
+    with torch.no_grad():
+        loaded.fc1.weight.add_(0.5)  # trained or edited since loading
+    with pytest.raises(ValueError, match=r"`model`'s weights \['fc1.weight'\] are no longer the codes load_quantized"):
+        save_quantized(loaded, tmp_path / "stale.safetensors")
+    assert not (tmp_path / "float.safetensors").exists() and not (tmp_path / "stale.safetensors").exists()
+    with pytest.raises(TypeError, match="needs `path`"):
+        save_quantized(loaded)

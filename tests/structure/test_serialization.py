@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -15,6 +16,7 @@ from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.structure.compaction import compact, count_parameters, load_compacted, save_compacted
 from lightning_compress.structure.serialization import FORMAT
+from lightning_compress.structure.shape_rules import RECORD_KEY, compacted_axes
 
 
 def mlp() -> MLPClassifier:
@@ -95,3 +97,61 @@ def test_truncated_and_foreign_files(tmp_path) -> None:  # type: ignore[no-untyp
     save_file({"weight": torch.zeros(2, 2)}, plain)
     with pytest.raises(ValueError, match="was not written by save_compacted"):
         load_compacted(nn.Linear(2, 2), plain)
+
+
+# ---------------------------------------------------------------------------- the compaction record (issue 19)
+def _compacted(keep: int = 20) -> MLPClassifier:
+    model = mlp()
+    return compact(model, {"net.1": torch.arange(32) < keep}, torch.zeros(2, 8)).model
+
+
+def _resave_metadata(path, change) -> None:  # type: ignore[no-untyped-def]
+    with safe_open(str(path), framework="pt") as handle:
+        values, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata())
+    change(metadata)
+    save_file(values, str(path), metadata=metadata)
+
+
+def test_the_file_records_which_axes_compaction_shrank_and_the_loaded_model_carries_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = _compacted()
+    expected = {"net.1.weight": {0: 32}, "net.1.bias": {0: 32}, "net.3.weight": {1: 32}}
+    assert compacted_axes(model) == expected  # rows of net.1, columns of its consumer; the input axis untouched
+    save_compacted(model, tmp_path / "c.safetensors")
+    with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()[RECORD_KEY]) == {
+            "net.1.bias": {"0": 32}, "net.1.weight": {"0": 32}, "net.3.weight": {"1": 32}}
+    fresh = load_compacted(mlp(), tmp_path / "c.safetensors")
+    assert compacted_axes(fresh) == expected and fresh.net[1].out_features == 20
+    torch.testing.assert_close(fresh(torch.ones(3, 8)), model(torch.ones(3, 8)), atol=0, rtol=0)
+
+
+def test_a_file_without_the_record_may_shrink_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for name, model in (("compacted", _compacted()), ("full", mlp())):
+        path = tmp_path / f"{name}.safetensors"
+        save_compacted(model, path)
+        _resave_metadata(path, lambda metadata: metadata.pop(RECORD_KEY))  # as an older version wrote it
+    with pytest.raises(UntrustedFileError, match=r"compacted.safetensors', key 'net.1.bias': declared shape \[20\], "
+                       r"the model has \[32\]; allowed: exactly the model's shape \(the file has no 'compacted_axes'"):
+        load_compacted(mlp(), tmp_path / "compacted.safetensors")
+    assert load_compacted(mlp(), tmp_path / "full.safetensors").net[1].out_features == 32  # nothing to shrink: fine
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        ("[0]", r"'compacted_axes' must be a JSON object"),
+        ('{"net.1.weight": [0]}', r"entry 'net.1.weight' must map axes '0' / '1' to positive integer sizes"),
+        ('{"net.1.weight": {"2": 32}}', r"entry 'net.1.weight' must map axes"),
+        ('{"net.1.weight": {"0": 64}}', r"key 'net.1.weight': compacted from sizes \{0: 64\}.*the model has \[32, 8\]"),
+        ('{"net.9.weight": {"0": 4}}', r"lists 'net.9.weight' axes \[0\]; allowed: keys of the model's state_dict"),
+        ("{bad", r"metadata 'compacted_axes' is not valid JSON"),
+    ],
+)
+def test_a_malformed_or_foreign_record_is_refused(tmp_path, record: str, match: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "c.safetensors"
+    save_compacted(_compacted(), path)
+    _resave_metadata(path, lambda metadata: metadata.update({RECORD_KEY: record}))
+    model = mlp()
+    with pytest.raises(UntrustedFileError, match=match):
+        load_compacted(model, path)
+    assert model.net[1].out_features == 32 and model.net[1].weight.shape == (32, 8)
