@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -53,7 +54,8 @@ from lightning_compress.integration.artifacts import (
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-TRACEBACK_ENV = "LIGHTNING_COMPRESS_TRACEBACK"  # 1: the full traceback of a missing-package / export_path error
+TRACEBACK_ENV = "LIGHTNING_COMPRESS_TRACEBACK"  # 1: the full traceback of an error the CLI prints as one line
+CKPT_KEYWORDS = ("best", "last", "hpc")  # what Lightning's ckpt_path accepts besides a file ("registry[:...]" too)
 
 
 class CompressionCLI(LightningCLI):
@@ -88,6 +90,43 @@ class CompressionCLI(LightningCLI):
     def before_test(self) -> None:
         _check_data_package(self.datamodule)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's own reads ``--ckpt_path`` with ``torch.load`` (for its hyper-parameters) before anything
+        of ours runs, and lets its errors through as tracebacks (an export, an ONNX file, a text file): check the
+        file first with the package's wary readers, so that a file that cannot be what is asked ends in one line
+        naming the option and the file. Exports carry no hyper-parameters: nothing for Lightning to read there."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not isinstance(path, str) or not path:
+            return
+        if not Path(path).is_file():
+            if path in CKPT_KEYWORDS or path.startswith("registry"):
+                return super()._parse_ckpt_path()  # Lightning's own keywords
+            raise CLIConfigError(f"`--ckpt_path`={path!r} is not a file; allowed: a file a fit of this package "
+                                 f"wrote (compressed.ckpt, an export *.safetensors) or one of {list(CKPT_KEYWORDS)}")
+        try:
+            if artifact_kind(path) != "checkpoint":
+                return  # an export: loaded into the model in _prepare_subcommand_kwargs
+            load_checkpoint(path)  # refuses what a weights-only load cannot read, never advising an unsafe one
+        except (OSError, ValueError) as err:
+            raise CLIConfigError(f"`--ckpt_path`={path!r}: {err}") from None
+        super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a ``ValueError`` / ``TypeError`` raised before the first batch of any loop (a callback's
+        ``setup`` refusing the configuration, a checkpoint refused when loaded) is a refusal: ``main`` prints it
+        in one line. Errors after the first batch keep their traceback."""
+        first_batch = _FirstBatch()
+        self.trainer.callbacks.append(first_batch)  # type: ignore[attr-defined]  # set by a connector
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, TypeError) as err:
+            if first_batch.seen or isinstance(err, CLIConfigError):
+                raise
+            raise CLIConfigError(f"{type(err).__name__}: {err}") from err
+        finally:
+            self.trainer.callbacks.remove(first_batch)  # type: ignore[attr-defined]
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """``validate`` / ``test`` / ``predict --ckpt_path`` accept every artifact of this package: an export
         (``*.safetensors``) is loaded into the model here (Lightning reads only checkpoints); a compressed
@@ -102,7 +141,7 @@ class CompressionCLI(LightningCLI):
                 else:
                     prepare_for_checkpoint(self.model, load_checkpoint(path))  # read once
             except ValueError as err:
-                raise CLIConfigError(f"`ckpt_path`={path!r}: {err}") from None
+                raise CLIConfigError(f"`--ckpt_path`={path!r}: {err}") from None
         return kwargs
 
 
@@ -126,6 +165,25 @@ def _check_data_package(datamodule: Any) -> None:
 
 class CLIConfigError(ValueError):
     """A setting the CLI can check before training and that cannot work; ``main`` prints it without a traceback."""
+
+
+class _FirstBatch(Callback):
+    """Whether any loop of the subcommand (sanity check, training, validation, test, predict) reached a batch."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.seen = True
+
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.seen = True
+
+    def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.seen = True
+
+    def on_predict_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.seen = True
 
 
 def _check_export_paths(trainer: Any) -> None:

@@ -150,3 +150,81 @@ def test_python_dash_m_entry_point() -> None:
                          timeout=120, check=True).stdout
     assert "fit" in out and "validate" in out and "test" in out and "predict" in out
     assert "tune" not in out
+
+
+# ---------------------------------------------------------------------------- refusals: one line, no traceback
+MLP_ON_DIGITS = ["--model=MLPClassifier", "--model.input_size=64", "--data=DigitsDataModule",
+                 "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _refused(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the CLI expecting a refusal: exit 2, the reason on one line of stderr, no traceback; returns the line."""
+    monkeypatch.delenv("LIGHTNING_COMPRESS_TRACEBACK", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err and "weights_only" not in err, err  # never torch's advice to load unsafely
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("lightning-compress: error:")]
+    return line
+
+
+def _zip_of_an_object(path: Path) -> None:
+    import torch
+
+    torch.save({"state_dict": {}, "model": torch.nn.Linear(2, 2)}, path)  # a pickled module: not weights-only
+
+
+CKPT_FILES = [  # (id, file name, how to write it, what the error says)
+    ("text_file", "notes.ckpt", lambda p: p.write_text("hello"), "not written by torch.save"),
+    ("yaml_list", "list.yaml", lambda p: p.write_text("- a\n- b\n"), "torch.save"),
+    ("onnx_file", "model.onnx", lambda p: p.write_bytes(b"\x08\x07\x12\x04onnx"), "ONNX Runtime"),
+    ("empty_file", "empty.ckpt", lambda p: p.write_bytes(b""), "torch.save"),
+    ("python_objects", "objects.ckpt", _zip_of_an_object, "holds Python objects other than tensors"),
+    ("foreign_safetensors", "x.safetensors", lambda p: p.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "),
+     "did not write"),
+    ("missing_file", "absent.ckpt", None, "is not a file"),
+    ("directory", "folder.ckpt", lambda p: p.mkdir(), "is not a file"),
+]
+
+
+@pytest.mark.parametrize(("name", "write", "says"), [c[1:] for c in CKPT_FILES], ids=[c[0] for c in CKPT_FILES])
+def test_a_bad_ckpt_path_is_one_line_naming_the_option_and_the_file(
+    name: str, write, says: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / name
+    if write is not None:
+        write(path)
+    line = _refused(["test", *MLP_ON_DIGITS, f"--ckpt_path={path}"], capsys, monkeypatch)
+    assert f"`--ckpt_path`={str(path)!r}" in line and says in line, line
+
+
+SETUP_REFUSALS = [  # (id, Trainer / callback arguments, what the error names)
+    ("max_epochs_0", ["--trainer.max_epochs=0"], "Trainer(`max_epochs`=0) runs no training step"),
+    ("max_steps_0", ["--trainer.max_steps=0"], "Trainer(`max_steps`=0) runs no training step"),
+    ("limit_train_batches_0", ["--trainer.limit_train_batches=0"], "Trainer(`limit_train_batches`=0)"),
+    ("bound_without_validation", ["--trainer.limit_val_batches=0", "--trainer.callbacks.max_metric_drop=0.01"],
+     "`max_metric_drop`=0.01 needs validation data"),
+    ("include_matching_nothing", ["--trainer.callbacks.include=[no_such_layer]"], "no_such_layer"),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), [c[1:] for c in SETUP_REFUSALS], ids=[c[0] for c in SETUP_REFUSALS])
+def test_a_refusal_in_setup_is_one_line_with_its_type_and_no_step_runs(
+    args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = _refused(["fit", *MLP_ON_DIGITS, "--trainer.callbacks+=PostTrainingQuantization", "--trainer.max_epochs=1",
+                     "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", *args], capsys, monkeypatch)
+    assert line.startswith("lightning-compress: error: ValueError: ") and says in line, line
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("compression_report.*"))
+
+
+def test_an_error_after_the_first_batch_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_args, **_kwargs):
+        raise ValueError("raised inside a training step")
+
+    monkeypatch.setattr("lightning_compress.demos.models.MLPClassifier.training_step", fail)
+    with pytest.raises(ValueError, match="raised inside a training step"):
+        main(["fit", *MLP_ON_DIGITS, "--trainer.max_steps=2", "--trainer.logger=false",
+              f"--trainer.default_root_dir={tmp_path}"])

@@ -60,7 +60,7 @@ def test_a_foreign_file_as_ckpt_path_is_a_one_line_error(tmp_path: Path, capsys:
         main(["test", "--config", str(ROOT / "configs" / "quantize.yaml"), "--ckpt_path", str(bogus), *FAST])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "`ckpt_path`" in err and "x.safetensors" in err and "Traceback" not in err
+    assert "`--ckpt_path`" in err and "x.safetensors" in err and "Traceback" not in err
 
 
 def test_the_builtin_job_can_be_printed_edited_and_run(capsys: pytest.CaptureFixture) -> None:
