@@ -199,13 +199,16 @@ def check_outputs_arg(outputs: Any) -> list[OutputKey] | None:
 
 # ------------------------------------------------------------------------------------------------ dynamic axes
 def axes(inputs: Inputs, override: Mapping[str, Any] | None) -> dict[str, dict[int, str]]:
-    """Per input: integer inputs dims 0 (batch) and 1 (sequence), float inputs dim 0; ``override`` per name
-    (a list of dims or a dim -> name dict; an empty one makes the input static)."""
+    """Per input: integer inputs dims 0 (batch) and 1 (sequence), float inputs dim 0, and dim 1 too when an
+    integer input has a sequence of that length (a float mask or per-token values go with the tokens); ``override``
+    per name (a list of dims, named batch / sequence / ``<input>_dim<d>``, or a dim -> name dict; an empty one makes
+    the input static). Inputs sharing a name must share that size."""
+    tokens = {t.shape[1] for t in inputs.tensors if not t.is_floating_point() and t.dim() >= 2}
     result: dict[str, dict[int, str]] = {}
     for name, t in zip(inputs.names, inputs.tensors):
         if t.dim() == 0:
             result[name] = {}
-        elif t.is_floating_point() or t.dim() == 1:
+        elif t.dim() == 1 or (t.is_floating_point() and t.shape[1] not in tokens):
             result[name] = {0: "batch"}
         else:
             result[name] = {0: "batch", 1: "sequence"}
@@ -217,7 +220,8 @@ def axes(inputs: Inputs, override: Mapping[str, Any] | None) -> dict[str, dict[i
         if name not in result:
             raise ValueError(f"`dynamic_axes` names the input {name!r}; the inputs are {inputs.names}")
         ndim = inputs.tensors[inputs.names.index(name)].dim()
-        given = dict(dims) if isinstance(dims, Mapping) else {d: f"{name}_dim{d}" for d in dims}
+        default = {0: "batch", 1: "sequence"}
+        given = dict(dims) if isinstance(dims, Mapping) else {d: default.get(d, f"{name}_dim{d}") for d in dims}
         if any(not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < ndim for d in given):
             raise ValueError(f"`dynamic_axes`[{name!r}]={dims!r}: dims must be integers in [0, {ndim - 1}]")
         result[name] = {int(d): str(label) for d, label in given.items()}

@@ -111,7 +111,13 @@ def check_outputs(
     ort_session = session(model, ort)
     diff, agree, total, classified = 0.0, 0, 0, 0
     for i, (where, tensors, feed) in enumerate([*feeds, *([probe] if probe else [])]):
-        expected = [t.detach().float().cpu().numpy() for t in reference(*tensors)]
+        try:
+            expected = [t.detach().float().cpu().numpy() for t in reference(*tensors)]
+        except (RuntimeError, ValueError, IndexError) as err:  # only the probe can get here: the rest ran before
+            raise OutputCheckError(
+                f"the model itself cannot run {where} ({[tuple(t.shape) for t in tensors]}): {str(err)[:300]}; say "
+                "which axes are dynamic with `dynamic_axes` (inputs sharing a length share its name); nothing "
+                "was written") from None
         try:
             got = ort_session.run(names, feed)
         except Exception as err:  # ORT raises its own Fail / InvalidArgument types

@@ -142,3 +142,24 @@ def test_a_dynamic_axis_the_trace_made_constant_is_caught_and_nothing_written(tm
     assert os.listdir(tmp_path) == []
     report = export_onnx(Baked(), tmp_path / "m.onnx", X, dynamic_axes={"input": []})  # static, as asked
     assert report.max_abs_diff < 1e-5
+
+
+class PairedLengths(nn.Module):
+    """Two values per token in a float input whose length is not the tokens': no default can guess that."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 2)
+
+    def forward(self, input_ids, pairs):
+        return (self.embed(input_ids) * pairs.view(pairs.shape[0], input_ids.shape[1], 2)).sum(1)
+
+
+def test_a_model_that_cannot_run_at_the_probe_sizes_is_told_to_declare_its_axes(tmp_path):
+    ids, pairs = torch.randint(0, 10, (2, 5)), torch.rand(2, 10)
+    with pytest.raises(OutputCheckError, match=r"the model itself cannot run the example at other sizes along its "
+                                               r"dynamic axes \(\[\(3, 4\), \(3, 10\)\]\): .*`dynamic_axes`"):
+        export_onnx(PairedLengths(), tmp_path / "p.onnx", (ids, pairs))
+    assert os.listdir(tmp_path) == []
+    report = export_onnx(PairedLengths(), tmp_path / "p.onnx", (ids, pairs), dynamic_axes={"input_ids": [0]})
+    assert report.max_abs_diff < 1e-5
