@@ -100,3 +100,16 @@ def test_result_of_another_model_is_still_refused(tmp_path):
                                          r"state_dict \(also not after adding or removing a wrapper's prefix\)"):
         export_onnx(_mlp(), tmp_path / "m.onnx", X, bad)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("int_kernels", [False, True])
+def test_a_model_loaded_by_load_quantized_exports_its_codes(tmp_path, monkeypatch, int_kernels):
+    from lightning_compress.quantization import load_quantized, save_quantized
+
+    monkeypatch.setenv("LIGHTNING_COMPRESS_INT8_KERNELS", "never")  # int_kernels=True keeps float: still quantized
+    model, result = _quantized()
+    save_quantized(model, result, tmp_path / "m.safetensors")
+    loaded = load_quantized(_mlp(seed=3), tmp_path / "m.safetensors", int_kernels=int_kernels)
+    report = export_onnx(loaded, tmp_path / "m.onnx", X)
+    assert set(report.layers) == {"0", "2"} and report.not_integer == {}
+    assert "load_quantized" in report.source

@@ -121,3 +121,15 @@ def test_bert_outputs_by_name_and_the_pooler_then_counts(tmp_path):
                                                                            mask[:1], "labels": torch.zeros(1)}])
     assert report.outputs == ["pooler_output", "last_hidden_state"] and report.samples == 3
     assert report.unused == [] and report.layers["pooler.dense"].integer
+
+
+def test_a_tokenizer_batch_goes_in_as_it_is(tmp_path):
+    torch.manual_seed(3)
+    model = _bert()
+    _quantize(model, "int8")
+    ids, mask = _tokens(2, 12, seed=0)
+    batch = transformers.BatchEncoding({"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+                                        "attention_mask": mask})
+    report = export_onnx(model, tmp_path / "t.onnx", batch)
+    assert report.inputs == ["input_ids", "token_type_ids", "attention_mask"] and report.not_integer == {}
+    assert report.max_abs_diff < 0.02 * float(model(**batch).last_hidden_state.detach().abs().max())
