@@ -155,3 +155,24 @@ def test_a_malformed_or_foreign_record_is_refused(tmp_path, record: str, match: 
     with pytest.raises(UntrustedFileError, match=match):
         load_compacted(model, path)
     assert model.net[1].out_features == 32 and model.net[1].weight.shape == (32, 8)
+
+
+def test_a_cnn_compacted_from_another_width_is_refused_and_its_own_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning_compress.demos.models import SmallCNN
+
+    def compacted_cnn(channels: list[int]) -> SmallCNN:
+        torch.manual_seed(0)
+        model = SmallCNN(image_size=8, channels=channels, hidden=8).eval()
+        return compact(model, {"net.0": torch.arange(channels[0]) < 3}, torch.rand(2, 1, 8, 8)).model
+
+    ours, wider = compacted_cnn([4, 6]), compacted_cnn([8, 6])  # both keep 3 channels of the first conv
+    save_compacted(ours, tmp_path / "ours.safetensors")
+    save_compacted(wider, tmp_path / "wider.safetensors")
+    fresh = load_compacted(SmallCNN(image_size=8, channels=[4, 6], hidden=8).eval(), tmp_path / "ours.safetensors")
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(fresh(x), ours(x), atol=0, rtol=0)
+    model = SmallCNN(image_size=8, channels=[4, 6], hidden=8)
+    with pytest.raises(UntrustedFileError, match=r"wider.safetensors', key 'net.0.bias': compacted from sizes "
+                       r"\{0: 8\} \(axis: size\), the model has \[4\]"):
+        load_compacted(model, tmp_path / "wider.safetensors")
+    assert model.net[0].out_channels == 4
