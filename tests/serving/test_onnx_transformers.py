@@ -133,3 +133,16 @@ def test_a_tokenizer_batch_goes_in_as_it_is(tmp_path):
     report = export_onnx(model, tmp_path / "t.onnx", batch)
     assert report.inputs == ["input_ids", "token_type_ids", "attention_mask"] and report.not_integer == {}
     assert report.max_abs_diff < 0.02 * float(model(**batch).last_hidden_state.detach().abs().max())
+
+
+def test_static_activations_on_a_transformer_classifier(tmp_path):
+    torch.manual_seed(4)
+    model = EncoderClassifier().eval()
+    _quantize(model, "int8")
+    calibration = [_tokens(8, 12, seed=s) for s in range(4)]  # (input_ids, attention_mask) tuples
+    report = export_onnx(model, tmp_path / "s.onnx", _tokens(2, 12, seed=0), activations="static",
+                         calibration_data=calibration)
+    assert report.not_integer == {} and report.samples == 34
+    assert {report.layers[n].runtime_op for n in report.layers if n not in ("embed", "pos")} <= {"QLinearMatMul",
+                                                                                                 "QGemm"}
+    assert report.argmax_agreement >= 0.97 and _compare(tmp_path / "s.onnx", model, report.inputs, None) < 0.05
