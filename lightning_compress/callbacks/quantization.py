@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,11 +26,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.base import CompressionCallback, ModelNotFiniteError
 from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
 from lightning_compress.core.io import check_export_path
 from lightning_compress.core.selection import Selection
-from lightning_compress.core.validation import check_bool, check_choice, check_number
+from lightning_compress.core.validation import check_bool
 from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode, predict
 from lightning_compress.integration.progress import layer_progress
@@ -39,9 +38,9 @@ from lightning_compress.quantization.carried import attach, drop, forget
 from lightning_compress.quantization.checks import (
     bound_outcome,
     check_calibration,
-    check_finite_model,
-    refuse_fallback_without_bound,
-    refuse_unused,
+    check_shared,
+    non_finite_parameters,
+    shown,
 )
 from lightning_compress.quantization.coverage import (
     CALIBRATION_BATCHES,
@@ -55,8 +54,8 @@ from lightning_compress.quantization.coverage import (
     weight_name,
 )
 from lightning_compress.quantization.export import new_run_id, save_float, save_quantized
-from lightning_compress.quantization.fallback import FALLBACKS, fall_back, label, rungs
-from lightning_compress.quantization.functional import METHODS, QuantizationResult, gptq_layers
+from lightning_compress.quantization.fallback import fall_back, label, rungs
+from lightning_compress.quantization.functional import QuantizationResult, gptq_layers
 from lightning_compress.quantization.gptq import GPTQConfig
 from lightning_compress.quantization.primitives import QuantSpec
 from lightning_compress.quantization.rungs import LayerRungs
@@ -120,15 +119,7 @@ class PostTrainingQuantization(CompressionCallback):
         embedding_bits: int | None = None,
     ) -> None:
         super().__init__(metric, metric_kwargs, max_metric_drop)
-        check_choice("method", method, METHODS)
-        if calibration_batches is not None:
-            check_number("calibration_batches", calibration_batches, low=1, integer=True)
-        if embedding_bits is not None:
-            check_number("embedding_bits", embedding_bits, low=2, high=8, integer=True)
-        if fallback is not None:
-            check_choice("fallback", fallback, FALLBACKS)
-        refuse_unused(method, {"calibration_batches": calibration_batches})
-        refuse_fallback_without_bound(fallback, max_metric_drop)
+        check_shared(method, calibration_batches, embedding_bits, fallback, max_metric_drop, {})
         self.method = method
         self.calibration_batches = calibration_batches or CALIBRATION_BATCHES
         self.embedding_bits = embedding_bits
@@ -191,7 +182,7 @@ class PostTrainingQuantization(CompressionCallback):
         """One *training* batch through the GPTQ calibration path (eval mode, no gradients, the global RNG left as
         it was), so that a layout it cannot feed, or a forward that reaches none of the layers, fails now and not
         after the whole fit."""
-        loader = training_dataloader(trainer)
+        loader = _compat.training_dataloader(trainer)
         if loader is None:
             return
         with torch.random.fork_rng(devices=[]):
@@ -214,7 +205,10 @@ class PostTrainingQuantization(CompressionCallback):
 
     # -- the work ----------------------------------------------------------------------------------------------
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_finite_model(pl_module, "before quantization", "nothing was quantized or exported")
+        if broken := non_finite_parameters(pl_module):  # a diverged fit: nothing quantized, nothing written
+            raise ModelNotFiniteError(f"the model's weights are not finite before quantization: {shown(broken)}; "
+                                      "the fit diverged (e.g. fp16 parameters + AdamW) -- nothing was quantized or "
+                                      "exported")
         chosen = self._plan(pl_module, regroup=True)
         layers = chosen.layers
         self.float_weights = {n: layer_weight(n, m).detach().to("cpu", copy=True) for n, m in layers.items()}
@@ -351,13 +345,3 @@ class PostTrainingQuantization(CompressionCallback):
 
 def _calibration_forward(model: nn.Module, batch: Any) -> Any:
     return predict(model, batch)[0]
-
-
-def training_dataloader(trainer: pl.Trainer) -> Any:
-    """The first training dataloader of the fit's source, or None."""
-    loader = _compat.training_dataloader(trainer)
-    if isinstance(loader, Mapping):
-        loader = next(iter(loader.values()), None)
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
-    return loader

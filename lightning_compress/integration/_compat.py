@@ -39,8 +39,11 @@ def loss_scale(trainer: Any) -> float:
 
 
 def training_dataloader(trainer: Any) -> Any:
-    """A fresh training dataloader from the fit's source (a datamodule's or the model's ``train_dataloader``), before
-    Lightning has loaded it (a dry run in ``setup``); None when the fit has none. Read off ``_FitLoop._data_source``
-    (private)."""
+    """A fresh (first) training dataloader from the fit's source (a datamodule's or the model's
+    ``train_dataloader``), before Lightning has loaded it (a dry run in ``setup``); None when the fit has none. Read
+    off ``_FitLoop._data_source`` (private)."""
     source = trainer.fit_loop._data_source
-    return source.dataloader() if source.is_defined() else None
+    loader = source.dataloader() if source.is_defined() else None
+    if isinstance(loader, dict):
+        loader = next(iter(loader.values()), None)
+    return (loader[0] if loader else None) if isinstance(loader, (list, tuple)) else loader

@@ -15,9 +15,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.validation import check_choice, check_number
+from lightning_compress.quantization.coverage import METHODS
+from lightning_compress.quantization.fallback import FALLBACKS
 from lightning_compress.quantization.hessian import gptq_supports, probe_layers
 
 METRIC_FN_HELP = "a callable model -> a finite float"
+
+
+def check_shared(
+    method: str, calibration_batches: int | None, embedding_bits: int | None, fallback: str | None,
+    max_metric_drop: float | None, gptq_only: Mapping[str, Any],
+) -> None:
+    """The arguments :func:`~.functional.quantize` and the callback share, checked one way: each one's range, then
+    the GPTQ-only ones (``gptq_only``, by name) refused with ``"rtn"`` and ``fallback`` refused without a bound."""
+    check_choice("method", method, METHODS)
+    if calibration_batches is not None:
+        check_number("calibration_batches", calibration_batches, low=1, integer=True)
+    if embedding_bits is not None:
+        check_number("embedding_bits", embedding_bits, low=2, high=8, integer=True)
+    if fallback is not None:
+        check_choice("fallback", fallback, FALLBACKS)
+    refuse_unused(method, {**gptq_only, "calibration_batches": calibration_batches})
+    refuse_fallback_without_bound(fallback, max_metric_drop)
 
 
 def refuse_unused(method: str, given: Mapping[str, Any]) -> None:
@@ -133,16 +153,13 @@ def check_calibration(model: nn.Module, layers: Mapping[str, nn.Module], batch: 
     refuse_unreached(list(todo), calls, how)
 
 
-def check_finite_model(model: nn.Module, when: str, consequence: str) -> None:
-    """Raise naming the parameters holding NaN / inf: the fit diverged, and compressing (or writing anything called
-    compressed) would deliver garbage."""
-    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
-    if bad:
-        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        raise RuntimeError(
-            f"the model's weights are not finite {when}: {shown}; the fit diverged (e.g. fp16 parameters + AdamW) "
-            f"-- {consequence}"
-        )
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters holding NaN / inf (a diverged fit: compressing it would deliver garbage)."""
+    return [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
+
+
+def shown(names: Sequence[str], at_most: int = 8) -> str:
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
 
 
 def _expected_input(module: nn.Module) -> str:

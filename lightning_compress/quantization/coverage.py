@@ -29,6 +29,7 @@ EMBEDDING_BITS = 8  # embeddings' default bits: a lookup table has no input Hess
 # Defaults that quantize() and PostTrainingQuantization share (their signatures say None and resolve here, so that
 # an argument given explicitly can be told from the default; tests/callbacks/test_quantization.py checks the rest of
 # the two signatures agree).
+METHODS = ("rtn", "gptq")
 FALLBACK = "more_bits"  # over a metric bound: the even widths up to 8 first (fewer bytes than straight to float)
 CALIBRATION_BATCHES = 32  # GPTQ calibration batches
 _QUANT_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)

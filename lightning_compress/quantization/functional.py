@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
-from lightning_compress.core.validation import check_bool, check_choice, check_number
+from lightning_compress.core.validation import check_bool, check_number
 from lightning_compress.quantization.calibration import feed, take_batches, to_device
 from lightning_compress.quantization.carried import attach, drop
 from lightning_compress.quantization.checks import (
@@ -46,16 +46,16 @@ from lightning_compress.quantization.checks import (
     check_finite_batches,
     check_metric_fn,
     check_runs,
+    check_shared,
     float_copies,
     measure,
-    refuse_fallback_without_bound,
-    refuse_unused,
     restore,
     warn,
 )
-from lightning_compress.quantization.coverage import (  # noqa: F401 - resolve_bits, weight_name: re-exported
+from lightning_compress.quantization.coverage import (  # noqa: F401 - METHODS, resolve_bits, ...: re-exported
     CALIBRATION_BATCHES,
     FALLBACK,
+    METHODS,
     QUANT_MODULE_TYPES,
     check_bits_overrides,
     check_finite,
@@ -68,13 +68,11 @@ from lightning_compress.quantization.coverage import (  # noqa: F401 - resolve_b
     weight_name,
 )
 from lightning_compress.quantization.coverage import layer_weight as _weight
-from lightning_compress.quantization.fallback import FALLBACKS, fall_back, rungs
+from lightning_compress.quantization.fallback import fall_back, rungs
 from lightning_compress.quantization.gptq import GPTQConfig, gptq_model, gptq_supports
 from lightning_compress.quantization.layer import LayerQuantization, quantize_layer, record_layer
 from lightning_compress.quantization.primitives import QuantSpec
 from lightning_compress.quantization.rungs import LayerRungs
-
-METHODS = ("rtn", "gptq")
 
 
 @dataclass
@@ -160,13 +158,6 @@ def quantize(
     """
     spec = QuantSpec(bits, granularity, group_size, symmetric, calibration, percentile, mse_grid, scale_dtype)
     check_bits_overrides(bits_overrides)
-    if embedding_bits is not None:
-        check_number("embedding_bits", embedding_bits, low=2, high=8, integer=True)
-    check_choice("method", method, METHODS)
-    if calibration_batches is not None:
-        check_number("calibration_batches", calibration_batches, low=1, integer=True)
-    if fallback is not None:
-        check_choice("fallback", fallback, FALLBACKS)
     check_bool("higher_is_better", higher_is_better)
     check_metric_fn(metric_fn)
     if max_metric_drop is not None:
@@ -179,11 +170,10 @@ def quantize(
         raise TypeError(f"`progress` must be a callable (done, total, layer_name) or None, got {progress!r}")
     if gptq is not None and not isinstance(gptq, GPTQConfig):
         raise TypeError(f"`gptq` must be a GPTQConfig or None, got {gptq!r}")
+    check_shared(method, calibration_batches, embedding_bits, fallback, max_metric_drop,
+                 {"calibration_data": calibration_data, "forward": forward, "gptq": gptq, "progress": progress})
     if method == "gptq" and calibration_data is None:
         raise ValueError("`method`='gptq' needs `calibration_data`: an iterable of batches the model can run")
-    refuse_unused(method, {"calibration_data": calibration_data, "forward": forward, "gptq": gptq,
-                           "progress": progress, "calibration_batches": calibration_batches})
-    refuse_fallback_without_bound(fallback, max_metric_drop)
     chosen = plan_layers(model, spec, module_types, include, exclude, bits_overrides, embedding_bits)
     layers, skipped, specs = chosen.layers, chosen.skipped, chosen.specs
     check_finite(layers)

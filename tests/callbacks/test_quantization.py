@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_compress.callbacks.quantization as quantization_module
-from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.base import CompressionCallback, ModelNotFiniteError
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
@@ -352,8 +352,8 @@ class _Poison(Callback):
 
 def test_non_finite_weights_at_the_end_of_the_fit_raise_and_write_nothing(tmp_path):
     export = tmp_path / "nan.safetensors"
-    with pytest.raises(RuntimeError, match=r"the model's weights are not finite before quantization: net\.3\.weight; "
-                                           r"the fit diverged .* nothing was quantized or exported"):
+    with pytest.raises(ModelNotFiniteError, match=r"the model's weights are not finite before quantization: "
+                                                  r"net\.3\.weight; the fit diverged .* nothing was quantized"):
         _fit([_Poison(), PostTrainingQuantization(bits=8, export_path=str(export))], tmp_path, epochs=1)
     assert not export.exists() and not (tmp_path / "nan.fp32.safetensors").exists()
 
@@ -384,18 +384,35 @@ class _DictTraining(MLPClassifier):
         return super().training_step((batch["x"], batch["y"]), batch_idx)
 
 
+class _Dicts:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return ({"x": x, "y": y} for x, y in self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
 class _DictTrainData(DigitsDataModule):
     def train_dataloader(self):
-        return [{"x": x, "y": y} for x, y in super().train_dataloader()]
+        return _Dicts(super().train_dataloader())
 
 
-def test_gptq_dry_runs_a_training_batch_in_setup(tmp_path):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_gptq_dry_runs_a_training_batch_in_setup(tmp_path, method):
     model = _DictTraining(input_size=64, hidden=[64, 32], lr=1e-2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = pl.Trainer(callbacks=[PostTrainingQuantization(bits=4, method="gptq")], max_epochs=1, logger=False,
+    trainer = pl.Trainer(callbacks=[PostTrainingQuantization(bits=4, method=method)], max_epochs=1, logger=False,
                          enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"the training data batch 0 .* does not run through the model with "
-                                         r"PostTrainingQuantization's GPTQ calibration .*compression_step"):
+    if method == "rtn":  # the layout trains and quantizes: only GPTQ's calibration reads training batches
+        trainer.fit(model, _DictTrainData(batch_size=64))
+        assert trainer.global_step > 0
+        return
+    with pytest.raises(ValueError, match=r"the training data batch 0 \(tensors shaped \[\(64, 1, 8, 8\), \(64,\)\]\) "
+                                         r"does not run through the model with PostTrainingQuantization's GPTQ "
+                                         r"calibration .*compression_step"):
         trainer.fit(model, _DictTrainData(batch_size=64))
     assert trainer.global_step == 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
