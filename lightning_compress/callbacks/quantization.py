@@ -212,8 +212,8 @@ class PostTrainingQuantization(CompressionCallback):
         chosen = self._plan(pl_module, regroup=True)
         layers = chosen.layers
         self.float_weights = {n: layer_weight(n, m).detach().to("cpu", copy=True) for n, m in layers.items()}
-        for name, note in chosen.notes.items():
-            rank_zero_warn(f"PostTrainingQuantization: {name}: {note}")
+        if chosen.notes:  # widths that compaction changed: one warning for all of them
+            rank_zero_warn("PostTrainingQuantization: " + "; ".join(f"{n}: {why}" for n, why in chosen.notes.items()))
         self.run_id = new_run_id()  # written into the export and its float copy: files of one run, told apart
         if self.float_copy_path is not None and trainer.is_global_zero:
             save_float(pl_module, self.float_copy_path, run_id=self.run_id)

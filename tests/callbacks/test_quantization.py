@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import inspect
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -427,7 +428,7 @@ def test_group_size_misfits_are_all_named_in_setup_with_sizes_that_fit(tmp_path)
 
 
 class _Compactor(CompressionCallback):
-    """Stands in for structured compaction at the end of the fit: net.1 keeps 48 of its 64 units."""
+    """Stands in for structured compaction at the end of the fit: net.1 keeps 48 of its 64 units, net.3 24 of 32."""
 
     finish_order = 0
     report_name = "compactor"
@@ -436,22 +437,27 @@ class _Compactor(CompressionCallback):
         self._setup_fit(trainer, pl_module, needs_metric=False)
 
     def _finish(self, trainer, pl_module):
-        first, second = pl_module.net[1], pl_module.net[3]
-        narrow, after = torch.nn.Linear(64, 48), torch.nn.Linear(48, second.out_features)
+        net = pl_module.net
+        new = {1: torch.nn.Linear(64, 48), 3: torch.nn.Linear(48, 24), 5: torch.nn.Linear(24, net[5].out_features)}
         with torch.no_grad():
-            narrow.weight.copy_(first.weight[:48])
-            narrow.bias.copy_(first.bias[:48])
-            after.weight.copy_(second.weight[:, :48])
-            after.bias.copy_(second.bias)
-        pl_module.net[1], pl_module.net[3] = narrow, after
+            for index, layer in new.items():
+                layer.weight.copy_(net[index].weight[: layer.out_features, : layer.in_features])
+                layer.bias.copy_(net[index].bias[: layer.out_features])
+        for index, layer in new.items():
+            net[index] = layer
 
 
 def test_a_width_that_no_longer_fits_the_group_is_quantized_per_channel_with_a_warning(tmp_path):
     callback = PostTrainingQuantization(bits=4, granularity="per_group", group_size=32)
-    with pytest.warns(UserWarning, match=r"net.3: per_channel: `group_size`=32 no longer divides its input size 48"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer, model = _fit([callback, _Compactor()], tmp_path, epochs=1)
+    said = [str(w.message) for w in caught if "no longer divides" in str(w.message)]
+    assert len(said) == 1, said  # once, naming both layers
+    assert "net.3: per_channel: `group_size`=32 no longer divides its input size 48" in said[0]
+    assert "net.5: per_channel: `group_size`=32 no longer divides its input size 24" in said[0]
     granularity = {name: layer.qtensor.spec.granularity for name, layer in callback.result.layers.items()}
-    assert granularity == {"net.1": "per_group", "net.3": "per_channel", "net.5": "per_group"}
+    assert granularity == {"net.1": "per_group", "net.3": "per_channel", "net.5": "per_channel"}
     assert "no longer divides" in callback.result.notes["net.3"]
     assert "no longer divides" in report_for(trainer).layers["net.3"].note
     assert carried(model).stale(model) == []
