@@ -61,6 +61,12 @@ REFUSALS = [
     ("wrong feature size", _mlp(), "m.onnx", {"example_inputs": torch.randn(4, 7)}, ValueError,
      r"`example_inputs` \(input: \(4, 7\) float32\) cannot go through the model: .*its first layer '0' \(Linear\) "
      r"expects inputs whose last dim is 8"),
+    ("ids beyond the vocabulary", nn.Sequential(nn.Embedding(10, 4), nn.Flatten()), "m.onnx",
+     {"example_inputs": torch.tensor([[3, 12]])}, ValueError,
+     r"`example_inputs` \(input: \(1, 2\) int64\) cannot go through the model: .*its first layer '0' \(Embedding\) "
+     r"expects integer ids in \[0, 9\]"),
+    ("float ids", nn.Sequential(nn.Embedding(10, 4)), "m.onnx", {"example_inputs": torch.rand(1, 2)}, ValueError,
+     r"`example_inputs` \(input: \(1, 2\) float32\) cannot go through .*expects integer ids in \[0, 9\]"),
     ("no example", _mlp(), "m.onnx", {}, TypeError, r"`example_inputs` is required"),
     ("both names", _mlp(), "m.onnx", {"example_inputs": X, "example_input": X}, TypeError,
      r"pass `example_inputs` or its older name `example_input`, not both"),
