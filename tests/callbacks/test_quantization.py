@@ -506,3 +506,37 @@ def test_the_callback_and_quantize_select_the_same_layers_at_the_same_bits(make,
     assert embeddings and all(result.layers[n].bits == 8 for n in embeddings)
     if make is _EncoderClassifier:
         assert "MultiheadAttention" in types  # the fused q/k/v in-proj, by both
+
+
+class _TokenClassifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = _EncoderClassifier()
+
+    def forward(self, input_ids):
+        return self.model(input_ids)
+
+    def training_step(self, batch, batch_idx):
+        ids, y = batch
+        return torch.nn.functional.cross_entropy(self(ids), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):  # random token ids: a shape test, not an accuracy one
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randint(0, 100, (32, 12), generator=g),
+                                              torch.randint(0, 5, (32,), generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def test_a_fit_exports_the_embedding_at_8_bits_and_the_attention_in_proj_by_default(tmp_path):
+    export = tmp_path / "tokens.safetensors"
+    module = _TokenClassifier()
+    pl.Trainer(callbacks=[PostTrainingQuantization(bits=4, export_path=str(export))], max_epochs=1, logger=False,
+               enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path)).fit(module)
+    layers = read_metadata(export)["layers"]
+    bits = {key: layer["bits"] for key, layer in layers.items()}
+    assert bits["model.embed.weight"] == 8
+    assert bits["model.encoder.layers.0.self_attn.in_proj_weight"] == 4
+    assert carried(module).stale(module) == []
