@@ -40,7 +40,9 @@ def shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def record_compaction(model: nn.Module, before: Mapping[str, Sequence[int]]) -> CompactedAxes:
     """Record on ``model`` the axes whose size changed since ``before`` (its shapes before compacting), with that
-    earlier size, added to any earlier record (compacting twice keeps the first size). Returns the whole record."""
+    earlier size, added to any earlier record (compacting twice keeps the first size). Every submodule gets its
+    part of the record (its own keys), so saving a submodule (``model.backbone``) writes what was compacted in it.
+    Returns the whole record."""
     record = compacted_axes(model)
     for key, shape in shapes_of(model).items():
         old = tuple(before.get(key, shape))
@@ -52,8 +54,26 @@ def record_compaction(model: nn.Module, before: Mapping[str, Sequence[int]]) -> 
             if record.get(key, {}).get(axis) == size:  # back to its full size (a file loaded into it)
                 del record[key][axis]
     record = {key: axes for key, axes in record.items() if axes}
-    object.__setattr__(model, ATTRIBUTE, record)
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = {key[len(prefix):]: dict(axes) for key, axes in record.items() if key.startswith(prefix)}
+        object.__setattr__(module, ATTRIBUTE, own)
     return compacted_axes(model)
+
+
+def compacted_axes(model: nn.Module) -> CompactedAxes:
+    """The record of :func:`record_compaction` for ``model``'s ``state_dict`` keys, whether it was compacted
+    itself or inside a submodule (empty for a model never compacted)."""
+    record: CompactedAxes = {}
+    for name, module in model.named_modules():
+        own = module.__dict__.get(ATTRIBUTE)
+        if not isinstance(own, dict):
+            continue
+        prefix = f"{name}." if name else ""
+        for key, axes in own.items():
+            for axis, size in axes.items():
+                record.setdefault(prefix + key, {}).setdefault(axis, size)
+    return record
 
 
 def full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -62,12 +82,6 @@ def full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     record = compacted_axes(model)
     return {key: tuple(record.get(key, {}).get(axis, size) for axis, size in enumerate(shape))
             for key, shape in shapes_of(model).items()}
-
-
-def compacted_axes(model: nn.Module) -> CompactedAxes:
-    """The record of :func:`record_compaction` (empty for a model never compacted)."""
-    record = model.__dict__.get(ATTRIBUTE)
-    return {key: dict(axes) for key, axes in record.items()} if isinstance(record, dict) else {}
 
 
 def encode(record: Mapping[str, Mapping[int, int]]) -> dict[str, dict[str, int]]:

@@ -176,3 +176,12 @@ def test_a_cnn_compacted_from_another_width_is_refused_and_its_own_loads(tmp_pat
                        r"\{0: 8\} \(axis: size\), the model has \[4\]"):
         load_compacted(model, tmp_path / "wider.safetensors")
     assert model.net[0].out_channels == 4
+
+
+def test_a_submodule_of_a_compacted_model_carries_its_part_of_the_record(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    outer = nn.Sequential(mlp())
+    compact(outer, {"0.net.1": torch.arange(32) < 20}, torch.zeros(2, 8), inplace=True)
+    assert compacted_axes(outer)["0.net.1.weight"] == {0: 32}
+    assert compacted_axes(outer[0]) == {"net.1.weight": {0: 32}, "net.1.bias": {0: 32}, "net.3.weight": {1: 32}}
+    save_compacted(outer[0], tmp_path / "inner.safetensors")  # saved alone: its own keys, its own record
+    assert load_compacted(mlp(), tmp_path / "inner.safetensors").net[1].out_features == 20
