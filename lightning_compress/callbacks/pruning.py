@@ -107,6 +107,7 @@ class GradientStabilityPruning(CompressionCallback):
         self.run = PruningRun(config or self.config, self.gate, self.metric_reference, pl_module, layers)
         self._example_input: Any = None
         self._compacted = False
+        self._final: tuple[float, float] | None = None  # (sparsity, weight sparsity) delivered, once finished
         self._compacted_axes: dict[str, dict[str, int]] = {}  # which axes compaction shrank, for compressed.ckpt
 
     controller = property(lambda self: self.run.controller, doc="accept / roll back / back off, and the history")
@@ -119,10 +120,12 @@ class GradientStabilityPruning(CompressionCallback):
     history = property(lambda self: self.run.controller.history, doc="one entry per pruning event")
 
     def current_sparsity(self) -> float:
-        return self.state.sparsity()
+        """Fraction pruned (structured: of the units); after the fit, what the fit delivered (the masks are gone
+        once compaction removed what they pruned)."""
+        return self._final[0] if self._final is not None else self.state.sparsity()
 
     def weight_sparsity(self) -> float:
-        return self.state.weight_sparsity()
+        return self._final[1] if self._final is not None else self.state.weight_sparsity()
 
     @property
     @override
@@ -282,20 +285,25 @@ class GradientStabilityPruning(CompressionCallback):
         """Freeze the masks into the weights, fill the report's layers and (``compact``) remove pruned units."""
         self.state.detach()
         self.state.apply()
+        self._final = (self.state.sparsity(), self.state.weight_sparsity())
         per_layer = self.layers.layer_mask_sparsity(self.masks)
+        groups = self.state.groups or {}
         for (name, module), weight in zip(self.layers.modules.items(), self.layers.weights()):
-            self.report.record_layer(name, weight.numel(), layer_float_bytes(module, weight)).sparsity = per_layer[name]
+            record = self.report.record_layer(name, weight.numel(), layer_float_bytes(module, weight))
+            record.sparsity = per_layer[name]
+            if getattr(groups.get(name), "dead", False):  # unused output: dead code, not units pruning removed
+                record.note = "dead code: the model's output does not depend on it (not pruned; remove it)"
         if self.config.compact and self.unit_masks:
             self._compact(trainer, pl_module)
 
     def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the pruned units (a smaller dense model), measure its MACs and save it in the log directory."""
         from lightning_compress.structure.compaction import compact, save_compacted
-        from lightning_compress.structure.macs import count_macs
+        from lightning_compress.structure.macs import macs_per_example
 
-        self.report.macs_before = count_macs(pl_module, self._example_input)
+        self.report.macs_before = macs_per_example(pl_module, self._example_input)
         result = compact(pl_module, self.unit_masks, self._example_input, inplace=True)
-        self.report.macs_after = count_macs(pl_module, self._example_input)
+        self.report.macs_after = macs_per_example(pl_module, self._example_input)
         rank_zero_info(f"GradientStabilityPruning: compacted the model: {result}")
         self.state.clear()
         self._compacted = True

@@ -40,13 +40,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from lightning_compress.core.modules import weight_of
 from lightning_compress.structure.attention import ATTENTION_TYPES, attention_layout
 from lightning_compress.structure.kinds import FOLLOWER_TYPES, OPAQUE_TYPES, PRODUCER_TYPES
 from lightning_compress.structure.trace import as_call, record
 from lightning_compress.structure.walk import Walk
+
+DEAD_CODE = "dead code: it runs, but the model's output does not depend on it"
 
 __all__ = [
     "FOLLOWER_TYPES", "PRODUCER_TYPES", "UnitGroup", "as_args", "find_unit_groups", "num_units", "prunability_table",
@@ -76,6 +78,7 @@ class UnitGroup:
     macs: float = 0.0  # multiply-accumulates of the producer's calls in the example forward pass
     attention_macs: float = 0.0  # MACs of the coupled set's per-head products; they shrink with its units
     fan_in: int = 0  # the producer's input width (columns of its weight)
+    dead: bool = False  # it runs, but nothing the model returns depends on its output (dead code, not pruned)
 
     @property
     def num_blocks(self) -> int:
@@ -100,11 +103,31 @@ def find_unit_groups(model: nn.Module, example_input: Any, *, verify: bool = Tru
     for node in graph.nodes:
         walk.step(node)
     groups = {n: _group(walk, model, n) for n in names}
+    for name in _dead_producers(graph, groups):
+        groups[name].prunable, groups[name].dead = False, True
+        groups[name].reason = DEAD_CODE
     if verify:
         from lightning_compress.structure.compaction import verify_groups
 
         verify_groups(model, example_input, groups)
     return groups
+
+
+def _dead_producers(graph: fx.Graph, groups: dict[str, UnitGroup]) -> list[str]:
+    """The analysed layers that the forward pass calls but whose output no returned tensor depends on (a BERT
+    pooler when the model mean-pools): their units are not "pruned", they are dead code."""
+    output = [n for n in graph.nodes if n.op == "output"]
+    live: set[fx.Node] = set()
+    stack = list(output)
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    reached = {str(n.target) for n in live if n.op == "call_module"}
+    dead = [n for n in groups if n in called - reached]
+    return dead + [f"{n}.out_proj" for n in dead if f"{n}.out_proj" in groups]  # inside a dead attention
 
 
 def unit_weight(module: nn.Module) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 - :func:`count_macs` runs the model once on the example input under ``torch.utils.flop_counter.FlopCounterMode``
   (every matrix product and convolution at the ATen level, attention kernels included) and returns FLOPs / 2.
-  Use it for "MACs before / after" in reports: it measures the model as it is.
+  Use it for "MACs before / after" (per example: :func:`macs_per_example`) in reports: it measures the model as
+  it is.
 - :func:`estimated_macs` predicts, without running anything, the MACs of the Linear / Conv / attention layers after
   the units that ``unit_masks`` drop were removed: each layer's MACs from the example pass (``UnitGroup.macs``)
   scaled by the fraction of its output units and of its input columns kept, plus the per-head attention products
@@ -42,6 +43,15 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     with analysis_mode(model), torch.no_grad(), counter:
         model(*args, **kwargs)
     return counter.get_total_flops() // 2
+
+
+def macs_per_example(model: nn.Module, example_input: Any) -> int:
+    """:func:`count_macs` divided by the example input's batch size (the first dimension of its first tensor), so
+    that a report's "MACs per example" does not depend on how many examples the example input holds."""
+    args, kwargs = as_call(example_input)
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
+    batch = int(first.shape[0]) if first is not None else 1
+    return count_macs(model, example_input) // max(batch, 1)
 
 
 def kept_fractions(

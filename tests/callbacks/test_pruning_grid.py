@@ -32,6 +32,13 @@ def test_compacted_widths_are_multiples_of_the_group_size() -> None:
     settings = report_of(trainer).settings["pruning"]
     assert settings["round_to"] == 32 and "group_size=32" in settings["round_to_set_by"]
     assert pruning.config.round_to == 1  # the user's setting is unchanged; the fit's is the grid's
+    # after compaction the figures stay those the fit delivered, and MACs are per example
+    kept = [m.in_features for m in linears][1:]
+    assert pruning.current_sparsity() == pytest.approx(1 - sum(kept) / (128 + 96))
+    dense, compacted = 64 * 128 + 128 * 96 + 96 * 10, 64 * kept[0] + kept[0] * kept[1] + kept[1] * 10  # weights
+    assert pruning.weight_sparsity() == pytest.approx(1 - compacted / dense)  # rows and the columns they fed
+    report = report_of(trainer)
+    assert (report.macs_before, report.macs_after) == (dense, compacted)  # one example: a MAC per weight
 
 
 def test_a_layer_off_the_grid_is_refused_before_training() -> None:

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress import GradientStabilityPruning, load_compressed
+from lightning_compress import GradientStabilityPruning, PostTrainingQuantization, load_compressed
 from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.pruning.config import PruningConfig
+from lightning_compress.reporting.summary import summarize
 from lightning_compress.structure.attention import PrunedMultiheadAttention
 from tests.helpers import quiet_trainer, report_of
 
@@ -154,3 +156,29 @@ def test_batchnorm_left_in_eval_mode_is_warned_about(eval_mode: bool) -> None:
     assert len(frozen) == (1 if eval_mode else 0)
     if eval_mode:
         assert "bn" in str(frozen[0].message)
+
+
+class _PooledMLP(MLPClassifier):
+    """An MLP with a pooler that runs but feeds nothing the model returns (as BERT's, in a mean-pooled model)."""
+
+    def __init__(self) -> None:
+        super().__init__(input_size=64, hidden=[64, 32])
+        self.pooler = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.net[:3](x)
+        self.pooler(hidden)
+        return self.net[3:](hidden)
+
+
+def test_an_unused_layer_is_reported_as_dead_code_with_no_negative_bytes() -> None:
+    pl.seed_everything(0)
+    model = _PooledMLP()
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, start_step=5, end_step=30,
+                                       frequency=5, evaluate=False)
+    trainer = quiet_trainer([pruning, PostTrainingQuantization(bits=8)], max_epochs=2)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    assert model.pooler.out_features == 64  # its units were not "pruned" (its gradient is zero: all would go)
+    rows = summarize(report_of(trainer), model)["layers"]
+    assert "dead code" in rows["pooler"]["note"]
+    assert all(row["bytes_compressed"] > 0 and row["ratio"] > 0 for row in rows.values()), rows

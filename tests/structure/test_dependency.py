@@ -283,3 +283,22 @@ def test_prunability_table_names_every_layer_and_why() -> None:
     assert len(lines) == 5 and lines[0].split() == ["layer", "units", "blocks", "decision"]
     assert "refused: `depthwise` is a grouped convolution (groups=4)" in table
     assert any(line.startswith("project") and line.endswith("prunable") for line in lines)
+
+
+class _UnusedPooler(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.pooler, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(x))
+        self.pooler(h)  # runs, but nothing returned depends on it
+        return self.head(h)
+
+
+def test_a_layer_whose_output_is_unused_is_dead_code_not_prunable_units() -> None:
+    groups = find_unit_groups(_UnusedPooler(), torch.randn(2, 8))
+    assert groups["pooler"].dead and not groups["pooler"].prunable and "dead code" in groups["pooler"].reason
+    assert groups["fc"].prunable and not groups["fc"].dead  # its units still feed the output through `head`
+    assert ("pooler", 1, 0) in groups["fc"].consumers
+    assert not groups["head"].dead and groups["head"].reason == "model output"

@@ -9,7 +9,7 @@ from torch import nn
 from lightning_compress.demos.models import SmallCNN
 from lightning_compress.structure.compaction import compact
 from lightning_compress.structure.dependency import find_unit_groups
-from lightning_compress.structure.macs import block_macs, count_macs, estimated_macs
+from lightning_compress.structure.macs import block_macs, count_macs, estimated_macs, macs_per_example
 from tests.structure.test_transformers import EncoderClassifier, heads_mask
 
 
@@ -49,3 +49,10 @@ def test_a_channel_at_high_resolution_costs_more() -> None:
     high, low = block_macs(groups, [["high"], ["low"]], {})
     assert high == 16 * 16 * 9 + 4 * 4 * 4 * 9  # its own outputs, and the next conv's inputs at 4x4
     assert low == 4 * 4 * 4 * 9 + 2  # its own outputs, and one fc column
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_macs_per_example_do_not_depend_on_the_example_batch(batch: int) -> None:
+    model = SmallCNN(image_size=8, channels=[4, 8], hidden=16)
+    assert macs_per_example(model, torch.zeros(batch, 1, 8, 8)) == count_macs(model, torch.zeros(1, 1, 8, 8))
+    assert macs_per_example(nn.Linear(8, 4), {"input": torch.zeros(batch, 8)}) == 8 * 4

@@ -172,3 +172,24 @@ def test_a_head_goes_only_when_q_k_and_v_all_drop_it() -> None:
     rows[3] = False  # one row of head 0 only: the head stays whole
     result = compact(model, {f"{prefix}.query": rows, f"{prefix}.key": rows, f"{prefix}.value": rows}, ids)
     assert result.units[f"{prefix}.query"] == (32, 32)
+
+
+class _MeanPooledBert(nn.Module):
+    """A BERT encoder whose classifier reads the mean of the last hidden states: the pooler runs, unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = bert().bert
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bert(input_ids=ids).last_hidden_state.mean(1))
+
+
+def test_bert_pooler_of_a_mean_pooled_model_is_dead_code() -> None:
+    groups = find_unit_groups(_MeanPooledBert(), torch.randint(0, 30, (2, 7)))
+    assert groups["bert.pooler.dense"].dead and "dead code" in groups["bert.pooler.dense"].reason
+    assert not any(g.dead for n, g in groups.items() if n != "bert.pooler.dense")
+    assert groups["bert.encoder.layer.0.intermediate.dense"].prunable
+    live = find_unit_groups(bert(), torch.randint(0, 30, (2, 7)))  # the classifier reads the pooler: not dead
+    assert not live["bert.pooler.dense"].dead
