@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_compress.callbacks.pruning import GradientStabilityPruning  # noqa: F401
 from lightning_compress.callbacks.quantization import PostTrainingQuantization  # noqa: F401
+from lightning_compress.cli_checks import ArgumentError, check_args
 from lightning_compress.core.io import check_export_path
 
 # imported so that jsonargparse knows them by their short class names
@@ -235,16 +236,17 @@ def main(args: Sequence[str] | None = None) -> None:
             "(prune, then quantize, a SmallCNN on MNIST-5k); --config FILE runs another one"
         )
     try:
+        check_args(argv)  # what jsonargparse would report unclearly: empty / list configs, classes of another kind
         # args=None: LightningCLI reads sys.argv itself (and warns when given both)
         CompressionCLI(args=None if args is None else argv, parser_kwargs=parser_kwargs)
-    except (ImportError, CLIConfigError) as err:
+    except (ImportError, CLIConfigError, ArgumentError) as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         # a missing optional package (e.g. the built-in datamodules' `mlxtend` / `scikit-learn`): its message says
         # what to install; a bad `export_path`: its message says what is allowed; a traceback would only bury them
         print(f"lightning-compress: error: {err}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 for the full traceback)", file=sys.stderr)
-        raise SystemExit(2 if isinstance(err, CLIConfigError) else 1) from None
+        raise SystemExit(1 if isinstance(err, ImportError) else 2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -228,3 +228,49 @@ def test_an_error_after_the_first_batch_keeps_its_traceback(tmp_path: Path, monk
     with pytest.raises(ValueError, match="raised inside a training step"):
         main(["fit", *MLP_ON_DIGITS, "--trainer.max_steps=2", "--trainer.logger=false",
               f"--trainer.default_root_dir={tmp_path}"])
+
+
+BAD_ARGUMENTS = [  # (id, config file text or None, arguments ({cfg}: the file), what the one line says)
+    ("empty_config", "", ["fit", "--config", "{cfg}"], "`--config`='{cfg}' is empty; allowed: a YAML mapping"),
+    ("comment_only_config", "# nothing\n", ["fit", "--config={cfg}"], "`--config`='{cfg}' is empty"),
+    ("list_config", "- a\n- b\n", ["fit", "-c", "{cfg}"], "`--config`='{cfg}' is a YAML list"),
+    ("scalar_config", "just text\n", ["fit", "--config", "{cfg}"], "is a YAML str"),
+    ("broken_yaml", "a: [1\n", ["fit", "--config", "{cfg}"], "is not valid YAML (expected ',' or ']'"),
+    ("missing_config", None, ["fit", "--config", "{cfg}"], "`--config`='{cfg}' is not a file"),
+    ("datamodule_as_model", None, ["fit", "--model=DigitsDataModule", "--data=DigitsDataModule"],
+     "`--model`='DigitsDataModule' is a LightningDataModule, not a LightningModule; allowed: a LightningModule"),
+    ("model_as_data", None, ["fit", "--model", "MLPClassifier", "--data.class_path", "MLPClassifier"],
+     "`--data.class_path`='MLPClassifier' is a LightningModule, not a LightningDataModule"),
+    ("torch_module_as_callback", None, ["fit", *MLP_ON_DIGITS[:3], "--trainer.callbacks+=torch.nn.Linear"],
+     "`--trainer.callbacks`='torch.nn.Linear' is a class of torch.nn.modules.linear, not a Callback"),
+    ("function_as_model", None, ["fit", "--model=os.path.join", "--data=DigitsDataModule"],
+     "'os.path.join' is a function, not a class"),
+    ("unknown_model", None, ["fit", "--model=NoSuchModel", "--data=DigitsDataModule"],
+     "'NoSuchModel' names no class that can be imported"),
+    ("config_datamodule_as_model", "model: DigitsDataModule\n", ["fit", "--config", "{cfg}"],
+     "`model`='DigitsDataModule' in '{cfg}' is a LightningDataModule, not a LightningModule"),
+    ("config_callback_class_path", "trainer:\n  callbacks:\n    - class_path: torch.nn.Linear\n",
+     ["fit", "--config", "{cfg}"], "`trainer.callbacks[0].class_path`='torch.nn.Linear' in '{cfg}' is a class of"),
+]
+
+
+@pytest.mark.parametrize(("text", "args", "says"), [c[1:] for c in BAD_ARGUMENTS], ids=[c[0] for c in BAD_ARGUMENTS])
+def test_arguments_jsonargparse_would_report_unclearly_are_one_line_naming_them(
+    text: str | None, args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "job.yaml"
+    if text is not None:
+        config.write_text(text)
+    line = _refused([a.replace("{cfg}", str(config)) for a in args], capsys, monkeypatch)
+    assert says.replace("{cfg}", str(config)) in line, line
+
+
+def test_argument_checks_let_every_shipped_config_and_valid_class_through() -> None:
+    from lightning_compress.cli_checks import check_args
+
+    for config in [*CONFIGS, DEFAULT_CONFIG]:
+        check_args(["fit", "--config", str(config)])
+    check_args(["fit", "--model=lightning_compress.demos.models.SmallCNN", "--data", "MNIST5kDataModule",
+                "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks+=GradientStabilityPruning",
+                "--model.hidden=[64]", "--data=data.yaml"])  # a nested config file is left to jsonargparse
