@@ -146,3 +146,43 @@ def test_static_activations_on_a_transformer_classifier(tmp_path):
     assert {report.layers[n].runtime_op for n in report.layers if n not in ("embed", "pos")} <= {"QLinearMatMul",
                                                                                                  "QGemm"}
     assert report.argmax_agreement >= 0.97 and _compare(tmp_path / "s.onnx", model, report.inputs, None) < 0.05
+
+
+def _drop_head(rows, head, width=16):
+    """Keep-mask over q/k/v rows (one block of 64 per projection) without ``head``."""
+    keep = torch.ones(rows, dtype=torch.bool)
+    for start in range(0, rows, 64):
+        keep[start + head * width: start + (head + 1) * width] = False
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["bert", "encoder"])
+@pytest.mark.parametrize("scheme", ["int8", "int4 g16"])
+def test_compacted_then_quantized_transformers(tmp_path, kind, scheme):
+    from lightning_compress.structure.compaction import compact
+
+    torch.manual_seed(5)
+    ffn = torch.arange(128) % 4 != 0  # 96 of 128 FFN neurons, 3 of 4 heads
+    ids, mask = _tokens(2, 12, seed=0)
+    if kind == "bert":
+        model, example, output = _bert(), {"input_ids": ids, "attention_mask": mask}, "last_hidden_state"
+        masks = {f"encoder.layer.{i}.attention.self.{p}": _drop_head(64, 2) for i in range(2)
+                 for p in ("query", "key", "value")}
+        masks.update({f"encoder.layer.{i}.intermediate.dense": ffn for i in range(2)})
+    else:
+        model, example, output = EncoderClassifier().eval(), (ids, mask), None
+        masks = {f"encoder.layers.{i}.self_attn": _drop_head(192, 2) for i in range(2)}
+        masks.update({f"encoder.layers.{i}.linear1": ffn for i in range(2)})
+    small = compact(model, masks, example).model.eval()
+    widths = {tuple(small.get_submodule(name).weight.shape) for name in masks if "self_attn" not in name
+              and name.endswith(("intermediate.dense", "linear1"))}
+    assert widths == {(96, 64)}  # really smaller
+    spec = {"bits": 8} if scheme == "int8" else {"bits": 4, "granularity": "per_group", "group_size": 16}
+    result = quantize(small, **spec)
+    attach(small, {layer.key: layer.qtensor for layer in result.layers.values()}, "quantize()")
+    report = export_onnx(small, tmp_path / "c.onnx", example)
+    assert report.not_integer == {}, str(report)
+    ffn_in = [layer for name, layer in report.layers.items() if name.endswith(("output.dense", "linear2"))
+              and "attention" not in name]
+    assert len(ffn_in) == 2 and all(layer.integer for layer in ffn_in)
+    assert _compare(tmp_path / "c.onnx", small, report.inputs, output) < 0.02
