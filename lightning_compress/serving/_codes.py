@@ -44,16 +44,19 @@ def from_result(result: Any) -> dict[str, QuantizedTensor] | None:
 
 
 def from_model(model: nn.Module) -> tuple[dict[str, QuantizedTensor], str]:
-    """What ``model`` and its submodules carry, keys relative to ``model``; refuses a stale record."""
+    """What ``model`` and its submodules carry, keys relative to ``model`` (an outer record wins over an inner one
+    for the same weight); refuses a stale record."""
     codes: dict[str, QuantizedTensor] = {}
     sources = []
     for name, module in model.named_modules():
         record = carried(module)
         if record is None:
             continue
-        own = _int8_owned(module)  # swapped to Int8Linear since: those layers carry their own codes
-        stale = [key for key in record.stale(module) if key not in own]
         prefix = f"{name}." if name else ""
+        # swapped to Int8Linear since (those layers carry their own codes), or covered by an outer record (the
+        # model quantized again as a whole after a part of it was)
+        own = _int8_owned(module) | {key for key in record.codes if prefix + key in codes}
+        stale = [key for key in record.stale(module) if key not in own]
         if stale:
             shown = [prefix + key for key in stale]
             raise ValueError(f"`model` carries quantized codes ({record.source}) that no longer match its weights: "

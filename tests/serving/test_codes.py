@@ -113,3 +113,14 @@ def test_a_model_loaded_by_load_quantized_exports_its_codes(tmp_path, monkeypatc
     report = export_onnx(loaded, tmp_path / "m.onnx", X)
     assert set(report.layers) == {"0", "2"} and report.not_integer == {}
     assert "load_quantized" in report.source
+
+
+def test_an_outer_record_wins_over_an_older_inner_one(tmp_path):
+    wrapper = Wrapper(_mlp())
+    inner = quantize(wrapper.net, bits=8)
+    attach(wrapper.net, {layer.key: layer.qtensor for layer in inner.layers.values()}, "quantize(net)")
+    outer = quantize(wrapper, bits=4, granularity="per_group", group_size=16)  # the whole model, again
+    attach(wrapper, {layer.key: layer.qtensor for layer in outer.layers.values()}, "quantize(wrapper)")
+    assert carried(wrapper.net).stale(wrapper.net) == ["0.weight", "2.weight"]  # the inner record is out of date
+    report = export_onnx(wrapper, tmp_path / "w.onnx", X)
+    assert {layer.bits for layer in report.layers.values()} == {4} and report.not_integer == {}
