@@ -26,12 +26,12 @@ from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.artifacts import CHECKPOINT_KEY, checkpoint_entry, prepare_for_checkpoint
 from lightning_compress.integration.strategy import check_reparametrization, check_strategy, destroy_gloo_group_at_exit
+from lightning_compress.quantization.checks import non_finite_parameters, shown
 from lightning_compress.reporting.publish import announce, decide_run_dir, save_report
 from lightning_compress.reporting.records import CompressionReport
 
 COMPRESSED_CHECKPOINT = "compressed.ckpt"  # written in the run's directory at the end of every fit
 _NO_TRAINING = ("max_epochs", "max_steps", "limit_train_batches")  # Trainer arguments whose 0 runs no step
-_NAMES_SHOWN = 3  # non-finite parameters named in the error
 
 
 class ModelNotFiniteError(RuntimeError):
@@ -204,7 +204,7 @@ class CompressionCallback(Callback):
                     peer._finish(trainer, pl_module)
                     peer._finished = True
                     peer._compressed_module = id(pl_module)
-        except OSError as err:  # an export that could not be written (a full disk): the report says which
+        except (OSError, ModelNotFiniteError) as err:  # an export not written (a full disk), a diverged model
             self._fail(trainer, pl_module, err)
         leader = self._leader
         if not leader._published:
@@ -217,13 +217,10 @@ class CompressionCallback(Callback):
         ``compressed.ckpt``, then the report again with its size, and print it. A model that is not finite is
         delivered as nothing: no checkpoint, and the fit raises."""
         report = self.report
-        broken = [name for name, p in pl_module.named_parameters() if not bool(p.detach().isfinite().all())]
-        if broken:
-            shown = ", ".join(broken[:_NAMES_SHOWN]) + (f" and {len(broken) - _NAMES_SHOWN} more"
-                                                        if len(broken) > _NAMES_SHOWN else "")
+        if broken := non_finite_parameters(pl_module):
             self._fail(trainer, pl_module, ModelNotFiniteError(
-                f"the model is not finite at the end of the fit (NaN / inf in {shown}): the fit diverged, so no "
-                f"compressed model is delivered and no {COMPRESSED_CHECKPOINT} is written (fp16 parameters with "
+                f"the model is not finite at the end of the fit (NaN / inf in {shown(broken)}): the fit diverged, so "
+                f"no compressed model is delivered and no {COMPRESSED_CHECKPOINT} is written (fp16 parameters with "
                 "Adam(W)? a learning rate too high?)"))
         if self._has_val:
             report.metric_after = report.delivered_metric = self._evaluate(trainer, pl_module)

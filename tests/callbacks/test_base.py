@@ -171,3 +171,23 @@ def test_a_model_that_is_not_finite_at_delivery_gets_no_compressed_artifact(tmp_
     assert report["delivered"] == {"val": None, "test": None}  # the broken model is not presented as delivered
     assert "compressed_checkpoint" not in report["files"]
     assert "FAILED, nothing delivered" in (report_path.parent / MARKDOWN_NAME).read_text()
+
+
+class _PoisonLastBatch(pl.Callback):
+    """A NaN in a weight after the last optimizer step: a fit that diverged at its very end."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == trainer.max_steps:
+            with torch.no_grad():
+                pl_module.net[3].weight[1, 1] = float("inf")
+
+
+def test_a_diverged_fit_with_the_quantization_callback_raises_and_reports_it(tmp_path: Path) -> None:
+    quantization = PostTrainingQuantization(bits=4, export_path="model.safetensors")
+    with pytest.raises(ModelNotFiniteError, match=r"net\.3\.weight"):
+        quiet_trainer([_PoisonLastBatch(), quantization], max_steps=3, limit_val_batches=1,
+                      default_root_dir=tmp_path).fit(_mlp(), DigitsDataModule(batch_size=64))
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("*.safetensors"))
+    report = json.loads(next(tmp_path.rglob(JSON_NAME)).read_text())
+    assert report["failure"].startswith("ModelNotFiniteError") and "net.3.weight" in report["failure"]
+    assert report["delivered"] == {"val": None, "test": None}
