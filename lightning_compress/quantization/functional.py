@@ -16,7 +16,8 @@ selected modules (tied embeddings) is quantized once, under its first name.
 
 Methods: ``"rtn"`` (round to nearest with the calibrated range) and ``"gptq"`` (:mod:`.gptq`: data-aware rounding
 with each layer's input Hessian, from ``calibration_data``; layers GPTQ cannot see are rounded to nearest, noted in
-``QuantizationResult.notes``).
+``QuantizationResult.notes``; a calibration forward that reaches none of them, fails, or reads NaN / inf raises,
+naming ``forward`` / ``calibration_data``, before any layer changes).
 
 Non-finite weights are refused: a NaN or inf in a weight would make its row's (or the tensor's) range non-finite
 and silently zero or poison the whole row, so :func:`quantize` raises naming the layers before changing anything.
