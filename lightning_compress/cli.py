@@ -140,7 +140,7 @@ class CompressionCLI(LightningCLI):
                     load_compressed(self.model, path)
                     kwargs["ckpt_path"] = None
                 else:
-                    prepare_for_checkpoint(self.model, load_checkpoint(path))  # read once
+                    prepare_for_checkpoint(self.model, load_checkpoint(path), source=path)  # read once
             except ValueError as err:
                 raise CLIConfigError(f"`--ckpt_path`={path!r}: {err}") from None
         return kwargs

@@ -377,3 +377,20 @@ def test_huge_declared_shapes_are_refused_before_allocating(run: Run) -> None:
         assert error == "UntrustedFileError", (loader, path, error, message)
         assert path in message and "net.1.weight" in message, (loader, message)
         assert grown * unit < 100 << 20, f"{loader} on {path}: peak RSS grew by {grown * unit / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------- the CLI's --ckpt_path
+@pytest.mark.parametrize("kind", ["quantized", "compacted", "float"])  # a .ckpt: LightningCLI reads it first
+def test_the_cli_refuses_a_file_of_another_width_in_one_line(run: Run, kind: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from lightning_compress.cli import main
+
+    path = run.files[kind]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--model=MLPClassifier", "--model.init_args.input_size=64", "--model.init_args.hidden=[64]",
+              "--model.init_args.lr=0.005", "--data=DigitsDataModule", "--ckpt_path", str(path),
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "`--ckpt_path`" in err and str(path) in err and "Traceback" not in err, err
+    assert "key 'net.5.bias': is not in the model's state_dict" in err, err  # one layer more than hidden=[64]
