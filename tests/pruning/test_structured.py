@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from lightning_compress.pruning.structured import BlockLayout, family_blocks, unit_families, unit_sparsity
+from lightning_compress.pruning.structured import (
+    BlockLayout,
+    check_round_to,
+    family_blocks,
+    unit_families,
+    unit_sparsity,
+)
 from lightning_compress.structure.dependency import UnitGroup
 
 
@@ -37,3 +44,14 @@ def test_families_after_the_analysis_leave_out_layers_without_units() -> None:
     assert unit_families(["a", "embedding"], None) == [["a"], ["embedding"]]  # before the analysis: each alone
     masks = {"a": torch.tensor([True, False, True, True]), "b": torch.tensor([True, True, False, True])}
     assert unit_sparsity([["a", "b"]], masks, {"a": 4, "b": 4}) == 0.5  # a coupled set once
+
+
+def test_round_to_that_no_layer_exceeds_is_refused_naming_the_sizes() -> None:
+    groups = {"fc1": UnitGroup("fc1", 16), "fc2": UnitGroup("fc2", 12), "attn": UnitGroup("attn", 96, parts=3, block=8),
+              "out": UnitGroup("out", 10, prunable=False, reason="model output")}
+    units = {"fc1": 16, "fc2": 12, "attn": 96, "out": 10}
+    check_round_to(8, list(units), groups, units)  # fc1 and fc2 can lose units in multiples of 8
+    with pytest.raises(ValueError) as info:
+        check_round_to(16, list(units), groups, units)  # heads are not rounded; the output layer is not prunable
+    assert "`round_to`=16" in str(info.value) and "{'fc1': 16, 'fc2': 12}" in str(info.value)
+    assert "a `round_to` below 16" in str(info.value)
