@@ -127,10 +127,17 @@ def save_report(report: CompressionReport, pl_module: pl.LightningModule, direct
                 plot: bool = True) -> dict[str, Any]:
     """Summarize (every rank: no collective) and, on rank zero, write the report files into ``directory``; returns
     the summary. A file that cannot be written raises the ``OSError`` naming it (the atomic writer adds the path):
-    the caller decides what the fit does about it. ``plot=False``: the text files only (an update)."""
+    the caller decides what the fit does about it; a report that cannot be drawn or rendered only warns.
+    ``plot=False``: the text files only (an update)."""
     summary = summarize(report, pl_module)
     if getattr(rank_zero_only, "rank", 0) == 0:
-        write_files(summary, directory, plot)
+        try:
+            write_files(summary, directory, plot)
+        except OSError:
+            raise
+        except Exception as err:  # drawing / rendering, not writing: the fit's model is fine, the report says less
+            rank_zero_warn(f"lightning-compress: could not render the compression report into {str(directory)!r}: "
+                           f"{err!r}")
     for key, file in summary["files"].items():
         report.files.setdefault(key, file["path"])
     return summary
