@@ -141,25 +141,7 @@ def export_onnx(
     layers, sites = _plan.plan(graph, types, export_model.state_dict(), codes)
     _plan.mark_unused(layers, sites, codes, wrapped, inputs, out_names)
 
-    static_sites: dict[str, WeightSite] = {}
-    for name, site in sites.items():
-        key, qt = codes[name]
-        layer = layers[name]
-        try:
-            route = _plan.route(site, qt, ort.__version__)
-            if route == "nbits":
-                layer.op = _rewrite.matmul_nbits(graph, site, key, qt, accuracy_level)
-            elif route == "gather":
-                layer.op = _rewrite.gather(graph, site, key, qt)
-            elif activations == "dynamic":
-                layer.op = _rewrite.dynamic(graph, site, key, _rewrite.int8_codes(qt), qt.row_scale().numpy())
-            else:
-                _static.check_static(graph, site)
-                static_sites[name] = site
-        except _rewrite.Unsupported as why:
-            layer.reason = str(why)
-            _rewrite.weight_only(graph, site, key, qt)
-            layer.op = "DequantizeLinear (float kernel)"
+    static_sites = _rewrite_layers(graph, sites, codes, layers, activations, accuracy_level, ort.__version__)
     feeds = [("the example", inputs.tensors, inputs.feed(inputs.tensors))]
     feeds += [(f"calibration batch {i}", tensors, inputs.feed(tensors)) for i, tensors in enumerate(batches)]
     if static_sites:
@@ -181,6 +163,34 @@ def export_onnx(
         _inputs.Exported(reference, inputs, positions), data, out_names, feeds, ort, probe)
     report.path = write_bytes(target, data)  # only a checked graph reaches the disk
     return report
+
+
+def _rewrite_layers(
+    graph: Graph, sites: Mapping[str, WeightSite], codes: _codes.Codes, layers: Mapping[str, LayerExport],
+    activations: str, accuracy_level: int, ort_version: str,
+) -> dict[str, WeightSite]:
+    """Each found weight onto its integer form (a layer that has none keeps float kernels on ``DequantizeLinear``
+    of our codes, with the reason); returns the int8 sites left for static activation quantization."""
+    static_sites: dict[str, WeightSite] = {}
+    for name, site in sites.items():
+        key, qt = codes[name]
+        layer = layers[name]
+        try:
+            route = _plan.route(site, qt, ort_version)
+            if route == "nbits":
+                layer.op = _rewrite.matmul_nbits(graph, site, key, qt, accuracy_level)
+            elif route == "gather":
+                layer.op = _rewrite.gather(graph, site, key, qt)
+            elif activations == "dynamic":
+                layer.op = _rewrite.dynamic(graph, site, key, _rewrite.int8_codes(qt), qt.row_scale().numpy())
+            else:
+                _static.check_static(graph, site)
+                static_sites[name] = site
+        except _rewrite.Unsupported as why:
+            layer.reason = str(why)
+            _rewrite.weight_only(graph, site, key, qt)
+            layer.op = "DequantizeLinear (float kernel)"
+    return static_sites
 
 
 def _check_model(model: Any) -> None:
