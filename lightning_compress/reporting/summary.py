@@ -88,8 +88,11 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
         if record.bits < FLOAT_BITS:
             # quantized: its weight as the quantized export stores it (codes + scales + zero points; the record's
             # bytes_compressed minus its float bias), plus the layer's other entries (bias, ...) as the model holds them
-            record_bias = max(0, record.bytes_fp32 - FLOAT_BYTES * record.parameters)
             weight_key = next((k for k in (f"{name}.weight", f"{name}.in_proj_weight") if k in current), None)
+            # the bias the quantizer counted: as the model holds it now (compaction may have shrunk it since the
+            # record was made; the dense bias subtracted from a compacted layer's bytes went negative)
+            record_bias = (current.get(f"{name}.bias", 0) if weight_key
+                           else max(0, record.bytes_fp32 - FLOAT_BYTES * record.parameters))
             others = sum(b for k, b in current.items() if k != weight_key) if weight_key else record_bias
             bytes_compressed = (record.bytes_compressed or record.bytes_fp32) - record_bias + others
         else:  # float: what the model holds now, whatever the record says (no sparse format is exported)

@@ -176,9 +176,15 @@ def test_an_unused_layer_is_reported_as_dead_code_with_no_negative_bytes() -> No
     model = _PooledMLP()
     pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, start_step=5, end_step=30,
                                        frequency=5, evaluate=False)
-    trainer = quiet_trainer([pruning, PostTrainingQuantization(bits=8)], max_epochs=2)
+    quantization = PostTrainingQuantization(bits=8)
+    trainer = quiet_trainer([pruning, quantization], max_epochs=2)
     trainer.fit(model, DigitsDataModule(batch_size=64))
     assert model.pooler.out_features == 64  # its units were not "pruned" (its gradient is zero: all would go)
     rows = summarize(report_of(trainer), model)["layers"]
     assert "dead code" in rows["pooler"]["note"]
     assert all(row["bytes_compressed"] > 0 and row["ratio"] > 0 for row in rows.values()), rows
+    # a compacted, quantized layer: its codes and scales plus its bias as compacted (not minus the dense bias)
+    assert model.net[1].out_features < 64
+    for name in ("net.1", "net.3"):
+        module = model.get_submodule(name)
+        assert rows[name]["bytes_compressed"] == quantization.result.layers[name].nbytes() + 4 * module.out_features
