@@ -229,15 +229,16 @@ def axes(inputs: Inputs, override: Mapping[str, Any] | None) -> dict[str, dict[i
 
 
 def output_axes(inputs: Inputs, in_axes: Mapping[str, Mapping[int, str]], out: Tensor) -> dict[int, str]:
-    """An output's dynamic dims: dim 0 is the batch, and a middle dim whose size is a dynamic input dim's (the
-    sequence of ``last_hidden_state``) takes that dim's name."""
+    """An output's dynamic dims: dim 0 is the batch, and a later dim whose size is a dynamic input dim's (the
+    sequence of ``last_hidden_state`` or of ``(batch, sequence)`` start logits) takes that dim's name. Naming a dim
+    that happens to have that size only loses a static shape annotation; missing one makes ORT warn on every run."""
     sizes: dict[int, str] = {}
     for name, t in zip(inputs.names, inputs.tensors):
         for dim, label in in_axes[name].items():
             if dim > 0:
                 sizes.setdefault(t.shape[dim], label)
     found = {0: "batch"} if out.dim() > 0 and any(0 in a for a in in_axes.values()) else {}
-    for dim in range(1, out.dim() - 1):
+    for dim in range(1, out.dim()):
         if out.shape[dim] in sizes:
             found[dim] = sizes[out.shape[dim]]
     return found

@@ -87,3 +87,11 @@ def test_the_older_keyword_example_input_still_works(tmp_path):
     model = nn.Sequential(nn.Linear(9, 4)).eval()
     report = export_onnx(model, tmp_path / "m.onnx", example_input=WEIGHTS)
     assert report.inputs == ["input"] and report.outputs == ["output"] and report.max_abs_diff < 1e-5
+
+
+def test_output_axes_follow_the_dynamic_input_sizes():
+    inputs = _inputs.prepare(Tokens(), (IDS, WEIGHTS), "example_inputs")
+    axes = _inputs.axes(inputs, None)
+    assert _inputs.output_axes(inputs, axes, torch.zeros(2, 9, 16)) == {0: "batch", 1: "sequence"}
+    assert _inputs.output_axes(inputs, axes, torch.zeros(2, 9)) == {0: "batch", 1: "sequence"}  # per-token logits
+    assert _inputs.output_axes(inputs, axes, torch.zeros(2, 3)) == {0: "batch"}
