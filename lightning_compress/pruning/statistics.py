@@ -151,7 +151,7 @@ class GradientStatistics:
         ``torch._foreach_*`` form, hence the loop over layers: two ops per layer (three off CPU), every output view
         made once in :meth:`_plan_units`."""
         for (rms, chunks), g, w in zip(self._unit_plan[self._unit.n_pending], grads, weights):
-            g2, w2 = unit_view(g), unit_view(w)
+            g2, w2 = (g, w) if g.dim() == w.dim() == 2 else (unit_view(g), unit_view(w))
             if g2.dtype == torch.float32:
                 torch.linalg.vector_norm(g2, dim=1, out=rms)
             else:
