@@ -22,9 +22,9 @@ from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.state import MaskState
 from lightning_compress.pruning.statistics import GradientStatistics
 from lightning_compress.pruning.tracked import TrackedLayers
+from lightning_compress.quantization.checks import non_finite_parameters, shown
 
 _NO_GAIN = 1e-9  # a target at most this far above the current sparsity prunes nothing: no event
-_NAMES_SHOWN = 3  # non-finite parameters named in the error
 
 
 class FitDivergedError(RuntimeError):
@@ -36,11 +36,9 @@ class FitDivergedError(RuntimeError):
 def check_finite_before(model: nn.Module, step: int, metric: float | None = None) -> None:
     """Raise :class:`FitDivergedError` when a parameter of ``model`` or the ``metric`` measured before the event at
     ``step`` is NaN / inf, naming the first offending parameters."""
-    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
+    bad = non_finite_parameters(model)
     if bad:
-        shown = ", ".join(bad[:_NAMES_SHOWN]) + (f" and {len(bad) - _NAMES_SHOWN} more" if len(bad) > _NAMES_SHOWN
-                                                 else "")
-        what = f"the model's weights are not finite before the pruning event at step {step}: {shown}"
+        what = f"the model's weights are not finite before the pruning event at step {step}: {shown(bad, 3)}"
     elif metric is not None and not math.isfinite(metric):
         what = f"the validation metric is not finite ({metric}) before the pruning event at step {step}"
     else:
