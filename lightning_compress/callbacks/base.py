@@ -25,6 +25,7 @@ from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.artifacts import CHECKPOINT_KEY, checkpoint_entry, prepare_for_checkpoint
+from lightning_compress.integration.compressed_checkpoint import pack, refuse_resume
 from lightning_compress.integration.strategy import check_reparametrization, check_strategy, destroy_gloo_group_at_exit
 from lightning_compress.quantization.checks import non_finite_parameters, shown
 from lightning_compress.reporting.publish import announce, decide_run_dir, save_report
@@ -92,6 +93,7 @@ class CompressionCallback(Callback):
         check_trains(trainer, type(self).__name__)
         check_reparametrization(trainer, pl_module, type(self).__name__)
         destroy_gloo_group_at_exit()
+        self._guard_checkpoint_loading(pl_module, fitting=True)  # fit(ckpt_path=compressed.ckpt) is refused
         self._finished = self._published = False
         self._has_val = evaluation.has_validation_data(trainer, pl_module)
         if self.max_metric_drop is not None and not self._has_val:
@@ -154,24 +156,30 @@ class CompressionCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Mark every checkpoint: ``"training"`` (float weights, pruning in progress: resume from it) or, once the
-        fit's compression is done, ``"compressed"`` with what was done (compacted shapes, quantized layers)."""
+        fit's compression is done, ``"compressed"`` with what was done (compacted shapes, quantized layers), packed
+        (:mod:`~lightning_compress.integration.compressed_checkpoint`: codes, no optimizer state)."""
         stage = "compressed" if self._finished else "training"
         entry = checkpoint.setdefault(CHECKPOINT_KEY, checkpoint_entry(stage))
         if stage == "compressed":
             entry["stage"] = stage
             entry.update(self.checkpoint_details())
+            pack(checkpoint, pl_module)
 
-    def _guard_checkpoint_loading(self, pl_module: pl.LightningModule) -> None:
+    def _guard_checkpoint_loading(self, pl_module: pl.LightningModule, *, fitting: bool = False) -> None:
         """For ``validate`` / ``test`` / ``predict`` with a ``ckpt_path``: a compressed checkpoint gets the compacted
         shapes it needs before Lightning loads it; a checkpoint from before compression is refused when the model in
         memory is the compressed one (loading it would silently evaluate the float model). Lightning restores a
-        checkpoint after the callbacks' ``setup``, through the module's ``on_load_checkpoint``, wrapped here."""
+        checkpoint after the callbacks' ``setup``, through the module's ``on_load_checkpoint``, wrapped here.
+        ``fitting``: only a compressed checkpoint is refused (not one to resume from)."""
         if "on_load_checkpoint" in vars(pl_module):  # already wrapped (by another compression callback)
             return
         original = pl_module.on_load_checkpoint
         compressed_in_memory = any(c._compressed_module == id(pl_module) for c in (self, self._leader))
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            if fitting:
+                refuse_resume(checkpoint, str(getattr(pl_module.trainer, "ckpt_path", None)))
+                return original(checkpoint)
             entry = checkpoint.get(CHECKPOINT_KEY)
             stage = entry.get("stage") if isinstance(entry, dict) else None
             if compressed_in_memory and stage != "compressed":
@@ -195,6 +203,19 @@ class CompressionCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_fit(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning skips the training loop, ``on_train_end`` included, when there is nothing to train (an empty
+        train dataloader, a resumed checkpoint already at ``max_epochs`` / ``max_steps``): say so, instead of a fit
+        that ends normally having compressed nothing."""
+        if not self._finished:
+            raise RuntimeError(
+                f"{type(self).__name__} never ran: the fit trained no step (the train dataloader has no batches, or "
+                f"the checkpoint it resumed from had already reached max_epochs / max_steps, global_step "
+                f"{trainer.global_step}), so nothing was compressed and no {COMPRESSED_CHECKPOINT} was written; "
+                "allowed: a fit that trains at least one step"
+            )
 
     def _finish_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         peers = compression_callbacks(trainer) or [self]

@@ -191,3 +191,21 @@ def test_a_diverged_fit_with_the_quantization_callback_raises_and_reports_it(tmp
     report = json.loads(next(tmp_path.rglob(JSON_NAME)).read_text())
     assert report["failure"].startswith("ModelNotFiniteError") and "net.3.weight" in report["failure"]
     assert report["delivered"] == {"val": None, "test": None}
+
+
+class _NoTrainingBatches(DigitsDataModule):
+    def train_dataloader(self):
+        empty = torch.utils.data.TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
+        return torch.utils.data.DataLoader(empty, batch_size=8)
+
+
+@pytest.mark.parametrize("callback", [PostTrainingQuantization, GradientStabilityPruning])
+def test_a_fit_whose_training_loop_is_skipped_raises_instead_of_compressing_nothing(tmp_path: Path,
+                                                                                    callback) -> None:
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=rf"{callback.__name__} never ran: the fit trained no step"):
+        quiet_trainer([callback()], max_epochs=1, limit_val_batches=1, default_root_dir=tmp_path).fit(
+            model, _NoTrainingBatches(batch_size=64))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob(JSON_NAME))
