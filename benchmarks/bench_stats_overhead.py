@@ -11,7 +11,8 @@ so each timed block of the statistics is exactly 32 updates (one merge): the fig
 are timed in alternation so background load hits both alike, in wall time and in thread CPU time (the second leaves
 out the time other processes hold the core: on a shared machine it is the steadier ratio). Target: ratio <= 0.3.
 ``--compile`` also times ``torch.compile`` of the per-weight step on the MLP: its first call (caches off) and its
-per-step cost next to the eager update.
+per-step cost next to the eager update. ``--before REV`` also times the statistics as they were at git revision REV
+against the current ones, in the same process and alternation (thread CPU time).
 
 Part 2 (training): ``Trainer.fit`` of ``SmallCNN`` on ``MNIST5kDataModule`` (data loaded once, outside the timing),
 without the callback, with ``GradientStabilityPruning(sparsity=0.8, evaluate=False)`` (statistics + masking + mask
@@ -160,6 +161,55 @@ def micro(name: str, model: torch.nn.Module, repeats: int, block_steps: int = 32
                  adam_cpu_ms=1e3 * statistics.median(cpu_adam), stats_cpu_ms=1e3 * statistics.median(cpu_st),
                  spread=max(timings["adam"].spread(), timings["stats"].spread()))
         )
+    return rows
+
+
+def load_before(revision: str):  # type: ignore[no-untyped-def]
+    """``GradientStatistics`` as it was at git ``revision`` (its ``statistics.py`` and ``moments.py`` loaded as
+    stand-alone modules), to time the change against it in the same process and conditions."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="stats_before_"))
+    for module in ("moments", "statistics"):
+        source = subprocess.run(["git", "show", f"{revision}:lightning_compress/pruning/{module}.py"], cwd=root,
+                                check=True, capture_output=True, text=True).stdout
+        source = source.replace("from lightning_compress.pruning.moments import", "from stats_before_moments import")
+        (folder / f"stats_before_{module}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("stats_before_statistics", folder / "stats_before_statistics.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.GradientStatistics
+
+
+def before_after(name: str, model: torch.nn.Module, before_cls, repeats: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Thread CPU ms per update of the statistics before and after, and of Adam, timed in alternation."""
+    names, weights = tracked_weights(model)
+    for w in weights:
+        w.grad = torch.randn(w.shape) * 1e-3
+    grads = [w.grad for w in weights]
+    optimizer = torch.optim.Adam(weights, lr=1e-3, foreach=True)
+    adam_inner = max(1, min(32, int(2e8 // max(sum(w.numel() for w in weights) * 8, 1))))
+    rows = []
+    for mode, flags in MODES.items():
+        shapes = [w.shape for w in weights]
+        old, new = before_cls(names, shapes, **flags), GradientStatistics(names, shapes, **flags)
+        cpu: dict[str, list[float]] = {"adam": [], "before": [], "after": []}
+        measure_interleaved({"adam": _cpu_timed(optimizer.step, adam_inner, cpu["adam"]),
+                             "before": _cpu_timed(functools.partial(old.update, grads, weights), 32, cpu["before"]),
+                             "after": _cpu_timed(functools.partial(new.update, grads, weights), 32, cpu["after"])},
+                            repeats=repeats, warmup=1)
+        ms = {key: 1e3 * statistics.median(v[1:]) for key, v in cpu.items()}
+        ratio = {key: statistics.median(u / a for u, a in zip(cpu[key][1:], cpu["adam"][1:]))
+                 for key in ("before", "after")}
+        speedup = statistics.median(b / a for b, a in zip(cpu["before"][1:], cpu["after"][1:]))
+        rows.append(dict(model=name, mode=mode, adam_cpu_ms=ms["adam"], before_cpu_ms=ms["before"],
+                         after_cpu_ms=ms["after"], before_ratio=ratio["before"], after_ratio=ratio["after"],
+                         speedup=speedup))
+        print(f"  {name:<28}{mode:>28}  Adam {ms['adam']:8.3f} ms  before {ms['before']:8.3f} ms "
+              f"({ratio['before']:.2f}x)  after {ms['after']:8.3f} ms ({ratio['after']:.2f}x)  {speedup:.2f}x faster")
     return rows
 
 
@@ -380,6 +430,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="part 1 only")
     parser.add_argument("--profile", action="store_true", help="print the top operators of each update mode")
+    parser.add_argument("--before", metavar="REV", default=None,
+                        help="also time the statistics at git revision REV against the current ones (CPU time)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the per-weight step on the MLP (first compile: ~0.5 min)")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds")
@@ -413,6 +465,15 @@ def main() -> int:
     rows += micro(mlp_name, MLPClassifier(784, MLP_HIDDEN), micro_repeats, profile=args.profile)
     print_micro(rows)
     compiled = compiled_step(mlp_name, MLPClassifier(784, MLP_HIDDEN), micro_repeats) if args.compile else None
+    before = None
+    if args.before is not None:
+        print(f"\n[1b] statistics update before ({args.before}) and after, thread CPU time, median of {micro_repeats} "
+              "alternating blocks (ratio: to Adam, paired)")
+        before_cls = load_before(args.before)
+        models = {"SmallCNN 28x28": SmallCNN, TRANSFORMER_NAME: RowTransformer,
+                  mlp_name: functools.partial(MLPClassifier, 784, MLP_HIDDEN)}
+        before = dict(revision=args.before, rows=[row for name, make in models.items()
+                                                  for row in before_after(name, make(), before_cls, micro_repeats)])
 
     overheads, fit = None, None
     if not args.skip_training:
@@ -439,7 +500,7 @@ def main() -> int:
         print(f"  INFO  evaluate=True (default) adds {100 * overheads['callback, evaluate=True']:+.1f}% over the "
               "baseline (no target)")
     write_json(args.json, dict(benchmark="stats_overhead", machine=machine_info(args.quick), allocator=allocator,
-                               micro=rows, compiled=compiled, fit=fit,
+                               micro=rows, compiled=compiled, before_after=before, fit=fit,
                                seconds=time.perf_counter() - t0))
     return 0
 

@@ -93,3 +93,20 @@ def test_per_unit_moments_accurate_when_the_mean_dwarfs_the_spread() -> None:
     taylor = torch.stack([(weights * g[0]).sum(1) for g in grads]).double()  # the float32 signals, widened
     torch.testing.assert_close(stats._unit.variance()[1], taylor.var(0, unbiased=False), rtol=1e-5, atol=0.0)
     torch.testing.assert_close(stats.unit_taylor_second_moment()[0], taylor.square().mean(0), rtol=1e-9, atol=0.0)
+
+
+def test_the_fused_dot_path_used_off_cpu_gives_the_same_signals() -> None:
+    """Off CPU (no product buffer) the dot products are one ``vecdot`` per layer; run that path here on CPU,
+    with fp32 and bf16 gradients, against the buffered one."""
+    grads, weights = _stream(12, BIG)
+    for low in (False, True):
+        stream = [[g.bfloat16() for g in step] for step in grads] if low else grads
+        buffered = GradientStatistics(BIG_NAMES, BIG, per_weight=False, per_unit=True)
+        fused = GradientStatistics(BIG_NAMES, BIG, per_weight=False, per_unit=True)
+        fused._unit_scratch = None  # what a CUDA device gets
+        fused.reset()  # plans the views again, without product buffers
+        assert all(product is None for _, chunks in fused._unit_plan[0] for *_, product in chunks)
+        _feed(buffered, stream, weights)
+        _feed(fused, stream, weights)
+        for a, b in zip(_all_stats(fused), _all_stats(buffered), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
