@@ -106,9 +106,15 @@ class CompressionCLI(LightningCLI):
             raise CLIConfigError(f"`--ckpt_path`={path!r} is not a file; allowed: a file a fit of this package "
                                  f"wrote (compressed.ckpt, an export *.safetensors) or one of {list(CKPT_KEYWORDS)}")
         try:
-            if artifact_kind(path) != "checkpoint":
+            kind = artifact_kind(path)
+            if kind != "checkpoint" and subcommand == "fit":
+                raise CLIConfigError(f"`--ckpt_path`={path!r} is a {kind} export, which `fit` cannot resume from; "
+                                     "allowed: a checkpoint written during training (e.g. ModelCheckpoint's last.ckpt)")
+            if kind != "checkpoint":
                 return  # an export: loaded into the model in _prepare_subcommand_kwargs
             load_checkpoint(path)  # refuses what a weights-only load cannot read, never advising an unsafe one
+        except CLIConfigError:
+            raise
         except (OSError, ValueError) as err:
             raise CLIConfigError(f"`--ckpt_path`={path!r}: {err}") from None
         super()._parse_ckpt_path()

@@ -274,3 +274,14 @@ def test_argument_checks_let_every_shipped_config_and_valid_class_through() -> N
     check_args(["fit", "--model=lightning_compress.demos.models.SmallCNN", "--data", "MNIST5kDataModule",
                 "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks+=GradientStabilityPruning",
                 "--model.hidden=[64]", "--data=data.yaml"])  # a nested config file is left to jsonargparse
+
+
+def test_fit_cannot_resume_from_an_export(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_compress.demos.models import MLPClassifier
+    from lightning_compress.quantization.export import save_float
+
+    export = save_float(MLPClassifier(input_size=64), tmp_path / "m.fp32.safetensors")
+    line = _refused(["fit", *MLP_ON_DIGITS, f"--ckpt_path={export}", f"--trainer.default_root_dir={tmp_path}"],
+                    capsys, monkeypatch)
+    assert f"`--ckpt_path`={str(export)!r} is a float export, which `fit` cannot resume from" in line, line
