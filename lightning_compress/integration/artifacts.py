@@ -1,9 +1,10 @@
 """Every artifact this package writes, loaded the same way: :func:`load_compressed`.
 
-Artifacts: a Lightning checkpoint written after compression (``compressed.ckpt``: compacted shapes, quantized values
-and a ``"lightning_compress"`` entry that says so), a quantized export (``*.safetensors`` from
-``PostTrainingQuantization`` / :func:`~lightning_compress.save_quantized`), a compacted model
-(:func:`~lightning_compress.save_compacted`) and the float copy written before quantizing (``*.fp32.safetensors``).
+Artifacts: a Lightning checkpoint written after compression (``compressed.ckpt``: the packed model under its
+``"lightning_compress"`` entry, see :mod:`.compressed_checkpoint`; older ones hold the float ``state_dict``), a
+quantized export (``*.safetensors`` from ``PostTrainingQuantization`` / :func:`~lightning_compress.save_quantized`),
+a compacted model (:func:`~lightning_compress.save_compacted`) and the float copy written before quantizing
+(``*.fp32.safetensors``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import torch
 from torch import nn
 
 from lightning_compress.core.io import UntrustedFileError, read_safetensors_header
+from lightning_compress.integration.compressed_checkpoint import CHECKPOINT_KEY, is_packed, unpack
 from lightning_compress.structure.serialization import shrink_to_state_dict
 from lightning_compress.structure.shape_rules import RECORD_KEY, CompactedAxes, parse_record
 
-CHECKPOINT_KEY = "lightning_compress"
-CHECKPOINT_FORMAT = "lightning_compress.checkpoint/1"
+CHECKPOINT_FORMAT = "lightning_compress.checkpoint/2"  # 2: a compressed checkpoint holds the packed model
 
 
 def checkpoint_entry(stage: str, **details: Any) -> dict[str, Any]:
@@ -105,7 +106,9 @@ def prepare_for_checkpoint(
     compacted shapes it holds, before its state is loaded (by :func:`load_compressed`, by Lightning for a
     ``ckpt_path`` with our callbacks in the Trainer, by the CLI). Checked first, in this order: the ``state_dict``
     maps names to tensors; the ``hyper_parameters`` equal the model's ``hparams`` (where both have the key); the
-    shapes follow the one shape rule under the entry's compaction record. Returns the ``state_dict``."""
+    shapes follow the one shape rule under the entry's compaction record. A packed compressed checkpoint
+    (:mod:`.compressed_checkpoint`) is unpacked: its ``state_dict`` becomes the rebuilt float weights (in
+    ``checkpoint`` too, for Lightning to load) and the model carries its codes. Returns the ``state_dict``."""
     if source is None:  # Lightning's ckpt_path when it is Lightning that loads the checkpoint
         source = str(getattr(getattr(model, "_trainer", None), "ckpt_path", None) or "the checkpoint")
     state_dict = checkpoint.get("state_dict")
@@ -116,6 +119,9 @@ def prepare_for_checkpoint(
                                  f"{type(state_dict).__name__}: not a Lightning checkpoint of a model")
     _check_hyperparameters(source, checkpoint.get("hyper_parameters"), model)
     entry = _entry(source, checkpoint)
+    if entry is not None and entry.get("stage") == "compressed" and is_packed(checkpoint):
+        checkpoint["state_dict"] = unpack(model, checkpoint, source)
+        return checkpoint["state_dict"]
     record: CompactedAxes | None = {}
     if entry is not None and entry.get("stage") == "compressed":
         if RECORD_KEY in entry:
