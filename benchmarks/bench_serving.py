@@ -24,6 +24,11 @@ and ORT alike), and the argmax agreement of our ORT int8 with the in-memory quan
 printed with verdicts. Int8 speed depends on the CPU's instruction set: the script prints
 ``torch.backends.cpu.get_cpu_capability()`` and the CPU model. About 3 min on 2 idle cores, 8 min on 2 busy ones
 (``--quick``: 1 epoch, fewer repeats: a smoke run, not reference figures).
+
+Then the transformer section (``bench_serving_transformer.py``, issue 20; ``--no-transformer`` skips it):
+all-MiniLM-L6-v2 with a classification head fine-tuned on a real text task, ORT fp32 vs ORT's ``quantize_dynamic``
+vs our int8, structured + int8 and int4, at batch 32 and 1 x 128 tokens, 1 and 2 threads. Its checks join the
+others (named ``MiniLM: ...``) and its figures go under ``transformer`` in the JSON file.
 """
 
 from __future__ import annotations
@@ -229,6 +234,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 epoch, fewer timing repeats (smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ORT latency")
     parser.add_argument("--json", type=Path, default=RESULTS / "serving.json", help="where the figures go")
+    parser.add_argument("--no-transformer", action="store_true", help="skip the MiniLM section")
     args = parser.parse_args()
     args.epochs, args.repeats = (1, 5) if args.quick else (4, 15)
     import onnxruntime as ort
@@ -252,11 +258,21 @@ def main() -> None:
     print(f"\n== targets (issue 12), CPU capability {capability}, {args.threads} thread(s) ==")
     for c in checks:
         print(f"{'PASS' if c['pass'] else 'FAIL':<5} {c['check']}: {c['value']} (target {c['target']})")
+    transformer = None
+    if not args.no_transformer:
+        from bench_serving_transformer import defaults, print_section, transformer_section
+        from bench_serving_transformer import verdicts as transformer_verdicts
+
+        torch.set_num_threads(2)  # fine-tuning; ORT sets its own threads
+        transformer = transformer_section(defaults(args.quick))
+        transformer_checks = transformer_verdicts(transformer["rows"])
+        print_section(transformer, transformer_checks)
+        checks += [{**c, "check": f"MiniLM: {c['check']}"} for c in transformer_checks]
     print(f"\ntotal {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.1f}")
     write_json(args.json, dict(benchmark="serving", machine={**machine_info(args.quick), "cpu_capability": capability,
                                                              "onnxruntime": ort.__version__},
                                epochs=args.epochs, repeats=args.repeats, threads=args.threads, mlp=mlp, cnn=cnn,
-                               checks=checks, seconds=time.perf_counter() - start))
+                               transformer=transformer, checks=checks, seconds=time.perf_counter() - start))
 
 
 if __name__ == "__main__":

@@ -190,3 +190,35 @@ def test_sections_measured_hours_apart_are_not_called_one_run() -> None:
     text = run_all.build_summary(data, machine=MACHINE)
     assert "All figures come from one run" not in text
     assert "2026-01-02 01:00 to 2026-01-02 06:00: each date is under its title" in text
+
+
+def _transformer_rows() -> dict[str, dict[str, Any]]:
+    """bench_serving_transformer's rows, shaped as it writes them; every target met with some margin."""
+    def r(acc: float, mb: float, ms: float) -> dict[str, Any]:
+        return {"acc": acc, "bytes": int(mb * 1e6), "x_fp32_bytes": mb / 90.0, "ms b32x128 t1": ms,
+                "ms b1x128 t1": ms / 20}
+
+    return {"ORT fp32": r(90.0, 90.0, 100.0), "ORT quantize_dynamic": r(89.5, 23.0, 60.0),
+            "ours int8": r(89.8, 22.9, 55.0), "ours structured + int8": r(89.2, 15.0, 45.0),
+            "ours int4": r(89.0, 13.5, 80.0)}
+
+
+@pytest.mark.parametrize(
+    ("check", "row", "key", "failing"),
+    [
+        ("ours int8 vs ORT quantize_dynamic, b32x128 t1", "ours int8", "ms b32x128 t1", 57.5),  # > 0.95 x 60
+        ("ours int8 file vs ORT quantize_dynamic's", "ours int8", "bytes", 23_000_001),
+        ("ours structured + int8 vs ORT fp32, b1x128 t1", "ours structured + int8", "ms b1x128 t1", 2.6),  # > 0.5x5
+        ("ours structured + int8 accuracy drop vs ORT fp32", "ours structured + int8", "acc", 88.9),  # 1.1 pt
+        ("ours int4 file vs ORT fp32", "ours int4", "x_fp32_bytes", 0.161),
+    ],
+)
+def test_serving_transformer_verdicts_flip_at_the_target(check: str, row: str, key: str, failing: float) -> None:
+    from bench_serving_transformer import verdicts
+
+    rows = _transformer_rows()
+    passing = {c["check"]: c["pass"] for c in verdicts(rows)}
+    assert all(passing.values()) and check in passing and len(passing) == 7
+    rows[row][key] = failing
+    failed = {c["check"] for c in verdicts(rows) if not c["pass"]}
+    assert failed == {check}
