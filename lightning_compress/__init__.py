@@ -1,6 +1,7 @@
 """lightning-compress: prune by gradient statistics and quantize to n-bit integers, inside a Lightning fit."""
 
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
+from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.core.selection import select_modules
 from lightning_compress.integration.artifacts import load_compressed
@@ -11,6 +12,7 @@ from lightning_compress.structure.compaction import compact, load_compacted, sav
 __all__ = [
     "GradientStabilityPruning",
     "PostTrainingQuantization",
+    "QuantizationAwareTraining",
     "compact",
     "export_onnx",
     "load_compacted",

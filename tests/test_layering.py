@@ -11,7 +11,7 @@ import pytest
 import lightning_compress
 
 PACKAGE = Path(lightning_compress.__file__).parent
-PURE = ("core", "pruning", "structure", "quantization", "serving")
+PURE = ("core", "pruning", "structure", "quantization", "serving", "qat")
 
 
 def _modules(subpackage: str) -> list[str]:

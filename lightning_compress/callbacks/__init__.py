@@ -2,6 +2,7 @@
 ``reporting.publish``) that touches a ``Trainer``; every decision they take lives in a pure module."""
 
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
+from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 
-__all__ = ["GradientStabilityPruning", "PostTrainingQuantization"]
+__all__ = ["GradientStabilityPruning", "PostTrainingQuantization", "QuantizationAwareTraining"]

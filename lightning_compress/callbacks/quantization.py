@@ -229,10 +229,7 @@ class PostTrainingQuantization(CompressionCallback):
         codes."""
         layers, plan = chosen.layers, chosen.bits
         before = self._evaluate(trainer, pl_module)
-        if self.method == "gptq":
-            states = self._gptq(trainer, pl_module, chosen, keep_hessians=before is not None)
-        else:
-            states = LayerRungs(layers, self.float_weights, chosen.specs)
+        states = self._first_pass(trainer, pl_module, chosen, before is not None)
         states.apply(plan)
         after = self._evaluate(trainer, pl_module)
         fallbacks: list[dict[str, Any]] = []
@@ -260,6 +257,12 @@ class PostTrainingQuantization(CompressionCallback):
         drop(pl_module, [weight_key(n, m) for n, m in layers.items() if plan[n] == FLOAT_BITS])
         attach(pl_module, {q.key: q.qtensor for q in self.result.layers.values()}, type(self).__name__)
         self._record(trainer, layers, before, after, fallbacks)
+
+    def _first_pass(self, trainer: pl.Trainer, module: pl.LightningModule, plan: LayerPlan, keep: bool) -> LayerRungs:
+        """Each layer at its planned width (GPTQ, or RTN when first asked for); QAT hands its trained codes in."""
+        if self.method == "gptq":  # keep: the Hessians, for a fallback's other widths
+            return self._gptq(trainer, module, plan, keep_hessians=keep)
+        return LayerRungs(plan.layers, self.float_weights, plan.specs)
 
     def _gptq(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, chosen: LayerPlan, *, keep_hessians: bool

@@ -1,0 +1,217 @@
+"""``QuantizationAwareTraining``: fake-quantize the selected weights in the last part of ``fit`` (LSQ, learnable
+scales) and deliver the codes it trained. The math lives in :mod:`lightning_compress.qat`; this coordinates.
+
+- From ``start`` on (an epoch, or a fraction of the fit), every selected weight (the coverage of
+  :func:`lightning_compress.quantize`) is fake-quantized through ``torch.nn.utils.parametrize``: the model's forward
+  and its signature are untouched (args, kwargs, dicts), validation sees the quantized model, so the metric logged
+  is the quantized model's. Pruning masks in force are respected (a pruning schedule still running at ``start`` is
+  refused before the first step).
+- The scales are trained by the fit's optimizer: they are added to ``trainer.optimizers[0]`` as one more param
+  group (learning rate ``scale_lr``, default the first group's; no weight decay). An LR scheduler built before keeps
+  driving only the groups it knew.
+- Checkpoints keep the model's own keys (the latent float weights under ``<name>.weight``); the scales and their
+  optimizer state travel in this callback's state, so a resumed fit continues with the same scales and moments.
+- At the end of the fit the exact codes the forward used go to :class:`PostTrainingQuantization`'s delivery (the
+  float-vs-quantized gate and fallback, the report, the export, ``compressed.ckpt``): nothing is re-rounded, the
+  delivered model is the one that was validated. The float reference is the latent weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_compress.callbacks.base import compression_callbacks
+from lightning_compress.callbacks.pruning import GradientStabilityPruning
+from lightning_compress.callbacks.quantization import PostTrainingQuantization
+from lightning_compress.core.validation import check_number
+from lightning_compress.integration.evaluation import DEFAULT_METRIC
+from lightning_compress.qat import schedule
+from lightning_compress.qat.fake_quant import LSQFakeQuantizer
+from lightning_compress.qat.model import plain_keys, prepare, record, release
+from lightning_compress.quantization.coverage import LayerPlan, weight_key
+from lightning_compress.quantization.primitives import QuantizedTensor
+from lightning_compress.quantization.rungs import LayerRungs
+
+
+class QuantizationAwareTraining(PostTrainingQuantization):
+    """Quantization-aware training from ``start`` to the end of the fit (see the module docstring).
+
+    Args:
+        bits: 2..8, symmetric codes; ``granularity`` ``"per_tensor"`` / ``"per_channel"`` / ``"per_group"`` with
+            ``group_size``.
+        start: an epoch (int >= 0) or a fraction of the fit's optimizer steps (float in (0, 1)).
+        scale_lr: learning rate of the scales' param group; None: the first param group's (LSQ trains the scales
+            with the weights' rate, its gradient scaling does the rest).
+        module_types, include, exclude, bits_overrides, embedding_bits, metric, metric_kwargs, max_metric_drop,
+            fallback, export_path, save_float_copy: as :class:`PostTrainingQuantization` (fallback widths other than
+            ``bits`` are rounded to nearest from the latent weights).
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel",
+        group_size: int = 128,
+        start: int | float = 0.8,
+        scale_lr: float | None = None,
+        module_types: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        bits_overrides: dict[str, int] | None = None,
+        embedding_bits: int | None = None,
+        metric: str = DEFAULT_METRIC,
+        metric_kwargs: dict[str, Any] | None = None,
+        max_metric_drop: float | None = None,
+        fallback: Literal["float", "more_bits"] | None = None,
+        export_path: str | None = None,
+        save_float_copy: bool = True,
+    ) -> None:
+        super().__init__(bits, granularity, group_size, symmetric=True, calibration="mse",
+                         module_types=module_types, include=include, exclude=exclude, bits_overrides=bits_overrides,
+                         metric=metric, metric_kwargs=metric_kwargs, max_metric_drop=max_metric_drop,
+                         fallback=fallback, export_path=export_path, save_float_copy=save_float_copy,
+                         embedding_bits=embedding_bits)
+        schedule.check_start(start)
+        if scale_lr is not None:
+            check_number("scale_lr", scale_lr, low=0, low_inclusive=False)
+        self.start = start
+        self.scale_lr = scale_lr
+        self.quantizers: dict[str, LSQFakeQuantizer] = {}  # module name -> its fake quantizer, while QAT runs
+        self._start_step = 0
+        self._group: dict[str, Any] | None = None  # the scales' param group in trainer.optimizers[0]
+        self._pending: dict[str, Any] | None = None  # a resumed checkpoint's state, applied when QAT starts
+        self._codes: dict[str, QuantizedTensor] = {}  # read at the end of the fit
+        self._keys: dict[str, str] = {}  # module name -> its weight's state_dict key
+
+    @property
+    def active(self) -> bool:
+        return bool(self.quantizers)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "method": "qat", "start": self.start, "scale_lr": self.scale_lr}
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise ValueError(f"QuantizationAwareTraining runs on one process for now, got world_size="
+                             f"{trainer.world_size}; allowed: a single-device fit, or PostTrainingQuantization")
+        for peer in compression_callbacks(trainer):
+            if isinstance(peer, PostTrainingQuantization) and peer is not self:
+                raise ValueError("QuantizationAwareTraining and another quantization callback "
+                                 f"({type(peer).__name__}) in one Trainer would quantize the same weights twice; "
+                                 "allowed: one of them")
+            if isinstance(peer, GradientStabilityPruning) and peer.config.compact:
+                raise ValueError("QuantizationAwareTraining with GradientStabilityPruning(compact=True) is not "
+                                 "supported: compaction at the end of the fit would change the shapes QAT trained "
+                                 "codes for; allowed: compact=False")
+        self.quantizers, self._group, self._codes = {}, None, {}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The step QAT starts at, and pruning over by then: refused here, before the first step."""
+        batches = trainer.num_training_batches
+        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches)) if math.isfinite(batches) else 1
+        total = trainer.estimated_stepping_batches
+        self._start_step = schedule.start_step(self.start, per_epoch, float(total), trainer.max_epochs)
+        for peer in compression_callbacks(trainer):
+            if isinstance(peer, GradientStabilityPruning):
+                plan = peer._schedule(trainer)
+                end = schedule.pruning_end_step(plan.last_tick(), peer.config.schedule_unit, per_epoch)
+                schedule.check_pruning_before(self._start_step, end, f"GradientStabilityPruning({peer._describe()})")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
+        started = (trainer.current_epoch >= self.start if isinstance(self.start, int)
+                   else trainer.global_step >= self._start_step)
+        if started and not self.active:
+            self._activate(trainer, pl_module)
+
+    def _activate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fake quantizers on the planned layers (scales from the checkpoint when resuming), scales into the
+        optimizer."""
+        pending, self._pending = self._pending or {}, None
+        masks: dict[str, Tensor] = {}
+        for peer in compression_callbacks(trainer):
+            if isinstance(peer, GradientStabilityPruning):
+                masks.update(peer.masks)
+        plan = self._plan(pl_module)
+        self._keys = {name: weight_key(name, module) for name, module in plan.layers.items()}
+        self.quantizers = prepare(pl_module, plan, masks, pending.get("scales"))
+        optimizer = trainer.optimizers[0]
+        scales = [q.scale for q in self.quantizers.values()]
+        lr = self.scale_lr if self.scale_lr is not None else optimizer.param_groups[0]["lr"]
+        saved = pending.get("optimizer") or {}
+        optimizer.add_param_group({**saved.get("group", {}), "params": scales, "lr": saved.get("group", {}).get(
+            "lr", lr), "weight_decay": 0.0})
+        self._group = optimizer.param_groups[-1]
+        for scale, state in zip(scales, saved.get("state", [])):
+            if state:
+                optimizer.state[scale] = {k: v.to(scale.device) if isinstance(v, Tensor) else v
+                                          for k, v in state.items()}
+        rank_zero_info(f"QuantizationAwareTraining: int{self.spec.bits} {self.spec.granularity} fake quantization of "
+                       f"{len(self.quantizers)} layers from step {trainer.global_step}")
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if not self.active:
+            return {"active": False}
+        return {"active": True, "scales": {self._keys[n]: q.scale.detach().cpu().clone()
+                                           for n, q in self.quantizers.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = dict(state_dict) if state_dict.get("active") else None
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """While QAT runs: the model's own keys in the checkpoint, the scales' param group in this callback's
+        state (a fresh optimizer has no such group, so Lightning could not restore it)."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if not self.active or self._group is None:
+            return
+        plain_keys(checkpoint["state_dict"], pl_module, list(self.quantizers))
+        optimizer = trainer.optimizers[0]
+        index = next(i for i, g in enumerate(optimizer.param_groups) if g is self._group)
+        states = checkpoint.get("optimizer_states") or []
+        mine = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, self.state_dict())
+        if states:
+            saved = states[0]
+            group = saved["param_groups"].pop(index)
+            ids = group.pop("params")
+            mine["optimizer"] = {"group": group, "state": [saved["state"].pop(i, {}) for i in ids]}
+
+    # -- end of fit --------------------------------------------------------------------------------------------
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.active:
+            self._codes = release(pl_module, self.quantizers)
+            if self._group is not None:  # the scales leave the optimizer, their moments with them
+                optimizer = trainer.optimizers[0]
+                optimizer.param_groups.remove(self._group)
+                for scale in self._group["params"]:
+                    optimizer.state.pop(scale, None)
+            self.quantizers, self._group = {}, None
+        else:
+            rank_zero_warn("QuantizationAwareTraining: the fit ended before `start` was reached; the weights are "
+                           "quantized after training (round to nearest, MSE calibration)")
+        super()._finish(trainer, pl_module)
+
+    def _first_pass(self, trainer: pl.Trainer, module: pl.LightningModule, plan: LayerPlan, keep: bool) -> LayerRungs:
+        """The codes QAT trained, at their planned widths (other widths, for a fallback, rounded to nearest)."""
+        states = super()._first_pass(trainer, module, plan, keep)
+        for name, qtensor in self._codes.items():
+            states.add(record(name, plan.layers[name], qtensor))
+        return states
+

@@ -1,0 +1,134 @@
+"""LSQ fake quantization of one weight: symmetric n-bit codes with a learnable scale per channel / group. No Lightning.
+
+:class:`LSQFakeQuantizer` is a ``torch.nn.utils.parametrize`` parametrization: registered on a module's weight, it
+makes ``module.weight`` the dequantized codes of the latent float weight on every access, so the module's forward
+(and the model's forward signature) are untouched. Per (row, group) of the weight's grouped view
+(:func:`~lightning_compress.quantization.primitives.grouped_view`):
+
+    w_hat = clamp(round(w * mask / s), -2^(b-1), 2^(b-1) - 1) * s
+
+- **weights**: straight-through estimator for ``round`` (gradient 1), zero gradient outside the clipping range
+  (LSQ, Esser et al. 2020);
+- **scale**: learnable, its gradient multiplied by LSQ's ``g = 1 / sqrt(group_len * qmax)`` so that its step
+  stays commensurate with the weights' steps whatever the group size and width;
+- **initial scale**: the MSE calibration of post-training quantization
+  (:func:`~lightning_compress.quantization.primitives.calibrate` with ``calibration="mse"`` and
+  :func:`~lightning_compress.quantization.primitives.choose_qparams`), so training starts where PTQ ends;
+- **pruning**: the keep-mask multiplies the weight before quantizing; zero maps to code 0 exactly (symmetric), so a
+  pruned weight stays exactly zero in the forward, the gradient and the codes.
+
+Both custom autograd functions return exact values in the forward (no ``x + (round(x) - x).detach()`` trick, which
+can be one ulp off), so :meth:`LSQFakeQuantizer.codes` dequantizes to the very tensor the forward produced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.quantization.primitives import (
+    QuantizedTensor,
+    QuantSpec,
+    calibrate,
+    choose_qparams,
+    code_dtype,
+    grouped_view,
+    int_range,
+)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``round`` in the forward, identity in the backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward, the gradient times ``factor`` in the backward (LSQ's scale gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def lsq_grad_factor(group_len: int, bits: int) -> float:
+    """LSQ's scale-gradient factor ``1 / sqrt(numel per scale * qmax)``."""
+    return 1.0 / math.sqrt(group_len * int_range(bits, True)[1])
+
+
+def initial_scale(weight: Tensor, spec: QuantSpec) -> Tensor:
+    """The post-training MSE-calibrated symmetric scale of ``weight``, ``(rows, groups)`` float32."""
+    mse = replace(spec, calibration="mse", symmetric=True, scale_dtype="float32")
+    with torch.no_grad():
+        groups = grouped_view(weight.detach(), mse.granularity, mse.group_size)
+        lo, hi = calibrate(groups, mse)
+        scale, _ = choose_qparams(lo, hi, mse)
+    return scale.float()
+
+
+class LSQFakeQuantizer(nn.Module):
+    """The parametrization (see the module docstring). ``scale`` is an ``nn.Parameter`` shaped ``(rows, groups)``;
+    ``mask`` (optional, a non-persistent buffer) is the pruning keep-mask, shaped like the weight."""
+
+    mask: Tensor | None
+
+    def __init__(self, weight: Tensor, spec: QuantSpec, mask: Tensor | None = None) -> None:
+        super().__init__()
+        if not spec.symmetric:
+            raise ValueError(f"LSQ fake quantization is symmetric only, got `symmetric`={spec.symmetric!r}")
+        self.spec = spec
+        self.register_buffer("mask", None if mask is None else mask.to(weight.device, weight.dtype), persistent=False)
+        masked = self._masked(weight)
+        self.scale = nn.Parameter(initial_scale(masked, spec).to(weight.device))
+        self.group_len = grouped_view(weight.detach(), spec.granularity, spec.group_size).shape[-1]
+        self.grad_factor = lsq_grad_factor(self.group_len, spec.bits)
+
+    @staticmethod
+    def scale_shape(weight: Tensor, spec: QuantSpec) -> tuple[int, int]:
+        """The ``(rows, groups)`` shape of the scale of ``weight`` under ``spec``."""
+        rows, groups, _ = grouped_view(weight.detach(), spec.granularity, spec.group_size).shape
+        return rows, groups
+
+    def set_mask(self, mask: Tensor | None) -> None:
+        """Replace the keep-mask (pruning changed it), or drop it with None."""
+        self.mask = None if mask is None else mask.to(self.scale.device, torch.float32)
+
+    def effective_scale(self) -> Tensor:
+        """The scale the forward and the codes use: the learned one, kept strictly positive."""
+        return self.scale.clamp(min=torch.finfo(torch.float32).tiny)
+
+    def _masked(self, weight: Tensor) -> Tensor:
+        return weight if self.mask is None else weight * self.mask.to(weight.dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        qmin, qmax = int_range(self.spec.bits, True)
+        groups = grouped_view(self._masked(weight).float(), self.spec.granularity, self.spec.group_size)
+        scale = _ScaleGrad.apply(self.effective_scale(), self.grad_factor).unsqueeze(-1)
+        codes = _RoundSTE.apply(torch.clamp(groups / scale, qmin, qmax))
+        return (codes * scale).reshape(weight.shape).to(weight.dtype)
+
+    @torch.no_grad()
+    def codes(self, weight: Tensor) -> QuantizedTensor:
+        """The exact integer codes and scales the forward applies to the latent ``weight``: their
+        ``dequantize()`` equals ``forward(weight)`` bit for bit."""
+        qmin, qmax = int_range(self.spec.bits, True)
+        groups = grouped_view(self._masked(weight.detach()).float(), self.spec.granularity, self.spec.group_size)
+        scale = self.effective_scale().detach().float().clone()
+        q = torch.round(torch.clamp(groups / scale.unsqueeze(-1), qmin, qmax)).to(code_dtype(True))
+        spec = replace(self.spec, symmetric=True, scale_dtype="float32")
+        return QuantizedTensor(q.reshape(weight.shape), scale, None, spec, tuple(weight.shape), weight.dtype)
