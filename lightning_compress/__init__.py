@@ -1,5 +1,6 @@
 """lightning-compress: prune by gradient statistics and quantize to n-bit integers, inside a Lightning fit."""
 
+from lightning_compress.adaptive import Budget, compress
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
@@ -10,10 +11,12 @@ from lightning_compress.serving import export_onnx
 from lightning_compress.structure.compaction import compact, load_compacted, save_compacted
 
 __all__ = [
+    "Budget",
     "GradientStabilityPruning",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
     "compact",
+    "compress",
     "export_onnx",
     "load_compacted",
     "load_compressed",

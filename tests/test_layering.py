@@ -11,7 +11,7 @@ import pytest
 import lightning_compress
 
 PACKAGE = Path(lightning_compress.__file__).parent
-PURE = ("core", "pruning", "structure", "quantization", "serving", "qat")
+PURE = ("core", "pruning", "structure", "quantization", "serving", "qat", "adaptive")
 
 
 def _modules(subpackage: str) -> list[str]:

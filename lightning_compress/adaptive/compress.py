@@ -1,0 +1,183 @@
+"""``compress(model, budget=Budget(size="25MB"), calibration_data=...)``: per-layer bits, granularity and sparsity
+chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. No Lightning import.
+
+1. Checks (arguments, then the budget against its floor: every layer at 2 bits, or at the largest sparsity), all
+   before any weight changes or any backward pass runs.
+2. Diagonal Fisher from a few backward passes (:mod:`.fisher`), every layer's candidates with exact bytes, MACs
+   and predicted loss increase (:mod:`.candidates`).
+3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`).
+4. The plan is written into the model (it carries its codes: ``save_quantized(model, path)`` / ``export_onnx``
+   take it), the file and the MACs are measured, and ``metric_fn`` decides (:mod:`.session`). A model over budget
+   or outside the bound is never returned: :class:`~.session.BudgetError` gives the smallest budget that met the
+   bound as measured, and the model gets its float weights back (also if anything else raises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.candidates import layer_candidates
+from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
+from lightning_compress.adaptive.fisher import diagonal_fisher
+from lightning_compress.adaptive.plan import Problem, floor_bytes, floor_macs, rows
+from lightning_compress.adaptive.session import BUDGET_STEPS, BudgetError, Session
+from lightning_compress.core.accounting import state_bytes
+from lightning_compress.core.gate import MetricGate
+from lightning_compress.core.validation import check_bool, check_choice, check_number
+from lightning_compress.quantization.calibration import feed, take_batches, to_device
+from lightning_compress.quantization.carried import attach, carried, forget
+from lightning_compress.quantization.checks import check_finite_batches, check_metric_fn, check_runs, measure
+from lightning_compress.quantization.coverage import (
+    QUANT_MODULE_TYPES,
+    check_finite,
+    layer_weight,
+    select_layers,
+    weight_key,
+)
+from lightning_compress.quantization.primitives import CALIBRATIONS
+
+FISHER_BATCHES = 8  # backward passes for the Fisher (and batches kept for the forward that counts positions)
+CORRECTIONS = 2  # re-solves after a failed bound before larger budgets are tried
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` delivered: the model (carrying its codes), the plan per layer, the budget and what
+    the delivered file / MACs came to, the metric before and after, and the verification steps taken."""
+
+    model: nn.Module
+    plan: list[dict[str, Any]]
+    budget_bytes: int | None
+    file_bytes: int | None  # measured: the bytes save_quantized(model, path) writes
+    budget_macs: int | None
+    macs: int | None  # counted on the delivered weights, per example
+    metric_before: float | None = None
+    metric_after: float | None = None
+    evaluations: int = 0  # metric_fn calls
+    steps: list[str] = field(default_factory=list)
+
+
+def _check(budget: Any, forward: Any, loss_fn: Any, metric_fn: Any, max_metric_drop: Any, higher_is_better: Any,
+           calibration: Any, calibration_batches: Any, corrections: Any) -> None:
+    if not isinstance(budget, Budget):
+        raise TypeError(f"`budget` must be a lightning_compress.Budget, e.g. Budget(size='25MB'), got {budget!r}")
+    for name, value in (("forward", forward), ("loss_fn", loss_fn)):
+        if value is not None and not callable(value):
+            raise TypeError(f"`{name}` must be None or a callable, got {value!r}")
+    check_metric_fn(metric_fn)
+    check_bool("higher_is_better", higher_is_better)
+    check_choice("calibration", calibration, CALIBRATIONS)
+    check_number("calibration_batches", calibration_batches, low=1, integer=True)
+    check_number("corrections", corrections, low=0, high=10, integer=True)
+    if max_metric_drop is not None:
+        check_number("max_metric_drop", max_metric_drop, low=0.0)
+        if metric_fn is None:
+            raise ValueError(f"`max_metric_drop`={max_metric_drop} needs `metric_fn` (a callable model -> float)")
+
+
+def compress(
+    model: nn.Module,
+    budget: Budget,
+    calibration_data: Iterable[Any],
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    metric_fn: Callable[[nn.Module], float] | None = None,
+    max_metric_drop: float | None = None,
+    higher_is_better: bool = True,
+    calibration: str = "mse",
+    calibration_batches: int = FISHER_BATCHES,
+    corrections: int = CORRECTIONS,
+) -> CompressionResult:
+    """Compress ``model`` in place to fit ``budget`` with the smallest predicted loss increase.
+
+    Args:
+        budget: :class:`~.budget.Budget` (size and / or MACs).
+        calibration_data: batches for the Fisher (at most ``calibration_batches``); fed as ``forward(model,
+            batch)``, default: dicts as ``model(**batch)``, tuples as ``model(batch[0])``.
+        loss_fn: ``loss_fn(output, batch) -> scalar``; default: the model's own softmax (see :mod:`.fisher`).
+        metric_fn, max_metric_drop, higher_is_better: the bound the delivered model must meet (measured).
+        calibration: how each candidate's clipping range is chosen (``"mse"``: what makes 2-4 bits usable).
+        corrections: re-solves with measured corrections after a failed bound.
+
+    Raises:
+        ValueError: a budget below its floor (before any work); :class:`~.session.BudgetError` when the budget and
+            the bound cannot both hold (the model is restored to float).
+    """
+    _check(budget, forward, loss_fn, metric_fn, max_metric_drop, higher_is_better, calibration,
+           calibration_batches, corrections)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    layers, _ = select_layers(model, QUANT_MODULE_TYPES)
+    check_finite(layers)
+    keys = {name: weight_key(name, module) for name, module in layers.items()}
+    weights = {name: layer_weight(name, module) for name, module in layers.items()}
+    run = forward or feed
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = [to_device(b, device) for b in take_batches(calibration_data, calibration_batches)]
+    check_finite_batches(batches)
+    check_runs(model, batches[0], run)
+    where = positions(model, layers, batches[0], run)
+    fixed = fixed_bytes(model, keys)
+    size_cap = budget.size_bytes(sum(state_bytes(model).values()))
+    other = max(0, model_macs(model, batches[0], run) - dense_macs(weights, where)) if budget.macs is not None else 0
+    macs_cap = budget.macs_count(other + dense_macs(weights, where))
+    if size_cap is not None and size_cap < (floor := floor_bytes(weights, fixed)):
+        raise ValueError(f"`budget` size={budget.size!r} ({size_cap} bytes) is below the floor of this model: "
+                         f"{floor} bytes of tensor data with every layer at 2 bits per channel (the header comes "
+                         "on top); allowed: a larger size")
+    if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other)):
+        raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
+                         f"model: {floor} MACs with every layer at its largest sparsity; allowed: a larger count")
+    earlier = carried(model)
+    earlier_codes = dict(earlier.codes) if earlier is not None else {}
+    floats = {name: w.detach().clone() for name, w in weights.items()}
+    gate = MetricGate(max_metric_drop, higher_is_better)
+    try:
+        before = measure(metric_fn, model) if metric_fn is not None else None
+        fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
+        candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration)
+                      for n, count in aliases(model, keys).items()}
+        problem = Problem(candidates, fixed, other, size_cap, macs_cap)
+        session = Session(model, layers, weights, keys, floats, fisher, where, calibration, metric_fn, measure, gate,
+                          before, evaluations=int(metric_fn is not None))
+        header = session.header(problem) if size_cap is not None else 0
+        delivered = session.verified(problem, header, corrections)
+        if delivered is None:
+            _refuse(session, problem, header, budget)
+    except BaseException:
+        with torch.no_grad():
+            for name, weight in weights.items():
+                weight.copy_(floats[name])
+        forget(model)
+        if earlier is not None:
+            attach(model, earlier_codes, earlier.source)
+        raise
+    return CompressionResult(model, rows(delivered.plan, problem, session.measured), size_cap, delivered.file_bytes,
+                             macs_cap, delivered.macs, before, delivered.metric, session.evaluations, session.steps)
+
+
+def _refuse(session: Session, problem: Problem, header: int, budget: Budget) -> NoReturn:
+    """Raise :class:`BudgetError` with the smallest larger budget that met the bound, as measured."""
+    asked = f"`budget`={budget!r} ({problem.size_cap} bytes / {problem.macs_cap} MACs per example)"
+    cheapest = session.cheapest_file
+    if problem.size_cap is not None and cheapest is not None and problem.size_cap < cheapest:
+        raise BudgetError(f"{asked}: no plan fits; the smallest file this model can be written as is {cheapest} "
+                          "bytes (every layer at 2 bits per channel, header included); allowed: at least that",
+                          (cheapest, None))
+    found = session.smallest_passing(problem, header)
+    if found is None:
+        raise BudgetError(f"{asked} and `max_metric_drop` cannot both hold, and no budget up to "
+                          f"{BUDGET_STEPS[-1]}x larger met the bound either (steps: {session.steps})", None)
+    smallest = (found.file_bytes if problem.size_cap is not None else None,
+                found.macs if problem.macs_cap is not None else None)
+    raise BudgetError(f"{asked} and `max_metric_drop` cannot both hold (measured after {session.evaluations} "
+                      f"evaluations); the smallest budget that met the bound as measured: {smallest[0]} bytes / "
+                      f"{smallest[1]} MACs per example; allowed: a budget at least that large or a looser bound",
+                      smallest)

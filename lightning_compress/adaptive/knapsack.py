@@ -1,0 +1,83 @@
+"""Multiple-choice knapsack: one option per group, the smallest summed score with the summed cost under a cap.
+
+:func:`solve` is a dynamic program over the cap cut into at most ``buckets`` equal units. Each option's cost is
+rounded *up* to whole units, so every plan it returns truly fits the cap (it is exact when the costs are whole
+multiples of the unit, e.g. integers with ``cap <= buckets``; otherwise it may miss a plan that fits only through
+the rounding). A second resource is handled by :func:`solve_two`: a Lagrange multiplier on it, found by bisection,
+added to the scores of a :func:`solve` on the first. No Lightning import.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+BUCKETS = 4096  # units the cap is cut into: enough for per-layer costs a fraction of a percent of the cap apart
+
+
+def solve(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], cap: float,
+          buckets: int = BUCKETS) -> list[int] | None:
+    """Index of the chosen option per group, or None when even the cheapest options exceed ``cap``."""
+    if len(scores) != len(costs) or any(len(s) != len(c) or not s for s, c in zip(scores, costs)):
+        raise ValueError("`scores` and `costs` must hold the same number of options per group, at least one each")
+    if sum(min(c) for c in costs) > cap:
+        return None
+    unit = max(cap, 1e-12) / buckets
+    n = buckets + 1
+    best = np.zeros(n)  # best[b]: smallest score of the groups so far using at most b units
+    choices = []
+    for group_scores, group_costs in zip(scores, costs):
+        units = [math.ceil(c / unit - 1e-9) for c in group_costs]
+        new = np.full(n, np.inf)
+        pick = np.full(n, -1, dtype=np.int64)
+        for index, (score, used) in enumerate(zip(group_scores, units)):
+            if used > buckets:
+                continue
+            candidate = np.full(n, np.inf)
+            candidate[used:] = best[: n - used] + score
+            better = candidate < new
+            new[better], pick[better] = candidate[better], index
+        best = new
+        choices.append(pick)
+    if not np.isfinite(best[-1]):
+        return None
+    plan, left = [], buckets
+    for group_costs, pick in zip(reversed(costs), reversed(choices)):
+        index = int(pick[left])
+        plan.append(index)
+        left -= math.ceil(group_costs[index] / unit - 1e-9)
+    return plan[::-1]
+
+
+def solve_two(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], cap: float,
+              second: Sequence[Sequence[float]], second_cap: float, buckets: int = BUCKETS,
+              steps: int = 40) -> list[int] | None:
+    """:func:`solve` under ``cap`` with also the summed ``second`` cost at most ``second_cap``: the smallest
+    multiplier found by bisection that brings the second cost under its cap (near-exact, not exact)."""
+    def plan_at(multiplier: float) -> list[int] | None:
+        return solve([[s + multiplier * m for s, m in zip(ss, ms)] for ss, ms in zip(scores, second)], costs, cap,
+                     buckets)
+
+    def second_of(plan: list[int]) -> float:
+        return sum(ms[i] for ms, i in zip(second, plan))
+
+    plan = plan_at(0.0)
+    if plan is None or second_of(plan) <= second_cap:
+        return plan
+    spread = sum(max(ss) - min(ss) for ss in scores) + 1e-12
+    finest = min((abs(a - b) for ms in second for a in ms for b in ms if a != b), default=1.0)
+    high = spread / finest * 4
+    top = plan_at(high)
+    if top is None or second_of(top) > second_cap:
+        return None
+    low = 0.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        trial = plan_at(middle)
+        if trial is not None and second_of(trial) <= second_cap:
+            high, top = middle, trial
+        else:
+            low = middle
+    return top

@@ -1,0 +1,87 @@
+"""The planning problem (every layer's candidates, what the rest of the model costs, the caps) and its solution:
+one candidate per layer, the smallest summed (corrected) score within the caps. No Lightning import."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from lightning_compress.adaptive.candidates import Candidate
+from lightning_compress.adaptive.knapsack import solve, solve_two
+from lightning_compress.quantization.packing import packed_nbytes
+
+FLOOR_BITS = 2  # the narrowest width a candidate has
+FLOOR_KEEP = 0.1  # the largest sparsity a candidate has is 1 - FLOOR_KEEP
+
+
+def floor_bytes(weights: Mapping[str, Tensor], fixed: int) -> int:
+    """Tensor bytes of the smallest plan: every layer at 2 bits per channel (one float32 scale per row; a per-group
+    candidate has more scales), plus the entries no candidate changes. The header comes on top."""
+    return fixed + sum(packed_nbytes(w.numel(), FLOOR_BITS) + w.shape[0] * 4 for w in weights.values())
+
+
+def floor_macs(weights: Mapping[str, Tensor], where: Mapping[str, float], other: int) -> int:
+    """MACs per example of the sparsest plan (the largest sparsity everywhere), plus those no candidate changes."""
+    return other + round(sum((w.numel() - math.floor((1 - FLOOR_KEEP) * w.numel())) * where[n]
+                             for n, w in weights.items()))
+
+
+@dataclass
+class Problem:
+    """``size_cap``: bytes for the whole file; ``macs_cap``: MACs per example for the whole model (None: no cap)."""
+
+    candidates: dict[str, list[Candidate]]
+    fixed_bytes: int
+    other_macs: int
+    size_cap: int | None
+    macs_cap: int | None
+    multipliers: dict[str, float] = field(default_factory=dict)  # per layer, the correction verification learned
+
+    def score(self, candidate: Candidate) -> float:
+        return candidate.score * self.multipliers.get(candidate.layer, 1.0)
+
+    def choose(self, header: int) -> dict[str, Candidate] | None:
+        """The best plan with ``header`` bytes reserved for the file's header, or None when nothing fits."""
+        names = list(self.candidates)
+        options = [self.candidates[n] for n in names]
+        scores = [[self.score(c) for c in opts] for opts in options]
+        sizes = [[float(c.nbytes) for c in opts] for opts in options]
+        macs = [[float(c.macs) for c in opts] for opts in options]
+        if self.size_cap is not None:
+            room = self.size_cap - self.fixed_bytes - header
+            if room <= 0:
+                return None
+            if self.macs_cap is None:
+                picks = solve(scores, sizes, room)
+            else:
+                picks = solve_two(scores, sizes, room, macs, self.macs_cap - self.other_macs)
+        else:
+            if self.macs_cap is None or self.macs_cap - self.other_macs <= 0:
+                return None
+            picks = solve(scores, macs, self.macs_cap - self.other_macs)
+        return None if picks is None else {n: opts[i] for n, opts, i in zip(names, options, picks)}
+
+    def data_bytes(self, plan: Mapping[str, Candidate]) -> int:
+        """The plan's tensor bytes: the chosen weights and every other entry (the header excluded)."""
+        return self.fixed_bytes + sum(c.nbytes for c in plan.values())
+
+    def macs(self, plan: Mapping[str, Candidate]) -> int:
+        return self.other_macs + sum(c.macs for c in plan.values())
+
+    def scaled(self, factor: float) -> Problem:
+        """The same problem with both caps multiplied by ``factor`` (searching for a budget that holds the bound)."""
+        size = None if self.size_cap is None else math.floor(self.size_cap * factor)
+        macs = None if self.macs_cap is None else math.floor(self.macs_cap * factor)
+        return Problem(self.candidates, self.fixed_bytes, self.other_macs, size, macs, dict(self.multipliers))
+
+
+def rows(plan: Mapping[str, Candidate], problem: Problem, measured: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The plan as a table: per layer width, granularity, sparsity, predicted score, bytes, MACs and, where
+    verification measured it, the metric drop with that layer alone compressed."""
+    return [{"layer": n, "bits": c.bits, "granularity": c.granularity, "group_size": c.group_size,
+             "sparsity": c.sparsity, "predicted": c.score, "corrected": problem.score(c), "bytes": c.nbytes,
+             "macs": c.macs, "measured_drop": measured.get(n), "label": c.label()} for n, c in plan.items()]

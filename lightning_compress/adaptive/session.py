@@ -1,0 +1,195 @@
+"""Apply a plan to the model, measure what it delivered, correct and re-solve: the verification loop of
+:func:`~lightning_compress.adaptive.compress.compress`. No Lightning import.
+
+Nothing predicted is trusted: the file is measured (``save_quantized`` into a temporary directory), the MACs are
+counted on the weights as they are, and the metric decides. When the metric bound fails, each compressed layer is
+measured alone (the others float); a layer whose measured drop is above the median of measured / predicted gets
+its scores multiplied by the excess, and the plan is solved again (SPDY-like). When that no longer changes the
+plan, larger budgets are tried until one holds the bound: that smallest measured size / MAC count goes into the
+error, and the model gets its float weights back.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.adaptive.candidates import Candidate, realise
+from lightning_compress.adaptive.costs import delivered_macs, file_bytes
+from lightning_compress.adaptive.plan import Problem
+from lightning_compress.core.accounting import FLOAT_BITS
+from lightning_compress.core.gate import MetricGate
+from lightning_compress.quantization.carried import attach, drop
+from lightning_compress.quantization.layer import record_layer
+
+HEADER_ROUNDS = 4  # re-solves with the header measured before giving up on a size cap
+HEADER_MARGIN = 64  # bytes added per header re-solve: the next plan's header may differ by a few digits
+BUDGET_STEPS = (1.25, 1.5, 2.0, 3.0, 4.0, 8.0)  # budget factors tried to find one that holds the bound
+
+
+class BudgetError(ValueError):
+    """The budget and the metric bound cannot both hold. ``smallest`` is the (bytes, MACs) of the smallest
+    delivered plan that met the bound, as measured (None where that resource had no cap)."""
+
+    def __init__(self, message: str, smallest: tuple[int | None, int | None] | None) -> None:
+        super().__init__(message)
+        self.smallest = smallest
+
+
+@dataclass
+class Delivered:
+    plan: dict[str, Candidate]
+    file_bytes: int | None
+    macs: int | None
+    metric: float | None = None
+
+
+@dataclass
+class Session:
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    weights: dict[str, Tensor]  # the live parameters
+    keys: dict[str, str]  # layer -> state_dict key
+    floats: dict[str, Tensor]  # the float weights: the way back
+    fisher: dict[str, Tensor]
+    where: dict[str, float]
+    calibration: str
+    metric_fn: Callable[[nn.Module], float] | None
+    measure: Callable[[Callable[[nn.Module], Any], nn.Module], float]
+    gate: MetricGate
+    before: float | None
+    steps: list[str] = field(default_factory=list)
+    evaluations: int = 0
+    measured: dict[str, float] = field(default_factory=dict)
+    cheapest_file: int | None = None  # bytes of the cheapest plan's file, header included (measured)
+
+    # ---------------------------------------------------------------- applying
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                weight.copy_(self.floats[name])
+        drop(self.model, self.keys.values())
+
+    def write(self, plan: dict[str, Candidate]) -> None:
+        """The float weights everywhere, then each layer as its candidate says; the model carries the codes."""
+        self.restore()
+        codes = {}
+        for name, candidate in plan.items():
+            approx, qtensor = realise(self.floats[name], self.fisher[name], candidate, self.calibration)
+            if qtensor is None:
+                with torch.no_grad():
+                    self.weights[name].copy_(approx)
+            else:
+                layer = record_layer(name, self.layers[name], qtensor, "rtn", self.floats[name])
+                codes[self.keys[name]] = layer.qtensor
+        if codes:
+            attach(self.model, codes, "compress()")
+
+    def metric(self) -> float | None:
+        if self.metric_fn is None:
+            return None
+        self.evaluations += 1
+        return self.measure(self.metric_fn, self.model)
+
+    # ---------------------------------------------------------------- delivering within the caps
+    def deliver(self, problem: Problem, header: int) -> Delivered | None:
+        """Solve, write and measure. A file over its cap is solved again with its header as measured; a file under
+        it too (a smaller header leaves room for a better plan). The model holds the plan returned."""
+        best: Delivered | None = None
+        for _ in range(HEADER_ROUNDS):
+            plan = problem.choose(header)
+            if plan is None or (best is not None and plan == best.plan):
+                break
+            self.write(plan)
+            quantized = any(c.bits != FLOAT_BITS for c in plan.values())
+            size = file_bytes(self.model) if problem.size_cap is not None and quantized else None
+            macs = delivered_macs(self.weights, self.where, problem.other_macs)
+            if problem.macs_cap is not None and macs > problem.macs_cap:
+                break  # cannot happen (quantization only adds zeros); never deliver over the cap
+            if size is None or problem.size_cap is None:
+                return Delivered(plan, size, macs)
+            measured = size - problem.data_bytes(plan) + HEADER_MARGIN
+            if size <= problem.size_cap:
+                best = Delivered(plan, size, macs)
+                if measured >= header:
+                    break
+            else:
+                self.steps.append(f"file {size} B > cap {problem.size_cap} B: solved again with the header as "
+                                  f"measured ({measured} B reserved)")
+            header = measured
+        if best is not None:
+            self.write(best.plan)
+        return best
+
+    def header(self, problem: Problem) -> int:
+        """The header of the file of the cheapest plan (every layer quantized, the most entries), measured."""
+        cheapest = {n: min(cs, key=lambda c: (c.nbytes, c.score)) for n, cs in problem.candidates.items()}
+        self.write(cheapest)
+        size = self.cheapest_file = file_bytes(self.model)
+        self.restore()
+        return size - problem.data_bytes(cheapest) + HEADER_MARGIN
+
+    def verified(self, problem: Problem, header: int, corrections: int) -> Delivered | None:
+        """The first delivered plan that meets the bound, correcting up to ``corrections`` times; None if none."""
+        last: dict[str, Candidate] | None = None
+        for round_ in range(corrections + 1):
+            delivered = self.deliver(problem, header)
+            if delivered is None:
+                self.steps.append("no plan fits the caps")
+                return None
+            if last is not None and delivered.plan == last:
+                self.steps.append("the corrected scores chose the same plan: no further correction")
+                return None
+            delivered.metric = self.metric()
+            verdict = self.gate.judge(self.before, delivered.metric)
+            self.steps.append(self._describe(delivered, verdict.drop))
+            if verdict.accepted:
+                return delivered
+            if round_ < corrections:
+                self.correct(problem, delivered.plan)
+            last = delivered.plan
+        return None
+
+    def _describe(self, delivered: Delivered, drop_: float | None) -> str:
+        parts = [f"plan: {sum(c.bits != FLOAT_BITS for c in delivered.plan.values())} layers quantized"]
+        if delivered.file_bytes is not None:
+            parts.append(f"file {delivered.file_bytes} B")
+        parts.append(f"{delivered.macs} MACs")
+        if drop_ is not None:
+            parts.append(f"metric {delivered.metric:.6g} (drop {drop_:.4g})")
+        return ", ".join(parts)
+
+    # ---------------------------------------------------------------- correcting
+    def correct(self, problem: Problem, plan: dict[str, Candidate]) -> None:
+        """Measure each compressed layer alone and scale up the scores of those the prediction under-rated."""
+        ratios = {}
+        for name, candidate in plan.items():
+            if candidate.bits == FLOAT_BITS and candidate.sparsity == 0:
+                continue
+            self.write({name: candidate})
+            measured = self.gate.drop(self.before, self.metric())
+            self.measured[name] = 0.0 if measured is None else measured
+            ratios[name] = max(self.measured[name], 0.0) / max(problem.score(candidate), 1e-30)
+        positive = [r for r in ratios.values() if r > 0]
+        if not positive:
+            self.steps.append("corrected: no layer alone drops the metric (the drop comes from their interaction)")
+            return
+        median = statistics.median(positive)
+        raised = {n: r / median for n, r in ratios.items() if r > median}
+        for name, factor in raised.items():
+            problem.multipliers[name] = problem.multipliers.get(name, 1.0) * factor
+        self.steps.append(f"corrected: measured {len(ratios)} layers alone; scores of {sorted(raised)} scaled up "
+                          f"(x{max(raised.values(), default=1.0):.3g} at most)")
+
+    def smallest_passing(self, problem: Problem, header: int) -> Delivered | None:
+        """The plan of the first larger budget (:data:`BUDGET_STEPS`) that meets the bound, measured."""
+        for factor in BUDGET_STEPS:
+            delivered = self.verified(problem.scaled(factor), header, corrections=0)
+            if delivered is not None:
+                return delivered
+        return None
