@@ -175,8 +175,7 @@ def _refuse(session: Session, problem: Problem, header: int, budget: Budget) -> 
     if found is None:
         raise BudgetError(f"{asked} and `max_metric_drop` cannot both hold, and no budget up to "
                           f"{BUDGET_STEPS[-1]}x larger met the bound either (steps: {session.steps})", None)
-    smallest = (found.file_bytes if problem.size_cap is not None else None,
-                found.macs if problem.macs_cap is not None else None)
+    smallest = (found.size_cap, found.macs_cap)
     raise BudgetError(f"{asked} and `max_metric_drop` cannot both hold (measured after {session.evaluations} "
                       f"evaluations); the smallest budget that met the bound as measured: {smallest[0]} bytes / "
                       f"{smallest[1]} MACs per example; allowed: a budget at least that large or a looser bound",

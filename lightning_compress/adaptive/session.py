@@ -33,8 +33,8 @@ BUDGET_STEPS = (1.25, 1.5, 2.0, 3.0, 4.0, 8.0)  # budget factors tried to find o
 
 
 class BudgetError(ValueError):
-    """The budget and the metric bound cannot both hold. ``smallest`` is the (bytes, MACs) of the smallest
-    delivered plan that met the bound, as measured (None where that resource had no cap)."""
+    """The budget and the metric bound cannot both hold. ``smallest`` is the (bytes, MACs per example) of the
+    smallest budget tried whose plan met the bound, as measured (None where that resource had no cap)."""
 
     def __init__(self, message: str, smallest: tuple[int | None, int | None] | None) -> None:
         super().__init__(message)
@@ -186,10 +186,11 @@ class Session:
         self.steps.append(f"corrected: measured {len(ratios)} layers alone; scores of {sorted(raised)} scaled up "
                           f"(x{max(raised.values(), default=1.0):.3g} at most)")
 
-    def smallest_passing(self, problem: Problem, header: int) -> Delivered | None:
-        """The plan of the first larger budget (:data:`BUDGET_STEPS`) that meets the bound, measured."""
+    def smallest_passing(self, problem: Problem, header: int) -> Problem | None:
+        """The first larger budget (:data:`BUDGET_STEPS`) whose plan, solved with the corrections learned so far,
+        meets the bound, as measured."""
         for factor in BUDGET_STEPS:
-            delivered = self.verified(problem.scaled(factor), header, corrections=0)
-            if delivered is not None:
-                return delivered
+            larger = problem.scaled(factor)
+            if self.verified(larger, header, corrections=0) is not None:
+                return larger
         return None

@@ -1,0 +1,64 @@
+"""Budget: parsing, units (decimal vs binary), fractions, and the refusals (table-driven)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from lightning_compress.adaptive.budget import Budget, parse_size
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("25MB", 25_000_000), ("1.5 MiB", 1_572_864), ("100 B", 100), ("2kB", 2000), ("2KB", 2000),
+    ("3KiB", 3072), ("0.5GB", 500_000_000), ("1GiB", 2**30), (".5 MB", 500_000),
+])
+def test_sizes_parse_decimal_and_binary_units(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+    assert Budget(size=text).size_bytes(10**12) == expected
+
+
+def test_fractions_and_counts_resolve() -> None:
+    assert Budget(size=0.25).size_bytes(1000) == 250
+    assert Budget(size=1234).size_bytes(10) == 1234  # an int is bytes, whatever the float model weighs
+    assert Budget(macs=0.5).macs_count(1001) == 500
+    assert Budget(macs=777).macs_count(10) == 777
+    assert Budget(size=0.5).macs_count(100) is None and Budget(macs=0.5).size_bytes(100) is None
+
+
+BAD: list[tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]] = [
+    ("nothing", {}, ValueError, ("size", "macs", "neither")),
+    ("latency", {"latency": 0.5}, ValueError, ("latency", "0.5", "not implemented")),
+    ("latency_with_size", {"size": 0.5, "latency": 0.5}, ValueError, ("latency",)),
+    ("size_one", {"size": 1.0}, ValueError, ("size", "1.0", "(0, 1)")),
+    ("size_zero_float", {"size": 0.0}, ValueError, ("size", "0.0")),
+    ("size_negative_int", {"size": -5}, ValueError, ("size", "-5")),
+    ("size_zero_int", {"size": 0}, ValueError, ("size", "0")),
+    ("size_bool", {"size": True}, TypeError, ("size", "True")),
+    ("size_nan", {"size": math.nan}, ValueError, ("size", "nan")),
+    ("size_list", {"size": [1]}, TypeError, ("size", "[1]")),
+    ("size_unit_unknown", {"size": "25 mb"}, ValueError, ("size", "'25 mb'", "MiB")),
+    ("size_no_unit", {"size": "25"}, ValueError, ("size", "'25'")),
+    ("size_words", {"size": "small"}, ValueError, ("size", "'small'")),
+    ("size_zero_bytes", {"size": "0.1 B"}, ValueError, ("size", "'0.1 B'", "1 byte")),
+    ("macs_string", {"macs": "1M"}, TypeError, ("macs", "'1M'")),
+    ("macs_fraction_high", {"macs": 1.5}, ValueError, ("macs", "1.5")),
+    ("macs_zero", {"macs": 0}, ValueError, ("macs", "0")),
+    ("macs_bool", {"macs": False}, TypeError, ("macs", "False")),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "texts"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_budgets_are_refused_naming_the_argument(kwargs: dict[str, Any], error: type[Exception],
+                                                     texts: tuple[str, ...]) -> None:
+    with pytest.raises(error) as info:
+        Budget(**kwargs)
+    for text in texts:
+        assert text in str(info.value), (text, str(info.value))
+
+
+def test_budget_is_frozen() -> None:
+    budget = Budget(size="1MB")
+    with pytest.raises(AttributeError):
+        budget.size = "2MB"  # type: ignore[misc]
