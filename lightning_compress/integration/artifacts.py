@@ -119,15 +119,15 @@ def prepare_for_checkpoint(
                                  f"{type(state_dict).__name__}: not a Lightning checkpoint of a model")
     _check_hyperparameters(source, checkpoint.get("hyper_parameters"), model)
     entry = _entry(source, checkpoint)
-    if entry is not None and entry.get("stage") == "compressed" and is_packed(checkpoint):
-        checkpoint["state_dict"] = unpack(model, checkpoint, source)
-        return checkpoint["state_dict"]
     record: CompactedAxes | None = {}
     if entry is not None and entry.get("stage") == "compressed":
         if RECORD_KEY in entry:
             record = parse_record(source, entry[RECORD_KEY], f"{CHECKPOINT_KEY}.{RECORD_KEY}")
         elif entry.get("compacted"):
             record = None  # compacted by a version that did not record the axes: nothing may shrink
+        if is_packed(checkpoint):
+            checkpoint["state_dict"] = unpack(model, checkpoint, source, record if RECORD_KEY in entry else None)
+            return checkpoint["state_dict"]
     shrink_to_state_dict(model, state_dict, record, source=source)
     return state_dict
 

@@ -40,7 +40,7 @@ from lightning_compress.quantization.export import (
 )
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.structure.serialization import shrink_to_state_dict
-from lightning_compress.structure.shape_rules import RECORD_KEY
+from lightning_compress.structure.shape_rules import RECORD_KEY, CompactedAxes, encode
 
 CHECKPOINT_KEY = "lightning_compress"  # the entry of every checkpoint written with the callbacks
 PACKED_KEY = "packed"
@@ -82,16 +82,26 @@ def is_packed(checkpoint: dict[str, Any]) -> bool:
     return isinstance(entry, dict) and PACKED_KEY in entry
 
 
-def unpack(model: nn.Module, checkpoint: dict[str, Any], source: str) -> dict[str, Tensor]:
+def unpack(
+    model: nn.Module, checkpoint: dict[str, Any], source: str, declared: CompactedAxes | None = None
+) -> dict[str, Tensor]:
     """The float ``state_dict`` of a packed checkpoint (``source`` names it in errors), checked against ``model``
     before anything is allocated; ``model`` is resized to its compacted shapes and carries its codes. Returns the
-    state_dict to load (strictly: it holds exactly the model's keys)."""
+    state_dict to load (strictly: it holds exactly the model's keys). ``checkpoint["state_dict"]`` must be the
+    placeholders :func:`pack` writes (checked by :func:`~.artifacts.prepare_for_checkpoint`: names to tensors).
+    ``declared``: the compaction record the entry states beside the packed model, which must be the packed one's."""
     blob = checkpoint[CHECKPOINT_KEY][PACKED_KEY]
     where = f"{source} [{CHECKPOINT_KEY}.{PACKED_KEY}]"
     if not (isinstance(blob, Tensor) and blob.dtype == torch.uint8 and blob.dim() == 1 and blob.is_contiguous()):
         shown = f"{blob.dtype} {list(blob.shape)}" if isinstance(blob, Tensor) else type(blob).__name__
         raise UntrustedFileError(f"{source!r}: {CHECKPOINT_KEY}.{PACKED_KEY} must be a contiguous 1-D uint8 tensor "
                                  f"(the packed model's safetensors bytes), got {shown}")
+    filled = next((key for key, value in checkpoint["state_dict"].items() if value.numel()), None)
+    if filled is not None:  # edited by hand, or written by something else: the packed model would be loaded instead
+        raise UntrustedFileError(f"{source!r}, key {filled!r}: holds a tensor of shape "
+                                 f"{list(checkpoint['state_dict'][filled].shape)} in 'state_dict', but a compressed "
+                                 f"checkpoint keeps its model in {CHECKPOINT_KEY}.{PACKED_KEY} and only empty "
+                                 "placeholders in 'state_dict'")
     with tempfile.TemporaryDirectory(prefix="lightning_compress_") as directory:
         path = os.path.join(directory, "packed.safetensors")  # the export's checked reader reads a file
         with open(path, "wb") as handle:
@@ -100,6 +110,9 @@ def unpack(model: nn.Module, checkpoint: dict[str, Any], source: str) -> dict[st
             meta, floats, quantized = _read_checked(path, model, None)
         except UntrustedFileError as err:
             raise UntrustedFileError(str(err).replace(repr(path), repr(where)).replace(path, where)) from None
+    if declared is not None and declared != meta[RECORD_KEY]:
+        raise UntrustedFileError(f"{source!r}: {CHECKPOINT_KEY}.{RECORD_KEY} {encode(declared)!r:.300} is not the "
+                                 f"packed model's compaction record {encode(meta[RECORD_KEY])!r:.300}: edited by hand?")
     state = {**floats, **{key: qt.dequantize() for key, qt in quantized.items()}}
     shrink_to_state_dict(model, state, meta[RECORD_KEY], source=where)
     forget(model)  # the model will hold exactly what the checkpoint holds

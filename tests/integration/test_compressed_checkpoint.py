@@ -132,3 +132,35 @@ def test_a_malformed_packed_entry_is_refused_naming_the_file(fit: Fit, tmp_path:
         load_compressed(model, path)
     assert str(path) in str(info.value) and PACKED_KEY in str(info.value)
     assert model.net[1].weight.shape == (512, 64)
+
+
+def test_a_compressed_checkpoint_of_format_1_still_loads(fit: Fit, tmp_path: Path) -> None:
+    """Before format 2, compressed.ckpt held the delivered float state_dict and no packed entry."""
+    checkpoint = torch.load(fit.checkpoint, weights_only=True)
+    entry = checkpoint[CHECKPOINT_KEY]
+    del entry[PACKED_KEY]
+    entry["format"] = "lightning_compress.checkpoint/1"
+    checkpoint["state_dict"] = fit.model.state_dict()
+    path = tmp_path / "compressed_v1.ckpt"
+    torch.save(checkpoint, path)
+    expected = _logits(fit.model, fit.data)
+    assert torch.equal(_logits(load_compressed(_mlp(), path), fit.data), expected)
+    model = _mlp()
+    quiet_trainer(SETUPS["int8"]()).test(model, fit.data, ckpt_path=str(path), verbose=False)
+    assert torch.equal(_logits(model, fit.data), expected)
+
+
+def test_a_model_only_pruned_is_stored_as_its_compacted_float_weights(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model, data = _mlp(), DigitsDataModule(batch_size=64)
+    trainer = quiet_trainer([_structured()], max_epochs=1, limit_train_batches=15)
+    trainer.fit(model, data)
+    path = Path(report_of(trainer).files["compressed_checkpoint"])
+    checkpoint = torch.load(path, weights_only=True)
+    assert "optimizer_states" not in checkpoint and "callbacks" not in checkpoint  # no pruning statistics either
+    compacted = sum(value.numel() for value in model.state_dict().values())
+    assert compacted < 0.8 * sum(value.numel() for value in _mlp().state_dict().values())
+    assert os.path.getsize(path) < 4 * compacted * 1.1  # float32 weights of the compacted model, little more
+    loaded = load_compressed(_mlp(), path)
+    assert carried(loaded) is None and loaded.net[1].weight.shape == model.net[1].weight.shape
+    assert torch.equal(_logits(loaded, data), _logits(model, data))

@@ -32,6 +32,7 @@ from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.integration.artifacts import CHECKPOINT_KEY, checkpoint_entry
+from lightning_compress.integration.compressed_checkpoint import pack
 from lightning_compress.quantization.export import (
     METADATA_KEY,
     load_float,
@@ -94,7 +95,8 @@ def _compacted_mlp(hidden: list[int], keep: int, **kwargs: Any) -> MLPClassifier
 
 def _write(run: Run, kind: str, model: MLPClassifier, path: Path, hparams: bool = True) -> Path:
     """``model`` written as an artifact of ``kind``, the way the package writes it (a checkpoint: the fit's
-    ``compressed.ckpt`` with the model's state, hyper-parameters and compaction record)."""
+    ``compressed.ckpt`` with the model packed, its hyper-parameters and compaction record; ``checkpoint_v1``: as
+    before format 2, the model's float ``state_dict`` in the checkpoint)."""
     if kind == "quantized":
         model = copy.deepcopy(model)
         save_quantized(model, quantize(model, bits=4), path)
@@ -107,6 +109,8 @@ def _write(run: Run, kind: str, model: MLPClassifier, path: Path, hparams: bool 
         checkpoint = torch.load(run.files["checkpoint"], weights_only=True)
         checkpoint.update({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                            CHECKPOINT_KEY: checkpoint_entry("compressed", compacted=bool(axes), **{RECORD_KEY: axes})})
+        if kind == "checkpoint":
+            pack(checkpoint, model)
         if not hparams:
             del checkpoint["hyper_parameters"]
         torch.save(checkpoint, path)
@@ -114,7 +118,7 @@ def _write(run: Run, kind: str, model: MLPClassifier, path: Path, hparams: bool 
 
 
 def _suffix(kind: str) -> str:
-    return ".ckpt" if kind == "checkpoint" else ".fp32.safetensors" if kind == "float" else ".safetensors"
+    return ".ckpt" if kind.startswith("checkpoint") else ".fp32.safetensors" if kind == "float" else ".safetensors"
 
 
 def _edited_checkpoint(run: Run, path: Path, change: Callable[[dict], None]) -> Path:
@@ -175,7 +179,7 @@ VARIANTS: dict[str, tuple[Builder, dict[str, tuple[str, ...]]]] = {
     "wider": (lambda r, k, p: _write(r, k, _mlp(hidden=[128, 32]), p),
               {"checkpoint": (HPARAMS, "[128, 32]"), "*": ("'net.1.", "declared shape [128", "the model has [64")}),
     "wider_without_hparams": (lambda r, k, p: _write(r, k, _mlp(hidden=[128, 32]), p, hparams=False)
-                              if k == "checkpoint" else None,
+                              if k.startswith("checkpoint") else None,
                               {"*": ("'net.1.", "declared shape [128", "the model has [64")}),
     "deeper": (lambda r, k, p: _write(r, k, _mlp(hidden=[64, 32, 16]), p),
                {"checkpoint": (HPARAMS, "'hidden'"), "*": ("'net.7.", "is not in the model's state_dict")}),
@@ -183,7 +187,7 @@ VARIANTS: dict[str, tuple[Builder, dict[str, tuple[str, ...]]]] = {
                   {"checkpoint": (HPARAMS, "'input_size'", "784"),
                    "*": ("'net.1.weight'", "declared shape [64, 784]", "the model has [64, 64]")}),
     "input_784_without_hparams": (lambda r, k, p: _write(r, k, _mlp(input_size=784), p, hparams=False)
-                                  if k == "checkpoint" else None,
+                                  if k.startswith("checkpoint") else None,
                                   {"*": ("'net.1.weight'", "declared shape [64, 784]", "[64, 64]")}),
     "grown_to_4096": (lambda r, k, p: _edited_checkpoint(r, p, lambda c: _grown(c["state_dict"])) if k == "checkpoint"
                       else _edited_safetensors(r.files[k], p, _grown) if k in ("compacted", "float")
@@ -206,7 +210,7 @@ VARIANTS: dict[str, tuple[Builder, dict[str, tuple[str, ...]]]] = {
 
 def _direct(kind: str) -> Callable[[Run, MLPClassifier, Path], Any]:
     """The kind's own loader: load_quantized / load_compacted / load_float, or Lightning's ckpt_path."""
-    if kind == "checkpoint":
+    if kind.startswith("checkpoint"):
         return lambda r, m, p: quiet_trainer(_callbacks()).test(m, r.data, ckpt_path=str(p), verbose=False)
     loader = {"quantized": load_quantized, "compacted": load_compacted, "float": load_float}[kind]
     return lambda r, m, p: loader(m, p)
@@ -214,9 +218,12 @@ def _direct(kind: str) -> Callable[[Run, MLPClassifier, Path], Any]:
 
 LOADERS = {"load_compressed": lambda kind: lambda r, m, p: load_compressed(m, p), "own_loader": _direct}
 CHECKPOINT_ONLY = {"wider_without_hparams", "input_784_without_hparams", "edited_hparams", "malformed_state_dict"}
+WRITTEN = {"wider_compacted", "narrower_compacted", "narrower", "wider", "wider_without_hparams", "deeper", "input_784",
+           "input_784_without_hparams"}  # also written as a compressed.ckpt of format 1 (float state_dict)
 CASES = [pytest.param(variant, kind, loader, id=f"{variant}-{kind}-{loader}")
-         for variant in VARIANTS for kind in KINDS for loader in LOADERS
-         if kind == "checkpoint" or variant not in CHECKPOINT_ONLY]
+         for variant in VARIANTS for kind in (*KINDS, "checkpoint_v1") for loader in LOADERS
+         if (kind == "checkpoint" or variant not in CHECKPOINT_ONLY)
+         and (kind != "checkpoint_v1" or variant in WRITTEN)]
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -233,7 +240,7 @@ def test_every_loader_refuses_a_file_the_model_did_not_write(run: Run, variant: 
     with pytest.raises(UntrustedFileError) as info:
         LOADERS[loader](kind)(run, model, path)
     message = str(info.value)
-    for text in (str(path), *texts.get(kind, texts.get("*", ()))):
+    for text in (str(path), *texts.get(kind.removesuffix("_v1"), texts.get("*", ()))):
         assert text in message, f"{text!r} missing from: {message}"
     assert "weights_only" not in message
     after = model.state_dict()
