@@ -12,7 +12,8 @@ The rule (:func:`check_declared_shapes`), applied by every loader before the mod
 allocated: a file holds exactly the model's keys; each declared shape has the model's rank; an axis the file's
 record lists must have been compacted *from the model's size* and may be smaller than or equal to it, every other
 axis must *equal* the model's (the model's size as built: :func:`full_shapes`, also for a model compacted in
-memory). So a file can never grow the model, change its input size or its depth, nor be the
+memory); a model built directly at the compacted size (the declared size equals its own) is that architecture and
+loads. So a file can never grow the model, change its input size or its depth, nor be the
 compaction of a model of another width; an 8 KiB file declaring a (20000, 20000) weight is refused before anything
 is allocated. Refusals are :class:`~lightning_compress.core.io.UntrustedFileError`
 naming the file, the key and both shapes.
@@ -124,7 +125,10 @@ def check_declared_shapes(
         if key not in expected or any(axis >= min(2, len(expected[key])) for axis in axes):
             raise UntrustedFileError(f"{name!r}: {RECORD_KEY!r} lists {key!r} axes {sorted(axes)}; allowed: keys of "
                                      "the model's state_dict, axes 0 (units) and 1 (input columns) that it has")
-        other = {axis: size for axis, size in axes.items() if size != expected[key][axis]}
+        # a model built at the compacted size (the declared size equals its own) is that architecture: it loads
+        held = tuple(declared.get(key, ()))
+        other = {axis: size for axis, size in axes.items()
+                 if size != expected[key][axis] and (len(held) <= axis or held[axis] != expected[key][axis])}
         if other:
             raise UntrustedFileError(f"{name!r}, key {key!r}: compacted from sizes {other} (axis: size), the model has "
                                      f"{list(expected[key])}: the compaction of a model of another configuration "

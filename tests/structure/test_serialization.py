@@ -185,3 +185,13 @@ def test_a_submodule_of_a_compacted_model_carries_its_part_of_the_record(tmp_pat
     assert compacted_axes(outer[0]) == {"net.1.weight": {0: 32}, "net.1.bias": {0: 32}, "net.3.weight": {1: 32}}
     save_compacted(outer[0], tmp_path / "inner.safetensors")  # saved alone: its own keys, its own record
     assert load_compacted(mlp(), tmp_path / "inner.safetensors").net[1].out_features == 20
+
+
+def test_a_model_built_at_the_compacted_width_loads_the_compacted_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = _compacted()  # hidden 32 -> 20
+    save_compacted(model, tmp_path / "c.safetensors")
+    narrow = MLPClassifier(input_size=8, hidden=[20])  # that architecture, built directly: every shape equal
+    load_compacted(narrow, tmp_path / "c.safetensors")
+    torch.testing.assert_close(narrow(torch.ones(3, 8)), model(torch.ones(3, 8)), atol=0, rtol=0)
+    with pytest.raises(UntrustedFileError, match=r"'net.1.bias': compacted from sizes \{0: 32\}.*the model has \[16\]"):
+        load_compacted(MLPClassifier(input_size=8, hidden=[16]), tmp_path / "c.safetensors")  # narrower still: no
