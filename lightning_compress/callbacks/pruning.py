@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -48,7 +49,9 @@ class GradientStabilityPruning(CompressionCallback):
     ``schedule`` (``polynomial`` / ``constant`` / ``one_shot``) with ``schedule_unit``, ``start_step``, ``end_step``,
     ``frequency``, ``amount``, ``initial_sparsity``; ``min_keep``, ``restart_statistics``, ``statistics``,
     ``module_types`` / ``include`` / ``exclude``, ``metric`` / ``metric_kwargs``, ``max_metric_drop`` and
-    ``metric_reference`` (the gate), ``on_violation``, ``evaluate``, ``verbose`` (0, 1, 2).
+    ``metric_reference`` (the gate), ``on_violation`` and ``patience`` (a refused step is retried ``patience``
+    ticks later or at the next validation, see :mod:`lightning_compress.pruning.controller`), ``evaluate``,
+    ``verbose`` (0, 1, 2). A fit that delivers less than ``sparsity`` warns once, naming the refused events.
     """
 
     finish_order = 0
@@ -87,13 +90,14 @@ class GradientStabilityPruning(CompressionCallback):
         normalize: Literal["none", "mean", "median"] = "none",
         round_to: int = 1,
         macs_exponent: float = 0.5,
+        patience: int | None = None,
     ) -> None:
         super().__init__(metric, metric_kwargs, max_metric_drop, metric_reference)
         self.config = PruningConfig(
             sparsity, criterion, structured, scope, schedule, schedule_unit, start_step, end_step, frequency, amount,
             initial_sparsity, mean_threshold, std_threshold, min_keep, restart_statistics, statistics, on_violation,
             evaluate, compact, verbose, structured_target, normalize=normalize, round_to=round_to,
-            macs_exponent=macs_exponent,
+            macs_exponent=macs_exponent, patience=patience,
         )
         defaults = STRUCTURED_MODULE_TYPES if structured else DEFAULT_MODULE_TYPES
         self.selection = Selection.from_args(module_types, include, exclude, defaults)
@@ -255,10 +259,24 @@ class GradientStabilityPruning(CompressionCallback):
         tick = trainer.current_epoch + 1
         if self.config.schedule_unit == "epoch" and self.controller.due(tick, self.schedule):
             self._run_pruning_event(trainer, pl_module, tick)
+        elif self.config.schedule_unit == "epoch" and self.controller.due(tick, self.schedule, validated=True):
+            self._run_pruning_event(trainer, pl_module, tick)  # a refused step's retry, after this epoch's validation
         pl_module.log("pruning/sparsity", self.current_sparsity(), logger=False)  # for ModelCheckpoint / EarlyStopping
 
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A refused step is retried at the first validation after it (per-step schedules; per-epoch ones retry at
+        the epoch's end, which follows its validation)."""
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.config.schedule_unit != "step":
+            return
+        if self.controller.due(trainer.global_step, self.schedule, validated=True):
+            with torch.inference_mode(False):  # Lightning validates under inference mode: the masks must be usable
+                self._run_pruning_event(trainer, pl_module, trainer.global_step, loggable=False)  # by training
+
     # ------------------------------------------------------------------ pruning events
-    def _run_pruning_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tick: int) -> None:
+    def _run_pruning_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tick: int,
+                           loggable: bool = True) -> None:
+        """One event; ``loggable``: the hook allows ``self.log`` (``on_validation_end`` does not)."""
         evaluating = self._has_val and (self.config.evaluate or self.max_metric_drop is not None)
         entry = self.run.event(tick, trainer.global_step, lambda: self._evaluate(trainer, pl_module) if evaluating
                                else None, lambda masks: trainer.strategy.broadcast(masks, src=0), trainer.optimizers)
@@ -267,15 +285,17 @@ class GradientStabilityPruning(CompressionCallback):
         if not entry["accepted"]:
             rank_zero_warn(f"GradientStabilityPruning: step {tick} to sparsity {entry['sparsity_tried']:.3f} refused: "
                            f"{entry['reason']}; rolled back ({entry['note']})")
-        self._record(trainer, pl_module, entry)
+        self._record(trainer, pl_module, entry, loggable)
 
-    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any]) -> None:
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any],
+                loggable: bool = True) -> None:
         self.report.events.append(CompressionEvent.from_pruning(entry, self.config.structured))
         metrics = {"pruning/sparsity": self.current_sparsity(), "pruning/weight_sparsity": self.weight_sparsity()}
         if entry["metric_after"] is not None:
             metrics[f"pruning/{self.metric_spec.name}"] = entry["metric_after"]
         per_layer = self.layers.layer_mask_sparsity(self.masks)
-        self._log(trainer, pl_module, metrics, {f"pruning/sparsity/{n}": s for n, s in per_layer.items()})
+        self._log(trainer, pl_module if loggable else None, metrics,
+                  {f"pruning/sparsity/{n}": s for n, s in per_layer.items()})
         if self.config.verbose:
             rank_zero_info(pruning_line(entry, self.metric_spec.name, metrics["pruning/sparsity"],
                                         self.config.structured, per_layer if self.config.verbose > 1 else None))
@@ -286,6 +306,7 @@ class GradientStabilityPruning(CompressionCallback):
         self.state.detach()
         self.state.apply()
         self._final = (self.state.sparsity(), self.state.weight_sparsity())
+        self._check_target(self._final[0])
         per_layer = self.layers.layer_mask_sparsity(self.masks)
         groups = self.state.groups or {}
         for (name, module), weight in zip(self.layers.modules.items(), self.layers.weights()):
@@ -295,6 +316,16 @@ class GradientStabilityPruning(CompressionCallback):
                 record.note = "dead code: the model's output does not depend on it (not pruned; remove it)"
         if self.config.compact and self.unit_masks:
             self._compact(trainer, pl_module)
+
+    def _check_target(self, delivered: float) -> None:
+        """Compare what the fit delivered with the target: the report's headline says both, and a shortfall warns
+        once, naming the refused events and why."""
+        target = self.config.sparsity
+        short = self.controller.shortfall(target, delivered)
+        self.report.gate[self.report_name].update(target_sparsity=target, delivered_sparsity=delivered,
+                                                  shortfall=short)
+        if short is not None:
+            rank_zero_warn(f"GradientStabilityPruning: the fit fell short of its target: {short}")
 
     def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the pruned units (a smaller dense model), measure its MACs and save it in the log directory."""

@@ -48,6 +48,8 @@ class PruningConfig:
     normalize: str = "none"  # "mean" / "median": unit scores divided by their layer's before the global ranking
     round_to: int = 1  # each layer keeps a multiple of this many units (channels, neurons; not heads)
     macs_exponent: float = 0.5  # structured_target="macs": rank by score / (MACs saved) ** macs_exponent
+    # a refused step is retried this many ticks later or at the next validation (None: at the next validation)
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         self._check_target()
@@ -74,6 +76,11 @@ class PruningConfig:
         if self.structured and self.statistics == "per_weight":
             raise ValueError("`statistics`='per_weight' does not apply to structured=True: units use 'per_unit'")
         check_choice("on_violation", self.on_violation, ON_VIOLATION)
+        if self.patience is not None:
+            check_number("patience", self.patience, low=1, integer=True)
+            if self.on_violation == "stop":
+                raise ValueError(f"`patience`={self.patience} spaces the retries of refused steps, but `on_violation`="
+                                 "'stop' retries none; allowed: on_violation='backoff', or patience=None")
         if self.compact and not self.structured:
             raise ValueError("`compact`=True removes pruned units, so it needs structured=True")
         check_number("verbose", self.verbose, low=0, high=2, integer=True)

@@ -59,7 +59,7 @@ class PruningRun:
         schedule: PruningSchedule | None = None,
     ) -> None:
         self.config = config
-        self.controller = PruningController(gate, reference, config.on_violation)
+        self.controller = PruningController(gate, reference, config.on_violation, config.patience)
         self.state = MaskState(model or nn.Module(), layers or TrackedLayers({}), config.structured)
         self.schedule = schedule
         self.stats: GradientStatistics | None = None
@@ -97,12 +97,17 @@ class PruningRun:
         """The event at ``tick`` (call when :meth:`PruningController.due`): metric before, new masks (``broadcast``
         makes every rank take rank zero's), metric after, the gate's verdict; a refused step is rolled back bit for
         bit. Returns the history entry, or None when the target asks for nothing new."""
-        target = self.controller.target(tick, self.schedule) if self.schedule is not None else None
-        before_sparsity = self.state.sparsity()
-        if self.config.sparsity is not None and (target is None or target <= before_sparsity + _NO_GAIN):
+        controller, before_sparsity = self.controller, self.state.sparsity()
+        retry = controller.retry_at is not None  # a refused step waits: the cap may be lifted now
+        target = self._target(tick)
+        if not self._gains(target, before_sparsity) and not (retry and controller.capped_out(before_sparsity)):
             return None
         before = evaluate()
         check_finite_before(self.state.model, step, before)  # a fit that diverged on its own is not the event's fault
+        if retry and controller.recover(before):
+            target = self._target(tick)
+        if not self._gains(target, before_sparsity):
+            return None
         new = plan_masks(self.config, self.state.model, self.layers, self.stats, self.state.masks,
                          self.state.unit_masks, self.state.groups, target,
                          structured_target=self.config.structured_target)
@@ -121,6 +126,13 @@ class PruningRun:
         else:
             self.state.roll_back(undo)
         return self.controller.history[-1]
+
+    def _target(self, tick: int) -> float | None:
+        return self.controller.target(tick, self.schedule) if self.schedule is not None else None
+
+    def _gains(self, target: float | None, current: float) -> bool:
+        """Whether an event aiming at ``target`` would prune something new (thresholds: always)."""
+        return self.config.sparsity is None or (target is not None and target > current + _NO_GAIN)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -119,6 +119,18 @@ class PruningSchedule:
         progress = min(1.0, (tick - self.start) / max(end - self.start, 1))
         return self.sparsity + (self.initial_sparsity - self.sparsity) * (1.0 - progress) ** 3
 
+    def target_by(self, tick: int) -> float | None:
+        """The target in force at ``tick``: that of the last event at or before it (None before the first), for a
+        refused step retried between two events or after the last one."""
+        if tick < self.start:
+            return None
+        if self.kind == "one_shot":
+            return self.sparsity
+        last = tick if self.end is None else min(tick, self.end)
+        if last != self.end:
+            last -= (last - self.start) % self.frequency
+        return self.target(last)
+
     def last_tick(self) -> int | None:
         """The tick of the final event, when it is known in advance."""
         if self.kind == "one_shot":

@@ -69,7 +69,10 @@ def headline_parts(summary: Mapping[str, Any]) -> list[str]:
     prune = summary["pruning"]
     if prune is not None:
         worst = prune["largest_accepted_drop"]
-        parts.append(f"pruning: {prune['events']} steps, {prune['rolled_back']} rolled back"
+        gate = summary.get("gate", {}).get("pruning", {})
+        asked = (f"target {gate['target_sparsity']:.2f}, delivered {gate['delivered_sparsity']:.2f}, "
+                 if gate.get("shortfall") else "")  # a fit that under-delivered says so first
+        parts.append(f"pruning: {asked}{prune['events']} steps, {prune['rolled_back']} rolled back"
                      + (f", costliest kept step {_fmt_drop(worst)}" if worst is not None else ""))
     source = "export file" if summary["bytes_source"] == "file" else "estimate"
     parts.append(f"size {_fmt_bytes(summary['bytes_fp32'])} -> {_fmt_bytes(summary['bytes_compressed'])} "

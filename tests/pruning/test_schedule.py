@@ -113,3 +113,18 @@ def test_a_polynomial_ramp_may_start_at_zero_and_fires_from_the_first_tick() -> 
     schedule = PruningSchedule(kind="polynomial", sparsity=0.5, start=0, end=5, frequency=1)
     assert [t for t in range(1, 8) if schedule.is_event(t)] == [1, 2, 3, 4, 5]
     assert schedule.target(5) == pytest.approx(0.5) and 0 < schedule.target(1) < schedule.target(2)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        (PruningSchedule("polynomial", 0.8, start=2, end=12, frequency=3), {1: None, 2: 0.0, 4: 0.0, 6: 0.5256, 12: 0.8,
+                                                                          15: 0.8}),
+        (PruningSchedule("constant", 0.8, start=2, frequency=3, amount=0.5), {1: None, 3: 0.5, 6: 0.75, 30: 0.8}),
+        (PruningSchedule("one_shot", 0.6, start=4), {3: None, 4: 0.6, 9: 0.6}),
+    ],
+)
+def test_target_by_is_the_target_of_the_last_event_at_or_before_the_tick(schedule, expected) -> None:
+    """A retried step aims at the target in force between events and after the last one."""
+    for tick, target in expected.items():
+        assert schedule.target_by(tick) == (None if target is None else pytest.approx(target, abs=1e-4)), tick

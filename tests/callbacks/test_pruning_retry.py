@@ -1,0 +1,74 @@
+"""A refused pruning step is retried and the fit reaches its target, or says it did not (issue 21), in real fits on
+the built-in digits data: the first event, at step 2, meets an untrained model and a tight bound."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_compress import GradientStabilityPruning
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.reporting.render import headline
+from lightning_compress.reporting.summary import summarize
+from tests.helpers import quiet_trainer, report_of
+
+
+def _fit(pruning: GradientStabilityPruning, hidden: list[int], max_epochs: int) -> tuple[pl.Trainer, list[str]]:
+    pl.seed_everything(0)
+    trainer = quiet_trainer([pruning], max_epochs=max_epochs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(MLPClassifier(input_size=64, hidden=hidden, lr=1e-2), DigitsDataModule(batch_size=64))
+    return trainer, [str(w.message) for w in caught if "fell short of its target" in str(w.message)]
+
+
+def test_an_early_refusal_is_retried_once_the_model_recovers_and_the_target_is_reached() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=2, max_metric_drop=0.0,
+                                       verbose=0)
+    trainer, shortfalls = _fit(pruning, [128, 64], max_epochs=3)
+    first, *later = pruning.history
+    assert first["step"] == 2 and not first["accepted"], "the untrained model's step must be refused"
+    assert later and all(h["step"] > 2 for h in later), "the refused step was never retried"
+    assert later[-1]["accepted"] and later[-1]["sparsity_tried"] >= 0.5 - 1e-3
+    assert all(h["drop"] <= 1e-9 for h in pruning.history if h["accepted"])  # each kept step within the bound
+    assert pruning.current_sparsity() >= 0.5 - 1e-3 and shortfalls == []
+    gate = report_of(trainer).gate["pruning"]
+    assert gate["target_sparsity"] == 0.5 and gate["delivered_sparsity"] >= 0.5 - 1e-3 and gate["shortfall"] is None
+    assert "delivered 0." not in headline(summarize(report_of(trainer)))  # met: the headline does not cry wolf
+
+
+def test_a_target_out_of_reach_warns_once_naming_the_refused_events_and_the_headline_says_it() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.95, criterion="magnitude", schedule="one_shot", start_step=2,
+                                       max_metric_drop=0.0, verbose=0)
+    trainer, shortfalls = _fit(pruning, [64, 32], max_epochs=2)
+    delivered = pruning.current_sparsity()
+    assert delivered < 0.9
+    refused = [h for h in pruning.history if not h["accepted"]]
+    assert len(shortfalls) == 1 and refused
+    for h in refused:
+        assert f"step {h['step']} (to {h['sparsity_tried']:.3f}): the metric dropped by" in shortfalls[0]
+    assert f"target 0.95, delivered {delivered:.2f}" in headline(summarize(report_of(trainer)))
+
+
+def test_stop_on_violation_keeps_the_old_behaviour_no_retry() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.95, criterion="magnitude", schedule="one_shot", start_step=2,
+                                       max_metric_drop=0.0, on_violation="stop", verbose=0)
+    _, shortfalls = _fit(pruning, [64, 32], max_epochs=2)
+    assert [h["step"] for h in pruning.history] == [2] and pruning.controller.stopped
+    assert pruning.current_sparsity() == 0.0 and len(shortfalls) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"patience": 0}, r"`patience` must be an integer .*got 0"),
+        ({"patience": 2.5}, r"`patience` must be an integer"),
+        ({"patience": 3, "on_violation": "stop"}, r"`patience`=3 spaces the retries .*'stop' retries none"),
+    ],
+)
+def test_bad_patience_is_refused_at_construction(kwargs, match: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=match):
+        GradientStabilityPruning(**kwargs)
