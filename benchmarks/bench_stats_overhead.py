@@ -8,8 +8,9 @@ per_unit=False) and the structured / cheap mode (per_weight=False, per_unit=True
 tensors set as ``.grad`` so both read the same tensors. The per-unit mode merges its stored samples every 32 steps,
 so each timed block of the statistics is exactly 32 updates (one merge): the figure is the amortized per-step cost.
 ``update`` is called with autograd enabled, as the callback calls it from ``on_after_backward``. Adam and statistics
-are timed in alternation so background load hits both alike, in wall time and in thread CPU time (the second leaves
-out the time other processes hold the core: on a shared machine it is the steadier ratio). Target: ratio <= 0.3.
+are timed in alternation so background load hits both alike, in wall time and in thread CPU time; the ratio compared
+with the target is the CPU-time one, which leaves out the time other processes hold the core (on a shared machine
+the wall-time ratio scatters with their load). Target: ratio <= 0.3.
 ``--compile`` also times ``torch.compile`` of the per-weight step on the MLP: its first call (caches off) and its
 per-step cost next to the eager update. ``--before REV`` also times the statistics as they were at git revision REV
 against the current ones, in the same process and alternation (thread CPU time).
@@ -156,8 +157,11 @@ def micro(name: str, model: torch.nn.Module, repeats: int, block_steps: int = 32
         rows.append(
             dict(model=name, params=n_params, tensors=len(weights), mode=mode,
                  adam_ms=1e3 * statistics.median(adam), stats_ms=1e3 * statistics.median(st),
-                 ratio=statistics.median(pairs), ratio_cpu=statistics.median(cpu_pairs),
-                 ratio_range=[min(pairs), max(pairs)], ratio_cpu_range=[min(cpu_pairs), max(cpu_pairs)],
+                 # the headline ratio is the CPU-time one: on a shared machine the wall-time pairs scatter
+                 # with other processes' load (SmallCNN: 0.10x to 0.36x from one run to the next, CPU time 0.25x
+                 # to 0.27x)
+                 ratio=statistics.median(cpu_pairs), ratio_wall=statistics.median(pairs),
+                 ratio_range=[min(cpu_pairs), max(cpu_pairs)], ratio_wall_range=[min(pairs), max(pairs)],
                  adam_cpu_ms=1e3 * statistics.median(cpu_adam), stats_cpu_ms=1e3 * statistics.median(cpu_st),
                  spread=max(timings["adam"].spread(), timings["stats"].spread()))
         )
@@ -252,19 +256,20 @@ def compiled_step(name: str, model: torch.nn.Module, repeats: int) -> dict:
 
 
 def print_micro(rows: list[dict]) -> None:
-    print(f"{'model':<32}{'weights':>9}{'mode':>28}{'Adam ms':>9}{'update ms':>10}{'ratio':>7}{'range':>12}"
-          f"{'CPU ratio':>10}{'range':>12}{'target':>8}")
+    print(f"{'model':<32}{'weights':>9}{'mode':>28}{'Adam ms':>9}{'update ms':>10}{'CPU ratio':>10}{'range':>12}"
+          f"{'wall ratio':>11}{'range':>12}{'target':>8}")
     for r in rows:
         verdict = "ok" if r["ratio"] <= MICRO_TARGET else "MISSED"
         low, high = r["ratio_range"]
-        cpu_low, cpu_high = r["ratio_cpu_range"]
+        wall_low, wall_high = r["ratio_wall_range"]
         print(
             f"{r['model']:<32}{r['params'] / 1e6:>8.3f}M{r['mode']:>28}{r['adam_ms']:>9.3f}{r['stats_ms']:>10.3f}"
-            f"{r['ratio']:>6.2f}x{f'{low:.2f}-{high:.2f}':>12}{r['ratio_cpu']:>9.2f}x{f'{cpu_low:.2f}-{cpu_high:.2f}':>12}"
-            f"{verdict:>8}"
+            f"{r['ratio']:>9.2f}x{f'{low:.2f}-{high:.2f}':>12}{r['ratio_wall']:>10.2f}x"
+            f"{f'{wall_low:.2f}-{wall_high:.2f}':>12}{verdict:>8}"
         )
-    print("  (ratio: median over the alternating pairs of update/Adam in wall time, range: lowest-highest pair; CPU "
-          "ratio: the same in thread CPU time, which leaves out the time other processes hold the core)")
+    print("  (CPU ratio, the one compared with the target: median over the alternating pairs of update/Adam in thread "
+          "CPU time, which leaves out the time other processes hold the core; range: lowest-highest pair; wall ratio: "
+          "the same in wall time; ms columns: wall time)")
 
 
 # ---------------------------------------------------------------------------------------------- part 2: training
@@ -331,13 +336,15 @@ def fit_once(
         default_root_dir=root,  # the end-of-fit compression report files land in a temporary directory
     )
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the report's console table
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         trainer.fit(model, datamodule=dm)
-        elapsed = time.perf_counter() - start
-    return elapsed, trainer.global_step
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return elapsed, cpu, trainer.global_step
 
 
-def training(epochs: int, repeats: int, seed: int) -> tuple[dict[str, float], dict[str, list[float]], int]:
+def training(
+    epochs: int, repeats: int, seed: int
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, list[float]], int]:
     """Prints the fit table; returns (overheads as fractions, every fit's seconds per configuration, steps)."""
     configs = ["baseline", "callback, evaluate=False", "callback, evaluate=True"]
     dm = PreloadedMNIST5k(batch_size=64, seed=0)
@@ -366,6 +373,7 @@ def training(epochs: int, repeats: int, seed: int) -> tuple[dict[str, float], di
     callback_base.CompressionCallback._deliver = timed_publish  # type: ignore[method-assign]
     root = tempfile.TemporaryDirectory(prefix="bench_stats_overhead_")
     times: dict[str, list[float]] = {c: [] for c in configs}
+    cpu_times: dict[str, list[float]] = {c: [] for c in configs}  # process CPU seconds: without others' load
     breakdown: dict[str, dict[str, float]] = {c: defaultdict(float) for c in configs}
     steps = 0
     try:
@@ -375,7 +383,8 @@ def training(epochs: int, repeats: int, seed: int) -> tuple[dict[str, float], di
             for config in configs:
                 evaluate_time.clear()
                 publish_time.clear()
-                elapsed, steps = fit_once(config, dm, epochs, seed, breakdown[config], root.name)
+                elapsed, cpu, steps = fit_once(config, dm, epochs, seed, breakdown[config], root.name)
+                cpu_times[config].append(cpu)
                 if config != "baseline":
                     breakdown[config][END_OF_FIT] += publish_time["seconds"]
                 times[config].append(elapsed)
@@ -402,6 +411,12 @@ def training(epochs: int, repeats: int, seed: int) -> tuple[dict[str, float], di
             target = "(info)"
         over = "-" if config == "baseline" else f"{100 * overheads[config]:+.1f}%"
         print(f"{config:<28}{best:>12.2f}{shown:>24}{over:>10}{target:>9}")
+    cpu_base = min(cpu_times["baseline"])
+    for config in configs[1:]:
+        overheads[f"{config} (CPU time)"] = min(cpu_times[config]) / cpu_base - 1
+    print("  in process CPU time (min of the repeats; leaves out the time other processes hold the cores): baseline "
+          f"{cpu_base:.2f} s, " + ", ".join(f"{c} {min(cpu_times[c]):.2f} s "
+                                            f"({100 * overheads[f'{c} (CPU time)']:+.1f}%)" for c in configs[1:]))
     print("time spent inside the callback's code (instrumented, per fit, mean of repeats; ms): unlike the fit "
           "difference it does not depend on fit-to-fit noise")
     order = ["statistics (on_after_backward)", "grad masking (before step)", "weight masking (after step)",
@@ -418,7 +433,7 @@ def training(epochs: int, repeats: int, seed: int) -> tuple[dict[str, float], di
               f"({100 * (total - report) / base:.1f}% without the one-off end-of-fit report)")
         overheads[f"{config} (instrumented)"] = total / base
         overheads[f"{config} (instrumented, no report)"] = (total - report) / base
-    return overheads, times, steps
+    return overheads, times, cpu_times, steps
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -478,8 +493,8 @@ def main() -> int:
     overheads, fit = None, None
     if not args.skip_training:
         print("\n[2] Trainer.fit overhead of GradientStabilityPruning(sparsity=0.8) (unstructured, per-weight stats)")
-        overheads, times, steps = training(train_epochs, train_repeats, args.seed)
-        fit = dict(epochs=train_epochs, steps=steps, repeats=train_repeats, seconds=times,
+        overheads, times, cpu_times, steps = training(train_epochs, train_repeats, args.seed)
+        fit = dict(epochs=train_epochs, steps=steps, repeats=train_repeats, seconds=times, cpu_seconds=cpu_times,
                    min_seconds={c: min(t) for c, t in times.items()}, overhead=overheads)
 
     print("load average after the run: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
@@ -487,11 +502,12 @@ def main() -> int:
     for r in rows:
         ok = r["ratio"] <= MICRO_TARGET
         print(f"  {'PASS' if ok else 'FAIL'}  update/Adam <= {MICRO_TARGET}x  {r['model']}, {r['mode']}: "
-              f"{r['ratio']:.2f}x (CPU time {r['ratio_cpu']:.2f}x)")
+              f"{r['ratio']:.2f}x in CPU time ({r['ratio_wall']:.2f}x in wall time)")
     if overheads is not None:
         o = overheads["callback, evaluate=False"]
+        c = overheads["callback, evaluate=False (CPU time)"]
         print(f"  {'PASS' if o <= TRAIN_TARGET else 'FAIL'}  fit overhead <= {100 * TRAIN_TARGET:.0f}%  "
-              f"SmallCNN/MNIST5k, evaluate=False: {100 * o:+.1f}%")
+              f"SmallCNN/MNIST5k, evaluate=False: {100 * o:+.1f}% ({100 * c:+.1f}% in process CPU time)")
         i = overheads["callback, evaluate=False (instrumented)"]
         j = overheads["callback, evaluate=False (instrumented, no report)"]
         print(f"  {'PASS' if i <= TRAIN_TARGET else 'FAIL'}  cross-check, same target: time inside the callback's "
