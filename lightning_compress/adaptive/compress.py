@@ -4,7 +4,9 @@ chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. 
 1. Checks (arguments, then the budget against its floor: every layer at 2 bits, or at the largest sparsity), all
    before any weight changes or any backward pass runs.
 2. Diagonal Fisher from a few backward passes (:mod:`.fisher`), every layer's candidates with exact bytes, MACs
-   and predicted loss increase (:mod:`.candidates`).
+   and predicted loss increase (:mod:`.candidates`). Sparsity is offered only under a MACs cap: pruned weights are
+   stored dense, so under a size budget alone it buys nothing, and on a digits MLP the score preferred a pruned
+   2-bit layer that measured worse than the dense one.
 3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`).
 4. The plan is written into the model (it carries its codes: ``save_quantized(model, path)`` / ``export_onnx``
    take it), the file and the MACs are measured, and ``metric_fn`` decides (:mod:`.session`). A model over budget
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.adaptive.budget import Budget
-from lightning_compress.adaptive.candidates import layer_candidates
+from lightning_compress.adaptive.candidates import SPARSITIES, layer_candidates
 from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.plan import Problem, floor_bytes, floor_macs, rows
@@ -142,8 +144,9 @@ def compress(
     try:
         before = measure(metric_fn, model) if metric_fn is not None else None
         fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
-        candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration)
-                      for n, count in aliases(model, keys).items()}
+        sparsities = SPARSITIES if budget.macs is not None else (0.0,)
+        candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration,
+                                          sparsities=sparsities) for n, count in aliases(model, keys).items()}
         problem = Problem(candidates, fixed, other, size_cap, macs_cap)
         session = Session(model, layers, weights, keys, floats, fisher, where, calibration, metric_fn, measure, gate,
                           before, evaluations=int(metric_fn is not None))
@@ -172,11 +175,12 @@ def _refuse(session: Session, problem: Problem, header: int, budget: Budget) -> 
                           "bytes (every layer at 2 bits per channel, header included); allowed: at least that",
                           (cheapest, None))
     found = session.smallest_passing(problem, header)
+    what = "cannot both hold" if session.gate.max_drop is not None else "leave no plan that fits (header included)"
     if found is None:
-        raise BudgetError(f"{asked} and `max_metric_drop` cannot both hold, and no budget up to "
-                          f"{BUDGET_STEPS[-1]}x larger met the bound either (steps: {session.steps})", None)
+        raise BudgetError(f"{asked} and `max_metric_drop` {what}, and no budget up to {BUDGET_STEPS[-1]}x larger "
+                          f"met the bound either (steps: {session.steps})", None)
     smallest = (found.size_cap, found.macs_cap)
-    raise BudgetError(f"{asked} and `max_metric_drop` cannot both hold (measured after {session.evaluations} "
-                      f"evaluations); the smallest budget that met the bound as measured: {smallest[0]} bytes / "
-                      f"{smallest[1]} MACs per example; allowed: a budget at least that large or a looser bound",
-                      smallest)
+    raise BudgetError(f"{asked} and `max_metric_drop`={session.gate.max_drop} {what} (measured after "
+                      f"{session.evaluations} evaluations); the smallest budget that met the bound as measured: "
+                      f"{smallest[0]} bytes / {smallest[1]} MACs per example; allowed: a budget at least that large "
+                      "or a looser bound", smallest)

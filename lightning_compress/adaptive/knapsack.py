@@ -1,10 +1,11 @@
 """Multiple-choice knapsack: one option per group, the smallest summed score with the summed cost under a cap.
 
-:func:`solve` is a dynamic program over the cap cut into at most ``buckets`` equal units. Each option's cost is
-rounded *up* to whole units, so every plan it returns truly fits the cap (it is exact when the costs are whole
-multiples of the unit, e.g. integers with ``cap <= buckets``; otherwise it may miss a plan that fits only through
-the rounding). A second resource is handled by :func:`solve_two`: a Lagrange multiplier on it, found by bisection,
-added to the scores of a :func:`solve` on the first. No Lightning import.
+:func:`solve` is a dynamic program over the room the cheapest plan leaves under the cap (each option's cost above
+its group's cheapest), cut into at most ``buckets`` units and never into units below one (costs are bytes or MACs).
+Each cost is rounded *up* to whole units, so every plan it returns truly fits the cap; it is exact when the costs
+are integers and the room is at most ``buckets``, and the cheapest plan is always found when it fits. A second
+resource is bound by :func:`solve_two`: a Lagrange multiplier on it, found by bisection, added to the scores of a
+:func:`solve` on the first. No Lightning import.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ def solve(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], c
     """Index of the chosen option per group, or None when even the cheapest options exceed ``cap``."""
     if len(scores) != len(costs) or any(len(s) != len(c) or not s for s, c in zip(scores, costs)):
         raise ValueError("`scores` and `costs` must hold the same number of options per group, at least one each")
-    if sum(min(c) for c in costs) > cap:
+    base = sum(min(c) for c in costs)
+    if base > cap:
         return None
-    unit = max(cap, 1e-12) / buckets
+    costs = [[c - min(group) for c in group] for group in costs]
+    unit = max((cap - base) / buckets, 1.0)
+    buckets = math.floor((cap - base) / unit + 1e-9)
     n = buckets + 1
     best = np.zeros(n)  # best[b]: smallest score of the groups so far using at most b units
     choices = []

@@ -127,12 +127,13 @@ class Session:
         return best
 
     def header(self, problem: Problem) -> int:
-        """The header of the file of the cheapest plan (every layer quantized, the most entries), measured."""
+        """The header of the file of the cheapest plan (every layer quantized, the most entries), measured; a plan
+        whose header turns out larger is solved again (:meth:`deliver`)."""
         cheapest = {n: min(cs, key=lambda c: (c.nbytes, c.score)) for n, cs in problem.candidates.items()}
         self.write(cheapest)
         size = self.cheapest_file = file_bytes(self.model)
         self.restore()
-        return size - problem.data_bytes(cheapest) + HEADER_MARGIN
+        return size - problem.data_bytes(cheapest)
 
     def verified(self, problem: Problem, header: int, corrections: int) -> Delivered | None:
         """The first delivered plan that meets the bound, correcting up to ``corrections`` times; None if none."""

@@ -36,7 +36,7 @@ def test_dp_equals_brute_force(seed: int) -> None:
     rng = random.Random(seed)
     scores, costs, _ = _instance(rng, rng.randint(1, 5), rng.randint(1, 4))
     cap = float(rng.randint(0, 60))
-    plan = solve(scores, costs, cap, buckets=int(cap) if cap >= 1 else 1)  # one unit per integer cost: exact
+    plan = solve(scores, costs, cap)  # integer costs, room below the default buckets: one unit per byte, exact
     best = _brute(scores, costs, cap)
     if best is None:
         assert plan is None
@@ -51,7 +51,7 @@ def test_coarse_buckets_never_exceed_the_cap(seed: int) -> None:
     rng = random.Random(100 + seed)
     scores, costs, _ = _instance(rng, 5, 4)
     cap = float(rng.randint(20, 80))
-    plan = solve(scores, costs, cap, buckets=7)  # costs rounded up to units of cap / 7
+    plan = solve(scores, costs, cap, buckets=7)  # costs rounded up to units of the room / 7
     if plan is not None:
         assert sum(c[i] for c, i in zip(costs, plan)) <= cap
 
@@ -61,7 +61,7 @@ def test_two_caps_are_both_met(seed: int) -> None:
     rng = random.Random(200 + seed)
     scores, costs, second = _instance(rng, 4, 3)
     cap, second_cap = float(rng.randint(15, 60)), float(rng.randint(15, 60))
-    plan = solve_two(scores, costs, cap, second, second_cap, buckets=int(cap))
+    plan = solve_two(scores, costs, cap, second, second_cap)
     best = _brute(scores, costs, cap, second, second_cap)
     if plan is None:
         return  # the Lagrangian may miss a feasible plan; it never returns an infeasible one
@@ -79,7 +79,7 @@ def test_lagrangian_finds_most_feasible_instances() -> None:
         cap, second_cap = float(rng.randint(15, 60)), float(rng.randint(15, 60))
         if _brute(scores, costs, cap, second, second_cap) is not None:
             feasible += 1
-            found += solve_two(scores, costs, cap, second, second_cap, buckets=int(cap)) is not None
+            found += solve_two(scores, costs, cap, second, second_cap) is not None
     assert feasible > 20 and found == feasible
 
 
