@@ -3,15 +3,14 @@
 
 Nothing predicted is trusted: the file is measured (``save_quantized`` into a temporary directory), the MACs are
 counted on the weights as they are, and the metric decides. When the metric bound fails, each compressed layer is
-measured alone (the others float); a layer whose measured drop is above the median of measured / predicted gets
-its scores multiplied by the excess, and the plan is solved again (SPDY-like). When that no longer changes the
-plan, larger budgets are tried until one holds the bound: that smallest measured size / MAC count goes into the
-error, and the model gets its float weights back.
+measured alone (the others float); each layer's scores are multiplied by its share of the measured drops over its
+share of the predicted ones, and the plan is solved again (SPDY-like: measurements replace the predicted scale).
+When that no longer changes the plan, or the corrections are used up, larger budgets are tried until one holds the
+bound: that budget goes into the error, and the model gets its float weights back.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from lightning_compress.quantization.layer import record_layer
 
 HEADER_ROUNDS = 4  # re-solves with the header measured before giving up on a size cap
 HEADER_MARGIN = 64  # bytes added per header re-solve: the next plan's header may differ by a few digits
+MIN_FACTOR = 0.5  # a correction never scales a layer's scores below half: one quiet measurement is not proof
 BUDGET_STEPS = (1.25, 1.5, 2.0, 3.0, 4.0, 8.0)  # budget factors tried to find one that holds the bound
 
 
@@ -167,25 +167,29 @@ class Session:
 
     # ---------------------------------------------------------------- correcting
     def correct(self, problem: Problem, plan: dict[str, Candidate]) -> None:
-        """Measure each compressed layer alone and scale up the scores of those the prediction under-rated."""
-        ratios = {}
+        """Measure each compressed layer alone; multiply its scores by its share of the measured drop over its share
+        of the predicted one (at least :data:`MIN_FACTOR`), so the next solve moves bytes to the under-rated layers."""
+        predicted, measured = {}, {}
         for name, candidate in plan.items():
             if candidate.bits == FLOAT_BITS and candidate.sparsity == 0:
                 continue
             self.write({name: candidate})
-            measured = self.gate.drop(self.before, self.metric())
-            self.measured[name] = 0.0 if measured is None else measured
-            ratios[name] = max(self.measured[name], 0.0) / max(problem.score(candidate), 1e-30)
-        positive = [r for r in ratios.values() if r > 0]
-        if not positive:
-            self.steps.append("corrected: no layer alone drops the metric (the drop comes from their interaction)")
+            drop_ = self.gate.drop(self.before, self.metric())
+            self.measured[name] = 0.0 if drop_ is None else drop_
+            measured[name], predicted[name] = max(self.measured[name], 0.0), problem.score(candidate)
+        total_measured, total_predicted = sum(measured.values()), sum(predicted.values())
+        if total_measured <= 0 or total_predicted <= 0:
+            self.steps.append(f"measured {len(measured)} layers alone: none drops the metric alone (the drop comes "
+                              "from their interaction); nothing to correct")
             return
-        median = statistics.median(positive)
-        raised = {n: r / median for n, r in ratios.items() if r > median}
-        for name, factor in raised.items():
-            problem.multipliers[name] = problem.multipliers.get(name, 1.0) * factor
-        self.steps.append(f"corrected: measured {len(ratios)} layers alone; scores of {sorted(raised)} scaled up "
-                          f"(x{max(raised.values(), default=1.0):.3g} at most)")
+        factors = {}
+        for name in measured:
+            share = (measured[name] / total_measured) / max(predicted[name] / total_predicted, 1e-12)
+            factors[name] = max(share, MIN_FACTOR)
+            problem.multipliers[name] = problem.multipliers.get(name, 1.0) * factors[name]
+        shown = ", ".join(f"{n}: x{f:.3g}" for n, f in factors.items())
+        self.steps.append(f"measured {len(measured)} layers alone; scores scaled by their share of the measured drop "
+                          f"over their share of the predicted one ({shown})")
 
     def smallest_passing(self, problem: Problem, header: int) -> Problem | None:
         """The first larger budget (:data:`BUDGET_STEPS`) whose plan, solved with the corrections learned so far,

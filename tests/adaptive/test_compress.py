@@ -151,3 +151,23 @@ def test_a_budget_below_the_smallest_file_is_refused_with_it(digits: Digits) -> 
     assert cheapest > floor_plus
     result = compress(model, Budget(size=cheapest), digits.train)
     assert result.file_bytes == cheapest
+
+
+def test_a_failed_bound_is_corrected_by_measuring_layers_alone(digits: Digits) -> None:
+    """A metric that only the first layer's error moves (the relative error of its weight): the Fisher does not
+    know that, the first plan fails, the measured correction moves bytes to that layer and the bound holds."""
+    model = copy.deepcopy(digits.model)
+    reference = model[0].weight.detach().clone()
+
+    def metric(m: nn.Module) -> float:
+        return -float((m[0].weight.detach() - reference).norm() / reference.norm())
+
+    result = compress(model, Budget(size=0.2), digits.train, metric_fn=metric, max_metric_drop=0.02)
+    assert result.metric_after is not None and -result.metric_after <= 0.02
+    assert "drop 0.0" in result.steps[0] and "measured 3 layers alone" in result.steps[1]
+    first_drop = float(result.steps[0].rsplit("drop ", 1)[1].rstrip(")"))
+    assert first_drop > 0.02
+    assert result.evaluations == 1 + 1 + 3 + 1 + 3 + 1  # before, plan, 3 alone, plan, 3 alone, plan
+    rows = {row["layer"]: row for row in result.plan}
+    assert rows["0"]["measured_drop"] is not None and rows["0"]["corrected"] > rows["0"]["predicted"]
+    assert result.file_bytes is not None and result.file_bytes <= result.budget_bytes  # type: ignore[operator]
