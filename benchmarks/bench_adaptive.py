@@ -1,0 +1,141 @@
+"""Compress to a budget (``lightning_compress.compress``) on an MLP trained on sklearn's digits.
+
+    python benchmarks/bench_adaptive.py [--quick] [--json PATH]
+
+1. How well the score ranks candidates: for every candidate of every layer (widths 2-8 and float x per channel /
+   groups of 32 x sparsity 0 / 50 / 75 / 90 %), the predicted loss increase ``1/2 sum(F dW^2)`` against the
+   measured one (validation cross-entropy with that layer alone changed); Spearman rank correlation, side by side
+   with plain ``sum(dW^2)``, and per layer the measured / predicted ratio (how far the scale is off).
+2. Adaptive vs uniform, side by side in one run: for each uniform configuration (bits x granularity, every layer
+   alike, round to nearest with MSE clipping), its file and test accuracy / loss, and ``compress()`` with the
+   budget set to that file's size. Under a size budget alone ``compress()`` offers no sparsity (stored dense it
+   buys no bytes), so it is the bits-only search here. Seeds give the spread.
+
+The digits split: 60 % training (and the Fisher's batches), 20 % validation, 20 % test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import Tensor, nn
+
+from lightning_compress import Budget, compress, quantize
+from lightning_compress.adaptive.candidates import layer_candidates, realise
+from lightning_compress.adaptive.fisher import diagonal_fisher
+from lightning_compress.demos.data import load_digits_arrays
+from lightning_compress.quantization.calibration import feed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import file_size, train
+from _timing import RESULTS, machine_info, write_json
+
+Split = tuple[Tensor, Tensor]
+
+
+def data(seed: int) -> tuple[list[Split], Split, Split]:
+    images, labels = load_digits_arrays()
+    x, y = torch.from_numpy(images).reshape(len(images), -1), torch.from_numpy(labels)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    a, b = len(x) * 3 // 5, len(x) * 4 // 5
+    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, a, 64)], (x[a:b], y[a:b]), (x[b:], y[b:])
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    out = model(split[0])
+    return 100.0 * float((out.argmax(1) == split[1]).float().mean()), float(F.cross_entropy(out, split[1]))
+
+
+def rank_correlation(model: nn.Module, batches: list[Split], val: Split) -> dict[str, Any]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    weights = {n: m.weight for n, m in layers.items()}
+    fisher = diagonal_fisher(model, weights, batches, feed)
+    base = evaluate(model, val)[1]
+    predicted, squared, measured, ratios = [], [], [], {}
+    for name, module in layers.items():
+        original = module.weight.detach().clone()
+        per_layer = []
+        for c in layer_candidates(name, module, original, fisher[name], 1.0, 0, "mse"):
+            if c.score == 0.0:
+                continue  # the float layer itself
+            approx, _ = realise(original, fisher[name], c, "mse")
+            with torch.no_grad():
+                module.weight.copy_(approx)
+            change = evaluate(model, val)[1] - base
+            predicted.append(c.score)
+            squared.append(float((approx - original).square().sum()))
+            measured.append(change)
+            per_layer.append(change / c.score)
+        with torch.no_grad():
+            module.weight.copy_(original)
+        ratios[name] = sorted(per_layer)[len(per_layer) // 2]
+    return {"candidates": len(predicted), "spearman_fisher": float(spearmanr(predicted, measured)[0]),
+            "spearman_dw2": float(spearmanr(squared, measured)[0]), "median_measured_over_predicted": ratios}
+
+
+def side_by_side(model: nn.Module, batches: list[Split], test: Split) -> list[dict[str, Any]]:
+    rows = []
+    for bits in (2, 3, 4, 6, 8):
+        for granularity in ("per_channel", "per_group"):
+            uniform = copy.deepcopy(model)
+            result = quantize(uniform, bits=bits, granularity=granularity, group_size=32, calibration="mse")
+            size = file_size(uniform, result)
+            adaptive = copy.deepcopy(model)
+            started = time.perf_counter()
+            planned = compress(adaptive, Budget(size=size), batches)
+            seconds = time.perf_counter() - started
+            (u_acc, u_loss), (a_acc, a_loss) = evaluate(uniform, test), evaluate(adaptive, test)
+            rows.append({"uniform": f"int{bits} {'g32' if granularity == 'per_group' else 'per-channel'}",
+                         "bytes": size, "uniform_acc": u_acc, "uniform_loss": u_loss,
+                         "adaptive_bytes": planned.file_bytes, "adaptive_acc": a_acc, "adaptive_loss": a_loss,
+                         "adaptive_plan": [r["label"] for r in planned.plan], "compress_s": seconds})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one seed instead of three")
+    parser.add_argument("--json", type=Path, default=RESULTS / "adaptive.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    seeds = [0] if args.quick else [0, 1, 2]
+    print(f"torch {torch.__version__}; seeds {seeds}", flush=True)
+    out: dict[str, Any] = {"machine": machine_info(args.quick), "seeds": {}}
+    for seed in seeds:
+        batches, val, test = data(seed)
+        model = train(mlp(seed), batches, epochs=30, lr=3e-3)
+        float_acc, float_loss = evaluate(model, test)
+        ranks = rank_correlation(model, batches, val)
+        print(f"\nseed {seed}: float test acc {float_acc:.2f} %, loss {float_loss:.4f}, file {file_size(model)} B")
+        print(f"  Spearman predicted vs measured val-loss change over {ranks['candidates']} candidates: "
+              f"1/2 sum(F dW^2) {ranks['spearman_fisher']:.3f}   sum(dW^2) {ranks['spearman_dw2']:.3f}")
+        print("  median measured / predicted per layer: "
+              + ", ".join(f"{n}: {r:.3g}" for n, r in ranks["median_measured_over_predicted"].items()))
+        rows = side_by_side(model, batches, test)
+        print(f"  {'uniform':<16}{'bytes':>7}{'acc %':>8}{'loss':>8} | {'adaptive B':>10}{'acc %':>8}{'loss':>8}"
+              f"{'s':>6}  plan")
+        for r in rows:
+            print(f"  {r['uniform']:<16}{r['bytes']:>7}{r['uniform_acc']:>8.2f}{r['uniform_loss']:>8.4f} | "
+                  f"{r['adaptive_bytes']:>10}{r['adaptive_acc']:>8.2f}{r['adaptive_loss']:>8.4f}"
+                  f"{r['compress_s']:>6.2f}  {', '.join(r['adaptive_plan'])}")
+        out["seeds"][seed] = {"float_acc": float_acc, "float_loss": float_loss, "ranks": ranks, "rows": rows}
+    write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
