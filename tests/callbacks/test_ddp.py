@@ -186,7 +186,8 @@ def test_quantization_takes_the_same_decisions_on_every_rank(main_run) -> None:
     _, _, record = main_run
     bits = _same_on_every_rank([r["bits_used"] for r in record["final"]], "quantization bits per layer")
     assert set(bits) == {"net.1", "net.3", "net.5"}
-    assert set(bits.values()) == {2, 32}, f"the 2-bit run should have measured sensitivities and fallen back: {bits}"
+    # the default fallback climbs the ladder (more_bits): some layers stay at 2 bits, the sensitive ones move up
+    assert 2 in bits.values() and max(bits.values()) > 2, f"the 2-bit run should have fallen back: {bits}"
 
 
 def test_reports_and_exports_are_written_once_by_rank_zero(main_run) -> None:
