@@ -225,3 +225,23 @@ def test_a_forward_taking_a_dict_and_kwargs_trains_unchanged() -> None:
     assert set(qat.result.layers) == {"encoder", "head"}
     assert len(model.losses) == 40 and all(torch.isfinite(torch.tensor(model.losses)))
     assert sum(model.losses[-5:]) < sum(model.losses[:5])
+
+
+# --------------------------------------------------------------------------- accuracy
+def _digits_int2(callback: Callback) -> float:
+    pl.seed_everything(0)
+    trainer = quiet_trainer([callback], max_epochs=6)
+    trainer.fit(MLPClassifier(input_size=64, hidden=[64], lr=3e-3), DigitsDataModule(batch_size=64))
+    metric = report_of(trainer).delivered_metric
+    assert metric is not None
+    return metric
+
+
+def test_qat_int2_beats_post_training_rounding_at_equal_total_epochs() -> None:
+    """Six epochs each on real digits: float then int2 PTQ (round to nearest, min/max and MSE ranges) against five
+    of the six epochs with int2 QAT. Seeded and deterministic; the margins were measured on this setup."""
+    qat = _digits_int2(QuantizationAwareTraining(bits=2, start=1))
+    rtn_minmax = _digits_int2(PostTrainingQuantization(bits=2))
+    rtn_mse = _digits_int2(PostTrainingQuantization(bits=2, calibration="mse"))
+    assert qat >= rtn_minmax + 0.02
+    assert qat > rtn_mse
