@@ -112,6 +112,9 @@ class Session:
             if problem.macs_cap is not None and macs > problem.macs_cap:
                 break  # cannot happen (quantization only adds zeros); never deliver over the cap
             if size is None or problem.size_cap is None:
+                if not quantized:
+                    self.steps.append("the plan keeps every layer float: the model meets the budget as it is (no "
+                                      "codes to save_quantized; save_float writes it)")
                 return Delivered(plan, size, macs)
             measured = size - problem.data_bytes(plan) + HEADER_MARGIN
             if size <= problem.size_cap:

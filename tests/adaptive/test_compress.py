@@ -171,3 +171,34 @@ def test_a_failed_bound_is_corrected_by_measuring_layers_alone(digits: Digits) -
     rows = {row["layer"]: row for row in result.plan}
     assert rows["0"]["measured_drop"] is not None and rows["0"]["corrected"] > rows["0"]["predicted"]
     assert result.file_bytes is not None and result.file_bytes <= result.budget_bytes  # type: ignore[operator]
+
+
+BAD_ARGUMENTS: list[tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]] = [
+    ("budget_dict", {"budget": {"size": 0.5}}, TypeError, ("budget", "{'size': 0.5}")),
+    ("bound_without_metric", {"max_metric_drop": 0.01}, ValueError, ("max_metric_drop", "0.01", "metric_fn")),
+    ("bound_negative", {"max_metric_drop": -1.0, "metric_fn": len}, ValueError, ("max_metric_drop", "-1.0")),
+    ("metric_not_callable", {"metric_fn": 3}, TypeError, ("metric_fn", "3")),
+    ("loss_not_callable", {"loss_fn": "ce"}, TypeError, ("loss_fn", "'ce'")),
+    ("forward_not_callable", {"forward": 1}, TypeError, ("forward", "1")),
+    ("calibration_unknown", {"calibration": "l2"}, ValueError, ("calibration", "'l2'")),
+    ("batches_zero", {"calibration_batches": 0}, ValueError, ("calibration_batches", "0")),
+    ("corrections_float", {"corrections": 1.5}, TypeError, ("corrections", "1.5")),
+    ("data_tensor", {"calibration_data": torch.zeros(3, 64)}, TypeError, ("calibration_data", "Tensor")),
+    ("data_empty", {"calibration_data": []}, ValueError, ("calibration_data", "no batch")),
+    ("data_nan", {"calibration_data": [torch.full((2, 64), float("nan"))]}, ValueError, ("calibration_data", "NaN")),
+    ("data_wrong_shape", {"calibration_data": [torch.zeros(2, 10)]}, ValueError, ("calibration_data", "(2, 10)")),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "texts"), [c[1:] for c in BAD_ARGUMENTS],
+                         ids=[c[0] for c in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_before_any_change(digits: Digits, kwargs: dict[str, Any],
+                                                     error: type[Exception], texts: tuple[str, ...]) -> None:
+    model = copy.deepcopy(digits.model)
+    before = _weights(model)
+    arguments: dict[str, Any] = {"budget": Budget(size=0.2), "calibration_data": digits.train, **kwargs}
+    with pytest.raises(error) as info:
+        compress(model, **arguments)
+    for text in texts:
+        assert text in str(info.value), (text, str(info.value))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
