@@ -4,6 +4,7 @@ the callbacks, fails naming ``load_compressed`` without them, and is refused by 
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from lightning_compress import GradientStabilityPruning, PostTrainingQuantizatio
 from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
-from lightning_compress.integration.compressed_checkpoint import CHECKPOINT_KEY, PACKED_KEY, SENTINEL
+from lightning_compress.integration.compressed_checkpoint import CHECKPOINT_KEY, PACKED_KEY, SENTINEL, pack
 from lightning_compress.quantization.carried import carried
 from tests.helpers import quiet_trainer, report_of
 
@@ -164,3 +165,27 @@ def test_a_model_only_pruned_is_stored_as_its_compacted_float_weights(tmp_path: 
     loaded = load_compressed(_mlp(), path)
     assert carried(loaded) is None and loaded.net[1].weight.shape == model.net[1].weight.shape
     assert torch.equal(_logits(loaded, data), _logits(model, data))
+
+
+def test_pack_and_unpack_a_quantized_bert_without_a_trainer() -> None:
+    """Embeddings, attention and FFN codes of a Hugging Face BERT go through the packed entry and back unchanged."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_compress import quantize
+    from lightning_compress.integration.artifacts import checkpoint_entry, prepare_for_checkpoint
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)
+    model = transformers.BertModel(config).eval()
+    fresh = copy.deepcopy(model)
+    quantize(model, bits=8)
+    checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [{}],
+                  CHECKPOINT_KEY: checkpoint_entry("compressed")}
+    pack(checkpoint, model)
+    assert "optimizer_states" not in checkpoint
+    fresh.load_state_dict(prepare_for_checkpoint(fresh, checkpoint, source="bert.ckpt"), strict=True)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        assert torch.equal(fresh(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state, expected)
+    assert set(carried(fresh).codes) == set(carried(model).codes) >= {"embeddings.word_embeddings.weight"}
