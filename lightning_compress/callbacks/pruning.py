@@ -23,6 +23,7 @@ from lightning_compress.core.accounting import layer_float_bytes
 from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
 from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, first_inputs
+from lightning_compress.integration.gate_evaluation import EventEvaluation, ValidationTap
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.grid import grid_misfits, grid_round_to
 from lightning_compress.pruning.run import PruningRun
@@ -51,7 +52,9 @@ class GradientStabilityPruning(CompressionCallback):
     ``module_types`` / ``include`` / ``exclude``, ``metric`` / ``metric_kwargs``, ``max_metric_drop`` and
     ``metric_reference`` (the gate), ``on_violation`` and ``patience`` (a refused step is retried ``patience``
     ticks later or at the next validation, see :mod:`lightning_compress.pruning.controller`), ``evaluate``,
-    ``verbose`` (0, 1, 2). A fit that delivers less than ``sparsity`` warns once, naming the refused events.
+    ``verbose`` (0, 1, 2), ``gate_batches`` (the gate's "after" on a seeded subset of that many validation batches
+    with an early stop, see :mod:`lightning_compress.integration.gate_evaluation`). A fit that delivers less than
+    ``sparsity`` warns once, naming the refused events.
     """
 
     finish_order = 0
@@ -91,14 +94,16 @@ class GradientStabilityPruning(CompressionCallback):
         round_to: int = 1,
         macs_exponent: float = 0.5,
         patience: int | None = None,
+        gate_batches: int | None = None,
     ) -> None:
         super().__init__(metric, metric_kwargs, max_metric_drop, metric_reference)
         self.config = PruningConfig(
             sparsity, criterion, structured, scope, schedule, schedule_unit, start_step, end_step, frequency, amount,
             initial_sparsity, mean_threshold, std_threshold, min_keep, restart_statistics, statistics, on_violation,
             evaluate, compact, verbose, structured_target, normalize=normalize, round_to=round_to,
-            macs_exponent=macs_exponent, patience=patience,
+            macs_exponent=macs_exponent, patience=patience, gate_batches=gate_batches,
         )
+        self._tap = ValidationTap(self.metric_spec)  # the gate's metric during Lightning's validation loop
         defaults = STRUCTURED_MODULE_TYPES if structured else DEFAULT_MODULE_TYPES
         self.selection = Selection.from_args(module_types, include, exclude, defaults)
         self._pending_state: dict[str, Any] | None = None
@@ -113,6 +118,7 @@ class GradientStabilityPruning(CompressionCallback):
         self._compacted = False
         self._final: tuple[float, float] | None = None  # (sparsity, weight sparsity) delivered, once finished
         self._compacted_axes: dict[str, dict[str, int]] = {}  # which axes compaction shrank, for compressed.ckpt
+        self._optimizer_steps = 0  # weights changed since a validation: its metric is no "before" any more
 
     controller = property(lambda self: self.run.controller, doc="accept / roll back / back off, and the history")
     state = property(lambda self: self.run.state, doc="the masks in force")
@@ -248,6 +254,34 @@ class GradientStabilityPruning(CompressionCallback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self.state.apply_to_grads()
+        self._optimizer_steps += 1
+
+    # ------------------------------------------------------------------ the gate's metric during validation
+    def _weights_version(self) -> tuple[int, int]:
+        return self._optimizer_steps, sum(1 for h in self.history if h["accepted"])
+
+    def _event_after_validation(self, trainer: pl.Trainer) -> bool:
+        """Whether an event is expected right after this validation (a retry; a per-epoch event at this epoch)."""
+        if trainer.state.fn != "fit" or self.schedule is None or self.controller.stopped:
+            return False
+        if self.controller.retry_at is not None:
+            return True
+        tick = trainer.current_epoch + 1
+        return self.config.schedule_unit == "epoch" and tick != self.controller.last_tick and \
+            self.schedule.is_event(tick)
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tap.start(trainer, wanted=self._event_after_validation(trainer))
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._tap.update(trainer, pl_module, batch, dataloader_idx)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tap.end(trainer, self._weights_version())
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
@@ -278,18 +312,33 @@ class GradientStabilityPruning(CompressionCallback):
                            loggable: bool = True) -> None:
         """One event; ``loggable``: the hook allows ``self.log`` (``on_validation_end`` does not)."""
         evaluating = self._has_val and (self.config.evaluate or self.max_metric_drop is not None)
-        entry = self.run.event(tick, trainer.global_step, lambda: self._evaluate(trainer, pl_module) if evaluating
-                               else None, lambda masks: trainer.strategy.broadcast(masks, src=0), trainer.optimizers)
+        measure = EventEvaluation(trainer, pl_module, self.metric_spec, self._tap.reusable(self._weights_version()),
+                                  self.config.gate_batches, self._allowed_drop)
+        steps = iter((measure.before, measure.after))
+        entry = self.run.event(tick, trainer.global_step, lambda: next(steps)() if evaluating else None,
+                               lambda masks: trainer.strategy.broadcast(masks, src=0), trainer.optimizers)
         if entry is None:
             return
+        entry.update(gate_evaluation=measure.describe(), gate_passes=measure.evaluations)
         if not entry["accepted"]:
             rank_zero_warn(f"GradientStabilityPruning: step {tick} to sparsity {entry['sparsity_tried']:.3f} refused: "
                            f"{entry['reason']}; rolled back ({entry['note']})")
         self._record(trainer, pl_module, entry, loggable)
 
+    def _allowed_drop(self, before: float) -> float | None:
+        """How far below ``before`` the metric after the step may fall for the gate to keep it (None: no bound)."""
+        if self.max_metric_drop is None:
+            return None
+        initial = self.controller.initial_metric
+        reference = initial if self.metric_reference == "initial" and initial is not None else before
+        return self.max_metric_drop - (self.gate.drop(reference, before) or 0.0)
+
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any],
                 loggable: bool = True) -> None:
-        self.report.events.append(CompressionEvent.from_pruning(entry, self.config.structured))
+        event = CompressionEvent.from_pruning(entry, self.config.structured)
+        if entry.get("gate_evaluation"):  # which rule measured the metric, on how many samples
+            event.note = "; ".join(text for text in (event.note, entry["gate_evaluation"]) if text)
+        self.report.events.append(event)
         metrics = {"pruning/sparsity": self.current_sparsity(), "pruning/weight_sparsity": self.weight_sparsity()}
         if entry["metric_after"] is not None:
             metrics[f"pruning/{self.metric_spec.name}"] = entry["metric_after"]

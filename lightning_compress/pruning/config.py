@@ -50,6 +50,8 @@ class PruningConfig:
     macs_exponent: float = 0.5  # structured_target="macs": rank by score / (MACs saved) ** macs_exponent
     # a refused step is retried this many ticks later or at the next validation (None: at the next validation)
     patience: int | None = None
+    # the gate's "after" on this many validation batches per rank with an early stop (micro accuracy; else full set)
+    gate_batches: int | None = None
 
     def __post_init__(self) -> None:
         self._check_target()
@@ -76,6 +78,8 @@ class PruningConfig:
         if self.structured and self.statistics == "per_weight":
             raise ValueError("`statistics`='per_weight' does not apply to structured=True: units use 'per_unit'")
         check_choice("on_violation", self.on_violation, ON_VIOLATION)
+        if self.gate_batches is not None:
+            check_number("gate_batches", self.gate_batches, low=1, integer=True)
         if self.patience is not None:
             check_number("patience", self.patience, low=1, integer=True)
             if self.on_violation == "stop":

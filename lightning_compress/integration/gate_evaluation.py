@@ -1,0 +1,177 @@
+"""The metric around one pruning event, as cheaply as the gate's guarantee allows.
+
+:class:`EventEvaluation` answers the two questions :meth:`lightning_compress.pruning.run.PruningRun.event` asks
+(the metric before the step, the metric after it) and records which rule answered each, on how many samples:
+
+- **before**: the value the callback computed during Lightning's validation loop when no optimizer step and no
+  pruning event changed the weights since (``reused validation``), else the whole validation set (``full set``).
+- **after**, with ``gate_batches`` and a metric that is the mean of a per-sample value (``MulticlassAccuracy`` with
+  ``average="micro"``): the step's paired per-sample differences on a fixed, seeded subset of the validation data,
+  with :mod:`lightning_compress.core.sequential`'s early stop (``early stop at n samples``); when the subset leaves
+  it undecided (close to the bound), the whole set (``full set``). Without a bound nothing is decided by the metric,
+  so the subset's estimate is the answer (``subset estimate``). Any other metric: the whole set.
+
+The subset's sums are all-reduced after each batch, so every rank stops at the same batch and decides alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_compress.core.modes import eval_mode
+from lightning_compress.core.sequential import DEFAULT_CONFIDENCE, PairedDifference
+from lightning_compress.integration.evaluation import MetricSpec, evaluate, predict, validation_dataloaders
+
+SUBSET_SEED = 0  # the subset is the same at every event of a fit (and of every fit of the same data)
+
+
+def has_per_sample_value(spec: MetricSpec) -> bool:
+    """Whether the metric is the mean of one value per sample (micro top-1 accuracy), so a paired early stop
+    judges exactly what the full metric would."""
+    kwargs = spec.kwargs
+    return (issubclass(spec.cls, MulticlassAccuracy) and kwargs.get("average") == "micro"
+            and kwargs.get("top_k", 1) == 1 and kwargs.get("ignore_index") is None
+            and kwargs.get("multidim_average", "global") == "global")
+
+
+def subset_loader(trainer: pl.Trainer, gate_batches: int) -> DataLoader | None:
+    """``gate_batches`` batches per rank of the first validation loader's dataset, at positions drawn once with a
+    fixed seed and split between ranks without overlap; None when the data cannot be indexed."""
+    loaders = validation_dataloaders(trainer)
+    loader = loaders[0] if loaders else None
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) or not loader.batch_size:
+        return None
+    size = len(loader.dataset)  # type: ignore[arg-type]
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(SUBSET_SEED)).tolist()
+    taken = order[: gate_batches * loader.batch_size * trainer.world_size]
+    mine = taken[trainer.global_rank::trainer.world_size]
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=mine, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers)
+
+
+@torch.no_grad()
+def _correct(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    batch = trainer.strategy.batch_to_device(batch, pl_module.device, dataloader_idx=0)
+    with trainer.precision_plugin.forward_context():
+        preds, target = predict(pl_module, batch)
+    labels = preds.argmax(1) if preds.is_floating_point() and preds.dim() > target.dim() else preds  # torchmetrics
+    return (labels == target).reshape(-1).double()
+
+
+class EventEvaluation:
+    """One event's two measurements (call :meth:`before`, then :meth:`after`); :attr:`rules` says how each was
+    made. ``reused``: the value of the validation that just ended with these weights, or None."""
+
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, spec: MetricSpec, reused: tuple[float, int]
+                 | None, gate_batches: int | None, allowed_drop: Any, confidence: float = DEFAULT_CONFIDENCE) -> None:
+        self.trainer, self.module, self.spec = trainer, pl_module, spec
+        self.reused = reused
+        self.allowed_drop = allowed_drop  # callable: metric before -> the drop the gate allows (None: no bound)
+        self.confidence = confidence
+        self.subset = subset_loader(trainer, gate_batches) if gate_batches and has_per_sample_value(spec) else None
+        self.rules: list[str] = []
+        self.evaluations = 0  # passes over data (full set or subset)
+        self._before: float | None = None
+        self._before_correct: list[torch.Tensor] = []
+
+    def _full(self) -> float:
+        self.evaluations += 1
+        return evaluate(self.trainer, self.module, self.spec)
+
+    def before(self) -> float | None:
+        if self.reused is not None:
+            self._before, samples = self.reused
+            self.rules.append(f"before: reused validation ({samples} samples)")
+        else:
+            self._before = self._full()
+            self.rules.append("before: full set")
+        if self.subset is not None:
+            with eval_mode(self.module):
+                self._before_correct = [_correct(self.trainer, self.module, b) for b in self.subset]
+        return self._before
+
+    def after(self) -> float | None:
+        before_metric = self._before
+        if self.subset is None or before_metric is None:
+            self.rules.append("after: full set")
+            return self._full()
+        allowed = self.allowed_drop(before_metric)
+        paired = PairedDifference(population=self._population())
+        self.evaluations += 1
+        with eval_mode(self.module):
+            for batch, before in zip(self.subset, self._before_correct):
+                d = before - _correct(self.trainer, self.module, batch)
+                sums = torch.stack([d.sum(), (d * d).sum(), torch.tensor(float(d.numel()), dtype=d.dtype)])
+                total, squares, count = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+                paired.add(total, squares, int(count))
+                if allowed is not None and paired.decide(allowed, self.confidence) != "undecided":
+                    self.rules.append(f"after: early stop at {paired.count} samples")
+                    return before_metric - paired.mean
+        if allowed is None:
+            self.rules.append(f"after: subset estimate ({paired.count} samples, no bound)")
+            return before_metric - paired.mean
+        self.rules.append(f"after: full set (close to the bound after {paired.count} samples)")
+        return self._full()
+
+    def _population(self) -> int:
+        loader = validation_dataloaders(self.trainer)[0]
+        return len(loader.dataset)  # type: ignore[attr-defined]
+
+    def describe(self) -> str:
+        return "; ".join(self.rules)
+
+
+class ValidationTap:
+    """The gate's metric computed during Lightning's own validation loop (same metric definition, same batches),
+    so that an event right after a validation needs no "before" pass. ``version``: what the weights were when it
+    was measured (optimizer steps and kept pruning steps); the value is reused only while it has not changed."""
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self.spec = spec
+        self._metric: Any = None
+        self._samples = 0
+        self._on = False
+        self.value: tuple[float, int] | None = None  # (metric, samples)
+        self.version: tuple[int, int] | None = None
+
+    def start(self, trainer: pl.Trainer, wanted: bool) -> None:
+        """Tap this validation when an event is expected right after it and the loop sees each sample once (no
+        sampler padding under DDP, which our own evaluation leaves out)."""
+        self._metric, self._samples, self.value = None, 0, None
+        self._on = wanted and not trainer.sanity_checking and _unpadded(trainer)
+
+    @torch.no_grad()
+    def update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
+        if not self._on:
+            return
+        with trainer.precision_plugin.forward_context():
+            preds, target = predict(pl_module, batch)
+        if self._metric is None:
+            self._metric = self.spec.build(preds).to(pl_module.device)
+        self._metric.update(preds.float() if preds.is_floating_point() else preds, target)
+        self._samples += int(target.shape[0])
+
+    def end(self, trainer: pl.Trainer, version: tuple[int, int]) -> None:
+        if not self._on or self._metric is None:
+            return
+        value = self._metric.compute()  # every rank: torchmetrics syncs the sums
+        samples = int(trainer.strategy.reduce(torch.tensor(float(self._samples)), reduce_op="sum").item())
+        self.value, self.version, self._on = (float(value.item()), samples), version, False
+
+    def reusable(self, version: tuple[int, int]) -> tuple[float, int] | None:
+        return self.value if self.value is not None and self.version == version else None
+
+
+def _unpadded(trainer: pl.Trainer) -> bool:
+    """Whether Lightning's validation loop sees every sample exactly once (one process, or sets that split evenly)."""
+    if trainer.world_size == 1:
+        return True
+    loaders = validation_dataloaders(trainer)
+    return all(isinstance(lo, DataLoader) and not isinstance(lo.dataset, IterableDataset)
+               and len(lo.dataset) % trainer.world_size == 0  # type: ignore[arg-type]
+               for lo in loaders)

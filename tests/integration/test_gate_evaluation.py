@@ -1,0 +1,88 @@
+"""The gate's evaluation around a pruning event: the validation loop's value reused as "before" only while the
+weights are those it measured; the paired subset with its early stop; the rule and samples of each event reported.
+Real fits on the built-in digits data."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from lightning_compress import GradientStabilityPruning
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.integration import evaluation
+from lightning_compress.integration.evaluation import MetricSpec
+from lightning_compress.integration.gate_evaluation import has_per_sample_value
+from tests.helpers import quiet_trainer, report_of
+
+MICRO = {"average": "micro"}
+
+
+class _MetricAtValidationEnd(Callback):
+    """Our own full evaluation of the weights the validation loop has just measured (runs before the epoch's end)."""
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self.spec, self.values = spec, {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.values[trainer.global_step] = evaluation.evaluate(trainer, pl_module, self.spec)
+
+
+def _fit(pruning: GradientStabilityPruning, *extra: Callback, max_epochs: int = 3) -> pl.Trainer:
+    pl.seed_everything(0)
+    trainer = quiet_trainer([*extra, pruning], max_epochs=max_epochs)
+    trainer.fit(MLPClassifier(input_size=64, hidden=[128, 64], lr=1e-2), DigitsDataModule(batch_size=64))
+    return trainer
+
+
+def test_an_event_right_after_validation_reuses_its_value_which_equals_a_full_evaluation() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.8, schedule_unit="epoch", start_step=1, end_step=3, frequency=1,
+                                       max_metric_drop=0.02, verbose=0)
+    spy = _MetricAtValidationEnd(pruning.metric_spec)
+    _fit(pruning, spy)
+    assert pruning.history
+    for h in pruning.history:
+        assert h["gate_evaluation"].startswith("before: reused validation (270 samples)"), h["gate_evaluation"]
+        assert h["metric_before"] == pytest.approx(spy.values[h["step"]], abs=1e-6)
+        assert h["gate_passes"] == 1  # the "after" only
+
+
+def test_paired_subset_stops_early_and_every_event_says_which_rule_decided_on_how_many_samples() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.8, max_metric_drop=0.02, metric_kwargs=MICRO, gate_batches=4,
+                                       verbose=0)
+    trainer = _fit(pruning)
+    rules = [h["gate_evaluation"] for h in pruning.history]
+    assert all("before: " in r and "after: " in r for r in rules)
+    assert any("after: early stop at 64 samples" in r for r in rules), rules  # a step that changed no prediction
+    assert any("before: full set" in r for r in rules)  # steps since the last validation: nothing to reuse
+    for h in pruning.history:  # the gate's verdict is the estimate's: inside the bound kept, outside refused
+        assert h["accepted"] == (h["drop"] <= 0.02 + 1e-9)
+    notes = [e.note for e in report_of(trainer).events]
+    assert all(r in n for r, n in zip(rules, notes))
+
+
+def test_a_step_close_to_the_bound_falls_back_to_the_full_set() -> None:
+    """A one-batch subset (64 samples) is too small to settle a step that moves predictions near a 2-point bound:
+    such an event is measured on the whole set (before, subset, after: three passes)."""
+    pruning = GradientStabilityPruning(sparsity=0.9, max_metric_drop=0.02, metric_kwargs=MICRO, gate_batches=1,
+                                       verbose=0)
+    _fit(pruning, max_epochs=2)
+    fallbacks = [h for h in pruning.history if "after: full set (close to the bound" in h["gate_evaluation"]]
+    assert fallbacks and all(h["gate_passes"] == 3 for h in fallbacks if "before: full set" in h["gate_evaluation"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "per_sample"),
+    [({"average": "micro"}, True), ({}, False), ({"average": "micro", "top_k": 2}, False),
+     ({"average": "micro", "ignore_index": 0}, False)],
+)
+def test_only_micro_top1_accuracy_has_a_per_sample_value(kwargs, per_sample: bool) -> None:
+    assert has_per_sample_value(MetricSpec(kwargs=kwargs)) is per_sample
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5])
+def test_bad_gate_batches_is_refused_at_construction(value) -> None:
+    with pytest.raises((TypeError, ValueError), match=r"`gate_batches` must be an integer"):
+        GradientStabilityPruning(gate_batches=value)
