@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -73,6 +74,9 @@ def _codes_of(model: nn.Module) -> QuantizationResult:
     the fit) are dropped from the record and stored as the floats they are."""
     record = carried(model)
     if record is not None and (stale := record.stale(model)):
+        warnings.warn(f"{stale[:5]} are no longer the codes {record.source} left (trained or edited since): the "
+                      "compressed checkpoint stores them as float, and the model no longer carries their codes",
+                      UserWarning, stacklevel=3)
         drop(model, stale)
     return _carried_result(model) if carried(model) is not None else QuantizationResult()
 

@@ -18,6 +18,7 @@ from lightning_compress import GradientStabilityPruning, PostTrainingQuantizatio
 from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.integration.artifacts import checkpoint_entry
 from lightning_compress.integration.compressed_checkpoint import CHECKPOINT_KEY, PACKED_KEY, SENTINEL, pack
 from lightning_compress.quantization.carried import carried
 from tests.helpers import quiet_trainer, report_of
@@ -171,7 +172,7 @@ def test_pack_and_unpack_a_quantized_bert_without_a_trainer() -> None:
     """Embeddings, attention and FFN codes of a Hugging Face BERT go through the packed entry and back unchanged."""
     transformers = pytest.importorskip("transformers")
     from lightning_compress import quantize
-    from lightning_compress.integration.artifacts import checkpoint_entry, prepare_for_checkpoint
+    from lightning_compress.integration.artifacts import prepare_for_checkpoint
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -189,3 +190,18 @@ def test_pack_and_unpack_a_quantized_bert_without_a_trainer() -> None:
         expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         assert torch.equal(fresh(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state, expected)
     assert set(carried(fresh).codes) == set(carried(model).codes) >= {"embeddings.word_embeddings.weight"}
+
+
+def test_a_weight_edited_after_the_fit_is_saved_as_the_float_it_is(fit: Fit, tmp_path: Path) -> None:
+    model = copy.deepcopy(fit.model)
+    with torch.no_grad():
+        model.net[1].weight[0, 0] += 0.123
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                  CHECKPOINT_KEY: checkpoint_entry("compressed")}
+    with pytest.warns(UserWarning, match=r"'net.1.weight'.*stores them as float"):
+        pack(checkpoint, model)
+    path = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, path)
+    loaded = load_compressed(_mlp(), path)
+    assert "net.1.weight" not in carried(loaded).codes
+    assert torch.equal(_logits(loaded, fit.data), _logits(model, fit.data))
