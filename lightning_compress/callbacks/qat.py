@@ -196,17 +196,29 @@ class QuantizationAwareTraining(PostTrainingQuantization):
     # -- end of fit --------------------------------------------------------------------------------------------
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active:
-            self._codes = release(pl_module, self.quantizers)
-            if self._group is not None:  # the scales leave the optimizer, their moments with them
-                optimizer = trainer.optimizers[0]
-                optimizer.param_groups.remove(self._group)
-                for scale in self._group["params"]:
-                    optimizer.state.pop(scale, None)
-            self.quantizers, self._group = {}, None
+            self._codes = self._take_off(trainer, pl_module)
         else:
             rank_zero_warn("QuantizationAwareTraining: the fit ended before `start` was reached; the weights are "
                            "quantized after training (round to nearest, MSE calibration)")
         super()._finish(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit that fails mid-QAT leaves the model plain, holding its latent float weights."""
+        if self.active:
+            self._take_off(trainer, pl_module)
+
+    def _take_off(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedTensor]:
+        """The codes; the parametrizations removed (latent float weights in place); the scales out of the
+        optimizer, their moments with them."""
+        codes = release(pl_module, self.quantizers)
+        if self._group is not None:
+            optimizer = trainer.optimizers[0]
+            optimizer.param_groups.remove(self._group)
+            for scale in self._group["params"]:
+                optimizer.state.pop(scale, None)
+        self.quantizers, self._group = {}, None
+        return codes
 
     def _first_pass(self, trainer: pl.Trainer, module: pl.LightningModule, plan: LayerPlan, keep: bool) -> LayerRungs:
         """The codes QAT trained, at their planned widths (other widths, for a fallback, rounded to nearest)."""

@@ -245,3 +245,21 @@ def test_qat_int2_beats_post_training_rounding_at_equal_total_epochs() -> None:
     rtn_mse = _digits_int2(PostTrainingQuantization(bits=2, calibration="mse"))
     assert qat >= rtn_minmax + 0.02
     assert qat > rtn_mse
+
+
+class _Crash(Callback):
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        if trainer.global_step == 25:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_fit_failing_mid_qat_leaves_a_plain_model_with_its_latent_weights() -> None:
+    qat = QuantizationAwareTraining(bits=3, start=1)
+    model = _mlp()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit([qat, _Crash()], model=model)
+    assert not qat.active and not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert set(model.state_dict()) == set(_mlp().state_dict())
+    assert carried(model) is None
+    weight = model.net[1].weight
+    assert len(torch.unique(weight)) > 64  # float latents, not 8 codes per row
