@@ -53,7 +53,8 @@ class GradientStabilityPruning(CompressionCallback):
     ``metric_reference`` (the gate), ``on_violation`` and ``patience`` (a refused step is retried ``patience``
     ticks later or at the next validation, see :mod:`lightning_compress.pruning.controller`), ``evaluate``,
     ``verbose`` (0, 1, 2), ``gate_batches`` (the gate's "after" on a seeded subset of that many validation batches
-    with an early stop, see :mod:`lightning_compress.integration.gate_evaluation`). A fit that delivers less than
+    with an early stop, see :mod:`lightning_compress.integration.gate_evaluation`), ``align_events`` (per-step
+    events due during an epoch wait for its validation, whose value is their "before"). A fit that delivers less than
     ``sparsity`` warns once, naming the refused events.
     """
 
@@ -95,6 +96,7 @@ class GradientStabilityPruning(CompressionCallback):
         macs_exponent: float = 0.5,
         patience: int | None = None,
         gate_batches: int | None = None,
+        align_events: bool = False,
     ) -> None:
         super().__init__(metric, metric_kwargs, max_metric_drop, metric_reference)
         self.config = PruningConfig(
@@ -102,6 +104,7 @@ class GradientStabilityPruning(CompressionCallback):
             initial_sparsity, mean_threshold, std_threshold, min_keep, restart_statistics, statistics, on_violation,
             evaluate, compact, verbose, structured_target, normalize=normalize, round_to=round_to,
             macs_exponent=macs_exponent, patience=patience, gate_batches=gate_batches,
+            align_events=align_events,
         )
         self._tap = ValidationTap(self.metric_spec)  # the gate's metric during Lightning's validation loop
         defaults = STRUCTURED_MODULE_TYPES if structured else DEFAULT_MODULE_TYPES
@@ -264,7 +267,7 @@ class GradientStabilityPruning(CompressionCallback):
         """Whether an event is expected right after this validation (a retry; a per-epoch event at this epoch)."""
         if trainer.state.fn != "fit" or self.schedule is None or self.controller.stopped:
             return False
-        if self.controller.retry_at is not None:
+        if self.controller.retry_at is not None or self.controller.deferred:
             return True
         tick = trainer.current_epoch + 1
         return self.config.schedule_unit == "epoch" and tick != self.controller.last_tick and \
@@ -286,7 +289,17 @@ class GradientStabilityPruning(CompressionCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         if self.config.schedule_unit == "step" and self.controller.due(trainer.global_step, self.schedule):
-            self._run_pruning_event(trainer, pl_module, trainer.global_step)
+            if self.config.align_events and self._validates_at_epoch_end(trainer):
+                self.controller.deferred = True  # run in on_validation_end, "before" measured by the loop
+            else:
+                self._run_pruning_event(trainer, pl_module, trainer.global_step)
+
+    def _validates_at_epoch_end(self, trainer: pl.Trainer) -> bool:
+        """Whether this epoch ends with a validation the fit surely reaches (no ``max_steps`` cut, validation once
+        per epoch, this epoch one of them)."""
+        every = trainer.check_val_every_n_epoch
+        return (self._has_val and trainer.max_steps in (-1, None) and trainer.val_check_interval == 1.0
+                and every is not None and (trainer.current_epoch + 1) % every == 0)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -299,8 +312,8 @@ class GradientStabilityPruning(CompressionCallback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A refused step is retried at the first validation after it (per-step schedules; per-epoch ones retry at
-        the epoch's end, which follows its validation)."""
+        """A refused step is retried at the first validation after it, and ``align_events`` runs the epoch's
+        deferred event here (per-step schedules; per-epoch ones run at the epoch's end, after its validation)."""
         if trainer.sanity_checking or trainer.state.fn != "fit" or self.config.schedule_unit != "step":
             return
         if self.controller.due(trainer.global_step, self.schedule, validated=True):

@@ -52,13 +52,15 @@ class PruningConfig:
     patience: int | None = None
     # the gate's "after" on this many validation batches per rank with an early stop (micro accuracy; else full set)
     gate_batches: int | None = None
+    # an event due during an epoch waits for that epoch's validation (one event per epoch, its "before" reused)
+    align_events: bool = False
 
     def __post_init__(self) -> None:
         self._check_target()
         check_choice("criterion", self.criterion, CRITERIA)
         if self.sparsity is None and self.criterion not in GRADIENT_CRITERIA:
             raise ValueError(f"thresholds act on gradient statistics; `criterion` {self.criterion!r} tracks none")
-        for name in ("structured", "restart_statistics", "evaluate", "compact"):
+        for name in ("structured", "restart_statistics", "evaluate", "compact", "align_events"):
             check_bool(name, getattr(self, name))
         check_choice("scope", self.scope, SCOPES)
         check_choice("schedule", self.schedule, SCHEDULES)
@@ -78,6 +80,10 @@ class PruningConfig:
         if self.structured and self.statistics == "per_weight":
             raise ValueError("`statistics`='per_weight' does not apply to structured=True: units use 'per_unit'")
         check_choice("on_violation", self.on_violation, ON_VIOLATION)
+        if self.align_events and self.schedule_unit != "step":
+            raise ValueError(f"`align_events`=True moves per-step events to the epoch's validation; with "
+                             f"`schedule_unit`={self.schedule_unit!r} events already follow it; allowed: "
+                             "schedule_unit='step'")
         if self.gate_batches is not None:
             check_number("gate_batches", self.gate_batches, low=1, integer=True)
         if self.patience is not None:

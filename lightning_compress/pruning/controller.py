@@ -53,6 +53,7 @@ class PruningController:
         self.backoffs = 0  # refusals since the last accepted step
         self.retry_at: int | None = None  # a refused step waits for a retry: at this tick (or the next validation)
         self.refused: dict[str, Any] | None = None  # the last refused step: its reference, whether it was capped
+        self.deferred = False  # align_events: an event due during the epoch waits for the validation at its end
         self.stopped = False
         self.initial_metric: float | None = None  # the metric before the first event
         self.history: list[dict[str, Any]] = []  # one entry per event
@@ -61,7 +62,12 @@ class PruningController:
     def due(self, tick: int, schedule: PruningSchedule | None, validated: bool = False) -> bool:
         """Whether ``tick`` holds an event not yet handled: one of the schedule's, or the retry of a refused step
         (``validated``: a validation just ended). Call once per tick; marks it handled."""
-        if schedule is None or self.stopped or tick == self.last_tick:
+        if schedule is None or self.stopped:
+            return False
+        if validated and self.deferred:
+            self.deferred, self.last_tick = False, tick
+            return True
+        if tick == self.last_tick:
             return False
         if not (schedule.is_event(tick) or self.retry_due(tick, validated)):
             return False
@@ -82,7 +88,7 @@ class PruningController:
         if self.stopped:
             return True
         past = last is not None and self.last_tick is not None and self.last_tick >= last
-        return past and self.retry_at is None
+        return past and self.retry_at is None and not self.deferred
 
     def recover(self, metric_before: float | None) -> bool:
         """At a retry, lift the cap when the model has recovered (see the module's docstring); returns whether it
@@ -184,7 +190,7 @@ class PruningController:
         return {
             "last_tick": self.last_tick, "sparsity_cap": self.sparsity_cap, "backoffs": self.backoffs,
             "stopped": self.stopped, "initial_metric": self.initial_metric, "history": copy.deepcopy(self.history),
-            "retry_at": self.retry_at, "refused": copy.deepcopy(self.refused),
+            "retry_at": self.retry_at, "refused": copy.deepcopy(self.refused), "deferred": self.deferred,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -196,3 +202,4 @@ class PruningController:
         self.history = list(state.get("history", []))
         self.retry_at = state.get("retry_at")
         self.refused = state.get("refused")
+        self.deferred = bool(state.get("deferred", False))

@@ -329,3 +329,17 @@ def test_metric_counts_each_validation_sample_once_when_the_set_does_not_split_e
     event = _same_on_every_rank([r["event"] for r in entry["ranks"]], "event record")
     for r in entry["ranks"]:
         assert event["metric_after"] == pytest.approx(r["full_val_metric"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- the gate's cheaper evaluation (ddp_spawn)
+def test_gate_subset_early_stop_and_reuse_decide_alike_on_every_rank(tmp_path) -> None:
+    """Each rank evaluates its half of the seeded subset; the early stop reads all-reduced sums, so both ranks stop
+    at the same sample count, estimate the same metric and take the same decision."""
+    _run("ddp_spawn", "gate", tmp_path)
+    record = _load(tmp_path, "gate")
+    history = _same_on_every_rank([r["history"] for r in record["final"]], "pruning history")
+    rules = [h["gate_evaluation"] for h in history]
+    assert any("after: early stop at" in r for r in rules), rules
+    assert any("before: reused validation (270 samples)" in r for r in rules), rules  # each rank's half, summed
+    assert any(not h["accepted"] for h in history) and any(h["accepted"] for h in history)
+    _same_on_every_rank([r["masks"] for r in record["final"]], "masks")

@@ -171,8 +171,20 @@ class _BatchCounter(Callback):
         self.batches += 1
 
 
+def scenario_gate(strategy: str, out_dir: str) -> None:
+    """The gate's cheaper evaluation under DDP: a seeded subset with the early stop (micro accuracy) and refused
+    events aligned with validation, the validation loop's value reused as their "before"."""
+    pl.seed_everything(3)
+    pruning = GradientStabilityPruning(sparsity=0.97, schedule="constant", amount=0.6, start_step=10, frequency=10,
+                                       max_metric_drop=0.05, metric_kwargs={"average": "micro"}, gate_batches=2,
+                                       align_events=True)
+    probe = RankProbe(out_dir, "gate")
+    trainer(strategy, probe.callbacks(pruning), out_dir, max_epochs=3).fit(model(), DigitsDataModule(batch_size=32))
+
+
 SCENARIOS = {
     "main": scenario_main,
+    "gate": scenario_gate,
     "accumulate_bf16": scenario_accumulate_bf16,
     "odd_val": scenario_odd_val,
     "resume": scenario_resume,

@@ -86,3 +86,21 @@ def test_only_micro_top1_accuracy_has_a_per_sample_value(kwargs, per_sample: boo
 def test_bad_gate_batches_is_refused_at_construction(value) -> None:
     with pytest.raises((TypeError, ValueError), match=r"`gate_batches` must be an integer"):
         GradientStabilityPruning(gate_batches=value)
+
+
+def test_align_events_runs_one_event_per_validation_with_its_value_as_before() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.7, start_step=5, end_step=45, frequency=5, align_events=True,
+                                       max_metric_drop=0.05, verbose=0)
+    spy = _MetricAtValidationEnd(pruning.metric_spec)
+    _fit(pruning, spy)
+    steps = [h["step"] for h in pruning.history]
+    assert steps and set(steps) <= set(spy.values), (steps, sorted(spy.values))  # at the validations only
+    for h in pruning.history:
+        assert h["gate_evaluation"].startswith("before: reused validation"), h["gate_evaluation"]
+        assert h["metric_before"] == pytest.approx(spy.values[h["step"]], abs=1e-6)
+    assert pruning.current_sparsity() == pytest.approx(0.7, abs=5e-3)  # the ramp's end is reached at a validation
+
+
+def test_align_events_is_refused_where_it_would_do_nothing() -> None:
+    with pytest.raises(ValueError, match=r"`align_events`=True .* `schedule_unit`='epoch'"):
+        GradientStabilityPruning(align_events=True, schedule_unit="epoch")

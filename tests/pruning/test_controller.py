@@ -136,3 +136,16 @@ def test_state_round_trips_and_reads_old_checkpoints() -> None:
     old = _controller()
     old.load_state_dict({"baseline_metric": 0.7, "history": [], "stopped": True})  # the flat keys of 0.1
     assert old.initial_metric == 0.7 and old.stopped
+
+
+def test_a_deferred_event_is_due_at_the_next_validation_and_keeps_the_run_unfinished() -> None:
+    controller = _controller()
+    schedule = PruningSchedule("polynomial", sparsity=0.8, start=2, end=6, frequency=2)
+    assert controller.due(6, schedule)
+    controller.deferred = True  # align_events: the callback waits for the epoch's validation
+    assert not controller.finished(schedule), "the statistics must keep counting until the deferred event"
+    assert controller.due(7, schedule, validated=True) and not controller.deferred and controller.finished(schedule)
+    restored = _controller()
+    controller.deferred = True
+    restored.load_state_dict(controller.state_dict())
+    assert restored.deferred
