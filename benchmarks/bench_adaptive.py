@@ -5,11 +5,14 @@
 1. How well the score ranks candidates: for every candidate of every layer (widths 2-8 and float x per channel /
    groups of 32 x sparsity 0 / 50 / 75 / 90 %), the predicted loss increase ``1/2 sum(F dW^2)`` against the
    measured one (validation cross-entropy with that layer alone changed); Spearman rank correlation, side by side
-   with plain ``sum(dW^2)``, and per layer the measured / predicted ratio (how far the scale is off).
+   with the same scores times each layer's measured scale (``compress(scale="measured")``; the default is
+   ``"fisher"``) and with plain ``sum(dW^2)``, and per layer the median measured / predicted ratio (how far the
+   scale is off).
 2. Adaptive vs uniform, side by side in one run: for each uniform configuration (bits x granularity, every layer
    alike, round to nearest with MSE clipping), its file and test accuracy / loss, and ``compress()`` with the
-   budget set to that file's size. Under a size budget alone ``compress()`` offers no sparsity (stored dense it
-   buys no bytes), so it is the bits-only search here. Seeds give the spread.
+   budget set to that file's size, with measured per-layer scales and with the Fisher alone. Under a size budget
+   alone ``compress()`` offers no sparsity (stored dense it buys no bytes), so it is the bits-only search here.
+   Seeds give the spread.
 
 The digits split: 60 % training (and the Fisher's batches), 20 % validation, 20 % test.
 """
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 from lightning_compress import Budget, compress, quantize
 from lightning_compress.adaptive.candidates import layer_candidates, realise
 from lightning_compress.adaptive.fisher import diagonal_fisher
+from lightning_compress.adaptive.scales import measured_scales
 from lightning_compress.demos.data import load_digits_arrays
 from lightning_compress.quantization.calibration import feed
 
@@ -66,11 +70,13 @@ def rank_correlation(model: nn.Module, batches: list[Split], val: Split) -> dict
     weights = {n: m.weight for n, m in layers.items()}
     fisher = diagonal_fisher(model, weights, batches, feed)
     base = evaluate(model, val)[1]
-    predicted, squared, measured, ratios = [], [], [], {}
+    candidates = {n: layer_candidates(n, m, m.weight.detach(), fisher[n], 1.0, 0, "mse") for n, m in layers.items()}
+    scales = measured_scales(model, weights, fisher, candidates, batches, feed, None, "mse")
+    predicted, scaled, squared, measured, ratios = [], [], [], [], {}
     for name, module in layers.items():
         original = module.weight.detach().clone()
         per_layer = []
-        for c in layer_candidates(name, module, original, fisher[name], 1.0, 0, "mse"):
+        for c in candidates[name]:
             if c.score == 0.0:
                 continue  # the float layer itself
             approx, _ = realise(original, fisher[name], c, "mse")
@@ -78,6 +84,7 @@ def rank_correlation(model: nn.Module, batches: list[Split], val: Split) -> dict
                 module.weight.copy_(approx)
             change = evaluate(model, val)[1] - base
             predicted.append(c.score)
+            scaled.append(c.score * scales[name])
             squared.append(float((approx - original).square().sum()))
             measured.append(change)
             per_layer.append(change / c.score)
@@ -85,7 +92,8 @@ def rank_correlation(model: nn.Module, batches: list[Split], val: Split) -> dict
             module.weight.copy_(original)
         ratios[name] = sorted(per_layer)[len(per_layer) // 2]
     return {"candidates": len(predicted), "spearman_fisher": float(spearmanr(predicted, measured)[0]),
-            "spearman_dw2": float(spearmanr(squared, measured)[0]), "median_measured_over_predicted": ratios}
+            "spearman_dw2": float(spearmanr(squared, measured)[0]),
+            "spearman_measured_scale": float(spearmanr(scaled, measured)[0]), "median_measured_over_predicted": ratios}
 
 
 def side_by_side(model: nn.Module, batches: list[Split], test: Split) -> list[dict[str, Any]]:
@@ -95,15 +103,17 @@ def side_by_side(model: nn.Module, batches: list[Split], test: Split) -> list[di
             uniform = copy.deepcopy(model)
             result = quantize(uniform, bits=bits, granularity=granularity, group_size=32, calibration="mse")
             size = file_size(uniform, result)
-            adaptive = copy.deepcopy(model)
-            started = time.perf_counter()
-            planned = compress(adaptive, Budget(size=size), batches)
-            seconds = time.perf_counter() - started
-            (u_acc, u_loss), (a_acc, a_loss) = evaluate(uniform, test), evaluate(adaptive, test)
-            rows.append({"uniform": f"int{bits} {'g32' if granularity == 'per_group' else 'per-channel'}",
-                         "bytes": size, "uniform_acc": u_acc, "uniform_loss": u_loss,
-                         "adaptive_bytes": planned.file_bytes, "adaptive_acc": a_acc, "adaptive_loss": a_loss,
-                         "adaptive_plan": [r["label"] for r in planned.plan], "compress_s": seconds})
+            row = {"uniform": f"int{bits} {'g32' if granularity == 'per_group' else 'per-channel'}", "bytes": size}
+            row["uniform_acc"], row["uniform_loss"] = evaluate(uniform, test)
+            for scale in ("measured", "fisher"):
+                adaptive = copy.deepcopy(model)
+                started = time.perf_counter()
+                planned = compress(adaptive, Budget(size=size), batches, scale=scale)
+                row[f"{scale}_s"] = time.perf_counter() - started
+                row[f"{scale}_bytes"] = planned.file_bytes
+                row[f"{scale}_acc"], row[f"{scale}_loss"] = evaluate(adaptive, test)
+                row[f"{scale}_plan"] = [r["label"] for r in planned.plan]
+            rows.append(row)
     return rows
 
 
@@ -123,16 +133,23 @@ def main() -> None:
         ranks = rank_correlation(model, batches, val)
         print(f"\nseed {seed}: float test acc {float_acc:.2f} %, loss {float_loss:.4f}, file {file_size(model)} B")
         print(f"  Spearman predicted vs measured val-loss change over {ranks['candidates']} candidates: "
-              f"1/2 sum(F dW^2) {ranks['spearman_fisher']:.3f}   sum(dW^2) {ranks['spearman_dw2']:.3f}")
+              f"1/2 sum(F dW^2) {ranks['spearman_fisher']:.3f}, the same with measured per-layer scales "
+              f"{ranks['spearman_measured_scale']:.3f}, sum(dW^2) {ranks['spearman_dw2']:.3f}")
         print("  median measured / predicted per layer: "
               + ", ".join(f"{n}: {r:.3g}" for n, r in ranks["median_measured_over_predicted"].items()))
         rows = side_by_side(model, batches, test)
-        print(f"  {'uniform':<16}{'bytes':>7}{'acc %':>8}{'loss':>8} | {'adaptive B':>10}{'acc %':>8}{'loss':>8}"
-              f"{'s':>6}  plan")
+        print(f"  {'uniform':<16}{'bytes':>7}{'acc %':>7}{'loss':>8} | adaptive, measured scale:          "
+              f"{'bytes':>6}{'acc %':>7}{'loss':>8}{'s':>5} | Fisher (default):  {'acc %':>7}{'loss':>8}  plan")
         for r in rows:
-            print(f"  {r['uniform']:<16}{r['bytes']:>7}{r['uniform_acc']:>8.2f}{r['uniform_loss']:>8.4f} | "
-                  f"{r['adaptive_bytes']:>10}{r['adaptive_acc']:>8.2f}{r['adaptive_loss']:>8.4f}"
-                  f"{r['compress_s']:>6.2f}  {', '.join(r['adaptive_plan'])}")
+            print(f"  {r['uniform']:<16}{r['bytes']:>7}{r['uniform_acc']:>7.2f}{r['uniform_loss']:>8.4f} | "
+                  f"{'':>34}{r['measured_bytes']:>6}{r['measured_acc']:>7.2f}{r['measured_loss']:>8.4f}"
+                  f"{r['measured_s']:>5.2f} | {'':>17}{r['fisher_acc']:>7.2f}{r['fisher_loss']:>8.4f}  "
+                  f"{', '.join(r['measured_plan'])}")
+        for scale in ("fisher", "measured"):
+            gains = [r[f"{scale}_acc"] - r["uniform_acc"] for r in rows]
+            better = sum(r[f"{scale}_loss"] < r["uniform_loss"] for r in rows)
+            print(f"  {scale}: test loss lower than uniform at {better}/{len(rows)}, accuracy minus uniform: "
+                  f"min {min(gains):+.2f}, mean {sum(gains) / len(gains):+.2f}, max {max(gains):+.2f} points")
         out["seeds"][seed] = {"float_acc": float_acc, "float_loss": float_loss, "ranks": ranks, "rows": rows}
     write_json(args.json, out)
 

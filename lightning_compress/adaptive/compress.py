@@ -28,6 +28,7 @@ from lightning_compress.adaptive.candidates import SPARSITIES, layer_candidates
 from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.plan import Problem, floor_bytes, floor_macs, rows
+from lightning_compress.adaptive.scales import measured_scales
 from lightning_compress.adaptive.session import BUDGET_STEPS, BudgetError, Session
 from lightning_compress.core.accounting import state_bytes
 from lightning_compress.core.gate import MetricGate
@@ -45,6 +46,7 @@ from lightning_compress.quantization.coverage import (
 from lightning_compress.quantization.primitives import CALIBRATIONS
 
 FISHER_BATCHES = 8  # backward passes for the Fisher (and batches kept for the forward that counts positions)
+SCALES = ("measured", "fisher")
 CORRECTIONS = 2  # re-solves after a failed bound before larger budgets are tried
 
 
@@ -96,6 +98,7 @@ def compress(
     calibration: str = "mse",
     calibration_batches: int = FISHER_BATCHES,
     corrections: int = CORRECTIONS,
+    scale: str = "fisher",
 ) -> CompressionResult:
     """Compress ``model`` in place to fit ``budget`` with the smallest predicted loss increase.
 
@@ -107,6 +110,8 @@ def compress(
         metric_fn, max_metric_drop, higher_is_better: the bound the delivered model must meet (measured).
         calibration: how each candidate's clipping range is chosen (``"mse"``: what makes 2-4 bits usable).
         corrections: re-solves with measured corrections after a failed bound.
+        scale: ``"fisher"``: the Fisher's scores as they are; ``"measured"``: each layer's scores scaled by one
+            measured loss change (:mod:`.scales`; ``benchmarks/bench_adaptive.py`` compares the two).
 
     Raises:
         ValueError: a budget below its floor (before any work); :class:`~.session.BudgetError` when the budget and
@@ -114,6 +119,7 @@ def compress(
     """
     _check(budget, forward, loss_fn, metric_fn, max_metric_drop, higher_is_better, calibration,
            calibration_batches, corrections)
+    check_choice("scale", scale, SCALES)
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     layers, _ = select_layers(model, QUANT_MODULE_TYPES)
@@ -148,6 +154,9 @@ def compress(
         candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration,
                                           sparsities=sparsities) for n, count in aliases(model, keys).items()}
         problem = Problem(candidates, fixed, other, size_cap, macs_cap)
+        if scale == "measured":
+            problem.multipliers = measured_scales(model, weights, fisher, candidates, batches, run, loss_fn,
+                                                  calibration)
         session = Session(model, layers, weights, keys, floats, fisher, where, calibration, metric_fn, measure, gate,
                           before, evaluations=int(metric_fn is not None))
         header = session.header(problem) if size_cap is not None else 0

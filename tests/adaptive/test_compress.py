@@ -169,7 +169,8 @@ def test_a_failed_bound_is_corrected_by_measuring_layers_alone(digits: Digits) -
     assert first_drop > 0.02
     assert result.evaluations == 1 + 1 + 3 + 1 + 3 + 1  # before, plan, 3 alone, plan, 3 alone, plan
     rows = {row["layer"]: row for row in result.plan}
-    assert rows["0"]["measured_drop"] is not None and rows["0"]["corrected"] > rows["0"]["predicted"]
+    factor = {name: row["corrected"] / row["predicted"] for name, row in rows.items()}
+    assert rows["0"]["measured_drop"] is not None and factor["0"] > 10 * max(factor["2"], factor["4"])
     assert result.file_bytes is not None and result.file_bytes <= result.budget_bytes  # type: ignore[operator]
 
 
