@@ -332,7 +332,7 @@ class GradientStabilityPruning(CompressionCallback):
                                lambda masks: trainer.strategy.broadcast(masks, src=0), trainer.optimizers)
         if entry is None:
             return
-        entry.update(gate_evaluation=measure.describe(), gate_passes=measure.evaluations)
+        entry.update(gate_evaluation=measure.describe(), gate_passes=measure.evaluations, gate_samples=measure.samples)
         if not entry["accepted"]:
             rank_zero_warn(f"GradientStabilityPruning: step {tick} to sparsity {entry['sparsity_tried']:.3f} refused: "
                            f"{entry['reason']}; rolled back ({entry['note']})")

@@ -25,7 +25,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.core.modes import eval_mode
 from lightning_compress.core.sequential import DEFAULT_CONFIDENCE, PairedDifference
-from lightning_compress.integration.evaluation import MetricSpec, evaluate, predict, validation_dataloaders
+from lightning_compress.integration import evaluation
+from lightning_compress.integration.evaluation import MetricSpec, predict, validation_dataloaders
 
 SUBSET_SEED = 0  # the subset is the same at every event of a fit (and of every fit of the same data)
 
@@ -76,12 +77,14 @@ class EventEvaluation:
         self.subset = subset_loader(trainer, gate_batches) if gate_batches and has_per_sample_value(spec) else None
         self.rules: list[str] = []
         self.evaluations = 0  # passes over data (full set or subset)
+        self.samples = 0  # samples those passes evaluated (all ranks)
         self._before: float | None = None
         self._before_correct: list[torch.Tensor] = []
 
     def _full(self) -> float:
         self.evaluations += 1
-        return evaluate(self.trainer, self.module, self.spec)
+        self.samples += _set_size(self.trainer)
+        return evaluation.evaluate(self.trainer, self.module, self.spec)
 
     def before(self) -> float | None:
         if self.reused is not None:
@@ -93,6 +96,7 @@ class EventEvaluation:
         if self.subset is not None:
             with eval_mode(self.module):
                 self._before_correct = [_correct(self.trainer, self.module, b) for b in self.subset]
+            self.samples += sum(len(c) for c in self._before_correct) * self.trainer.world_size
         return self._before
 
     def after(self) -> float | None:
@@ -109,6 +113,7 @@ class EventEvaluation:
                 sums = torch.stack([d.sum(), (d * d).sum(), torch.tensor(float(d.numel()), dtype=d.dtype)])
                 total, squares, count = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
                 paired.add(total, squares, int(count))
+                self.samples += int(count)
                 if allowed is not None and paired.decide(allowed, self.confidence) != "undecided":
                     self.rules.append(f"after: early stop at {paired.count} samples")
                     return before_metric - paired.mean
@@ -165,6 +170,13 @@ class ValidationTap:
 
     def reusable(self, version: tuple[int, int]) -> tuple[float, int] | None:
         return self.value if self.value is not None and self.version == version else None
+
+
+def _set_size(trainer: pl.Trainer) -> int:
+    """Samples in the validation sets (a full pass evaluates each once)."""
+    sizes = [len(lo.dataset) for lo in validation_dataloaders(trainer)  # type: ignore[arg-type]
+             if isinstance(lo, DataLoader) and not isinstance(lo.dataset, IterableDataset)]
+    return sum(sizes)
 
 
 def _unpadded(trainer: pl.Trainer) -> bool:

@@ -4,6 +4,8 @@ Real fits on the built-in digits data."""
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import Callback
@@ -46,7 +48,7 @@ def test_an_event_right_after_validation_reuses_its_value_which_equals_a_full_ev
     for h in pruning.history:
         assert h["gate_evaluation"].startswith("before: reused validation (270 samples)"), h["gate_evaluation"]
         assert h["metric_before"] == pytest.approx(spy.values[h["step"]], abs=1e-6)
-        assert h["gate_passes"] == 1  # the "after" only
+        assert h["gate_passes"] == 1 and h["gate_samples"] == 270  # the "after" only, on the whole set
 
 
 def test_paired_subset_stops_early_and_every_event_says_which_rule_decided_on_how_many_samples() -> None:
@@ -59,6 +61,10 @@ def test_paired_subset_stops_early_and_every_event_says_which_rule_decided_on_ho
     assert any("before: full set" in r for r in rules)  # steps since the last validation: nothing to reuse
     for h in pruning.history:  # the gate's verdict is the estimate's: inside the bound kept, outside refused
         assert h["accepted"] == (h["drop"] <= 0.02 + 1e-9)
+    for h in pruning.history:  # samples: the whole set before, the subset (4 x 64) before, the paired ones after
+        stop = re.search(r"before: full set; after: early stop at (\d+) samples", h["gate_evaluation"])
+        if stop:
+            assert h["gate_samples"] == 270 + 256 + int(stop.group(1)) and h["gate_passes"] == 2
     notes = [e.note for e in report_of(trainer).events]
     assert all(r in n for r, n in zip(rules, notes))
 
