@@ -52,6 +52,7 @@ from lightning_compress.integration.artifacts import (
     load_compressed,
     prepare_for_checkpoint,
 )
+from lightning_compress.integration.compressed_checkpoint import is_packed
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -137,16 +138,18 @@ class CompressionCLI(LightningCLI):
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """``validate`` / ``test`` / ``predict --ckpt_path`` accept every artifact of this package: an export
         (``*.safetensors``) is loaded into the model here (Lightning reads only checkpoints); a compressed
-        checkpoint gets its compacted shapes before Lightning loads it."""
+        checkpoint (``compressed.ckpt``, packed codes) is unpacked into the model here too, so it needs no compression
+        callback in the config; a training checkpoint gets its compacted shapes before Lightning loads it."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         path = kwargs.get("ckpt_path")
         if subcommand != "fit" and isinstance(path, str) and Path(path).is_file():
             try:
-                if artifact_kind(path) != "checkpoint":
-                    load_compressed(self.model, path)
+                checkpoint = load_checkpoint(path) if artifact_kind(path) == "checkpoint" else None
+                if checkpoint is None or is_packed(checkpoint):  # exports, and compressed.ckpt with or without
+                    load_compressed(self.model, path)  # the compression callbacks in the config
                     kwargs["ckpt_path"] = None
                 else:
-                    prepare_for_checkpoint(self.model, load_checkpoint(path), source=path)  # read once
+                    prepare_for_checkpoint(self.model, checkpoint, source=path)  # read once
             except ValueError as err:
                 raise CLIConfigError(f"`--ckpt_path`={path!r}: {err}") from None
         return kwargs

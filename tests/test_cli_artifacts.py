@@ -23,9 +23,9 @@ def _fit(config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return report.parent
 
 
-def _test_accuracy(config: str, ckpt: Path, capsys: pytest.CaptureFixture) -> float:
+def _test_accuracy(config: str, ckpt: Path, capsys: pytest.CaptureFixture, *extra: str) -> float:
     capsys.readouterr()
-    main(["test", "--config", str(ROOT / "configs" / config), "--ckpt_path", str(ckpt), *FAST])
+    main(["test", "--config", str(ROOT / "configs" / config), "--ckpt_path", str(ckpt), *FAST, *extra])
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "test_acc" in ln)
     return float(line.replace("│", " ").split()[-1])
@@ -41,6 +41,8 @@ def test_test_subcommand_evaluates_the_quantized_export_and_the_compressed_check
     from_checkpoint = _test_accuracy("quantize.yaml", run / "compressed.ckpt", capsys)
     assert from_export == pytest.approx(from_checkpoint, abs=1e-4)
     assert from_export == pytest.approx(report["delivered"]["test"], abs=1e-4)
+    no_callbacks = _test_accuracy("quantize.yaml", run / "compressed.ckpt", capsys, "--trainer.callbacks=[]")
+    assert no_callbacks == pytest.approx(from_checkpoint, abs=1e-4)  # compressed.ckpt needs no compression callback
 
 
 def test_test_subcommand_rebuilds_compacted_shapes(
