@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_compress.quantization.calibration import run_with_hooks
 from lightning_compress.quantization.export import save_quantized
+from lightning_compress.structure.macs import count_macs
 
 
 def aliases(model: nn.Module, keys: Mapping[str, str]) -> dict[str, int]:
@@ -90,17 +90,22 @@ def dense_macs(weights: Mapping[str, Tensor], where: Mapping[str, float]) -> int
     return round(sum(weights[name].numel() * where[name] for name in weights))
 
 
+class _Fed(nn.Module):
+    """``model`` fed ``batch`` by ``forward``, as a module :func:`~lightning_compress.structure.macs.count_macs` can
+    run (it ignores the placeholder input it is called with)."""
+
+    def __init__(self, model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.model, self.batch, self.run = model, batch, forward
+
+    def forward(self, *_: Any) -> Any:
+        return self.run(self.model, self.batch)
+
+
 def model_macs(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any]) -> int:
-    """Multiply-accumulates per example of one forward of ``batch`` (every operation, dense), eval mode."""
-    counter = FlopCounterMode(display=False)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), counter:
-            forward(model, batch)
-    finally:
-        model.train(training)
-    return counter.get_total_flops() // 2 // batch_size(batch)
+    """Multiply-accumulates per example of one forward of ``batch`` (every operation, dense, attention included:
+    :func:`~lightning_compress.structure.macs.count_macs`)."""
+    return count_macs(_Fed(model, batch, forward), torch.zeros(1)) // batch_size(batch)
 
 
 def delivered_macs(weights: Mapping[str, Tensor], where: Mapping[str, float], other: int) -> int:
