@@ -7,8 +7,10 @@ scales) and deliver the codes it trained. The math lives in :mod:`lightning_comp
   is the quantized model's. Pruning masks in force are respected (a pruning schedule still running at ``start`` is
   refused before the first step).
 - The scales are trained by the fit's optimizer: they are added to ``trainer.optimizers[0]`` as one more param
-  group (learning rate ``scale_lr``, default the first group's; no weight decay). An LR scheduler built before keeps
-  driving only the groups it knew.
+  group, with the first group's settings, learning rate ``scale_lr`` (default the first group's) and no weight
+  decay. An LR scheduler built before drives it only if it reads every group's own keys (``OneCycleLR`` then drives
+  it like the first group); those that keep a list per group (``LambdaLR``, ``CosineAnnealingLR``) leave it at
+  its rate.
 - Checkpoints keep the model's own keys (the latent float weights under ``<name>.weight``); the scales and their
   optimizer state travel in this callback's state, so a resumed fit continues with the same scales and moments.
 - At the end of the fit the exact codes the forward used go to :class:`PostTrainingQuantization`'s delivery (the
@@ -149,10 +151,10 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self.quantizers = prepare(pl_module, plan, masks, pending.get("scales"))
         optimizer = trainer.optimizers[0]
         scales = [q.scale for q in self.quantizers.values()]
-        lr = self.scale_lr if self.scale_lr is not None else optimizer.param_groups[0]["lr"]
+        first = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}  # e.g. OneCycleLR's keys
         saved = pending.get("optimizer") or {}
-        optimizer.add_param_group({**saved.get("group", {}), "params": scales, "lr": saved.get("group", {}).get(
-            "lr", lr), "weight_decay": 0.0})
+        group = {**first, "lr": self.scale_lr if self.scale_lr is not None else first["lr"], "weight_decay": 0.0}
+        optimizer.add_param_group({**group, **saved.get("group", {}), "params": scales})
         self._group = optimizer.param_groups[-1]
         for scale, state in zip(scales, saved.get("state", [])):
             if state:

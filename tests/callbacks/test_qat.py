@@ -263,3 +263,20 @@ def test_a_fit_failing_mid_qat_leaves_a_plain_model_with_its_latent_weights() ->
     assert carried(model) is None
     weight = model.net[1].weight
     assert len(torch.unique(weight)) > 64  # float latents, not 8 codes per row
+
+
+class _OneCycleMLP(MLPClassifier):
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=3e-3)
+        steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_a_scheduler_reading_every_group_drives_the_scales_group_too() -> None:
+    """OneCycleLR reads its own keys from every param group: the scales' group carries them (it once raised
+    KeyError 'max_lr' at the first step of QAT)."""
+    qat = QuantizationAwareTraining(bits=4, start=1)
+    spy = _ValidationSpy()
+    _fit([qat, spy], model=_OneCycleMLP(input_size=64, hidden=[32]), max_epochs=2)
+    assert spy.groups[-1] == 2 and qat.result is not None
