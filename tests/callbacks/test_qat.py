@@ -15,7 +15,12 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_compress import GradientStabilityPruning, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress import (
+    GradientStabilityPruning,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    load_compressed,
+)
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization.carried import carried
@@ -117,6 +122,9 @@ def test_test_with_the_compressed_checkpoint_runs_on_the_quantized_model() -> No
     (result,) = trainer.test(model, DigitsDataModule(batch_size=64), ckpt_path=path, verbose=False)
     assert result["test_acc"] == pytest.approx(report_of(trainer).delivered_test_metric)
     assert carried(model) is not None and carried(model).stale(model) == []
+    fresh = load_compressed(_mlp(), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
 
 
 # --------------------------------------------------------------------------- with pruning

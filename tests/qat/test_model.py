@@ -119,3 +119,28 @@ def test_prepare_refuses_a_scale_of_another_shape_and_a_parametrized_weight_befo
     prepare(model, plan)
     with pytest.raises(ValueError, match="already parametrized"):
         prepare(model, plan)
+
+
+def test_export_onnx_takes_the_trained_codes_as_they_are(tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from lightning_compress.serving import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
+    quantizers = prepare(model, _plan(model, bits=8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(8, 32)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    result = convert(model.eval(), quantizers)
+    report = export_onnx(model, tmp_path / "m.onnx", x)
+    assert "QAT" in report.source and report.not_integer == {} and set(report.layers) == {"0", "2"}
+    graph = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    for name, layer in result.layers.items():  # (in, out) int8 codes and one scale per output, as trained
+        assert torch.equal(torch.from_numpy(graph[f"{name}.weight_quantized"]).T, layer.qtensor.q), name
+        assert torch.equal(torch.from_numpy(graph[f"{name}.weight_scale"]), layer.qtensor.scale.reshape(-1)), name
