@@ -1,5 +1,5 @@
-"""A small MLP trained on sklearn's digits (plain torch loop, a few seconds), with train / validation / test splits,
-shared by the adaptive tests and ``benchmarks/bench_adaptive.py``."""
+"""A small MLP trained on sklearn's digits (the benchmarks' plain-torch loop, about a second), with train / validation
+/ test splits, for the adaptive tests."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from benchmarks._common import train as train_model
 from lightning_compress.demos.data import load_digits_arrays
 
 
@@ -38,13 +38,7 @@ def trained_digits(hidden: tuple[int, ...] = (256, 128), epochs: int = 30, seed:
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(widths[-1], 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     xt, yt = x[train], y[train]
     batches = [(xt[i:i + 64], yt[i:i + 64]) for i in range(0, len(xt), 64)]
-    for _ in range(epochs):
-        for bx, by in batches:
-            optimizer.zero_grad()
-            F.cross_entropy(model(bx), by).backward()
-            optimizer.step()
-    model.eval()
+    train_model(model, batches, epochs=epochs, lr=3e-3)
     return Digits(model, batches, (x[val], y[val]), (x[test], y[test]))

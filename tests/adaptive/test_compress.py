@@ -203,3 +203,15 @@ def test_bad_arguments_are_refused_before_any_change(digits: Digits, kwargs: dic
     for text in texts:
         assert text in str(info.value), (text, str(info.value))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_onnx_takes_the_compressed_model(digits: Digits, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    model = copy.deepcopy(digits.model)
+    result = compress(model, Budget(size=0.2), digits.train)
+    report = export_onnx(model, tmp_path / "m.onnx", digits.test[0][:2])
+    text = str(report)
+    assert "compress()" in text and all(f"{name}:" in text for name in LINEARS)
+    assert {row["bits"] for row in result.plan} <= {2, 3, 4, 6, 8}
