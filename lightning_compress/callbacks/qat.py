@@ -15,7 +15,8 @@ scales) and deliver the codes it trained. The math lives in :mod:`lightning_comp
   optimizer state travel in this callback's state, so a resumed fit continues with the same scales and moments.
 - At the end of the fit the exact codes the forward used go to :class:`PostTrainingQuantization`'s delivery (the
   float-vs-quantized gate and fallback, the report, the export, ``compressed.ckpt``): nothing is re-rounded, the
-  delivered model is the one that was validated. The float reference is the latent weights.
+  delivered model is the one that was validated. The gate's float reference is the model's metric measured just
+  before QAT started (kept in checkpoints); a fallback rung (more bits, float) is made from the latent weights.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self._pending: dict[str, Any] | None = None  # a resumed checkpoint's state, applied when QAT starts
         self._codes: dict[str, QuantizedTensor] = {}  # read at the end of the fit
         self._keys: dict[str, str] = {}  # module name -> its weight's state_dict key
+        self._float_metric: float | None = None  # the float model's metric when QAT started: the gate's reference
+        self._reference_next = False  # the next _evaluate (PTQ's "before") answers with _float_metric
 
     @property
     def active(self) -> bool:
@@ -142,6 +145,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         """Fake quantizers on the planned layers (scales from the checkpoint when resuming), scales into the
         optimizer."""
         pending, self._pending = self._pending or {}, None
+        resumed = "float_metric" in pending  # measured before this checkpoint, on the float model
+        self._float_metric = pending["float_metric"] if resumed else self._evaluate(trainer, pl_module)
         masks: dict[str, Tensor] = {}
         for peer in compression_callbacks(trainer):
             if isinstance(peer, GradientStabilityPruning):
@@ -168,8 +173,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
     def state_dict(self) -> dict[str, Any]:
         if not self.active:
             return {"active": False}
-        return {"active": True, "scales": {self._keys[n]: q.scale.detach().cpu().clone()
-                                           for n, q in self.quantizers.items()}}
+        return {"active": True, "float_metric": self._float_metric,
+                "scales": {self._keys[n]: q.scale.detach().cpu().clone() for n, q in self.quantizers.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -199,10 +204,19 @@ class QuantizationAwareTraining(PostTrainingQuantization):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active:
             self._codes = self._take_off(trainer, pl_module)
+            self._reference_next = self._float_metric is not None
         else:
             rank_zero_warn("QuantizationAwareTraining: the fit ended before `start` was reached; the weights are "
                            "quantized after training (round to nearest, MSE calibration)")
         super()._finish(trainer, pl_module)
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """PostTrainingQuantization's first measurement at the end of the fit ("before") is, for QAT, the float
+        model's metric when QAT started (the latent weights it leaves are no float model to judge against)."""
+        if self._reference_next:
+            self._reference_next = False
+            return self._float_metric
+        return super()._evaluate(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

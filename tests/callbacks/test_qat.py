@@ -193,6 +193,7 @@ def test_resume_from_a_mid_qat_checkpoint_gives_the_same_codes(tmp_path) -> None
     assert state["active"] and set(state["scales"]) == {"net.1.weight", "net.3.weight"}
     assert len(state["optimizer"]["state"]) == 2  # the scales' Adam moments
     resumed, resumed_model = _resume_fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    assert resumed.result.metric_before == full.result.metric_before  # the float reference travels too
     for name, layer in full.result.layers.items():
         other = resumed.result.layers[name].qtensor
         assert torch.equal(layer.qtensor.q, other.q), name
@@ -288,3 +289,22 @@ def test_a_scheduler_reading_every_group_drives_the_scales_group_too() -> None:
     spy = _ValidationSpy()
     _fit([qat, spy], model=_OneCycleMLP(input_size=64, hidden=[32]), max_epochs=2)
     assert spy.groups[-1] == 2 and qat.result is not None
+
+
+class _FirstValidation(Callback):
+    def __init__(self) -> None:
+        self.metrics: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.metrics.append(float(trainer.callback_metrics["val_acc"]))
+
+
+def test_the_gate_judges_qat_against_the_float_model_when_qat_started() -> None:
+    """Epoch 0 is float; its validation ran on the very weights QAT starts from (the first batch of epoch 1)."""
+    spy = _FirstValidation()
+    qat = QuantizationAwareTraining(bits=2, start=1, max_metric_drop=0.5)
+    trainer, _ = _fit([qat, spy], max_epochs=2)
+    assert qat.result is not None and qat.result.bound_met is True
+    assert qat.result.metric_before == pytest.approx(spy.metrics[0])
+    assert report_of(trainer).metric_before == pytest.approx(spy.metrics[0])
+    assert qat.result.metric_after == pytest.approx(spy.metrics[-1])  # the last (fake-quantized) validation
