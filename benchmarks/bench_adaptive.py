@@ -128,10 +128,13 @@ def main() -> None:
     out: dict[str, Any] = {"machine": machine_info(args.quick), "seeds": {}}
     for seed in seeds:
         batches, val, test = data(seed)
+        started = time.perf_counter()
         model = train(mlp(seed), batches, epochs=30, lr=3e-3)
+        fit_s = time.perf_counter() - started
         float_acc, float_loss = evaluate(model, test)
         ranks = rank_correlation(model, batches, val)
-        print(f"\nseed {seed}: float test acc {float_acc:.2f} %, loss {float_loss:.4f}, file {file_size(model)} B")
+        print(f"\nseed {seed}: float test acc {float_acc:.2f} %, loss {float_loss:.4f}, file {file_size(model)} B, "
+              f"fit {fit_s:.2f} s (30 epochs)")
         print(f"  Spearman predicted vs measured val-loss change over {ranks['candidates']} candidates: "
               f"1/2 sum(F dW^2) {ranks['spearman_fisher']:.3f}, the same with measured per-layer scales "
               f"{ranks['spearman_measured_scale']:.3f}, sum(dW^2) {ranks['spearman_dw2']:.3f}")
@@ -150,7 +153,11 @@ def main() -> None:
             better = sum(r[f"{scale}_loss"] < r["uniform_loss"] for r in rows)
             print(f"  {scale}: test loss lower than uniform at {better}/{len(rows)}, accuracy minus uniform: "
                   f"min {min(gains):+.2f}, mean {sum(gains) / len(gains):+.2f}, max {max(gains):+.2f} points")
-        out["seeds"][seed] = {"float_acc": float_acc, "float_loss": float_loss, "ranks": ranks, "rows": rows}
+        slowest = max(r["fisher_s"] for r in rows)
+        print(f"  compress (Fisher, candidates, solve, write, measure): at most {slowest:.2f} s a call, "
+              f"{100 * slowest / fit_s:.0f} % of the fit")
+        out["seeds"][seed] = {"float_acc": float_acc, "float_loss": float_loss, "fit_s": fit_s, "ranks": ranks,
+                              "rows": rows}
     write_json(args.json, out)
 
 
