@@ -275,12 +275,12 @@ class GradientStabilityPruning(CompressionCallback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._tap.start(trainer, wanted=self._event_after_validation(trainer))
+        self._tap.start(trainer, pl_module, wanted=self._event_after_validation(trainer))
 
     @override
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._tap.update(trainer, pl_module, batch, dataloader_idx)
+        self._tap.update(trainer, pl_module, batch)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -409,6 +409,7 @@ class GradientStabilityPruning(CompressionCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.state.detach()
+        self._tap.detach()
         super().teardown(trainer, pl_module, stage)
 
     def checkpoint_details(self) -> dict[str, Any]:

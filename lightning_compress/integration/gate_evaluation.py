@@ -133,43 +133,72 @@ class EventEvaluation:
 
 class ValidationTap:
     """The gate's metric computed during Lightning's own validation loop (same metric definition, same batches),
-    so that an event right after a validation needs no "before" pass. ``version``: what the weights were when it
-    was measured (optimizer steps and kept pruning steps); the value is reused only while it has not changed."""
+    so that an event right after a validation needs no "before" pass. The predictions are those of the loop's own
+    forward (a forward hook keeps the output of the one call whose input is the batch's ``inputs``); a
+    ``validation_step`` that calls the model otherwise (or a ``compression_step``) costs one forward more per
+    batch. ``version``: what the weights were when it was measured (optimizer steps and kept pruning steps); the
+    value is reused only while it has not changed."""
 
     def __init__(self, spec: MetricSpec) -> None:
         self.spec = spec
         self._metric: Any = None
         self._samples = 0
         self._on = False
+        self._hook: Any = None
+        self._calls: list[tuple[Any, Any]] = []  # (inputs, output) of the forward calls in this batch
+        self.extra_forwards = 0  # batches whose predictions the loop's forward did not give
         self.value: tuple[float, int] | None = None  # (metric, samples)
         self.version: tuple[int, int] | None = None
 
-    def start(self, trainer: pl.Trainer, wanted: bool) -> None:
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, wanted: bool) -> None:
         """Tap this validation when an event is expected right after it and the loop sees each sample once (no
         sampler padding under DDP, which our own evaluation leaves out)."""
-        self._metric, self._samples, self.value = None, 0, None
+        self._metric, self._samples, self.value, self._calls = None, 0, None, []
         self._on = wanted and not trainer.sanity_checking and _unpadded(trainer)
+        if self._on and self._hook is None:
+            self._hook = pl_module.register_forward_hook(lambda _, args, output: self._calls.append((args, output)))
 
     @torch.no_grad()
-    def update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
+    def update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        calls, self._calls = self._calls, []
         if not self._on:
             return
-        with trainer.precision_plugin.forward_context():
-            preds, target = predict(pl_module, batch)
+        if _own_forward(pl_module, batch, calls):
+            preds, target = calls[0][1], batch[1]
+        else:
+            self.extra_forwards += 1
+            with trainer.precision_plugin.forward_context():
+                preds, target = predict(pl_module, batch)
         if self._metric is None:
             self._metric = self.spec.build(preds).to(pl_module.device)
         self._metric.update(preds.float() if preds.is_floating_point() else preds, target)
         self._samples += int(target.shape[0])
 
     def end(self, trainer: pl.Trainer, version: tuple[int, int]) -> None:
+        self.detach()
         if not self._on or self._metric is None:
             return
         value = self._metric.compute()  # every rank: torchmetrics syncs the sums
         samples = int(trainer.strategy.reduce(torch.tensor(float(self._samples)), reduce_op="sum").item())
         self.value, self.version, self._on = (float(value.item()), samples), version, False
 
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
     def reusable(self, version: tuple[int, int]) -> tuple[float, int] | None:
         return self.value if self.value is not None and self.version == version else None
+
+
+def _own_forward(pl_module: pl.LightningModule, batch: Any, calls: list[tuple[Any, Any]]) -> bool:
+    """Whether the loop's forward calls of this batch were one ``module(inputs)`` on the batch's own inputs, giving
+    the predictions :func:`predict` would compute."""
+    if callable(getattr(pl_module, "compression_step", None)) or len(calls) != 1:
+        return False
+    args, output = calls[0]
+    return (isinstance(batch, (list, tuple)) and len(batch) >= 2 and len(args) == 1 and args[0] is batch[0]
+            and isinstance(output, torch.Tensor))
 
 
 def _set_size(trainer: pl.Trainer) -> int:

@@ -32,19 +32,31 @@ class _MetricAtValidationEnd(Callback):
             self.values[trainer.global_step] = evaluation.evaluate(trainer, pl_module, self.spec)
 
 
-def _fit(pruning: GradientStabilityPruning, *extra: Callback, max_epochs: int = 3) -> pl.Trainer:
+class _TwoForwards(MLPClassifier):
+    """A validation_step that runs the model twice: the loop's output is ambiguous, the tap runs its own forward."""
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self(batch[0] * 1.0)
+        super().validation_step(batch, batch_idx)
+
+
+def _fit(pruning: GradientStabilityPruning, *extra: Callback, max_epochs: int = 3,
+         cls: type[MLPClassifier] = MLPClassifier) -> pl.Trainer:
     pl.seed_everything(0)
     trainer = quiet_trainer([*extra, pruning], max_epochs=max_epochs)
-    trainer.fit(MLPClassifier(input_size=64, hidden=[128, 64], lr=1e-2), DigitsDataModule(batch_size=64))
+    trainer.fit(cls(input_size=64, hidden=[128, 64], lr=1e-2), DigitsDataModule(batch_size=64))
     return trainer
 
 
-def test_an_event_right_after_validation_reuses_its_value_which_equals_a_full_evaluation() -> None:
+@pytest.mark.parametrize(("cls", "extra_forwards"), [(MLPClassifier, 0), (_TwoForwards, 3 * 5)])
+def test_an_event_right_after_validation_reuses_its_value_which_equals_a_full_evaluation(cls, extra_forwards) -> None:
     pruning = GradientStabilityPruning(sparsity=0.8, schedule_unit="epoch", start_step=1, end_step=3, frequency=1,
                                        max_metric_drop=0.02, verbose=0)
     spy = _MetricAtValidationEnd(pruning.metric_spec)
-    _fit(pruning, spy)
+    _fit(pruning, spy, cls=cls)
     assert pruning.history
+    # the loop's own forward gives the predictions; two calls per step: one more per batch (3 validations x 5)
+    assert pruning._tap.extra_forwards == extra_forwards
     for h in pruning.history:
         assert h["gate_evaluation"].startswith("before: reused validation (270 samples)"), h["gate_evaluation"]
         assert h["metric_before"] == pytest.approx(spy.values[h["step"]], abs=1e-6)
