@@ -10,12 +10,12 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_compress.adaptive.candidates import Candidate
+from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, Candidate
 from lightning_compress.adaptive.knapsack import solve, solve_two
 from lightning_compress.quantization.packing import packed_nbytes
 
-FLOOR_BITS = 2  # the narrowest width a candidate has
-FLOOR_KEEP = 0.1  # the largest sparsity a candidate has is 1 - FLOOR_KEEP
+FLOOR_BITS = min(WIDTHS)  # the narrowest width a candidate has
+FLOOR_SPARSITY = max(SPARSITIES)  # the largest sparsity a candidate has
 
 
 def floor_bytes(weights: Mapping[str, Tensor], fixed: int) -> int:
@@ -26,7 +26,7 @@ def floor_bytes(weights: Mapping[str, Tensor], fixed: int) -> int:
 
 def floor_macs(weights: Mapping[str, Tensor], where: Mapping[str, float], other: int) -> int:
     """MACs per example of the sparsest plan (the largest sparsity everywhere), plus those no candidate changes."""
-    return other + round(sum((w.numel() - math.floor((1 - FLOOR_KEEP) * w.numel())) * where[n]
+    return other + round(sum((w.numel() - math.floor(FLOOR_SPARSITY * w.numel())) * where[n]
                              for n, w in weights.items()))
 
 

@@ -96,3 +96,16 @@ def test_prune_removes_the_lowest_fisher_weighted_saliency() -> None:
     pruned = prune(weight, fisher, 0.5)
     assert pruned.tolist() == [[1.0, 0.0, 0.0, 0.5]]
     assert weight.tolist() == [[1.0, -2.0, 3.0, 0.5]]  # a new tensor: the float weight is untouched
+
+
+def test_the_floor_is_the_cheapest_candidate_of_every_layer() -> None:
+    from lightning_compress.adaptive.plan import floor_bytes
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    layers = {"emb": model.emb, "attn": model.attn, "mid": model.mid, "attn.out_proj": model.attn.out_proj}
+    weights = {"emb": model.emb.weight, "attn": model.attn.in_proj_weight, "mid": model.mid.weight,
+               "attn.out_proj": model.attn.out_proj.weight}
+    cheapest = sum(min(c.nbytes for c in layer_candidates(n, layers[n], w, torch.ones_like(w), 1.0, 0, "minmax"))
+                   for n, w in weights.items())
+    assert floor_bytes(weights, 123) == 123 + cheapest
