@@ -125,8 +125,8 @@ class Session:
                 self.steps.append(f"file {size} B > cap {problem.size_cap} B: solved again with the header as "
                                   f"measured ({measured} B reserved)")
             header = measured
-        if best is not None:
-            self.write(best.plan)
+        if best is not None and best.plan != plan:
+            self.write(best.plan)  # a later plan was over the cap or chose nothing: the best one back
         return best
 
     def header(self, problem: Problem) -> int:
