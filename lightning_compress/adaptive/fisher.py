@@ -82,3 +82,15 @@ def diagonal_fisher(
             p.requires_grad_(flag)
         model.train(training)
     return {name: total / len(batches) for name, total in sums.items()}
+
+
+def fill_unseen_rows(fisher: Tensor) -> Tensor:
+    """An embedding's Fisher with the rows the calibration never looked up (all zero) set to the mean of the rows it
+    did: an unseen token's row would otherwise cost nothing to destroy, and the text the model serves holds other
+    tokens than the calibration's."""
+    seen = fisher.reshape(fisher.shape[0], -1).any(dim=1)
+    if bool(seen.all()) or not bool(seen.any()):
+        return fisher
+    filled = fisher.clone()
+    filled[~seen] = fisher[seen].mean(dim=0)
+    return filled
