@@ -107,7 +107,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if trainer.world_size > 1:
+        if trainer.world_size > 1:  # DDP did not all-reduce the latent weights once parametrized: ranks diverged
             raise ValueError(f"QuantizationAwareTraining runs on one process for now, got world_size="
                              f"{trainer.world_size}; allowed: a single-device fit, or PostTrainingQuantization")
         for peer in compression_callbacks(trainer):
