@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.candidates import SPARSITIES, layer_candidates
 from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
-from lightning_compress.adaptive.fisher import diagonal_fisher, fill_unseen_rows
+from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.plan import Problem, floor_bytes, floor_macs, rows
 from lightning_compress.adaptive.scales import measured_scales
 from lightning_compress.adaptive.session import BUDGET_STEPS, BudgetError, Session
@@ -150,7 +150,6 @@ def compress(
     try:
         before = measure(metric_fn, model) if metric_fn is not None else None
         fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
-        fisher = {n: fill_unseen_rows(f) if isinstance(layers[n], nn.Embedding) else f for n, f in fisher.items()}
         sparsities = SPARSITIES if budget.macs is not None else (0.0,)
         candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration,
                                           sparsities=sparsities) for n, count in aliases(model, keys).items()}

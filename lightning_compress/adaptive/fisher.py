@@ -9,7 +9,10 @@ cross-entropy of the output (its last dimension read as logits) against labels *
 softmax*. The second is the sampled (true) Fisher, the Hessian of the KL divergence of the model to its own
 outputs: no labels needed. For outputs that are not logits (embeddings, regression) pass ``loss_fn``. A batch
 gradient's square is the per-example Fisher divided by the batch size plus the squared mean gradient; the factor is
-common to every layer, so the ranking of candidates and the plan do not depend on it. No Lightning import.
+common to every layer, so the ranking of candidates and the plan do not depend on it. An embedding's rows that no
+calibration batch looks up get no Fisher: their error costs nothing in the score (filling them with the seen rows'
+mean was tried on all-MiniLM-L6-v2 and lowered the evaluation sentences' min cosine at 0.15x, so it is not done).
+No Lightning import.
 """
 
 from __future__ import annotations
@@ -83,14 +86,3 @@ def diagonal_fisher(
         model.train(training)
     return {name: total / len(batches) for name, total in sums.items()}
 
-
-def fill_unseen_rows(fisher: Tensor) -> Tensor:
-    """An embedding's Fisher with the rows the calibration never looked up (all zero) set to the mean of the rows it
-    did: an unseen token's row would otherwise cost nothing to destroy, and the text the model serves holds other
-    tokens than the calibration's."""
-    seen = fisher.reshape(fisher.shape[0], -1).any(dim=1)
-    if bool(seen.all()) or not bool(seen.any()):
-        return fisher
-    filled = fisher.clone()
-    filled[~seen] = fisher[seen].mean(dim=0)
-    return filled

@@ -63,12 +63,8 @@ def test_bad_losses_are_refused(loss: Any, error: type[Exception], text: str) ->
         diagonal_fisher(model, {"0": model[0].weight}, batches, feed, loss)
 
 
-def test_unseen_embedding_rows_get_the_mean_of_the_seen_ones() -> None:
-    from lightning_compress.adaptive.fisher import fill_unseen_rows
 
-    fisher = torch.tensor([[0.0, 0.0], [1.0, 3.0], [0.0, 0.0], [3.0, 5.0]])
-    assert fill_unseen_rows(fisher).tolist() == [[2.0, 4.0], [1.0, 3.0], [2.0, 4.0], [3.0, 5.0]]
-    assert fill_unseen_rows(torch.zeros(3, 2)).tolist() == [[0.0, 0.0]] * 3  # nothing seen: nothing to borrow
+def test_an_embedding_row_never_looked_up_gets_no_fisher() -> None:
     model = nn.Embedding(10, 4)
-    fisher_of = diagonal_fisher(model, {"e": model.weight}, [torch.tensor([[1, 2]])], feed)["e"]
-    assert fisher_of.reshape(10, -1).any(dim=1).tolist() == [i in (1, 2) for i in range(10)]
+    fisher = diagonal_fisher(model, {"e": model.weight}, [torch.tensor([[1, 2]])], feed)["e"]
+    assert fisher.reshape(10, -1).any(dim=1).tolist() == [i in (1, 2) for i in range(10)]
