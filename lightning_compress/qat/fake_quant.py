@@ -104,10 +104,6 @@ class LSQFakeQuantizer(nn.Module):
         rows, groups, _ = grouped_view(weight.detach(), spec.granularity, spec.group_size).shape
         return rows, groups
 
-    def set_mask(self, mask: Tensor | None) -> None:
-        """Replace the keep-mask (pruning changed it), or drop it with None."""
-        self.mask = None if mask is None else mask.to(self.scale.device, torch.float32)
-
     def effective_scale(self) -> Tensor:
         """The scale the forward and the codes use: the learned one, kept strictly positive."""
         return self.scale.clamp(min=torch.finfo(torch.float32).tiny)

@@ -75,24 +75,6 @@ def latent(module: nn.Module) -> nn.Parameter:
     return original
 
 
-def quantizer_of(module: nn.Module) -> LSQFakeQuantizer | None:
-    attr = weight_name(module)
-    if not parametrize.is_parametrized(module, attr):
-        return None
-    found = [p for p in getattr(module.parametrizations, attr) if isinstance(p, LSQFakeQuantizer)]
-    return found[0] if found else None
-
-
-def set_masks(model: nn.Module, quantizers: Mapping[str, LSQFakeQuantizer], masks: Mapping[str, Tensor]) -> None:
-    """Give the quantizers the pruning keep-masks in force (by ``state_dict`` key); layers not in ``masks`` keep
-    theirs."""
-    modules = dict(model.named_modules())
-    for name, quantizer in quantizers.items():
-        mask = masks.get(weight_key(name, modules[name]))
-        if mask is not None:
-            quantizer.set_mask(mask)
-
-
 @torch.no_grad()
 def release(model: nn.Module, quantizers: Mapping[str, LSQFakeQuantizer]) -> dict[str, QuantizedTensor]:
     """The codes of every fake-quantized layer; the parametrizations removed, the latent float weights (masked)
