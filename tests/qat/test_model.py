@@ -144,3 +144,36 @@ def test_export_onnx_takes_the_trained_codes_as_they_are(tmp_path) -> None:
     for name, layer in result.layers.items():  # (in, out) int8 codes and one scale per output, as trained
         assert torch.equal(torch.from_numpy(graph[f"{name}.weight_quantized"]).T, layer.qtensor.q), name
         assert torch.equal(torch.from_numpy(graph[f"{name}.weight_scale"]), layer.qtensor.scale.reshape(-1)), name
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(ids)).mean(1))
+
+
+def test_a_transformer_is_covered_whole_and_delivered_as_trained() -> None:
+    torch.manual_seed(0)
+    model = _Encoder()
+    quantizers = prepare(model, _plan(model, bits=4))
+    assert set(quantizers) == {"emb", "enc.layers.0.self_attn", "enc.layers.0.self_attn.out_proj",
+                               "enc.layers.0.linear1", "enc.layers.0.linear2", "head"}
+    assert quantizers["emb"].spec.bits == 8 and quantizers["head"].spec.bits == 4  # quantize()'s defaults
+    ids = torch.randint(0, 50, (4, 7))
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(ids).square().mean().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids)
+    result = convert(model, quantizers)
+    assert result.layers["enc.layers.0.self_attn"].key == "enc.layers.0.self_attn.in_proj_weight"
+    with torch.no_grad():
+        assert torch.equal(model(ids), trained)
