@@ -397,6 +397,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small task, 1 epoch, few repeats (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "serving_transformer.json", help="the figures")
+    parser.add_argument("--sparsity", type=float, default=None, help="share of each layer's heads and FFN neurons "
+                        "the structured arm removes (default 0.3)")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -404,7 +406,9 @@ def main() -> None:
     print(f"CPU {cpu_model()} (torch capability {capability}), {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; onnxruntime {ort.__version__}{' (QUICK run)' if args.quick else ''}", flush=True)
     torch.set_num_threads(2)
-    result = transformer_section(defaults(args.quick))
+    settings = defaults(args.quick)
+    settings.sparsity = settings.sparsity if args.sparsity is None else args.sparsity
+    result = transformer_section(settings)
     checks = verdicts(result["rows"])
     print_section(result, checks)
     print(f"\ntotal {result['seconds']['total']:.0f} s, load average now {os.getloadavg()[0]:.1f}")
