@@ -14,24 +14,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback, compression_callbacks
+from lightning_compress.callbacks.base import compression_callbacks
+from lightning_compress.callbacks.pruning_events import PruningEvents
 from lightning_compress.core.accounting import layer_float_bytes
 from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
 from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, first_inputs
-from lightning_compress.integration.gate_evaluation import EventEvaluation, ValidationTap
+from lightning_compress.integration.gate_evaluation import ValidationTap
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.grid import grid_misfits, grid_round_to
 from lightning_compress.pruning.run import PruningRun
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.structured import analyse, check_round_to
 from lightning_compress.pruning.tracked import TrackedLayers
-from lightning_compress.reporting.records import CompressionEvent
-from lightning_compress.reporting.render import pruning_line
 from lightning_compress.structure.kinds import FOLLOWER_TYPES  # the BatchNorm types
 from lightning_compress.structure.shape_rules import compacted_axes, encode
 
@@ -39,7 +37,7 @@ COMPACTED_FILE = "model.compact.safetensors"  # with compact=True, in the run's 
 STRUCTURED_MODULE_TYPES = (*DEFAULT_MODULE_TYPES, "MultiheadAttention")  # structured: heads of nn.MultiheadAttention
 
 
-class GradientStabilityPruning(CompressionCallback):
+class GradientStabilityPruning(PruningEvents):
     """Prune weights (or whole neurons / channels / attention heads) whose gradients stay near zero and stable.
 
     Args (the README's table says more): ``sparsity`` (final fraction of the tracked weights, structured: of the
@@ -122,23 +120,6 @@ class GradientStabilityPruning(CompressionCallback):
         self._final: tuple[float, float] | None = None  # (sparsity, weight sparsity) delivered, once finished
         self._compacted_axes: dict[str, dict[str, int]] = {}  # which axes compaction shrank, for compressed.ckpt
         self._optimizer_steps = 0  # weights changed since a validation: its metric is no "before" any more
-
-    controller = property(lambda self: self.run.controller, doc="accept / roll back / back off, and the history")
-    state = property(lambda self: self.run.state, doc="the masks in force")
-    stats = property(lambda self: self.run.stats, doc="the gradient statistics")
-    schedule = property(lambda self: self.run.schedule, doc="when and how much")
-    masks = property(lambda self: self.run.state.masks, doc="parameter name -> bool keep-mask")
-    unit_masks = property(lambda self: self.run.state.unit_masks, doc="structured: module name -> keep-mask")
-    layers = property(lambda self: self.run.layers, doc="the tracked layers")
-    history = property(lambda self: self.run.controller.history, doc="one entry per pruning event")
-
-    def current_sparsity(self) -> float:
-        """Fraction pruned (structured: of the units); after the fit, what the fit delivered (the masks are gone
-        once compaction removed what they pruned)."""
-        return self._final[0] if self._final is not None else self.state.sparsity()
-
-    def weight_sparsity(self) -> float:
-        return self._final[1] if self._final is not None else self.state.weight_sparsity()
 
     @property
     @override
@@ -259,109 +240,6 @@ class GradientStabilityPruning(CompressionCallback):
         self.state.apply_to_grads()
         self._optimizer_steps += 1
 
-    # ------------------------------------------------------------------ the gate's metric during validation
-    def _weights_version(self) -> tuple[int, int]:
-        return self._optimizer_steps, sum(1 for h in self.history if h["accepted"])
-
-    def _event_after_validation(self, trainer: pl.Trainer) -> bool:
-        """Whether an event is expected right after this validation (a retry; a per-epoch event at this epoch)."""
-        if trainer.state.fn != "fit" or self.schedule is None or self.controller.stopped:
-            return False
-        if self.controller.retry_at is not None or self.controller.deferred:
-            return True
-        tick = trainer.current_epoch + 1
-        return self.config.schedule_unit == "epoch" and tick != self.controller.last_tick and \
-            self.schedule.is_event(tick)
-
-    @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._tap.start(trainer, pl_module, wanted=self._event_after_validation(trainer))
-
-    @override
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._tap.update(trainer, pl_module, batch)
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._tap.end(trainer, self._weights_version())
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
-        if self.config.schedule_unit == "step" and self.controller.due(trainer.global_step, self.schedule):
-            if self.config.align_events and self._validates_at_epoch_end(trainer):
-                self.controller.deferred = True  # run in on_validation_end, "before" measured by the loop
-            else:
-                self._run_pruning_event(trainer, pl_module, trainer.global_step)
-
-    def _validates_at_epoch_end(self, trainer: pl.Trainer) -> bool:
-        """Whether this epoch ends with a validation the fit surely reaches (no ``max_steps`` cut, validation once
-        per epoch, this epoch one of them)."""
-        every = trainer.check_val_every_n_epoch
-        return (self._has_val and trainer.max_steps in (-1, None) and trainer.val_check_interval == 1.0
-                and every is not None and (trainer.current_epoch + 1) % every == 0)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        tick = trainer.current_epoch + 1
-        if self.config.schedule_unit == "epoch" and self.controller.due(tick, self.schedule):
-            self._run_pruning_event(trainer, pl_module, tick)
-        elif self.config.schedule_unit == "epoch" and self.controller.due(tick, self.schedule, validated=True):
-            self._run_pruning_event(trainer, pl_module, tick)  # a refused step's retry, after this epoch's validation
-        pl_module.log("pruning/sparsity", self.current_sparsity(), logger=False)  # for ModelCheckpoint / EarlyStopping
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A refused step is retried at the first validation after it, and ``align_events`` runs the epoch's
-        deferred event here (per-step schedules; per-epoch ones run at the epoch's end, after its validation)."""
-        if trainer.sanity_checking or trainer.state.fn != "fit" or self.config.schedule_unit != "step":
-            return
-        if self.controller.due(trainer.global_step, self.schedule, validated=True):
-            with torch.inference_mode(False):  # Lightning validates under inference mode: the masks must be usable
-                self._run_pruning_event(trainer, pl_module, trainer.global_step, loggable=False)  # by training
-
-    # ------------------------------------------------------------------ pruning events
-    def _run_pruning_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tick: int,
-                           loggable: bool = True) -> None:
-        """One event; ``loggable``: the hook allows ``self.log`` (``on_validation_end`` does not)."""
-        evaluating = self._has_val and (self.config.evaluate or self.max_metric_drop is not None)
-        measure = EventEvaluation(trainer, pl_module, self.metric_spec, self._tap.reusable(self._weights_version()),
-                                  self.config.gate_batches, self._allowed_drop)
-        steps = iter((measure.before, measure.after))
-        entry = self.run.event(tick, trainer.global_step, lambda: next(steps)() if evaluating else None,
-                               lambda masks: trainer.strategy.broadcast(masks, src=0), trainer.optimizers)
-        if entry is None:
-            return
-        entry.update(gate_evaluation=measure.describe(), gate_passes=measure.evaluations, gate_samples=measure.samples)
-        if not entry["accepted"]:
-            rank_zero_warn(f"GradientStabilityPruning: step {tick} to sparsity {entry['sparsity_tried']:.3f} refused: "
-                           f"{entry['reason']}; rolled back ({entry['note']})")
-        self._record(trainer, pl_module, entry, loggable)
-
-    def _allowed_drop(self, before: float) -> float | None:
-        """How far below ``before`` the metric after the step may fall for the gate to keep it (None: no bound)."""
-        if self.max_metric_drop is None:
-            return None
-        initial = self.controller.initial_metric
-        reference = initial if self.metric_reference == "initial" and initial is not None else before
-        return self.max_metric_drop - (self.gate.drop(reference, before) or 0.0)
-
-    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any],
-                loggable: bool = True) -> None:
-        event = CompressionEvent.from_pruning(entry, self.config.structured)
-        if entry.get("gate_evaluation"):  # which rule measured the metric, on how many samples
-            event.note = "; ".join(text for text in (event.note, entry["gate_evaluation"]) if text)
-        self.report.events.append(event)
-        metrics = {"pruning/sparsity": self.current_sparsity(), "pruning/weight_sparsity": self.weight_sparsity()}
-        if entry["metric_after"] is not None:
-            metrics[f"pruning/{self.metric_spec.name}"] = entry["metric_after"]
-        per_layer = self.layers.layer_mask_sparsity(self.masks)
-        self._log(trainer, pl_module if loggable else None, metrics,
-                  {f"pruning/sparsity/{n}": s for n, s in per_layer.items()})
-        if self.config.verbose:
-            rank_zero_info(pruning_line(entry, self.metric_spec.name, metrics["pruning/sparsity"],
-                                        self.config.structured, per_layer if self.config.verbose > 1 else None))
-
     # ------------------------------------------------------------------ end of fit
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Freeze the masks into the weights, fill the report's layers and (``compact``) remove pruned units."""
@@ -378,16 +256,6 @@ class GradientStabilityPruning(CompressionCallback):
                 record.note = "dead code: the model's output does not depend on it (not pruned; remove it)"
         if self.config.compact and self.unit_masks:
             self._compact(trainer, pl_module)
-
-    def _check_target(self, delivered: float) -> None:
-        """Compare what the fit delivered with the target: the report's headline says both, and a shortfall warns
-        once, naming the refused events and why."""
-        target = self.config.sparsity
-        short = self.controller.shortfall(target, delivered)
-        self.report.gate[self.report_name].update(target_sparsity=target, delivered_sparsity=delivered,
-                                                  shortfall=short)
-        if short is not None:
-            rank_zero_warn(f"GradientStabilityPruning: the fit fell short of its target: {short}")
 
     def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the pruned units (a smaller dense model), measure its MACs and save it in the log directory."""
