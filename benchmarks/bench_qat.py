@@ -79,7 +79,7 @@ def run_seed(seed: int, data: PreloadedMNIST5k, args: argparse.Namespace) -> lis
                          "seconds": time.perf_counter() - started})
         pl.seed_everything(seed, verbose=False)
         model = SmallCNN(image_size=28)
-        qat = QuantizationAwareTraining(bits=bits, start=args.start)
+        qat = QuantizationAwareTraining(bits=bits, start=args.start, scale_lr=args.scale_lr)
         times = EpochTimes(qat)
         seconds = fit(model, data, args.epochs, callbacks=[qat, times])
         ratio = statistics.fmean(times.quantized) / statistics.fmean(times.plain) if times.plain else None
@@ -96,8 +96,11 @@ def pruned_int4(seed: int, data: PreloadedMNIST5k, args: argparse.Namespace) -> 
     (RTN+MSE) at the end."""
     steps = args.epochs * len(data.train_dataloader())
     rows = []
+    def qat() -> QuantizationAwareTraining:
+        return QuantizationAwareTraining(bits=4, start=args.start, scale_lr=args.scale_lr)
+
     for arm, quantizer in (("prune80+PTQ", lambda: PostTrainingQuantization(bits=4, calibration="mse")),
-                           ("prune80+QAT", lambda: QuantizationAwareTraining(bits=4, start=args.start))):
+                           ("prune80+QAT", qat)):
         pl.seed_everything(seed, verbose=False)
         model = SmallCNN(image_size=28)
         pruning = GradientStabilityPruning(sparsity=0.8, start_step=max(1, steps // 10), end_step=int(0.4 * steps),
@@ -129,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="total training epochs of every arm (default 6)")
     parser.add_argument("--start", type=float, default=0.5, help="QAT from this fraction of the fit (default 0.5)")
+    parser.add_argument("--scale-lr", type=float, default=None, help="QAT's scale_lr (default: the weights' lr)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, --quick 1)")
     parser.add_argument("--calibration-batches", type=int, default=16, help="GPTQ: training batches of 64 images")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core box)")
