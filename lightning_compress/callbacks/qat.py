@@ -49,11 +49,18 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         bits: 2..8, symmetric codes; ``granularity`` ``"per_tensor"`` / ``"per_channel"`` / ``"per_group"`` with
             ``group_size``.
         start: an epoch (int >= 0) or a fraction of the fit's optimizer steps (float in (0, 1)).
-        scale_lr: learning rate of the scales' param group; None: the first param group's (LSQ trains the scales
-            with the weights' rate, its gradient scaling does the rest).
+        scale_lr: learning rate of the scales' param group; None: the first param group's (LSQ's setting, made
+            for SGD: an Adam-type optimizer normalises LSQ's gradient scaling away, so each scale moves by about
+            ``scale_lr`` per step whatever its size; a smaller ``scale_lr`` suits models whose weights' scale is
+            free, e.g. convolutions followed by BatchNorm, see ``benchmarks/bench_qat.py --scale-lr``).
         module_types, include, exclude, bits_overrides, embedding_bits, metric, metric_kwargs, max_metric_drop,
             fallback, export_path, save_float_copy: as :class:`PostTrainingQuantization` (fallback widths other than
             ``bits`` are rounded to nearest from the latent weights).
+
+    Refused in ``setup``: a multi-process fit (a parametrization registered after DDP wrapped the model loses DDP's
+    gradient hooks), ``GradientStabilityPruning(compact=True)`` and a second quantization callback; in
+    ``on_train_start`` (before the first step): a ``start`` the fit never reaches, a pruning schedule not over by
+    ``start``.
     """
 
     def __init__(
