@@ -46,7 +46,6 @@ class PruningEvents(CompressionCallback):
     def weight_sparsity(self) -> float:
         return self._final[1] if self._final is not None else self.state.weight_sparsity()
 
-
     # ------------------------------------------------------------------ the gate's metric during validation
     def _weights_version(self) -> tuple[int, int]:
         return self._optimizer_steps, sum(1 for h in self.history if h["accepted"])
@@ -92,10 +91,9 @@ class PruningEvents(CompressionCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tick = trainer.current_epoch + 1
-        if self.config.schedule_unit == "epoch" and self.controller.due(tick, self.schedule):
+        # the schedule's event, or a refused step's retry: the epoch's end follows its validation
+        if self.config.schedule_unit == "epoch" and self.controller.due(tick, self.schedule, validated=True):
             self._run_pruning_event(trainer, pl_module, tick)
-        elif self.config.schedule_unit == "epoch" and self.controller.due(tick, self.schedule, validated=True):
-            self._run_pruning_event(trainer, pl_module, tick)  # a refused step's retry, after this epoch's validation
         pl_module.log("pruning/sparsity", self.current_sparsity(), logger=False)  # for ModelCheckpoint / EarlyStopping
 
     @override
