@@ -255,7 +255,7 @@ def defaults(quick: bool) -> argparse.Namespace:
     """The section's settings; ``--quick``: 24 paragraphs per library, few repeats, one session (a smoke run).
     One epoch of batches of 8: on 2 shared cores a MiniLM step takes seconds."""
     return argparse.Namespace(quick=quick, per_library=24 if quick else PER_LIBRARY, epochs=1, batch=8,
-                              sparsity=0.3, round_to=32, repeats=2 if quick else 5, sessions=1 if quick else SESSIONS)
+                              sparsity=0.15, round_to=32, repeats=2 if quick else 5, sessions=1 if quick else SESSIONS)
 
 
 def _logits(run: Any, batches: list[dict[str, Tensor]]) -> np.ndarray:
@@ -398,7 +398,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small task, 1 epoch, few repeats (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "serving_transformer.json", help="the figures")
     parser.add_argument("--sparsity", type=float, default=None, help="share of each layer's heads and FFN neurons "
-                        "the structured arm removes (default 0.3)")
+                        "the structured arm removes (default 0.15)")
     args = parser.parse_args()
     import onnxruntime as ort
 
