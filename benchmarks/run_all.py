@@ -68,9 +68,24 @@ def load(name: str, results: Path) -> dict[str, Any] | None:
         return None
     data = json.loads(path.read_text())
     if "machine" not in data:  # bench_sparsity's JSON: the file's date, the mode from its header line
-        mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
-        data["machine"] = {"date": mtime, "mode": "quick" if "quick run" in data["header"][0] else "full"}
+        data["machine"] = {"date": file_date(path), "mode": "quick" if "quick run" in data["header"][0] else "full"}
     return data
+
+
+def file_date(path: Path) -> str:
+    """When ``path`` was written: its last commit's date when git knows it and it has not changed since (a fresh
+    checkout's mtime is the checkout's), else its modification time."""
+    mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
+    status = subprocess.run(["git", "status", "--porcelain", "--", str(path)], cwd=HERE, capture_output=True,
+                            text=True, check=False)
+    if status.returncode != 0 or status.stdout.strip():
+        return mtime  # not in git, or changed since its last commit
+    log = subprocess.run(["git", "log", "-1", "--format=%cI", "--", str(path)], cwd=HERE, capture_output=True,
+                         text=True, check=False)
+    committed = log.stdout.strip()
+    if log.returncode != 0 or not committed:
+        return mtime
+    return datetime.datetime.fromisoformat(committed).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -268,14 +283,19 @@ def build_summary(data: dict[str, dict[str, Any] | None], quick: bool = False, r
                        if isinstance(d, dict) and isinstance(d.get("machine"), dict)
                        and d["machine"].get("cpu_capability")), None)
     cores = f"{m['cpu_count']} cores" + (f" (CPU capability {capability})" if capability else "")
-    lines = [(f"Machine: {m['cpu']}, {cores}, torch {m['torch']}, lightning {m['lightning']}, "
-              f"{m['date'][:10]}. {note}")]
+    cpus = {d["machine"]["cpu"] for d in data.values()
+            if isinstance(d, dict) and isinstance(d.get("machine"), dict) and d["machine"].get("cpu")}
+    head = (f"Machines: {', '.join(sorted(cpus))}, {cores}, torch {m['torch']}, lightning {m['lightning']}: each "
+            "section names its CPU under its title" if len(cpus) > 1 else
+            f"Machine: {m['cpu']}, {cores}, torch {m['torch']}, lightning {m['lightning']}, {m['date'][:10]}")
+    lines = [f"{head}. {note}"]
     for name, (title, builder) in SECTIONS.items():
         d, lines = data.get(name), [*lines, "", f"### {title}", ""]
         if d is None:
             lines.append(f"_Not measured yet: `python benchmarks/run_all.py --only {name}`._")
         else:
-            when = f"{d['machine']['date'].replace('T', ' ')}, {d['machine'].get('mode', 'full')} mode"
+            cpu = f" on {d['machine']['cpu']}" if len(cpus) > 1 and d["machine"].get("cpu") else ""
+            when = f"{d['machine']['date'].replace('T', ' ')}{cpu}, {d['machine'].get('mode', 'full')} mode"
             lines += [f"_`benchmarks/bench_{name}.py`, measured {when}._", "", *builder(d)]
     return "\n".join(lines) + "\n"
 
