@@ -192,11 +192,11 @@ def matmul_nbits(graph: Graph, site: WeightSite, key: str, qt: Any, accuracy_lev
         codes, zero_full, pad_value = q, zero, zero
     padded = np.repeat(pad_value, block, axis=1)[:, : blocks * block].copy()  # padding dequantizes to 0
     padded[:, :k] = codes
-    b_packed = _pack(padded.reshape(n, blocks, block), nbits)
+    b_packed = pack(padded.reshape(n, blocks, block), nbits)
     inputs = [x, graph.add_init(f"{key}_quantized", b_packed),
               graph.add_init(f"{key}_scale", np.ascontiguousarray(scale, dtype=np.float32).reshape(-1))]
     if zero_full is not None:
-        inputs.append(graph.add_init(f"{key}_zero_point", _pack(np.asarray(zero_full), nbits).reshape(-1)))
+        inputs.append(graph.add_init(f"{key}_zero_point", pack(np.asarray(zero_full), nbits).reshape(-1)))
     if bias is not None:
         inputs += [""] * (5 - len(inputs)) + [bias]
     graph.add_node("MatMulNBits", inputs, [y], domain="com.microsoft", K=k, N=n, bits=nbits, block_size=block,
@@ -205,7 +205,7 @@ def matmul_nbits(graph: Graph, site: WeightSite, key: str, qt: Any, accuracy_lev
     return "MatMulNBits"
 
 
-def _pack(codes: np.ndarray, nbits: int) -> np.ndarray:
+def pack(codes: np.ndarray, nbits: int) -> np.ndarray:
     """Unsigned codes (..., m) -> uint8 bytes along the last axis: 8 bits one per byte, 4 bits low nibble first."""
     codes = codes.astype(np.uint8)
     if nbits == 8:
@@ -249,14 +249,20 @@ def weight_only(graph: Graph, site: WeightSite, key: str, qt: Any) -> None:
         graph.add_node("Transpose", [dq], [target], perm=[1, 0])
 
 
-def gather(graph: Graph, site: WeightSite, key: str, qt: Any) -> str:
-    """An embedding lookup on our codes: ``Gather`` of the int8 / uint8 table, then ``Cast -> (Sub zero point) ->
-    Mul scale`` on the gathered rows only (their scales gathered alike). The table stays integer in memory; a
-    ``DequantizeLinear`` of the whole table would be folded back to float by ORT at load."""
+def embedding_operands(graph: Graph, site: WeightSite) -> tuple[str, str]:
+    """(ids input, output) of the ``Gather`` reading an embedding table, checking it reads rows (axis 0)."""
     node = site.node
     axis = _attrs(node, graph.onnx).get("axis", 0)
     if node.input[0] != site.initializer or site.layout != "same" or axis != 0 or site.row_factor is not None:
         raise Unsupported(f"Gather {node.name!r} does not read the embedding table as rows (axis 0)")
+    return node.input[1], node.output[0]
+
+
+def gather(graph: Graph, site: WeightSite, key: str, qt: Any) -> str:
+    """An embedding lookup on our codes: ``Gather`` of the int8 / uint8 table, then ``Cast -> (Sub zero point) ->
+    Mul scale`` on the gathered rows only (their scales gathered alike). The table stays integer in memory; a
+    ``DequantizeLinear`` of the whole table would be folded back to float by ORT at load."""
+    ids, out = embedding_operands(graph, site)
     spec = qt.spec
     q = qt.q.cpu().numpy()
     rows, width = q.shape
@@ -266,7 +272,6 @@ def gather(graph: Graph, site: WeightSite, key: str, qt: Any) -> str:
     dtype = INT8 if q.min() >= -128 and q.max() <= 127 else np.uint8
     if dtype == np.uint8 and (q.min() < 0 or q.max() > 255):
         raise Unsupported(f"{spec.bits}-bit codes do not fit in 8 bits")
-    ids, out = node.input[1], node.output[0]
     table = graph.add_init(f"{key}_quantized", np.ascontiguousarray(q.reshape(rows, groups, width // groups)
                                                                     .astype(dtype)))
     scale = graph.add_init(f"{key}_scale", qt.scale.float().cpu().numpy().reshape(rows, groups, 1))
@@ -287,5 +292,5 @@ def gather(graph: Graph, site: WeightSite, key: str, qt: Any) -> str:
     graph.add_node("Concat", [ids_shape, graph.add_init(f"{key}_width", np.array([width], dtype=np.int64))],
                    [shape], axis=0)
     graph.add_node("Reshape", [scaled, shape], [out])
-    graph.graph.node.remove(node)
+    graph.graph.node.remove(site.node)
     return "Gather"

@@ -18,6 +18,7 @@ _INSTALL = "pip install 'lightning-compress[onnx]'"
 INTEGER_OPS = frozenset({
     "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul",
     "MatMulIntegerToFloat", "MatMulNBits", "NhwcQLinearConv", "QAttention", "DynamicQuantizeLSTM",
+    "GatherBlockQuantized",
 })
 
 

@@ -13,7 +13,8 @@
    never re-quantized (:mod:`._plan`, :mod:`._rewrite`): int8-able codes (per-tensor / per-channel) go to
    ``MatMulInteger`` / ``ConvInteger`` (``activations="dynamic"``) or to QDQ with calibrated uint8 activations
    (``"static"``, :mod:`._static`, which ORT fuses into ``QLinearConv`` / ``QGemm``); Linear codes of <= 4 bits
-   or with per-group scales go to ``com.microsoft.MatMulNBits``; embeddings to ``Gather`` of the integer table;
+   or with per-group scales go to ``com.microsoft.MatMulNBits``; embeddings to ``Gather`` of the integer table
+   (4-bit codes packed two per byte on ``com.microsoft.GatherBlockQuantized``, :mod:`._packed_gather`);
    anything else keeps float kernels on ``DequantizeLinear`` of our codes, and the report says why.
 3. The graph is checked from memory before it is written: ORT optimizes it (what it will really run) and each
    quantized layer's codes must be read by an integer operator (or the report names why not); ORT's outputs are
@@ -41,7 +42,7 @@ from lightning_compress.core.io import write_bytes
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.primitives import QuantizedTensor
-from lightning_compress.serving import _codes, _inputs, _plan, _rewrite, _static
+from lightning_compress.serving import _codes, _inputs, _packed_gather, _plan, _rewrite, _static
 from lightning_compress.serving._graph import Graph, WeightSite
 from lightning_compress.serving._inputs import OutputKey
 from lightning_compress.serving._report import LayerExport, OnnxExportReport
@@ -180,7 +181,7 @@ def _rewrite_layers(
             if route == "nbits":
                 layer.op = _rewrite.matmul_nbits(graph, site, key, qt, accuracy_level)
             elif route == "gather":
-                layer.op = _rewrite.gather(graph, site, key, qt)
+                layer.op, layer.reason = _packed_gather.embedding(graph, site, key, qt, ort_version)
             elif activations == "dynamic":
                 layer.op = _rewrite.dynamic(graph, site, key, _rewrite.int8_codes(qt), qt.row_scale().numpy())
             else:
