@@ -19,7 +19,8 @@ from lightning_compress.serving._rewrite import MIN_BLOCK, Unsupported, embeddin
 from lightning_compress.serving._runtime import version_tuple
 
 PACKED_BITS = 4
-MIN_ORT = (1, 22)  # GatherBlockQuantized with uint8 data and a `bits` attribute (tested: 1.32)
+MIN_ORT = (1, 23)  # uint8 data (onnxruntime PR 24239), its `bits` attribute and zero points (PR 25214); tested: 1.32
+ODD_ZERO_MIN_ORT = (1, 24)  # packed zero points of rows with an odd number of blocks (indexing fixed in PR 26506)
 
 
 def block_size(width: int, groups: int) -> int:
@@ -36,15 +37,18 @@ def block_size(width: int, groups: int) -> int:
 def gather_block_quantized(graph: Graph, site: WeightSite, key: str, qt: Any, ort_version: str) -> str:
     """``GatherBlockQuantized`` on our 4-bit codes packed two per byte, with our scales (and zero points)."""
     ids, out = embedding_operands(graph, site)
-    if version_tuple(ort_version) < MIN_ORT:
-        raise Unsupported(f"4-bit codes kept one per byte: GatherBlockQuantized on packed uint8 needs onnxruntime "
-                          f">= {'.'.join(map(str, MIN_ORT))}, found {ort_version}")
     q = qt.q.cpu().numpy().astype(np.int32)  # (rows, width)
     rows, width = q.shape
     if qt.scale.dim() != 2 or qt.scale.shape[0] != rows:
         raise Unsupported("an embedding table needs one scale per row (per_channel / per_group) to be gathered")
     groups = qt.scale.shape[1]
     block = block_size(width, groups)
+    odd_zero = qt.zero_point is not None and (width // block) % 2 == 1
+    need = ODD_ZERO_MIN_ORT if odd_zero else MIN_ORT
+    if version_tuple(ort_version) < need:
+        what = "with zero points and an odd number of blocks per row " if odd_zero else ""
+        raise Unsupported(f"4-bit codes kept one per byte: GatherBlockQuantized on packed uint8 {what}needs "
+                          f"onnxruntime >= {'.'.join(map(str, need))}, found {ort_version}")
     repeat = width // groups // block  # blocks per group, sharing its scale
     scale = np.repeat(qt.scale.float().cpu().numpy(), repeat, axis=1)  # (rows, width / block)
     if qt.zero_point is None:

@@ -31,9 +31,9 @@ class Tagger(nn.Module):
         return self.lin(self.emb(input_ids).mean(1))
 
 
-def _export(tmp_path, name, seed=0, **spec):
+def _export(tmp_path, name, seed=0, width=256, **spec):
     torch.manual_seed(seed)
-    model = Tagger().eval()
+    model = Tagger(width=width).eval()
     quantize(model, include=["emb"], **spec)  # the table only: ORT must then equal PyTorch to float rounding
     path = tmp_path / f"{name}.onnx"
     report = export_onnx(model, path, {"input_ids": torch.randint(0, 4096, (2, 8))})
@@ -97,11 +97,28 @@ def test_groups_smaller_than_a_block_stay_one_byte_per_code_with_the_reason(tmp_
     _ort_equals_torch(path, model)
 
 
-def test_an_onnxruntime_without_the_packed_op_keeps_the_byte_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(ort, "__version__", "1.21.0")
-    model, path, report = _export(tmp_path, "old", **INT4)
-    assert report.layers["emb"].op == "Gather"
-    assert "needs onnxruntime >= 1.22, found 1.21.0" in report.layers["emb"].reason
+@pytest.mark.parametrize(("version", "spec", "needs"), [
+    ("1.22.1", INT4, "uint8 needs onnxruntime >= 1.23, found 1.22.1"),
+    ("1.23.0", {**INT4, "group_size": 16, "symmetric": False, "width": 48}, "an odd number of blocks per row needs "
+     "onnxruntime >= 1.24, found 1.23.0"),
+])
+def test_an_onnxruntime_without_the_packed_op_keeps_the_byte_table(tmp_path, monkeypatch, version, spec, needs):
+    monkeypatch.setattr(ort, "__version__", version)
+    model, path, report = _export(tmp_path, "old", **spec)
+    assert report.layers["emb"].op == "Gather" and needs in report.layers["emb"].reason
+    _ort_equals_torch(path, model)
+
+
+@pytest.mark.parametrize(("spec", "block"), [
+    ({**INT4, "granularity": "per_channel"}, 256),  # one scale per row: one block of the whole row
+    ({**INT4, "group_size": 16, "symmetric": False, "width": 48}, 16),  # 3 blocks: zero points padded per row
+    ({**INT4, "group_size": 96, "width": 192}, 32),  # a group of 96 is 3 blocks of 32 repeating its scale
+])
+def test_other_groupings_stay_packed_and_equal_pytorch(tmp_path, spec, block):
+    model, path, report = _export(tmp_path, "other", **spec)
+    assert report.layers["emb"].op == "GatherBlockQuantized", str(report)
+    node = next(n for n in onnx.load(path).graph.node if n.op_type == "GatherBlockQuantized")
+    assert {a.name: a.i for a in node.attribute}["block_size"] == block
     _ort_equals_torch(path, model)
 
 
