@@ -95,7 +95,20 @@ def check_runtime_ops(layers: Mapping[str, Any], model: bytes | Path, onnx: Any,
 
 
 class OutputCheckError(RuntimeError):
-    """ONNX Runtime's outputs cannot be trusted to equal the model's (non-finite values); nothing was written."""
+    """ONNX Runtime's outputs cannot be trusted to equal the model's (non-finite values, a feed it cannot run, or a
+    difference far beyond what integer activations cause); nothing was written."""
+
+
+MAX_RELATIVE_ERROR = 0.2  # ||ORT - PyTorch|| / ||PyTorch|| of an output; more is a wrong graph, not rounding
+
+
+def relative_error(want: np.ndarray, have: np.ndarray) -> float:
+    """``||have - want|| / ||want||`` (0 for an empty or all-zero reference that ORT matches exactly)."""
+    scale = float(np.linalg.norm(want.astype(np.float64)))
+    error = float(np.linalg.norm(have.astype(np.float64) - want.astype(np.float64)))
+    if scale == 0.0:
+        return 0.0 if error == 0.0 else float("inf")
+    return error / scale
 
 
 @torch.no_grad()
@@ -137,6 +150,12 @@ def check_outputs(
                 raise OutputCheckError(f"output {name!r} on {where}: ONNX Runtime gives shape {have.shape}, PyTorch "
                                        f"{want.shape}; nothing was written")
             diff = max(diff, float(np.abs(have - want).max())) if want.size else diff
+            relative = relative_error(want, have)
+            if relative > MAX_RELATIVE_ERROR:
+                raise OutputCheckError(
+                    f"output {name!r} on {where}: ONNX Runtime differs from PyTorch by {relative:.3f} of the output's "
+                    f"norm (allowed: {MAX_RELATIVE_ERROR}; integer activations alone stay far below it): the graph "
+                    "does not compute the model (a wrong code, scale or zero point); nothing was written")
         if i == len(feeds):
             continue  # the probe
         first, first_ort = expected[0], got[0]
