@@ -53,6 +53,7 @@ from lightning_compress.integration.artifacts import (
     prepare_for_checkpoint,
 )
 from lightning_compress.integration.compressed_checkpoint import is_packed
+from lightning_compress.reporting.publish import RUNS_DIR
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -200,12 +201,17 @@ def _check_export_paths(trainer: Any) -> None:
     """Check the callbacks' ``export_path`` before training, with the rule the callback applies in ``setup``
     (:func:`~lightning_compress.core.io.check_export_path`: relative paths land in the run's log directory), and
     create its directory; a path that cannot work ends the CLI with one line instead of a traceback."""
+    # without a logger each fit gets a fresh run directory that does not exist yet (reporting.publish.RUNS_DIR): a
+    # relative path is checked against such a directory and nothing is created for it here
+    fresh = trainer.logger is None
+    base = Path(trainer.default_root_dir) / RUNS_DIR / "run_<n>" if fresh else trainer.log_dir
     for callback in trainer.callbacks:
         path = getattr(callback, "export_path", None)
         if not isinstance(path, (str, os.PathLike)):
             continue
         try:
-            check_export_path(path, trainer.log_dir or trainer.default_root_dir)
+            relative = not Path(path).expanduser().is_absolute()
+            check_export_path(path, base or trainer.default_root_dir, create=not (fresh and relative))
         except ValueError as err:
             raise CLIConfigError(f"{type(callback).__name__}: {err}") from None
 

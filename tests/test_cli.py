@@ -285,3 +285,17 @@ def test_fit_cannot_resume_from_an_export(tmp_path: Path, capsys: pytest.Capture
     line = _refused(["fit", *MLP_ON_DIGITS, f"--ckpt_path={export}", f"--trainer.default_root_dir={tmp_path}"],
                     capsys, monkeypatch)
     assert f"`--ckpt_path`={str(export)!r} is a float export, which `fit` cannot resume from" in line, line
+
+
+def test_without_a_logger_a_relative_export_path_is_checked_against_the_fresh_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sub" / "model.safetensors").mkdir(parents=True)  # a directory of that name beside the runs: no clash
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *MLP_ON_DIGITS, "--trainer.callbacks+=PostTrainingQuantization",
+          "--trainer.callbacks.export_path=sub/model.safetensors", "--trainer.max_steps=2", "--trainer.logger=false",
+          f"--trainer.default_root_dir={tmp_path}"])
+    (export,) = (tmp_path / "lightning_compress_runs").rglob("model.safetensors")
+    assert export.is_file() and export.parent.parent.name == "run_0"
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["model.safetensors"]  # untouched, nothing created
+    assert not any((tmp_path / "sub" / "model.safetensors").iterdir())
