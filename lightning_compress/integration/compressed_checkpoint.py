@@ -21,22 +21,20 @@ codes again (:mod:`lightning_compress.quantization.carried`). No Lightning impor
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import Tensor, nn
 
 from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.quantization.carried import attach, carried, drop, forget
 from lightning_compress.quantization.export import (
-    METADATA_KEY,
     _carried_result,
     _read_checked,
+    export_bytes,
     quantized_tensors,
 )
 from lightning_compress.quantization.functional import QuantizationResult
@@ -60,7 +58,7 @@ def pack(checkpoint: dict[str, Any], model: nn.Module) -> None:
     if PACKED_KEY in entry:
         return
     tensors, meta = quantized_tensors(model, _codes_of(model))
-    data = save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    data = export_bytes(tensors, meta)
     for key in set(checkpoint) - KEPT:
         del checkpoint[key]
     empty, empty_2d = torch.empty(0), torch.empty(0, 0)  # (0, 0) for 0-d entries: PyTorch indexes a (0,) one

@@ -102,10 +102,14 @@ def quantized_tensors(
     return tensors, meta
 
 
+def export_bytes(tensors: dict[str, Tensor], metadata: dict[str, Any]) -> bytes:
+    """The safetensors bytes of an export (the file, or what ``compressed.ckpt`` packs)."""
+    return save(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
 def atomic_save(tensors: dict[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, Any]) -> Path:
-    """Serialize to safetensors bytes and write them with :func:`~lightning_compress.core.io.write_bytes`."""
-    data = save(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    return write_bytes(path, data)
+    """Serialize with :func:`export_bytes` and write them with :func:`~lightning_compress.core.io.write_bytes`."""
+    return write_bytes(path, export_bytes(tensors, metadata))
 
 
 def save_quantized(
