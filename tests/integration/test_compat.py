@@ -16,9 +16,11 @@ class _Probe(pl.Callback):
         self.last_micro_batch: list[bool] = []
         self.val_defined: bool | None = None
         self.scale: float | None = None
+        self.train_batch: torch.Tensor | None = None
 
     def setup(self, trainer, pl_module, stage):
         self.val_defined = _compat.validation_source_defined(trainer)
+        self.train_batch = next(iter(_compat.training_dataloader(trainer)))  # before Lightning loads it
 
     def on_after_backward(self, trainer, pl_module):
         self.last_micro_batch.append(_compat.is_last_micro_batch(trainer))
@@ -33,6 +35,7 @@ def test_lightning_touchpoints(tmp_path) -> None:
     trainer.fit(BoringModel())
     assert probe.last_micro_batch == [False, True, False, True], lightning.__version__
     assert probe.val_defined is True and probe.scale == 1.0
+    assert probe.train_batch is not None and tuple(probe.train_batch.shape) == (1, 32)  # BoringModel's batch
 
 
 def test_rich_progress_bar_console_is_found(tmp_path) -> None:
