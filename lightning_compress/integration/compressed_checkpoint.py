@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.quantization.carried import attach, carried, drop, forget
 from lightning_compress.quantization.export import (
-    _carried_result,
     _read_checked,
     export_bytes,
     quantized_tensors,
+    record_as_result,
 )
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.structure.serialization import shrink_to_state_dict
@@ -76,7 +76,8 @@ def _codes_of(model: nn.Module) -> QuantizationResult:
                       "compressed checkpoint stores them as float, and the model no longer carries their codes",
                       UserWarning, stacklevel=3)
         drop(model, stale)
-    return _carried_result(model) if carried(model) is not None else QuantizationResult()
+    record = carried(model)  # what is left is checked: no second comparison of every weight with its codes
+    return record_as_result(model, record) if record is not None else QuantizationResult()
 
 
 def is_packed(checkpoint: dict[str, Any]) -> bool:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.io import UntrustedFileError, read_safetensors_header, write_bytes
 from lightning_compress.quantization import export_checks as checks
-from lightning_compress.quantization.carried import attach, carried
+from lightning_compress.quantization.carried import CarriedQuantization, attach, carried
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.layer import LayerQuantization
 from lightning_compress.quantization.packing import pack, unpack
@@ -149,6 +149,11 @@ def _carried_result(model: nn.Module) -> QuantizationResult:
     if stale:
         raise ValueError(f"`model`'s weights {stale[:5]} are no longer the codes {record.source} left (trained, "
                          "restored to float or edited since): quantize it again before saving")
+    return record_as_result(model, record)
+
+
+def record_as_result(model: nn.Module, record: CarriedQuantization) -> QuantizationResult:
+    """``record``'s codes as the :class:`QuantizationResult` the export writes (no check: the caller's)."""
     modules = dict(model.named_modules())
     layers = {}
     for key, qt in record.codes.items():
