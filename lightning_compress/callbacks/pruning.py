@@ -52,8 +52,9 @@ class GradientStabilityPruning(PruningEvents):
     ticks later or at the next validation, see :mod:`lightning_compress.pruning.controller`), ``evaluate``,
     ``verbose`` (0, 1, 2), ``gate_batches`` (the gate's "after" on a seeded subset of that many validation batches
     with an early stop, see :mod:`lightning_compress.integration.gate_evaluation`), ``align_events`` (per-step
-    events due during an epoch wait for its validation, whose value is their "before"). A fit that delivers less than
-    ``sparsity`` warns once, naming the refused events.
+    events due during an epoch wait for its validation, whose value is their "before"; None: on when no per-step
+    schedule was given, see :func:`lightning_compress.callbacks.pruning_events.auto_alignment`). A fit that
+    delivers less than ``sparsity`` warns once, naming the refused events.
     """
 
     finish_order = 0
@@ -94,7 +95,7 @@ class GradientStabilityPruning(PruningEvents):
         macs_exponent: float = 0.5,
         patience: int | None = None,
         gate_batches: int | None = None,
-        align_events: bool = False,
+        align_events: bool | None = None,
     ) -> None:
         super().__init__(metric, metric_kwargs, max_metric_drop, metric_reference)
         self.config = PruningConfig(
@@ -162,6 +163,7 @@ class GradientStabilityPruning(PruningEvents):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run.schedule = self._schedule(trainer)
+        self._decide_alignment(trainer)
         self.run.start_statistics()
         if self._pending_state is not None:
             self.run.load_state_dict(self._pending_state)

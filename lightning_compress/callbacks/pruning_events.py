@@ -16,6 +16,7 @@ from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.integration.gate_evaluation import EventEvaluation, ValidationTap
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.run import PruningRun
+from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.reporting.records import CompressionEvent
 from lightning_compress.reporting.render import pruning_line
 
@@ -28,6 +29,7 @@ class PruningEvents(CompressionCallback):
     _tap: ValidationTap  # the gate's metric during Lightning's validation loop
     _optimizer_steps: int  # weights changed since a validation: its metric is no "before" any more
     _final: tuple[float, float] | None  # (sparsity, weight sparsity) delivered, once finished
+    _aligned = False  # per-step events wait for their epoch's validation (decided in on_train_start)
 
     controller = property(lambda self: self.run.controller, doc="accept / roll back / back off, and the history")
     state = property(lambda self: self.run.state, doc="the masks in force")
@@ -76,10 +78,19 @@ class PruningEvents(CompressionCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         if self.config.schedule_unit == "step" and self.controller.due(trainer.global_step, self.schedule):
-            if self.config.align_events and self._validates_at_epoch_end(trainer):
+            if self._aligned and self._validates_at_epoch_end(trainer):
                 self.controller.deferred = True  # run in on_validation_end, "before" measured by the loop
             else:
                 self._run_pruning_event(trainer, pl_module, trainer.global_step)
+
+    def _decide_alignment(self, trainer: pl.Trainer) -> None:
+        """Whether per-step events wait for their epoch's validation in this fit (``align_events``; None: decided
+        here), and why, in the report's settings."""
+        aligned, rule = self.config.align_events, "set by align_events"
+        if aligned is None:
+            aligned, rule = auto_alignment(trainer, self.config, self.schedule, self._has_val)
+        self._aligned = bool(aligned)
+        self.report.settings[self.report_name].update(events_aligned=self._aligned, events_aligned_by=rule)
 
     def _validates_at_epoch_end(self, trainer: pl.Trainer) -> bool:
         """Whether this epoch ends with a validation the fit surely reaches (no ``max_steps`` cut, validation once
@@ -157,3 +168,33 @@ class PruningEvents(CompressionCallback):
                                                                  delivered_sparsity=delivered, shortfall=short)
         if short is not None:
             rank_zero_warn(f"GradientStabilityPruning: the fit fell short of its target: {short}")
+
+
+def auto_alignment(trainer: pl.Trainer, config: PruningConfig, schedule: PruningSchedule | None,
+                   has_val: bool) -> tuple[bool, str]:
+    """``align_events=None``: align per-step events with the epochs' validations when the user gave no per-step
+    schedule (no ``start_step`` / ``end_step`` / ``frequency``: the default ramp's exact steps were never asked
+    for), the fit validates at every epoch's end and nothing cuts it short, and the epoch of the schedule's last
+    event is not the fit's last (the merged last event still leaves an epoch to recover in). Returns the decision and
+    the reason, for the report."""
+    explicit = [n for n in ("start_step", "end_step", "frequency") if getattr(config, n) is not None]
+    every_epoch = (trainer.val_check_interval, trainer.check_val_every_n_epoch) == (1.0, 1)
+    epochs, last = trainer.max_epochs, schedule.last_tick() if schedule is not None else None
+    why_not = (
+        "schedule_unit='epoch'" if config.schedule_unit != "step"
+        else f"explicit per-step schedule ({', '.join(explicit)})" if explicit
+        else "no validation data" if not has_val
+        else "max_steps set" if trainer.max_steps not in (-1, None)
+        else "validation not once per epoch" if not every_epoch
+        else None
+    )
+    if why_not is None:
+        if epochs is None or epochs < 1 or last is None:
+            why_not = "fit length unknown"
+        else:
+            last_epoch = -(-last // max(1, int(trainer.estimated_stepping_batches) // epochs))
+            if last_epoch >= epochs:
+                why_not = f"the last event falls in the fit's last epoch ({epochs}): no epoch left to recover in"
+    if why_not is not None:
+        return False, f"auto: off ({why_not})"
+    return True, "auto: on (no per-step schedule given; each epoch's events run at its validation)"

@@ -52,16 +52,19 @@ class PruningConfig:
     patience: int | None = None
     # the gate's "after" on this many validation batches per rank with an early stop (micro accuracy; else full set)
     gate_batches: int | None = None
-    # an event due during an epoch waits for that epoch's validation (one event per epoch, its "before" reused)
-    align_events: bool = False
+    # an event due during an epoch waits for that epoch's validation (one event per epoch, its "before" reused);
+    # None: the callback decides (aligned when no per-step schedule was given, see callbacks.pruning_events)
+    align_events: bool | None = None
 
     def __post_init__(self) -> None:
         self._check_target()
         check_choice("criterion", self.criterion, CRITERIA)
         if self.sparsity is None and self.criterion not in GRADIENT_CRITERIA:
             raise ValueError(f"thresholds act on gradient statistics; `criterion` {self.criterion!r} tracks none")
-        for name in ("structured", "restart_statistics", "evaluate", "compact", "align_events"):
+        for name in ("structured", "restart_statistics", "evaluate", "compact"):
             check_bool(name, getattr(self, name))
+        if self.align_events is not None:
+            check_bool("align_events", self.align_events)
         check_choice("scope", self.scope, SCOPES)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("schedule_unit", self.schedule_unit, SCHEDULE_UNITS)

@@ -72,3 +72,47 @@ def test_stop_on_violation_keeps_the_old_behaviour_no_retry() -> None:
 def test_bad_patience_is_refused_at_construction(kwargs, match: str) -> None:
     with pytest.raises((TypeError, ValueError), match=match):
         GradientStabilityPruning(**kwargs)
+
+
+def _steps_per_epoch(trainer: pl.Trainer) -> int:
+    return int(trainer.estimated_stepping_batches) // int(trainer.max_epochs or 1)
+
+
+def test_without_a_per_step_schedule_events_align_with_validation_and_reuse_its_value() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.6, max_metric_drop=0.05, verbose=0)
+    trainer, _ = _fit(pruning, [128, 64], max_epochs=4)
+    settings = report_of(trainer).settings["pruning"]
+    assert settings["align_events"] is None and settings["events_aligned"] is True
+    assert settings["events_aligned_by"].startswith("auto: on")
+    per_epoch = _steps_per_epoch(trainer)
+    steps = [h["step"] for h in pruning.history]
+    assert steps and all(step % per_epoch == 0 for step in steps), (steps, per_epoch)  # at the epochs' ends
+    assert all(h["gate_evaluation"].startswith("before: reused validation") for h in pruning.history)
+    assert pruning.current_sparsity() == pytest.approx(0.6, abs=5e-3)  # the ramp's end still reached
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "max_epochs", "trainer_kwargs", "reason"),
+    [
+        ({"start_step": 3}, 4, {}, "auto: off (explicit per-step schedule (start_step))"),
+        ({"frequency": 2, "end_step": 20}, 4, {}, "auto: off (explicit per-step schedule (end_step, frequency))"),
+        ({}, 3, {}, "auto: off (the last event falls in the fit's last epoch (3)"),
+        ({}, 4, {"check_val_every_n_epoch": 2}, "auto: off (validation not once per epoch)"),
+        ({"align_events": False}, 4, {}, "set by align_events"),
+    ],
+)
+def test_events_stay_at_their_steps_where_alignment_is_not_automatic(kwargs, max_epochs, trainer_kwargs,
+                                                                       reason) -> None:
+    pruning = GradientStabilityPruning(sparsity=0.5, verbose=0, **kwargs)
+    pl.seed_everything(0)
+    trainer = quiet_trainer([pruning], max_epochs=max_epochs, **trainer_kwargs)
+    trainer.fit(MLPClassifier(input_size=64, hidden=[32], lr=1e-2), DigitsDataModule(batch_size=64))
+    settings = report_of(trainer).settings["pruning"]
+    assert settings["events_aligned"] is False and settings["events_aligned_by"].startswith(reason)
+    per_epoch = _steps_per_epoch(trainer)
+    assert any(h["step"] % per_epoch for h in pruning.history)  # some event ran mid-epoch, at its own step
+
+
+def test_align_events_must_be_true_false_or_none() -> None:
+    with pytest.raises(TypeError, match=r"`align_events` must be True or False, got 'auto'"):
+        GradientStabilityPruning(align_events="auto")  # type: ignore[arg-type]
