@@ -1,0 +1,132 @@
+"""Activation fake quantization for QAT: uint8 per-tensor on the *inputs* of the quantized layers, the ranges learned
+in the same pass as the weights' scales. No Lightning.
+
+Static integer kernels (ONNX ``QLinearConv`` / ``QGemm``) read uint8 activations with one fixed ``(scale, zero
+point)`` per tensor. :class:`InputFakeQuantizer` computes exactly what ONNX Runtime's ``QuantizeLinear`` ->
+``DequantizeLinear`` pair computes on a layer's input::
+
+    x_hat = (clamp(round(x / s) + z, 0, 255) - z) * s        # round half to even, as ORT
+
+- **how it is attached**: a forward *pre-hook* on the layer module (:func:`attach`), never a wrapper of the
+  model's forward, so a forward taking args, kwargs or dicts is untouched; the quantizer is not a submodule, so the
+  model's ``state_dict`` keys do not change. :func:`detach` removes the hooks and returns the ranges.
+- **initial range**: min / max of the first batch the layer sees once attached, turned into ``(s, z)`` by the
+  export's own :func:`~lightning_compress.serving._graph.uint8_qparams`: at its first step the model computes what
+  a static export calibrated on that batch would. (An EMA of min / max was not chosen: it keeps moving the range
+  the scale's gradient is trying to set, and one batch is enough for LSQ to start from.)
+- **learning**: LSQ (Esser et al. 2020) on ``s``: straight-through ``round``, zero gradient to ``x`` outside the
+  clipping range, ``s``'s gradient scaled by ``1 / sqrt(features * 255)``. The zero point stays the integer it was
+  initialised to: it is what the integer kernel needs, ``0`` for a ReLU's output (which keeps the ReLU absorbable
+  into the previous layer's uint8 output), and scaling ``s`` moves both ends of the range together.
+- ranges are keyed by the layer's weight ``state_dict`` key (as the weight codes are, in
+  :mod:`lightning_compress.quantization.carried`): the range of ``"net.0.weight"`` is that of ``net.0``'s input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.qat.fake_quant import _RoundSTE, _ScaleGrad
+from lightning_compress.serving._graph import uint8_qparams
+
+QMIN, QMAX = 0, 255  # uint8, what ORT's static kernels read
+Range = tuple[float, int]  # (scale, zero point) of one layer's input
+
+
+class InputFakeQuantizer(nn.Module):
+    """uint8 fake quantization of one layer's input (see the module docstring). ``scale``: a learnable 0-d
+    parameter; ``zero_point``: a fixed integer. ``learn=False`` applies a fixed range (a delivered model)."""
+
+    def __init__(self, given: Range | None = None, learn: bool = True) -> None:
+        super().__init__()
+        scale, zero_point = given if given is not None else (1.0, 0)
+        check_range(scale, zero_point, "the activation range")
+        self.scale = nn.Parameter(torch.tensor(float(scale), dtype=torch.float32), requires_grad=learn)
+        self.zero_point = int(zero_point)
+        self.initialized = given is not None
+
+    def range(self) -> Range:
+        """``(scale, zero_point)`` as the export writes them (float32 scale)."""
+        return float(self.effective_scale().detach().cpu()), self.zero_point
+
+    def effective_scale(self) -> Tensor:
+        return self.scale.clamp(min=torch.finfo(torch.float32).tiny)
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        scale, zero_point = uint8_qparams(float(x.min()), float(x.max()))
+        self.scale.copy_(torch.tensor(scale, dtype=torch.float32))
+        self.zero_point, self.initialized = zero_point, True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.initialized:
+            self._initialize(x.detach().float())
+        features = max(1, x[0].numel() if x.dim() > 1 else x.numel())
+        scale = _ScaleGrad.apply(self.effective_scale(), 1.0 / math.sqrt(features * QMAX))
+        codes = torch.clamp(_RoundSTE.apply(x.float() / scale) + self.zero_point, QMIN, QMAX)
+        return ((codes - self.zero_point) * scale).to(x.dtype)
+
+    def __call__(self, *args: Any) -> Any:
+        if len(args) == 2 and isinstance(args[0], nn.Module):  # called as a forward pre-hook (module, args)
+            return self._pre_hook(args[1])
+        return super().__call__(*args)
+
+    def _pre_hook(self, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not inputs or not isinstance(inputs[0], Tensor) or not inputs[0].is_floating_point():
+            return None
+        return (self.forward(inputs[0]), *inputs[1:])
+
+
+def check_range(scale: Any, zero_point: Any, where: str) -> None:
+    """A finite positive float scale and an integer zero point in 0..255, else ValueError naming ``where``."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{where}: the scale must be a finite number > 0, got {scale!r}")
+    if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not QMIN <= zero_point <= QMAX:
+        raise ValueError(f"{where}: the zero point must be an integer in {QMIN}..{QMAX}, got {zero_point!r}")
+
+
+def attach(
+    layers: Mapping[str, nn.Module], keys: Mapping[str, str], given: Mapping[str, Range] | None = None,
+    learn: bool = True,
+) -> dict[str, InputFakeQuantizer]:
+    """An :class:`InputFakeQuantizer` as a forward pre-hook on each of ``layers`` (module name -> module); ``keys``:
+    module name -> weight key; ``given``: ranges by weight key (a resumed run, or a delivered model), else each is
+    initialised on its first batch. Every given range is checked before any hook is added."""
+    given = dict(given or {})
+    for key, (scale, zero_point) in given.items():
+        check_range(scale, zero_point, f"activation range of {key!r}")
+    quantizers = {}
+    for name, module in layers.items():
+        quantizer = InputFakeQuantizer(given.get(keys[name]), learn=learn).to(_device(module))
+        module.register_forward_pre_hook(quantizer)
+        quantizers[name] = quantizer
+    return quantizers
+
+
+def detach(
+    model: nn.Module, quantizers: Mapping[str, InputFakeQuantizer], keys: Mapping[str, str]
+) -> dict[str, Range]:
+    """Remove the hooks from ``model``'s layers; the ranges by weight key (a quantizer never run, so never
+    initialised, has none). The hooks are found by identity in each layer's pre-hooks (no handle is kept: a
+    ``deepcopy`` of the model copies its hooks, and a copied handle would point at the original's)."""
+    modules = dict(model.named_modules())
+    for name, quantizer in quantizers.items():
+        hooks = modules[name]._forward_pre_hooks
+        for hook_id in [i for i, hook in hooks.items() if hook is quantizer]:
+            del hooks[hook_id]
+    return ranges(quantizers, keys)
+
+
+def ranges(quantizers: Mapping[str, InputFakeQuantizer], keys: Mapping[str, str]) -> dict[str, Range]:
+    """The current ranges by weight key, of the initialised quantizers (what a checkpoint stores)."""
+    return {keys[name]: q.range() for name, q in quantizers.items() if q.initialized}
+
+
+def _device(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
