@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.adaptive.budget import Budget
-from lightning_compress.adaptive.candidates import SPARSITIES, layer_candidates
+from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, layer_candidates
 from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.plan import Problem, floor_bytes, floor_macs, rows
@@ -47,6 +47,8 @@ from lightning_compress.quantization.primitives import CALIBRATIONS
 
 FISHER_BATCHES = 8  # backward passes for the Fisher (and batches kept for the forward that counts positions)
 SCALES = ("measured", "fisher")
+SEARCHES = ("joint", "bits", "sparsity")  # what the plan may choose per layer (the baselines of bench_adaptive)
+SPARSITY_ONLY_BITS = 8  # search="sparsity": every layer at this width (float pruned weights save no bytes)
 CORRECTIONS = 2  # re-solves after a failed bound before larger budgets are tried
 
 
@@ -99,6 +101,7 @@ def compress(
     calibration_batches: int = FISHER_BATCHES,
     corrections: int = CORRECTIONS,
     scale: str = "fisher",
+    search: str = "joint",
 ) -> CompressionResult:
     """Compress ``model`` in place to fit ``budget`` with the smallest predicted loss increase.
 
@@ -112,6 +115,9 @@ def compress(
         corrections: re-solves with measured corrections after a failed bound.
         scale: ``"fisher"``: the Fisher's scores as they are; ``"measured"``: each layer's scores scaled by one
             measured loss change (:mod:`.scales`; ``benchmarks/bench_adaptive.py`` compares the two).
+        search: ``"joint"``: widths, granularity and sparsity together; ``"bits"``: widths and granularity only,
+            sparsity 0 (what ModelOpt's ``auto_quantize`` searches); ``"sparsity"``: sparsity and granularity
+            only, every layer at :data:`SPARSITY_ONLY_BITS` (the baselines the joint search is measured against).
 
     Raises:
         ValueError: a budget below its floor (before any work); :class:`~.session.BudgetError` when the budget and
@@ -120,6 +126,7 @@ def compress(
     _check(budget, forward, loss_fn, metric_fn, max_metric_drop, higher_is_better, calibration,
            calibration_batches, corrections)
     check_choice("scale", scale, SCALES)
+    check_choice("search", search, SEARCHES)
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     layers, _ = select_layers(model, QUANT_MODULE_TYPES)
@@ -151,8 +158,11 @@ def compress(
         before = measure(metric_fn, model) if metric_fn is not None else None
         fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
         sparsities = SPARSITIES if budget.macs is not None else (0.0,)
+        sparsities = (0.0,) if search == "bits" else SPARSITIES if search == "sparsity" else sparsities
+        widths = (SPARSITY_ONLY_BITS,) if search == "sparsity" else WIDTHS
         candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration,
-                                          sparsities=sparsities) for n, count in aliases(model, keys).items()}
+                                          widths=widths, sparsities=sparsities)
+                      for n, count in aliases(model, keys).items()}
         problem = Problem(candidates, fixed, other, size_cap, macs_cap)
         if scale == "measured":
             problem.multipliers = measured_scales(model, weights, fisher, candidates, batches, run, loss_fn,
