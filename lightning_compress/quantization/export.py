@@ -29,6 +29,7 @@ an :class:`~lightning_compress.core.io.UntrustedFileError` (a ``ValueError``) na
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -43,15 +44,17 @@ from torch import Tensor, nn
 
 from lightning_compress.core.io import UntrustedFileError, read_safetensors_header, write_bytes
 from lightning_compress.quantization import export_checks as checks
+from lightning_compress.quantization import sparse_layout
 from lightning_compress.quantization.carried import CarriedQuantization, attach, carried
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.layer import LayerQuantization
-from lightning_compress.quantization.packing import pack, unpack
+from lightning_compress.quantization.packing import pack_codes, unpack_codes
 from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec
 from lightning_compress.structure.serialization import shrink_to_state_dict
 from lightning_compress.structure.shape_rules import RECORD_KEY, compacted_axes, encode
 
 FORMAT, FLOAT_FORMAT, METADATA_KEY, VERSION = checks.FORMAT, checks.FLOAT_FORMAT, checks.METADATA_KEY, checks.VERSION
+SPARSE_VERSION = checks.SPARSE_VERSION
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -64,10 +67,6 @@ def new_run_id() -> str:
 
 
 # ---------------------------------------------------------------------------- writing
-def _encode_codes(codes: Tensor, bits: int, signed: bool) -> Tensor:
-    return codes.contiguous() if bits == 8 else pack(codes, bits, signed=signed)
-
-
 def quantized_tensors(
     model: nn.Module, result: QuantizationResult, run_id: str | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -83,22 +82,24 @@ def quantized_tensors(
         if key in by_key:
             qt = by_key[key].qtensor
             signed = qt.spec.symmetric
-            tensors[f"{key}:qdata"] = _encode_codes(qt.q.cpu(), qt.spec.bits, signed)
+            layout, stored = sparse_layout.encode(qt)
+            tensors.update({f"{key}:{suffix}": value for suffix, value in stored.items()})
             tensors[f"{key}:scale"] = qt.scale.detach().cpu().contiguous()
             if qt.zero_point is not None:
-                tensors[f"{key}:zero_point"] = _encode_codes(qt.zero_point.cpu(), qt.spec.bits, False)
+                tensors[f"{key}:zero_point"] = pack_codes(qt.zero_point.cpu(), qt.spec.bits, signed=False)
             layers_meta[key] = {
                 "module": by_key[key].module, "type": by_key[key].module_type, "bits": qt.spec.bits,
                 "granularity": qt.spec.granularity, "group_size": qt.spec.group_size, "symmetric": signed,
                 "calibration": qt.spec.calibration, "shape": list(qt.shape), "dtype": _dtype_name(qt.dtype),
-                "zero_point_shape": list(qt.scale.shape),
+                "zero_point_shape": list(qt.scale.shape), **sparse_layout.describe(layout),
             }
         elif id(value) in quantized_ids:
             aliases[key] = quantized_ids[id(value)]
         else:
             tensors[key] = value.detach().to("cpu", copy=True).contiguous()  # copies: no shared storage
-    meta = {"format": FORMAT, "version": VERSION, "layers": layers_meta, "aliases": aliases,
-            "run_id": run_id or new_run_id(), RECORD_KEY: encode(compacted_axes(model))}
+    sparse = any("layout" in info for info in layers_meta.values())  # version 1 readers cannot read those
+    meta = {"format": FORMAT, "version": SPARSE_VERSION if sparse else VERSION, "layers": layers_meta,
+            "aliases": aliases, "run_id": run_id or new_run_id(), RECORD_KEY: encode(compacted_axes(model))}
     return tensors, meta
 
 
@@ -201,10 +202,8 @@ def check_same_run(quantized_path: str | os.PathLike[str], float_path: str | os.
 
 
 # ---------------------------------------------------------------------------- reading: tensors
-def _decode_codes(data: Tensor, bits: int, shape: tuple[int, ...], signed: bool) -> Tensor:
-    if bits == 8:
-        return data.reshape(shape)
-    return unpack(data, bits, math.prod(shape), signed=signed).reshape(shape)
+def _entry(handle: Any, key: str, suffix: str) -> Tensor:
+    return handle.get_tensor(f"{key}:{suffix}")
 
 
 def load_quantized_tensors(
@@ -240,10 +239,11 @@ def _read_checked(
                 raise UntrustedFileError(f"{name!r}, key {key + ':scale'!r}: scales must be finite and > 0, got {bad}")
             spec = QuantSpec(spec.bits, spec.granularity, spec.group_size, spec.symmetric, spec.calibration,
                              scale_dtype="float16" if scale.dtype == torch.float16 else "float32")
-            q = _decode_codes(handle.get_tensor(f"{key}:qdata"), spec.bits, shape, spec.symmetric)
             zero = None
             if not spec.symmetric:
-                zero = _decode_codes(handle.get_tensor(f"{key}:zero_point"), spec.bits, groups, False)
+                zero = unpack_codes(handle.get_tensor(f"{key}:zero_point"), spec.bits, groups, signed=False)
+            read = functools.partial(_entry, handle, key)
+            q = sparse_layout.decode(name, key, checks.layout_of(name, key, info), read, spec, shape, zero)
             qt = QuantizedTensor(q, scale, zero, spec, shape, checks.DTYPES[info["dtype"]])
             if not bool(qt.dequantize().isfinite().all()):
                 raise UntrustedFileError(f"{name!r}, key {key!r}: the dequantized weight overflows {info['dtype']}")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.io import SafetensorsHeader, UntrustedFileError
+from lightning_compress.quantization import sparse_layout
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.packing import packed_nbytes
 from lightning_compress.quantization.primitives import QuantSpec
@@ -24,7 +25,8 @@ from lightning_compress.structure.shape_rules import RECORD_KEY, check_declared_
 
 FORMAT = "lightning-compress/quantized-safetensors"
 FLOAT_FORMAT = "lightning-compress/float-safetensors"
-VERSION = 1
+VERSION = 1  # what the export writes for a file whose layers are all stored dense, and for the float copy
+SPARSE_VERSION = 2  # a file with a sparse layout (:mod:`.sparse_layout`); the newest version this reads
 METADATA_KEY = "lightning_compress"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ST_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -80,8 +82,9 @@ def parse_metadata(name: str, header: SafetensorsHeader, expected: str) -> dict[
     version = meta.get("version")
     if type(version) is not int or version < 1:
         raise UntrustedFileError(f"{name!r}: metadata key 'version' must be a positive integer, got {version!r:.100}")
-    if version > VERSION:
-        raise UntrustedFileError(f"`path` {name!r} has format version {version}; this version reads <= {VERSION}")
+    if version > SPARSE_VERSION:
+        raise UntrustedFileError(f"`path` {name!r} has format version {version}; this version reads <= "
+                                 f"{SPARSE_VERSION}")
     if not isinstance(meta.get("run_id", ""), str):
         raise UntrustedFileError(f"{name!r}: metadata key 'run_id' must be a string, got {meta['run_id']!r:.100}")
     meta[RECORD_KEY] = (parse_record(name, meta[RECORD_KEY], f"metadata key {RECORD_KEY!r}") if RECORD_KEY in meta
@@ -96,6 +99,9 @@ def parse_metadata(name: str, header: SafetensorsHeader, expected: str) -> dict[
             raise UntrustedFileError(f"{name!r}: metadata key 'layers' is missing")
         for key, info in meta["layers"].items():
             layer_spec(name, key, info)
+            if layout_of(name, key, info).kind != "dense" and version < SPARSE_VERSION:
+                raise UntrustedFileError(f"{name!r}, layer {key!r}: metadata key 'layout' {info['layout']!r:.100} "
+                                         f"needs format version {SPARSE_VERSION}, the file says {version}")
         for alias, target in meta["aliases"].items():
             if not isinstance(target, str) or target not in meta["layers"]:
                 raise UntrustedFileError(f"{name!r}: alias {alias!r} points to {target!r:.100}, not a quantized weight")
@@ -132,14 +138,19 @@ def layer_spec(name: str, key: str, info: Any) -> tuple[QuantSpec, tuple[int, ..
     return spec, tuple(shape), groups
 
 
+def layout_of(name: str, key: str, info: dict[str, Any]) -> sparse_layout.Layout:
+    """How the layer's codes are stored (:mod:`.sparse_layout`), from metadata :func:`layer_spec` accepted."""
+    return sparse_layout.parse(name, key, info, math.prod(info["shape"]))
+
+
 def expected_entries(name: str, meta: dict[str, Any]) -> dict[str, tuple[set[str], tuple[int, ...]]]:
     """Per ``<key>:qdata`` / ``:scale`` / ``:zero_point``: the allowed dtype codes and the exact shape."""
     expected: dict[str, tuple[set[str], tuple[int, ...]]] = {}
     for key, info in meta["layers"].items():
         spec, shape, groups = layer_spec(name, key, info)
-        numel, scales = math.prod(shape), groups[0] * groups[1]
-        code = "I8" if spec.symmetric else "U8"
-        expected[f"{key}:qdata"] = ({code}, shape) if spec.bits == 8 else ({"U8"}, (packed_nbytes(numel, spec.bits),))
+        scales = groups[0] * groups[1]
+        stored = sparse_layout.entries(layout_of(name, key, info), shape, spec.bits, spec.symmetric)
+        expected.update({f"{key}:{suffix}": entry for suffix, entry in stored.items()})
         expected[f"{key}:scale"] = ({"F32", "F16"}, groups)
         if not spec.symmetric:
             packed = (packed_nbytes(scales, spec.bits),)

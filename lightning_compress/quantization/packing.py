@@ -73,3 +73,49 @@ def unpack(packed: Tensor, bits: int, numel: int, *, signed: bool) -> Tensor:
     if not signed:
         return flat.clone() if bits == 8 else flat  # never alias the caller's buffer
     return (flat.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
+def pack_codes(codes: Tensor, bits: int, *, signed: bool) -> Tensor:
+    """How the export stores codes: 8-bit codes as they are (``int8`` / ``uint8``, the caller's shape), fewer bits
+    :func:`pack`\\ ed into a 1-D ``uint8`` stream."""
+    return codes.contiguous() if bits == 8 else pack(codes, bits, signed=signed)
+
+
+def unpack_codes(data: Tensor, bits: int, shape: tuple[int, ...], *, signed: bool) -> Tensor:
+    """Inverse of :func:`pack_codes`: codes shaped ``shape``."""
+    if bits == 8:
+        return data.reshape(shape)
+    return unpack(data, bits, math.prod(shape), signed=signed).reshape(shape)
+
+
+WIDE_BITS = 32  # the widest unsigned integer :func:`pack_unsigned` stores (positions and gaps of sparse layouts)
+
+
+def pack_unsigned(values: Tensor, bits: int) -> Tensor:
+    """Non-negative integers below ``2^bits`` (``bits`` up to :data:`WIDE_BITS`) -> the little-endian bit stream of
+    :func:`pack` (value ``i`` in bits ``[i*bits, (i+1)*bits)``), 1-D ``uint8`` of :func:`packed_nbytes` bytes."""
+    check_number("bits", bits, low=1, high=WIDE_BITS, integer=True)
+    flat = values.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+        raise ValueError(f"`values` hold integers outside [0, 2^{bits}): cannot pack them in {bits} bits")
+    stream = torch.empty(flat.numel(), bits, dtype=torch.uint8, device=flat.device)  # one bit a byte, not int64s
+    for j in range(bits):
+        stream[:, j] = (flat >> j) & 1
+    stream = torch.cat([stream.reshape(-1), stream.new_zeros((-stream.numel()) % 8)]).reshape(-1, 8)
+    return (stream << torch.arange(8, dtype=torch.uint8, device=flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_unsigned(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of :func:`pack_unsigned`: 1-D ``int64`` of length ``numel``."""
+    check_number("bits", bits, low=1, high=WIDE_BITS, integer=True)
+    check_number("numel", numel, low=0, integer=True)
+    if packed.dtype not in (torch.uint8, torch.int8) or packed.numel() != packed_nbytes(numel, bits):
+        raise ValueError(f"`packed` must hold {packed_nbytes(numel, bits)} bytes (uint8) for {numel} {bits}-bit "
+                         f"integers, got {packed.numel()} of {packed.dtype}")
+    data = packed.reshape(-1).view(torch.uint8)
+    stream = ((data.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=data.device)) & 1).reshape(-1)
+    stream = stream[: numel * bits].reshape(numel, bits)
+    values = torch.zeros(numel, dtype=torch.int64, device=data.device)
+    for j in range(bits):  # one column at a time: no (numel, bits) int64 intermediate
+        values |= stream[:, j].to(torch.int64) << j
+    return values
