@@ -11,7 +11,11 @@
   ``int`` is an absolute count for the whole model (layers the plan cannot change included); a float in (0, 1) is a
   fraction of the dense count.
 
-A latency budget is not implemented: ``latency=`` is refused rather than silently ignored.
+- ``latency``: a float in (0, 1), a fraction of the dense model's latency, both measured in ONNX Runtime on this
+  machine (CPU, float graphs) at the input shape ``latency_input`` (a tuple of positive ints, e.g.
+  ``(32, 1, 28, 28)``; None: the shape of the first calibration batch) with ``threads`` intra-op threads (default 1).
+  It is met by removing whole units (output channels / neurons, :mod:`.units`) and compacting the model
+  (:mod:`.latency`). It is taken alone: with ``size`` or ``macs`` it is refused (not implemented together).
 """
 
 from __future__ import annotations
@@ -51,25 +55,39 @@ def _check_amount(name: str, value: Any, *, allow_string: bool) -> None:
 
 @dataclass(frozen=True)
 class Budget:
-    """A size and / or MACs budget; at least one. ``resolve_*`` turn fractions into absolute amounts."""
+    """A size and / or MACs budget, or a latency budget alone. ``size_bytes`` / ``macs_count`` turn fractions into
+    absolute amounts."""
 
     size: int | float | str | None = None
     macs: int | float | None = None
     latency: float | None = None
+    latency_input: tuple[int, ...] | None = None  # the input shape latency is measured at (None: a calibration batch's)
+    threads: int | None = None  # ONNX Runtime intra-op threads latency is measured with (None: 1)
 
     def __post_init__(self) -> None:
-        if self.latency is not None:
-            raise ValueError(f"`latency`={self.latency!r}: a latency budget is not implemented yet; allowed: "
-                             "`size` and / or `macs`")
+        if self.latency is None:
+            for name in ("latency_input", "threads"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"`{name}`={getattr(self, name)!r} only applies to a latency budget; give "
+                                     "`latency` (a fraction in (0, 1) of the dense model's latency) too, or leave it "
+                                     "out")
+        else:
+            _check_latency(self)
+            return
         if self.size is None and self.macs is None:
             raise ValueError("Budget() needs `size` (bytes, e.g. '25MB', or a fraction of the fp32 model) and / or "
-                             "`macs` (a count or a fraction), got neither")
+                             "`macs` (a count or a fraction), or `latency` (a fraction), got none")
         if self.size is not None:
             _check_amount("size", self.size, allow_string=True)
             if isinstance(self.size, str):
                 parse_size(self.size)
         if self.macs is not None:
             _check_amount("macs", self.macs, allow_string=False)
+
+    @property
+    def latency_threads(self) -> int:
+        """The intra-op threads latency is measured with."""
+        return 1 if self.threads is None else self.threads
 
     def size_bytes(self, float_bytes: int) -> int | None:
         """The size budget in bytes, a fraction taken of ``float_bytes`` (rounded down)."""
@@ -86,3 +104,27 @@ class Budget:
         if self.macs is None:
             return None
         return math.floor(self.macs * dense_macs) if isinstance(self.macs, float) else self.macs
+
+
+def _check_latency(budget: Budget) -> None:
+    """``latency`` a fraction in (0, 1), ``latency_input`` a shape, ``threads`` a positive int, no size / MACs."""
+    value = budget.latency
+    if isinstance(value, bool) or not isinstance(value, float):
+        raise TypeError(f"`latency` must be a float in (0, 1) (a fraction of the dense model's latency), got "
+                        f"{value!r} ({type(value).__name__})")
+    if not (0.0 < value < 1.0):
+        raise ValueError(f"`latency` is a fraction of the dense model's latency and must be in (0, 1), got {value!r}")
+    if budget.size is not None or budget.macs is not None:
+        raise ValueError(f"`latency`={value!r} is taken alone; a latency budget with `size` / `macs` "
+                         f"(got size={budget.size!r}, macs={budget.macs!r}) is not implemented; allowed: one of them")
+    shape = budget.latency_input
+    if isinstance(shape, list):  # a YAML / JSON list
+        shape = tuple(shape)
+        object.__setattr__(budget, "latency_input", shape)
+    if shape is not None and (not isinstance(shape, tuple) or not shape or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):
+        raise ValueError(f"`latency_input` must be the input shape as a non-empty tuple of positive ints, e.g. "
+                         f"(32, 1, 28, 28), or None (the first calibration batch's shape), got {shape!r}")
+    threads = budget.threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256):
+        raise ValueError(f"`threads` must be an int in [1, 256] (ONNX Runtime intra-op threads), got {threads!r}")

@@ -1,0 +1,200 @@
+"""Latency measured in ONNX Runtime on this machine: whole models, and a per-layer table that predicts them
+(HALP / NetAdapt style). No Lightning import.
+
+- :func:`float_graph`: the model as a float ONNX graph with a fixed input shape (what ORT would serve: it folds
+  each BatchNorm into its Conv and fuses the ReLU).
+- :func:`measure`: several graphs timed in alternation (a, b, c, a, b, c, ...), so a burst of load from another
+  process hits all of them alike; the median per graph. With one intra-op thread ORT runs each node on the calling
+  thread, so the clock is that thread's CPU time (what other processes do to the wall clock does not count); with
+  more threads the work is spread over ORT's pool and the clock is the wall clock.
+- :class:`LatencyTable`: per Linear / Conv layer, its latency as a one-layer graph at its real input shape, for each
+  number of output units and input columns the candidates can give it. Only the rows ``(out, full in)`` and
+  ``(full out, in)`` are measured; ``T(out, in)`` is taken as ``T(out, full) * T(full, in) / T(full, full)``
+  (separable). The whole model is predicted as its measured dense latency times the layers' summed time in the
+  plan over their summed dense time (:meth:`LatencyTable.predict`; the other operations, pooling / adds / fused
+  activations, shrink with the channels they carry; a one-layer graph's own overhead makes the layers' sum exceed
+  a small model's whole time, so "dense minus the layers plus the plan" has nothing left to stand for the rest).
+  ``benchmarks/bench_adaptive_latency.py`` reports how well each form predicts; :mod:`.latency_budget` measures
+  every delivered model anyway.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.modules import weight_of
+from lightning_compress.serving._runtime import require_onnx, session
+
+ROUNDS = 9  # timed runs per graph (the median is kept); each round runs every graph once, in turn
+WARMUP = 2  # untimed runs per graph first (ORT allocates its buffers on the first runs)
+TABLE_ROUNDS = 5  # per-layer graphs are many and small: fewer rounds
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def float_graph(model: nn.Module, shape: Sequence[int]) -> bytes:
+    """``model`` (eval mode, float) as ONNX bytes taking one float input of exactly ``shape``."""
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17,  # type: ignore[arg-type]
+                              input_names=["input"], output_names=["output"], do_constant_folding=True)
+    finally:
+        model.train(training)
+    return buffer.getvalue()
+
+
+def _clock(threads: int) -> Callable[[], float]:
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
+def measure(graphs: Mapping[str, bytes], shapes: Mapping[str, Sequence[int]], threads: int, rounds: int = ROUNDS,
+            warmup: int = WARMUP) -> dict[str, float]:
+    """Median seconds per run of each graph (its input of ``shapes[name]``), the graphs run in alternation."""
+    _, ort = require_onnx()
+    runs = {}
+    for name, graph in graphs.items():
+        sess = session(graph, ort, threads=threads)
+        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(tuple(shapes[name]),
+                                                                                    dtype=np.float32)}
+        runs[name] = (sess, feed)
+    clock = _clock(threads)
+    samples: dict[str, list[float]] = {name: [] for name in graphs}
+    for round_ in range(warmup + rounds):
+        for name, (sess, feed) in runs.items():
+            start = clock()
+            sess.run(None, feed)
+            if round_ >= warmup:
+                samples[name].append(clock() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def layer_inputs(model: nn.Module, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The input shape of every Linear / Conv layer of ``model`` fed one input of ``shape`` (a layer called twice
+    keeps its first call's)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                shapes.setdefault(name, tuple(args[0].shape))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(*shape))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def resized_layer(module: nn.Module, outputs: int, inputs: int) -> nn.Module:
+    """A fresh layer like ``module`` (kernel, stride, padding, bias) with ``outputs`` units and ``inputs`` columns."""
+    if isinstance(module, nn.Linear):
+        return nn.Linear(inputs, outputs, bias=module.bias is not None)
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"a latency table times Linear / Conv layers, got {type(module).__name__}")
+    conv = type(module)
+    if module.groups != 1:
+        raise ValueError(f"grouped convolutions (groups={module.groups}) have no latency table")
+    return conv(inputs, outputs, module.kernel_size, module.stride, module.padding,  # type: ignore[arg-type]
+                module.dilation, 1, module.bias is not None, module.padding_mode)  # type: ignore[arg-type]
+
+
+def _channel_axis(module: nn.Module) -> int:
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+@dataclass
+class LatencyTable:
+    """Seconds of each layer as a one-layer graph: ``times[layer][(outputs, inputs)]`` (see the module docstring).
+    ``full[layer]``: its dense ``(outputs, inputs)``; ``dense``: the whole dense model, measured; ``rest``: what the
+    layers' dense times leave of it (the other operations)."""
+
+    full: dict[str, tuple[int, int]]
+    times: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
+    dense: float = 0.0
+    graphs: int = 0  # one-layer graphs measured
+
+    @property
+    def rest(self) -> float:
+        return max(0.0, self.dense - sum(self.time(n, *self.full[n]) for n in self.full))
+
+    def time(self, layer: str, outputs: int, inputs: int) -> float:
+        """``T(outputs, inputs)``, separable from the measured rows."""
+        full_out, full_in = self.full[layer]
+        table = self.times[layer]
+        if (outputs, inputs) in table:
+            return table[(outputs, inputs)]
+        dense = table[(full_out, full_in)]
+        return table[(outputs, full_in)] * table[(full_out, inputs)] / max(dense, 1e-12)
+
+    def predict(self, sizes: Mapping[str, tuple[int, int]], mode: str = "scaled") -> float:
+        """The whole model's seconds with each layer at ``sizes[layer]`` (absent: dense). ``"scaled"``: the dense
+        model's measured time times the layers' summed time in the plan over theirs dense (the other operations
+        shrink in proportion); ``"additive"``: the other operations at their dense cost, the layers' times added."""
+        layers = sum(self.time(n, *sizes.get(n, self.full[n])) for n in self.full)
+        if mode == "additive":
+            return self.rest + layers
+        return self.dense * layers / max(sum(self.time(n, *self.full[n]) for n in self.full), 1e-12)
+
+
+def build_table(model: nn.Module, shape: Sequence[int], threads: int, outputs: Mapping[str, Sequence[int]],
+                inputs: Mapping[str, Sequence[int]], rounds: int = TABLE_ROUNDS) -> LatencyTable:
+    """Measure the dense model and, per layer, the one-layer graphs at every count in ``outputs[layer]`` (full
+    inputs) and ``inputs[layer]`` (full outputs); layers absent from both are timed dense only."""
+    real = layer_inputs(model, shape)
+    modules = dict(model.named_modules())
+    table = LatencyTable(full={})
+    graphs: dict[str, bytes] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    keys: dict[str, tuple[str, tuple[int, int]]] = {}
+    for name, in_shape in real.items():
+        module = modules[name]
+        if getattr(module, "groups", 1) != 1:
+            continue
+        axis = _channel_axis(module)
+        full = (int(weight_of(module, name).shape[0]), int(in_shape[axis]))
+        table.full[name] = full
+        pairs = {full} | {(o, full[1]) for o in outputs.get(name, ())} | {(full[0], i) for i in inputs.get(name, ())}
+        for out, cols in sorted(pairs):
+            key = f"{name}:{out}x{cols}"
+            layer_shape = list(in_shape)
+            layer_shape[axis] = cols
+            with torch.no_grad():
+                graphs[key] = float_graph(resized_layer(module, out, cols), layer_shape)
+            shapes[key], keys[key] = tuple(layer_shape), (name, (out, cols))
+    graphs["<model>"], shapes["<model>"] = float_graph(model, shape), tuple(shape)
+    seconds = measure(graphs, shapes, threads, rounds=rounds)
+    table.dense = seconds.pop("<model>")
+    for key, value in seconds.items():
+        name, pair = keys[key]
+        table.times.setdefault(name, {})[pair] = value
+    table.graphs = len(seconds)
+    return table
+
+
+def measured_ratio(dense: nn.Module, model: nn.Module, shape: Sequence[int], threads: int,
+                   rounds: int = ROUNDS) -> tuple[float, float, float]:
+    """(``model``'s latency / ``dense``'s, dense seconds, model seconds), the two whole models timed in turns."""
+    seconds = measure({"dense": float_graph(dense, shape), "model": float_graph(model, shape)},
+                      {"dense": shape, "model": shape}, threads, rounds=rounds)
+    return seconds["model"] / seconds["dense"], seconds["dense"], seconds["model"]
