@@ -27,6 +27,7 @@ from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, layer_candidates
 from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
 from lightning_compress.adaptive.fisher import diagonal_fisher
+from lightning_compress.adaptive.latency_budget import latency_result
 from lightning_compress.adaptive.plan import Problem, floor_bytes, floor_macs, rows
 from lightning_compress.adaptive.scales import measured_scales
 from lightning_compress.adaptive.session import BUDGET_STEPS, BudgetError, Session
@@ -67,6 +68,8 @@ class CompressionResult:
     metric_after: float | None = None
     evaluations: int = 0  # metric_fn calls
     steps: list[str] = field(default_factory=list)
+    budget_latency: float | None = None  # a latency budget: the fraction of the dense model's ORT latency allowed
+    latency: float | None = None  # measured: the delivered model's ORT latency / the dense model's
 
 
 def _check(budget: Any, forward: Any, loss_fn: Any, metric_fn: Any, max_metric_drop: Any, higher_is_better: Any,
@@ -138,6 +141,9 @@ def compress(
     batches = [to_device(b, device) for b in take_batches(calibration_data, calibration_batches)]
     check_finite_batches(batches)
     check_runs(model, batches[0], run)
+    if budget.latency is not None:  # whole units removed, timed in ONNX Runtime; model itself left unchanged
+        return latency_result(model, budget, batches, run, loss_fn, metric_fn, measure,
+                              MetricGate(max_metric_drop, higher_is_better))
     where = positions(model, layers, batches[0], run)
     fixed = fixed_bytes(model, keys)
     size_cap = budget.size_bytes(sum(state_bytes(model).values()))
