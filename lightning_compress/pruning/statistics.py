@@ -18,6 +18,14 @@ Two granularities, chosen per use:
   zero and stable => the unit is unimportant) and ``taylor`` = ``sum_j w_ij * g_ij``, the first-order change of the
   loss if the unit were removed (Molchanov et al., 2019: importance ``E[(sum w*g)^2]``).
 
+**Sampling** (``weight_every=k``): the per-weight statistics take every k-th counted step only (the first after a
+reset, then every k-th; a sampled step that is refused hands its turn to the next one). The mean and variance over
+steps stay unbiased estimates, from k times fewer samples, and the per-weight update costs 1/k on average: the three
+ops above read and write far less than an Adam step, but not little enough for every model (the figures, and what
+k does to the masks on real fits, are in ``benchmarks/bench_stats_overhead.py`` and
+``benchmarks/bench_stats_sampling.py``). Without per-unit statistics the steps in between are not read at all, so a
+NaN there is neither seen nor counted as skipped; the per-unit statistics, when tracked, still read every step.
+
 ``torch.compile`` of the per-weight step fuses the three ops into one loop and is faster per step on CPU, but its
 first compile delays the first step by far more than a short fine-tune saves, and needs a C++ compiler at run time:
 not used (``benchmarks/bench_stats_overhead.py`` has the figures).
@@ -54,11 +62,12 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core._compat import foreach_copy_, foreach_norm
+from lightning_compress.core.validation import check_number
 from lightning_compress.pruning.moments import RunningMoments as _RunningMoments
 from lightning_compress.pruning.moments import copy_checked as _copy_checked
 
 MAX_STEP = 1e15  # largest |g - mean| (and per-unit signal) of a counted step; see the module docstring
-_WEIGHT_FORMAT = "welford-v2"  # per-weight state: running mean and M2, count = GradientStatistics.count
+_WEIGHT_FORMAT = "welford-v2"  # per-weight state: running mean and M2 of weight_count sampled steps
 _UNIT_ROWS = ("rms", "taylor")  # the per-unit signals: the unit's gradient rms, and sum_j w_ij g_ij
 
 
@@ -71,7 +80,8 @@ class GradientStatistics:
     """Running gradient statistics for a fixed, ordered set of weight tensors.
 
     ``names`` label the tensors; ``sizes`` are their shapes. Call :meth:`update` once per optimizer step with the
-    gradients (and weights) in the same order.
+    gradients (and weights) in the same order. ``weight_every=k`` folds every k-th counted step into the per-weight
+    statistics (see the module docstring); ``weight_count`` says how many they hold.
     """
 
     def __init__(
@@ -82,13 +92,16 @@ class GradientStatistics:
         per_weight: bool,
         per_unit: bool = True,
         device: torch.device | str = "cpu",
+        weight_every: int = 1,
     ) -> None:
+        check_number("weight_every", weight_every, low=1, integer=True)
         self.names = list(names)
         self.shapes = [torch.Size(s) for s in shapes]
         if not (per_weight or per_unit):
             raise ValueError("track at least one of per-weight and per-unit statistics")
         self.per_weight = per_weight
         self.per_unit = per_unit
+        self.weight_every = weight_every
         self.device = torch.device(device)
         self.units = [s[0] for s in self.shapes]
         row_sizes = [math.prod(s[1:]) for s in self.shapes]  # elements per unit
@@ -113,6 +126,7 @@ class GradientStatistics:
             self._plan_units()
         self.skipped_steps = 0
         self.count = 0  # counted steps
+        self.weight_count = 0  # of which, steps sampled into the per-weight statistics (every ``weight_every``-th)
         if self.per_weight:  # flat float32 buffers (one op per block), read through per-tensor views
             total = sum(s.numel() for s in self.shapes)
             self._flat = {key: torch.zeros(total, dtype=torch.float32, device=self.device) for key in ("mean", "m2")}
@@ -127,16 +141,20 @@ class GradientStatistics:
     def update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], grad_scale: float = 1.0) -> bool:
         """Accumulate one optimizer step. ``grad_scale`` is the loss scale the gradients still carry (AMP);
         it is divided out. Returns False (and counts nothing) if any gradient is NaN/inf or the step is huge
-        (beyond :data:`MAX_STEP`, see the module docstring)."""
+        (beyond :data:`MAX_STEP`, see the module docstring); a step between per-weight samples, without per-unit
+        statistics, is counted unread."""
         inv = 1.0 / grad_scale
+        sampled = self.per_weight and self.count % self.weight_every == 0
         if self.per_unit:  # written into the next pending sample, committed only once the whole step is counted
             signals = self._unit_signals(grads, weights)
             if not _peak(signals) * inv <= MAX_STEP:  # NaN compares False: skipped too
                 self.skipped_steps += 1
                 return False
-        if self.per_weight and not self._welford_step(grads, inv):
-            self.skipped_steps += 1
-            return False
+        if sampled:
+            if not self._welford_step(grads, inv):
+                self.skipped_steps += 1
+                return False
+            self.weight_count += 1
         if self.per_unit:
             if inv != 1.0:
                 signals.mul_(inv)
@@ -198,7 +216,7 @@ class GradientStatistics:
         single = len(self._blocks) == 1
         if not single and not _largest_norm(grads) * inv <= MAX_STEP / 2:  # NaN compares False
             return False
-        n = self.count + 1
+        n = self.weight_count + 1
         for start, end, parts in self._blocks:
             d = self._shifted(grads, inv, start, end, parts)
             if single and not float(torch.dot(d, d)) <= MAX_STEP**2:
@@ -232,9 +250,9 @@ class GradientStatistics:
         return [m.clone() for m in self._mean]
 
     def weight_std(self) -> list[Tensor]:
-        """Population standard deviation over the counted steps (0 before two steps)."""
+        """Population standard deviation over the sampled steps (0 before two of them)."""
         self._require_per_weight()
-        n = max(self.count, 1)
+        n = max(self.weight_count, 1)
         return [(m2 / n).sqrt() for m2 in self._m2]
 
     def _require_per_weight(self) -> None:
@@ -272,6 +290,7 @@ class GradientStatistics:
         if self.per_weight:
             state["weight"] = {
                 "format": _WEIGHT_FORMAT,
+                "count": self.weight_count,
                 "mean": [t.cpu().clone() for t in self._mean],
                 "m2": [t.cpu().clone() for t in self._m2],
             }
@@ -297,6 +316,7 @@ class GradientStatistics:
                 )
             for key, bufs in (("mean", self._mean), ("m2", self._m2)):
                 _copy_checked(f"per-weight {key}", bufs, weight[key], self.names)
+            self.weight_count = int(weight.get("count", self.count))  # absent before sampling: every step counted
         unit = self._unit
         held = [unit._mean, unit._m2, unit.pending[: unit.n_pending], *(self._flat.values() if self.per_weight else ())]
         if not all(bool(t.isfinite().all()) for t in held):
