@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_compress import load_compacted, quantize, save_compacted
+from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.quantization.export import (
     METADATA_KEY,
     load_float,
@@ -327,3 +328,77 @@ def test_huge_declared_sizes_are_refused_without_allocating(tmp_path: Path) -> N
     for loader, path, error, message in results:
         assert error in ("UntrustedFileError", "ValueError"), (loader, path, error, message)  # not MemoryError
         assert path in message, (loader, message)
+
+
+# ---------------------------------------------------------------------------- sparse layouts (issue 23)
+def _sparse_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+
+
+def _sparse_export(path: Path, sparsity: float) -> Path:
+    """Layer 0 pruned to ``sparsity`` and stored sparse (0.6: a bitmap, 0.97: gaps), 4 bits per channel."""
+    model = _sparse_net()
+    with torch.no_grad():
+        weight = model[0].weight
+        weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) < sparsity] = 0
+    save_quantized(model, quantize(model, bits=4), path, run_id="r")
+    return path
+
+
+def _bytes(key: str, change: Callable[[torch.Tensor], None]) -> Callable[[dict], None]:
+    def edit(values: dict) -> None:
+        change(values[key])
+
+    return edit
+
+
+M, G, SQ = "0.weight:mask", "0.weight:gaps", "0.weight:qdata"
+_BITMAP, _GAPS = 0.6, 0.97
+
+# id, sparsity of the export, how to make it bad, texts the message must hold
+SPARSE: list[tuple[str, float, Callable[[Path], Path], tuple[str, ...]]] = [
+    ("bitmap_one_bit_more", _BITMAP, lambda p: _rewrite(p, _bytes(M, lambda t: t.__setitem__(0, 255))),
+     (M, "the bitmap marks", "'kept' says")),
+    ("bitmap_all_set", _BITMAP, lambda p: _rewrite(p, _set(M, torch.full((768,), 255, dtype=torch.uint8))),
+     (M, "the bitmap marks 6144")),
+    ("bitmap_too_short", _BITMAP, lambda p: _rewrite(p, _set(M, torch.zeros(767, dtype=torch.uint8))), (M, "[767]")),
+    ("bitmap_missing", _BITMAP, lambda p: _rewrite(p, _drop(M)), (M, "missing")),
+    ("bitmap_float", _BITMAP, lambda p: _rewrite(p, _set(M, torch.zeros(768))), (M, "F32")),
+    ("kept_codes_too_short", _BITMAP, lambda p: _rewrite(p, lambda v: v.update({SQ: v[SQ][:-1].clone()})),
+     (SQ, "the metadata implies")),
+    ("kept_beyond_the_weight", _BITMAP, lambda p: _rewrite(p, meta=_layer("kept", 6145)),
+     ("'0.weight'", "'kept'", "[0, 6144]", "6145")),
+    ("kept_a_string", _BITMAP, lambda p: _rewrite(p, meta=_layer("kept", "10")), ("'0.weight'", "'kept'", "'10'")),
+    ("kept_negative", _GAPS, lambda p: _rewrite(p, meta=_layer("kept", -1)), ("'0.weight'", "'kept'", "-1")),
+    ("layout_unknown", _BITMAP, lambda p: _rewrite(p, meta=_layer("layout", "csr")), ("'layout'", "'csr'")),
+    ("layout_in_a_version_1_file", _BITMAP, lambda p: _rewrite(p, meta=lambda m: {**m, "version": 1}),
+     ("'0.weight'", "'layout'", "version 2", "says 1")),
+    ("kept_in_a_dense_layer", _BITMAP, lambda p: _rewrite(p, meta=_layer("kept", 10, "2.weight")),
+     ("'2.weight'", "'kept'", "stored dense")),
+    ("gap_bits_zero", _GAPS, lambda p: _rewrite(p, meta=_layer("gap_bits", 0)), ("'gap_bits'", "[1, 32]", "0")),
+    ("gap_bits_40", _GAPS, lambda p: _rewrite(p, meta=_layer("gap_bits", 40)), ("'gap_bits'", "40")),
+    ("gap_bits_in_a_bitmap", _BITMAP, lambda p: _rewrite(p, meta=_layer("gap_bits", 3)), ("'gap_bits'", "'bitmap'")),
+    ("gaps_beyond_the_weight", _GAPS, lambda p: _rewrite(p, _bytes(G, lambda t: t.fill_(255))),
+     (G, "beyond the weight's 6144 positions")),
+    ("gaps_and_a_mask", _GAPS, lambda p: _rewrite(p, _set(M, torch.zeros(768, dtype=torch.uint8))),
+     (M, "not a quantized weight")),
+    ("gaps_missing", _GAPS, lambda p: _rewrite(p, _drop(G)), (G, "missing")),
+]
+
+
+@pytest.mark.parametrize(("sparsity", "corrupt", "texts"), [c[1:] for c in SPARSE], ids=[c[0] for c in SPARSE])
+def test_load_quantized_refuses_a_bad_sparse_layout(tmp_path: Path, sparsity: float, corrupt: Callable[[Path], Path],
+                                                    texts: tuple[str, ...]) -> None:
+    good = _sparse_export(tmp_path / "good.safetensors", sparsity)
+    layout = "bitmap" if sparsity == _BITMAP else "gaps"
+    assert json.loads(_read(good)[1][METADATA_KEY])["layers"]["0.weight"]["layout"] == layout
+    load_quantized(_sparse_net(), good)  # the file before corruption loads
+    path = corrupt(good)
+    model = _sparse_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UntrustedFileError) as info:
+        load_quantized(model, path)
+    for text in (str(path), *texts):
+        assert text in str(info.value), f"{text!r} missing from: {info.value}"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -165,6 +165,33 @@ def _bad_json(kind: str) -> Callable[[dict], None]:
     return change
 
 
+def _sparse_past_the_end(run: Run, kind: str, path: Path) -> Path | None:
+    """The run's configuration with 90 % of its weights pruned, int4, so net.1.weight is stored as gaps (issue 23),
+    edited so that its gaps run past the weight's 4096 positions; in the quantized export or packed in the
+    compressed checkpoint."""
+    if kind not in ("quantized", "checkpoint"):
+        return None
+    model = _mlp()
+    with torch.no_grad():
+        for layer in (model.net[1], model.net[3]):
+            layer.weight[torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.9] = 0
+    quantize(model, bits=4)
+    written = _write(run, kind, model, path)
+
+    def past_the_end(values: dict) -> None:
+        values["net.1.weight:gaps"] = torch.full_like(values["net.1.weight:gaps"], 255)
+
+    if kind == "quantized":
+        return _edited_safetensors(written, path, past_the_end)
+    checkpoint = torch.load(path, weights_only=True)
+    packed = run.directory / f"{path.stem}.packed.safetensors"
+    packed.write_bytes(checkpoint[CHECKPOINT_KEY]["packed"].numpy().tobytes())
+    _edited_safetensors(packed, packed, past_the_end)
+    checkpoint[CHECKPOINT_KEY]["packed"] = torch.frombuffer(bytearray(packed.read_bytes()), dtype=torch.uint8)
+    torch.save(checkpoint, path)
+    return path
+
+
 # variant -> (builder(run, kind, path) -> path, None for a kind it does not apply to (CHECKPOINT_ONLY), texts the
 # message must hold by kind, "*" for every other kind)
 Builder = Callable[[Run, str, Path], "Path | None"]
@@ -205,6 +232,8 @@ VARIANTS: dict[str, tuple[Builder, dict[str, tuple[str, ...]]]] = {
                          {"*": (RECORD_KEY, "'net.1.weight'")}),
     "malformed_state_dict": (lambda r, k, p: _edited_checkpoint(r, p, lambda c: c.update(state_dict=[1, 2]))
                              if k == "checkpoint" else None, {"*": ("'state_dict'", "list")}),
+    "sparse_gaps_past_the_end": (_sparse_past_the_end,
+                                 {"*": ("'net.1.weight:gaps'", "beyond the weight's 4096 positions")}),
 }
 
 
@@ -220,10 +249,12 @@ LOADERS = {"load_compressed": lambda kind: lambda r, m, p: load_compressed(m, p)
 CHECKPOINT_ONLY = {"wider_without_hparams", "input_784_without_hparams", "edited_hparams", "malformed_state_dict"}
 WRITTEN = {"wider_compacted", "narrower_compacted", "narrower", "wider", "wider_without_hparams", "deeper", "input_784",
            "input_784_without_hparams"}  # also written as a compressed.ckpt of format 1 (float state_dict)
+CODES_ONLY = {"sparse_gaps_past_the_end"}  # files holding codes: the quantized export and compressed.ckpt
 CASES = [pytest.param(variant, kind, loader, id=f"{variant}-{kind}-{loader}")
          for variant in VARIANTS for kind in (*KINDS, "checkpoint_v1") for loader in LOADERS
          if (kind == "checkpoint" or variant not in CHECKPOINT_ONLY)
-         and (kind != "checkpoint_v1" or variant in WRITTEN)]
+         and (kind != "checkpoint_v1" or variant in WRITTEN)
+         and (kind in ("quantized", "checkpoint") or variant not in CODES_ONLY)]
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

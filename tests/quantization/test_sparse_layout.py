@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_compress import export_onnx, load_compressed, quantize
+from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.quantization import sparse_layout
 from lightning_compress.quantization.export import (
     METADATA_KEY,
@@ -25,7 +26,7 @@ from lightning_compress.quantization.export import (
     read_metadata,
     save_quantized,
 )
-from lightning_compress.quantization.packing import packed_nbytes
+from lightning_compress.quantization.packing import pack, pack_codes, packed_nbytes
 from lightning_compress.quantization.primitives import QuantSpec, quantize_tensor
 
 SCHEMES = {"per_channel_sym": {"granularity": "per_channel"},
@@ -156,3 +157,22 @@ def test_a_sparse_stored_model_exports_to_onnx_densified(tmp_path: Path) -> None
     with torch.no_grad():
         expected = model(x)
     assert (from_file - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_a_bitmap_with_padding_bits_set_is_refused() -> None:
+    """60 x 31 = 1860 positions: the bitmap's last byte holds 4 of them and 4 padding bits, which must be zero."""
+    qt = quantize_tensor(torch.randn(60, 31) * (torch.rand(60, 31) > 0.6), QuantSpec(bits=4))
+    layout, stored = sparse_layout.encode(qt)
+    if layout.kind != "bitmap":  # the writer's own choice; build the bitmap layout by hand otherwise
+        positions = torch.nonzero(qt.q.reshape(-1)).reshape(-1)
+        mask = torch.zeros(qt.q.numel(), dtype=torch.uint8)
+        mask[positions] = 1
+        layout = sparse_layout.Layout("bitmap", int(positions.numel()))
+        stored = {"mask": pack(mask, 1, signed=False), "qdata": pack_codes(qt.q.reshape(-1)[positions], 4,
+                                                                           signed=True)}
+    decoded = sparse_layout.decode("f", "w", layout, stored.__getitem__, qt.spec, qt.shape, None)
+    assert torch.equal(decoded, qt.q)
+    stored["mask"] = stored["mask"].clone()
+    stored["mask"][-1] |= 0x80
+    with pytest.raises(UntrustedFileError, match=r"'f', key 'w:mask': the bitmap's padding bits after position 1860"):
+        sparse_layout.decode("f", "w", layout, stored.__getitem__, qt.spec, qt.shape, None)
