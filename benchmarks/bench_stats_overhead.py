@@ -4,7 +4,9 @@ Part 1 (micro): one ``GradientStatistics.update`` per step / one ``torch.optim.A
 same weight tensors (the Linear/Conv weights the callback tracks), for the repo's ``SmallCNN`` (28x28), the BERT-style
 transformer classifier of ``bench_transformer_structured.py`` (``RowTransformer``: width 128, 4 layers, 27 tracked
 tensors) and an ~8M parameter MLP (784-2048-1792-1536-10), in the unstructured mode (per_weight=True,
-per_unit=False) and the structured / cheap mode (per_weight=False, per_unit=True). Gradients are random normal
+per_unit=False; the callback samples every 2nd step into them, ``weight_every=2``, so a block of 32 updates holds 16
+Welford steps: the figure is the cost per optimizer step; the row "every step" is what one sampled step costs, for
+information) and the structured / cheap mode (per_weight=False, per_unit=True). Gradients are random normal
 tensors set as ``.grad`` so both read the same tensors. The per-unit mode merges its stored samples every 32 steps,
 so each timed block of the statistics is exactly 32 updates (one merge): the figure is the amortized per-step cost.
 ``update`` is called with autograd enabled, as the callback calls it from ``on_after_backward``. Adam and statistics
@@ -39,6 +41,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import inspect
 import logging
 import os
 import platform
@@ -72,8 +75,11 @@ MICRO_TARGET = 0.3
 TRAIN_TARGET = 0.10
 MLP_HIDDEN = [2048, 1792, 1536]
 TRANSFORMER_NAME = "BERT 4x128 (RowTransformer)"  # bench_transformer_structured's default model
+WEIGHT_EVERY = 2  # the callback's default per_weight_every: per-weight statistics of every 2nd step
+EVERY_STEP = "unstructured (every step)"  # what one sampled step costs: information, no target
 MODES = {
-    "unstructured (per_weight)": dict(per_weight=True, per_unit=False),
+    f"unstructured (1/{WEIGHT_EVERY} steps)": dict(per_weight=True, per_unit=False, weight_every=WEIGHT_EVERY),
+    EVERY_STEP: dict(per_weight=True, per_unit=False),
     "structured (per_unit)": dict(per_weight=False, per_unit=True),
 }
 
@@ -201,7 +207,10 @@ def before_after(name: str, model: torch.nn.Module, before_cls, repeats: int) ->
     rows = []
     for mode, flags in MODES.items():
         shapes = [w.shape for w in weights]
-        old, new = before_cls(names, shapes, **flags), GradientStatistics(names, shapes, **flags)
+        # a revision before sampling takes every step: before / after is then what the callback's default does
+        known = inspect.signature(before_cls).parameters
+        old = before_cls(names, shapes, **{k: v for k, v in flags.items() if k in known})
+        new = GradientStatistics(names, shapes, **flags)
         cpu: dict[str, list[float]] = {"adam": [], "before": [], "after": []}
         measure_interleaved({"adam": _cpu_timed(optimizer.step, adam_inner, cpu["adam"]),
                              "before": _cpu_timed(functools.partial(old.update, grads, weights), 32, cpu["before"]),
@@ -261,7 +270,7 @@ def print_micro(rows: list[dict]) -> None:
     print(f"{'model':<32}{'weights':>9}{'mode':>28}{'Adam ms':>9}{'update ms':>10}{'CPU ratio':>10}{'range':>12}"
           f"{'wall ratio':>11}{'range':>12}{'target':>8}")
     for r in rows:
-        verdict = "ok" if r["ratio"] <= MICRO_TARGET else "MISSED"
+        verdict = "info" if r["mode"] == EVERY_STEP else "ok" if r["ratio"] <= MICRO_TARGET else "MISSED"
         low, high = r["ratio_range"]
         wall_low, wall_high = r["ratio_wall_range"]
         print(
@@ -514,7 +523,8 @@ def main() -> int:
     print(f"\nverdicts (total bench time {time.perf_counter() - t0:.0f} s):")
     for r in rows:
         ok = r["ratio"] <= MICRO_TARGET
-        print(f"  {'PASS' if ok else 'FAIL'}  update/Adam <= {MICRO_TARGET}x  {r['model']}, {r['mode']}: "
+        verdict = "INFO" if r["mode"] == EVERY_STEP else "PASS" if ok else "FAIL"
+        print(f"  {verdict}  update/Adam <= {MICRO_TARGET}x  {r['model']}, {r['mode']}: "
               f"{r['ratio']:.2f}x in CPU time ({r['ratio_wall']:.2f}x in wall time)")
     if overheads is not None:
         o = overheads["callback, evaluate=False"]
@@ -530,7 +540,9 @@ def main() -> int:
               "baseline (no target)")
         print(f"  INFO  evaluate=True, align_events=True adds {100 * overheads[ALIGNED]:+.1f}% over the baseline")
     write_json(args.json, dict(benchmark="stats_overhead", machine=machine_info(args.quick), allocator=allocator,
-                               micro=rows, compiled=compiled, before_after=before, fit=fit,
+                               micro=[r for r in rows if r["mode"] != EVERY_STEP],
+                               micro_every_step=[r for r in rows if r["mode"] == EVERY_STEP],  # info, no target
+                               compiled=compiled, before_after=before, fit=fit,
                                seconds=time.perf_counter() - t0))
     return 0
 
