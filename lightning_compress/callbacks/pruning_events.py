@@ -122,8 +122,10 @@ class PruningEvents(CompressionCallback):
                            loggable: bool = True) -> None:
         """One event; ``loggable``: the hook allows ``self.log`` (``on_validation_end`` does not)."""
         evaluating = self._has_val and (self.config.evaluate or self.max_metric_drop is not None)
-        measure = EventEvaluation(trainer, pl_module, self.metric_spec, self._tap.reusable(self._weights_version()),
-                                  self.config.gate_batches, self._allowed_drop)
+        version = self._weights_version()
+        measure = EventEvaluation(trainer, pl_module, self.metric_spec, self._tap.reusable(version),
+                                  self.config.gate_batches, self._allowed_drop,
+                                  record=self._tap.reusable_record(version))
         steps = iter((measure.before, measure.after))
         entry = self.run.event(tick, trainer.global_step, lambda: next(steps)() if evaluating else None,
                                lambda masks: trainer.strategy.broadcast(masks, src=0), trainer.optimizers)

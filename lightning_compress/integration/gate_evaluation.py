@@ -21,23 +21,20 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.core.modes import eval_mode
 from lightning_compress.core.sequential import DEFAULT_CONFIDENCE, PairedDifference
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.evaluation import MetricSpec, predict, validation_dataloaders
+from lightning_compress.integration.gate_record import SampleRecord, loop_indices, paired_weighting
 
 SUBSET_SEED = 0  # the subset is the same at every event of a fit (and of every fit of the same data)
 
 
 def has_per_sample_value(spec: MetricSpec) -> bool:
-    """Whether the metric is the mean of one value per sample (micro top-1 accuracy), so a paired early stop
-    judges exactly what the full metric would."""
-    kwargs = spec.kwargs
-    return (issubclass(spec.cls, MulticlassAccuracy) and kwargs.get("average") == "micro"
-            and kwargs.get("top_k", 1) == 1 and kwargs.get("ignore_index") is None
-            and kwargs.get("multidim_average", "global") == "global")
+    """Whether the metric is the plain mean of one value per sample (micro / weighted top-1 accuracy), so a paired
+    early stop on a subset drawn without the validation's record judges exactly what the full metric would."""
+    return paired_weighting(spec) == "micro"
 
 
 def subset_loader(trainer: pl.Trainer, gate_batches: int) -> DataLoader | None:
@@ -56,25 +53,33 @@ def subset_loader(trainer: pl.Trainer, gate_batches: int) -> DataLoader | None:
 
 
 @torch.no_grad()
-def _correct(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+def _correct(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample top-1 correctness (float64, on the CPU) and the labels."""
     batch = trainer.strategy.batch_to_device(batch, pl_module.device, dataloader_idx=0)
     with trainer.precision_plugin.forward_context():
         preds, target = predict(pl_module, batch)
     labels = preds.argmax(1) if preds.is_floating_point() and preds.dim() > target.dim() else preds  # torchmetrics
-    return (labels == target).reshape(-1).double()
+    return (labels == target).reshape(-1).double().cpu(), target
 
 
 class EventEvaluation:
     """One event's two measurements (call :meth:`before`, then :meth:`after`); :attr:`rules` says how each was
-    made. ``reused``: the value of the validation that just ended with these weights, or None."""
+    made. ``reused``: the value of the validation that just ended with these weights, or None; ``record``: that
+    validation's per-sample record (:mod:`lightning_compress.integration.gate_record`), or None. ``gate_batches``:
+    None (the record's samples when there is one, else the whole set), 0 (always the whole set), or k batches per
+    rank (of the record, else of a seeded subset measured before the step too)."""
 
     def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, spec: MetricSpec, reused: tuple[float, int]
-                 | None, gate_batches: int | None, allowed_drop: Any, confidence: float = DEFAULT_CONFIDENCE) -> None:
+                 | None, gate_batches: int | None, allowed_drop: Any, confidence: float = DEFAULT_CONFIDENCE,
+                 record: SampleRecord | None = None) -> None:
         self.trainer, self.module, self.spec = trainer, pl_module, spec
         self.reused = reused
         self.allowed_drop = allowed_drop  # callable: metric before -> the drop the gate allows (None: no bound)
         self.confidence = confidence
-        self.subset = subset_loader(trainer, gate_batches) if gate_batches and has_per_sample_value(spec) else None
+        self.gate_batches = gate_batches
+        self.record = record if reused is not None and gate_batches != 0 else None
+        wants_subset = self.record is None and gate_batches and has_per_sample_value(spec)
+        self.subset = subset_loader(trainer, gate_batches) if wants_subset and gate_batches else None
         self.rules: list[str] = []
         self.evaluations = 0  # passes over data (full set or subset)
         self.samples = 0  # samples those passes evaluated (all ranks)
@@ -95,25 +100,53 @@ class EventEvaluation:
             self.rules.append("before: full set")
         if self.subset is not None:
             with eval_mode(self.module):
-                self._before_correct = [_correct(self.trainer, self.module, b) for b in self.subset]
+                self._before_correct = [_correct(self.trainer, self.module, b)[0] for b in self.subset]
             self.samples += sum(len(c) for c in self._before_correct) * self.trainer.world_size
         return self._before
 
     def after(self) -> float | None:
         before_metric = self._before
+        if before_metric is not None and self.record is not None:
+            return self._paired(before_metric, self._recorded(self.record))
         if self.subset is None or before_metric is None:
             self.rules.append("after: full set")
             return self._full()
+        return self._paired(before_metric, ((b, before, None) for b, before in zip(self.subset, self._before_correct)))
+
+    def _recorded(self, record: SampleRecord) -> Any:
+        """(batch, correct before, weight per sample) of the record's samples in a seeded order; a batch whose labels
+        differ from the recorded ones yields a weight of None."""
+        weights = record.weights if record.weights is not None else torch.ones(1, dtype=torch.float64)
+        loader, order = record.loader(self.trainer, SUBSET_SEED, self.gate_batches)
+        start = 0
+        for batch in loader:
+            chosen = order[start: start + len(batch[1])]
+            start += len(chosen)
+            same = torch.equal(record.target[chosen], batch[1].detach().cpu().reshape(-1))
+            yield batch, record.correct[chosen], weights[record.target[chosen]] if same else None
+
+    def _paired(self, before_metric: float, pairs: Any) -> float:
+        """The sequential paired test over ``pairs`` (see :mod:`lightning_compress.core.sequential`)."""
         allowed = self.allowed_drop(before_metric)
-        paired = PairedDifference(population=self._population())
+        population = self.record.population if self.record is not None else self._population()
+        paired = PairedDifference(population=population)
         self.evaluations += 1
         with eval_mode(self.module):
-            for batch, before in zip(self.subset, self._before_correct):
-                d = before - _correct(self.trainer, self.module, batch)
-                sums = torch.stack([d.sum(), (d * d).sum(), torch.tensor(float(d.numel()), dtype=d.dtype)])
-                total, squares, count = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
-                paired.add(total, squares, int(count))
+            for batch, before, weights in pairs:
+                after, _ = _correct(self.trainer, self.module, batch)
+                d = (before - after) * (weights if weights is not None else 1.0)
+                mismatch = float(weights is None and self.record is not None)
+                sums = torch.tensor([float(d.sum()), float((d * d).sum()), float(d.numel()), mismatch],
+                                    dtype=torch.float64)
+                total, squares, count, mismatches = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
                 self.samples += int(count)
+                if mismatches:
+                    self.rules.append("after: full set (the validation's samples could not be matched)")
+                    return self._full()
+                paired.add(total, squares, int(count))
+                if paired.count >= population:
+                    self.rules.append(f"after: every sample ({paired.count}, exact)")
+                    return before_metric - paired.mean
                 if allowed is not None and paired.decide(allowed, self.confidence) != "undecided":
                     self.rules.append(f"after: early stop at {paired.count} samples")
                     return before_metric - paired.mean
@@ -148,13 +181,18 @@ class ValidationTap:
         self._calls: list[tuple[Any, Any]] = []  # (inputs, output) of the forward calls in this batch
         self.extra_forwards = 0  # batches whose predictions the loop's forward did not give
         self.value: tuple[float, int] | None = None  # (metric, samples)
+        self.record: SampleRecord | None = None  # per sample, for the paired rule (see gate_record)
         self.version: tuple[int, int] | None = None
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, wanted: bool) -> None:
         """Tap this validation when an event is expected right after it and the loop sees each sample once (no
         sampler padding under DDP, which our own evaluation leaves out)."""
-        self._metric, self._samples, self.value, self._calls = None, 0, None, []
+        self._metric, self._samples, self.value, self._calls, self.record = None, 0, None, [], None
         self._on = wanted and not trainer.sanity_checking and _unpadded(trainer)
+        weighting = paired_weighting(self.spec)
+        indices = loop_indices(trainer) if self._on and weighting is not None else None
+        if indices is not None and weighting is not None:
+            self.record = SampleRecord(indices, weighting)
         if self._on and self._hook is None:
             self._hook = pl_module.register_forward_hook(lambda _, args, output: self._calls.append((args, output)))
 
@@ -173,6 +211,8 @@ class ValidationTap:
             self._metric = self.spec.build(preds).to(pl_module.device)
         self._metric.update(preds.float() if preds.is_floating_point() else preds, target)
         self._samples += int(target.shape[0])
+        if self.record is not None:
+            self.record.update(preds, target)
 
     def end(self, trainer: pl.Trainer, version: tuple[int, int]) -> None:
         self.detach()
@@ -181,6 +221,8 @@ class ValidationTap:
         value = self._metric.compute()  # every rank: torchmetrics syncs the sums
         samples = int(trainer.strategy.reduce(torch.tensor(float(self._samples)), reduce_op="sum").item())
         self.value, self.version, self._on = (float(value.item()), samples), version, False
+        if self.record is not None and not self.record.finish(trainer, int(getattr(self._metric, "num_classes", 0))):
+            self.record = None
 
     def detach(self) -> None:
         if self._hook is not None:
@@ -189,6 +231,9 @@ class ValidationTap:
 
     def reusable(self, version: tuple[int, int]) -> tuple[float, int] | None:
         return self.value if self.value is not None and self.version == version else None
+
+    def reusable_record(self, version: tuple[int, int]) -> SampleRecord | None:
+        return self.record if self.reusable(version) is not None else None
 
 
 def _own_forward(pl_module: pl.LightningModule, batch: Any, calls: list[tuple[Any, Any]]) -> bool:

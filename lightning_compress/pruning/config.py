@@ -50,7 +50,8 @@ class PruningConfig:
     macs_exponent: float = 0.5  # structured_target="macs": rank by score / (MACs saved) ** macs_exponent
     # a refused step is retried this many ticks later or at the next validation (None: at the next validation)
     patience: int | None = None
-    # the gate's "after" on this many validation batches per rank with an early stop (micro accuracy; else full set)
+    # the gate's "after" on this many validation batches per rank with an early stop (top-1 accuracy; else full set);
+    # None: the validation's own samples when it just ran (see integration.gate_record), 0: always the full set
     gate_batches: int | None = None
     # an event due during an epoch waits for that epoch's validation (one event per epoch, its "before" reused);
     # None: the callback decides (aligned when no per-step schedule was given, see callbacks.pruning_events)
@@ -88,7 +89,7 @@ class PruningConfig:
                              f"`schedule_unit`={self.schedule_unit!r} events already follow it; allowed: "
                              "schedule_unit='step'")
         if self.gate_batches is not None:
-            check_number("gate_batches", self.gate_batches, low=1, integer=True)
+            check_number("gate_batches", self.gate_batches, low=0, integer=True)
         if self.patience is not None:
             check_number("patience", self.patience, low=1, integer=True)
             if self.on_violation == "stop":

@@ -343,3 +343,16 @@ def test_gate_subset_early_stop_and_reuse_decide_alike_on_every_rank(tmp_path) -
     assert any("before: reused validation (270 samples)" in r for r in rules), rules  # each rank's half, summed
     assert any(not h["accepted"] for h in history) and any(h["accepted"] for h in history)
     _same_on_every_rank([r["masks"] for r in record["final"]], "masks")
+
+
+def test_default_gate_on_the_validations_record_decides_alike_on_every_rank(tmp_path) -> None:
+    """Macro accuracy on the validation's per-sample record: each rank reads its own half, the class weights come
+    from all-reduced counts and the early stop from all-reduced sums, so both ranks take the same decisions."""
+    _run("ddp_spawn", "gate_default", tmp_path)
+    record = _load(tmp_path, "gate_default")
+    history = _same_on_every_rank([r["history"] for r in record["final"]], "pruning history")
+    rules = [h["gate_evaluation"] for h in history]
+    assert rules and all(r.startswith("before: reused validation (270 samples); after: ") for r in rules), rules
+    assert all("full set" not in r for r in rules), rules  # the record served every event
+    assert any(not h["accepted"] for h in history) and any(h["accepted"] for h in history)
+    _same_on_every_rank([r["masks"] for r in record["final"]], "masks")

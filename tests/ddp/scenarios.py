@@ -182,9 +182,20 @@ def scenario_gate(strategy: str, out_dir: str) -> None:
     trainer(strategy, probe.callbacks(pruning), out_dir, max_epochs=3).fit(model(), DigitsDataModule(batch_size=32))
 
 
+def scenario_gate_default(strategy: str, out_dir: str) -> None:
+    """The gate's default under DDP: the default metric (macro accuracy) judged on the validation's own per-sample
+    record (each rank its half, class weights from the all-reduced class counts), refused events included."""
+    pl.seed_everything(3)
+    pruning = GradientStabilityPruning(sparsity=0.97, schedule="constant", amount=0.6, start_step=10, frequency=10,
+                                       max_metric_drop=0.05, align_events=True)
+    probe = RankProbe(out_dir, "gate_default")
+    trainer(strategy, probe.callbacks(pruning), out_dir, max_epochs=3).fit(model(), DigitsDataModule(batch_size=32))
+
+
 SCENARIOS = {
     "main": scenario_main,
     "gate": scenario_gate,
+    "gate_default": scenario_gate_default,
     "accumulate_bf16": scenario_accumulate_bf16,
     "odd_val": scenario_odd_val,
     "resume": scenario_resume,

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_compress import GradientStabilityPruning
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
-from lightning_compress.integration import evaluation
+from lightning_compress.integration import evaluation, gate_evaluation
 from lightning_compress.integration.evaluation import MetricSpec
 from lightning_compress.integration.gate_evaluation import has_per_sample_value
 from tests.helpers import quiet_trainer, report_of
@@ -51,7 +51,7 @@ def _fit(pruning: GradientStabilityPruning, *extra: Callback, max_epochs: int = 
 @pytest.mark.parametrize(("cls", "extra_forwards"), [(MLPClassifier, 0), (_TwoForwards, 3 * 5)])
 def test_an_event_right_after_validation_reuses_its_value_which_equals_a_full_evaluation(cls, extra_forwards) -> None:
     pruning = GradientStabilityPruning(sparsity=0.8, schedule_unit="epoch", start_step=1, end_step=3, frequency=1,
-                                       max_metric_drop=0.02, verbose=0)
+                                       max_metric_drop=0.02, gate_batches=0, verbose=0)  # "after": the whole set
     spy = _MetricAtValidationEnd(pruning.metric_spec)
     _fit(pruning, spy, cls=cls)
     assert pruning.history
@@ -100,7 +100,7 @@ def test_only_micro_top1_accuracy_has_a_per_sample_value(kwargs, per_sample: boo
     assert has_per_sample_value(MetricSpec(kwargs=kwargs)) is per_sample
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5])
+@pytest.mark.parametrize("value", [-1, 1.5])
 def test_bad_gate_batches_is_refused_at_construction(value) -> None:
     with pytest.raises((TypeError, ValueError), match=r"`gate_batches` must be an integer"):
         GradientStabilityPruning(gate_batches=value)
@@ -122,3 +122,47 @@ def test_align_events_runs_one_event_per_validation_with_its_value_as_before() -
 def test_align_events_is_refused_where_it_would_do_nothing() -> None:
     with pytest.raises(ValueError, match=r"`align_events`=True .* `schedule_unit`='epoch'"):
         GradientStabilityPruning(align_events=True, schedule_unit="epoch")
+
+
+class _Truth:
+    """Wraps ``EventEvaluation.after``: each event's "after" as the gate measured it, next to the whole set's."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.rows: list[tuple[float, float, float, str]] = []  # (before, measured after, true after, rule)
+        original = gate_evaluation.EventEvaluation.after
+
+        def after(measure):
+            value = original(measure)
+            truth = evaluation.evaluate(measure.trainer, measure.module, measure.spec)
+            self.rows.append((measure._before, value, truth, measure.rules[-1]))
+            return value
+
+        monkeypatch.setattr(gate_evaluation.EventEvaluation, "after", after)
+
+
+def test_default_macro_accuracy_uses_the_validations_own_samples_and_decides_as_the_whole_set_would(
+        monkeypatch) -> None:
+    """Default metric (macro accuracy), default schedule over 4 epochs (events aligned with validation): no pass
+    before the step, the "after" stops early on the validation's own samples or, having seen them all, is exact."""
+    truth = _Truth(monkeypatch)
+    bound = 0.02
+    pruning = GradientStabilityPruning(sparsity=0.9, max_metric_drop=bound, verbose=0)
+    _fit(pruning, max_epochs=4)
+    assert pruning.history and len(truth.rows) == len(pruning.history)
+    for h in pruning.history:
+        assert h["gate_evaluation"].startswith("before: reused validation (270 samples); after: "), h
+        assert "full set" not in h["gate_evaluation"]
+        assert h["gate_passes"] == 1 and h["gate_samples"] <= 270  # at most one pass, the "after"
+    for before, measured, true, rule in truth.rows:
+        if "exact" in rule:
+            assert measured == pytest.approx(true, abs=1e-9)
+        else:  # an early stop: the verdict the whole set would give
+            assert (before - measured <= bound) == (before - true <= bound), (before, measured, true, rule)
+    assert any("early stop at" in rule for *_, rule in truth.rows)
+
+
+def test_gate_batches_zero_measures_every_event_on_the_whole_set() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.8, max_metric_drop=0.02, gate_batches=0, verbose=0)
+    _fit(pruning, max_epochs=4)
+    assert pruning.history
+    assert all(h["gate_evaluation"].endswith("after: full set") and h["gate_samples"] == 270 for h in pruning.history)
