@@ -1,0 +1,150 @@
+"""``compress(model, Budget(latency=...))`` on bench_resnet's ResNet-18-style CNN and MNIST-5k: structured units
+chosen by the per-unit Fisher and a per-layer ONNX Runtime latency table, the model compacted, its latency measured.
+
+1. One dense model is trained ``--epochs`` epochs (bench_resnet's model, data and schedule).
+2. The latency table's predictions against measurements: plans solved for predicted targets ``--probe`` (fractions
+   of the dense latency) are compacted and timed in ONNX Runtime in turns with the dense model; both predictors of
+   :meth:`~lightning_compress.adaptive.latency.LatencyTable.predict` (``scaled`` and ``additive``) are compared.
+3. ``compress()`` at ``--latency`` (default 0.5) with the defaults (no normalize / min_keep, no bound: the drop is
+   reported), then with ``max_metric_drop=--max-drop`` points on the validation split (the bound decides).
+   Test accuracy before / after, measured latency ratio, MACs, the plan, the verification steps, wall seconds.
+   Optionally ``--finetune`` epochs of the compacted model (same schedule as bench_resnet's arms) afterwards.
+
+Every latency is ORT's (CPU, float graphs, ``--threads`` intra-op threads, input ``(--batch, 1, side, side)``),
+median of runs taken in turns, thread CPU time at one thread.
+
+    python benchmarks/bench_adaptive_latency.py [--latency 0.5] [--batch 64] [--threads 1] [--epochs 3]
+                                                [--max-drop 1.5] [--finetune 0] [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_compress.adaptive import Budget, compress
+from lightning_compress.adaptive.latency_budget import LatencyBudgetError, deliver, problem_of
+from lightning_compress.quantization.calibration import feed
+from lightning_compress.structure.macs import macs_per_example
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import accuracy, fit, start_run
+from _data import PreloadedMNIST5k
+from _timing import RESULTS, machine_info, write_json
+from bench_resnet import ResNet18, fork
+
+
+def probe_predictions(dense: torch.nn.Module, batches: list[Any], shape: tuple[int, ...], threads: int,
+                      targets: list[float]) -> list[dict[str, float]]:
+    """Plans solved for each predicted target, compacted and measured: predicted (both forms) vs measured."""
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    problem = problem_of(dense, example, shape, threads, batches, feed, None)
+    rows = []
+    for target in targets:
+        plan = problem.solve(target * problem.table.dense)
+        delivered = deliver(dense, problem, plan, example, shape, threads)
+        sizes = problem.sizes(plan)
+        scaled = problem.table.predict(sizes, "scaled") / problem.table.dense
+        additive = problem.table.predict(sizes, "additive") / problem.table.dense
+        rows.append({"target": target, "measured": delivered.ratio, "predicted scaled": scaled,
+                     "predicted additive": additive, "error scaled": scaled / delivered.ratio - 1,
+                     "error additive": additive / delivered.ratio - 1})
+        print(f"  target {target:.2f}: measured {delivered.ratio:.3f}, predicted scaled {scaled:.3f} / additive "
+              f"{additive:.3f}", flush=True)
+    return rows
+
+
+def run_compress(dense: torch.nn.Module, data: Any, batches: list[Any], budget: Budget, max_drop: float | None,
+                 shape: tuple[int, ...]) -> dict[str, Any]:
+    started = time.perf_counter()
+    val = data.val_dataloader()
+    try:
+        result = compress(dense, budget, batches, metric_fn=lambda m: accuracy(m, val), max_metric_drop=max_drop)
+    except LatencyBudgetError as err:
+        return {"refused": str(err), "smallest latency": err.smallest_latency,
+                "seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    test = accuracy(result.model, data.test_dataloader())
+    return {"latency (measured ratio)": result.latency, "test accuracy (%)": test,
+            "val accuracy before / after (%)": [result.metric_before, result.metric_after],
+            "MACs / image": macs_per_example(result.model, torch.zeros(shape)), "plan": result.plan,
+            "steps": result.steps, "evaluations": result.evaluations, "seconds": seconds, "model": result.model}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32)")
+    parser.add_argument("--image-size", type=int, default=None, choices=(7, 14, 28), help="input side (default 28)")
+    parser.add_argument("--epochs", type=int, default=None, help="dense training epochs (default 3)")
+    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the dense fit")
+    parser.add_argument("--latency", type=float, default=0.5, help="the budget: fraction of the dense latency")
+    parser.add_argument("--batch", type=int, default=64, help="batch of the latency input")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--train-threads", type=int, default=1, help="torch threads for training and the Fisher")
+    parser.add_argument("--max-drop", type=float, default=1.5, help="bound of the second run (points, validation)")
+    parser.add_argument("--probe", type=float, nargs="*", default=[0.35, 0.5, 0.65, 0.8],
+                        help="predicted targets whose plans are measured against the prediction")
+    parser.add_argument("--finetune", type=int, default=0, help="epochs fine-tuning the compacted model after")
+    parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the trained dense weights")
+    parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 epoch (smoke run)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_latency.json", help="where the figures go")
+    args = parser.parse_args()
+    capability = start_run(args, {"width": (32, 8), "image_size": (28, 14), "epochs": (3, 1)})
+    load = os.getloadavg()
+    print(f"CPU capability {capability}, load average {load}", flush=True)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    data = PreloadedMNIST5k(batch_size=64, seed=0)
+    dense = ResNet18(args.width, args.image_size, args.lr)
+    if args.dense_cache is not None and args.dense_cache.exists():
+        dense.load_state_dict(torch.load(args.dense_cache))
+    else:
+        fit(dense, data, args.epochs)
+        if args.dense_cache is not None:
+            torch.save(dense.state_dict(), args.dense_cache)
+    dense.eval()
+    dense_accuracy = accuracy(dense, data.test_dataloader())
+    print(f"dense: {dense_accuracy:.2f} % test accuracy", flush=True)
+    batches = [b for _, b in zip(range(8), data.train_dataloader())]
+    shape = (args.batch, 1, 28, 28)
+    print("latency table predictions vs measured (fractions of the dense latency):", flush=True)
+    probes = probe_predictions(dense, batches, shape, args.threads, args.probe)
+    runs: dict[str, dict[str, Any]] = {}
+    budget = Budget(latency=args.latency, latency_input=shape, threads=args.threads)
+    for name, bound in (("no bound", None), (f"bound {args.max_drop} points", args.max_drop)):
+        runs[name] = run_compress(dense, data, batches, budget, bound, shape)
+        row = runs[name]
+        if "refused" in row:
+            print(f"{name}: refused: {row['refused'][:400]}", flush=True)
+            continue
+        row["accuracy drop (points)"] = dense_accuracy - row["test accuracy (%)"]
+        print(f"{name}: latency {row['latency (measured ratio)']:.3f}x, test {row['test accuracy (%)']:.2f} % "
+              f"(drop {row['accuracy drop (points)']:.2f}), {row['seconds']:.0f} s; plan "
+              f"{' '.join(p['label'] for p in row['plan'])}", flush=True)
+        if args.finetune:
+            model = fork(row["model"], args.lr / 5)
+            fit(model, data, args.finetune)
+            row["test accuracy after fine-tuning (%)"] = accuracy(model, data.test_dataloader())
+            print(f"  after {args.finetune} epoch(s) fine-tuning: {row['test accuracy after fine-tuning (%)']:.2f} %",
+                  flush=True)
+    for row in runs.values():
+        row.pop("model", None)
+    print(f"CPU capability: {capability}; load average at the end {os.getloadavg()}; total "
+          f"{time.perf_counter() - started:.0f} s")
+    write_json(args.json, dict(
+        benchmark="adaptive_latency", machine=machine_info(args.quick), cpu_capability=capability,
+        load_average=[load, os.getloadavg()],
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        dense={"test accuracy (%)": dense_accuracy}, predictions=probes, runs=runs,
+        seconds=time.perf_counter() - started,
+    ))
+
+
+if __name__ == "__main__":
+    main()
