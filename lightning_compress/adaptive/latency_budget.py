@@ -171,18 +171,46 @@ def problem_of(model: nn.Module, example: Tensor, shape: tuple[int, ...], thread
     return LatencyProblem(candidates, members, groups, scores, build_table(model, shape, threads, outputs, inputs))
 
 
+def refresh_batchnorm(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (a plain average over them), the rest of the
+    model in eval mode. Removing units changes what the later BatchNorms see; their dense statistics then shift
+    every channel (adaptive BatchNorm, as EagleEye evaluates pruned candidates)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    model.eval()
+    saved = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+        norm.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        for norm, momentum in zip(norms, saved):
+            norm.momentum = momentum
+        model.eval()
+
+
 def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandidate], example: Tensor,
-            shape: tuple[int, ...], threads: int) -> Delivered:
-    """The compacted copy of ``model`` for ``plan``, timed against ``model`` in turns."""
+            shape: tuple[int, ...], threads: int, batches: Sequence[Any] = (),
+            forward: Callable[[nn.Module, Any], Any] | None = None) -> Delivered:
+    """The compacted copy of ``model`` for ``plan`` (its BatchNorm statistics refreshed on ``batches`` when a unit
+    was removed), timed against ``model`` in turns."""
     masks = unit_masks(plan, problem.scores, problem.members)
     compacted = compact(model, masks, example).model if masks else copy.deepcopy(model)
+    if masks and batches and forward is not None:
+        refresh_batchnorm(compacted, batches, forward)
     compacted.eval()
     ratio, _, seconds = measured_ratio(model, compacted, shape, threads)
     return Delivered(plan, compacted, ratio, problem.predict(plan) / problem.table.dense, seconds)
 
 
 def within(model: nn.Module, problem: LatencyProblem, latency: float, example: Tensor, shape: tuple[int, ...],
-           threads: int, steps: list[str]) -> tuple[Delivered | None, float | None]:
+           threads: int, steps: list[str], batches: Sequence[Any],
+           forward: Callable[[nn.Module, Any], Any]) -> tuple[Delivered | None, float | None]:
     """The delivered model measured within ``latency`` (a fraction of the dense latency) with the smallest predicted
     loss, and the smallest fraction measured on the way (``steps`` says what was tried).
 
@@ -195,7 +223,7 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
         plan = problem.solve(target)
         if any(plan == d.plan for d in tried):
             break
-        tried.append(delivered := deliver(model, problem, plan, example, shape, threads))
+        tried.append(delivered := deliver(model, problem, plan, example, shape, threads, batches, forward))
         steps.append(f"latency {latency:g}: plan predicted {delivered.predicted:.3f}x, measured {delivered.ratio:.3f}x "
                      f"of dense ({delivered.seconds * 1e3:.3g} ms per run)")
         if CLOSE * latency <= delivered.ratio <= latency:
@@ -203,7 +231,7 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
         target *= AIM * latency / delivered.ratio
     sparsest = problem.solve(0.0)
     if all(d.ratio > latency for d in tried) and all(sparsest != d.plan for d in tried):
-        tried.append(delivered := deliver(model, problem, sparsest, example, shape, threads))
+        tried.append(delivered := deliver(model, problem, sparsest, example, shape, threads, batches, forward))
         steps.append(f"every family at its fewest units: measured {delivered.ratio:.3f}x of dense")
     passing = [d for d in tried if d.ratio <= latency]
     best = min(passing, key=lambda d: sum(c.score for c in d.plan.values()), default=None)
@@ -233,7 +261,7 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
         latency = budget.latency * factor
         if latency >= 1.0:
             break
-        delivered, smallest = within(model, problem, latency, example, shape, threads, steps)
+        delivered, smallest = within(model, problem, latency, example, shape, threads, steps, batches, forward)
         if delivered is None:
             if factor == 1.0:
                 raise LatencyBudgetError(

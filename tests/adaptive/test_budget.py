@@ -27,10 +27,33 @@ def test_fractions_and_counts_resolve() -> None:
     assert Budget(size=0.5).macs_count(100) is None and Budget(macs=0.5).size_bytes(100) is None
 
 
+def test_latency_budget_reads_its_input_shape_and_threads() -> None:
+    budget = Budget(latency=0.5, latency_input=[32, 1, 28, 28])  # a YAML list becomes the tuple
+    assert budget.latency_input == (32, 1, 28, 28) and budget.latency_threads == 1
+    assert Budget(latency=0.25, threads=4).latency_threads == 4
+    assert budget.size_bytes(100) is None and budget.macs_count(100) is None
+
+
 BAD: list[tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]] = [
-    ("nothing", {}, ValueError, ("size", "macs", "neither")),
-    ("latency", {"latency": 0.5}, ValueError, ("latency", "0.5", "not implemented")),
-    ("latency_with_size", {"size": 0.5, "latency": 0.5}, ValueError, ("latency",)),
+    ("nothing", {}, ValueError, ("size", "macs", "latency", "none")),
+    ("latency_with_size", {"size": 0.5, "latency": 0.5}, ValueError, ("latency", "size=0.5", "alone")),
+    ("latency_with_macs", {"macs": 0.5, "latency": 0.5}, ValueError, ("latency", "macs=0.5", "alone")),
+    ("latency_int", {"latency": 1}, TypeError, ("latency", "1", "(0, 1)")),
+    ("latency_one", {"latency": 1.0}, ValueError, ("latency", "1.0", "(0, 1)")),
+    ("latency_zero", {"latency": 0.0}, ValueError, ("latency", "0.0", "(0, 1)")),
+    ("latency_nan", {"latency": math.nan}, ValueError, ("latency", "nan")),
+    ("latency_bool", {"latency": True}, TypeError, ("latency", "True")),
+    ("latency_string", {"latency": "50%"}, TypeError, ("latency", "'50%'")),
+    ("latency_input_empty", {"latency": 0.5, "latency_input": ()}, ValueError, ("latency_input", "()")),
+    ("latency_input_zero", {"latency": 0.5, "latency_input": (0, 3)}, ValueError, ("latency_input", "(0, 3)")),
+    ("latency_input_float", {"latency": 0.5, "latency_input": (2, 1.5)}, ValueError, ("latency_input", "1.5")),
+    ("latency_input_bool", {"latency": 0.5, "latency_input": (2, True)}, ValueError, ("latency_input", "True")),
+    ("latency_input_string", {"latency": 0.5, "latency_input": "2x8"}, ValueError, ("latency_input", "'2x8'")),
+    ("threads_zero", {"latency": 0.5, "threads": 0}, ValueError, ("threads", "0", "[1, 256]")),
+    ("threads_float", {"latency": 0.5, "threads": 2.0}, ValueError, ("threads", "2.0")),
+    ("threads_bool", {"latency": 0.5, "threads": True}, ValueError, ("threads", "True")),
+    ("threads_without_latency", {"size": 0.5, "threads": 2}, ValueError, ("threads", "2", "latency")),
+    ("input_without_latency", {"macs": 0.5, "latency_input": (1, 4)}, ValueError, ("latency_input", "(1, 4)")),
     ("size_one", {"size": 1.0}, ValueError, ("size", "1.0", "(0, 1)")),
     ("size_zero_float", {"size": 0.0}, ValueError, ("size", "0.0")),
     ("size_negative_int", {"size": -5}, ValueError, ("size", "-5")),
