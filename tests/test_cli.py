@@ -101,7 +101,7 @@ def test_prune_then_quantize_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
 
     run = tmp_path / "runs" / "prune_then_quantize"
     log_dir = run / "lightning_logs" / "version_0"
-    for name in ("compression_report.json", "compression_report.md", "compression_report.png", "config.yaml"):
+    for name in ("compression_report.json", "compression_report.md", "compression_report.svg", "config.yaml"):
         assert (log_dir / name).is_file(), name
     report = json.loads((log_dir / "compression_report.json").read_text())
     for key in ("metric_before", "metric_after", "sparsity", "bytes_fp32", "bytes_compressed", "layers", "events",

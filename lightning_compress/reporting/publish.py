@@ -18,14 +18,18 @@ from lightning_compress.integration import _compat
 from lightning_compress.reporting.records import CompressionReport
 from lightning_compress.reporting.render import build_figure, render_console, to_json, to_markdown
 from lightning_compress.reporting.summary import summarize
+from lightning_compress.reporting.svg import build_svg
 
 JSON_NAME = "compression_report.json"
 MARKDOWN_NAME = "compression_report.md"
-PLOT_NAME = "compression_report.png"
+FIGURE_NAME = "compression_report.svg"  # written by every fit
+PLOT_NAME = "compression_report.png"  # on request: python -m lightning_compress.reporting.plot RUN_DIR
 
 
 def write_plot(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Path | None:
-    """Write the figure as PNG; ``None`` (with an info line) when matplotlib is not installed."""
+    """Write the matplotlib figure as PNG; ``None`` (with an info line) when matplotlib is not installed. Not part
+    of every fit (see :mod:`lightning_compress.reporting.svg`): ``python -m lightning_compress.reporting.plot
+    RUN_DIR`` draws it from a written report."""
     try:
         fig = build_figure(summary)
     except ImportError:
@@ -38,20 +42,25 @@ def write_plot(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
 
 
 def write_files(summary: dict[str, Any], directory: str | os.PathLike[str], plot: bool = True) -> dict[str, str]:
-    """JSON, Markdown and (with matplotlib) PNG into ``directory``; returns what was written, by kind. The JSON
-    lists all three under ``files``. ``plot=False``: an update of the text files, the PNG already there is kept."""
+    """JSON, Markdown and the figure (SVG, no dependency) into ``directory``; returns what was written, by kind
+    (a PNG drawn earlier, on request, is listed as ``report_png``). The JSON lists them all under ``files``.
+    ``plot=False``: an update of the text files, the figure already there is kept."""
     directory = Path(directory)
     written = {"report_json": str(directory / JSON_NAME), "report_markdown": str(directory / MARKDOWN_NAME)}
-    existing = directory / PLOT_NAME
-    figure = write_plot(summary, existing) if plot else existing if existing.is_file() else None
-    if figure is not None:
+    figure = directory / FIGURE_NAME
+    if plot:
+        text = build_svg(summary).encode()
+        atomic_write(figure, lambda handle: handle.write(text))
+    if figure.is_file():
         written["report_plot"] = str(figure)
+    if (directory / PLOT_NAME).is_file():
+        written["report_png"] = str(directory / PLOT_NAME)
     summary["files"] = {
         **summary["files"],
-        **{key: {"path": path, "bytes": os.path.getsize(path) if key == "report_plot" else None}
+        **{key: {"path": path, "bytes": os.path.getsize(path) if key in ("report_plot", "report_png") else None}
            for key, path in written.items()},
     }
-    write_text(directory / MARKDOWN_NAME, to_markdown(summary, PLOT_NAME if figure is not None else None))
+    write_text(directory / MARKDOWN_NAME, to_markdown(summary, FIGURE_NAME if figure.is_file() else None))
     write_text(directory / JSON_NAME, to_json(summary))
     return written
 

@@ -194,7 +194,7 @@ def test_reports_and_exports_are_written_once_by_rank_zero(main_run) -> None:
     _, out, _ = main_run
     artifacts = out / P.ARTIFACTS
     expected = {"model.safetensors", "model.fp32.safetensors", "compression_report.json", "compression_report.md",
-                "compression_report.png"}
+                "compression_report.svg"}
     names = {p.name for p in artifacts.rglob("*") if p.is_file()}  # the run's own files: in one run_N, both ranks agree
     assert [p.name for p in (artifacts / "lightning_compress_runs").iterdir()] == ["run_0"]
     assert names == expected | {"compressed.ckpt"}, "missing files, or temporary files left behind"

@@ -83,14 +83,14 @@ def test_a_report_that_cannot_be_written_raises_naming_the_file(tmp_path: Path, 
     with pytest.raises(OSError, match=r"No space left on device: '.*compression_report\.md'") as info:
         save_report(_report(), _model(), tmp_path)
     assert info.value.errno == errno.ENOSPC
-    assert not [p for p in tmp_path.iterdir() if p.suffix != ".png"]  # no partial file, no temporary file
+    assert not [p for p in tmp_path.iterdir() if p.suffix != ".svg"]  # no partial file, no temporary file
 
 
 def test_a_report_that_cannot_be_drawn_warns_and_writes_nothing_partial(tmp_path: Path, monkeypatch) -> None:
     def broken_figure(summary):
         raise RuntimeError("no backend")
 
-    monkeypatch.setattr(report_output, "build_figure", broken_figure)
+    monkeypatch.setattr(report_output, "build_svg", broken_figure)
     with pytest.warns(UserWarning, match=r"could not render the compression report .*RuntimeError\('no backend'\)"):
         save_report(_report(), _model(), tmp_path)
     assert not list(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""The report's renderings and files: console, JSON, Markdown, PNG."""
+"""The report's renderings and files: console, JSON, Markdown, the SVG figure, the PNG on request."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import io
 import json
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from rich.console import Console
 
 from lightning_compress.reporting import publish as publish_module
 from lightning_compress.reporting import render as report_output
+from lightning_compress.reporting.plot import main as plot_main
 from lightning_compress.reporting.publish import write_files
 from lightning_compress.reporting.summary import summarize
 from tests.reporting._fixtures import BN_FP32, CONV_FP32, LINEAR_FP32, PNG_MAGIC, _model, _report
@@ -47,16 +49,44 @@ def test_files_json_markdown_plot(tmp_path: Path) -> None:
 
     markdown = (tmp_path / "logs" / publish_module.MARKDOWN_NAME).read_text()
     assert "| layer | weights | sparsity | bits |" in markdown and "## Quantization fallbacks" in markdown
-    assert f"![compression report]({publish_module.PLOT_NAME})" in markdown
-    assert (tmp_path / "logs" / publish_module.PLOT_NAME).read_bytes()[:8] == PNG_MAGIC
+    assert f"![compression report]({publish_module.FIGURE_NAME})" in markdown
+    svg = (tmp_path / "logs" / publish_module.FIGURE_NAME).read_text()
+    ElementTree.fromstring(svg)  # well-formed
+    for expected in ("delivered MulticlassAccuracy 0.9400 val", "int4", "pruned fraction", "per layer"):
+        assert expected in svg, expected
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(
-        [publish_module.JSON_NAME, publish_module.MARKDOWN_NAME, publish_module.PLOT_NAME]
-    )  # no temporary file left behind
+        [publish_module.JSON_NAME, publish_module.MARKDOWN_NAME, publish_module.FIGURE_NAME]
+    )  # no temporary file left behind, no PNG unless asked for
+
+
+def test_the_figure_needs_no_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # `import matplotlib.figure` raises ImportError
+    written = write_files(summarize(_report()), tmp_path)
+    assert (tmp_path / publish_module.FIGURE_NAME).is_file() and written["report_plot"].endswith(".svg")
+
+
+def test_the_png_is_drawn_on_request_from_the_written_report(tmp_path: Path) -> None:
+    model = _model()
+    write_files(summarize(_report(model), model), tmp_path)
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / publish_module.PLOT_NAME).read_bytes()[:8] == PNG_MAGIC
+    written = write_files(summarize(_report(model), model), tmp_path, plot=False)  # a later update lists it
+    assert written["report_png"] == str(tmp_path / publish_module.PLOT_NAME)
+
+
+def test_the_png_on_request_refuses_a_directory_without_a_report(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        plot_main([str(tmp_path)])
+    assert f"`run_dir`={str(tmp_path)!r} holds no compression_report.json" in capsys.readouterr().err
 
 
 def test_plot_is_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    write_files(summarize(_report(model), model), tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # `import matplotlib.figure` raises ImportError
-    summary = summarize(_report())
-    written = write_files(summary, tmp_path)
-    assert "report_plot" not in written and not (tmp_path / publish_module.PLOT_NAME).exists()
+    assert plot_main([str(tmp_path)]) == 1 and not (tmp_path / publish_module.PLOT_NAME).exists()
+
+
+def test_a_report_without_figure_does_not_link_one(tmp_path: Path) -> None:
+    write_files(summarize(_report()), tmp_path, plot=False)
     assert "![compression report]" not in (tmp_path / publish_module.MARKDOWN_NAME).read_text()
