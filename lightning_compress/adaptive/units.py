@@ -12,7 +12,7 @@ family's candidates add up its removed units. Attention heads (``parts > 1``) ar
 times Linear / Conv layers only.
 
 Kept counts are the fractions :data:`KEEP` of a family's units, rounded to a multiple of :data:`ROUND_TO` where
-the family has at least twice that many units (vector kernels run whole multiples of 8 lanes; the latency table
+the family has at least four times that many units (vector kernels run whole multiples of 8 lanes; the latency table
 measures the counts as they are, so a count that runs slow is seen as slow).
 """
 
@@ -51,7 +51,7 @@ def families(groups: Mapping[str, UnitGroup]) -> dict[str, list[str]]:
 
 def kept_counts(units: int) -> list[int]:
     """The distinct counts the :data:`KEEP` fractions give, largest first (rounded, see the module docstring)."""
-    step = ROUND_TO if units >= 2 * ROUND_TO and units % ROUND_TO == 0 else 1
+    step = ROUND_TO if units >= 4 * ROUND_TO and units % ROUND_TO == 0 else 1
     counts = {max(step, round(fraction * units / step) * step) for fraction in KEEP}
     return sorted(counts, reverse=True)
 

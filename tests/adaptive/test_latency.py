@@ -1,0 +1,53 @@
+"""ONNX Runtime latency (adaptive/latency.py): the table's arithmetic, the layer shapes it times, and measurements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.adaptive.latency import (
+    LatencyTable,
+    build_table,
+    layer_inputs,
+    measure,
+    measured_ratio,
+    resized_layer,
+)
+
+
+def test_table_combines_rows_separably_and_predicts_both_ways() -> None:
+    table = LatencyTable(full={"a": (8, 4), "b": (2, 8)}, dense=10.0)
+    table.times = {"a": {(8, 4): 4.0, (4, 4): 2.0, (8, 2): 3.0}, "b": {(2, 8): 4.0, (2, 4): 1.0}}
+    assert table.time("a", 4, 2) == pytest.approx(2.0 * 3.0 / 4.0)  # T(out, full) * T(full, in) / T(full, full)
+    assert table.time("a", 8, 2) == 3.0  # measured entries are taken as they are
+    assert table.rest == pytest.approx(2.0)
+    sizes = {"a": (4, 4), "b": (2, 4)}
+    assert table.predict(sizes, "additive") == pytest.approx(2.0 + 2.0 + 1.0)
+    assert table.predict(sizes, "scaled") == pytest.approx(10.0 * 3.0 / 8.0)
+    assert table.predict({}) == pytest.approx(10.0)  # the dense plan predicts the dense measurement
+
+
+def test_layer_inputs_and_resized_layers() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    assert layer_inputs(model, (2, 3, 8, 8)) == {"0": (2, 3, 8, 8), "3": (2, 128)}
+    conv = resized_layer(model[0], 5, 2)
+    assert isinstance(conv, nn.Conv2d) and conv.weight.shape == (5, 2, 3, 3) and conv.stride == (2, 2)
+    assert resized_layer(model[3], 4, 7).weight.shape == (4, 7)
+    with pytest.raises(ValueError, match="groups=2"):
+        resized_layer(nn.Conv2d(4, 4, 3, groups=2), 2, 2)
+
+
+def test_a_wider_layer_measures_slower_and_the_table_holds_what_was_asked() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
+    shape = (8, 1, 16, 16)
+    table = build_table(model, shape, 1, outputs={"0": [64, 16]}, inputs={"2": [64, 16]})
+    assert table.full == {"0": (64, 1), "2": (64, 64)}
+    assert set(table.times["0"]) == {(64, 1), (16, 1)} and set(table.times["2"]) == {(64, 64), (64, 16)}
+    assert table.graphs == 4 and table.dense > 0
+    assert table.times["2"][(64, 16)] < table.times["2"][(64, 64)]  # 4x fewer MACs: clearly faster
+    narrow = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1))
+    ratio, dense, seconds = measured_ratio(model, narrow, shape, 1)
+    assert ratio == pytest.approx(seconds / dense) and ratio < 0.8
+    assert set(measure({}, {}, 1)) == set()
