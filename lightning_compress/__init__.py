@@ -1,6 +1,7 @@
 """lightning-compress: prune by gradient statistics and quantize to n-bit integers, inside a Lightning fit."""
 
 from lightning_compress.adaptive import Budget, compress
+from lightning_compress.callbacks.adaptive import AdaptiveCompression
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
@@ -11,6 +12,7 @@ from lightning_compress.serving import export_onnx
 from lightning_compress.structure.compaction import compact, load_compacted, save_compacted
 
 __all__ = [
+    "AdaptiveCompression",
     "Budget",
     "GradientStabilityPruning",
     "PostTrainingQuantization",

@@ -63,13 +63,18 @@ def plan_masks(
     target: float | None,
     *,
     structured_target: str = "units",
+    layer_targets: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """New (parameter masks, unit masks), on the CPU. ``target`` None prunes by the config's thresholds. Masks only
-    shrink: what ``masks`` / ``unit_masks`` already prune stays pruned."""
+    shrink: what ``masks`` / ``unit_masks`` already prune stays pruned. ``layer_targets`` (layer name -> fraction,
+    unstructured only): each layer reaches its own sparsity (a budget plan's), ``target`` is then not read."""
     if structured_target not in STRUCTURED_TARGETS:
         raise ValueError(f"`structured_target` must be one of {list(STRUCTURED_TARGETS)}, got {structured_target!r}")
     names = layers.names
     weights = [w.detach() for w in layers.weights()]
+    if layer_targets is not None and (config.structured or set(layer_targets) != set(names)):
+        raise ValueError(f"`layer_targets` sets one sparsity per tracked layer {names} of unstructured pruning, got "
+                         f"{sorted(layer_targets)} with structured={config.structured}")
     if not config.structured:
         scores = criteria.weight_scores(config.criterion, weights, stats)
         current = [
@@ -80,7 +85,9 @@ def plan_masks(
             flags = _thresholds(config, stats)
             keep = selection.threshold_masks(flags, current, scores, config.min_keep)
         else:
-            keep = selection.keep_masks(scores, current, target, scope=config.scope, min_keep=config.min_keep)
+            by_layer = None if layer_targets is None else [layer_targets[n] for n in names]
+            keep = selection.keep_masks(scores, current, target, scope=config.scope, min_keep=config.min_keep,
+                                        layer_sparsity=by_layer)
         return {layers.param_name(n): k.cpu() for n, k in zip(names, keep)}, {}
 
     families = unit_families(names, groups)

@@ -75,7 +75,8 @@ class PruningRun:
         if self.config.tracks_gradients and weights:
             per_weight = self.config.per_weight_statistics
             self.stats = GradientStatistics(self.layers.names, [w.shape for w in weights], per_weight=per_weight,
-                                            per_unit=not per_weight, device=weights[0].device)
+                                            per_unit=not per_weight, device=weights[0].device,
+                                            weight_every=self.config.per_weight_every)
 
     def collect(self, grad_scale: float = 1.0) -> None:
         """Count the gradients of one optimizer step (while an event can still follow)."""
@@ -108,9 +109,7 @@ class PruningRun:
             target = self._target(tick)
         if not self._gains(target, before_sparsity):
             return None
-        new = plan_masks(self.config, self.state.model, self.layers, self.stats, self.state.masks,
-                         self.state.unit_masks, self.state.groups, target,
-                         structured_target=self.config.structured_target)
+        new = self.plan(target)
         undo = self.state.try_masks(*broadcast(new))
         tried = self.state.sparsity()
         after = evaluate()
@@ -126,6 +125,12 @@ class PruningRun:
         else:
             self.state.roll_back(undo)
         return self.controller.history[-1]
+
+    def plan(self, target: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The masks of an event aiming at ``target`` (a subclass may give each layer its own)."""
+        return plan_masks(self.config, self.state.model, self.layers, self.stats, self.state.masks,
+                          self.state.unit_masks, self.state.groups, target,
+                          structured_target=self.config.structured_target)
 
     def _target(self, tick: int) -> float | None:
         return self.controller.target(tick, self.schedule) if self.schedule is not None else None

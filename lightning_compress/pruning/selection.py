@@ -22,14 +22,19 @@ def keep_masks(
     *,
     scope: str = "global",
     min_keep: float = 0.0,
+    layer_sparsity: Sequence[float] | None = None,
 ) -> list[Tensor]:
     """New keep-masks reaching ``sparsity`` (fraction of all entries pruned) by dropping the lowest scores.
 
     ``current`` masks are respected (pruned stays pruned; if they are already sparser than asked, nothing more
     is pruned). ``scope="global"`` ranks all entries together, ``"layer"`` ranks each tensor on its own. Each
     tensor keeps at least :func:`floor_count` entries (its highest-scored ones), so no layer is pruned away.
-    Ties are broken by position (stable sort), so the result is deterministic.
+    Ties are broken by position (stable sort), so the result is deterministic. ``layer_sparsity`` (one fraction per
+    tensor) gives each tensor its own target instead, ranked within the tensor (``sparsity`` and ``scope`` are then
+    not read): a budget plan decides how much each layer loses, the scores decide which of its entries.
     """
+    if layer_sparsity is not None and len(layer_sparsity) != len(scores):
+        raise ValueError(f"`layer_sparsity` needs one target per tensor ({len(scores)}), got {len(layer_sparsity)}")
     ranked = []
     for score, keep in zip(scores, current):
         s = torch.nan_to_num(score.detach().float().flatten(), nan=0.0, posinf=3e38, neginf=-3e38)
@@ -38,10 +43,11 @@ def keep_masks(
         if floor > 0:
             s[top_k(s, floor)] = float("inf")
         ranked.append(s)
-    if scope == "layer":
+    if scope == "layer" or layer_sparsity is not None:
+        targets = layer_sparsity if layer_sparsity is not None else [sparsity] * len(ranked)
         return [
-            _keep_top(s, _keep_count(s.numel(), sparsity, int(k.sum()))).view_as(k).to(k.device)
-            for s, k in zip(ranked, current)
+            _keep_top(s, _keep_count(s.numel(), t, int(k.sum()))).view_as(k).to(k.device)
+            for s, k, t in zip(ranked, current, targets)
         ]
     if scope != "global":
         raise ValueError(f"`scope` must be one of ['global', 'layer'], got {scope!r}")

@@ -1,0 +1,190 @@
+"""Compress to a budget inside a fit: the pure half of ``AdaptiveCompression`` (the callback coordinates). No
+Lightning import.
+
+- :func:`budget_caps`: the budget in bytes / MACs per example for this model, refused at once when it is below the
+  floor (every layer at 2 bits per channel; every layer at the largest sparsity), before any training step.
+- :class:`SparsityPlanner`: per-layer sparsity targets from the gradient statistics. ``E[g^2] = mean^2 + var`` of
+  each weight is the diagonal Fisher (:func:`statistics_fisher`), the score :mod:`.candidates` uses, so the same
+  candidates (sparsity x width x granularity) and the same knapsack (:mod:`.plan`) plan the fit. Only the
+  sparsities are read from that plan: the widths are planned again at the end, on the masks the fit reached.
+  Sparsity is chosen where it pays in MACs or in the candidates' bytes; where it pays in neither, its predicted
+  loss keeps it out of the plan.
+- :class:`BudgetRun`: a :class:`~lightning_compress.pruning.run.PruningRun` whose schedule is a ramp of progress
+  (0 -> 1): at each event the plan is made again from the statistics then, and each layer aims at its own target
+  times the progress, so every layer ramps to its own target while the overall sparsity follows the schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.candidates import SPARSITIES, layer_candidates
+from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
+from lightning_compress.adaptive.plan import FLOOR_SPARSITY, Problem, floor_bytes, floor_macs
+from lightning_compress.core.accounting import state_bytes
+from lightning_compress.pruning.planner import plan_masks
+from lightning_compress.pruning.run import PruningRun
+from lightning_compress.pruning.statistics import GradientStatistics
+from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
+
+
+@dataclass
+class Caps:
+    """The budget for one model: caps (None: no cap), what the rest of the model costs, where each weight is
+    applied per example (0 everywhere without a MACs cap: nothing reads it)."""
+
+    size_cap: int | None
+    macs_cap: int | None
+    fixed_bytes: int
+    other_macs: int
+    where: dict[str, float]
+
+
+def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
+                forward: Callable[[nn.Module, Any], Any] | None = None) -> Caps:
+    """``budget`` for ``model`` (a MACs budget needs ``batch`` and ``forward`` to count where each weight is
+    applied). Raises ``ValueError`` naming ``budget`` when the arithmetic shows it cannot be met."""
+    layers, _ = select_layers(model, QUANT_MODULE_TYPES)
+    weights = {name: layer_weight(name, module) for name, module in layers.items()}
+    fixed = fixed_bytes(model, {name: weight_key(name, module) for name, module in layers.items()})
+    size_cap = budget.size_bytes(sum(state_bytes(model).values()))
+    where, other, macs_cap = {name: 0.0 for name in layers}, 0, None
+    if budget.macs is not None:
+        if batch is None or forward is None:
+            raise ValueError(f"`budget` macs={budget.macs!r} counts MACs per example, which needs an example batch "
+                             "(the first training batch, or the model's `example_input_array`)")
+        where = positions(model, layers, batch, forward)
+        other = max(0, model_macs(model, batch, forward) - dense_macs(weights, where))
+        macs_cap = budget.macs_count(other + dense_macs(weights, where))
+    if size_cap is not None and size_cap < (floor := floor_bytes(weights, fixed)):
+        raise ValueError(f"`budget` size={budget.size!r} ({size_cap} bytes) is below the floor of this model: "
+                         f"{floor} bytes of tensor data in the smallest plan its candidates allow (the header comes "
+                         "on top); allowed: a larger size")
+    if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other)):
+        raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
+                         f"model: {floor} MACs with every layer at its largest sparsity; allowed: a larger count")
+    return Caps(size_cap, macs_cap, fixed, other, where)
+
+
+def statistics_fisher(stats: GradientStatistics) -> dict[str, Tensor]:
+    """Per tracked layer, ``E[g^2] = mean^2 + var`` over the counted steps: the diagonal Fisher."""
+    return {name: mean.square() + std.square()
+            for name, mean, std in zip(stats.names, stats.weight_mean(), stats.weight_std())}
+
+
+@dataclass
+class SparsityPlanner:
+    """Plans per-layer sparsity for ``model``'s tracked layers under ``caps`` (a layer the fit does not track is
+    counted at its float bytes and dense MACs)."""
+
+    model: nn.Module
+    modules: dict[str, nn.Module]  # the tracked layers
+    caps: Caps
+    calibration: str = "minmax"  # only the sparsities are read: the widths' clipping search is left to the end
+
+    def __call__(self, fisher: Mapping[str, Tensor]) -> dict[str, float]:
+        """Layer -> sparsity of the plan with the smallest predicted loss within the caps; with no plan within
+        both caps, within the MACs cap alone; else the largest sparsity everywhere."""
+        keys = {name: weight_key(name, module) for name, module in self.modules.items()}
+        weights = {name: layer_weight(name, module).detach() for name, module in self.modules.items()}
+        where = self.caps.where
+        untracked = {n: w for n, w in select_layers(self.model, QUANT_MODULE_TYPES)[0].items() if n not in keys}
+        other = self.caps.other_macs + dense_macs({n: layer_weight(n, m) for n, m in untracked.items()}, where)
+        candidates = {n: layer_candidates(n, self.modules[n], weights[n], fisher[n].to(weights[n].device), where[n],
+                                          count, self.calibration, sparsities=SPARSITIES)
+                      for n, count in aliases(self.model, keys).items()}
+        fixed = fixed_bytes(self.model, keys)
+        size_cap, macs_cap = self.caps.size_cap, self.caps.macs_cap
+        tries = [(size_cap, macs_cap)] + ([(None, macs_cap)] if macs_cap is not None else [])
+        for caps in tries:
+            plan = Problem(candidates, fixed, other, *caps).choose(0)
+            if plan is not None:  # a candidate prunes the weights already zero first: never below what they are
+                return {name: max(candidate.sparsity, zero_fraction(weights[name])) for name, candidate in plan.items()}
+        return {name: FLOOR_SPARSITY for name in self.modules}
+
+
+def zero_fraction(weight: Tensor) -> float:
+    return 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
+
+
+def overall(plan: Mapping[str, float], sizes: Mapping[str, int]) -> float:
+    """The plan's fraction of all tracked weights pruned."""
+    total = sum(sizes.values())
+    return sum(plan[n] * sizes[n] for n in sizes) / max(total, 1)
+
+
+def ramped(plan: Mapping[str, float], target: float, planned: float) -> dict[str, float]:
+    """Per-layer targets when the overall sparsity should be ``target`` on the way to the plan's ``planned``: each
+    layer at its planned sparsity times the same progress ``target / planned``."""
+    progress = 0.0 if planned <= 0 else min(1.0, target / planned)
+    return {name: sparsity * progress for name, sparsity in plan.items()}
+
+
+class BudgetRun(PruningRun):
+    """The fit's pruning toward per-layer targets (see the module docstring). ``planner`` and ``broadcast`` (every
+    rank takes rank zero's plan) are set once the fit starts; ``schedule`` ramps progress from 0 to 1."""
+
+    planner: Callable[[Mapping[str, Tensor]], dict[str, float]] | None = None
+    broadcast: Callable[[Any], Any] = staticmethod(lambda plan: plan)
+    plan_by_layer: dict[str, float]
+    planned_at: int | None
+    replans: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plan_by_layer, self.planned_at, self.replans = {}, None, 0
+
+    @property
+    def planned(self) -> float:
+        sizes = {n: w.numel() for n, w in zip(self.layers.names, self.layers.weights())}
+        return overall(self.plan_by_layer, sizes) if self.plan_by_layer else 0.0
+
+    def replan(self) -> None:
+        """The plan again from the statistics now (rank zero's, on every rank)."""
+        if self.planner is None or self.stats is None or self.stats.count == 0:
+            return
+        plan = self.planner(statistics_fisher(self.stats))
+        self.plan_by_layer = {n: float(s) for n, s in self.broadcast(plan).items()}
+        self.replans += 1
+
+    def _target(self, tick: int) -> float | None:
+        if self.schedule is None:
+            return None
+        if tick != self.planned_at:  # once per event (event() asks twice)
+            self.planned_at = tick
+            self.replan()
+        progress = self.schedule.target_by(tick)
+        if progress is None:
+            return None
+        target = self.planned * progress
+        cap = self.controller.sparsity_cap
+        return target if cap is None else min(target, cap)
+
+    def plan(self, target: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        targets = ramped(self.plan_by_layer, target or 0.0, self.planned)
+        return plan_masks(self.config, self.state.model, self.layers, self.stats, self.state.masks,
+                          self.state.unit_masks, self.state.groups, target, layer_targets=targets)
+
+    def reached(self) -> dict[str, float]:
+        return self.layers.layer_mask_sparsity(self.state.masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "plan": dict(self.plan_by_layer), "planned_at": self.planned_at,
+                "replans": self.replans}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.plan_by_layer = {str(n): float(s) for n, s in dict(state.get("plan", {})).items()}
+        self.planned_at, self.replans = state.get("planned_at"), int(state.get("replans", 0))
+
+
+def shortfall(plan: Mapping[str, float], reached: Mapping[str, float], tolerance: float = 5e-3) -> dict[str, Any]:
+    """Layers whose reached sparsity is below their planned one by more than ``tolerance`` (refused events)."""
+    return {n: (plan[n], reached.get(n, 0.0)) for n in plan if reached.get(n, 0.0) < plan[n] - tolerance}
+

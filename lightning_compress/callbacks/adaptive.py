@@ -1,0 +1,266 @@
+"""``AdaptiveCompression``: a budget in, a verified model out, inside the fit. The math lives in
+:mod:`lightning_compress.adaptive` (:mod:`~lightning_compress.adaptive.in_fit` for the fit's half); this coordinates.
+
+- ``setup``: every argument and the budget against this model's floor, before any training step.
+- During the fit it is :class:`~lightning_compress.callbacks.pruning.GradientStabilityPruning` (the same statistics,
+  events, gate, rollback and report) with per-layer targets: at each event the sparsity of every layer is planned
+  again from the gradient statistics (:class:`~lightning_compress.adaptive.in_fit.BudgetRun`).
+- At the end: the masks reached are frozen, and :func:`~lightning_compress.adaptive.compress.compress` plans widths
+  and granularity with each layer's sparsity fixed (``search="bits"``), quantizes (round to nearest with the
+  calibration's clipping search; GPTQ is not a candidate of ``compress()``), verifies the bound with the real
+  metric on the validation data, and the export (the codes the model carries) is written and measured on disk.
+  A budget and a bound that cannot both hold end the fit with :class:`~lightning_compress.adaptive.session.
+  BudgetError` (the smallest budget that met the bound, as measured) and a FAILED report; the model keeps its
+  float (pruned) weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
+from lightning_compress.adaptive.in_fit import BudgetRun, Caps, SparsityPlanner, budget_caps, shortfall
+from lightning_compress.adaptive.session import BudgetError
+from lightning_compress.callbacks.base import compression_callbacks
+from lightning_compress.callbacks.pruning import GradientStabilityPruning
+from lightning_compress.callbacks.quantization import _calibration_forward
+from lightning_compress.core.accounting import FLOAT_BITS, layer_float_bytes
+from lightning_compress.core.io import check_export_path
+from lightning_compress.core.validation import check_number
+from lightning_compress.integration import _compat, evaluation
+from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode
+from lightning_compress.pruning.config import PruningConfig
+from lightning_compress.pruning.schedule import PruningSchedule
+from lightning_compress.pruning.tracked import TrackedLayers
+from lightning_compress.quantization.coverage import layer_weight
+from lightning_compress.quantization.export import save_quantized
+from lightning_compress.reporting.records import CompressionEvent
+
+PROGRESS = 1.0  # the schedule ramps progress from 0 to 1; each layer's target is its planned sparsity times it
+PLANNED_MAX = 0.9  # the largest sparsity a plan can give (adaptive.candidates.SPARSITIES), for PruningConfig
+
+
+def as_budget(budget: Any) -> Budget:
+    """``budget`` as a :class:`Budget`: one already, or a dict of its fields (what a YAML config gives)."""
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, dict) and set(budget) <= {"size", "macs", "latency"}:
+        return Budget(**budget)
+    raise TypeError(f"`budget` must be a lightning_compress.Budget or a dict with keys among 'size', 'macs', e.g. "
+                    f"{{'size': '25MB'}}, got {budget!r}")
+
+
+class AdaptiveCompression(GradientStabilityPruning):
+    """Compress to ``budget`` within ``max_metric_drop`` during the fit: per-layer sparsity while training, per-layer
+    widths at its end (see the module docstring).
+
+    Args:
+        budget: :class:`~lightning_compress.Budget` (``size``: bytes of the exported file, ``"25MB"`` or a fraction
+            of the fp32 model; ``macs``: a count or a fraction) or a dict of those fields.
+        max_metric_drop: the bound on the delivered model's metric against the one before the first pruning event
+            (the float model at the end of the fit when nothing was pruned); None: no bound.
+        export_path: ``*.safetensors`` for the delivered model (relative: in the run's log directory).
+        calibration: the clipping search of each candidate's scales; ``calibration_batches``: training batches for
+            the end-of-fit Fisher and MACs; ``corrections``: re-solves after a failed bound.
+        schedule, schedule_unit, start_step, end_step, frequency: when the pruning events happen (as
+            ``GradientStabilityPruning``); module_types / include / exclude: the layers pruned (all Linear /
+            Conv / Embedding weights are quantized); metric / metric_kwargs / on_violation / patience /
+            gate_batches / verbose: as there.
+    """
+
+    report_name = "adaptive"
+
+    def __init__(
+        self,
+        budget: Budget | dict[str, Any],
+        max_metric_drop: float | None = None,
+        export_path: str | None = None,
+        calibration: Literal["mse", "minmax", "percentile"] = "mse",
+        calibration_batches: int = FISHER_BATCHES,
+        corrections: int = CORRECTIONS,
+        schedule: Literal["polynomial", "constant", "one_shot"] = "polynomial",
+        schedule_unit: Literal["step", "epoch"] = "step",
+        start_step: int | None = None,
+        end_step: int | None = None,
+        frequency: int | None = None,
+        module_types: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        metric: str = DEFAULT_METRIC,
+        metric_kwargs: dict[str, Any] | None = None,
+        on_violation: Literal["backoff", "stop"] = "backoff",
+        patience: int | None = None,
+        gate_batches: int | None = None,
+        verbose: int = 1,
+    ) -> None:
+        self.budget = as_budget(budget)
+        if export_path is not None and (not isinstance(export_path, str) or not export_path.endswith(".safetensors")):
+            raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
+        check_number("calibration_batches", calibration_batches, low=1, integer=True)
+        check_number("corrections", corrections, low=0, high=10, integer=True)
+        if calibration not in ("mse", "minmax", "percentile"):
+            raise ValueError(f"`calibration` must be one of ['mse', 'minmax', 'percentile'], got {calibration!r}")
+        super().__init__(
+            sparsity=PLANNED_MAX, criterion="taylor", scope="layer", schedule=schedule, schedule_unit=schedule_unit,
+            start_step=start_step, end_step=end_step, frequency=frequency, statistics="per_weight",
+            module_types=module_types, include=include, exclude=exclude, metric=metric, metric_kwargs=metric_kwargs,
+            max_metric_drop=max_metric_drop, metric_reference="initial", on_violation=on_violation,
+            patience=patience, gate_batches=gate_batches, verbose=verbose,
+        )
+        self.export_path, self.calibration = export_path, calibration
+        self.calibration_batches, self.corrections = calibration_batches, corrections
+        self.caps: Caps | None = None
+        self.result: CompressionResult | None = None
+        self._export_file: Path | None = None
+
+    def _reset_run(self, pl_module: pl.LightningModule | None = None, layers: TrackedLayers | None = None,
+                   config: PruningConfig | None = None) -> None:
+        super()._reset_run(pl_module, layers, config)
+        self.run = BudgetRun(self.run.config, self.gate, self.metric_reference, pl_module, layers)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(budget=repr(self.budget), selection=self.selection.describe())
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "budget": {k: getattr(self.budget, k) for k in ("size", "macs")},
+                "export_path": self.export_path, "calibration": self.calibration,
+                "calibration_batches": self.calibration_batches, "corrections": self.corrections}
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        others = [type(c).__name__ for c in compression_callbacks(trainer) if c is not self]
+        if others:
+            raise ValueError(f"AdaptiveCompression plans pruning and quantization together; {others} in the same "
+                             "Trainer would compress the model a second time; allowed: AdaptiveCompression alone")
+        self.result = None
+        self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module))
+        if self.export_path is not None:
+            self._export_file = check_export_path(self.export_path, self.run_dir(trainer),
+                                                  create=trainer.is_global_zero)
+
+    def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
+        """(a batch, how to feed it) for counting MACs: only a MACs budget reads it."""
+        if self.budget.macs is None:
+            return None, None
+        loader = _compat.training_dataloader(trainer)
+        with torch.random.fork_rng(devices=[]):  # the fit's random stream is left as it was
+            batch = next(iter(loader), None) if loader is not None else None
+        if batch is None:
+            return None, None
+        return trainer.strategy.batch_to_device(batch, pl_module.device), _calibration_forward
+
+    def _schedule(self, trainer: pl.Trainer) -> PruningSchedule:
+        schedule = super()._schedule(trainer)
+        return PruningSchedule(schedule.kind, PROGRESS, schedule.start, schedule.end, schedule.frequency)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        assert self.caps is not None  # set in setup
+        run = self.run
+        assert isinstance(run, BudgetRun)
+        run.planner = SparsityPlanner(pl_module, dict(self.layers.modules), self.caps)
+        run.broadcast = lambda plan: trainer.strategy.broadcast(plan, src=0)
+
+    def _check_target(self, delivered: float) -> None:
+        run = self.run
+        assert isinstance(run, BudgetRun)
+        short = shortfall(run.plan_by_layer, run.reached())
+        self.report.gate.setdefault(self.report_name, {}).update(
+            planned_sparsity=dict(run.plan_by_layer), reached_sparsity=run.reached(), replans=run.replans,
+            shortfall={n: f"planned {p:.2f}, reached {r:.2f}" for n, (p, r) in short.items()} or None)
+
+    # ------------------------------------------------------------------ end of fit
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._finish(trainer, pl_module)  # the masks reached, frozen into the weights
+        try:
+            result = self.result = self._compress(trainer, pl_module)
+        except BudgetError as err:
+            self._fail(trainer, pl_module, err)
+        self._export(trainer, pl_module, result)
+        self._report_plan(trainer, pl_module, result)
+
+    def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompressionResult:
+        loader = trainer.train_dataloader
+        batches = list(itertools.islice(iter(loader), self.calibration_batches)) if loader is not None else []
+        batches = [trainer.strategy.batch_to_device(b, pl_module.device)
+                   for b in trainer.strategy.broadcast(batches, src=0)]
+        metric_fn, allowed = None, None
+        if self._has_val:
+            def metric_fn(_: Any) -> float:
+                return evaluation.evaluate(trainer, pl_module, self.metric_spec)
+
+            if self.max_metric_drop is not None:
+                spent = max(0.0, self.gate.drop(self.controller.initial_metric, metric_fn(pl_module)) or 0.0)
+                allowed = max(0.0, self.max_metric_drop - spent)  # training after the first event may have gained
+                self.report.gate[self.report_name].update(pruning_drop=spent, quantization_allowed=allowed)
+        rank_zero_info(f"AdaptiveCompression: planning widths for {self.budget!r} on the masks reached")
+        with eval_mode(pl_module):
+            return compress(pl_module, self.budget, batches, forward=_calibration_forward, metric_fn=metric_fn,
+                            max_metric_drop=allowed, higher_is_better=self.metric_spec.higher_is_better,
+                            calibration=self.calibration, calibration_batches=len(batches) or 1,
+                            corrections=self.corrections, search="bits")
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
+        """Rank zero writes the model's codes; the file on disk is what the budget counts."""
+        path = self._export_file
+        if path is None:
+            return
+        if trainer.is_global_zero:
+            save_quantized(pl_module, path)
+            written = os.path.getsize(path)
+            if result.budget_bytes is not None and written > result.budget_bytes:
+                raise BudgetError(f"`budget` size {result.budget_bytes} bytes: the file written at {str(path)!r} is "
+                                  f"{written} bytes (measured {result.file_bytes} before); it is over the budget",
+                                  None)
+            result.file_bytes = written
+        self.report.files["quantized"] = str(path.resolve())
+        trainer.strategy.barrier("lightning_compress.adaptive.export")
+
+    def _report_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
+        """The plan per layer into the report's layers, the budget and what was delivered into its gate entry."""
+        modules = dict(pl_module.named_modules())
+        for row in result.plan:
+            module = modules[row["layer"]]
+            weight = layer_weight(row["layer"], module)
+            record = self.report.record_layer(row["layer"], weight.numel(), layer_float_bytes(module, weight))
+            record.bits = row["bits"]
+            if row["bits"] != FLOAT_BITS:
+                record.bytes_compressed = row["bytes"]
+            measured = "" if row["measured_drop"] is None else f", measured drop alone {row['measured_drop']:.4g}"
+            record.note = f"plan: {row['label']} at sparsity {record.sparsity:.2f}; predicted loss change " \
+                f"{row['predicted']:.4g}{measured}"
+        entry = self.report.gate[self.report_name]
+        entry.update(budget={"size": self.budget.size, "macs": self.budget.macs, "bytes": result.budget_bytes,
+                             "macs_per_example": result.budget_macs},
+                     delivered={"file_bytes": result.file_bytes, "macs_per_example": result.macs},
+                     plan=result.plan, verification_steps=list(result.steps), evaluations=result.evaluations,
+                     quantization="round to nearest with the calibration's clipping search (compress() has no GPTQ)")
+        self.report.metric_before = result.metric_before
+        drop = self.gate.drop(result.metric_before, result.metric_after)
+        note = f"budget plan: {len(result.plan)} layers, file {result.file_bytes} B, {result.macs} MACs"
+        self.report.events.append(CompressionEvent("quantize", trainer.global_step, result.metric_before,
+                                                   result.metric_after, note=note, reference=result.metric_before,
+                                                   drop=drop))
+        rank_zero_info(f"AdaptiveCompression: delivered file {result.file_bytes} B (budget {result.budget_bytes}), "
+                       f"{result.macs} MACs per example (budget {result.budget_macs}); steps: {result.steps}")
+
+    def checkpoint_details(self) -> dict[str, Any]:
+        bits = {row["layer"]: row["bits"] for row in self.result.plan} if self.result is not None else {}
+        return {**super().checkpoint_details(), "quantized": bits,
+                "export": str(self._export_file.resolve()) if self._export_file is not None else None}
