@@ -46,7 +46,8 @@ class GradientStabilityPruning(PruningEvents):
     ``units`` or ``macs``, and ``compact`` to remove the pruned units at the end; the structured planner's
     ``normalize``, ``round_to`` and ``macs_exponent``, see :mod:`lightning_compress.pruning.planner`), ``scope``,
     ``schedule`` (``polynomial`` / ``constant`` / ``one_shot``) with ``schedule_unit``, ``start_step``, ``end_step``,
-    ``frequency``, ``amount``, ``initial_sparsity``; ``min_keep``, ``restart_statistics``, ``statistics``,
+    ``frequency``, ``amount``, ``initial_sparsity``; ``min_keep``, ``restart_statistics``, ``statistics``
+    (``per_weight_every``: per-weight statistics of every k-th step),
     ``module_types`` / ``include`` / ``exclude``, ``metric`` / ``metric_kwargs``, ``max_metric_drop`` and
     ``metric_reference`` (the gate), ``on_violation`` and ``patience`` (a refused step is retried ``patience``
     ticks later or at the next validation, see :mod:`lightning_compress.pruning.controller`), ``evaluate``,
@@ -78,6 +79,7 @@ class GradientStabilityPruning(PruningEvents):
         min_keep: float = 0.0,
         restart_statistics: bool = False,
         statistics: Literal["auto", "per_weight", "per_unit"] = "auto",
+        per_weight_every: int = 2,
         module_types: list[str] | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -103,7 +105,7 @@ class GradientStabilityPruning(PruningEvents):
             initial_sparsity, mean_threshold, std_threshold, min_keep, restart_statistics, statistics, on_violation,
             evaluate, compact, verbose, structured_target, normalize=normalize, round_to=round_to,
             macs_exponent=macs_exponent, patience=patience, gate_batches=gate_batches,
-            align_events=align_events,
+            align_events=align_events, per_weight_every=per_weight_every,
         )
         self._tap = ValidationTap(self.metric_spec)  # the gate's metric during Lightning's validation loop
         defaults = STRUCTURED_MODULE_TYPES if structured else DEFAULT_MODULE_TYPES

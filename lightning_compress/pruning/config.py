@@ -56,6 +56,9 @@ class PruningConfig:
     # an event due during an epoch waits for that epoch's validation (one event per epoch, its "before" reused);
     # None: the callback decides (aligned when no per-step schedule was given, see callbacks.pruning_events)
     align_events: bool | None = None
+    # per-weight statistics of every k-th optimizer step: half their cost at k=2, and on real fits the masks differ
+    # only among near-tied weights, accuracy unchanged (benchmarks/bench_stats_sampling.py)
+    per_weight_every: int = 2
 
     def __post_init__(self) -> None:
         self._check_target()
@@ -83,6 +86,12 @@ class PruningConfig:
         check_choice("statistics", self.statistics, STATISTICS)
         if self.structured and self.statistics == "per_weight":
             raise ValueError("`statistics`='per_weight' does not apply to structured=True: units use 'per_unit'")
+        check_number("per_weight_every", self.per_weight_every, low=1, integer=True)
+        if self.per_weight_every != 2 and not self.per_weight_statistics:
+            raise ValueError(f"`per_weight_every`={self.per_weight_every} samples per-weight statistics, which this "
+                             "configuration does not track, so it would do nothing; allowed: statistics='per_weight' "
+                             "or 'auto' with structured=False and a gradient criterion, or leave `per_weight_every` "
+                             "at 2")
         check_choice("on_violation", self.on_violation, ON_VIOLATION)
         if self.align_events and self.schedule_unit != "step":
             raise ValueError(f"`align_events`=True moves per-step events to the epoch's validation; with "

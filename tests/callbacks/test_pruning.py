@@ -38,7 +38,8 @@ def test_statistics_are_those_of_each_optimizer_step(accumulate: int) -> None:
     trainer.fit(_mlp(), DigitsDataModule(batch_size=32))
     stats = pruning.stats
     assert stats is not None and stats.count == len(spy.grads) == 12
-    ref = torch.stack([g.double() for g in spy.grads])
+    assert stats.weight_every == 2 and stats.weight_count == 6  # the default samples every 2nd step
+    ref = torch.stack([g.double() for g in spy.grads[::2]])
     index = list(pruning.layers.modules).index("net.1")  # the gradient of the first Linear
     # the one-shot event at the last step reads (and merges) the stats; compare with the reference
     torch.testing.assert_close(stats.weight_mean()[index].double(), ref.mean(0), rtol=1e-4, atol=1e-7)
@@ -63,12 +64,15 @@ class _NaNOnce(Callback):
                 p.grad.zero_()
 
 
-def test_nan_step_is_not_counted() -> None:
+@pytest.mark.parametrize(("step", "skipped"), [(2, 1), (3, 0)], ids=["sampled", "between_samples"])
+def test_nan_step_is_not_counted(step: int, skipped: int) -> None:
+    """The per-weight statistics sample every 2nd step (the default): a NaN step they sample is skipped, one in
+    between is not read at all; neither reaches the statistics."""
     pruning = GradientStabilityPruning(sparsity=0.5, schedule="one_shot", start_step=8, evaluate=False)
-    trainer = _trainer([_NaNOnce(step=3), pruning], max_epochs=1, max_steps=8)
+    trainer = _trainer([_NaNOnce(step=step), pruning], max_epochs=1, max_steps=8)
     trainer.fit(_mlp(), DigitsDataModule(batch_size=32))
-    assert pruning.stats.skipped_steps == 1
-    assert pruning.stats.count == 7
+    assert pruning.stats.skipped_steps == skipped
+    assert pruning.stats.count == 8 - skipped and pruning.stats.weight_count == 4
     assert all(torch.isfinite(m).all() for m in pruning.stats.weight_mean())
     assert all(torch.isfinite(s).all() for s in pruning.stats.weight_std())
     assert math.isclose(pruning.current_sparsity(), 0.5, abs_tol=1e-3)

@@ -316,7 +316,7 @@ class GradSpy(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         pruning = pruning_of(trainer)
         index = list(pruning.layers.modules).index(self.module_name)
-        ref = torch.stack(self.grads)
+        ref = torch.stack(self.grads[:: pruning.stats.weight_every])  # the steps the per-weight statistics sample
         mine = {
             "grads": digest(self.grads),
             "steps": len(self.grads),
