@@ -1,0 +1,111 @@
+"""compress() with a latency budget (adaptive/latency_budget.py) on a small CNN trained on sklearn's digits: the
+budget met as measured in ONNX Runtime, the caller's model left as it was, impossible budgets and bad arguments
+refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from benchmarks._common import train
+from lightning_compress.adaptive import Budget, compress, latency_budget
+from lightning_compress.adaptive.latency import measured_ratio
+from lightning_compress.adaptive.latency_budget import LatencyBudgetError
+from lightning_compress.demos.data import load_digits_arrays
+from lightning_compress.demos.models import SmallCNN
+from lightning_compress.structure.macs import macs_per_example
+
+SHAPE = (256, 1, 8, 8)  # large enough a batch that ORT's per-run overhead does not dominate
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, Any]:
+    images, labels = load_digits_arrays()
+    x, y = torch.from_numpy(images).reshape(-1, 1, 8, 8).float(), torch.from_numpy(labels)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    torch.manual_seed(0)
+    model = SmallCNN(image_size=8, channels=[32, 64], hidden=128).net
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 1200, 64)]
+    train(model, batches, epochs=8, lr=3e-3)
+    return {"model": model.eval(), "batches": batches, "val": (x[1200:1500], y[1200:1500])}
+
+
+def accuracy(model: nn.Module, split: tuple[Tensor, Tensor]) -> float:
+    with torch.no_grad():
+        return float((model(split[0]).argmax(1) == split[1]).float().mean())
+
+
+def state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_latency_budget_is_met_as_measured_and_the_callers_model_is_unchanged(digits: dict[str, Any]) -> None:
+    model = digits["model"]
+    before = state(model)
+    result = compress(model, Budget(latency=0.6, latency_input=SHAPE), digits["batches"],
+                      metric_fn=lambda m: accuracy(m, digits["val"]), max_metric_drop=0.5)
+    assert result.budget_latency == 0.6 and result.latency is not None and result.latency <= 0.6
+    again, _, _ = measured_ratio(model, result.model, SHAPE, 1)  # timed again, independently of compress()
+    assert again <= 0.6 * 1.15, (again, result.steps)  # thread CPU time: a few percent of noise at most
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    dense_macs = macs_per_example(model, torch.zeros(SHAPE))
+    assert result.macs == macs_per_example(result.model, torch.zeros(SHAPE)) and result.macs < dense_macs
+    assert any(row["kept"] < row["units"] for row in result.plan)
+    kept = {row["layer"]: row["kept"] for row in result.plan}
+    assert result.model[0].out_channels == kept["0"] and result.model[4].out_channels == kept["4"]
+    assert result.metric_after == pytest.approx(accuracy(result.model, digits["val"]))
+    assert result.metric_before is not None and result.metric_before - result.metric_after <= 0.5
+    assert result.evaluations >= 2 and any("measured" in step for step in result.steps)
+
+
+def test_an_impossible_latency_is_refused_with_the_smallest_measured(digits: dict[str, Any]) -> None:
+    model = digits["model"]
+    before = state(model)
+    with pytest.raises(LatencyBudgetError, match=r"latency=0\.02") as info:
+        compress(model, Budget(latency=0.02, latency_input=SHAPE), digits["batches"])
+    assert info.value.smallest_latency is not None and 0.02 < info.value.smallest_latency < 1
+    assert f"{info.value.smallest_latency:.3f}" in str(info.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_bound_the_budget_cannot_hold_is_refused(digits: dict[str, Any]) -> None:
+    model, x = digits["model"], digits["val"][0]
+    with torch.no_grad():
+        reference = model(x)
+
+    def closeness(m: nn.Module) -> float:  # 0 for the dense model, below for any model that removed a unit
+        with torch.no_grad():
+            return -float((m(x) - reference).square().mean())
+
+    with pytest.raises(LatencyBudgetError, match="cannot both hold") as info:
+        compress(model, Budget(latency=0.8, latency_input=SHAPE), digits["batches"], metric_fn=closeness,
+                 max_metric_drop=0.0)
+    assert "no looser budget" in str(info.value) and info.value.smallest_latency is None
+
+
+BAD: list[tuple[str, dict[str, Any], Any, tuple[str, ...]]] = [
+    ("shape_the_model_cannot_take", {"budget": Budget(latency=0.5, latency_input=(2, 3, 8, 8))}, None,
+     ("latency_input", "(2, 3, 8, 8)", "raised")),
+    ("no_shape_and_dict_batches", {"budget": Budget(latency=0.5)}, "dict", ("latency_input", "dict")),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "batches", "texts"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_latency_arguments_are_refused_before_any_work(digits: dict[str, Any], kwargs: dict[str, Any],
+                                                            batches: Any, texts: tuple[str, ...],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    for name in ("diagonal_fisher", "build_table"):
+        monkeypatch.setattr(latency_budget, name, lambda *a, name=name, **k: calls.append(name))
+    model = digits["model"]
+    data = digits["batches"] if batches is None else [{"x": b[0]} for b in digits["batches"]]
+    forward = None if batches is None else (lambda m, b: m(b["x"]))
+    with pytest.raises(ValueError) as info:
+        compress(model, calibration_data=data, forward=forward, **kwargs)
+    for text in texts:
+        assert text in str(info.value), (text, str(info.value))
+    assert calls == []  # no backward pass, no timing
