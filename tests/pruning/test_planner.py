@@ -192,3 +192,27 @@ def test_new_settings_are_validated() -> None:
         PruningConfig(structured=True, round_to=0)
     with pytest.raises(ValueError, match="macs_exponent"):
         PruningConfig(structured=True, macs_exponent=2.0)
+
+
+def test_layer_targets_prune_each_layer_to_its_own_sparsity() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    layers = TrackedLayers({"0": model[0], "2": model[2]})
+    config = PruningConfig(sparsity=0.9, criterion="magnitude", scope="layer")
+    masks, units = plan_masks(config, model, layers, None, {}, {}, None, 0.9, layer_targets={"0": 0.75, "2": 0.0})
+    assert units == {}
+    assert int(masks["0.weight"].sum()) == 32 and bool(masks["2.weight"].all())
+    weight = model[0].weight.detach().abs().flatten()
+    assert float(weight[masks["0.weight"].flatten()].min()) >= float(weight[~masks["0.weight"].flatten()].max())
+
+
+@pytest.mark.parametrize(("structured", "targets", "match"), [
+    (False, {"0": 0.5}, r"one sparsity per tracked layer \['0', '2'\]"),
+    (True, {"0": 0.5, "2": 0.5}, r"of unstructured pruning, got \['0', '2'\] with structured=True"),
+])
+def test_layer_targets_are_refused_where_they_cannot_apply(structured: bool, targets: dict, match: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    config = PruningConfig(sparsity=0.5, structured=structured, criterion="magnitude")
+    with pytest.raises(ValueError, match=match):
+        plan_masks(config, model, TrackedLayers({"0": model[0], "2": model[2]}), None, {}, {}, None, 0.5,
+                   layer_targets=targets)

@@ -191,3 +191,21 @@ def test_top_k_equals_a_stable_descending_sort(n: int) -> None:
         expected = torch.zeros(n, dtype=torch.bool)
         expected[torch.argsort(scores, descending=True, stable=True)[:k]] = True
         assert torch.equal(selection.top_k(scores, k), expected), k
+
+
+def test_layer_sparsity_gives_each_tensor_its_own_target_and_keeps_what_is_pruned() -> None:
+    torch.manual_seed(0)
+    scores = [torch.rand(s) for s in SIZES]
+    current = _all_kept(scores)
+    current[0].view(-1)[:30] = False  # 30 of 80 already pruned: more than the 0.25 asked of this tensor
+    masks = selection.keep_masks(scores, current, 0.99, scope="global", layer_sparsity=[0.25, 0.5, 0.0])
+    assert [int(m.sum()) for m in masks] == [50, 108, 50]  # the 0.99 and the global scope are not read
+    assert not masks[0].view(-1)[:30].any()
+    kept = scores[1].flatten()[masks[1].flatten()]
+    assert float(kept.min()) >= float(scores[1].flatten()[~masks[1].flatten()].max())  # the best half stays
+
+
+def test_layer_sparsity_needs_one_target_per_tensor() -> None:
+    scores = [torch.rand(s) for s in SIZES]
+    with pytest.raises(ValueError, match=r"`layer_sparsity` needs one target per tensor \(3\), got 2"):
+        selection.keep_masks(scores, _all_kept(scores), 0.5, layer_sparsity=[0.1, 0.2])

@@ -1,0 +1,147 @@
+"""The pure half of AdaptiveCompression: the budget's caps and floors, the Fisher from the gradient statistics, the
+per-layer sparsity plan and its ramp, and the run's state (random tensors: shapes and arithmetic only)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.in_fit import (
+    BudgetRun,
+    SparsityPlanner,
+    budget_caps,
+    overall,
+    ramped,
+    shortfall,
+    statistics_fisher,
+)
+from lightning_compress.core.accounting import state_bytes
+from lightning_compress.core.gate import MetricGate
+from lightning_compress.pruning.config import PruningConfig
+from lightning_compress.pruning.schedule import PruningSchedule
+from lightning_compress.pruning.statistics import GradientStatistics
+from lightning_compress.pruning.tracked import TrackedLayers
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return model(batch[0])
+
+
+BATCH = (torch.randn(8, 64), torch.zeros(8, dtype=torch.long))
+DENSE = 64 * 64 + 64 * 32 + 32 * 10
+
+
+def test_caps_are_the_budget_in_bytes_and_macs_per_example() -> None:
+    model = _mlp()
+    caps = budget_caps(model, Budget(size=0.3, macs=0.5), BATCH, _forward)
+    assert caps.size_cap == math.floor(0.3 * sum(state_bytes(model).values()))
+    assert caps.macs_cap == math.floor(0.5 * DENSE)  # a Linear applies each weight once per example
+    assert caps.where == {"0": 1.0, "2": 1.0, "4": 1.0}
+    assert caps.fixed_bytes == (64 + 32 + 10) * 4  # the biases
+
+
+@pytest.mark.parametrize(("budget", "match"), [
+    (Budget(size=500), r"`budget` size=500 \(500 bytes\) is below the floor of this model"),
+    (Budget(size=0.01), r"`budget` size=0.01 \(\d+ bytes\) is below the floor"),
+    (Budget(macs=100), r"`budget` macs=100 \(100 MACs per example\) is below the floor of this model"),
+    (Budget(macs=0.05), r"`budget` macs=0.05 \(\d+ MACs per example\) is below the floor"),
+])
+def test_a_budget_below_the_floor_is_refused(budget: Budget, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        budget_caps(_mlp(), budget, BATCH, _forward)
+
+
+def test_a_macs_budget_needs_an_example_batch() -> None:
+    with pytest.raises(ValueError, match=r"`budget` macs=0\.5 counts MACs per example, which needs an example batch"):
+        budget_caps(_mlp(), Budget(macs=0.5))
+
+
+def test_the_fisher_of_the_statistics_is_the_mean_squared_gradient() -> None:
+    shapes = [torch.Size([4, 3]), torch.Size([2, 4])]
+    stats = GradientStatistics(["a", "b"], shapes, per_weight=True, per_unit=False)
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    for step in grads:
+        stats.update(step, [torch.ones(s) for s in shapes])
+    fisher = statistics_fisher(stats)
+    for index, name in enumerate(("a", "b")):
+        expected = torch.stack([step[index].square() for step in grads]).mean(0)
+        torch.testing.assert_close(fisher[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def _planner(model: nn.Module, budget: Budget) -> SparsityPlanner:
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return SparsityPlanner(model, modules, budget_caps(model, budget, BATCH, _forward))
+
+
+def test_the_plan_fits_the_macs_cap_and_the_score_decides_which_layer_loses_more() -> None:
+    model = _mlp()
+    planner = _planner(model, Budget(macs=0.5))
+    fisher = {"0": torch.full((64, 64), 1e-6), "2": torch.full((32, 64), 1e3), "4": torch.full((10, 32), 1e3)}
+    plan = planner(fisher)
+    kept = 64 * 64 * (1 - plan["0"]) + 64 * 32 * (1 - plan["2"]) + 32 * 10 * (1 - plan["4"])
+    assert kept <= planner.caps.macs_cap
+    assert plan["0"] > plan["2"]  # the layer whose weights the loss hardly feels is pruned harder
+
+
+def test_the_plan_never_asks_a_layer_for_less_than_it_has_pruned() -> None:
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[:, :40] = 0  # 62.5 % of the layer pruned already
+    plan = _planner(model, Budget(macs=0.9))({n: torch.ones_like(m.weight) for n, m in
+                                             model.named_modules() if isinstance(m, nn.Linear)})
+    assert plan["0"] >= 40 / 64
+
+
+def test_the_ramp_gives_each_layer_its_target_times_the_progress() -> None:
+    plan = {"a": 0.9, "b": 0.0, "c": 0.5}
+    assert ramped(plan, 0.25, 0.5) == {"a": 0.45, "b": 0.0, "c": 0.25}
+    assert ramped(plan, 0.8, 0.5) == plan  # never beyond the plan
+    assert ramped(plan, 0.3, 0.0) == {"a": 0.0, "b": 0.0, "c": 0.0}
+    assert overall({"a": 0.5, "b": 0.0}, {"a": 300, "b": 100}) == pytest.approx(0.375)
+    assert shortfall({"a": 0.5, "b": 0.2}, {"a": 0.5, "b": 0.1}) == {"b": (0.2, 0.1)}
+
+
+def _run(model: nn.Module) -> BudgetRun:
+    layers = TrackedLayers({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    config = PruningConfig(sparsity=0.9, criterion="taylor", scope="layer", statistics="per_weight")
+    run = BudgetRun(config, MetricGate(None, True), "initial", model, layers)
+    run.schedule = PruningSchedule("polynomial", 1.0, 1, 11, 1)
+    run.start_statistics()
+    return run
+
+
+def test_the_run_targets_the_planned_sparsity_times_the_schedules_progress_and_prunes_per_layer() -> None:
+    model = _mlp()
+    run = _run(model)
+    run.planner = lambda fisher: {"0": 0.8, "2": 0.4, "4": 0.0}
+    weights = run.layers.weights()
+    run.collect()  # no step counted yet: nothing to plan from
+    for _ in range(2):
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        run.collect()
+    target = run._target(11)  # the ramp's end
+    assert run.replans == 1
+    assert target == pytest.approx(overall({"0": 0.8, "2": 0.4, "4": 0.0}, {"0": 4096, "2": 2048, "4": 320}))
+    masks, _ = run.plan(target)
+    reached = {n: 1 - float(masks[f"{n}.weight"].float().mean()) for n in ("0", "2", "4")}
+    assert reached == pytest.approx({"0": 0.8, "2": 0.4, "4": 0.0}, abs=1e-3)
+    run.controller.sparsity_cap = 0.1
+    assert run._target(12) == 0.1  # a back-off's cap holds
+
+
+def test_the_runs_plan_survives_a_checkpoint() -> None:
+    run = _run(_mlp())
+    run.plan_by_layer, run.planned_at, run.replans = {"0": 0.5, "2": 0.25, "4": 0.0}, 7, 3
+    other = _run(_mlp())
+    other.load_state_dict(run.state_dict())
+    assert (other.plan_by_layer, other.planned_at, other.replans) == ({"0": 0.5, "2": 0.25, "4": 0.0}, 7, 3)

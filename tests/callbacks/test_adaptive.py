@@ -1,0 +1,248 @@
+"""AdaptiveCompression in real ``Trainer.fit`` runs on scikit-learn's digits: the budget measured on the file on disk
+and on the delivered weights, the bound on the test split (which the gate never sees), refusals before any step and
+after verification, a resumed fit keeping its plan, and 2-process DDP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_compress import AdaptiveCompression, Budget, load_compressed, load_quantized
+from lightning_compress.adaptive.session import BudgetError
+from lightning_compress.core.accounting import state_bytes
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.quantization.carried import carried
+
+BOUND = 0.05  # accuracy points the delivered model may lose on the validation data
+EPOCHS = 6
+SLACK = 0.03  # the test split holds ~270 digits: one digit is 0.4 points, so a few may differ from validation
+
+
+def _model() -> MLPClassifier:
+    return MLPClassifier(input_size=64, hidden=[64, 32], lr=1e-2)
+
+
+def _trainer(callbacks: list[Callback], root: Path, epochs: int = EPOCHS, **kwargs: Any) -> pl.Trainer:
+    settings: dict[str, Any] = dict(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
+                                    logger=False, enable_checkpointing=False, enable_model_summary=False,
+                                    default_root_dir=str(root), num_sanity_val_steps=0, deterministic=True)
+    settings.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **settings)
+
+
+def _caps(model: torch.nn.Module, budget: Budget) -> tuple[int, int]:
+    """The budget in bytes / MACs per example, computed here from its definition (fp32 tensor bytes; a Linear
+    applies each weight once per example)."""
+    dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return math.floor(float(budget.size) * sum(state_bytes(model).values())), math.floor(float(budget.macs) * dense)
+
+
+@torch.no_grad()
+def _test_accuracy(model: torch.nn.Module) -> float:
+    data = DigitsDataModule(batch_size=64)
+    data.setup("test")
+    metric = MulticlassAccuracy(num_classes=10)
+    model.eval()
+    for x, y in data.test_dataloader():
+        metric.update(model(x), y)
+    return float(metric.compute())
+
+
+class FloatAtEnd(Callback):
+    """Copies the float weights when training ends, before the compression (listed first, its hook runs first)."""
+
+    state: dict[str, torch.Tensor] | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.state = copy.deepcopy(pl_module.state_dict())
+
+
+BUDGET = Budget(size=0.3, macs=0.5)
+
+# id, kwargs besides the budget (or replacing it), error, texts the message holds (the argument and the value)
+BAD: list[tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]] = [
+    ("budget_string", {"budget": "25MB"}, TypeError, ("`budget`", "'25MB'")),
+    ("budget_none", {"budget": None}, TypeError, ("`budget`", "None")),
+    ("budget_unknown_key", {"budget": {"bytes": 1000}}, TypeError, ("`budget`", "'bytes'")),
+    ("budget_bad_unit", {"budget": {"size": "25mb"}}, ValueError, ("`size`", "'25mb'")),
+    ("budget_fraction_one", {"budget": {"macs": 1.5}}, ValueError, ("`macs`", "1.5")),
+    ("budget_empty", {"budget": {}}, ValueError, ("`size`", "`macs`")),
+    ("max_metric_drop_negative", {"max_metric_drop": -0.1}, ValueError, ("max_metric_drop", "-0.1")),
+    ("max_metric_drop_string", {"max_metric_drop": "0.1"}, TypeError, ("max_metric_drop", "'0.1'")),
+    ("export_path_suffix", {"export_path": "model.pt"}, ValueError, ("export_path", "'model.pt'")),
+    ("export_path_int", {"export_path": 3}, ValueError, ("export_path", "3")),
+    ("calibration_unknown", {"calibration": "max"}, ValueError, ("calibration", "'max'")),
+    ("calibration_batches_zero", {"calibration_batches": 0}, ValueError, ("calibration_batches", "0")),
+    ("calibration_batches_float", {"calibration_batches": 2.5}, (TypeError, ValueError), ("calibration_batches",
+                                                                                         "2.5")),
+    ("corrections_negative", {"corrections": -1}, ValueError, ("corrections", "-1")),
+    ("corrections_eleven", {"corrections": 11}, ValueError, ("corrections", "11")),
+    ("schedule_unknown", {"schedule": "cubic"}, ValueError, ("schedule", "'cubic'")),
+    ("schedule_unit_unknown", {"schedule_unit": "batch"}, ValueError, ("schedule_unit", "'batch'")),
+    ("end_before_start", {"start_step": 10, "end_step": 5}, ValueError, ("end_step", "5")),
+    ("on_violation_unknown", {"on_violation": "ignore"}, ValueError, ("on_violation", "'ignore'")),
+    ("patience_zero", {"patience": 0}, ValueError, ("patience", "0")),
+    ("verbose_three", {"verbose": 3}, ValueError, ("verbose", "3")),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "texts"), [row[1:] for row in BAD], ids=[row[0] for row in BAD])
+def test_the_constructor_refuses(kwargs: dict[str, Any], error: Any, texts: tuple[str, ...]) -> None:
+    with pytest.raises(error) as info:
+        AdaptiveCompression(**{"budget": BUDGET, **kwargs})
+    for text in texts:
+        assert text in str(info.value)
+
+
+def test_another_compression_callback_in_the_same_trainer_is_refused_in_setup(tmp_path: Path) -> None:
+    from lightning_compress import PostTrainingQuantization
+
+    trainer = _trainer([AdaptiveCompression(budget=BUDGET), PostTrainingQuantization()], tmp_path)
+    with pytest.raises(ValueError, match=r"\['PostTrainingQuantization'\] in the same Trainer would compress"):
+        trainer.fit(_model(), DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("adaptive")
+    pl.seed_everything(0)
+    spy = FloatAtEnd()
+    callback = AdaptiveCompression(budget=BUDGET, max_metric_drop=BOUND, export_path="model.safetensors")
+    model = _model()
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+    trainer = _trainer([spy, callback, checkpoints], root, enable_checkpointing=True)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    return {"root": root, "callback": callback, "model": model, "float": spy.state, "trainer": trainer}
+
+
+def test_the_file_on_disk_and_the_delivered_macs_are_within_the_budget(fitted: dict[str, Any]) -> None:
+    callback, model = fitted["callback"], fitted["model"]
+    size_cap, macs_cap = _caps(_model(), BUDGET)
+    export = Path(callback.report.files["quantized"])
+    assert export.stat().st_size <= size_cap
+    assert callback.result.file_bytes == export.stat().st_size
+    macs = sum(int(torch.count_nonzero(m.weight)) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert macs <= macs_cap
+    reloaded = load_quantized(_model(), export)  # the file holds the pruned weights: zeros survive the codes
+    assert sum(int(torch.count_nonzero(m.weight)) for m in reloaded.modules() if isinstance(m, torch.nn.Linear)) \
+        <= macs_cap
+
+
+def test_each_layer_ramps_to_its_own_planned_sparsity(fitted: dict[str, Any]) -> None:
+    callback = fitted["callback"]
+    entry = callback.report.gate["adaptive"]
+    planned, reached = entry["planned_sparsity"], entry["reached_sparsity"]
+    assert entry["replans"] >= 2  # planned when pruning started and again at later events
+    assert len({round(s, 2) for s in reached.values()}) > 1  # not one sparsity for every layer
+    for name, target in planned.items():
+        assert reached[name] >= target - 5e-3, (name, planned, reached)
+
+
+def test_the_bound_holds_on_the_test_split_the_gate_never_saw(fitted: dict[str, Any]) -> None:
+    callback = fitted["callback"]
+    float_model = _model()
+    float_model.load_state_dict(fitted["float"])
+    delivered = load_quantized(_model(), callback.report.files["quantized"])
+    assert callback.report.metric_before - callback.report.metric_after <= BOUND  # validation: what the gate saw
+    assert _test_accuracy(float_model) - _test_accuracy(delivered) <= BOUND + SLACK
+
+
+def test_the_report_shows_the_plan_the_budget_and_the_verification(fitted: dict[str, Any]) -> None:
+    callback = fitted["callback"]
+    entry = callback.report.gate["adaptive"]
+    assert {row["layer"] for row in entry["plan"]} == {"net.1", "net.3", "net.5"}
+    assert all({"bits", "granularity", "sparsity", "predicted", "measured_drop"} <= set(row) for row in entry["plan"])
+    assert entry["delivered"]["file_bytes"] <= entry["budget"]["bytes"]
+    assert entry["verification_steps"] and entry["evaluations"] >= 2
+    on_disk = json.loads(Path(callback.report.files["report_json"]).read_text())
+    assert "plan:" in json.dumps(on_disk)
+    assert carried(fitted["model"]) is not None  # the delivered model carries its codes (compressed.ckpt packs them)
+    restored = load_compressed(_model(), callback.report.files["compressed_checkpoint"])
+    assert torch.equal(restored.net[3].weight, fitted["model"].net[3].weight)
+
+
+def test_a_resumed_fit_keeps_the_plan(fitted: dict[str, Any], tmp_path: Path) -> None:
+    """Resumed from the checkpoint of epoch 3 (after events), the plan loaded is the one saved, and the fit ends
+    with the same masks as the uninterrupted run."""
+    ckpt = sorted((fitted["root"] / "ckpt").glob("epoch=2-*.ckpt"))[0]
+    saved = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items()
+                 if k.startswith("AdaptiveCompression"))
+    assert saved["plan"]
+
+    class PlanAtStart(Callback):
+        plan: dict[str, float] | None = None
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.plan = dict(callback.run.plan_by_layer)
+
+    pl.seed_everything(0)
+    callback = AdaptiveCompression(budget=BUDGET, max_metric_drop=BOUND)
+    probe = PlanAtStart()  # after the compression callback: its on_train_start has loaded the state
+    model = _model()
+    _trainer([callback, probe], tmp_path).fit(model, DigitsDataModule(batch_size=64), ckpt_path=str(ckpt))
+    assert probe.plan == saved["plan"]
+    assert callback.report.gate["adaptive"]["reached_sparsity"] == \
+        fitted["callback"].report.gate["adaptive"]["reached_sparsity"]
+
+
+def test_an_impossible_budget_is_refused_in_setup_before_any_step(tmp_path: Path) -> None:
+    callback = AdaptiveCompression(budget=Budget(size=64), export_path="model.safetensors")
+    trainer = _trainer([callback], tmp_path)
+    with pytest.raises(ValueError, match=r"`budget` size=64 \(64 bytes\) is below the floor of this model"):
+        trainer.fit(_model(), DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_budget_the_bound_cannot_meet_fails_after_verification_with_the_smallest_budget(tmp_path: Path) -> None:
+    """Above the floor, but at a zero drop: the fit ends with BudgetError naming the smallest budget that met the
+    bound as measured, a FAILED report, no export, and the float (pruned) weights."""
+    model = _model()
+    floor_ish = 3 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) // 8 + 2000
+    callback = AdaptiveCompression(budget=Budget(size=floor_ish), max_metric_drop=0.0,
+                                   export_path="model.safetensors")
+    with pytest.raises(BudgetError, match="cannot both hold") as info:
+        _trainer([callback], tmp_path, epochs=3).fit(model, DigitsDataModule(batch_size=64))
+    assert info.value.smallest is None or info.value.smallest[0] > floor_ish
+    assert callback.report.failure is not None and "BudgetError" in callback.report.failure
+    assert not list(tmp_path.rglob("model.safetensors"))
+    assert carried(model) is None
+
+
+class _PlanFile(Callback):
+    """Writes this rank's plan and delivered widths (module level: ddp_spawn pickles the trainer)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callback = next(c for c in trainer.callbacks if isinstance(c, AdaptiveCompression))
+        record = {"planned": callback.run.plan_by_layer, "reached": callback.run.reached(),
+                  "plan": [(r["layer"], r["label"]) for r in callback.result.plan],
+                  "weights": float(sum(p.double().sum() for p in pl_module.parameters()))}
+        Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(record, sort_keys=True))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_take_identical_plans(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    callback = AdaptiveCompression(budget=BUDGET, max_metric_drop=0.1, export_path=str(out / "ddp.safetensors"))
+    pl.seed_everything(0)
+    _trainer([callback, _PlanFile(str(out))], tmp_path, epochs=4, strategy="ddp_spawn", devices=2) \
+        .fit(_model(), DigitsDataModule(batch_size=64))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert any(s > 0 for s in ranks[0]["reached"].values())
+    assert (out / "ddp.safetensors").stat().st_size <= _caps(_model(), BUDGET)[0]
