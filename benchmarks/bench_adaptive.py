@@ -1,32 +1,43 @@
-"""Compress to a budget (``lightning_compress.compress``) on an MLP trained on sklearn's digits.
+"""Compress to a budget (``lightning_compress.compress``) against the baselines of issue 23, side by side in one run.
 
-    python benchmarks/bench_adaptive.py [--quick] [--json PATH]
+    python benchmarks/bench_adaptive.py [--quick] [--no-minilm] [--json PATH]
 
-1. How well the score ranks candidates: for every candidate of every layer (widths 2-8 and float x per channel /
-   groups of 32 x sparsity 0 / 50 / 75 / 90 %), the predicted loss increase ``1/2 sum(F dW^2)`` against the
-   measured one (validation cross-entropy with that layer alone changed); Spearman rank correlation, side by side
-   with the same scores times each layer's measured scale (``compress(scale="measured")``; the default is
-   ``"fisher"``) and with plain ``sum(dW^2)``, and per layer the median measured / predicted ratio (how far the
-   scale is off).
-2. Adaptive vs uniform, side by side in one run: for each uniform configuration (bits x granularity, every layer
-   alike, round to nearest with MSE clipping), its file and test accuracy / loss, and ``compress()`` with the
-   budget set to that file's size, with measured per-layer scales and with the Fisher alone. Under a size budget
-   alone ``compress()`` offers no sparsity (stored dense it buys no bytes), so it is the bits-only search here.
-   Seeds give the spread.
-3. ``--minilm``: all-MiniLM-L6-v2 (``bench_minilm.py``'s model, calibration texts and evaluation sentences), no
-   bound: ``compress()`` at 0.12 / 0.135 / 0.15 / 0.2 of the fp32 tensor bytes, with a sampled-Gaussian Fisher on
-   the last hidden states (``loss_fn``), side by side with uniform int4 g128 MSE (``bench_minilm``'s row of that
-   name): min / mean cosine to fp32 on the evaluation sentences and nearest-neighbour agreement.
+Jobs: SmallCNN on MNIST-5k (the built-in job: ``Trainer.fit``, 4 epochs, seeds 0 and 1), the ResNet-18-style CNN
+of ``bench_resnet.py`` on MNIST-5k (seeds 0 and 1) and all-MiniLM-L6-v2 (pretrained, ``bench_minilm``'s calibration
+texts and evaluation sentences of another domain; ``HF_HUB_OFFLINE=1``). Per job and seed:
 
-The digits split: 60 % training (and the Fisher's batches), 20 % validation, 20 % test.
+1. The uniform grid: every layer alike, sparsity (by ``F * w^2``, as the candidates prune) x bits x granularity
+   (per channel where the group does not divide a layer's input), round to nearest with MSE clipping, written as
+   ``compress()`` writes its plans (the same candidates); its file as ``save_quantized`` writes it, and the metric
+   (test accuracy; MiniLM: min cosine to fp32 on the evaluation sentences).
+2. Budgets: the sizes of the uniform configurations on the uniform frontier (none smaller and at least as good), at
+   least four. At each, ``compress()`` with ``search="joint"`` (the default), ``"bits"`` (sparsity 0, as ModelOpt's
+   ``auto_quantize``) and ``"sparsity"`` (every layer int8, sparsity chosen), no bound; the baseline is the best
+   uniform configuration whose file is at most the budget, i.e. of equal or larger size than adaptive's file.
+   CNN jobs also run the joint search with the bound (``max_metric_drop`` 1 point of validation accuracy) and report
+   the verification evaluations and the test accuracy (an independent split).
+3. Spearman rank correlation of predicted ``1/2 sum(F dW^2)`` vs measured validation-loss change, each candidate
+   applied to its layer alone (CNN jobs; the ResNet's candidates subsampled per layer).
+4. Cost on the built-in SmallCNN job (and the ResNet's): thread CPU seconds of the Fisher, the candidates' scores
+   (as ``compress()`` makes them under a size budget, and with every sparsity as under a MACs cap) and the solve,
+   against the process CPU seconds of the ``Trainer.fit`` (one thread), and of a whole ``compress()`` call.
+5. The frontier plot (metric vs file size) is written next to the JSON (``adaptive_frontier.png``).
+
+Verdict per job: adaptive at least as good as the best uniform at every budget within the seed spread (the largest
+difference between seeds of the uniform metric at that budget), and strictly better at half or more.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import re
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,101 +46,115 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from lightning_compress import Budget, compress, quantize
-from lightning_compress.adaptive.candidates import layer_candidates, realise
+from lightning_compress import Budget, compress
+from lightning_compress.adaptive import BudgetError
+from lightning_compress.adaptive.candidates import SPARSITIES, layer_candidates, realise
+from lightning_compress.adaptive.costs import aliases, file_bytes, fixed_bytes, positions
 from lightning_compress.adaptive.fisher import diagonal_fisher
-from lightning_compress.adaptive.scales import measured_scales
-from lightning_compress.demos.data import load_digits_arrays
+from lightning_compress.adaptive.frontier import best_within, budgets_along, frontier
+from lightning_compress.adaptive.plan import Problem
+from lightning_compress.adaptive.session import Session
+from lightning_compress.core.gate import MetricGate
 from lightning_compress.quantization.calibration import feed
+from lightning_compress.quantization.carried import forget
+from lightning_compress.quantization.checks import measure
+from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import file_size, train
+from _common import accuracy, file_size, fit
+from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, write_json
 
-Split = tuple[Tensor, Tensor]
+SEARCHES = ("joint", "bits", "sparsity")
+BOUND_POINTS = 1.0  # max_metric_drop of the bounded CNN runs, in validation-accuracy points
 
 
-def data(seed: int) -> tuple[list[Split], Split, Split]:
-    images, labels = load_digits_arrays()
-    x, y = torch.from_numpy(images).reshape(len(images), -1), torch.from_numpy(labels)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    a, b = len(x) * 3 // 5, len(x) * 4 // 5
-    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, a, 64)], (x[a:b], y[a:b]), (x[b:], y[b:])
+@dataclass
+class Job:
+    """One model to compress: ``fresh()`` gives the float model to work on (a copy, or the original restored)."""
+
+    name: str
+    fresh: Callable[[], nn.Module]
+    calibration: list[Any]
+    metric: Callable[[nn.Module], float]  # the reported metric, higher is better, on held-out data
+    float_bytes: int
+    group_size: int
+    grid: dict[str, tuple[Any, ...]]
+    loss_fn: Callable[[Any, Any], Tensor] | None = None
+    val_metric: Callable[[nn.Module], float] | None = None  # the bound's metric (CNNs: validation accuracy %)
+    val_loss: Callable[[nn.Module], float] | None = None  # for the Spearman
+    extra_budgets: tuple[float, ...] = ()  # fractions of the fp32 file tried besides the uniform frontier's sizes
+    fit_s: float | None = None  # wall seconds of the Trainer.fit
+    fit_cpu_s: float | None = None  # its process CPU seconds (one thread, no loader workers)
 
 
-def mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+# ---------------------------------------------------------------------------------------------- jobs
+def _val_loss(loader: Any) -> Callable[[nn.Module], float]:
+    @torch.no_grad()
+    def loss(model: nn.Module) -> float:
+        model.eval()
+        total = count = 0.0
+        for x, y in loader:
+            total += float(F.cross_entropy(model(x), y, reduction="sum"))
+            count += len(y)
+        return total / count
+    return loss
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
-    out = model(split[0])
-    return 100.0 * float((out.argmax(1) == split[1]).float().mean()), float(F.cross_entropy(out, split[1]))
+def cnn_job(name: str, model: nn.Module, data: PreloadedMNIST5k, fit_s: tuple[float, float],
+            grid: dict[str, tuple[Any, ...]], calibration_batches: int) -> Job:
+    model.eval()
+    train = list(data.train_dataloader())[:calibration_batches]
+    val, test = list(data.val_dataloader()), list(data.test_dataloader())
+    return Job(name, lambda: copy.deepcopy(model), train, lambda m: accuracy(m, test), file_size(model), 32, grid,
+               val_metric=lambda m: accuracy(m, val), val_loss=_val_loss(val), fit_s=fit_s[0], fit_cpu_s=fit_s[1])
 
 
-def rank_correlation(model: nn.Module, batches: list[Split], val: Split) -> dict[str, Any]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    weights = {n: m.weight for n, m in layers.items()}
-    fisher = diagonal_fisher(model, weights, batches, feed)
-    base = evaluate(model, val)[1]
-    candidates = {n: layer_candidates(n, m, m.weight.detach(), fisher[n], 1.0, 0, "mse") for n, m in layers.items()}
-    scales = measured_scales(model, weights, fisher, candidates, batches, feed, None, "mse")
-    predicted, scaled, squared, measured, ratios = [], [], [], [], {}
-    for name, module in layers.items():
-        original = module.weight.detach().clone()
-        per_layer = []
-        for c in candidates[name]:
-            if c.score == 0.0:
-                continue  # the float layer itself
-            approx, _ = realise(original, fisher[name], c, "mse")
-            with torch.no_grad():
-                module.weight.copy_(approx)
-            change = evaluate(model, val)[1] - base
-            predicted.append(c.score)
-            scaled.append(c.score * scales[name])
-            squared.append(float((approx - original).square().sum()))
-            measured.append(change)
-            per_layer.append(change / c.score)
-        with torch.no_grad():
-            module.weight.copy_(original)
-        ratios[name] = sorted(per_layer)[len(per_layer) // 2]
-    return {"candidates": len(predicted), "spearman_fisher": float(spearmanr(predicted, measured)[0]),
-            "spearman_dw2": float(spearmanr(squared, measured)[0]),
-            "spearman_measured_scale": float(spearmanr(scaled, measured)[0]), "median_measured_over_predicted": ratios}
+def timed_fit(model: nn.Module, data: PreloadedMNIST5k, epochs: int) -> tuple[float, float]:
+    """Wall and process CPU seconds of ``_common.fit``."""
+    cpu = time.process_time()
+    wall = fit(model, data, epochs)
+    return wall, time.process_time() - cpu
 
 
-def side_by_side(model: nn.Module, batches: list[Split], test: Split) -> list[dict[str, Any]]:
-    rows = []
-    for bits in (2, 3, 4, 6, 8):
-        for granularity in ("per_channel", "per_group"):
-            uniform = copy.deepcopy(model)
-            result = quantize(uniform, bits=bits, granularity=granularity, group_size=32, calibration="mse")
-            size = file_size(uniform, result)
-            row = {"uniform": f"int{bits} {'g32' if granularity == 'per_group' else 'per-channel'}", "bytes": size}
-            row["uniform_acc"], row["uniform_loss"] = evaluate(uniform, test)
-            for scale in ("measured", "fisher"):
-                adaptive = copy.deepcopy(model)
-                started = time.perf_counter()
-                planned = compress(adaptive, Budget(size=size), batches, scale=scale)
-                row[f"{scale}_s"] = time.perf_counter() - started
-                row[f"{scale}_bytes"] = planned.file_bytes
-                row[f"{scale}_acc"], row[f"{scale}_loss"] = evaluate(adaptive, test)
-                row[f"{scale}_plan"] = [r["label"] for r in planned.plan]
-            rows.append(row)
-    return rows
+def smallcnn_jobs(seeds: list[int], epochs: int, grid: dict[str, tuple[Any, ...]]) -> list[Job]:
+    import lightning.pytorch as pl
+
+    from lightning_compress.demos.models import SmallCNN
+
+    data = PreloadedMNIST5k(batch_size=64)
+    jobs = []
+    for seed in seeds:
+        pl.seed_everything(seed, verbose=False)
+        model = SmallCNN()
+        fit_s = timed_fit(model, data, epochs)  # the built-in job (configs/prune.yaml's model, data and epochs)
+        jobs.append(cnn_job(f"SmallCNN seed {seed}", model, data, fit_s, grid, calibration_batches=8))
+    return jobs
 
 
-def minilm() -> list[dict[str, Any]]:
+def resnet_jobs(seeds: list[int], width: int, image_size: int, epochs: int,
+                grid: dict[str, tuple[Any, ...]]) -> list[Job]:
+    import lightning.pytorch as pl
+    from bench_resnet import ResNet18
+
+    data = PreloadedMNIST5k(batch_size=64)
+    jobs = []
+    for seed in seeds:
+        pl.seed_everything(seed, verbose=False)
+        model = ResNet18(width, image_size)
+        fit_s = timed_fit(model, data, epochs)
+        jobs.append(cnn_job(f"ResNet-18 w{width} {image_size}px seed {seed}", model, data, fit_s, grid,
+                            calibration_batches=8))
+    return jobs
+
+
+def minilm_job(grid: dict[str, tuple[Any, ...]], paragraphs: int) -> Job:
     import bench_minilm as mini
 
     st = mini.load_minilm()
     bert = st[0].auto_model
     float_state = copy.deepcopy(bert.state_dict())
     reference = mini.embed(st)
-    cal = mini.batches(st, list(mini.CALIBRATION_TEXTS) + mini.doc_paragraphs(48))
-    base = file_size(bert)
     generator = torch.Generator().manual_seed(0)
 
     def loss_fn(output: Any, batch: dict[str, Tensor]) -> Tensor:  # Gaussian Fisher of the token states
@@ -138,69 +163,270 @@ def minilm() -> list[dict[str, Any]]:
         mask = batch["attention_mask"].unsqueeze(-1)
         return 0.5 * ((states - (states.detach() + noise)).square() * mask).sum() / states.shape[0]
 
-    rows = []
-    uniform = quantize(bert, bits=4, **mini.LOW_BITS)
-    rows.append({"scheme": "uniform int4 g128 MSE", "file_x": file_size(bert, uniform) / base,
-                 **mini.compare(reference, mini.embed(st))})
-    for fraction in (0.12, 0.135, 0.15, 0.2):  # 0.135: the uniform int4 g128 file
+    def fresh() -> nn.Module:
+        forget(bert)
         bert.load_state_dict(float_state)
-        started = time.perf_counter()
-        result = compress(bert, Budget(size=fraction), cal, loss_fn=loss_fn)
-        rows.append({"scheme": f"compress(Budget(size={fraction}))", "file_x": (result.file_bytes or 0) / base,
-                     "seconds": time.perf_counter() - started, **mini.compare(reference, mini.embed(st)),
-                     "plan": sorted({r["label"] for r in result.plan})})
-    print(f"\nall-MiniLM-L6-v2 (fp32 file {base / 1e6:.1f} MB), cosine to fp32 on the evaluation sentences")
-    for r in rows:
-        print(f"  {r['scheme']:<32} file {r['file_x']:.3f}x  min cos {r['min_cos']:.4f}  mean {r['mean_cos']:.4f}  "
-              f"NN {r['nn_agreement']:.3f}" + (f"  {r['seconds']:.0f} s" if "seconds" in r else ""))
+        return bert
+
+    def metric(model: nn.Module) -> float:
+        assert model is bert, "the MiniLM metric reads the sentence-transformer around the one BERT"
+        return mini.compare(reference, mini.embed(st))["min_cos"]
+
+    cal = mini.batches(st, list(mini.CALIBRATION_TEXTS) + mini.doc_paragraphs(paragraphs))
+    return Job("all-MiniLM-L6-v2", fresh, cal, metric, file_size(bert), 128, grid, loss_fn=loss_fn,
+               extra_budgets=(0.15,))
+
+
+# ---------------------------------------------------------------------------------------------- uniform grid
+def uniform_grid(job: Job) -> list[dict[str, Any]]:
+    """Every configuration of the grid, each layer at that sparsity, width and granularity (per channel where the
+    group size does not divide its input), quantized, written and measured as ``compress()`` writes its plans."""
+    model = job.fresh()
+    layers, _ = select_layers(model, QUANT_MODULE_TYPES)
+    weights = {n: layer_weight(n, m) for n, m in layers.items()}
+    keys = {n: weight_key(n, m) for n, m in layers.items()}
+    fisher = diagonal_fisher(model, weights, job.calibration, feed, job.loss_fn)
+    where = positions(model, layers, job.calibration[0], feed)
+    candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, "mse",
+                                      widths=job.grid["bits"], sparsities=job.grid["sparsity"])
+                  for n, count in aliases(model, keys).items()}
+    floats = {n: w.detach().clone() for n, w in weights.items()}
+    session = Session(model, layers, weights, keys, floats, fisher, where, "mse", None, measure, MetricGate(None),
+                      None)
+    rows = []
+    for sparsity in job.grid["sparsity"]:
+        for bits in job.grid["bits"]:
+            for granularity in job.grid["granularity"]:
+                plan = {}
+                for name, options in candidates.items():
+                    same = [c for c in options if c.sparsity == sparsity and c.bits == bits]
+                    plan[name] = next((c for c in same if c.granularity == granularity),
+                                      next(c for c in same if c.granularity == "per_channel"))
+                session.write(plan)
+                grain = f"g{job.group_size}" if granularity == "per_group" else "per-channel"
+                label = f"int{bits} {grain}" + (f" {sparsity:.0%} sparse" if sparsity else "")
+                rows.append({"config": label, "bytes": file_bytes(model), "metric": job.metric(model)})
+                print(f"    uniform {label:<26} {rows[-1]['bytes'] / job.float_bytes:.4f}x  "
+                      f"metric {rows[-1]['metric']:.4f}", flush=True)
+    session.restore()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- adaptive
+def adaptive(job: Job, cap: int, search: str, bounded: bool = False) -> dict[str, Any]:
+    model = job.fresh()
+    kwargs: dict[str, Any] = {"loss_fn": job.loss_fn, "search": search}
+    if bounded:
+        kwargs.update(metric_fn=job.val_metric, max_metric_drop=BOUND_POINTS)
+    started, cpu = time.perf_counter(), time.thread_time()
+    try:
+        result = compress(model, Budget(size=cap), job.calibration, **kwargs)
+    except (BudgetError, ValueError) as error:
+        found = re.search(r"after (\d+) evaluations", str(error))
+        return {"refused": str(error)[:600], "smallest": getattr(error, "smallest", None),
+                "evaluations": int(found.group(1)) if found else None, "seconds": time.perf_counter() - started}
+    row = {"bytes": result.file_bytes, "metric": job.metric(model), "evaluations": result.evaluations,
+           "seconds": time.perf_counter() - started, "cpu_s": time.thread_time() - cpu, "steps": result.steps,
+           "plan": [r["label"] for r in result.plan]}
+    forget(model)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- ranking
+def rank_correlation(job: Job, per_layer: int | None) -> dict[str, Any]:
+    """Spearman of predicted vs measured validation-loss change, each candidate on its layer alone."""
+    assert job.val_loss is not None
+    model = job.fresh()
+    layers, _ = select_layers(model, QUANT_MODULE_TYPES)
+    weights = {n: layer_weight(n, m) for n, m in layers.items()}
+    fisher = diagonal_fisher(model, weights, job.calibration, feed, job.loss_fn)
+    where = positions(model, layers, job.calibration[0], feed)
+    base = job.val_loss(model)
+    predicted, measured, squared = [], [], []
+    for name in layers:
+        options = [c for c in layer_candidates(name, layers[name], weights[name], fisher[name], where[name], 0, "mse")
+                   if c.score > 0]
+        if per_layer is not None and len(options) > per_layer:
+            options = [options[round(i * (len(options) - 1) / (per_layer - 1))] for i in range(per_layer)]
+        original = weights[name].detach().clone()
+        for c in options:
+            approx, _ = realise(original, fisher[name], c, "mse")
+            with torch.no_grad():
+                weights[name].copy_(approx)
+            predicted.append(c.score)
+            measured.append(job.val_loss(model) - base)
+            squared.append(float((approx - original).square().sum()))
+        with torch.no_grad():
+            weights[name].copy_(original)
+    return {"candidates": len(predicted), "spearman_fisher": float(spearmanr(predicted, measured)[0]),
+            "spearman_dw2": float(spearmanr(squared, measured)[0])}
+
+
+# ---------------------------------------------------------------------------------------------- cost
+def cost(job: Job) -> dict[str, Any]:
+    """Thread CPU seconds of compress()'s phases on ``job`` (the built-in SmallCNN job) against its fit."""
+    model = job.fresh()
+    layers, _ = select_layers(model, QUANT_MODULE_TYPES)
+    keys = {n: weight_key(n, m) for n, m in layers.items()}
+    weights = {n: layer_weight(n, m) for n, m in layers.items()}
+    out: dict[str, Any] = {"fit_s": job.fit_s, "fit_cpu_s": job.fit_cpu_s}
+    clock = time.thread_time()
+    where = positions(model, layers, job.calibration[0], feed)
+    fisher = diagonal_fisher(model, weights, job.calibration, feed, job.loss_fn)
+    out["fisher_s"], clock = time.thread_time() - clock, time.thread_time()
+    for label, sparsities in (("candidates_s", (0.0,)), ("candidates_with_sparsity_s", SPARSITIES)):
+        clock = time.thread_time()
+        candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, "mse",
+                                          sparsities=sparsities) for n, count in aliases(model, keys).items()}
+        out[label] = time.thread_time() - clock
+    clock = time.thread_time()
+    Problem(candidates, fixed_bytes(model, keys), 0, int(0.15 * job.float_bytes), None).choose(0)
+    out["solve_s"] = time.thread_time() - clock
+    clock = time.thread_time()
+    compress(job.fresh(), Budget(size=0.15), job.calibration)
+    out["compress_s"] = time.thread_time() - clock
+    fit_s = job.fit_cpu_s or float("nan")
+    out["scoring_and_solving_fraction"] = (out["fisher_s"] + out["candidates_s"] + out["solve_s"]) / fit_s
+    out["with_sparsity_fraction"] = (out["fisher_s"] + out["candidates_with_sparsity_s"] + out["solve_s"]) / fit_s
+    out["compress_fraction"] = out["compress_s"] / fit_s
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- one job
+def run_job(job: Job, budget_count: int, bounded: bool) -> dict[str, Any]:
+    print(f"\n{job.name}: fp32 file {job.float_bytes} B" + (f", fit {job.fit_s:.1f} s" if job.fit_s else ""),
+          flush=True)
+    fp32 = job.metric(job.fresh())
+    grid = uniform_grid(job)
+    front = frontier(grid)
+    extra = [int(f * job.float_bytes) for f in job.extra_budgets]
+    rows = []
+    for cap in sorted(set(budgets_along(grid, budget_count, most=6)) | set(extra)):
+        best = best_within(grid, cap)
+        row: dict[str, Any] = {"budget": cap, "budget_x": cap / job.float_bytes, "uniform": best}
+        for search in SEARCHES:
+            row[search] = adaptive(job, cap, search)
+        if bounded and job.val_metric is not None:
+            row["joint_bounded"] = adaptive(job, cap, "joint", bounded=True)
+        rows.append(row)
+        print(f"  budget {cap / job.float_bytes:.4f}x: uniform "
+              + (f"{best['config']} {best['metric']:.4f}" if best else "none fits")
+              + "".join(f" | {s} " + (f"{row[s]['metric']:.4f} ({row[s]['bytes']} B)" if "metric" in row[s]
+                                       else "refused") for s in SEARCHES)
+              + (f" | bounded {row['joint_bounded'].get('metric', 'refused')} after "
+                 f"{row['joint_bounded'].get('evaluations')} evaluations" if "joint_bounded" in row else ""),
+              flush=True)
+    return {"fp32_metric": fp32, "float_bytes": job.float_bytes, "fit_s": job.fit_s, "grid": grid,
+            "frontier": [r["config"] for r in front], "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------- verdict and plot
+def verdict(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per budget fraction (matched across seeds by position): adaptive minus the best uniform, the seed spread of
+    the uniform metric, and whether 'at least as good everywhere, strictly better at half or more' holds."""
+    per_budget = []
+    for index in range(min(len(s["rows"]) for s in seeds)):
+        rows = [s["rows"][index] for s in seeds]
+        uniform = [r["uniform"]["metric"] if r["uniform"] else float("nan") for r in rows]
+        joint = [r["joint"].get("metric", float("nan")) for r in rows]
+        spread = max(uniform) - min(uniform) if len(uniform) > 1 else 0.0
+        diffs = [a - b for a, b in zip(joint, uniform)]
+        per_budget.append({"budget_x": statistics.mean(r["budget_x"] for r in rows), "joint_minus_uniform": diffs,
+                           "seed_spread": spread, "at_least": all(d >= -spread for d in diffs if d == d),
+                           "strictly": statistics.mean(diffs) > spread})
+    holds = all(b["at_least"] for b in per_budget) and 2 * sum(b["strictly"] for b in per_budget) >= len(per_budget)
+    return {"per_budget": per_budget, "holds": holds}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no frontier plot")
+        return
+    jobs = results["jobs"]
+    fig, axes = plt.subplots(1, len(jobs), figsize=(5.5 * len(jobs), 4.2), squeeze=False)
+    for ax, (name, seeds) in zip(axes[0], jobs.items()):
+        first = next(iter(seeds.values()))
+        base = first["float_bytes"]
+        grid = first["grid"]
+        ax.scatter([r["bytes"] / base for r in grid], [r["metric"] for r in grid], s=12, c="lightgray",
+                   label="uniform grid")
+        front = frontier(grid)
+        ax.plot([r["bytes"] / base for r in front], [r["metric"] for r in front], "k--", lw=1, label="uniform best")
+        for search, style in zip(SEARCHES, ("o-", "s-", "^-")):
+            for index, seed in enumerate(seeds.values()):
+                done = [r[search] for r in seed["rows"] if "metric" in r[search]]
+                ax.plot([d["bytes"] / base for d in done], [d["metric"] for d in done], style, ms=4,
+                        alpha=1.0 if index == 0 else 0.5, label=f"{search} search" if index == 0 else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("file / fp32 file")
+        ax.set_ylabel("min cosine to fp32" if "MiniLM" in name else "test accuracy (%)")
+        top = first["fp32_metric"]
+        ax.set_ylim(top - (0.15 if "MiniLM" in name else 8), top + (0.01 if "MiniLM" in name else 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"written: {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed instead of three")
-    parser.add_argument("--json", type=Path, default=RESULTS / "adaptive.json")
-    parser.add_argument("--minilm", action="store_true", help="also all-MiniLM-L6-v2 (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="one seed, small models, a reduced grid")
+    parser.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2 (a few minutes)")
+    parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18-style CNN")
+    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    seeds = [0] if args.quick else [0, 1, 2]
-    print(f"torch {torch.__version__}; seeds {seeds}", flush=True)
-    out: dict[str, Any] = {"machine": machine_info(args.quick), "seeds": {}}
-    for seed in seeds:
-        batches, val, test = data(seed)
-        started = time.perf_counter()
-        model = train(mlp(seed), batches, epochs=30, lr=3e-3)
-        fit_s = time.perf_counter() - started
-        float_acc, float_loss = evaluate(model, test)
-        ranks = rank_correlation(model, batches, val)
-        print(f"\nseed {seed}: float test acc {float_acc:.2f} %, loss {float_loss:.4f}, file {file_size(model)} B, "
-              f"fit {fit_s:.2f} s (30 epochs)")
-        print(f"  Spearman predicted vs measured val-loss change over {ranks['candidates']} candidates: "
-              f"1/2 sum(F dW^2) {ranks['spearman_fisher']:.3f}, the same with measured per-layer scales "
-              f"{ranks['spearman_measured_scale']:.3f}, sum(dW^2) {ranks['spearman_dw2']:.3f}")
-        print("  median measured / predicted per layer: "
-              + ", ".join(f"{n}: {r:.3g}" for n, r in ranks["median_measured_over_predicted"].items()))
-        rows = side_by_side(model, batches, test)
-        print(f"  {'uniform':<16}{'bytes':>7}{'acc %':>7}{'loss':>8} | adaptive, measured scale:          "
-              f"{'bytes':>6}{'acc %':>7}{'loss':>8}{'s':>5} | Fisher (default):  {'acc %':>7}{'loss':>8}  plan")
-        for r in rows:
-            print(f"  {r['uniform']:<16}{r['bytes']:>7}{r['uniform_acc']:>7.2f}{r['uniform_loss']:>8.4f} | "
-                  f"{'':>34}{r['measured_bytes']:>6}{r['measured_acc']:>7.2f}{r['measured_loss']:>8.4f}"
-                  f"{r['measured_s']:>5.2f} | {'':>17}{r['fisher_acc']:>7.2f}{r['fisher_loss']:>8.4f}  "
-                  f"{', '.join(r['measured_plan'])}")
-        for scale in ("fisher", "measured"):
-            gains = [r[f"{scale}_acc"] - r["uniform_acc"] for r in rows]
-            better = sum(r[f"{scale}_loss"] < r["uniform_loss"] for r in rows)
-            print(f"  {scale}: test loss lower than uniform at {better}/{len(rows)}, accuracy minus uniform: "
-                  f"min {min(gains):+.2f}, mean {sum(gains) / len(gains):+.2f}, max {max(gains):+.2f} points")
-        slowest = max(r["fisher_s"] for r in rows)
-        print(f"  compress (Fisher, candidates, solve, write, measure): at most {slowest:.2f} s a call, "
-              f"{100 * slowest / fit_s:.0f} % of the fit")
-        out["seeds"][seed] = {"float_acc": float_acc, "float_loss": float_loss, "fit_s": fit_s, "ranks": ranks,
-                              "rows": rows}
-    if args.minilm:
-        out["minilm"] = minilm()
-    write_json(args.json, out)
+    quick = args.quick
+    path = args.json or RESULTS / ("adaptive_quick.json" if quick else "adaptive.json")
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}; CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    cnn_grid = {"sparsity": (0.0,) if quick else (0.0, 0.5), "bits": (2, 3, 4, 8) if quick else (2, 3, 4, 6, 8),
+                "granularity": ("per_channel", "per_group")}
+    seeds = [0] if quick else [0, 1]
+    out: dict[str, Any] = {"machine": machine_info(quick), "load_average_start": load, "jobs": {}, "verdicts": {},
+                           "ranks": {}}
+    jobs: list[list[Job]] = [smallcnn_jobs(seeds, 1 if quick else 4, cnn_grid)]
+    if not args.no_resnet:
+        jobs.append(resnet_jobs(seeds, 8 if quick else 16, 14 if quick else 28, 1 if quick else 2, cnn_grid))
+    out["cost"] = {}
+    for group in jobs:  # the first seed of each CNN: the SmallCNN one is the built-in job of the target
+        c = out["cost"][group[0].name] = cost(group[0])
+        print(f"\ncost on {group[0].name} (CPU s): fit {c['fit_cpu_s']:.2f} ({c['fit_s']:.2f} wall), "
+              f"Fisher {c['fisher_s']:.3f}, "
+              f"candidates {c['candidates_s']:.3f} ({c['candidates_with_sparsity_s']:.3f} with sparsity), solve "
+              f"{c['solve_s']:.4f}: {100 * c['scoring_and_solving_fraction']:.1f} % of the fit "
+              f"({100 * c['with_sparsity_fraction']:.1f} % with sparsity); a whole compress() "
+              f"{100 * c['compress_fraction']:.1f} %", flush=True)
+    if not args.no_minilm:
+        mini_grid = {"sparsity": (0.0,), "bits": (2, 3, 4, 8) if quick else (2, 3, 4, 6, 8),
+                     "granularity": ("per_channel", "per_group")}
+        jobs.append([minilm_job(mini_grid, 16 if quick else 48)])
+    for group in jobs:
+        family = group[0].name.split(" seed")[0]
+        out["jobs"][family] = {}
+        for job in group:
+            out["jobs"][family][job.name] = run_job(job, 4, bounded=job.val_metric is not None)
+            if job.val_loss is not None:
+                ranks = rank_correlation(job, None if "SmallCNN" in job.name else 6)
+                out["ranks"][job.name] = ranks
+                print(f"  Spearman predicted vs measured val-loss change over {ranks['candidates']} candidates: "
+                      f"{ranks['spearman_fisher']:.3f} (sum dW^2: {ranks['spearman_dw2']:.3f})", flush=True)
+        out["verdicts"][family] = verdict(list(out["jobs"][family].values()))
+        v = out["verdicts"][family]
+        print(f"  {family}: at least as good as the best uniform at every budget (within the seed spread), strictly "
+              f"better at half or more: {'PASS' if v['holds'] else 'FAIL'} "
+              f"({sum(b['strictly'] for b in v['per_budget'])}/{len(v['per_budget'])} strictly better)", flush=True)
+    out["load_average_end"] = os.getloadavg()
+    write_json(path, out)
+    plot(out, path.with_name(path.stem + "_frontier.png"))
 
 
 if __name__ == "__main__":
