@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.io import UntrustedFileError
+from lightning_compress.qat.activations import from_entry, to_entry
 from lightning_compress.quantization.carried import attach, carried, drop, forget
 from lightning_compress.quantization.export import (
     _read_checked,
@@ -43,6 +44,7 @@ from lightning_compress.structure.shape_rules import RECORD_KEY, CompactedAxes, 
 
 CHECKPOINT_KEY = "lightning_compress"  # the entry of every checkpoint written with the callbacks
 PACKED_KEY = "packed"
+ACTIVATIONS_KEY = "activation_ranges"  # QAT's trained input ranges (activations="int8"), by weight key
 SENTINEL = ("lightning_compress: a compressed checkpoint: load it with lightning_compress.load_compressed(model, "
             "path) or keep the compression callbacks in the Trainer")
 # what a compressed checkpoint keeps beside the entry and the placeholders: what test / validate / predict read
@@ -59,6 +61,9 @@ def pack(checkpoint: dict[str, Any], model: nn.Module) -> None:
         return
     tensors, meta = quantized_tensors(model, _codes_of(model))
     data = export_bytes(tensors, meta)
+    record = carried(model)
+    if record is not None and record.activations:
+        entry[ACTIVATIONS_KEY] = to_entry(record.activations)
     for key in set(checkpoint) - KEPT:
         del checkpoint[key]
     empty, empty_2d = torch.empty(0), torch.empty(0, 0)  # (0, 0) for 0-d entries: PyTorch indexes a (0,) one
@@ -113,6 +118,7 @@ def unpack(
             meta, floats, quantized = _read_checked(path, model, None)
         except UntrustedFileError as err:
             raise UntrustedFileError(str(err).replace(repr(path), repr(where)).replace(path, where)) from None
+    ranges = from_entry(checkpoint[CHECKPOINT_KEY].get(ACTIVATIONS_KEY), set(quantized), f"{source!r}")
     if declared is not None and declared != meta[RECORD_KEY]:
         raise UntrustedFileError(f"{source!r}: {CHECKPOINT_KEY}.{RECORD_KEY} {encode(declared)!r:.300} is not the "
                                  f"packed model's compaction record {encode(meta[RECORD_KEY])!r:.300}: edited by hand?")
@@ -120,7 +126,7 @@ def unpack(
     shrink_to_state_dict(model, state, meta[RECORD_KEY], source=where)
     forget(model)  # the model will hold exactly what the checkpoint holds
     if quantized:
-        attach(model, quantized, f"load_compressed({source!r})")
+        attach(model, quantized, f"load_compressed({source!r})").activations.update(ranges)
     return state
 
 

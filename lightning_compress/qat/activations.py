@@ -14,10 +14,17 @@ point)`` per tensor. :class:`InputFakeQuantizer` computes exactly what ONNX Runt
   export's own :func:`~lightning_compress.serving._graph.uint8_qparams`: at its first step the model computes what
   a static export calibrated on that batch would. (An EMA of min / max was not chosen: it keeps moving the range
   the scale's gradient is trying to set, and one batch is enough for LSQ to start from.)
-- **learning**: LSQ (Esser et al. 2020) on ``s``: straight-through ``round``, zero gradient to ``x`` outside the
-  clipping range, ``s``'s gradient scaled by ``1 / sqrt(features * 255)``. The zero point stays the integer it was
-  initialised to: it is what the integer kernel needs, ``0`` for a ReLU's output (which keeps the ReLU absorbable
-  into the previous layer's uint8 output), and scaling ``s`` moves both ends of the range together.
+- **learning**: LSQ (Esser et al. 2020): straight-through ``round``, zero gradient to ``x`` outside the clipping
+  range, the step size's gradient scaled by ``1 / sqrt(features * 255)``; but the step is learned as ``log s``: the
+  fit's optimizer is usually Adam-type, which moves a parameter by about its learning rate per step whatever its
+  size, and activation steps span orders of magnitude (inputs in [0, 0.25] need a step far below a learning rate),
+  so a linear ``s`` would move by many times itself within a few dozen steps; ``log s`` moves by a ratio. The zero
+  point stays the integer it was initialised to: it is what the integer kernel needs, ``0`` for a ReLU's output
+  (which keeps the ReLU absorbable into the previous layer's uint8 output), and scaling ``s`` moves both ends of
+  the range together.
+- **exactness**: a checkpoint stores ``log s`` itself (:func:`states`, resumed bit for bit); what the model
+  carries and the export writes is the float32 ``s = exp(log s)`` the forward used (:func:`ranges`), applied as
+  it is by a fixed quantizer (``learn=False``).
 - ranges are keyed by the layer's weight ``state_dict`` key (as the weight codes are, in
   :mod:`lightning_compress.quantization.carried`): the range of ``"net.0.weight"`` is that of ``net.0``'s input.
 """
@@ -25,12 +32,13 @@ point)`` per tensor. :class:`InputFakeQuantizer` computes exactly what ONNX Runt
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.qat.fake_quant import _RoundSTE, _ScaleGrad
 from lightning_compress.serving._graph import uint8_qparams
 
@@ -39,35 +47,50 @@ Range = tuple[float, int]  # (scale, zero point) of one layer's input
 
 
 class InputFakeQuantizer(nn.Module):
-    """uint8 fake quantization of one layer's input (see the module docstring). ``scale``: a learnable 0-d
-    parameter; ``zero_point``: a fixed integer. ``learn=False`` applies a fixed range (a delivered model)."""
+    """uint8 fake quantization of one layer's input (see the module docstring). ``log_scale``: the learnable 0-d
+    parameter; ``zero_point``: a fixed integer. ``given``: a range ``(scale, zero point)``; ``learn=False`` applies
+    it as it is (a delivered model), ``learn=True`` learns from it; ``state``: a checkpoint's ``(log s, zero
+    point)`` (:func:`states`), resumed exactly."""
 
-    def __init__(self, given: Range | None = None, learn: bool = True) -> None:
+    def __init__(self, given: Range | None = None, learn: bool = True, state: Range | None = None) -> None:
         super().__init__()
         scale, zero_point = given if given is not None else (1.0, 0)
         check_range(scale, zero_point, "the activation range")
-        self.scale = nn.Parameter(torch.tensor(float(scale), dtype=torch.float32), requires_grad=learn)
+        self.fixed = None if learn else torch.tensor(float(scale), dtype=torch.float32)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale), dtype=torch.float32), requires_grad=learn)
         self.zero_point = int(zero_point)
-        self.initialized = given is not None
+        if state is not None:
+            with torch.no_grad():
+                self.log_scale.fill_(float(state[0]))
+            self.zero_point = int(state[1])
+        self.initialized = given is not None or state is not None
 
     def range(self) -> Range:
-        """``(scale, zero_point)`` as the export writes them (float32 scale)."""
+        """``(scale, zero_point)`` as the forward applies them and the export writes them (float32 scale)."""
         return float(self.effective_scale().detach().cpu()), self.zero_point
 
+    def state(self) -> Range:
+        """``(log s, zero_point)``: what resumes this quantizer exactly."""
+        return float(self.log_scale.detach().cpu()), self.zero_point
+
     def effective_scale(self) -> Tensor:
-        return self.scale.clamp(min=torch.finfo(torch.float32).tiny)
+        if self.fixed is not None:
+            return self.fixed.to(self.log_scale.device)
+        return self.log_scale.exp().clamp(min=torch.finfo(torch.float32).tiny)
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         scale, zero_point = uint8_qparams(float(x.min()), float(x.max()))
-        self.scale.copy_(torch.tensor(scale, dtype=torch.float32))
+        self.log_scale.fill_(math.log(scale))
         self.zero_point, self.initialized = zero_point, True
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.initialized:
             self._initialize(x.detach().float())
         features = max(1, x[0].numel() if x.dim() > 1 else x.numel())
-        scale = _ScaleGrad.apply(self.effective_scale(), 1.0 / math.sqrt(features * QMAX))
+        scale = self.effective_scale()
+        if self.fixed is None:
+            scale = _ScaleGrad.apply(scale, 1.0 / math.sqrt(features * QMAX))
         codes = torch.clamp(_RoundSTE.apply(x.float() / scale) + self.zero_point, QMIN, QMAX)
         return ((codes - self.zero_point) * scale).to(x.dtype)
 
@@ -92,17 +115,21 @@ def check_range(scale: Any, zero_point: Any, where: str) -> None:
 
 def attach(
     layers: Mapping[str, nn.Module], keys: Mapping[str, str], given: Mapping[str, Range] | None = None,
-    learn: bool = True,
+    learn: bool = True, resumed: Mapping[str, Range] | None = None,
 ) -> dict[str, InputFakeQuantizer]:
     """An :class:`InputFakeQuantizer` as a forward pre-hook on each of ``layers`` (module name -> module); ``keys``:
-    module name -> weight key; ``given``: ranges by weight key (a resumed run, or a delivered model), else each is
-    initialised on its first batch. Every given range is checked before any hook is added."""
-    given = dict(given or {})
+    module name -> weight key; ``given``: ranges by weight key (a delivered model's, applied as they are with
+    ``learn=False``); ``resumed``: a checkpoint's :func:`states`; a layer with neither is initialised on its first
+    batch. Every given range is checked before any hook is added."""
+    given, resumed = dict(given or {}), dict(resumed or {})
     for key, (scale, zero_point) in given.items():
         check_range(scale, zero_point, f"activation range of {key!r}")
+    for key, (log_scale, zero_point) in resumed.items():
+        check_range(math.exp(log_scale), zero_point, f"resumed activation range of {key!r}")
     quantizers = {}
     for name, module in layers.items():
-        quantizer = InputFakeQuantizer(given.get(keys[name]), learn=learn).to(_device(module))
+        key = keys[name]
+        quantizer = InputFakeQuantizer(given.get(key), learn=learn, state=resumed.get(key)).to(_device(module))
         module.register_forward_pre_hook(quantizer)
         quantizers[name] = quantizer
     return quantizers
@@ -123,8 +150,41 @@ def detach(
 
 
 def ranges(quantizers: Mapping[str, InputFakeQuantizer], keys: Mapping[str, str]) -> dict[str, Range]:
-    """The current ranges by weight key, of the initialised quantizers (what a checkpoint stores)."""
+    """The current ranges ``(scale, zero point)`` by weight key, of the initialised quantizers."""
     return {keys[name]: q.range() for name, q in quantizers.items() if q.initialized}
+
+
+def states(quantizers: Mapping[str, InputFakeQuantizer], keys: Mapping[str, str]) -> dict[str, Range]:
+    """``(log s, zero point)`` by weight key, of the initialised quantizers: what a checkpoint stores."""
+    return {keys[name]: q.state() for name, q in quantizers.items() if q.initialized}
+
+
+def to_entry(ranges: Mapping[str, Range]) -> dict[str, list[float | int]]:
+    """Ranges as plain values for a checkpoint entry (``compressed.ckpt``): ``{key: [scale, zero_point]}``."""
+    return {key: [float(scale), int(zero_point)] for key, (scale, zero_point) in ranges.items()}
+
+
+def from_entry(value: Any, keys: Collection[str], source: str) -> dict[str, Range]:
+    """The ranges a checkpoint entry holds (:func:`to_entry`), each checked: a key among the quantized ``keys``, a
+    finite positive scale, an integer zero point in 0..255; anything else raises
+    :class:`~lightning_compress.core.io.UntrustedFileError` naming ``source``. None: no ranges."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UntrustedFileError(f"{source}: activation ranges must be a dict, got {type(value).__name__}")
+    found = {}
+    for key, pair in value.items():
+        if key not in keys:
+            raise UntrustedFileError(f"{source}: an activation range for {key!r}, which is not a quantized weight")
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise UntrustedFileError(f"{source}: the activation range of {key!r} must be [scale, zero_point], got "
+                                     f"{pair!r:.80}")
+        try:
+            check_range(pair[0], pair[1], f"{source}: activation range of {key!r}")
+        except ValueError as err:
+            raise UntrustedFileError(str(err)) from None
+        found[key] = (float(pair[0]), int(pair[1]))
+    return found
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -25,10 +25,13 @@ ATTRIBUTE = "_lightning_compress_quantization"
 @dataclass
 class CarriedQuantization:
     """The codes of a quantized model, by ``state_dict`` key, and who produced them (e.g. ``"quantize()"``,
-    ``"PostTrainingQuantization"``, ``"load_quantized('model.int4.safetensors')"``)."""
+    ``"PostTrainingQuantization"``, ``"load_quantized('model.int4.safetensors')"``). ``activations``: trained uint8
+    ranges ``(scale, zero point)`` of the layers' inputs, by the layer's weight key (QAT with ``activations="int8"``;
+    ``export_onnx(activations="static")`` uses them instead of calibrating)."""
 
     codes: dict[str, QuantizedTensor] = field(default_factory=dict)
     source: str = ""
+    activations: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def stale(self, model: nn.Module) -> list[str]:
         """Keys whose weight in ``model`` is missing, reshaped or not exactly the dequantized codes."""
@@ -69,6 +72,7 @@ def drop(model: nn.Module, keys: Iterable[str]) -> None:
         return
     for key in keys:
         record.codes.pop(key, None)
+        record.activations.pop(key, None)
     if not record.codes:
         forget(model)
 

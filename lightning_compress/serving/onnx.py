@@ -42,7 +42,7 @@ from lightning_compress.core.io import write_bytes
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.primitives import QuantizedTensor
-from lightning_compress.serving import _codes, _inputs, _packed_gather, _plan, _rewrite, _static
+from lightning_compress.serving import _codes, _inputs, _packed_gather, _plan, _rewrite, _static, _trained
 from lightning_compress.serving._graph import Graph, WeightSite
 from lightning_compress.serving._inputs import OutputKey
 from lightning_compress.serving._report import LayerExport, OnnxExportReport
@@ -99,12 +99,13 @@ def export_onnx(
         dynamic_axes: per input name, the dims to make dynamic (a list, or dim -> name); default dims 0 and 1
             (batch, sequence) for integer inputs, dim 0 for float ones.
         activations: ``"dynamic"`` (activation scales computed per batch at run time) or ``"static"`` (uint8
-            scales calibrated min/max on ``calibration_data``; ``QLinearConv``). Use ``"static"`` for CNNs: ORT's
+            scales calibrated min/max on ``calibration_data``, or the input ranges QAT trained, which the model
+            carries and which are then written as they are; ``QLinearConv``). Use ``"static"`` for CNNs: ORT's
             ``ConvInteger`` (dynamic) is slower than fp32 on the benchmark CNN, QLinearConv faster.
         calibration_data: a tensor of inputs, or an iterable of batches shaped like ``example_inputs`` (for a
             tensor example: tensors or ``(inputs, targets, ...)``; for a dict: dicts with its keys; for a tuple:
-            tuples starting with its tensors). Required for ``"static"``; when given, the output check also runs on
-            it.
+            tuples starting with its tensors). Required for ``"static"`` (unless trained ranges cover every
+            quantized tensor); when given, the output check also runs on it.
         opset: ONNX opset of the default domain, 13..20.
         accuracy_level: ``MatMulNBits``' ``accuracy_level`` (4: int8 activations, 0: float compute).
     """
@@ -122,8 +123,9 @@ def export_onnx(
     check_number("opset", opset, low=13, high=20, integer=True)
     check_choice("accuracy_level", accuracy_level, (0, 1, 2, 3, 4))
     wanted = _inputs.check_outputs_arg(outputs)
-    if activations == "static" and calibration_data is None:
-        raise ValueError("`activations`='static' needs `calibration_data` (a few hundred typical inputs), got None")
+    if activations == "static" and calibration_data is None and not _trained.collect(model):
+        raise ValueError("`activations`='static' needs `calibration_data` (a few hundred typical inputs) or a model "
+                         "carrying trained activation ranges (QuantizationAwareTraining(activations='int8')), got None")
     inputs = _inputs.prepare(model, example_inputs, argument)
     _inputs.check_finite(argument, inputs.names, inputs.tensors)
     in_axes = _inputs.axes(inputs, dynamic_axes)
@@ -147,7 +149,11 @@ def export_onnx(
     feeds += [(f"calibration batch {i}", tensors, inputs.feed(tensors)) for i, tensors in enumerate(batches)]
     if static_sites:
         calibration = [f for _, _, f in feeds[1:]]
-        _static.quantize_static(graph, static_sites, codes, layers, float_bytes, calibration, onnx, ort)
+        trained = _trained.collect(model, codes)  # QAT's input ranges (activations="int8")
+        others = {name: site for name, site in sites.items() if name not in static_sites}
+        used = _static.quantize_static(graph, static_sites, codes, layers, float_bytes, calibration, onnx, ort,
+                                       trained, others)
+        _trained.fake_quantize(reference, {n: trained[n] for n in used})  # the output check: vs what QAT validated
     other = _inputs.probe(inputs, in_axes)  # the dynamic axes must really be dynamic
     probe = None if other is None else ("the example at other sizes along its dynamic axes", other,
                                         inputs.feed(other))

@@ -34,8 +34,8 @@ def test_the_first_batch_sets_the_range_the_export_would_calibrate() -> None:
     assert not quantizer.initialized
     out = quantizer(x)
     scale, zero_point = uint8_qparams(float(x.min()), float(x.max()))
-    assert quantizer.range() == (scale, zero_point)
-    assert torch.equal(out, _reference(x, scale, zero_point))
+    assert quantizer.range() == (pytest.approx(scale, rel=1e-6), zero_point)  # exp(log s) in float32
+    assert torch.equal(out, _reference(x, *quantizer.range()))
     relu = InputFakeQuantizer()
     relu(torch.relu(x))
     assert relu.zero_point == 0  # a ReLU's output: zero point 0
@@ -45,14 +45,26 @@ def test_straight_through_inside_the_range_zero_outside_and_a_scale_gradient() -
     x = torch.tensor([[-1.0, 0.013, 0.5, 10.0]], requires_grad=True)  # range [-0.98, 1.57] with s = 0.01, z = 98
     quantizer = InputFakeQuantizer((0.01, 98))
     quantizer(x).sum().backward()
-    assert x.grad is not None and quantizer.scale.grad is not None
+    assert x.grad is not None and quantizer.log_scale.grad is not None
     assert x.grad.tolist() == [[0.0, 1.0, 1.0, 0.0]]
-    assert quantizer.scale.grad.abs().item() > 0
+    assert quantizer.log_scale.grad.abs().item() > 0
 
 
-def test_fixed_ranges_do_not_learn() -> None:
-    quantizer = InputFakeQuantizer((0.1, 0), learn=False)
-    assert not quantizer.scale.requires_grad
+def test_fixed_ranges_apply_the_given_scale_exactly_and_do_not_learn() -> None:
+    x = torch.linspace(-1, 1, 101)
+    quantizer = InputFakeQuantizer((0.0123, 7), learn=False)
+    assert not quantizer.log_scale.requires_grad
+    assert quantizer.range() == (float(torch.tensor(0.0123)), 7)
+    assert torch.equal(quantizer(x), _reference(x, 0.0123, 7))
+
+
+def test_a_resumed_state_gives_the_same_range_bit_for_bit() -> None:
+    trained = InputFakeQuantizer()
+    trained(torch.rand(4, 8) * 0.3)
+    with torch.no_grad():
+        trained.log_scale.add_(0.123456)  # as if trained
+    resumed = InputFakeQuantizer(state=trained.state())
+    assert resumed.initialized and resumed.range() == trained.range()
 
 
 @pytest.mark.parametrize(
