@@ -32,11 +32,13 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import compression_callbacks
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
-from lightning_compress.core.validation import check_number
+from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration.evaluation import DEFAULT_METRIC
+from lightning_compress.qat import activations as act
 from lightning_compress.qat import schedule
 from lightning_compress.qat.fake_quant import LSQFakeQuantizer
 from lightning_compress.qat.model import plain_keys, prepare, record, release
+from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.coverage import LayerPlan, weight_key
 from lightning_compress.quantization.primitives import QuantizedTensor
 from lightning_compress.quantization.rungs import LayerRungs
@@ -56,6 +58,10 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         module_types, include, exclude, bits_overrides, embedding_bits, metric, metric_kwargs, max_metric_drop,
             fallback, export_path, save_float_copy: as :class:`PostTrainingQuantization` (fallback widths other than
             ``bits`` are rounded to nearest from the latent weights).
+        activations: None (float activations) or ``"int8"``: the inputs of the quantized layers fake-quantized to
+            uint8 per tensor, ranges learned with the scales (:mod:`lightning_compress.qat.activations`); the model
+            carries the trained ranges, and ``export_onnx(activations="static")`` writes them (QLinearConv / QGemm)
+            instead of calibrating. The metric gate judges the weights' codes (activations float at the end).
 
     Refused in ``setup``: a multi-process fit (a parametrization registered after DDP wrapped the model loses DDP's
     gradient hooks), ``GradientStabilityPruning(compact=True)`` and a second quantization callback; in
@@ -81,6 +87,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         fallback: Literal["float", "more_bits"] | None = None,
         export_path: str | None = None,
         save_float_copy: bool = True,
+        activations: Literal["int8"] | None = None,
     ) -> None:
         super().__init__(bits, granularity, group_size, symmetric=True, calibration="mse",
                          module_types=module_types, include=include, exclude=exclude, bits_overrides=bits_overrides,
@@ -90,8 +97,12 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         schedule.check_start(start)
         if scale_lr is not None:
             check_number("scale_lr", scale_lr, low=0, low_inclusive=False)
+        check_choice("activations", activations, (None, "int8"))
         self.start = start
         self.scale_lr = scale_lr
+        self.activations = activations
+        self.input_quantizers: dict[str, act.InputFakeQuantizer] = {}  # module name -> its input's, while QAT runs
+        self._ranges: dict[str, act.Range] = {}  # weight key -> trained input range, read at the end of the fit
         self.quantizers: dict[str, LSQFakeQuantizer] = {}  # module name -> its fake quantizer, while QAT runs
         self._start_step = 0
         self._group: dict[str, Any] | None = None  # the scales' param group in trainer.optimizers[0]
@@ -106,7 +117,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         return bool(self.quantizers)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "method": "qat", "start": self.start, "scale_lr": self.scale_lr}
+        return {**super().settings(), "method": "qat", "start": self.start, "scale_lr": self.scale_lr,
+                "activations": self.activations}
 
     # -- setup -------------------------------------------------------------------------------------------------
     @override
@@ -114,6 +126,9 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if self.activations is not None and trainer.world_size > 1:  # the ranges are no parameters DDP all-reduces
+            raise ValueError(f"QuantizationAwareTraining(activations={self.activations!r}) runs on one process for "
+                             f"now, got world_size={trainer.world_size}; allowed: activations=None under DDP")
         if trainer.world_size > 1:  # DDP did not all-reduce the latent weights once parametrized: ranks diverged
             raise ValueError(f"QuantizationAwareTraining runs on one process for now, got world_size="
                              f"{trainer.world_size}; allowed: a single-device fit, or PostTrainingQuantization")
@@ -127,6 +142,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
                                  "supported: compaction at the end of the fit would change the shapes QAT trained "
                                  "codes for; allowed: compact=False")
         self.quantizers, self._group, self._codes = {}, None, {}
+        self.input_quantizers, self._ranges = {}, {}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -161,8 +177,10 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         plan = self._plan(pl_module)
         self._keys = {name: weight_key(name, module) for name, module in plan.layers.items()}
         self.quantizers = prepare(pl_module, plan, masks, pending.get("scales"))
+        if self.activations is not None:
+            self.input_quantizers = act.attach(plan.layers, self._keys, resumed=pending.get("activations"))
         optimizer = trainer.optimizers[0]
-        scales = [q.scale for q in self.quantizers.values()]
+        scales = [q.scale for q in self.quantizers.values()] + [a.log_scale for a in self.input_quantizers.values()]
         first = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}  # e.g. OneCycleLR's keys
         saved = pending.get("optimizer") or {}
         group = {**first, "lr": self.scale_lr if self.scale_lr is not None else first["lr"], "weight_decay": 0.0}
@@ -181,7 +199,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         if not self.active:
             return {"active": False}
         return {"active": True, "float_metric": self._float_metric,
-                "scales": {self._keys[n]: q.scale.detach().cpu().clone() for n, q in self.quantizers.items()}}
+                "scales": {self._keys[n]: q.scale.detach().cpu().clone() for n, q in self.quantizers.items()},
+                "activations": act.states(self.input_quantizers, self._keys)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -216,6 +235,9 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             rank_zero_warn("QuantizationAwareTraining: the fit ended before `start` was reached; the weights are "
                            "quantized after training (round to nearest, MSE calibration)")
         super()._finish(trainer, pl_module)
+        record = carried(pl_module)
+        if record is not None:  # the ranges of the layers delivered quantized (not those fallen back to float)
+            record.activations.update({k: r for k, r in self._ranges.items() if k in record.codes})
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         """PostTrainingQuantization's first measurement at the end of the fit ("before") is, for QAT, the float
@@ -235,12 +257,14 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         """The codes; the parametrizations removed (latent float weights in place); the scales out of the
         optimizer, their moments with them."""
         codes = release(pl_module, self.quantizers)
+        self._ranges = act.detach(pl_module, self.input_quantizers, self._keys)
         if self._group is not None:
             optimizer = trainer.optimizers[0]
-            optimizer.param_groups.remove(self._group)
+            # by identity: list.remove compares dicts, i.e. their params lists, tensor by tensor
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g is not self._group]
             for scale in self._group["params"]:
                 optimizer.state.pop(scale, None)
-        self.quantizers, self._group = {}, None
+        self.quantizers, self._group, self.input_quantizers = {}, None, {}
         return codes
 
     def _first_pass(self, trainer: pl.Trainer, module: pl.LightningModule, plan: LayerPlan, keep: bool) -> LayerRungs:
