@@ -41,8 +41,9 @@ from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.tracked import TrackedLayers
+from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.coverage import layer_weight
-from lightning_compress.quantization.export import save_quantized
+from lightning_compress.quantization.export import save_float, save_quantized
 from lightning_compress.reporting.records import CompressionEvent
 
 PROGRESS = 1.0  # the schedule ramps progress from 0 to 1; each layer's target is its planned sparsity times it
@@ -222,7 +223,10 @@ class AdaptiveCompression(GradientStabilityPruning):
         if path is None:
             return
         if trainer.is_global_zero:
-            save_quantized(pl_module, path)
+            if carried(pl_module) is not None:
+                save_quantized(pl_module, path)
+            else:  # a plan that keeps every layer float (a MACs budget alone) has no codes
+                save_float(pl_module, path)
             written = os.path.getsize(path)
             if result.budget_bytes is not None and written > result.budget_bytes:
                 raise BudgetError(f"`budget` size {result.budget_bytes} bytes: the file written at {str(path)!r} is "

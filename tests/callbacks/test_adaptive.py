@@ -22,6 +22,7 @@ from lightning_compress.core.accounting import state_bytes
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.export import load_float
 
 BOUND = 0.05  # accuracy points the delivered model may lose on the validation data
 EPOCHS = 6
@@ -218,6 +219,18 @@ def test_a_budget_the_bound_cannot_meet_fails_after_verification_with_the_smalle
     assert callback.report.failure is not None and "BudgetError" in callback.report.failure
     assert not list(tmp_path.rglob("model.safetensors"))
     assert carried(model) is None
+
+
+def test_a_macs_budget_alone_prunes_to_it_and_exports_the_float_pruned_model(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    callback = AdaptiveCompression(budget=Budget(macs=0.6), export_path="model.safetensors")
+    model = _model()
+    _trainer([callback], tmp_path, epochs=4).fit(model, DigitsDataModule(batch_size=64))
+    cap = math.floor(0.6 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)))
+    reloaded = load_float(_model(), callback.report.files["quantized"])
+    assert sum(int(torch.count_nonzero(m.weight)) for m in reloaded.modules() if isinstance(m, torch.nn.Linear)) \
+        <= cap
+    assert callback.result.macs <= cap
 
 
 class _PlanFile(Callback):
