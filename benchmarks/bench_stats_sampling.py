@@ -82,7 +82,7 @@ def fit(model_name: str, epochs: int, sparsity: float, criterion: str, follow: i
     odd = make(1)  # fed the odd steps only: with stats[2] (the even steps), two disjoint halves
     masks = [torch.ones(s, dtype=torch.bool) for s in shapes]
     optimizer = model.configure_optimizers()
-    events, step = [], 0
+    events, step, window = [], 0, 0  # window: steps since the statistics (re)started
     for _ in range(epochs):
         model.train()
         for x, y in loader:
@@ -92,7 +92,7 @@ def fit(model_name: str, epochs: int, sparsity: float, criterion: str, follow: i
             with torch.no_grad():
                 for s in stats.values():
                     s.update(grads, weights)
-                if step % 2 == 1:
+                if window % 2 == 1:  # stats[2] takes the even steps of the window
                     odd.update(grads, weights)
                 for g, m in zip(grads, masks):
                     g.mul_(m)
@@ -100,7 +100,7 @@ def fit(model_name: str, epochs: int, sparsity: float, criterion: str, follow: i
             with torch.no_grad():
                 for w, m in zip(weights, masks):
                     w.mul_(m)
-            step += 1
+            step, window = step + 1, window + 1
             target = schedule.target(step)
             if target is None:
                 continue
@@ -124,6 +124,7 @@ def fit(model_name: str, epochs: int, sparsity: float, criterion: str, follow: i
             if restart:
                 for s in (*stats.values(), odd):
                     s.reset()
+                window = 0
     model.eval()
     correct = n = 0
     with torch.no_grad():
