@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.base import CompressionCallback, compression_callbacks
 from lightning_compress.integration.gate_evaluation import EventEvaluation, ValidationTap
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.run import PruningRun
@@ -30,6 +30,7 @@ class PruningEvents(CompressionCallback):
     _optimizer_steps: int  # weights changed since a validation: its metric is no "before" any more
     _final: tuple[float, float] | None  # (sparsity, weight sparsity) delivered, once finished
     _aligned = False  # per-step events wait for their epoch's validation (decided in on_train_start)
+    _compacted: bool  # the pruned units were removed at the end (the model is no longer the one validated)
 
     controller = property(lambda self: self.run.controller, doc="accept / roll back / back off, and the history")
     state = property(lambda self: self.run.state, doc="the masks in force")
@@ -53,7 +54,10 @@ class PruningEvents(CompressionCallback):
         return self._optimizer_steps, sum(1 for h in self.history if h["accepted"])
 
     def _event_after_validation(self, trainer: pl.Trainer) -> bool:
-        """Whether an event is expected right after this validation (a retry; a per-epoch event at this epoch)."""
+        """Whether an event is expected right after this validation (a retry; a per-epoch event at this epoch), or
+        it is the fit's last, whose value can be the delivered model's (:meth:`_evaluate`)."""
+        if trainer.state.fn == "fit" and _last_epoch(trainer):
+            return True
         if trainer.state.fn != "fit" or self.schedule is None or self.controller.stopped:
             return False
         if self.controller.retry_at is not None or self.controller.deferred:
@@ -61,6 +65,15 @@ class PruningEvents(CompressionCallback):
         tick = trainer.current_epoch + 1
         return self.config.schedule_unit == "epoch" and tick != self.controller.last_tick and \
             self.schedule.is_event(tick)
+
+    @override
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """The delivered model's metric: the fit's last validation's value when it measured these very weights (no
+        optimizer step and no kept event since, nothing compacted, no other compression callback to change them
+        after pruning), else a full evaluation."""
+        alone = compression_callbacks(trainer) in ([], [self])
+        reused = self._tap.reusable(self._weights_version()) if alone and not self._compacted else None
+        return reused[0] if reused is not None else super()._evaluate(trainer, pl_module)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -170,6 +183,12 @@ class PruningEvents(CompressionCallback):
                                                                  delivered_sparsity=delivered, shortfall=short)
         if short is not None:
             rank_zero_warn(f"GradientStabilityPruning: the fit fell short of its target: {short}")
+
+
+def _last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether this is the fit's last epoch by ``max_epochs`` (no ``max_steps`` that could end it earlier)."""
+    epochs = trainer.max_epochs
+    return epochs not in (None, -1) and trainer.max_steps in (-1, None) and trainer.current_epoch + 1 >= epochs
 
 
 def auto_alignment(trainer: pl.Trainer, config: PruningConfig, schedule: PruningSchedule | None,

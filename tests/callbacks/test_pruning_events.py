@@ -8,9 +8,10 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 
-from lightning_compress import GradientStabilityPruning
+from lightning_compress import GradientStabilityPruning, PostTrainingQuantization
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.integration import evaluation
 from lightning_compress.reporting.render import headline
 from lightning_compress.reporting.summary import summarize
 from tests.helpers import quiet_trainer, report_of
@@ -116,3 +117,35 @@ def test_events_stay_at_their_steps_where_alignment_is_not_automatic(kwargs, max
 def test_align_events_must_be_true_false_or_none() -> None:
     with pytest.raises(TypeError, match=r"`align_events` must be True or False, got 'auto'"):
         GradientStabilityPruning(align_events="auto")  # type: ignore[arg-type]
+
+
+def _count_evaluations(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = evaluation.evaluate
+
+    def counted(trainer, pl_module, spec, loaders=None):
+        if loaders is None:  # the validation data (the test data's evaluation is counted apart)
+            calls.append(1)
+        return original(trainer, pl_module, spec, loaders)
+
+    monkeypatch.setattr(evaluation, "evaluate", counted)
+    return calls
+
+
+@pytest.mark.parametrize("with_quantization", [False, True])
+def test_the_delivered_metric_is_the_last_validations_when_it_measured_the_delivered_weights(
+        monkeypatch, with_quantization: bool) -> None:
+    calls = _count_evaluations(monkeypatch)
+    pruning = GradientStabilityPruning(sparsity=0.5, evaluate=False, verbose=0)
+    extra = [PostTrainingQuantization(bits=8)] if with_quantization else []
+    pl.seed_everything(0)
+    trainer = quiet_trainer([pruning, *extra], max_epochs=2)
+    model = MLPClassifier(input_size=64, hidden=[32], lr=1e-2)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    delivered = report_of(trainer).delivered_metric
+    full = evaluation.evaluate(trainer, model, pruning.metric_spec)  # the model handed back, measured now
+    assert delivered == pytest.approx(full, abs=1e-6)
+    validation_passes = len(calls) - 1  # the last call is ours, just above
+    # pruning alone: no validation pass at the end (the last validation measured these weights); with quantization
+    # (weights changed after pruning) the delivered model is evaluated again, besides the quantizer's own passes
+    assert (validation_passes == 0) is (not with_quantization)
