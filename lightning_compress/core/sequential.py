@@ -14,8 +14,10 @@ validation set). The step is:
 At least ``MIN_SAMPLES`` samples are seen before any early decision (the normal approximation of a mean of
 {-1, 0, 1} values needs some). Where every difference seen is 0 the standard error is 0 and the interval is the
 point: a step that changed no prediction among many samples is accepted early, which is what "inside" means.
-The rule only applies to metrics that are the mean of a per-sample value (micro accuracy); the caller uses the full
-set for every other metric. Every rank feeds the rule the same all-reduced sums, so every rank decides alike.
+The rule only applies to metrics that are the mean of a per-sample value: micro accuracy, or macro accuracy with
+each difference weighted by ``N / (K n_k)`` for its sample's class k (see
+:mod:`lightning_compress.integration.gate_record`; the values are then in {-w, 0, w}); the caller uses the full set
+for every other metric. Every rank feeds the rule the same all-reduced sums, so every rank decides alike.
 """
 
 from __future__ import annotations

@@ -5,11 +5,14 @@
 
 - **before**: the value the callback computed during Lightning's validation loop when no optimizer step and no
   pruning event changed the weights since (``reused validation``), else the whole validation set (``full set``).
-- **after**, with ``gate_batches`` and a metric that is the mean of a per-sample value (``MulticlassAccuracy`` with
-  ``average="micro"``): the step's paired per-sample differences on a fixed, seeded subset of the validation data,
-  with :mod:`lightning_compress.core.sequential`'s early stop (``early stop at n samples``); when the subset leaves
-  it undecided (close to the bound), the whole set (``full set``). Without a bound nothing is decided by the metric,
-  so the subset's estimate is the answer (``subset estimate``). Any other metric: the whole set.
+- **after**, after a validation whose per-sample record is kept (:mod:`lightning_compress.integration.gate_record`:
+  top-1 ``MulticlassAccuracy``, macro by default, micro or weighted): the paired per-sample differences on the
+  validation's own samples in a seeded order, with :mod:`lightning_compress.core.sequential`'s early stop (``early
+  stop at n samples``), exact once every sample is seen (``every sample``); no "before" pass is needed. With
+  ``gate_batches=k`` on at most k batches per rank of them, or, without a record, of a fixed, seeded subset that is
+  also measured before the step (micro accuracy only); when that leaves the step undecided (close to the bound),
+  the whole set (``full set``). Without a bound nothing is decided by the metric, so the subset's estimate is the
+  answer (``subset estimate``). ``gate_batches=0``, any other metric, or no record: the whole set.
 
 The subset's sums are all-reduced after each batch, so every rank stops at the same batch and decides alike.
 """
