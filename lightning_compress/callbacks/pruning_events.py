@@ -210,8 +210,10 @@ def auto_alignment(trainer: pl.Trainer, config: PruningConfig, schedule: Pruning
         else None
     )
     if why_not is None:
-        if epochs is None or epochs < 1 or last is None:
+        if epochs is None or epochs < 1:
             why_not = "fit length unknown"
+        elif last is None:
+            why_not = "the schedule has no last event (it prunes until the fit ends)"
         else:
             last_epoch = -(-last // max(1, int(trainer.estimated_stepping_batches) // epochs))
             if last_epoch >= epochs:

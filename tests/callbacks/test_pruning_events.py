@@ -100,6 +100,7 @@ def test_without_a_per_step_schedule_events_align_with_validation_and_reuse_its_
         ({}, 3, {}, "auto: off (the last event falls in the fit's last epoch (3)"),
         ({}, 4, {"check_val_every_n_epoch": 2}, "auto: off (validation not once per epoch)"),
         ({"align_events": False}, 4, {}, "set by align_events"),
+        ({"schedule": "constant"}, 4, {}, "auto: off (the schedule has no last event"),
     ],
 )
 def test_events_stay_at_their_steps_where_alignment_is_not_automatic(kwargs, max_epochs, trainer_kwargs,
