@@ -247,6 +247,8 @@ class GradientStabilityPruning(PruningEvents):
     # ------------------------------------------------------------------ end of fit
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Freeze the masks into the weights, fill the report's layers and (``compact``) remove pruned units."""
+        if self._compacted:  # done already: QuantizationAwareTraining finished it when it started (qat.compaction)
+            return
         self.state.detach()
         self.state.apply()
         self._final = (self.state.sparsity(), self.state.weight_sparsity())

@@ -5,7 +5,12 @@ scales) and deliver the codes it trained. The math lives in :mod:`lightning_comp
   :func:`lightning_compress.quantize`) is fake-quantized through ``torch.nn.utils.parametrize``: the model's forward
   and its signature are untouched (args, kwargs, dicts), validation sees the quantized model, so the metric logged
   is the quantized model's. Pruning masks in force are respected (a pruning schedule still running at ``start`` is
-  refused before the first step).
+  refused before the first step). A ``GradientStabilityPruning(structured=True, compact=True)`` is finished when
+  QAT starts: the model is compacted then, and QAT trains the codes of the compacted layers
+  (:mod:`lightning_compress.qat.compaction`).
+- Under DDP the module is wrapped again once the fake quantizers are on (:mod:`lightning_compress.integration.rewrap`):
+  the scales are parameters of the wrapped module, their gradients all-reduced like the weights', so every rank
+  trains the same scales and delivers the same codes.
 - The scales are trained by the fit's optimizer: they are added to ``trainer.optimizers[0]`` as one more param
   group, with the first group's settings, learning rate ``scale_lr`` (default the first group's) and no weight
   decay. An LR scheduler built before drives it only if it reads every group's own keys (``OneCycleLR`` then drives
@@ -34,14 +39,17 @@ from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration.evaluation import DEFAULT_METRIC
+from lightning_compress.integration.rewrap import rewrap_ddp
 from lightning_compress.qat import activations as act
 from lightning_compress.qat import schedule
+from lightning_compress.qat.compaction import follow_parameters, masks_after
 from lightning_compress.qat.fake_quant import LSQFakeQuantizer
 from lightning_compress.qat.model import plain_keys, prepare, record, release
 from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.coverage import LayerPlan, weight_key
 from lightning_compress.quantization.primitives import QuantizedTensor
 from lightning_compress.quantization.rungs import LayerRungs
+from lightning_compress.structure.serialization import save_compacted
 
 
 class QuantizationAwareTraining(PostTrainingQuantization):
@@ -63,10 +71,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             carries the trained ranges, and ``export_onnx(activations="static")`` writes them (QLinearConv / QGemm)
             instead of calibrating. The metric gate judges the weights' codes (activations float at the end).
 
-    Refused in ``setup``: a multi-process fit (a parametrization registered after DDP wrapped the model loses DDP's
-    gradient hooks), ``GradientStabilityPruning(compact=True)`` and a second quantization callback; in
-    ``on_train_start`` (before the first step): a ``start`` the fit never reaches, a pruning schedule not over by
-    ``start``.
+    Refused in ``setup``: a second quantization callback; in ``on_train_start`` (before the first step): a
+    ``start`` the fit never reaches, a pruning schedule not over by ``start``.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self._pending: dict[str, Any] | None = None  # a resumed checkpoint's state, applied when QAT starts
         self._codes: dict[str, QuantizedTensor] = {}  # read at the end of the fit
         self._keys: dict[str, str] = {}  # module name -> its weight's state_dict key
+        self._compacted_by: GradientStabilityPruning | None = None  # the pruning that compacted when QAT started
         self._float_metric: float | None = None  # the float model's metric when QAT started: the gate's reference
         self._reference_next = False  # the next _evaluate (PTQ's "before") answers with _float_metric
 
@@ -129,19 +136,12 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         if self.activations is not None and trainer.world_size > 1:  # the ranges are no parameters DDP all-reduces
             raise ValueError(f"QuantizationAwareTraining(activations={self.activations!r}) runs on one process for "
                              f"now, got world_size={trainer.world_size}; allowed: activations=None under DDP")
-        if trainer.world_size > 1:  # DDP did not all-reduce the latent weights once parametrized: ranks diverged
-            raise ValueError(f"QuantizationAwareTraining runs on one process for now, got world_size="
-                             f"{trainer.world_size}; allowed: a single-device fit, or PostTrainingQuantization")
         for peer in compression_callbacks(trainer):
             if isinstance(peer, PostTrainingQuantization) and peer is not self:
                 raise ValueError("QuantizationAwareTraining and another quantization callback "
                                  f"({type(peer).__name__}) in one Trainer would quantize the same weights twice; "
                                  "allowed: one of them")
-            if isinstance(peer, GradientStabilityPruning) and peer.config.compact:
-                raise ValueError("QuantizationAwareTraining with GradientStabilityPruning(compact=True) is not "
-                                 "supported: compaction at the end of the fit would change the shapes QAT trained "
-                                 "codes for; allowed: compact=False")
-        self.quantizers, self._group, self._codes = {}, None, {}
+        self.quantizers, self._group, self._codes, self._compacted_by = {}, None, {}, None
         self.input_quantizers, self._ranges = {}, {}
 
     @override
@@ -170,15 +170,13 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         pending, self._pending = self._pending or {}, None
         resumed = "float_metric" in pending  # measured before this checkpoint, on the float model
         self._float_metric = pending["float_metric"] if resumed else self._evaluate(trainer, pl_module)
-        masks: dict[str, Tensor] = {}
-        for peer in compression_callbacks(trainer):
-            if isinstance(peer, GradientStabilityPruning):
-                masks.update(peer.masks)
+        masks = self._pruning_done(trainer, pl_module)
         plan = self._plan(pl_module)
         self._keys = {name: weight_key(name, module) for name, module in plan.layers.items()}
         self.quantizers = prepare(pl_module, plan, masks, pending.get("scales"))
         if self.activations is not None:
             self.input_quantizers = act.attach(plan.layers, self._keys, resumed=pending.get("activations"))
+        rewrap_ddp(trainer)  # after every new parameter: DDP all-reduces the scales' gradients too
         optimizer = trainer.optimizers[0]
         scales = [q.scale for q in self.quantizers.values()] + [a.log_scale for a in self.input_quantizers.values()]
         first = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}  # e.g. OneCycleLR's keys
@@ -192,6 +190,23 @@ class QuantizationAwareTraining(PostTrainingQuantization):
                                           for k, v in state.items()}
         rank_zero_info(f"QuantizationAwareTraining: int{self.spec.bits} {self.spec.granularity} fake quantization of "
                        f"{len(self.quantizers)} layers from step {trainer.global_step}")
+
+    def _pruning_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """The pruning masks QAT keeps in force. A structured ``compact=True`` pruning (over by now) is finished
+        here, before the fake quantizers go on: the model is compacted, the optimizer follows the new parameters,
+        and QAT trains the codes of the compacted layers (see :mod:`lightning_compress.qat.compaction`)."""
+        masks: dict[str, Tensor] = {}
+        for peer in compression_callbacks(trainer):
+            if not isinstance(peer, GradientStabilityPruning):
+                continue
+            masks.update(peer.masks)
+            if peer.config.compact and peer.unit_masks and not peer._compacted:
+                before = dict(pl_module.named_parameters())
+                peer._finish(trainer, pl_module)  # freezes the masks, fills the report, compacts
+                follow_parameters(trainer.optimizers, before, pl_module)
+                masks = masks_after(masks, pl_module)
+                self._compacted_by = peer
+        return masks
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     @override
@@ -231,6 +246,9 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         if self.active:
             self._codes = self._take_off(trainer, pl_module)
             self._reference_next = self._float_metric is not None
+            compacted = self._compacted_by.report.files.get("compacted") if self._compacted_by else None
+            if compacted is not None and trainer.is_global_zero:  # the float model as it ends, not as QAT began
+                save_compacted(pl_module, compacted)
         else:
             rank_zero_warn("QuantizationAwareTraining: the fit ended before `start` was reached; the weights are "
                            "quantized after training (round to nearest, MSE calibration)")

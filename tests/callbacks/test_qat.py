@@ -70,6 +70,21 @@ def test_bad_arguments_are_refused_in_the_constructor(kwargs, error, match) -> N
 
 
 # --------------------------------------------------------------------------- what is delivered
+def assert_delivered_codes(model: nn.Module, qat: QuantizationAwareTraining, bits: int) -> None:
+    """QAT's codes and scales are the export's bit for bit, and the model carries them as its weights."""
+    record = carried(model)
+    assert record is not None and record.stale(model) == []
+    assert qat.result is not None
+    with safe_open(qat.report.files["quantized"], framework="pt") as handle:
+        for layer in qat.result.layers.values():
+            qt = layer.qtensor
+            assert layer.method == "qat"
+            codes = unpack(handle.get_tensor(f"{layer.key}:qdata"), bits, qt.q.numel(), signed=True)
+            assert torch.equal(codes.reshape(qt.shape), qt.q), layer.key
+            assert torch.equal(handle.get_tensor(f"{layer.key}:scale"), qt.scale), layer.key
+            assert torch.equal(model.state_dict()[layer.key], qt.dequantize()), layer.key
+
+
 class _ValidationSpy(Callback):
     """The model's logits on a fixed batch at the last validation, optimizer groups while QAT runs."""
 
@@ -98,16 +113,7 @@ def test_codes_at_the_end_equal_the_export_bit_for_bit_and_the_validated_model()
     assert spy.groups[:20] == [1] * 20 and spy.groups[20:] == [2] * 40  # the scales trained from epoch 1 on
     assert not torch.equal(spy.scales[0], spy.scales[-1])
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
-    record = carried(model)
-    assert record is not None and record.stale(model) == []
-    with safe_open(qat.report.files["quantized"], framework="pt") as handle:
-        for layer in qat.result.layers.values():
-            qt = layer.qtensor
-            assert layer.method == "qat"
-            codes = unpack(handle.get_tensor(f"{layer.key}:qdata"), 3, qt.q.numel(), signed=True)
-            assert torch.equal(codes.reshape(qt.shape), qt.q), layer.key
-            assert torch.equal(handle.get_tensor(f"{layer.key}:scale"), qt.scale), layer.key
-            assert torch.equal(model.state_dict()[layer.key], qt.dequantize()), layer.key
+    assert_delivered_codes(model, qat, bits=3)
     with torch.no_grad():  # the last validation saw the fake-quantized model: the delivered one, bit for bit
         assert torch.equal(model(spy.x), spy.logits)
     report = report_of(trainer)
@@ -160,8 +166,6 @@ def test_pruned_positions_stay_zero_through_qat() -> None:
                   QuantizationAwareTraining(start=1)], "ends at optimizer step 30"),
         (lambda: [QuantizationAwareTraining(start=3)], "`start`=3 is an epoch this fit never reaches"),
         (lambda: [QuantizationAwareTraining(), PostTrainingQuantization()], "quantize the same weights twice"),
-        (lambda: [GradientStabilityPruning(structured=True, compact=True, evaluate=False),
-                  QuantizationAwareTraining()], "compact=True"),
     ],
 )
 def test_refused_before_the_first_step(callbacks, match) -> None:

@@ -1,0 +1,101 @@
+"""QuantizationAwareTraining with structured pruning and compaction in one fit (``compact=True``): the model is
+compacted when QAT starts, QAT trains the codes of the compacted layers, and those codes are delivered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_compress import GradientStabilityPruning, QuantizationAwareTraining, load_compressed
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
+from tests.callbacks.test_qat import assert_delivered_codes
+from tests.helpers import quiet_trainer, report_of
+
+# digits: 1257 training samples, batch 64 -> 20 optimizer steps per epoch; QAT from epoch 1 (step 20)
+
+
+def _mlp() -> MLPClassifier:
+    return MLPClassifier(input_size=64, hidden=[32], lr=3e-3)
+
+
+class _QATSpy(Callback):
+    """While QAT runs: the shapes it quantizes, whether the optimizer holds the model's parameters, the latent
+    weight of ``net.1`` at the first and last QAT step."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.shapes: set[tuple[int, ...]] = set()
+        self.stale = 0
+        self.first: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+        if not qat.active:
+            return
+        self.steps += 1
+        self.shapes.add(tuple(qat.quantizers["net.1"].scale.shape))
+        model_params = {id(p) for p in pl_module.parameters()}
+        self.stale += sum(id(p) not in model_params for g in trainer.optimizers[0].param_groups for p in g["params"])
+        latent = pl_module.net[1].parametrizations.weight.original.detach().clone()
+        self.first = latent if self.first is None else self.first
+        self.last = latent
+
+
+@pytest.fixture(scope="module")
+def compacted_fit(tmp_path_factory) -> tuple[pl.Trainer, MLPClassifier, QuantizationAwareTraining, _QATSpy]:
+    pl.seed_everything(3)
+    root = tmp_path_factory.mktemp("qat-compact")
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
+                                       start_step=10, evaluate=False)
+    qat = QuantizationAwareTraining(bits=4, start=1, export_path="model.safetensors")
+    spy = _QATSpy()
+    model = _mlp()
+    trainer = quiet_trainer([pruning, qat, spy], max_epochs=3, default_root_dir=str(root))
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    return trainer, model, qat, spy
+
+
+def test_the_pruned_units_are_gone_and_qat_trained_the_compacted_layers(compacted_fit) -> None:
+    _, model, qat, spy = compacted_fit
+    width = model.net[1].out_features
+    assert 10 <= width <= 22 and model.net[3].in_features == width  # about half of the 32 units removed
+    assert spy.steps == 40 and spy.shapes == {(width, 1)}  # every QAT step on the compacted shapes
+    assert spy.stale == 0  # the optimizer trained the compacted parameters, not the ones compaction replaced
+    assert spy.first is not None and spy.last is not None and not torch.equal(spy.first, spy.last)
+    assert qat.result is not None and qat.result.layers["net.1"].qtensor.q.shape == (width, 64)
+
+
+def test_the_codes_equal_the_export_bit_for_bit(compacted_fit) -> None:
+    _, model, qat, _ = compacted_fit
+    assert_delivered_codes(model, qat, bits=4)
+
+
+def test_load_compressed_and_test_with_the_compressed_checkpoint(compacted_fit) -> None:
+    trainer, model, _, _ = compacted_fit
+    path = report_of(trainer).files["compressed_checkpoint"]
+    fresh = load_compressed(_mlp(), path)
+    assert fresh.net[1].out_features == model.net[1].out_features
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    (result,) = trainer.test(model, DigitsDataModule(batch_size=64), ckpt_path=path, verbose=False)
+    assert result["test_acc"] == pytest.approx(report_of(trainer).delivered_test_metric)
+
+
+def test_compaction_at_the_start_of_qat_costs_no_accuracy(compacted_fit) -> None:
+    """The same fit with compact=False (the pruned units kept as zeros): the compacted model delivers the same
+    test accuracy within a point and a half (the resized parameters' Adam moments restart at compaction)."""
+    trainer, _, _, _ = compacted_fit
+    pl.seed_everything(3)
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, schedule="one_shot", start_step=10,
+                                       evaluate=False)
+    plain = quiet_trainer([pruning, QuantizationAwareTraining(bits=4, start=1)], max_epochs=3)
+    plain.fit(_mlp(), DigitsDataModule(batch_size=64))
+    compacted, masked = report_of(trainer).delivered_test_metric, report_of(plain).delivered_test_metric
+    assert compacted is not None and masked is not None
+    assert abs(compacted - masked) < 0.015

@@ -1,0 +1,81 @@
+"""2-process DDP fits with ``QuantizationAwareTraining`` for ``tests/callbacks/test_qat_ddp.py``.
+
+Run as a script (``python tests/ddp/qat_scenarios.py SCENARIO OUT_DIR``, ``strategy="ddp"``): Lightning runs the
+same command again for rank 1, so both ranks execute the scenario. Workers never assert: each rank writes what it
+saw (codes, scales, latent weights, digests per epoch) to ``OUT_DIR/<tag>.rank<r>.json`` and the test compares.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # run as a script: make `tests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_compress import QuantizationAwareTraining
+from lightning_compress.demos.data import DigitsDataModule
+from tests.ddp.probes import ARTIFACTS, digest
+from tests.ddp.scenarios import model, trainer
+
+
+class QATProbe(Callback):
+    """Per training epoch: digests of the scales and of the latent weights, and the scales' gradients' digest
+    after the backward of the epoch's last step (all-reduced gradients are equal on both ranks)."""
+
+    def __init__(self, qat: QuantizationAwareTraining) -> None:
+        self.qat = qat
+        self.epochs: list[dict[str, Any]] = []
+        self.grads: str | None = None
+        self.wrapped_scales = False
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.qat.active:
+            self.grads = digest([q.scale.grad for q in self.qat.quantizers.values()])
+            wrapper = trainer.strategy.model
+            if isinstance(wrapper, DistributedDataParallel):
+                params = {id(p) for p in wrapper.parameters()}
+                self.wrapped_scales = all(id(q.scale) in params for q in self.qat.quantizers.values())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        entry: dict[str, Any] = {"epoch": trainer.current_epoch, "active": self.qat.active, "grads": self.grads}
+        if self.qat.active:
+            entry["scales"] = digest({n: q.scale for n, q in self.qat.quantizers.items()})
+        entry["weights"] = digest({k: v for k, v in pl_module.state_dict().items() if "scale" not in k})
+        self.epochs.append(entry)
+
+
+def scenario_codes(strategy: str, out_dir: str) -> None:
+    """int3 QAT from epoch 1 of 3 with an export: codes, scales, latent weights of each rank."""
+    pl.seed_everything(3)
+    artifacts = Path(out_dir) / ARTIFACTS
+    artifacts.mkdir(exist_ok=True)
+    qat = QuantizationAwareTraining(bits=3, start=1, export_path=str(artifacts / "model.safetensors"))
+    probe = QATProbe(qat)
+    fit = trainer(strategy, [qat, probe], artifacts, max_epochs=3)
+    fit.fit(model(), DigitsDataModule(batch_size=32))
+    assert qat.result is not None
+    record = {
+        "rank": fit.global_rank, "world_size": fit.world_size, "strategy": type(fit.strategy).__name__,
+        "epochs": probe.epochs, "wrapped_scales": probe.wrapped_scales,
+        "layers": {layer.key: {"q": layer.qtensor.q.flatten().tolist(), "scale": layer.qtensor.scale.flatten().tolist(),
+                               "method": layer.method} for layer in qat.result.layers.values()},
+        "export": str(artifacts / "model.safetensors"),
+    }
+    (Path(out_dir) / f"codes.rank{fit.global_rank}.json").write_text(json.dumps(record))
+
+
+SCENARIOS = {"codes": scenario_codes}
+
+
+if __name__ == "__main__":  # strategy="ddp": Lightning runs this command again for rank 1
+    torch.set_num_threads(1)
+    name, out = sys.argv[1], sys.argv[2]
+    SCENARIOS[name]("ddp", out)
