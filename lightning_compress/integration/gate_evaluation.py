@@ -114,19 +114,16 @@ class EventEvaluation:
         if self.subset is None or before_metric is None:
             self.rules.append("after: full set")
             return self._full()
-        return self._paired(before_metric, ((b, before, None) for b, before in zip(self.subset, self._before_correct)))
+        return self._paired(before_metric, ((b, c, None, None) for b, c in zip(self.subset, self._before_correct)))
 
     def _recorded(self, record: SampleRecord) -> Any:
-        """(batch, correct before, weight per sample) of the record's samples in a seeded order; a batch whose labels
-        differ from the recorded ones yields a weight of None."""
+        """(batch, correct before, weight per sample, recorded labels) of the record's samples in a seeded order."""
         weights = record.weights if record.weights is not None else torch.ones(1, dtype=torch.float64)
         loader, order = record.loader(self.trainer, SUBSET_SEED, self.gate_batches)
-        start = 0
-        for batch in loader:
-            chosen = order[start: start + len(batch[1])]
-            start += len(chosen)
-            same = torch.equal(record.target[chosen], batch[1].detach().cpu().reshape(-1))
-            yield batch, record.correct[chosen], weights[record.target[chosen]] if same else None
+        size = loader.batch_size or 1
+        for i, batch in enumerate(loader):  # the sampler's list in chunks of batch_size: chunk i is batch i
+            chosen = order[i * size: (i + 1) * size]
+            yield batch, record.correct[chosen], weights[record.target[chosen]], record.target[chosen]
 
     def _paired(self, before_metric: float, pairs: Any) -> float:
         """The sequential paired test over ``pairs`` (see :mod:`lightning_compress.core.sequential`)."""
@@ -135,10 +132,10 @@ class EventEvaluation:
         paired = PairedDifference(population=population)
         self.evaluations += 1
         with eval_mode(self.module):
-            for batch, before, weights in pairs:
-                after, _ = _correct(self.trainer, self.module, batch)
+            for batch, before, weights, labels in pairs:
+                after, target = _correct(self.trainer, self.module, batch)
                 d = (before - after) * (weights if weights is not None else 1.0)
-                mismatch = float(weights is None and self.record is not None)
+                mismatch = float(labels is not None and not torch.equal(labels, target.detach().cpu().reshape(-1)))
                 sums = torch.tensor([float(d.sum()), float((d * d).sum()), float(d.numel()), mismatch],
                                     dtype=torch.float64)
                 total, squares, count, mismatches = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()

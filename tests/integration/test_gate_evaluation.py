@@ -8,6 +8,7 @@ import re
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_compress import GradientStabilityPruning
@@ -166,3 +167,35 @@ def test_gate_batches_zero_measures_every_event_on_the_whole_set() -> None:
     _fit(pruning, max_epochs=4)
     assert pruning.history
     assert all(h["gate_evaluation"].endswith("after: full set") and h["gate_samples"] == 270 for h in pruning.history)
+
+
+class _RelabelledOnReread(torch.utils.data.Dataset):
+    """Validation data whose labels change each time a sample is read again (a dataset with random augmentation
+    of its labels, say): the gate's second read no longer matches what the validation recorded."""
+
+    def __init__(self, base) -> None:
+        self.base, self.reads = base, [0] * len(base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        x, y = self.base[index]
+        self.reads[index] += 1
+        return x, (y + self.reads[index] - 1) % 10
+
+
+class _RelabelledDigits(DigitsDataModule):
+    def val_dataloader(self):
+        loader = super().val_dataloader()
+        return torch.utils.data.DataLoader(_RelabelledOnReread(loader.dataset), batch_size=loader.batch_size)
+
+
+def test_samples_that_no_longer_match_the_validations_record_fall_back_to_the_whole_set() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.5, max_metric_drop=0.5, verbose=0)
+    pl.seed_everything(0)
+    trainer = quiet_trainer([pruning], max_epochs=4)
+    trainer.fit(MLPClassifier(input_size=64, hidden=[32], lr=1e-2), _RelabelledDigits(batch_size=64))
+    assert pruning.history
+    for h in pruning.history:
+        assert h["gate_evaluation"].endswith("after: full set (the validation's samples could not be matched)"), h
