@@ -33,7 +33,7 @@ from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks.base import compression_callbacks
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.quantization import _calibration_forward
-from lightning_compress.core.accounting import FLOAT_BITS, layer_float_bytes
+from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
 from lightning_compress.core.io import check_export_path
 from lightning_compress.core.validation import check_number
 from lightning_compress.integration import _compat, evaluation
@@ -245,7 +245,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             record = self.report.record_layer(row["layer"], weight.numel(), layer_float_bytes(module, weight))
             record.bits = row["bits"]
             if row["bits"] != FLOAT_BITS:
-                record.bytes_compressed = row["bytes"]
+                record.bytes_compressed = row["bytes"] + bias_bytes(module)
             measured = "" if row["measured_drop"] is None else f", measured drop alone {row['measured_drop']:.4g}"
             record.note = f"plan: {row['label']} at sparsity {record.sparsity:.2f}; predicted loss change " \
                 f"{row['predicted']:.4g}{measured}"
