@@ -4,10 +4,11 @@ predicted loss increase ``1/2 * sum(F * dW^2)``. No Lightning import.
 - Sparsity is unstructured, within the layer, by the saliency ``F * w^2`` (Optimal Brain Damage with the diagonal
   Fisher): the weights whose removal the score itself predicts to cost least go first, so the pruning and the
   score agree. Pruned weights stay zero through quantization (zero maps to code 0).
-- Bytes are the weight's as ``save_quantized`` writes them (packed codes plus float32 scales:
-  :meth:`~lightning_compress.quantization.layer.LayerQuantization.nbytes`; a float weight at its own element size,
-  once more per tied alias). Pruned weights are stored dense today, so a sparser candidate costs the same bytes:
-  sparsity only pays in MACs.
+- Bytes are the weight's as ``save_quantized`` writes them: its codes in the layout the export chooses (dense, or
+  a bitmap / gaps plus the kept codes where that is smaller: :func:`~lightning_compress.quantization.sparse_layout.
+  nbytes`) plus float32 scales, so a sparser quantized candidate is cheaper in bytes too, by exactly what the file
+  saves; a float weight at its own element size, once more per tied alias (float weights are stored dense: a pruned
+  float candidate saves MACs only).
 - MACs are the nonzero weights times the positions each is applied at per example (the count a sparse kernel
   executes; an embedding lookup has none).
 """
@@ -22,8 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.accounting import FLOAT_BITS
-from lightning_compress.quantization.coverage import weight_name
-from lightning_compress.quantization.layer import LayerQuantization
+from lightning_compress.quantization import sparse_layout
 from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec, quantize_tensor
 
 WIDTHS = (2, 3, 4, 6, 8, FLOAT_BITS)  # FLOAT_BITS: the layer stays float
@@ -106,8 +106,7 @@ def layer_candidates(
                 else:
                     qtensor = quantize_tensor(pruned, spec)
                     approx = qtensor.dequantize()
-                    nbytes = LayerQuantization(name, weight_name(module), type(module).__name__, qtensor, math.nan,
-                                               0.0).nbytes()
+                    nbytes = sparse_layout.nbytes(qtensor)
                 score = 0.5 * float((fisher * (approx.float() - weight.detach().float()).square()).sum())
                 out.append(Candidate(name, bits, granularity, group, sparsity, nbytes, macs, score))
     return out

@@ -1,12 +1,14 @@
 """``compress(model, budget=Budget(size="25MB"), calibration_data=...)``: per-layer bits, granularity and sparsity
 chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. No Lightning import.
 
-1. Checks (arguments, then the budget against its floor: every layer at 2 bits, or at the largest sparsity), all
-   before any weight changes or any backward pass runs.
+1. Checks (arguments, then the budget against its floor: every weight pruned, only the scales stored, or every
+   layer at its largest sparsity), all before any weight changes or any backward pass runs.
 2. Diagonal Fisher from a few backward passes (:mod:`.fisher`), every layer's candidates with exact bytes, MACs
-   and predicted loss increase (:mod:`.candidates`). Sparsity is offered only under a MACs cap: pruned weights are
-   stored dense, so under a size budget alone it buys nothing, and on a digits MLP the score preferred a pruned
-   2-bit layer that measured worse than the dense one.
+   and predicted loss increase (:mod:`.candidates`). A pruned quantized weight is exported in a sparse layout
+   where that is smaller (:mod:`~lightning_compress.quantization.sparse_layout`), and its candidate is priced with
+   exactly those bytes. Sparsity is offered under a MACs cap, and under a size budget alone with ``search="all"``:
+   not by default, because on a digits MLP the diagonal Fisher under-predicted what 75 % pruning costs and the
+   sparse plan it chose at one size measured worse than the dense one (README, "Compress to a budget").
 3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`).
 4. The plan is written into the model (it carries its codes: ``save_quantized(model, path)`` / ``export_onnx``
    take it), the file and the MACs are measured, and ``metric_fn`` decides (:mod:`.session`). A model over budget
@@ -48,7 +50,7 @@ from lightning_compress.quantization.primitives import CALIBRATIONS
 
 FISHER_BATCHES = 8  # backward passes for the Fisher (and batches kept for the forward that counts positions)
 SCALES = ("measured", "fisher")
-SEARCHES = ("joint", "bits", "sparsity")  # what the plan may choose per layer (the baselines of bench_adaptive)
+SEARCHES = ("joint", "bits", "sparsity", "all")  # what the plan may choose per layer (the baselines of bench_adaptive)
 SPARSITY_ONLY_BITS = 8  # search="sparsity": every layer at this width (float pruned weights save no bytes)
 CORRECTIONS = 2  # re-solves after a failed bound before larger budgets are tried
 
@@ -118,8 +120,9 @@ def compress(
         corrections: re-solves with measured corrections after a failed bound.
         scale: ``"fisher"``: the Fisher's scores as they are; ``"measured"``: each layer's scores scaled by one
             measured loss change (:mod:`.scales`; ``benchmarks/bench_adaptive.py`` compares the two).
-        search: ``"joint"``: widths, granularity and sparsity together; ``"bits"``: widths and granularity only,
-            sparsity 0 (what ModelOpt's ``auto_quantize`` searches); ``"sparsity"``: sparsity and granularity
+        search: ``"joint"``: widths, granularity and, under a MACs cap, sparsity together; ``"all"``: sparsity
+            under a size budget alone too (priced in the sparse layout's bytes); ``"bits"``: widths and granularity
+            only, sparsity 0 (what ModelOpt's ``auto_quantize`` searches); ``"sparsity"``: sparsity and granularity
             only, every layer at :data:`SPARSITY_ONLY_BITS` (the baselines the joint search is measured against).
 
     Raises:
@@ -151,8 +154,8 @@ def compress(
     macs_cap = budget.macs_count(other + dense_macs(weights, where))
     if size_cap is not None and size_cap < (floor := floor_bytes(weights, fixed)):
         raise ValueError(f"`budget` size={budget.size!r} ({size_cap} bytes) is below the floor of this model: "
-                         f"{floor} bytes of tensor data with every layer at 2 bits per channel (the header comes "
-                         "on top); allowed: a larger size")
+                         f"{floor} bytes of tensor data with every weight pruned, only one scale per row stored "
+                         "(the header comes on top); allowed: a larger size")
     if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other)):
         raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
                          f"model: {floor} MACs with every layer at its largest sparsity; allowed: a larger count")
@@ -163,8 +166,8 @@ def compress(
     try:
         before = measure(metric_fn, model) if metric_fn is not None else None
         fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
-        sparsities = SPARSITIES if budget.macs is not None else (0.0,)
-        sparsities = (0.0,) if search == "bits" else SPARSITIES if search == "sparsity" else sparsities
+        sparsities = SPARSITIES if budget.macs is not None or search in ("sparsity", "all") else (0.0,)
+        sparsities = (0.0,) if search == "bits" else sparsities
         widths = (SPARSITY_ONLY_BITS,) if search == "sparsity" else WIDTHS
         candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration,
                                           widths=widths, sparsities=sparsities)
@@ -197,7 +200,7 @@ def _refuse(session: Session, problem: Problem, header: int, budget: Budget) -> 
     cheapest = session.cheapest_file
     if problem.size_cap is not None and cheapest is not None and problem.size_cap < cheapest:
         raise BudgetError(f"{asked}: no plan fits; the smallest file this model can be written as is {cheapest} "
-                          "bytes (every layer at 2 bits per channel, header included); allowed: at least that",
+                          "bytes (the cheapest candidate of every layer, header included); allowed: at least that",
                           (cheapest, None))
     found = session.smallest_passing(problem, header)
     what = "cannot both hold" if session.gate.max_drop is not None else "leave no plan that fits (header included)"

@@ -12,16 +12,18 @@ from torch import Tensor
 
 from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, Candidate
 from lightning_compress.adaptive.knapsack import solve, solve_two
-from lightning_compress.quantization.packing import packed_nbytes
 
 FLOOR_BITS = min(WIDTHS)  # the narrowest width a candidate has
 FLOOR_SPARSITY = max(SPARSITIES)  # the largest sparsity a candidate has
 
 
 def floor_bytes(weights: Mapping[str, Tensor], fixed: int) -> int:
-    """Tensor bytes of the smallest plan: every layer at 2 bits per channel (one float32 scale per row; a per-group
-    candidate has more scales), plus the entries no candidate changes. The header comes on top."""
-    return fixed + sum(packed_nbytes(w.numel(), FLOOR_BITS) + w.shape[0] * 4 for w in weights.values())
+    """Tensor bytes no plan can go below: every weight pruned or rounded to zero, stored sparse with no code
+    (:mod:`~lightning_compress.quantization.sparse_layout`), so only one float32 scale per row stays (a per-group
+    candidate has more scales), plus the entries no candidate changes. The header comes on top. Exact without any
+    work (no codes are computed), so a budget below it is surely impossible; the cheapest plan's file is measured
+    later (``Session.header``)."""
+    return fixed + sum(w.shape[0] * 4 for w in weights.values())
 
 
 def floor_macs(weights: Mapping[str, Tensor], where: Mapping[str, float], other: int) -> int:
