@@ -5,6 +5,8 @@
   exact bytes, MACs and predicted loss increase; :mod:`.knapsack`: the multiple-choice knapsack; :mod:`.plan`: the
   problem and its solution; :mod:`.costs`: what the rest of the model costs, measured file bytes and MACs.
 - :mod:`.compress`: :func:`compress` and :mod:`.session`: apply, measure, correct, re-solve.
+- A latency budget: :mod:`.units` (structured candidates, per-unit Fisher), :mod:`.latency` (ONNX Runtime timings, the
+  per-layer table), :mod:`.latency_budget` (solve, compact, measure, correct).
 """
 
 from lightning_compress.adaptive.budget import Budget

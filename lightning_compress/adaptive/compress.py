@@ -111,7 +111,8 @@ def compress(
     """Compress ``model`` in place to fit ``budget`` with the smallest predicted loss increase.
 
     Args:
-        budget: :class:`~.budget.Budget` (size and / or MACs).
+        budget: :class:`~.budget.Budget` (size and / or MACs; or latency: whole units are removed and the result's
+            ``model`` is a compacted copy, ``model`` itself is left as it is, :mod:`.latency_budget`).
         calibration_data: batches for the Fisher (at most ``calibration_batches``); fed as ``forward(model,
             batch)``, default: dicts as ``model(**batch)``, tuples as ``model(batch[0])``.
         loss_fn: ``loss_fn(output, batch) -> scalar``; default: the model's own softmax (see :mod:`.fisher`).
