@@ -143,7 +143,9 @@ def run_seed(seed: int, data: PreloadedMNIST5k, args: argparse.Namespace) -> lis
                      "qat_epochs": len(times.quantized), "epoch_cost_ratio": cpu_ratio,
                      "epoch_cost_ratio_wall": wall_ratio, "load_average": os.getloadavg()[0]})
         for row in rows[-3:]:
-            print(f"seed {seed} {config.label:<10} {row['arm']:<12} {row['acc']:6.2f} %", flush=True)
+            qat_row = row["arm"] == "QAT" and cpu_ratio is not None and wall_ratio is not None
+            cost = f" (epoch cost {cpu_ratio:.2f}x CPU, {wall_ratio:.2f}x wall)" if qat_row else ""
+            print(f"seed {seed} {config.label:<10} {row['arm']:<12} {row['acc']:6.2f} %{cost}", flush=True)
     if args.model == "smallcnn":
         rows += pruned_int4(seed, data, args)
     return rows
@@ -214,19 +216,26 @@ def main() -> None:
           f"load average {os.getloadavg()}; {vars(args)}", flush=True)
     started = time.perf_counter()
     data = PreloadedMNIST5k(batch_size=64, seed=0)
-    rows = [row for seed in range(args.seeds) for row in run_seed(seed, data, args)]
+    rows: list[dict[str, Any]] = []
+    for seed in range(args.seeds):  # the figures so far are written after every seed: a long run stopped keeps them
+        rows += run_seed(seed, data, args)
+        report(args, machine, rows, seed + 1, time.perf_counter() - started)
+
+
+def report(args: argparse.Namespace, machine: dict[str, Any], rows: list[dict[str, Any]], seeds: int,
+           seconds: float) -> None:
+    """Print the table of the ``seeds`` seeds run so far and write it with every row to ``--json``."""
     table = summarize(rows)
     print(f"\n{args.model}, MNIST-5k, {args.epochs} epochs per arm, QAT from {args.start:.0%} of the fit, "
-          f"{args.seeds} seed(s): test accuracy %; load average at the end {os.getloadavg()}")
+          f"{seeds} of {args.seeds} seed(s): test accuracy %; load average {os.getloadavg()}")
     print(f"{'arm':<14}{'config':>10}{'mean':>8}{'min':>8}{'max':>8}{'drop':>7}{'QAT epoch cost (CPU)':>22}")
     for r in table:
         cost = f"{r['epoch_cost_ratio']:.2f}x" if r["epoch_cost_ratio"] is not None else "-"
         print(f"{r['arm']:<14}{r['config']:>10}{r['acc_mean']:8.2f}{r['acc_min']:8.2f}{r['acc_max']:8.2f}"
-              f"{r['drop']:7.2f}{cost:>22}")
-    write_json(args.json, dict(benchmark=f"qat_{args.model}", machine=machine,
+              f"{r['drop']:7.2f}{cost:>22}", flush=True)
+    write_json(args.json, dict(benchmark=f"qat_{args.model}", machine=machine, seeds_done=seeds,
                                settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               rows=rows, table=table, seconds=time.perf_counter() - started))
-
+                               rows=rows, table=table, seconds=seconds))
 
 if __name__ == "__main__":
     main()
