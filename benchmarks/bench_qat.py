@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--scale-lr", type=float, default=None, help="QAT's scale_lr (default: the weights' lr; "
                         "1e-4 for the transformer)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, --quick 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--calibration-batches", type=int, default=16, help="GPTQ: training batches of 64 images")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core box)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs (1 for resnet / transformer; smoke)")
@@ -217,9 +218,9 @@ def main() -> None:
     started = time.perf_counter()
     data = PreloadedMNIST5k(batch_size=64, seed=0)
     rows: list[dict[str, Any]] = []
-    for seed in range(args.seeds):  # the figures so far are written after every seed: a long run stopped keeps them
-        rows += run_seed(seed, data, args)
-        report(args, machine, rows, seed + 1, time.perf_counter() - started)
+    for done, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds), 1):  # the figures so far are
+        rows += run_seed(seed, data, args)  # written after every seed: a long run stopped keeps them
+        report(args, machine, rows, done, time.perf_counter() - started)
 
 
 def report(args: argparse.Namespace, machine: dict[str, Any], rows: list[dict[str, Any]], seeds: int,
