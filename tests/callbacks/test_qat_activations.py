@@ -218,3 +218,37 @@ def test_a_resume_from_a_mid_qat_checkpoint_gives_the_same_ranges_and_codes(trai
     assert again.activations == full.activations
     for key, qt in full.codes.items():
         assert torch.equal(again.codes[key].q, qt.q) and torch.equal(again.codes[key].scale, qt.scale), key
+
+
+# --------------------------------------------------------------------------- forward signatures
+class _DictModel(pl.LightningModule):
+    """A forward taking a dict and a keyword argument: the input quantizers are pre-hooks on the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.head = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+        self.losses: list[float] = []
+
+    def forward(self, batch: dict[str, torch.Tensor], *, temperature: float = 1.0) -> torch.Tensor:
+        return self.head(torch.relu(self.encoder(batch["x"].flatten(1)))) / temperature
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self({"x": x}, temperature=2.0), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def test_a_forward_taking_a_dict_and_kwargs_trains_with_activation_fake_quantization() -> None:
+    model = _DictModel()
+    qat = QuantizationAwareTraining(bits=8, start=1, scale_lr=1e-4, activations="int8")
+    pl.seed_everything(3)
+    quiet_trainer([qat], max_epochs=2, limit_val_batches=0).fit(model, DigitsDataModule(batch_size=64))
+    record = carried(model)
+    assert record is not None and set(record.activations) == {"encoder.weight", "head.weight"}
+    assert "forward" not in vars(model) and not any(m._forward_pre_hooks for m in model.modules())
+    assert len(model.losses) == 40 and all(np.isfinite(model.losses))
+    assert sum(model.losses[-5:]) < sum(model.losses[:5])
