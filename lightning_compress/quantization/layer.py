@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.quantization import sparse_layout
 from lightning_compress.quantization.coverage import check_finite, weight_name
 from lightning_compress.quantization.coverage import layer_weight as _weight
-from lightning_compress.quantization.packing import packed_nbytes
 from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec, quantize_tensor, sqnr_db
 
 
@@ -38,13 +38,9 @@ class LayerQuantization:
         return self.qtensor.spec.bits
 
     def nbytes(self) -> int:
-        """Bytes of codes (packed) plus scales and zero points, as exported."""
-        qt = self.qtensor
-        codes = packed_nbytes(qt.q.numel(), qt.spec.bits)
-        extra = qt.scale.numel() * qt.scale.element_size()
-        if qt.zero_point is not None:
-            extra += packed_nbytes(qt.zero_point.numel(), qt.spec.bits)
-        return codes + extra
+        """Bytes of codes (packed, in the layout the export chooses: dense or sparse) plus scales and zero points,
+        as exported (:func:`~lightning_compress.quantization.sparse_layout.nbytes`)."""
+        return sparse_layout.nbytes(self.qtensor)
 
     def summary(self) -> dict[str, Any]:
         spec = self.qtensor.spec
