@@ -3,7 +3,8 @@
 :func:`solve` is a dynamic program over the room the cheapest plan leaves under the cap (each option's cost above
 its group's cheapest), cut into at most ``buckets`` units and never into units below one (costs are bytes or MACs).
 Each cost is rounded *up* to whole units, so every plan it returns truly fits the cap; it is exact when the costs
-are integers and the room is at most ``buckets``, and the cheapest plan is always found when it fits. A second
+are integers and the room is at most ``buckets``, and the cheapest plan is always found when it fits. Options that
+an earlier option of their group matches in both score and units are skipped (they could never be chosen). A second
 resource is bound by :func:`solve_two`: a Lagrange multiplier on it, found by bisection, added to the scores of a
 :func:`solve` on the first. No Lightning import.
 """
@@ -36,13 +37,13 @@ def solve(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], c
         units = [math.ceil(c / unit - 1e-9) for c in group_costs]
         new = np.full(n, np.inf)
         pick = np.full(n, -1, dtype=np.int64)
-        for index, (score, used) in enumerate(zip(group_scores, units)):
+        for index in _undominated(group_scores, units):
+            score, used = group_scores[index], units[index]
             if used > buckets:
                 continue
-            candidate = np.full(n, np.inf)
-            candidate[used:] = best[: n - used] + score
-            better = candidate < new
-            new[better], pick[better] = candidate[better], index
+            candidate = best[: n - used] + score  # b units in all: this option's `used` plus b - used before it
+            better = candidate < new[used:]  # strictly: the first of equal options stays
+            new[used:][better], pick[used:][better] = candidate[better], index
         best = new
         choices.append(pick)
     if not np.isfinite(best[-1]):
@@ -53,6 +54,16 @@ def solve(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], c
         plan.append(index)
         left -= math.ceil(group_costs[index] / unit - 1e-9)
     return plan[::-1]
+
+
+def _undominated(scores: Sequence[float], units: Sequence[int]) -> list[int]:
+    """Indices of the options no earlier option matches in both score and units. ``best`` never rises with more
+    units, so such an option is never strictly better anywhere and the loop would not choose it: skipping it
+    changes no plan (an option only matched by a *later* one is kept, since it wins their ties)."""
+    s, u = np.asarray(scores, dtype=float), np.asarray(units)
+    earlier = np.tri(len(s), k=-1, dtype=bool).T  # earlier[i, j]: i < j
+    matched = (s[:, None] <= s[None, :]) & (u[:, None] <= u[None, :]) & earlier
+    return [int(i) for i in np.flatnonzero(~matched.any(axis=0))]
 
 
 def solve_two(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], cap: float,
@@ -71,7 +82,8 @@ def solve_two(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]
     if plan is None or second_of(plan) <= second_cap:
         return plan
     spread = sum(max(ss) - min(ss) for ss in scores) + 1e-12
-    finest = min((abs(a - b) for ms in second for a in ms for b in ms if a != b), default=1.0)
+    gaps = [np.diff(np.unique(np.asarray(ms, dtype=float))) for ms in second]  # sorted distinct values' steps
+    finest = min((float(g.min()) for g in gaps if g.size), default=1.0)  # the smallest |a - b|, a != b
     high = spread / finest * 4
     top = plan_at(high)
     if top is None or second_of(top) > second_cap:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lightning_compress.adaptive.knapsack import solve, solve_two
+from lightning_compress.adaptive.knapsack import _undominated, solve, solve_two
 
 
 def _instance(rng: random.Random, groups: int, options: int) -> tuple[list[list[float]], list[list[float]],
@@ -86,3 +86,48 @@ def test_lagrangian_finds_most_feasible_instances() -> None:
 def test_mismatched_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="same number of options"):
         solve([[1.0, 2.0]], [[1.0]], 5.0)
+
+
+def test_ties_go_to_the_first_option_and_matched_options_change_no_plan() -> None:
+    # group 0: options 1 and 2 equal option 0 (same score and cost) or are worse in both; option 3 is cheaper
+    scores = [[1.0, 1.0, 2.0, 5.0], [0.0, 3.0]]
+    costs = [[10.0, 10.0, 12.0, 2.0], [8.0, 1.0]]
+    assert solve(scores, costs, cap=18.0) == [0, 0]
+    assert solve(scores, costs, cap=12.0) == [0, 1]
+    assert solve(scores, costs, cap=10.0) == [3, 0]
+    assert _undominated(scores[0], [10, 10, 12, 2]) == [0, 3]
+    # an option only matched by a later one stays: it wins the tie
+    assert _undominated([1.0, 1.0], [5, 5]) == [0]
+    assert _undominated([2.0, 1.0], [5, 5]) == [0, 1]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_skipping_matched_options_chooses_as_the_plain_loop(seed: int) -> None:
+    rng = random.Random(seed)
+    scores = [[float(rng.randint(0, 5)) for _ in range(8)] for _ in range(5)]  # many ties
+    costs = [[float(rng.randint(1, 6)) for _ in range(8)] for _ in range(5)]
+    cap = float(rng.randint(5, 30))
+    assert solve(scores, costs, cap) == _plain_loop(scores, costs, cap)
+
+
+def _plain_loop(scores: list[list[float]], costs: list[list[float]], cap: float) -> list[int] | None:
+    """The DP over every option with integer costs (unit 1), first of equal minima kept: the reference."""
+    base = sum(min(c) for c in costs)
+    if base > cap:
+        return None
+    n = int(cap - base) + 1
+    best, choices = [0.0] * n, []
+    for group_scores, group_costs in zip(scores, costs):
+        used = [int(c - min(group_costs)) for c in group_costs]
+        new, pick = [float("inf")] * n, [-1] * n
+        for index, (score, units) in enumerate(zip(group_scores, used)):
+            for b in range(units, n):
+                if best[b - units] + score < new[b]:
+                    new[b], pick[b] = best[b - units] + score, index
+        best = new
+        choices.append(pick)
+    plan, left = [], n - 1
+    for group_costs, pick in zip(reversed(costs), reversed(choices)):
+        plan.append(pick[left])
+        left -= int(group_costs[pick[left]] - min(group_costs))
+    return plan[::-1]
