@@ -84,6 +84,7 @@ class Job:
     val_metric: Callable[[nn.Module], float] | None = None  # the bound's metric (CNNs: validation accuracy %)
     val_loss: Callable[[nn.Module], float] | None = None  # for the Spearman
     extra_budgets: tuple[float, ...] = ()  # fractions of the fp32 file tried besides the uniform frontier's sizes
+    most_budgets: int = 6  # frontier sizes tried at most
     fit_s: float | None = None  # wall seconds of the Trainer.fit
     fit_cpu_s: float | None = None  # its process CPU seconds (one thread, no loader workers)
 
@@ -148,7 +149,7 @@ def resnet_jobs(seeds: list[int], width: int, image_size: int, epochs: int,
     return jobs
 
 
-def minilm_job(grid: dict[str, tuple[Any, ...]], paragraphs: int) -> Job:
+def minilm_job(grid: dict[str, tuple[Any, ...]], paragraphs: int, budgets: int) -> Job:
     import bench_minilm as mini
 
     st = mini.load_minilm()
@@ -174,7 +175,7 @@ def minilm_job(grid: dict[str, tuple[Any, ...]], paragraphs: int) -> Job:
 
     cal = mini.batches(st, list(mini.CALIBRATION_TEXTS) + mini.doc_paragraphs(paragraphs))
     return Job("all-MiniLM-L6-v2", fresh, cal, metric, file_size(bert), 128, grid, loss_fn=loss_fn,
-               extra_budgets=(0.15,))
+               extra_budgets=(0.15,), most_budgets=budgets)
 
 
 # ---------------------------------------------------------------------------------------------- uniform grid
@@ -301,7 +302,8 @@ def run_job(job: Job, budget_count: int, bounded: bool) -> dict[str, Any]:
     front = frontier(grid)
     extra = [int(f * job.float_bytes) for f in job.extra_budgets]
     rows = []
-    for cap in sorted(set(budgets_along(grid, budget_count, most=6)) | set(extra)):
+    sizes = budgets_along(grid, min(budget_count, job.most_budgets), most=job.most_budgets)
+    for cap in sorted(set(sizes) | set(extra)):
         best = best_within(grid, cap)
         row: dict[str, Any] = {"budget": cap, "budget_x": cap / job.float_bytes, "uniform": best}
         for search in SEARCHES:
@@ -380,6 +382,9 @@ def main() -> None:
     parser.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2 (a few minutes)")
     parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18-style CNN")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--resnet", type=int, nargs=3, default=None, metavar=("WIDTH", "IMAGE_SIZE", "EPOCHS"),
+                        help="the ResNet's first-stage width, input side and epochs (default 16 28 2; quick 8 14 1)")
+    parser.add_argument("--minilm-budgets", type=int, default=4, help="uniform frontier sizes tried on MiniLM")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -395,7 +400,8 @@ def main() -> None:
                            "ranks": {}}
     jobs: list[list[Job]] = [smallcnn_jobs(seeds, 1 if quick else 4, cnn_grid)]
     if not args.no_resnet:
-        jobs.append(resnet_jobs(seeds, 8 if quick else 16, 14 if quick else 28, 1 if quick else 2, cnn_grid))
+        width, side, epochs = args.resnet or ((8, 14, 1) if quick else (16, 28, 2))
+        jobs.append(resnet_jobs(seeds, width, side, epochs, cnn_grid))
     out["cost"] = {}
     for group in jobs:  # the first seed of each CNN: the SmallCNN one is the built-in job of the target
         c = out["cost"][group[0].name] = cost(group[0])
@@ -406,9 +412,9 @@ def main() -> None:
               f"({100 * c['with_sparsity_fraction']:.1f} % with sparsity); a whole compress() "
               f"{100 * c['compress_fraction']:.1f} %", flush=True)
     if not args.no_minilm:
-        mini_grid = {"sparsity": (0.0,), "bits": (2, 3, 4, 8) if quick else (2, 3, 4, 6, 8),
+        mini_grid = {"sparsity": (0.0,), "bits": (2, 3, 4, 8),
                      "granularity": ("per_channel", "per_group")}
-        jobs.append([minilm_job(mini_grid, 16 if quick else 48)])
+        jobs.append([minilm_job(mini_grid, 16 if quick else 48, args.minilm_budgets)])
     for group in jobs:
         family = group[0].name.split(" seed")[0]
         out["jobs"][family] = {}
