@@ -6,7 +6,8 @@ Lightning import.
 - :class:`SparsityPlanner`: per-layer sparsity targets from the gradient statistics. ``E[g^2] = mean^2 + var`` of
   each weight is the diagonal Fisher (:func:`statistics_fisher`), the score :mod:`.candidates` uses, so the same
   candidates (sparsity x width x granularity) and the same knapsack (:mod:`.plan`) plan the fit. Only the
-  sparsities are read from that plan: the widths are planned again at the end, on the masks the fit reached.
+  sparsities are read from that plan (made on a coarser grid of widths, :data:`PLAN_WIDTHS`, with min/max ranges,
+  since it runs at every event): the widths are planned again at the end, on the masks the fit reached.
   Sparsity is chosen where it pays in MACs or in the candidates' bytes; where it pays in neither, its predicted
   loss keeps it out of the plan.
 - :class:`BudgetRun`: a :class:`~lightning_compress.pruning.run.PruningRun` whose schedule is a ramp of progress
@@ -27,11 +28,13 @@ from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.candidates import SPARSITIES, layer_candidates
 from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
 from lightning_compress.adaptive.plan import FLOOR_SPARSITY, Problem, floor_bytes, floor_macs
-from lightning_compress.core.accounting import state_bytes
+from lightning_compress.core.accounting import FLOAT_BITS, state_bytes
 from lightning_compress.pruning.planner import plan_masks
 from lightning_compress.pruning.run import PruningRun
 from lightning_compress.pruning.statistics import GradientStatistics
 from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
+
+PLAN_WIDTHS = (2, 4, 8, FLOAT_BITS)  # the fit plans sparsity on a coarser grid of widths (planned at each event)
 
 
 @dataclass
@@ -87,6 +90,7 @@ class SparsityPlanner:
     modules: dict[str, nn.Module]  # the tracked layers
     caps: Caps
     calibration: str = "minmax"  # only the sparsities are read: the widths' clipping search is left to the end
+    widths: tuple[int, ...] = PLAN_WIDTHS
 
     def __call__(self, fisher: Mapping[str, Tensor]) -> dict[str, float]:
         """Layer -> sparsity of the plan with the smallest predicted loss within the caps; with no plan within
@@ -97,7 +101,7 @@ class SparsityPlanner:
         untracked = {n: w for n, w in select_layers(self.model, QUANT_MODULE_TYPES)[0].items() if n not in keys}
         other = self.caps.other_macs + dense_macs({n: layer_weight(n, m) for n, m in untracked.items()}, where)
         candidates = {n: layer_candidates(n, self.modules[n], weights[n], fisher[n].to(weights[n].device), where[n],
-                                          count, self.calibration, sparsities=SPARSITIES)
+                                          count, self.calibration, widths=self.widths, sparsities=SPARSITIES)
                       for n, count in aliases(self.model, keys).items()}
         fixed = fixed_bytes(self.model, keys)
         size_cap, macs_cap = self.caps.size_cap, self.caps.macs_cap

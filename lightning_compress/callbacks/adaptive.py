@@ -257,7 +257,9 @@ class AdaptiveCompression(GradientStabilityPruning):
                      quantization="round to nearest with the calibration's clipping search (compress() has no GPTQ)")
         self.report.metric_before = result.metric_before
         drop = self.gate.drop(result.metric_before, result.metric_after)
-        note = f"budget plan: {len(result.plan)} layers, file {result.file_bytes} B, {result.macs} MACs"
+        note = (f"budget {self.budget.size!r} / {self.budget.macs!r} MACs = {result.budget_bytes} B / "
+                f"{result.budget_macs} MACs per example; delivered file {result.file_bytes} B, {result.macs} MACs; "
+                f"{result.evaluations} evaluations: " + "; ".join(result.steps))
         self.report.events.append(CompressionEvent("quantize", trainer.global_step, result.metric_before,
                                                    result.metric_after, note=note, reference=result.metric_before,
                                                    drop=drop))

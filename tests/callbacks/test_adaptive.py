@@ -166,6 +166,8 @@ def test_the_report_shows_the_plan_the_budget_and_the_verification(fitted: dict[
     assert all({"bits", "granularity", "sparsity", "predicted", "measured_drop"} <= set(row) for row in entry["plan"])
     assert entry["delivered"]["file_bytes"] <= entry["budget"]["bytes"]
     assert entry["verification_steps"] and entry["evaluations"] >= 2
+    note = next(e.note for e in callback.report.events if e.kind == "quantize")
+    assert f"delivered file {entry['delivered']['file_bytes']} B" in note and str(entry["budget"]["bytes"]) in note
     on_disk = json.loads(Path(callback.report.files["report_json"]).read_text())
     assert "plan:" in json.dumps(on_disk)
     assert carried(fitted["model"]) is not None  # the delivered model carries its codes (compressed.ckpt packs them)
