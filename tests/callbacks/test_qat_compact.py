@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
 
 from lightning_compress import GradientStabilityPruning, QuantizationAwareTraining, load_compressed
 from lightning_compress.demos.data import DigitsDataModule
@@ -69,6 +70,13 @@ def test_the_pruned_units_are_gone_and_qat_trained_the_compacted_layers(compacte
     assert spy.stale == 0  # the optimizer trained the compacted parameters, not the ones compaction replaced
     assert spy.first is not None and spy.last is not None and not torch.equal(spy.first, spy.last)
     assert qat.result is not None and qat.result.layers["net.1"].qtensor.q.shape == (width, 64)
+
+
+
+def test_the_compacted_float_file_holds_the_latent_weights_at_the_end(compacted_fit) -> None:
+    trainer, _, _, spy = compacted_fit
+    saved = load_file(report_of(trainer).files["compacted"])
+    assert spy.last is not None and torch.equal(saved["net.1.weight"], spy.last)  # not the weights QAT started from
 
 
 def test_the_codes_equal_the_export_bit_for_bit(compacted_fit) -> None:
