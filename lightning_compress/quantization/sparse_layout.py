@@ -146,7 +146,8 @@ def describe(layout: Layout) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- reading
 def parse(name: str, key: str, info: dict[str, Any], numel: int) -> Layout:
     """The layout a layer's metadata declares, checked: ``layout`` one of :data:`LAYOUTS`, ``kept`` an integer in
-    ``[0, numel]``, ``gap_bits`` (gaps only) an integer in ``[1, 32]``."""
+    ``[0, numel]``, ``gap_bits`` (gaps only) an integer no wider than the largest gap a weight of ``numel`` positions
+    can have (so the positions' running sum cannot overflow)."""
     where = f"{name!r}, layer {key!r}"
     kind = info.get("layout", "dense")
     if kind not in LAYOUTS:
@@ -166,9 +167,10 @@ def parse(name: str, key: str, info: dict[str, Any], numel: int) -> Layout:
             raise UntrustedFileError(f"{where}: metadata key 'gap_bits' belongs to layout 'gaps', got layout 'bitmap'")
         return Layout("bitmap", kept)
     gap_bits = info.get("gap_bits")
-    if type(gap_bits) is not int or not 1 <= gap_bits <= WIDE_BITS:
-        raise UntrustedFileError(f"{where}: metadata key 'gap_bits' must be an integer in [1, {WIDE_BITS}], got "
-                                 f"{gap_bits!r:.100}")
+    widest = min(WIDE_BITS, max(1, (numel - 1).bit_length()))  # no gap in the weight needs more bits
+    if type(gap_bits) is not int or not 1 <= gap_bits <= widest:
+        raise UntrustedFileError(f"{where}: metadata key 'gap_bits' must be an integer in [1, {widest}] (a gap in "
+                                 f"{numel} positions), got {gap_bits!r:.100}")
     return Layout("gaps", kept, gap_bits)
 
 
