@@ -24,7 +24,17 @@ def codes_run(tmp_path_factory, monkeypatch_module) -> tuple[dict[str, Any], dic
     out = tmp_path_factory.mktemp("qat-ddp")
     monkeypatch_module.setattr("tests.callbacks.test_ddp.HELPERS", Path(qat_scenarios.__file__).resolve())
     _run_script("codes", out)
-    first, second = (json.loads((out / f"codes.rank{r}.json").read_text()) for r in (0, 1))
+    return _ranks(out, "codes")
+
+
+@pytest.fixture(scope="module")
+def compact_run(codes_run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same script's second fit: structured pruning with compact=True, then int4 QAT."""
+    return _ranks(Path(codes_run[0]["export"]).parents[2], "compact")
+
+
+def _ranks(out: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    first, second = (json.loads((out / f"{tag}.rank{r}.json").read_text()) for r in (0, 1))
     return first, second
 
 
@@ -52,10 +62,24 @@ def test_both_ranks_deliver_the_same_codes_and_scales_as_the_export(codes_run) -
     first, second = codes_run
     assert first["layers"] == second["layers"]
     assert set(first["layers"]) == {"net.1.weight", "net.3.weight", "net.5.weight"}
-    with safe_open(first["export"], framework="pt") as handle:
-        for key, layer in first["layers"].items():
+    _assert_exported(first, bits=3)
+
+
+def test_compacted_then_qat_gives_the_same_smaller_model_and_codes_on_both_ranks(compact_run) -> None:
+    first, second = compact_run
+    assert first["shapes"] == second["shapes"] and first["epochs"] == second["epochs"]
+    assert first["shapes"]["net.1.weight"][0] + first["shapes"]["net.3.weight"][0] < 96  # hidden units removed
+    assert first["shapes"]["net.3.weight"][1] == first["shapes"]["net.1.weight"][0]
+    assert first["wrapped_scales"] and second["wrapped_scales"]
+    assert first["layers"] == second["layers"]
+    _assert_exported(first, bits=4)
+
+
+def _assert_exported(record: dict[str, Any], bits: int) -> None:
+    with safe_open(record["export"], framework="pt") as handle:
+        for key, layer in record["layers"].items():
             assert layer["method"] == "qat"
             q = torch.tensor(layer["q"], dtype=torch.int8)
-            codes = unpack(handle.get_tensor(f"{key}:qdata"), 3, q.numel(), signed=True)
+            codes = unpack(handle.get_tensor(f"{key}:qdata"), bits, q.numel(), signed=True)
             assert torch.equal(codes.reshape(-1), q), key
             assert torch.equal(handle.get_tensor(f"{key}:scale").flatten(), torch.tensor(layer["scale"])), key

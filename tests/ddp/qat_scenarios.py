@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_compress import QuantizationAwareTraining
+from lightning_compress import GradientStabilityPruning, QuantizationAwareTraining
 from lightning_compress.demos.data import DigitsDataModule
 from tests.ddp.probes import ARTIFACTS, digest
 from tests.ddp.scenarios import model, trainer
@@ -52,24 +52,34 @@ class QATProbe(Callback):
         self.epochs.append(entry)
 
 
-def scenario_codes(strategy: str, out_dir: str) -> None:
-    """int3 QAT from epoch 1 of 3 with an export: codes, scales, latent weights of each rank."""
+def _qat_fit(strategy: str, out_dir: str, tag: str, bits: int, pruning: GradientStabilityPruning | None) -> None:
+    """QAT from epoch 1 of 3 with an export (after ``pruning``, if given): codes, scales, latent weights, shapes."""
     pl.seed_everything(3)
-    artifacts = Path(out_dir) / ARTIFACTS
-    artifacts.mkdir(exist_ok=True)
-    qat = QuantizationAwareTraining(bits=3, start=1, export_path=str(artifacts / "model.safetensors"))
+    artifacts = Path(out_dir) / ARTIFACTS / tag
+    artifacts.mkdir(parents=True, exist_ok=True)
+    qat = QuantizationAwareTraining(bits=bits, start=1, export_path=str(artifacts / "model.safetensors"))
     probe = QATProbe(qat)
-    fit = trainer(strategy, [qat, probe], artifacts, max_epochs=3)
-    fit.fit(model(), DigitsDataModule(batch_size=32))
+    fit = trainer(strategy, [qat, probe] + ([pruning] if pruning else []), artifacts, max_epochs=3)
+    module = model()
+    fit.fit(module, DigitsDataModule(batch_size=32))
     assert qat.result is not None
     record = {
         "rank": fit.global_rank, "world_size": fit.world_size, "strategy": type(fit.strategy).__name__,
         "epochs": probe.epochs, "wrapped_scales": probe.wrapped_scales,
+        "shapes": {k: list(v.shape) for k, v in module.state_dict().items() if k.endswith("weight")},
         "layers": {layer.key: {"q": layer.qtensor.q.flatten().tolist(), "scale": layer.qtensor.scale.flatten().tolist(),
                                "method": layer.method} for layer in qat.result.layers.values()},
         "export": str(artifacts / "model.safetensors"),
     }
-    (Path(out_dir) / f"codes.rank{fit.global_rank}.json").write_text(json.dumps(record))
+    (Path(out_dir) / f"{tag}.rank{fit.global_rank}.json").write_text(json.dumps(record))
+
+
+def scenario_codes(strategy: str, out_dir: str) -> None:
+    """int3 QAT alone, then int4 QAT after structured pruning compacted the model (when QAT started)."""
+    _qat_fit(strategy, out_dir, "codes", 3, None)
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
+                                       start_step=10, evaluate=False)
+    _qat_fit(strategy, out_dir, "compact", 4, pruning)
 
 
 SCENARIOS = {"codes": scenario_codes}
