@@ -1,0 +1,38 @@
+"""qat.compaction: the optimizer follows the parameters compaction replaced; masks of resized layers are dropped."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_compress.qat.compaction import follow_parameters, masks_after
+
+
+def _stepped() -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_replaced_parameters_are_swapped_in_and_their_state_restarts() -> None:
+    model, optimizer = _stepped()
+    before = dict(model.named_parameters())
+    kept = model[2].bias
+    model[0].weight = nn.Parameter(model[0].weight.detach()[:3].clone())  # what compaction does: a new parameter
+    del model[2]._parameters["bias"]  # a parameter that is gone
+    names = follow_parameters([optimizer], before, model)
+    assert names == ["0.weight", "2.bias"]
+    params = optimizer.param_groups[0]["params"]
+    assert any(p is model[0].weight for p in params) and not any(p is before["0.weight"] for p in params)
+    assert not any(p is kept for p in params) and len(params) == 3
+    assert model[0].weight not in optimizer.state and before["0.weight"] not in optimizer.state
+    assert torch.equal(optimizer.state[model[2].weight]["step"], torch.tensor(1.0))  # untouched: state kept
+
+
+def test_masks_of_resized_layers_are_dropped() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    masks = {"0.weight": torch.ones(6, 4, dtype=torch.bool), "1.weight": torch.ones(2, 3, dtype=torch.bool),
+             "missing.weight": torch.ones(1, dtype=torch.bool)}
+    assert set(masks_after(masks, model)) == {"1.weight"}
