@@ -3,13 +3,12 @@ what predicted loss. No Lightning import.
 
 A *family* is a prunable set of producers that share their units (:func:`~lightning_compress.structure.dependency.
 find_unit_groups`: one Linear / Conv, or the convolutions a residual add couples), named by its first producer.
-Removing one of its units zeroes that unit's output, so every consumer reads zero in the unit's input columns,
-which is the same as zeroing those columns: the predicted loss increase is ``1/2 * sum(F * W^2)`` over the
-consumers' columns of the unit (the diagonal Fisher of :mod:`.fisher`, summed per unit; the BatchNorm shift that
-goes with the unit is included, since the consumers see the unit's whole output). A family whose consumers are not
-Linear / Conv layers is scored on its producers' rows instead. Units go lowest score first; the scores of a
-family's candidates add up its removed units. Attention heads (``parts > 1``) are not offered: the latency table
-times Linear / Conv layers only.
+A unit's predicted loss increase is ``1/2 * sum(F * W^2)`` over its rows in the family's producers (the diagonal
+Fisher of :mod:`.fisher`, summed per unit), what removing those rows costs to second order. Scoring the consumers'
+input columns instead (zeroing a unit's output is zeroing them, BatchNorm shift included) was tried: on
+``benchmarks/bench_adaptive_latency.py``'s CNN it kept worse units at two budgets (BatchNorm statistics refreshed in
+both), so the producer rows are used. Units go lowest score first; a family's candidate scores add up its removed
+units. Attention heads (``parts > 1``) are not offered: the latency table times Linear / Conv layers only.
 
 Kept counts are the fractions :data:`KEEP` of a family's units, rounded to a multiple of :data:`ROUND_TO` where
 the family has at least four times that many units (vector kernels run whole multiples of 8 lanes; the latency table
@@ -58,20 +57,11 @@ def kept_counts(units: int) -> list[int]:
 
 def unit_scores(group: UnitGroup, members: list[str], modules: Mapping[str, nn.Module],
                 fisher: Mapping[str, Tensor]) -> Tensor:
-    """Per unit of the family, ``1/2 * sum(F * W^2)`` over the consumers' columns it feeds (see the module
-    docstring); the producers' rows where no consumer is a Linear / Conv layer with a Fisher."""
-    units = group.num_units
-    scores = torch.zeros(units, dtype=torch.float64)
-    readers = [(c, r, o) for c, r, o in group.consumers if isinstance(modules.get(c), LAYERS) and c in fisher]
-    if readers and len(readers) == len(group.consumers):
-        for consumer, repeat, offset in readers:
-            weight = weight_of(modules[consumer], consumer).detach().float()
-            saliency = (fisher[consumer] * weight.square()).transpose(0, 1).reshape(weight.shape[1], -1).sum(1)
-            scores += saliency[offset : offset + units * repeat].reshape(units, repeat).sum(1).double()
-    else:
-        for member in members:
-            weight = weight_of(modules[member], member).detach().float()
-            scores += (fisher[member] * weight.square()).reshape(units, -1).sum(1).double()
+    """Per unit of the family, ``1/2 * sum(F * W^2)`` over its rows in every producer of the family."""
+    scores = torch.zeros(group.num_units, dtype=torch.float64)
+    for member in members:
+        weight = weight_of(modules[member], member).detach().float()
+        scores += (fisher[member] * weight.square()).reshape(group.num_units, -1).sum(1).double()
     return 0.5 * scores
 
 

@@ -35,16 +35,16 @@ def test_scores_sum_the_removed_units_lowest_first() -> None:
     assert keep_mask(scores, 2).tolist() == [True, False, True, False]
 
 
-def test_unit_score_is_half_fisher_times_weight_squared_over_the_consumer_columns() -> None:
+def test_unit_score_is_half_fisher_times_weight_squared_over_the_producer_rows() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    groups = find_unit_groups(model, torch.randn(2, 4))
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    groups = find_unit_groups(model, torch.randn(2, 2, 6, 6))
     members = families(groups)
     assert list(members) == ["0"]  # the output layer feeds the model output: not a family
     modules = dict(model.named_modules())
-    fisher = {n: torch.rand_like(m.weight) for n, m in modules.items() if isinstance(m, nn.Linear)}
+    fisher = {n: torch.rand_like(m.weight) for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
     scores = unit_scores(groups["0"], members["0"], modules, fisher)
-    expected = 0.5 * (fisher["2"] * model[2].weight.detach() ** 2).sum(0)
+    expected = 0.5 * (fisher["0"] * model[0].weight.detach() ** 2).sum((1, 2, 3))
     torch.testing.assert_close(scores.float(), expected)
 
 
