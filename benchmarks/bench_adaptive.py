@@ -24,8 +24,10 @@ texts and evaluation sentences of another domain; ``HF_HUB_OFFLINE=1``). Per job
    against the process CPU seconds of the ``Trainer.fit`` (one thread), and of a whole ``compress()`` call.
 5. The frontier plot (metric vs file size) is written next to the JSON (``adaptive_frontier.png``).
 
-Verdict per job: adaptive at least as good as the best uniform at every budget within the seed spread (the largest
-difference between seeds of the uniform metric at that budget), and strictly better at half or more.
+Verdict per job: adaptive at least as good as the best uniform at every seed and budget within the seed spread (the
+difference between the seeds' float models' metric), and better by more than it at half or more. A budget is a
+uniform file's size to the byte, and ``compress()`` reserves a header margin, so it can never pick that uniform
+plan itself there: it must do better with fewer bytes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import argparse
 import copy
 import os
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -326,20 +327,19 @@ def run_job(job: Job, budget_count: int, bounded: bool) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- verdict and plot
 def verdict(seeds: list[dict[str, Any]], search: str) -> dict[str, Any]:
-    """Per budget fraction (matched across seeds by position): adaptive minus the best uniform, the seed spread of
-    the uniform metric, and whether 'at least as good everywhere, strictly better at half or more' holds."""
-    per_budget = []
-    for index in range(min(len(s["rows"]) for s in seeds)):
-        rows = [s["rows"][index] for s in seeds]
-        uniform = [r["uniform"]["metric"] if r["uniform"] else float("nan") for r in rows]
-        joint = [r[search].get("metric", float("nan")) for r in rows]
-        spread = max(uniform) - min(uniform) if len(uniform) > 1 else 0.0
-        diffs = [a - b for a, b in zip(joint, uniform)]
-        per_budget.append({"budget_x": statistics.mean(r["budget_x"] for r in rows), "joint_minus_uniform": diffs,
-                           "seed_spread": spread, "at_least": all(d >= -spread for d in diffs),  # refused: NaN
-                           "strictly": statistics.mean(diffs) > spread})
-    holds = all(b["at_least"] for b in per_budget) and 2 * sum(b["strictly"] for b in per_budget) >= len(per_budget)
-    return {"per_budget": per_budget, "holds": holds}
+    """Per seed and budget (each seed's uniform frontier gives its own budgets): ``search``'s metric minus the best
+    uniform's, against the seed spread (max - min over seeds of the float model's metric; 0 with one seed). Holds
+    when it is at least minus the spread everywhere (a refused plan is not) and above the spread at half or more."""
+    spread = max(s["fp32_metric"] for s in seeds) - min(s["fp32_metric"] for s in seeds)
+    pairs = []
+    for seed in seeds:
+        for row in seed["rows"]:
+            uniform = row["uniform"]["metric"] if row["uniform"] else float("nan")
+            diff = row[search].get("metric", float("nan")) - uniform
+            pairs.append({"budget_x": row["budget_x"], "minus_uniform": diff, "at_least": diff >= -spread,
+                          "strictly": diff > spread})
+    holds = all(p["at_least"] for p in pairs) and 2 * sum(p["strictly"] for p in pairs) >= len(pairs)
+    return {"seed_spread": spread, "per_budget": pairs, "holds": holds}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
