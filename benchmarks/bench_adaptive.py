@@ -434,9 +434,9 @@ def main() -> None:
                   f"seed spread), strictly better at half or more: {'PASS' if v['holds'] else 'FAIL'} "
                   f"({sum(b['strictly'] for b in v['per_budget'])}/{len(v['per_budget'])} strictly better)",
                   flush=True)
-    out["load_average_end"] = os.getloadavg()
-    write_json(path, out)
-    plot(out, path.with_name(path.stem + "_frontier.png"))
+        out["load_average_end"] = os.getloadavg()
+        write_json(path, out)  # after every model: a long run stopped on a loaded machine keeps what it measured
+        plot(out, path.with_name(path.stem + "_frontier.png"))
 
 
 if __name__ == "__main__":
