@@ -27,13 +27,13 @@ from torch import Tensor, nn
 
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, layer_candidates
-from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
+from lightning_compress.adaptive.caps import budget_caps
+from lightning_compress.adaptive.costs import aliases
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.latency_budget import latency_result
-from lightning_compress.adaptive.plan import Problem, floor_bytes, floor_macs, rows
+from lightning_compress.adaptive.plan import Problem, rows
 from lightning_compress.adaptive.scales import measured_scales
 from lightning_compress.adaptive.session import BUDGET_STEPS, BudgetError, Session
-from lightning_compress.core.accounting import state_bytes
 from lightning_compress.core.gate import MetricGate
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.quantization.calibration import feed, take_batches, to_device
@@ -148,18 +148,9 @@ def compress(
     if budget.latency is not None:  # whole units removed, timed in ONNX Runtime; model itself left unchanged
         return latency_result(model, budget, batches, run, loss_fn, metric_fn, measure,
                               MetricGate(max_metric_drop, higher_is_better))
-    where = positions(model, layers, batches[0], run)
-    fixed = fixed_bytes(model, keys)
-    size_cap = budget.size_bytes(sum(state_bytes(model).values()))
-    other = max(0, model_macs(model, batches[0], run) - dense_macs(weights, where)) if budget.macs is not None else 0
-    macs_cap = budget.macs_count(other + dense_macs(weights, where))
-    if size_cap is not None and size_cap < (floor := floor_bytes(weights, fixed)):
-        raise ValueError(f"`budget` size={budget.size!r} ({size_cap} bytes) is below the floor of this model: "
-                         f"{floor} bytes of tensor data with every weight pruned, only one scale per row stored "
-                         "(the header comes on top); allowed: a larger size")
-    if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other)):
-        raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
-                         f"model: {floor} MACs with every layer at its largest sparsity; allowed: a larger count")
+    caps = budget_caps(model, budget, batches[0], run)  # refuses a budget below the floor, before any work
+    where, fixed, other, size_cap, macs_cap = caps.where, caps.fixed_bytes, caps.other_macs, caps.size_cap, \
+        caps.macs_cap
     earlier = carried(model)
     earlier_codes = dict(earlier.codes) if earlier is not None else {}
     floats = {name: w.detach().clone() for name, w in weights.items()}

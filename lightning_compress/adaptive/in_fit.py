@@ -1,8 +1,8 @@
 """Compress to a budget inside a fit: the pure half of ``AdaptiveCompression`` (the callback coordinates). No
 Lightning import.
 
-- :func:`budget_caps`: the budget in bytes / MACs per example for this model, refused at once when it is below the
-  floor (every layer at 2 bits per channel; every layer at the largest sparsity), before any training step.
+- :func:`~.caps.budget_caps` (in :mod:`.caps`): the budget for this model, refused at once below its floor, in
+  ``setup`` before any training step.
 - :class:`SparsityPlanner`: per-layer sparsity targets from the gradient statistics. ``E[g^2] = mean^2 + var`` of
   each weight is the diagonal Fisher (:func:`statistics_fisher`), the score :mod:`.candidates` uses, so the same
   candidates (sparsity x width x granularity) and the same knapsack (:mod:`.plan`) plan the fit. Only the
@@ -24,55 +24,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.candidates import SPARSITIES, layer_candidates
-from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes, model_macs, positions
-from lightning_compress.adaptive.plan import FLOOR_SPARSITY, Problem, floor_bytes, floor_macs
-from lightning_compress.core.accounting import FLOAT_BITS, state_bytes
+from lightning_compress.adaptive.caps import Caps
+from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes
+from lightning_compress.adaptive.plan import FLOOR_SPARSITY, Problem
+from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.pruning.planner import plan_masks
 from lightning_compress.pruning.run import PruningRun
 from lightning_compress.pruning.statistics import GradientStatistics
 from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
 
 PLAN_WIDTHS = (2, 4, 8, FLOAT_BITS)  # the fit plans sparsity on a coarser grid of widths (planned at each event)
-
-
-@dataclass
-class Caps:
-    """The budget for one model: caps (None: no cap), what the rest of the model costs, where each weight is
-    applied per example (0 everywhere without a MACs cap: nothing reads it)."""
-
-    size_cap: int | None
-    macs_cap: int | None
-    fixed_bytes: int
-    other_macs: int
-    where: dict[str, float]
-
-
-def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
-                forward: Callable[[nn.Module, Any], Any] | None = None) -> Caps:
-    """``budget`` for ``model`` (a MACs budget needs ``batch`` and ``forward`` to count where each weight is
-    applied). Raises ``ValueError`` naming ``budget`` when the arithmetic shows it cannot be met."""
-    layers, _ = select_layers(model, QUANT_MODULE_TYPES)
-    weights = {name: layer_weight(name, module) for name, module in layers.items()}
-    fixed = fixed_bytes(model, {name: weight_key(name, module) for name, module in layers.items()})
-    size_cap = budget.size_bytes(sum(state_bytes(model).values()))
-    where, other, macs_cap = {name: 0.0 for name in layers}, 0, None
-    if budget.macs is not None:
-        if batch is None or forward is None:
-            raise ValueError(f"`budget` macs={budget.macs!r} counts MACs per example, which needs an example batch "
-                             "(the first training batch, or the model's `example_input_array`)")
-        where = positions(model, layers, batch, forward)
-        other = max(0, model_macs(model, batch, forward) - dense_macs(weights, where))
-        macs_cap = budget.macs_count(other + dense_macs(weights, where))
-    if size_cap is not None and size_cap < (floor := floor_bytes(weights, fixed)):
-        raise ValueError(f"`budget` size={budget.size!r} ({size_cap} bytes) is below the floor of this model: "
-                         f"{floor} bytes of tensor data in the smallest plan its candidates allow (the header comes "
-                         "on top); allowed: a larger size")
-    if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other)):
-        raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
-                         f"model: {floor} MACs with every layer at its largest sparsity; allowed: a larger count")
-    return Caps(size_cap, macs_cap, fixed, other, where)
 
 
 def statistics_fisher(stats: GradientStatistics) -> dict[str, Tensor]:

@@ -27,8 +27,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.caps import Caps, budget_caps
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
-from lightning_compress.adaptive.in_fit import BudgetRun, Caps, SparsityPlanner, budget_caps, shortfall
+from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks.base import compression_callbacks
 from lightning_compress.callbacks.pruning import GradientStabilityPruning

@@ -3,23 +3,20 @@ per-layer sparsity plan and its ramp, and the run's state (random tensors: shape
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.caps import budget_caps
 from lightning_compress.adaptive.in_fit import (
     BudgetRun,
     SparsityPlanner,
-    budget_caps,
     overall,
     ramped,
     shortfall,
     statistics_fisher,
 )
-from lightning_compress.core.accounting import state_bytes
 from lightning_compress.core.gate import MetricGate
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
@@ -37,32 +34,6 @@ def _forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 
 BATCH = (torch.randn(8, 64), torch.zeros(8, dtype=torch.long))
-DENSE = 64 * 64 + 64 * 32 + 32 * 10
-
-
-def test_caps_are_the_budget_in_bytes_and_macs_per_example() -> None:
-    model = _mlp()
-    caps = budget_caps(model, Budget(size=0.3, macs=0.5), BATCH, _forward)
-    assert caps.size_cap == math.floor(0.3 * sum(state_bytes(model).values()))
-    assert caps.macs_cap == math.floor(0.5 * DENSE)  # a Linear applies each weight once per example
-    assert caps.where == {"0": 1.0, "2": 1.0, "4": 1.0}
-    assert caps.fixed_bytes == (64 + 32 + 10) * 4  # the biases
-
-
-@pytest.mark.parametrize(("budget", "match"), [
-    (Budget(size=500), r"`budget` size=500 \(500 bytes\) is below the floor of this model"),
-    (Budget(size=0.01), r"`budget` size=0.01 \(\d+ bytes\) is below the floor"),
-    (Budget(macs=100), r"`budget` macs=100 \(100 MACs per example\) is below the floor of this model"),
-    (Budget(macs=0.05), r"`budget` macs=0.05 \(\d+ MACs per example\) is below the floor"),
-])
-def test_a_budget_below_the_floor_is_refused(budget: Budget, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        budget_caps(_mlp(), budget, BATCH, _forward)
-
-
-def test_a_macs_budget_needs_an_example_batch() -> None:
-    with pytest.raises(ValueError, match=r"`budget` macs=0\.5 counts MACs per example, which needs an example batch"):
-        budget_caps(_mlp(), Budget(macs=0.5))
 
 
 def test_the_fisher_of_the_statistics_is_the_mean_squared_gradient() -> None:

@@ -1,0 +1,56 @@
+"""The budget for one model: its caps in bytes and MACs per example, what the rest of the model costs, and the
+refusal of a budget below the model's floor, made before any work (``compress()``) or any training step
+(``AdaptiveCompression.setup``). No Lightning import."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.costs import dense_macs, fixed_bytes, model_macs, positions
+from lightning_compress.adaptive.plan import floor_bytes, floor_macs
+from lightning_compress.core.accounting import state_bytes
+from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
+
+
+@dataclass
+class Caps:
+    """The budget for one model: caps (None: no cap), what the rest of the model costs, where each weight is
+    applied per example (0 everywhere when no batch was given: only a MACs cap reads it)."""
+
+    size_cap: int | None
+    macs_cap: int | None
+    fixed_bytes: int
+    other_macs: int
+    where: dict[str, float]
+
+
+def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
+                forward: Callable[[nn.Module, Any], Any] | None = None) -> Caps:
+    """``budget`` for ``model`` (a MACs budget needs ``batch`` and ``forward`` to count where each weight is
+    applied). Raises ``ValueError`` naming ``budget`` when the arithmetic shows it cannot be met."""
+    layers, _ = select_layers(model, QUANT_MODULE_TYPES)
+    weights = {name: layer_weight(name, module) for name, module in layers.items()}
+    fixed = fixed_bytes(model, {name: weight_key(name, module) for name, module in layers.items()})
+    size_cap = budget.size_bytes(sum(state_bytes(model).values()))
+    if budget.macs is not None and (batch is None or forward is None):
+        raise ValueError(f"`budget` macs={budget.macs!r} counts MACs per example, which needs an example batch "
+                         "(the first training batch, or the model's `example_input_array`)")
+    where = positions(model, layers, batch, forward) if batch is not None and forward is not None else \
+        {name: 0.0 for name in layers}
+    other, macs_cap = 0, None
+    if budget.macs is not None and batch is not None and forward is not None:
+        other = max(0, model_macs(model, batch, forward) - dense_macs(weights, where))
+        macs_cap = budget.macs_count(other + dense_macs(weights, where))
+    if size_cap is not None and size_cap < (floor := floor_bytes(weights, fixed)):
+        raise ValueError(f"`budget` size={budget.size!r} ({size_cap} bytes) is below the floor of this model: "
+                         f"{floor} bytes of tensor data with every weight pruned, only one scale per row stored "
+                         "(the header comes on top); allowed: a larger size")
+    if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other)):
+        raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
+                         f"model: {floor} MACs with every layer at its largest sparsity; allowed: a larger count")
+    return Caps(size_cap, macs_cap, fixed, other, where)
