@@ -105,6 +105,9 @@ class AdaptiveCompression(GradientStabilityPruning):
         verbose: int = 1,
     ) -> None:
         self.budget = as_budget(budget)
+        if self.budget.latency is not None:
+            raise ValueError(f"`budget` latency={self.budget.latency!r}: a latency budget is not planned in a fit yet;"
+                             " allowed: `size` and / or `macs` (or lightning_compress.compress() after the fit)")
         if export_path is not None and (not isinstance(export_path, str) or not export_path.endswith(".safetensors")):
             raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
         check_number("calibration_batches", calibration_batches, low=1, integer=True)

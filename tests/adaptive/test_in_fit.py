@@ -22,18 +22,7 @@ from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.statistics import GradientStatistics
 from lightning_compress.pruning.tracked import TrackedLayers
-
-
-def _mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-def _forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return model(batch[0])
-
-
-BATCH = (torch.randn(8, 64), torch.zeros(8, dtype=torch.long))
+from tests.adaptive.test_caps import BATCH, _forward, _mlp
 
 
 def test_the_fisher_of_the_statistics_is_the_mean_squared_gradient() -> None:
