@@ -358,14 +358,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
         base = first["float_bytes"]
         grid = first["grid"]
         ax.scatter([r["bytes"] / base for r in grid], [r["metric"] for r in grid], s=12, c="lightgray",
-                   label="uniform grid")
+                   label="uniform grid (first seed)")
         front = frontier(grid)
         ax.plot([r["bytes"] / base for r in front], [r["metric"] for r in front], "k--", lw=1, label="uniform best")
-        for search, style in zip(SEARCHES, ("o-", "D-", "s-", "^-")):
-            for index, seed in enumerate(seeds.values()):
+        for search, style, color in zip(SEARCHES, "oDs^", ("C0", "C2", "C1", "C3")):
+            for index, seed in enumerate(seeds.values()):  # seeds after the first: lighter, dotted
                 done = [r[search] for r in seed["rows"] if "metric" in r[search]]
-                ax.plot([d["bytes"] / base for d in done], [d["metric"] for d in done], style, ms=4,
-                        alpha=1.0 if index == 0 else 0.5, label=f"{search} search" if index == 0 else None)
+                ax.plot([d["bytes"] / base for d in done], [d["metric"] for d in done], marker=style, ms=4, color=color,
+                        ls="-" if index == 0 else ":", alpha=1.0 if index == 0 else 0.5,
+                        label=f"search={search!r}" if index == 0 else None)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("file / fp32 file")
         ax.set_ylabel("min cosine to fp32" if "MiniLM" in name else "test accuracy (%)")
