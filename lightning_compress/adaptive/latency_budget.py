@@ -11,8 +11,8 @@ increase. No Lightning import.
    producer's, so the costs do not add up per family and the knapsack of :mod:`.knapsack` does not apply), until
    the predicted latency is within the target.
 4. Never trust: the model is compacted (:func:`~lightning_compress.structure.compaction.compact`, on a copy: the
-   caller's model is not changed) and the compacted and the dense model are timed in turns. Over budget: the
-   target is scaled by predicted / measured and the plan solved again (at most :data:`CORRECTIONS` times). Then
+   caller's model is not changed) and the compacted and the dense model are timed in turns. Over the budget, or well
+   under it, the target is moved and the plan solved again (:func:`within`, at most :data:`CORRECTIONS` times). Then
    ``metric_fn`` decides. A model over budget or outside the bound is never returned:
    :class:`LatencyBudgetError` says the smallest latency fraction delivered within the bound, as measured.
 """
@@ -45,7 +45,7 @@ from lightning_compress.structure.compaction import compact
 from lightning_compress.structure.dependency import UnitGroup, find_unit_groups
 from lightning_compress.structure.macs import macs_per_example
 
-CORRECTIONS = 3  # re-solves with the target scaled by the measured / predicted latency
+CORRECTIONS = 4  # re-solves with the target moved by what was measured
 AIM = 0.95  # plans aim at this share of the budget: timings on a loaded machine move by a few percent
 CLOSE = 0.9  # a delivered model measured within [CLOSE, 1] of the budget is not loosened further
 LOOSER = (1.1, 1.25, 1.5, 1.75)  # latency factors tried (below 1) to find one whose model holds the bound
@@ -214,28 +214,40 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
     """The delivered model measured within ``latency`` (a fraction of the dense latency) with the smallest predicted
     loss, and the smallest fraction measured on the way (``steps`` says what was tried).
 
-    The plan aims at :data:`AIM` of the budget (room for the timing's noise); each measurement scales the target by
-    budget / measured, tighter when over, looser when well under (:data:`CLOSE`), up to :data:`CORRECTIONS` times;
-    when none is within the budget, the sparsest plan is measured last."""
+    The plan aims at :data:`AIM` of the budget (room for the timing's noise). Each measurement moves the target:
+    scaled by budget / measured until one target's model was within the budget and another's over it, then the
+    geometric mean of the two (a bisection), up to :data:`CORRECTIONS` times; a model measured within
+    [:data:`CLOSE`, 1] of the budget ends it. When none is within the budget, the sparsest plan is measured last."""
     target = AIM * latency * problem.table.dense
-    tried: list[Delivered] = []
+    tried: dict[tuple[int, ...], Delivered] = {}
+    passed: float | None = None  # the largest target whose model was within the budget
+    failed: float | None = None  # the smallest target whose model was over it
     for _ in range(CORRECTIONS + 1):
         plan = problem.solve(target)
-        if any(plan == d.plan for d in tried):
-            break
-        tried.append(delivered := deliver(model, problem, plan, example, shape, threads, batches, forward))
-        steps.append(f"latency {latency:g}: plan predicted {delivered.predicted:.3f}x, measured {delivered.ratio:.3f}x "
-                     f"of dense ({delivered.seconds * 1e3:.3g} ms per run)")
-        if CLOSE * latency <= delivered.ratio <= latency:
-            break
-        target *= AIM * latency / delivered.ratio
+        key = tuple(c.kept for c in plan.values())
+        if key not in tried:
+            tried[key] = deliver(model, problem, plan, example, shape, threads, batches, forward)
+            steps.append(f"latency {latency:g}: plan predicted {tried[key].predicted:.3f}x, measured "
+                         f"{tried[key].ratio:.3f}x of dense ({tried[key].seconds * 1e3:.3g} ms per run)")
+        ratio = tried[key].ratio
+        if ratio <= latency:
+            if ratio >= CLOSE * latency:
+                break
+            passed = target if passed is None else max(passed, target)
+        else:
+            failed = target if failed is None else min(failed, target)
+        if passed is not None and failed is not None:
+            target = (passed * failed) ** 0.5
+        else:
+            target *= AIM * latency / ratio
     sparsest = problem.solve(0.0)
-    if all(d.ratio > latency for d in tried) and all(sparsest != d.plan for d in tried):
-        tried.append(delivered := deliver(model, problem, sparsest, example, shape, threads, batches, forward))
-        steps.append(f"every family at its fewest units: measured {delivered.ratio:.3f}x of dense")
-    passing = [d for d in tried if d.ratio <= latency]
+    key = tuple(c.kept for c in sparsest.values())
+    if all(d.ratio > latency for d in tried.values()) and key not in tried:
+        tried[key] = deliver(model, problem, sparsest, example, shape, threads, batches, forward)
+        steps.append(f"every family at its fewest units: measured {tried[key].ratio:.3f}x of dense")
+    passing = [d for d in tried.values() if d.ratio <= latency]
     best = min(passing, key=lambda d: sum(c.score for c in d.plan.values()), default=None)
-    return best, min((d.ratio for d in tried), default=None)
+    return best, min((d.ratio for d in tried.values()), default=None)
 
 
 def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any],
