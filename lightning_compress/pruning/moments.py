@@ -1,5 +1,6 @@
-"""Count / mean / M2 of a stream of equally shaped samples, merged in blocks (Chan et al.), and the checked copy of
-checkpoint tensors into statistics buffers. Pure PyTorch: no Lightning import. Used by :mod:`.statistics`."""
+"""Count / mean / M2 of a stream of equally shaped samples, merged in blocks (Chan et al.), the checked copy of
+checkpoint tensors into statistics buffers, and the block layout and finiteness probes of the
+update. Pure PyTorch: no Lightning import. Used by :mod:`.statistics`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_compress.core._compat import foreach_norm
 
 
 class RunningMoments:
@@ -103,3 +106,40 @@ def copy_checked(what: str, destinations: Sequence[Tensor], sources: Sequence[Te
             raise ValueError(f"the checkpoint's {what} statistics of {name!r} are shaped {got}, expected "
                              f"{tuple(dst.shape)}: a checkpoint of another model?")
         dst.copy_(src)
+
+
+def peak(t: Tensor) -> float:
+    """Largest ``|t|`` (NaN if ``t`` holds one, so that ``not peak(t) <= bound`` refuses it), for the small
+    per-unit signals: one ``aminmax`` pass (``torch.linalg.vector_norm(t, inf)`` is far slower on CPU)."""
+    low, high = torch.aminmax(t)
+    return float(torch.maximum(high, low.neg()))
+
+
+def largest_norm(tensors: Sequence[Tensor]) -> float:
+    """Largest L2 norm among ``tensors`` (NaN/inf if one holds NaN/inf): one ``torch._foreach_norm`` for all of
+    them, accumulated and returned in float32 so that loss-scaled fp16 gradients do not overflow fp16."""
+    return float(torch.stack(foreach_norm(tensors, dtype=torch.float32)).max())
+
+
+BLOCK = 1 << 17  # elements (512 KiB of float32) per block on CPU: d, and the block of mean, stay in a core's L2
+# cache between the ops of a block (4 MiB blocks spilled it: each op then read memory again); fewer blocks only save
+# the per-op overhead, a few microseconds each
+
+
+def blocks(sizes: Sequence[int], limit: int | None) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Cut the concatenation of tensors of ``sizes`` elements into blocks of at most ``limit`` elements (``None``:
+    one tensor per block), consecutive small tensors sharing one. Each block: ``(start, end, parts)`` in flat
+    coordinates, ``parts`` = ``(tensor index, first, last)`` ranges of the tensors' flattened elements."""
+    blocks: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    offset = 0
+    for index, size in enumerate(sizes):
+        step = size if limit is None else limit
+        for lo in range(0, size, step):
+            hi = min(size, lo + step)
+            start, end, parts = blocks[-1] if blocks else (0, 0, [])
+            if limit is not None and blocks and end == offset + lo and end - start + hi - lo <= limit:
+                blocks[-1] = (start, offset + hi, [*parts, (index, lo, hi)])
+            else:
+                blocks.append((offset + lo, offset + hi, [(index, lo, hi)]))
+        offset += size
+    return blocks

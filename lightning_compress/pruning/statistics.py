@@ -9,7 +9,7 @@ Two granularities, chosen per use:
   whole Welford step). With ``d = g - mean`` the update ``mean += d/n``, ``M2 += d*d*(n-1)/n``
   is three elementwise ops, the fewest that eager PyTorch allows (no single op reads ``g`` and writes both sums).
   Memory: two float32 buffers per tracked weight (mean, M2), plus one scratch block. The buffers are flat and the
-  gradients are processed in blocks (on CPU at most ``_BLOCK`` elements, small tensors sharing one, sized so that
+  gradients are processed in blocks (on CPU at most ``BLOCK`` elements, small tensors sharing one, sized so that
   ``d`` and the block of the mean stay in a core's L2 cache between the three ops) through that reused scratch
   buffer, so a step allocates nothing and a small model costs a handful of ops whatever its number of layers.
 * **per unit** (``per_unit=True``; costs almost nothing in memory): for each output unit (row of a Linear weight,
@@ -61,8 +61,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_compress.core._compat import foreach_copy_, foreach_norm
+from lightning_compress.core._compat import foreach_copy_
 from lightning_compress.core.validation import check_number
+from lightning_compress.pruning.moments import BLOCK, blocks, largest_norm, peak
 from lightning_compress.pruning.moments import RunningMoments as _RunningMoments
 from lightning_compress.pruning.moments import copy_checked as _copy_checked
 
@@ -109,14 +110,14 @@ class GradientStatistics:
             [torch.full((u,), k**0.5, dtype=torch.float32) for u, k in zip(self.units, row_sizes)]
         ).to(self.device)
         on_cpu = self.device.type == "cpu"
-        self._blocks = _blocks([s.numel() for s in self.shapes], _BLOCK if on_cpu else None)
+        self._blocks = blocks([s.numel() for s in self.shapes], BLOCK if on_cpu else None)
         ends = list(itertools.accumulate(self.units))
         self._unit_ranges = list(zip([0, *ends[:-1]], ends))  # each tensor's units in the flat (units,) rows
         # reused buffers, allocated once: one block of shifted gradients (per weight), w*g of a row block (per unit)
         self._scratch = torch.empty(max(end - start for start, end, _ in self._blocks) if per_weight else 0,
                                     device=self.device)
         widest = max(math.prod(s[1:]) for s in self.shapes)
-        self._unit_scratch = torch.empty(max(_BLOCK, widest)) if per_unit and on_cpu else None
+        self._unit_scratch = torch.empty(max(BLOCK, widest)) if per_unit and on_cpu else None
         self.reset()
 
     def reset(self) -> None:
@@ -147,7 +148,7 @@ class GradientStatistics:
         sampled = self.per_weight and self.count % self.weight_every == 0
         if self.per_unit:  # written into the next pending sample, committed only once the whole step is counted
             signals = self._unit_signals(grads, weights)
-            if not _peak(signals) * inv <= MAX_STEP:  # NaN compares False: skipped too
+            if not peak(signals) * inv <= MAX_STEP:  # NaN compares False: skipped too
                 self.skipped_steps += 1
                 return False
         if sampled:
@@ -198,7 +199,7 @@ class GradientStatistics:
             layers = []
             for (lo, hi), shape in zip(self._unit_ranges, self.shapes):
                 k = math.prod(shape[1:])
-                rows = hi - lo if scratch is None else max(1, _BLOCK // k)
+                rows = hi - lo if scratch is None else max(1, BLOCK // k)
                 chunks = [(r, min(r + rows, hi - lo)) for r in range(0, hi - lo, rows)]
                 layers.append((slot[0, lo:hi], [(r0, r1, slot[1, lo + r0 : lo + r1],
                                                  None if scratch is None else scratch[: (r1 - r0) * k].view(-1, k))
@@ -208,13 +209,13 @@ class GradientStatistics:
 
     def _welford_step(self, grads: Sequence[Tensor], inv: float) -> bool:
         """Welford, block by block: ``d = g*inv - mean``, ``mean += d/n``, ``M2 += d*d*(n-1)/n``. On CPU a block is
-        at most ``_BLOCK`` elements, so ``d`` and the block of ``mean`` stay in the core's cache between the three
+        at most ``BLOCK`` elements, so ``d`` and the block of ``mean`` stay in the core's cache between the three
         ops and memory sees one read of ``g`` and one read-modify-write of ``mean`` and of ``M2``. Nothing is
         changed unless the whole step is finite and not huge: a single block is checked on ``||d||_2 <= MAX_STEP``
         (a BLAS dot of ``d`` in cache), several are checked first on the gradients, ``||g||_2 <= MAX_STEP / 2`` per
         tensor (one ``torch._foreach_norm`` for all layers, one read pass); either bounds every ``|d|``."""
         single = len(self._blocks) == 1
-        if not single and not _largest_norm(grads) * inv <= MAX_STEP / 2:  # NaN compares False
+        if not single and not largest_norm(grads) * inv <= MAX_STEP / 2:  # NaN compares False
             return False
         n = self.weight_count + 1
         for start, end, parts in self._blocks:
@@ -326,39 +327,3 @@ class GradientStatistics:
             )
             self.reset()
 
-
-def _peak(t: Tensor) -> float:
-    """Largest ``|t|`` (NaN if ``t`` holds one, so that ``not _peak(t) <= bound`` refuses it), for the small
-    per-unit signals: one ``aminmax`` pass (``torch.linalg.vector_norm(t, inf)`` is far slower on CPU)."""
-    low, high = torch.aminmax(t)
-    return float(torch.maximum(high, low.neg()))
-
-
-def _largest_norm(tensors: Sequence[Tensor]) -> float:
-    """Largest L2 norm among ``tensors`` (NaN/inf if one holds NaN/inf): one ``torch._foreach_norm`` for all of
-    them, accumulated and returned in float32 so that loss-scaled fp16 gradients do not overflow fp16."""
-    return float(torch.stack(foreach_norm(tensors, dtype=torch.float32)).max())
-
-
-_BLOCK = 1 << 17  # elements (512 KiB of float32) per block on CPU: d, and the block of mean, stay in a core's L2
-# cache between the ops of a block (4 MiB blocks spilled it: each op then read memory again); fewer blocks only save
-# the per-op overhead, a few microseconds each
-
-
-def _blocks(sizes: Sequence[int], limit: int | None) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
-    """Cut the concatenation of tensors of ``sizes`` elements into blocks of at most ``limit`` elements (``None``:
-    one tensor per block), consecutive small tensors sharing one. Each block: ``(start, end, parts)`` in flat
-    coordinates, ``parts`` = ``(tensor index, first, last)`` ranges of the tensors' flattened elements."""
-    blocks: list[tuple[int, int, list[tuple[int, int, int]]]] = []
-    offset = 0
-    for index, size in enumerate(sizes):
-        step = size if limit is None else limit
-        for lo in range(0, size, step):
-            hi = min(size, lo + step)
-            start, end, parts = blocks[-1] if blocks else (0, 0, [])
-            if limit is not None and blocks and end == offset + lo and end - start + hi - lo <= limit:
-                blocks[-1] = (start, offset + hi, [*parts, (index, lo, hi)])
-            else:
-                blocks.append((offset + lo, offset + hi, [(index, lo, hi)]))
-        offset += size
-    return blocks

@@ -247,7 +247,7 @@ def test_std_is_zero_before_two_steps() -> None:
 
 
 def test_blocks_cover_every_element_once() -> None:
-    from lightning_compress.pruning.statistics import _blocks
+    from lightning_compress.pruning.moments import blocks as _blocks
 
     sizes = [10, 600, 5, 3, 1000]
     for limit in (None, 16, 256, 1 << 20):
@@ -268,7 +268,7 @@ def test_blocking_gives_the_same_statistics_and_skips_bad_steps(monkeypatch, blo
     grads, weights = _stream(12)
     reference = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False)
     _feed(reference, grads, weights)
-    monkeypatch.setattr(grad_stats, "_BLOCK", block)
+    monkeypatch.setattr(grad_stats, "BLOCK", block)
     stats = GradientStatistics(NAMES, SHAPES, per_weight=True, per_unit=False)
     assert (len(stats._blocks) > 1) == (block == 16)
     for t, (g, w) in enumerate(zip(grads, weights)):

@@ -23,7 +23,7 @@ def test_blocks_and_row_blocks_give_bit_identical_statistics(monkeypatch, per_we
     kwargs = {"per_weight": per_weight, "per_unit": not per_weight}
     whole = GradientStatistics(BIG_NAMES, BIG, **kwargs)
     _feed(whole, grads, weights)
-    monkeypatch.setattr(grad_stats, "_BLOCK", 1000)  # fc1 (512 per row): 1 row per block; conv (144): 6 rows
+    monkeypatch.setattr(grad_stats, "BLOCK", 1000)  # fc1 (512 per row): 1 row per block; conv (144): 6 rows
     cut = GradientStatistics(BIG_NAMES, BIG, **kwargs)
     assert len(cut._blocks) > 1 if per_weight else max(len(c) for _, c in cut._unit_plan[0]) > 1
     _feed(cut, grads, weights)
@@ -47,7 +47,7 @@ def test_a_step_allocates_nothing_in_proportion_to_the_model(per_weight: bool) -
 def test_loss_scaled_fp16_gradients_over_several_blocks_are_counted(monkeypatch) -> None:
     """The several-block check takes each gradient's norm in float32: in fp16 a loss-scaled gradient's norm
     overflows (here about 2e5 > 65504) and every step would be refused as non-finite."""
-    monkeypatch.setattr(grad_stats, "_BLOCK", 16)
+    monkeypatch.setattr(grad_stats, "BLOCK", 16)
     grads, weights = _stream(4, BIG)
     scale = 2.0**12
     half = [[(g * scale).half() for g in step] for step in grads]
