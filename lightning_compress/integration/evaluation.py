@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -188,9 +188,12 @@ def evaluate(
     pl_module: pl.LightningModule,
     spec: MetricSpec,
     loaders: list[Iterable[Any]] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> float:
     """The metric over the whole validation set (or ``loaders``), all ranks together, as a Python float that is
-    identical on every rank. The validation data honours ``limit_val_batches``."""
+    identical on every rank. The validation data honours ``limit_val_batches``. ``observe(preds, target)`` sees each
+    batch of the first loader, in this rank's order (:func:`unpadded`), so that a caller can keep what the pass saw
+    sample by sample (the gate's per-sample record) without a pass of its own."""
     if loaders is None:
         loaders = validation_dataloaders(trainer)
         limits = trainer.num_val_batches if isinstance(trainer.num_val_batches, list) else []
@@ -209,6 +212,8 @@ def evaluate(
                 if metric is None:
                     metric = spec.build(preds).to(pl_module.device)
                 metric.update(preds.float() if preds.is_floating_point() else preds, target)
+                if observe is not None and index == 0:
+                    observe(preds, target)
     if metric is None:
         raise RuntimeError("the dataloaders yielded no batch: nothing to evaluate the compression on")
     value = metric.compute()

@@ -4,15 +4,18 @@
 (the metric before the step, the metric after it) and records which rule answered each, on how many samples:
 
 - **before**: the value the callback computed during Lightning's validation loop when no optimizer step and no
-  pruning event changed the weights since (``reused validation``), else the whole validation set (``full set``).
-- **after**, after a validation whose per-sample record is kept (:mod:`lightning_compress.integration.gate_record`:
-  top-1 ``MulticlassAccuracy``, macro by default, micro or weighted): the paired per-sample differences on the
-  validation's own samples in a seeded order, with :mod:`lightning_compress.core.sequential`'s early stop (``early
-  stop at n samples``), exact once every sample is seen (``every sample``); no "before" pass is needed. With
-  ``gate_batches=k`` on at most k batches per rank of them, or, without a record, of a fixed, seeded subset that is
-  also measured before the step (micro accuracy only); when that leaves the step undecided (close to the bound),
-  the whole set (``full set``). Without a bound nothing is decided by the metric, so the subset's estimate is the
-  answer (``subset estimate``). ``gate_batches=0``, any other metric, or no record: the whole set.
+  pruning event changed the weights since (``reused validation``), else the whole validation set (``full set``),
+  which then keeps the same per-sample record as such a validation would (``per-sample record kept``: short fits and
+  explicit per-step schedules, whose events do not follow a validation).
+- **after**, with a per-sample record, the validation's or the full "before" pass's
+  (:mod:`lightning_compress.integration.gate_record`: top-1 ``MulticlassAccuracy``, macro by default, micro or
+  weighted): the paired per-sample differences on the recorded samples in a seeded order, with
+  :mod:`lightning_compress.core.sequential`'s early stop (``early stop at n samples``), exact once every sample is
+  seen (``every sample``). With ``gate_batches=k`` on at most k batches per rank of them, or, without a record, of a
+  fixed, seeded subset that is also measured before the step (micro accuracy only); when that leaves the step
+  undecided (close to the bound), the whole set (``full set``). Without a bound nothing is decided by the metric, so
+  the subset's estimate is the answer (``subset estimate``). ``gate_batches=0``, any other metric, or no record: the
+  whole set.
 
 The subset's sums are all-reduced after each batch, so every rank stops at the same batch and decides alike.
 """
@@ -29,7 +32,7 @@ from lightning_compress.core.modes import eval_mode
 from lightning_compress.core.sequential import DEFAULT_CONFIDENCE, PairedDifference
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.evaluation import MetricSpec, predict, validation_dataloaders
-from lightning_compress.integration.gate_record import SampleRecord, loop_indices, paired_weighting
+from lightning_compress.integration.gate_record import SampleRecord, evaluation_indices, loop_indices, paired_weighting
 
 SUBSET_SEED = 0  # the subset is the same at every event of a fit (and of every fit of the same data)
 
@@ -81,31 +84,51 @@ class EventEvaluation:
         self.confidence = confidence
         self.gate_batches = gate_batches
         self.record = record if reused is not None and gate_batches != 0 else None
-        wants_subset = self.record is None and gate_batches and has_per_sample_value(spec)
-        self.subset = subset_loader(trainer, gate_batches) if wants_subset and gate_batches else None
+        self.subset: DataLoader | None = None  # decided in before(): only when no record could be kept
         self.rules: list[str] = []
         self.evaluations = 0  # passes over data (full set or subset)
         self.samples = 0  # samples those passes evaluated (all ranks)
         self._before: float | None = None
         self._before_correct: list[torch.Tensor] = []
 
-    def _full(self) -> float:
+    def _full(self, record: SampleRecord | None = None) -> float:
         self.evaluations += 1
         self.samples += _set_size(self.trainer)
-        return evaluation.evaluate(self.trainer, self.module, self.spec)
+        observe = record.update if record is not None else None
+        return evaluation.evaluate(self.trainer, self.module, self.spec, observe=observe)
 
     def before(self) -> float | None:
         if self.reused is not None:
             self._before, samples = self.reused
             self.rules.append(f"before: reused validation ({samples} samples)")
         else:
-            self._before = self._full()
-            self.rules.append("before: full set")
+            self._before = self._full_recorded()
+        wants_subset = self.record is None and self.gate_batches and has_per_sample_value(self.spec)
+        self.subset = subset_loader(self.trainer, self.gate_batches) if wants_subset and self.gate_batches else None
         if self.subset is not None:
             with eval_mode(self.module):
                 self._before_correct = [_correct(self.trainer, self.module, b)[0] for b in self.subset]
             self.samples += sum(len(c) for c in self._before_correct) * self.trainer.world_size
         return self._before
+
+    def _full_recorded(self) -> float:
+        """The whole set before the step, keeping its per-sample record (as the validation's would be) when the
+        metric and the data allow one, so that the "after" is paired on the same samples."""
+        weighting = paired_weighting(self.spec) if self.gate_batches != 0 else None
+        indices = evaluation_indices(self.trainer) if weighting is not None else None
+        record = SampleRecord(indices, weighting) if indices is not None and weighting is not None else None
+        value = self._full(record)
+        if record is not None and record.finish(self.trainer, self._classes(record)):  # every rank, reduced
+            self.record = record
+            self.rules.append(f"before: full set, per-sample record kept ({record.population} samples)")
+        else:
+            self.rules.append("before: full set")
+        return value
+
+    def _classes(self, record: SampleRecord) -> int:
+        """The metric's number of classes: given, or read off the predictions as :class:`MetricSpec` does."""
+        given = self.spec.kwargs.get("num_classes")
+        return int(given) if given is not None else record.width
 
     def after(self) -> float | None:
         before_metric = self._before

@@ -7,6 +7,10 @@ visits those same samples in a seeded random order and compares sample by sample
 (:mod:`lightning_compress.core.sequential`): it stops as soon as the drop is clearly inside or outside the bound,
 and having visited every sample it is exact. So the gate costs at most one pass, and usually a fraction of one.
 
+When no validation ran right before the event, the gate's own full "before" pass
+(:func:`lightning_compress.integration.evaluation.evaluate`) keeps the same record (:func:`evaluation_indices` gives
+its order), so the "after" is paired just the same.
+
 The loop's order must be known to map its batches to dataset indices: a map-style dataset read in a fixed order
 (``SequentialSampler``, or Lightning's ``DistributedSampler`` without shuffling), one validation loader. Anything
 else records nothing, and the event uses the whole set. The labels the "after" reads are checked against the
@@ -28,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_compress.integration.evaluation import MetricSpec, validation_dataloaders
+from lightning_compress.integration.evaluation import MetricSpec, unpadded, validation_dataloaders
 
 Weighting = Literal["micro", "macro"]
 
@@ -58,6 +62,18 @@ def loop_indices(trainer: pl.Trainer) -> list[int] | None:
     return list(iter(sampler))  # type: ignore[arg-type]
 
 
+def evaluation_indices(trainer: pl.Trainer) -> list[int] | None:
+    """The dataset index of each sample :func:`lightning_compress.integration.evaluation.evaluate` hands this rank,
+    in order (under DDP its own unpadded shard; one process: the loader's fixed order); None when not known."""
+    loaders = validation_dataloaders(trainer)
+    if len(loaders) != 1 or not isinstance(loaders[0], DataLoader):
+        return None
+    shard = unpadded(loaders[0], trainer.global_rank, trainer.world_size)
+    if shard is not loaders[0]:
+        return list(shard.sampler)  # unpadded's own list of indices
+    return loop_indices(trainer) if trainer.world_size == 1 else None
+
+
 def correct_top1(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """Per-sample correctness of class scores ``(N, C)`` against labels ``(N,)``; None for any other layout."""
     if not (preds.is_floating_point() and preds.dim() == 2 and target.dim() == 1 and not target.is_floating_point()):
@@ -76,8 +92,10 @@ class SampleRecord:
         self.correct = self.target = self.positions = torch.empty(0)
         self.weights: torch.Tensor | None = None  # per class: a sample's weight in the per-sample mean
         self.population = 0  # samples recorded, all ranks
+        self.width = 0  # classes in the predictions (their last dimension), for a metric told no num_classes
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.width = int(preds.shape[-1]) if preds.dim() else 0  # the same on every rank, valid or not
         correct = correct_top1(preds, target) if self.valid else None
         if correct is None:
             self.valid = False

@@ -71,13 +71,18 @@ def test_paired_subset_stops_early_and_every_event_says_which_rule_decided_on_ho
     rules = [h["gate_evaluation"] for h in pruning.history]
     assert all("before: " in r and "after: " in r for r in rules)
     assert any("after: early stop at 64 samples" in r for r in rules), rules  # a step that changed no prediction
-    assert any("before: full set" in r for r in rules)  # steps since the last validation: nothing to reuse
+    # steps since the last validation: nothing to reuse; the full "before" keeps the per-sample record
+    assert any("before: full set, per-sample record kept (270 samples)" in r for r in rules), rules
     for h in pruning.history:  # the gate's verdict is the estimate's: inside the bound kept, outside refused
         assert h["accepted"] == (h["drop"] <= 0.02 + 1e-9)
-    for h in pruning.history:  # samples: the whole set before, the subset (4 x 64) before, the paired ones after
-        stop = re.search(r"before: full set; after: early stop at (\d+) samples", h["gate_evaluation"])
+    stops = 0
+    for h in pruning.history:  # samples: the whole set before, the paired ones after (no subset pass)
+        stop = re.search(r"before: full set, per-sample record kept \(270 samples\); after: early stop at (\d+) "
+                         r"samples", h["gate_evaluation"])
         if stop:
-            assert h["gate_samples"] == 270 + 256 + int(stop.group(1)) and h["gate_passes"] == 2
+            stops += 1
+            assert h["gate_samples"] == 270 + int(stop.group(1)) and h["gate_passes"] == 2
+    assert stops
     notes = [e.note for e in report_of(trainer).events]
     assert all(r in n for r, n in zip(rules, notes))
 
@@ -199,3 +204,55 @@ def test_samples_that_no_longer_match_the_validations_record_fall_back_to_the_wh
     assert pruning.history
     for h in pruning.history:
         assert h["gate_evaluation"].endswith("after: full set (the validation's samples could not be matched)"), h
+
+
+@pytest.mark.parametrize("metric_kwargs", [{}, MICRO])
+def test_a_per_step_schedules_event_keeps_the_full_before_pass_record_and_decides_as_the_whole_set_would(
+        monkeypatch, metric_kwargs) -> None:
+    """An explicit per-step schedule (events between validations): the event's own full "before" pass keeps the
+    per-sample record, and the "after" pairs those samples with the early stop; its verdict is the whole set's, and
+    exact once every sample is seen. The report's note says which rule decided, on how many samples."""
+    truth = _Truth(monkeypatch)
+    bound = 0.02
+    pruning = GradientStabilityPruning(sparsity=0.9, start_step=2, end_step=30, frequency=4, max_metric_drop=bound,
+                                       metric_kwargs=metric_kwargs, verbose=0)
+    trainer = _fit(pruning, max_epochs=2)
+    assert len(pruning.history) == len(truth.rows) >= 6
+    own = [h for h in pruning.history if not h["gate_evaluation"].startswith("before: reused validation")]
+    assert len(own) >= 5  # the rest: a refused step's retry at the next validation, which measured the "before"
+    for h in own:
+        rule = h["gate_evaluation"]
+        assert rule.startswith("before: full set, per-sample record kept (270 samples); after: "), rule
+        assert h["gate_passes"] == 2 and 270 < h["gate_samples"] <= 540, h  # one full pass + at most one paired
+    for before, measured, true, rule in truth.rows:
+        if "exact" in rule or rule.startswith("after: full set"):
+            assert measured == pytest.approx(true, abs=1e-6), rule  # torchmetrics computes in float32
+        else:  # an early stop: the verdict the whole set would give
+            assert (before - measured <= bound) == (before - true <= bound), (before, measured, true, rule)
+    assert any("early stop at" in rule for *_, rule in truth.rows)
+    notes = [e.note for e in report_of(trainer).events]
+    assert all(h["gate_evaluation"] in n for h, n in zip(pruning.history, notes))
+
+
+class _ShuffledValidation(DigitsDataModule):
+    def val_dataloader(self):
+        loader = super().val_dataloader()
+        return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                                           generator=torch.Generator().manual_seed(0))
+
+
+def test_a_validation_read_in_no_fixed_order_keeps_no_record_and_pairs_a_seeded_subset_instead() -> None:
+    pruning = GradientStabilityPruning(sparsity=0.8, start_step=2, end_step=30, frequency=4, max_metric_drop=0.02,
+                                       metric_kwargs=MICRO, gate_batches=4, verbose=0)
+    pl.seed_everything(0)
+    trainer = quiet_trainer([pruning], max_epochs=2)
+    trainer.fit(MLPClassifier(input_size=64, hidden=[128, 64], lr=1e-2), _ShuffledValidation(batch_size=64))
+    own = [h for h in pruning.history if not h["gate_evaluation"].startswith("before: reused validation")]
+    assert own
+    for h in own:  # the whole set before (no record), the subset (4 x 64) before, the paired ones after
+        assert h["gate_evaluation"].startswith("before: full set; after: "), h
+    stops = [(h, re.search(r"after: early stop at (\d+) samples", h["gate_evaluation"])) for h in own]
+    assert any(stop for _, stop in stops)
+    for h, stop in stops:
+        if stop:
+            assert h["gate_samples"] == 270 + 256 + int(stop.group(1)) and h["gate_passes"] == 2
