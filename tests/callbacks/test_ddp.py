@@ -356,3 +356,17 @@ def test_default_gate_on_the_validations_record_decides_alike_on_every_rank(tmp_
     assert all("full set" not in r for r in rules), rules  # the record served every event
     assert any(not h["accepted"] for h in history) and any(h["accepted"] for h in history)
     _same_on_every_rank([r["masks"] for r in record["final"]], "masks")
+
+
+def test_a_per_step_schedules_gate_on_its_own_before_pass_record_decides_alike_on_every_rank(tmp_path) -> None:
+    """Events between validations: the full "before" pass records each rank's half sample by sample; the class
+    weights come from all-reduced counts and the early stop from all-reduced sums, so both ranks decide alike."""
+    _run("ddp_spawn", "gate_per_step", tmp_path)
+    record = _load(tmp_path, "gate_per_step")
+    history = _same_on_every_rank([r["history"] for r in record["final"]], "pruning history")
+    rules = [h["gate_evaluation"] for h in history]
+    own = [r for r in rules if not r.startswith("before: reused validation")]
+    assert own and all(r.startswith("before: full set, per-sample record kept (270 samples); after: ") for r in own)
+    assert any("after: early stop at" in r for r in own), rules
+    assert any(not h["accepted"] for h in history) and any(h["accepted"] for h in history)
+    _same_on_every_rank([r["masks"] for r in record["final"]], "masks")

@@ -192,10 +192,21 @@ def scenario_gate_default(strategy: str, out_dir: str) -> None:
     trainer(strategy, probe.callbacks(pruning), out_dir, max_epochs=3).fit(model(), DigitsDataModule(batch_size=32))
 
 
+def scenario_gate_per_step(strategy: str, out_dir: str) -> None:
+    """An explicit per-step schedule under DDP (events between validations): each event's full "before" pass keeps
+    each rank's per-sample record of its unpadded half, and the "after" pairs it on all-reduced sums."""
+    pl.seed_everything(3)
+    pruning = GradientStabilityPruning(sparsity=0.97, schedule="constant", amount=0.6, start_step=5, frequency=10,
+                                       max_metric_drop=0.05)
+    probe = RankProbe(out_dir, "gate_per_step")
+    trainer(strategy, probe.callbacks(pruning), out_dir, max_epochs=3).fit(model(), DigitsDataModule(batch_size=32))
+
+
 SCENARIOS = {
     "main": scenario_main,
     "gate": scenario_gate,
     "gate_default": scenario_gate_default,
+    "gate_per_step": scenario_gate_per_step,
     "accumulate_bf16": scenario_accumulate_bf16,
     "odd_val": scenario_odd_val,
     "resume": scenario_resume,
