@@ -63,7 +63,7 @@ def trainer(strategy: Any, callbacks: list[Callback], root: str | Path, **kwargs
 def pruning_with_rollbacks() -> GradientStabilityPruning:
     """A constant schedule aggressive enough that some events break the bound and are rolled back."""
     return GradientStabilityPruning(sparsity=0.97, schedule="constant", amount=0.6, start_step=10, frequency=10,
-                                    max_metric_drop=0.05, on_violation="backoff")
+                                    max_metric_drop=0.05, on_violation="backoff", per_weight_every=1)
 
 
 def scenario_main(strategy: str, out_dir: str) -> None:
