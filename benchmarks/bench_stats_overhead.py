@@ -29,7 +29,10 @@ existing jobs: long enough for the default ramp to end an epoch before the fit d
 prints the gate's events per fit, evaluation passes and samples per event, the delivered metric and sparsity. Same
 seed for every fit, configurations run in alternation, the minimum of the repeats reported; overheads compared with
 the targets in process CPU time (wall time beside it). Targets (issue 21): defaults <= 25 % (SmallCNN) / 20 %
-(transformer), evaluate=False <= 8 %.
+(transformer), evaluate=False <= 8 %. ``--epochs 1 2`` times each fit length in its own table (1-3 epoch fits keep
+per-step events, each with a full "before" pass); ``--gate`` adds the gate with a bound (``max_metric_drop=0.02``)
+on the default schedule and on an explicit per-step one, each beside ``gate_batches=0`` (the whole set before and
+after every event, what such events cost before the "before" pass kept its per-sample record).
 
 Allocator: by default the script pins glibc's malloc thresholds (``mallopt``: mmap threshold 32 MiB, no heap trim).
 With glibc's adaptive defaults a multi-MB temporary (Adam's foreach ``sqrt`` of the second moment, the statistics'
@@ -319,6 +322,18 @@ END_OF_FIT = "end of fit (delivered model evaluated, checkpoint, report)"
 DEFAULTS = "callback, defaults"  # evaluate=True, align_events / gate_batches automatic: what a user gets
 NO_EVAL = "callback, evaluate=False"
 CONFIGS = ["baseline", NO_EVAL, DEFAULTS]
+# --gate: the gate with a bound, where events do not follow a validation (1-3 epoch fits, explicit per-step
+# schedules): the per-sample record of the event's own "before" pass with the paired early stop, next to
+# gate_batches=0 (the whole set before and after each event: what these events cost before the record)
+BOUND, BOUND_WHOLE = "defaults + max_metric_drop=0.02", "  same, gate_batches=0 (whole set)"
+PER_STEP, PER_STEP_WHOLE = "per-step schedule + bound", "  same, gate_batches=0 (whole set) "
+PER_STEP_SCHEDULE = dict(start_step=5, end_step=45, frequency=10)  # 5 events, within the first epoch
+GATE_CONFIGS = [BOUND, BOUND_WHOLE, PER_STEP, PER_STEP_WHOLE]
+CALLBACK_KWARGS: dict[str, dict] = {
+    NO_EVAL: dict(evaluate=False), DEFAULTS: {}, BOUND: dict(max_metric_drop=0.02),
+    BOUND_WHOLE: dict(max_metric_drop=0.02, gate_batches=0), PER_STEP: dict(max_metric_drop=0.02, **PER_STEP_SCHEDULE),
+    PER_STEP_WHOLE: dict(max_metric_drop=0.02, gate_batches=0, **PER_STEP_SCHEDULE),
+}
 TARGETS = {NO_EVAL: 0.08}  # per job, the defaults' target is the job's own (TRAIN_JOBS)
 GATE_EVENTS, GATE_PASSES, GATE_SAMPLES = "gate events", "gate passes", "gate samples"
 _TIMED = {
@@ -349,7 +364,7 @@ def fit_once(config: str, job: dict, epochs: int, seed: int, acc: dict[str, floa
     model = job["make"]()
     callbacks = []
     if config != "baseline":
-        cb = GradientStabilityPruning(sparsity=0.8, evaluate=config != NO_EVAL)
+        cb = GradientStabilityPruning(sparsity=0.8, **CALLBACK_KWARGS[config])
         _instrument(cb, acc)
         callbacks.append(cb)
     if config == "baseline":
@@ -376,15 +391,14 @@ def fit_once(config: str, job: dict, epochs: int, seed: int, acc: dict[str, floa
         acc[GATE_SAMPLES] += sum(h.get("gate_samples", 0) for h in cb.history)
         acc["delivered metric"] += cb.report.delivered_metric or 0.0
         acc["sparsity"] += cb.current_sparsity()
-        job["aligned"] = cb.report.settings["pruning"].get("events_aligned_by")
-        job["rules"] = [h.get("gate_evaluation", "") for h in cb.history]
+        job.setdefault("aligned", {})[config] = cb.report.settings["pruning"].get("events_aligned_by")
+        job.setdefault("rules", {})[config] = [h.get("gate_evaluation", "") for h in cb.history]
     return elapsed, cpu, trainer.global_step
 
 
-def training(job: dict, epochs: int, repeats: int, seed: int) -> dict:
-    """One job's fit table (baseline, evaluate=False, defaults; alternating; min of the repeats); returns its
-    figures."""
-    configs = CONFIGS
+def training(job: dict, epochs: int, repeats: int, seed: int, configs: list[str] = CONFIGS) -> dict:
+    """One job's fit table (baseline, evaluate=False, defaults, and with ``--gate`` the gate's configurations;
+    alternating; min of the repeats); returns its figures."""
     evaluate_time = defaultdict(float)
     original_evaluate = evaluation.evaluate
 
@@ -425,7 +439,7 @@ def training(job: dict, epochs: int, repeats: int, seed: int) -> dict:
                 if config != "baseline":
                     breakdown[config][END_OF_FIT] += publish_time["seconds"]
                 times[config].append(elapsed)
-                if config == DEFAULTS:
+                if config != "baseline":
                     breakdown[config]["  of which: evaluate() passes"] += evaluate_time["seconds"]
                     breakdown[config]["evaluate() calls per fit"] = evaluate_time["calls"]
     finally:
@@ -437,8 +451,9 @@ def training(job: dict, epochs: int, repeats: int, seed: int) -> dict:
     targets = {**TARGETS, DEFAULTS: job["target"]}
     base, cpu_base = min(times["baseline"]), min(cpu_times["baseline"])
     print(f"{job['name']}, batch 64, {epochs} epoch(s) = {steps} optimizer steps, validation each epoch in every "
-          f"configuration; {repeats} alternating repeats, min reported; events: {job.get('aligned')}")
-    print(f"{'configuration':<28}{'CPU s (min)':>12}{'overhead':>10}{'wall s (min)':>13}{'overhead':>10}"
+          f"configuration; {repeats} alternating repeats, min reported; events (defaults): "
+          f"{job.get('aligned', {}).get(DEFAULTS)}")
+    print(f"{'configuration':<36}{'CPU s (min)':>12}{'overhead':>10}{'wall s (min)':>13}{'overhead':>10}"
           f"{'all repeats, wall s':>28}{'target':>8}")
     overheads: dict[str, float] = {}
     for config in configs:
@@ -446,11 +461,11 @@ def training(job: dict, epochs: int, repeats: int, seed: int) -> dict:
         overheads[config], overheads[f"{config} (CPU time)"] = best / base - 1, best_cpu / cpu_base - 1
         shown = " ".join(f"{t:.2f}" for t in times[config])
         cpu_over = overheads[f"{config} (CPU time)"]
-        target = "" if config == "baseline" else \
+        target = "" if config not in targets else \
             f"{'ok' if cpu_over <= targets[config] else 'MISSED'} {100 * targets[config]:.0f}%"
         over = "-" if config == "baseline" else f"{100 * cpu_over:+.1f}%"
         wall_over = "-" if config == "baseline" else f"{100 * overheads[config]:+.1f}%"
-        print(f"{config:<28}{best_cpu:>12.2f}{over:>10}{best:>13.2f}{wall_over:>10}{shown:>28}{target:>12}")
+        print(f"{config:<36}{best_cpu:>12.2f}{over:>10}{best:>13.2f}{wall_over:>10}{shown:>28}{target:>12}")
     print("  (overhead compared with the target: process CPU time, which leaves out the time other processes hold "
           "the cores; wall time beside it)")
     print("time spent inside the callback's code (instrumented wall time, per fit, mean of repeats; ms)")
@@ -475,11 +490,14 @@ def training(job: dict, epochs: int, repeats: int, seed: int) -> dict:
               f"({100 * (total - report) / base:.1f}% without the end-of-fit report, {1e3 * report:.0f} ms)")
         overheads[f"{config} (instrumented)"] = total / base
         overheads[f"{config} (instrumented, no report)"] = (total - report) / base
-    if job.get("rules"):
-        print(f"  gate rules of the last defaults fit: {' | '.join(job['rules'])}")
+    rules = job.pop("rules", {})
+    for config, last in rules.items():
+        print(f"  gate rules of the last fit, {config.strip()}: {' | '.join(last) or '-'}")
+    aligned = job.pop("aligned", {})
     return dict(job=job["name"], epochs=epochs, steps=steps, repeats=repeats, seconds=times, cpu_seconds=cpu_times,
                 min_seconds={c: min(t) for c, t in times.items()}, overhead=overheads, gate=gate,
-                events_aligned_by=job.get("aligned"), rules_last_fit=job.get("rules"), targets=targets)
+                events_aligned_by=aligned.get(DEFAULTS), events_aligned_by_config=aligned, rules_last_fit=rules,
+                targets=targets)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -491,6 +509,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="part 1 only")
     parser.add_argument("--skip-transformer", action="store_true", help="part 2 without the transformer fine-tune")
+    parser.add_argument("--skip-micro", action="store_true", help="part 2 only")
+    parser.add_argument("--epochs", type=int, nargs="+", default=None,
+                        help="part 2's fit lengths (default: 4, --quick: 1), each its own table")
+    parser.add_argument("--gate", action="store_true",
+                        help="part 2 also with a bound, default and explicit per-step schedules, each beside "
+                             "gate_batches=0 (the whole set before and after every event)")
+    parser.add_argument("--repeats", type=int, default=None, help="part 2's repeats per configuration")
     parser.add_argument("--profile", action="store_true", help="print the top operators of each update mode")
     parser.add_argument("--before", metavar="REV", default=None,
                         help="also time the statistics at git revision REV against the current ones (CPU time)")
@@ -509,6 +534,9 @@ def main() -> int:
 
     micro_repeats = 5 if args.quick else 11
     train_epochs, train_repeats = (1, 1) if args.quick else (4, 3)
+    train_repeats = args.repeats or train_repeats
+    fit_lengths = args.epochs or [train_epochs]
+    configs = CONFIGS + GATE_CONFIGS if args.gate else CONFIGS
     print(f"bench_stats_overhead: torch {torch.__version__}, lightning {pl.__version__}, python "
           f"{platform.python_version()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"os.cpu_count()={os.cpu_count()}, torch.set_num_threads({args.threads}) "
@@ -521,11 +549,13 @@ def main() -> int:
     print(f"\n[1] GradientStatistics.update vs Adam(foreach=True).step on the same tracked weights "
           f"(median of {micro_repeats} alternating blocks; update amortized over 32 steps incl. one per-unit merge)")
     torch.manual_seed(args.seed)
-    rows = micro("SmallCNN 28x28", SmallCNN(), micro_repeats, profile=args.profile)
-    rows += micro(TRANSFORMER_NAME, RowTransformer(), micro_repeats, profile=args.profile)
     mlp_name = "MLP " + "-".join(map(str, [784, *MLP_HIDDEN, 10]))
-    rows += micro(mlp_name, MLPClassifier(784, MLP_HIDDEN), micro_repeats, profile=args.profile)
-    print_micro(rows)
+    rows = []
+    if not args.skip_micro:
+        rows += micro("SmallCNN 28x28", SmallCNN(), micro_repeats, profile=args.profile)
+        rows += micro(TRANSFORMER_NAME, RowTransformer(), micro_repeats, profile=args.profile)
+        rows += micro(mlp_name, MLPClassifier(784, MLP_HIDDEN), micro_repeats, profile=args.profile)
+        print_micro(rows)
     compiled = compiled_step(mlp_name, MLPClassifier(784, MLP_HIDDEN), micro_repeats) if args.compile else None
     before = None
     if args.before is not None:
@@ -555,8 +585,9 @@ def main() -> int:
                              "the timing)", make=fine_tuned, dm=dm, target=0.20,
                              repeats=max(1, train_repeats - 1)))
         for job in jobs:
-            fits.append(training(job, train_epochs, job["repeats"], args.seed))
-            print()
+            for epochs in fit_lengths:
+                fits.append(training(dict(job), epochs, job["repeats"], args.seed, configs))
+                print()
 
     print("load average after the run: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"\nverdicts (total bench time {time.perf_counter() - t0:.0f} s):")
