@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.integration.evaluation import MetricSpec
+from lightning_compress.integration.gate_evaluation import EventEvaluation
 from lightning_compress.integration.gate_record import SampleRecord, paired_weighting
+from tests.helpers import quiet_trainer
 
 _ONE_RANK = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda tensor, reduce_op: tensor))
 
@@ -66,3 +71,22 @@ def test_macro_with_a_class_missing_from_the_set_is_not_served() -> None:
 def test_a_layout_other_than_class_scores_records_nothing(preds, target) -> None:
     record = _recorded("micro", preds, target)
     assert not record.valid and not record.finish(_ONE_RANK, 3)
+
+
+@pytest.mark.parametrize("average", ["macro", "micro"])
+def test_the_full_before_pass_keeps_a_record_whose_weighted_mean_is_the_value_it_measured(average: str) -> None:
+    """A digits model after a short fit: the gate's own full "before" pass (no validation to reuse) records every
+    validation sample once, in the order of the dataset, and the record's weighted correctness is that pass's
+    metric."""
+    pl.seed_everything(0)
+    trainer = quiet_trainer([], max_epochs=1)
+    model = MLPClassifier(input_size=64, hidden=[32], lr=1e-2)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    measure = EventEvaluation(trainer, model, MetricSpec(kwargs={"average": average}), None, None, lambda _: 0.01)
+    before = measure.before()
+    record = measure.record
+    assert record is not None and measure.rules == ["before: full set, per-sample record kept (270 samples)"]
+    assert record.positions.tolist() == list(range(270)) and record.population == 270
+    assert measure.evaluations == 1 and measure.samples == 270  # one pass, nothing more
+    weighted = float((record.correct * record.weights[record.target]).mean())
+    assert weighted == pytest.approx(before, abs=1e-6)
