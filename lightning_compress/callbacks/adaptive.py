@@ -30,6 +30,7 @@ from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps, budget_caps
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
 from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
+from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, finish_latency, latency_setup
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks.base import compression_callbacks
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
@@ -105,9 +106,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         verbose: int = 1,
     ) -> None:
         self.budget = as_budget(budget)
-        if self.budget.latency is not None:
-            raise ValueError(f"`budget` latency={self.budget.latency!r}: a latency budget is not planned in a fit yet;"
-                             " allowed: `size` and / or `macs` (or lightning_compress.compress() after the fit)")
+        latency = self.budget.latency is not None  # whole units pruned, compacted at the end (adaptive.in_fit_units)
         if export_path is not None and (not isinstance(export_path, str) or not export_path.endswith(".safetensors")):
             raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
         check_number("calibration_batches", calibration_batches, low=1, integer=True)
@@ -115,8 +114,10 @@ class AdaptiveCompression(GradientStabilityPruning):
         if calibration not in ("mse", "minmax", "percentile"):
             raise ValueError(f"`calibration` must be one of ['mse', 'minmax', 'percentile'], got {calibration!r}")
         super().__init__(
-            sparsity=PLANNED_MAX, criterion="taylor", scope="layer", schedule=schedule, schedule_unit=schedule_unit,
-            start_step=start_step, end_step=end_step, frequency=frequency, statistics="per_weight",
+            sparsity=PLANNED_MAX, criterion="taylor", structured=latency, compact=latency, scope="layer",
+            schedule=schedule, schedule_unit=schedule_unit,
+            start_step=start_step, end_step=end_step, frequency=frequency,
+            statistics="per_unit" if latency else "per_weight",
             module_types=module_types, include=include, exclude=exclude, metric=metric, metric_kwargs=metric_kwargs,
             max_metric_drop=max_metric_drop, metric_reference="initial", on_violation=on_violation,
             patience=patience, gate_batches=gate_batches, verbose=verbose,
@@ -124,13 +125,15 @@ class AdaptiveCompression(GradientStabilityPruning):
         self.export_path, self.calibration = export_path, calibration
         self.calibration_batches, self.corrections = calibration_batches, corrections
         self.caps: Caps | None = None
+        self._latency_shape: tuple[int, ...] = ()  # a latency budget's input shape, set in setup
         self.result: CompressionResult | None = None
         self._export_file: Path | None = None
 
     def _reset_run(self, pl_module: pl.LightningModule | None = None, layers: TrackedLayers | None = None,
                    config: PruningConfig | None = None) -> None:
         super()._reset_run(pl_module, layers, config)
-        self.run = BudgetRun(self.run.config, self.gate, self.metric_reference, pl_module, layers)
+        run_type = LatencyRun if self.budget.latency is not None else BudgetRun
+        self.run = run_type(self.run.config, self.gate, self.metric_reference, pl_module, layers)
 
     @property
     @override
@@ -138,7 +141,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         return self._generate_state_key(budget=repr(self.budget), selection=self.selection.describe())
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "budget": {k: getattr(self.budget, k) for k in ("size", "macs")},
+        return {**super().settings(), "budget": {k: getattr(self.budget, k) for k in ("size", "macs", "latency")},
                 "export_path": self.export_path, "calibration": self.calibration,
                 "calibration_batches": self.calibration_batches, "corrections": self.corrections}
 
@@ -153,6 +156,8 @@ class AdaptiveCompression(GradientStabilityPruning):
             raise ValueError(f"AdaptiveCompression plans pruning and quantization together; {others} in the same "
                              "Trainer would compress the model a second time; allowed: AdaptiveCompression alone")
         self.result = None
+        if self.budget.latency is not None:
+            self._latency_shape = latency_setup(pl_module, self.budget)
         self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module))
         if self.export_path is not None:
             self._export_file = check_export_path(self.export_path, self.run_dir(trainer),
@@ -178,13 +183,15 @@ class AdaptiveCompression(GradientStabilityPruning):
         super().on_train_start(trainer, pl_module)
         assert self.caps is not None  # set in setup
         run = self.run
-        assert isinstance(run, BudgetRun)
-        run.planner = SparsityPlanner(pl_module, dict(self.layers.modules), self.caps)
+        assert isinstance(run, (BudgetRun, LatencyRun))
+        run.planner = SparsityPlanner(pl_module, dict(self.layers.modules), self.caps) if isinstance(run, BudgetRun) \
+            else LatencyPlanner(pl_module, float(self.budget.latency or 0), self._latency_shape,
+                                self.budget.latency_threads)
         run.broadcast = lambda plan: trainer.strategy.broadcast(plan, src=0)
 
     def _check_target(self, delivered: float) -> None:
         run = self.run
-        assert isinstance(run, BudgetRun)
+        assert isinstance(run, (BudgetRun, LatencyRun))
         short = shortfall(run.plan_by_layer, run.reached())
         self.report.gate.setdefault(self.report_name, {}).update(
             planned_sparsity=dict(run.plan_by_layer), reached_sparsity=run.reached(), replans=run.replans,
@@ -192,7 +199,13 @@ class AdaptiveCompression(GradientStabilityPruning):
 
     # ------------------------------------------------------------------ end of fit
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super()._finish(trainer, pl_module)  # the masks reached, frozen into the weights
+        super()._finish(trainer, pl_module)  # the masks reached, frozen into the weights (latency: compacted)
+        if isinstance(self.run, LatencyRun):
+            try:
+                finish_latency(self, trainer, pl_module)
+            except BudgetError as err:
+                self._fail(trainer, pl_module, err)
+            return
         try:
             result = self.result = self._compress(trainer, pl_module)
         except BudgetError as err:

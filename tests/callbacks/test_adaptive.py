@@ -78,7 +78,6 @@ BAD: list[tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]] = [
     ("budget_bad_unit", {"budget": {"size": "25mb"}}, ValueError, ("`size`", "'25mb'")),
     ("budget_fraction_one", {"budget": {"macs": 1.5}}, ValueError, ("`macs`", "1.5")),
     ("budget_empty", {"budget": {}}, ValueError, ("`size`", "`macs`")),
-    ("budget_latency", {"budget": Budget(latency=0.5)}, ValueError, ("`budget` latency=0.5", "`size`")),
     ("max_metric_drop_negative", {"max_metric_drop": -0.1}, ValueError, ("max_metric_drop", "-0.1")),
     ("max_metric_drop_string", {"max_metric_drop": "0.1"}, TypeError, ("max_metric_drop", "'0.1'")),
     ("export_path_suffix", {"export_path": "model.pt"}, ValueError, ("export_path", "'model.pt'")),

@@ -1,0 +1,249 @@
+"""A latency budget inside a fit: whole units pruned while training (the training recovers what they cost), each
+family ramping to its own planned count, the model compacted at the end and its latency measured. The pure half of
+``AdaptiveCompression(budget=Budget(latency=...))``; no Lightning import.
+
+- :class:`LatencyPlanner`: the first time it is asked (the first pruning event, when the structure analysis and
+  the gradient statistics exist) it measures the per-layer ONNX Runtime latency table once
+  (:func:`~.latency.build_table`) and keeps the dense model's graph. At every event each family's units are scored by
+  the per-unit statistics the pruning run keeps: ``1/2 E[(sum_j w_ij g_ij)^2]`` per unit, summed over the family's
+  producers (:func:`unit_fisher`), the Fisher's predicted loss increase of removing the unit (its whole block, not
+  the diagonal; units already removed score lowest, so masks only shrink) and the greedy solve of
+  :mod:`.latency_budget` plans each family's kept count for :data:`~.latency_budget.AIM` of the budget.
+- Each family aims at ``units - (units - planned) * progress`` (the schedule's progress, 0 -> 1). At the last event
+  (progress 1) the plan is not trusted: :func:`~.latency_budget.within` compacts copies and times them against the
+  model in turns, moving the target until a plan is measured within the budget (the same corrections as
+  ``compress()``), and that plan's counts are pruned.
+- :func:`verify`: after the fit the compacted model is timed against the dense graph kept at the start; the budget
+  holds when the median of alternated runs (:func:`~.latency.measure`) is within it. Otherwise
+  :class:`~.latency_budget.LatencyBudgetError` with the measured fraction (the nearest budget this fit delivered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.adaptive.in_fit import shortfall
+from lightning_compress.adaptive.latency import build_table, float_graph, measure
+from lightning_compress.adaptive.latency_budget import AIM, LatencyBudgetError, LatencyProblem, within
+from lightning_compress.adaptive.units import LAYERS, family_candidates, kept_counts
+from lightning_compress.pruning.planner import expand_masks
+from lightning_compress.pruning.run import PruningRun
+from lightning_compress.pruning.structured import unit_families
+
+__all__ = ["LatencyPlanner", "LatencyRun", "shortfall", "verify"]
+
+
+class LatencyPlanner:
+    """Per family (its first producer's name), the kept unit count planned for ``latency`` x the dense latency at
+    ``shape`` with ``threads`` ORT threads. ``steps`` says what was measured."""
+
+    def __init__(self, model: nn.Module, latency: float, shape: tuple[int, ...], threads: int) -> None:
+        self.model, self.latency, self.shape, self.threads = model, latency, shape, threads
+        self.problem: LatencyProblem | None = None
+        self.dense_graph: bytes | None = None
+        self.steps: list[str] = []
+        self.example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+    def _build(self, names: list[str], groups: Mapping[str, Any]) -> LatencyProblem:
+        modules = dict(self.model.named_modules())
+        members = {f[0]: f for f in unit_families(names, groups)
+                   if all(groups[n].parts == 1 and groups[n].block == 1 and isinstance(modules[n], LAYERS)
+                          for n in f)}
+        outputs: dict[str, list[int]] = {}
+        inputs: dict[str, list[int]] = {}
+        for name, family in members.items():
+            units = groups[name].num_units
+            for member in family:
+                outputs.setdefault(member, []).extend(kept_counts(units))
+            for consumer, repeat, _ in groups[name].consumers:
+                if isinstance(modules.get(consumer), LAYERS):
+                    fan_in = int(modules[consumer].weight.shape[1])
+                    inputs.setdefault(consumer, []).extend(fan_in - (units - k) * repeat for k in kept_counts(units))
+        self.dense_graph = float_graph(self.model, self.shape)
+        table = build_table(self.model, self.shape, self.threads, outputs, inputs)
+        self.steps.append(f"{len(members)} families of units, {table.graphs} one-layer graphs timed; dense "
+                          f"{table.dense * 1e3:.3g} ms per run at {self.shape}, {self.threads} thread(s)")
+        return LatencyProblem({}, members, groups, {}, table)
+
+    def score(self, fisher: Mapping[str, Tensor], current: Mapping[str, Tensor]) -> None:
+        """Each family's units scored from ``fisher`` (per layer, per unit: ``E[(sum w g)^2]``); units ``current``
+        (unit keep-masks) removed score lowest."""
+        problem = self.problem
+        assert problem is not None
+        for name, family in problem.members.items():
+            scores = unit_fisher(family, fisher)
+            problem.candidates[name] = family_candidates(name, scores)
+            keep = current.get(name)
+            problem.scores[name] = scores if keep is None else torch.where(keep.cpu().bool(), scores, -1.0)
+
+    def __call__(self, names: list[str], groups: Mapping[str, Any], fisher: Mapping[str, Tensor],
+                 current: Mapping[str, Tensor], final: bool) -> dict[str, int]:
+        if self.problem is None:
+            self.problem = self._build(names, groups)
+        problem = self.problem
+        self.score(fisher, current)
+        if not final:
+            plan = problem.solve(AIM * self.latency * problem.table.dense)
+        else:
+            delivered, smallest = within(self.model, problem, self.latency, self.example, self.shape, self.threads,
+                                         self.steps, (), lambda m, b: m(b))  # no batches: no BatchNorm refresh
+            if delivered is None:  # the sparsest plan: the end-of-fit measurement refuses it with its figure
+                self.steps.append(f"no plan measured within {self.latency:g} (smallest {smallest}); the sparsest")
+                plan = problem.solve(0.0)
+            else:
+                plan = delivered.plan
+        return {name: candidate.kept for name, candidate in plan.items()}
+
+
+def unit_fisher(family: list[str], second_moment: Mapping[str, Tensor]) -> Tensor:
+    """``1/2 * sum over the family's producers of E[(sum_j w_ij g_ij)^2]`` per unit (float64, CPU)."""
+    return 0.5 * torch.stack([second_moment[m].detach().double().cpu() for m in family]).sum(0)
+
+
+def kept_now(units: int, planned: int, progress: float, kept: int) -> int:
+    """The count a family keeps at ``progress`` of its ramp from ``units`` to ``planned``, never above ``kept``."""
+    return min(kept, units - int(round((units - planned) * min(1.0, max(0.0, progress)))))
+
+
+class LatencyRun(PruningRun):
+    """The fit's structured pruning toward per-family kept counts (module docstring). ``planner`` and ``broadcast``
+    (every rank takes rank zero's plan) are set when the fit starts; ``schedule`` ramps progress from 0 to 1."""
+
+    planner: LatencyPlanner | None = None
+    broadcast: Callable[[Any], Any] = staticmethod(lambda plan: plan)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kept_plan: dict[str, int] = {}
+        self.planned_at: int | None = None
+        self.progress, self.replans = 0.0, 0
+
+    def _families(self) -> dict[str, list[str]]:
+        return self.planner.problem.members if self.planner is not None and self.planner.problem else {}
+
+    def _kept(self, family: list[str]) -> tuple[int, int]:
+        """(units, kept now) of a family."""
+        mask = self.state.unit_masks.get(family[0])
+        units = self.state.groups[family[0]].num_units  # type: ignore[index]
+        return units, units if mask is None else int(mask.bool().sum())
+
+    def _targets(self) -> dict[str, int]:
+        out = {}
+        for name, family in self._families().items():
+            units, kept = self._kept(family)
+            out[name] = kept_now(units, self.kept_plan.get(name, units), self.progress, kept)
+        return out
+
+    def _target(self, tick: int) -> float | None:
+        if self.schedule is None or self.planner is None:
+            return None
+        progress = self.schedule.target_by(tick)
+        if progress is None:
+            return None
+        if tick != self.planned_at and self.stats is not None and self.stats.count > 0 and self.state.groups:
+            self.planned_at, self.progress = tick, float(progress)
+            fisher = dict(zip(self.stats.names, self.stats.unit_taylor_second_moment()))
+            plan = self.planner(self.layers.names, self.state.groups, fisher, self.state.unit_masks,
+                                final=progress >= 1.0)
+            self.kept_plan = {n: int(k) for n, k in self.broadcast(plan).items()}
+            self.replans += 1
+        families, targets = self._families(), self._targets()
+        total = sum(self._kept(f)[0] for f in families.values())
+        removed = sum(self._kept(f)[0] - targets[n] for n, f in families.items())
+        target = removed / max(total, 1)
+        cap = self.controller.sparsity_cap
+        return target if cap is None else min(target, cap)
+
+    def plan(self, target: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        assert self.planner is not None and self.planner.problem is not None
+        problem, units = self.planner.problem, {}
+        for name, kept in self._targets().items():
+            order = torch.argsort(-problem.scores[name].float(), stable=True)
+            mask = torch.zeros(order.numel(), dtype=torch.bool)
+            mask[order[:kept]] = True
+            for member in problem.members[name]:
+                units[member] = mask.clone()
+        return expand_masks(self.state.model, units, self.state.groups), units
+
+    @property
+    def plan_by_layer(self) -> dict[str, float]:
+        return {m: 1.0 - kept / self.state.groups[n].num_units  # type: ignore[index]
+                for n, kept in self.kept_plan.items() for m in self._families()[n]}
+
+    def reached(self) -> dict[str, float]:
+        return {m: 1.0 - self._kept(f)[1] / self._kept(f)[0] for f in self._families().values() for m in f}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kept_plan": dict(self.kept_plan), "planned_at": self.planned_at,
+                "progress": self.progress, "replans": self.replans}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.kept_plan = {str(n): int(k) for n, k in dict(state.get("kept_plan", {})).items()}
+        self.planned_at, self.replans = state.get("planned_at"), int(state.get("replans", 0))
+        self.progress = float(state.get("progress", 0.0))
+
+
+def verify(planner: LatencyPlanner, model: nn.Module) -> float:
+    """``model`` (compacted) timed against the dense graph kept at the start, in turns: the measured fraction.
+    Raises :class:`LatencyBudgetError` when it is over the budget."""
+    if planner.dense_graph is None:
+        raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: no pruning event ran in this fit (the "
+                                 "schedule's events fall after its last step?), so nothing was removed; allowed: a "
+                                 "schedule whose events happen during the fit", 1.0)
+    shapes = {"dense": planner.shape, "model": planner.shape}
+    seconds = measure({"dense": planner.dense_graph, "model": float_graph(model, planner.shape)}, shapes,
+                      planner.threads)
+    ratio = seconds["model"] / seconds["dense"]
+    planner.steps.append(f"delivered (compacted) measured {ratio:.3f}x of dense "
+                         f"({seconds['model'] * 1e3:.3g} vs {seconds['dense'] * 1e3:.3g} ms per run)")
+    if ratio > planner.latency:
+        raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: the model this fit compacted measured "
+                                 f"{ratio:.3f} of the dense latency in ONNX Runtime at {planner.shape} (refused "
+                                 f"pruning events or the timing's noise); the nearest budget it delivers: "
+                                 f"latency={ratio:.3f} (steps: {planner.steps})", ratio)
+    return ratio
+
+
+def latency_setup(model: nn.Module, budget: Any) -> tuple[int, ...]:
+    """The shape a latency budget is timed at (``budget.latency_input``, else the model's ``example_input_array``),
+    checked to run, before any training step."""
+    from lightning_compress.adaptive.latency_budget import check_latency_model
+
+    shape = budget.latency_input
+    example = getattr(model, "example_input_array", None)
+    if shape is None and isinstance(example, Tensor):
+        shape = tuple(example.shape)
+    if shape is None:
+        raise ValueError(f"`budget` latency={budget.latency!r} is timed at one input shape: give `latency_input` "
+                         "(e.g. (32, 1, 28, 28)) or set the model's `example_input_array`")
+    check_latency_model(model, tuple(shape))
+    return tuple(shape)
+
+
+def finish_latency(callback: Any, trainer: Any, model: nn.Module) -> None:
+    """After the fit compacted ``model``: its latency measured against the budget (:func:`verify`), the compacted
+    model exported to ``callback``'s export path (rank zero), and the report's entry. Float weights: int8 is not
+    timed by the serving path here, so the delivered model is the compacted float one."""
+    from lightning_compress.reporting.records import CompressionEvent
+    from lightning_compress.structure.compaction import save_compacted
+
+    run = callback.run
+    planner = run.planner
+    ratio = float(run.broadcast(verify(planner, model)))
+    entry = callback.report.gate.setdefault(callback.report_name, {})
+    entry.update(budget={"latency": planner.latency, "latency_input": list(planner.shape),
+                         "threads": planner.threads},
+                 delivered={"latency": ratio, "kept_units": dict(run.kept_plan)}, verification_steps=planner.steps,
+                 replans=run.replans, quantization="none: the compacted float model (int8 latency is not planned)")
+    path = callback._export_file
+    if path is not None:
+        if trainer.is_global_zero:
+            save_compacted(model, path)
+        callback.report.files["compacted_export"] = str(path.resolve())
+    note = f"latency budget {planner.latency:g}: delivered {ratio:.3f}x of dense; " + "; ".join(planner.steps)
+    callback.report.events.append(CompressionEvent("compact", trainer.global_step, None, None, note=note))

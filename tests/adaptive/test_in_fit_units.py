@@ -1,0 +1,89 @@
+"""AdaptiveCompression with a latency budget (adaptive/in_fit_units.py) in real ``Trainer.fit`` runs on sklearn's
+digits with a small CNN: whole units pruned during the fit, the model compacted, the budget met as measured by an
+independent ONNX Runtime timing, the accuracy on the test split (which the fit never sees), refusals."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_compress import AdaptiveCompression, Budget
+from lightning_compress.adaptive.in_fit_units import kept_now
+from lightning_compress.adaptive.latency import measured_ratio
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import SmallCNN
+
+SHAPE = (256, 1, 8, 8)  # as tests/adaptive/test_latency_budget.py: ORT's per-run overhead does not dominate
+LATENCY = 0.6
+RETIME_SLACK = 0.25  # an independent re-timing on a loaded 2-core machine moves by this much (see the report)
+
+
+class DigitsCNN(SmallCNN):
+    """SmallCNN on the digits' 64 features seen as a 1x8x8 image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(-1, 1, 8, 8))
+
+
+def _model() -> DigitsCNN:
+    torch.manual_seed(0)
+    return DigitsCNN(image_size=8, channels=[32, 64], hidden=128, lr=3e-3)
+
+
+def _fit(callback: AdaptiveCompression, root: Path, epochs: int = 10) -> tuple[DigitsCNN, DigitsCNN]:
+    model = _model()
+    dense = copy.deepcopy(model)
+    pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+               enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(root),
+               num_sanity_val_steps=0, deterministic=True, callbacks=[callback]
+               ).fit(model, datamodule=DigitsDataModule())
+    return model, dense
+
+
+@torch.no_grad()
+def _test_accuracy(model: torch.nn.Module) -> float:
+    data = DigitsDataModule(batch_size=64)
+    data.setup("test")
+    metric = MulticlassAccuracy(num_classes=10)
+    model.eval()
+    for x, y in data.test_dataloader():
+        metric.update(model(x), y)
+    return float(metric.compute())
+
+
+def test_ramp_never_grows_a_family_back() -> None:
+    assert kept_now(64, 32, 0.5, 64) == 48
+    assert kept_now(64, 32, 1.0, 64) == 32
+    assert kept_now(64, 48, 1.0, 40) == 40  # pruned further at an earlier event: stays pruned
+    assert kept_now(64, 32, 0.0, 64) == 64
+
+
+def test_latency_budget_is_met_in_the_fit_and_the_units_are_gone(tmp_path: Path) -> None:
+    callback = AdaptiveCompression(budget=Budget(latency=LATENCY, latency_input=SHAPE),
+                                   start_step=20, end_step=200, frequency=20, export_path="latency.safetensors")
+    model, dense = _fit(callback, tmp_path)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(c.out_channels for c in convs) < 32 + 64  # compacted: units removed, not zeroed
+    entry = callback.report.gate["adaptive"]
+    assert entry["delivered"]["latency"] <= LATENCY
+    ratio, _, _ = measured_ratio(dense, model, SHAPE, 1)  # an independent timing, fresh sessions
+    assert ratio <= LATENCY * (1 + RETIME_SLACK), entry["verification_steps"]
+    assert (tmp_path / "latency.safetensors").exists() or Path(callback.report.files["compacted_export"]).exists()
+    assert _test_accuracy(model) >= 0.85  # the held-out split: the fit never saw it
+
+
+@pytest.mark.parametrize("budget, match", [
+    (Budget(latency=0.5, latency_input=(2, 5, 7)), "latency_input"),
+])
+def test_bad_latency_budgets_are_refused_before_any_step(tmp_path: Path, budget: Budget, match: str) -> None:
+    callback = AdaptiveCompression(budget=budget, start_step=5, end_step=10)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        _fit(callback, tmp_path, epochs=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
