@@ -9,6 +9,10 @@ chosen by the per-unit Fisher and a per-layer ONNX Runtime latency table, the mo
    reported), then with ``max_metric_drop=--max-drop`` points on the validation split (the bound decides).
    Test accuracy before / after, measured latency ratio, MACs, the plan, the verification steps, wall seconds.
    Optionally ``--finetune`` epochs of the compacted model (same schedule as bench_resnet's arms) afterwards.
+4. The callback path: ``AdaptiveCompression(budget=Budget(latency=...))`` in a fresh fit of the same model, data and
+   ``--epochs`` (no normalize / min_keep, no bound): units pruned between ``--prune-from`` and ``--prune-to`` of the
+   fit's steps, the rest of the fit recovers, compacted at the end; its latency re-timed here against the dense
+   model (fresh ORT sessions, in turns) beside the callback's own measurement, and the test accuracy.
 
 Every latency is ORT's (CPU, float graphs, ``--threads`` intra-op threads, input ``(--batch, 1, side, side)``),
 median of runs taken in turns, thread CPU time at one thread.
@@ -28,7 +32,9 @@ from typing import Any
 
 import torch
 
+from lightning_compress import AdaptiveCompression
 from lightning_compress.adaptive import Budget, compress
+from lightning_compress.adaptive.latency import measured_ratio
 from lightning_compress.adaptive.latency_budget import LatencyBudgetError, deliver, problem_of
 from lightning_compress.quantization.calibration import feed
 from lightning_compress.structure.macs import macs_per_example
@@ -77,6 +83,31 @@ def run_compress(dense: torch.nn.Module, data: Any, batches: list[Any], budget: 
             "steps": result.steps, "evaluations": result.evaluations, "seconds": seconds, "model": result.model}
 
 
+def run_callback(dense: torch.nn.Module, data: Any, budget: Budget, args: argparse.Namespace,
+                 shape: tuple[int, ...]) -> dict[str, Any]:
+    """A fresh model fitted ``args.epochs`` epochs with ``AdaptiveCompression(budget)``; its latency re-timed against
+    ``dense`` here, its test accuracy."""
+    torch.manual_seed(0)
+    model = ResNet18(args.width, args.image_size, args.lr)
+    data.setup("fit")
+    total = args.epochs * len(data.train_dataloader())
+    start, end = int(args.prune_from * total), int(args.prune_to * total)
+    callback = AdaptiveCompression(budget=budget, schedule_unit="step", start_step=start, end_step=end,
+                                   frequency=max(1, (end - start) // 8), verbose=0)
+    cpu = time.thread_time()
+    try:
+        seconds = fit(model, data, args.epochs, callbacks=[callback])
+    except LatencyBudgetError as err:
+        return {"refused": str(err), "smallest latency": err.smallest_latency}
+    entry = callback.report.gate["adaptive"]
+    retimed, _, _ = measured_ratio(dense, model.eval(), shape, args.threads)
+    return {"latency (callback measured)": entry["delivered"]["latency"], "latency (re-timed here)": retimed,
+            "test accuracy (%)": accuracy(model, data.test_dataloader()),
+            "kept units": entry["delivered"]["kept_units"],
+            "MACs / image": macs_per_example(model, torch.zeros(shape)), "steps": entry["verification_steps"],
+            "pruning steps": [start, end], "fit seconds": seconds, "thread CPU seconds": time.thread_time() - cpu}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32)")
@@ -91,6 +122,8 @@ def main() -> None:
     parser.add_argument("--probe", type=float, nargs="*", default=[0.35, 0.5, 0.65, 0.8],
                         help="predicted targets whose plans are measured against the prediction")
     parser.add_argument("--finetune", type=int, default=0, help="epochs fine-tuning the compacted model after")
+    parser.add_argument("--prune-from", type=float, default=0.15, help="callback path: first event, share of the fit")
+    parser.add_argument("--prune-to", type=float, default=0.6, help="callback path: last event, share of the fit")
     parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the trained dense weights")
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 epoch (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_latency.json", help="where the figures go")
@@ -135,6 +168,14 @@ def main() -> None:
                   flush=True)
     for row in runs.values():
         row.pop("model", None)
+    row = runs["callback (AdaptiveCompression, no bound)"] = run_callback(dense, data, budget, args, shape)
+    if "refused" in row:
+        print(f"callback: refused: {row['refused'][:400]}", flush=True)
+    else:
+        row["accuracy drop (points)"] = dense_accuracy - row["test accuracy (%)"]
+        print(f"callback: latency {row['latency (callback measured)']:.3f}x (re-timed "
+              f"{row['latency (re-timed here)']:.3f}x), test {row['test accuracy (%)']:.2f} % (drop "
+              f"{row['accuracy drop (points)']:.2f}), fit {row['fit seconds']:.0f} s", flush=True)
     print(f"CPU capability: {capability}; load average at the end {os.getloadavg()}; total "
           f"{time.perf_counter() - started:.0f} s")
     write_json(args.json, dict(
