@@ -10,10 +10,13 @@ from torch import nn
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import budget_caps
 from lightning_compress.adaptive.in_fit import (
+    PLAN_MIN_ROWS,
     BudgetRun,
     SparsityPlanner,
     overall,
     ramped,
+    sampled_candidates,
+    sampled_rows,
     shortfall,
     statistics_fisher,
 )
@@ -105,3 +108,44 @@ def test_the_runs_plan_survives_a_checkpoint() -> None:
     other = _run(_mlp())
     other.load_state_dict(run.state_dict())
     assert (other.plan_by_layer, other.planned_at, other.replans) == ({"0": 0.5, "2": 0.25, "4": 0.0}, 7, 3)
+
+
+def test_a_large_layer_is_sampled_on_evenly_spaced_rows_and_a_small_one_not_at_all() -> None:
+    assert sampled_rows(torch.zeros(64, 64), 16384) is None  # 4096 weights: every row
+    assert sampled_rows(torch.zeros(512, 256), None) is None
+    rows = sampled_rows(torch.zeros(512, 256), 16384)
+    assert rows is not None and rows.tolist() == torch.linspace(0, 511, 64).round().long().tolist()
+    assert rows[0] == 0 and rows[-1] == 511
+    narrow = sampled_rows(torch.zeros(100, 4096), 4096)  # one row would hold the elements: the minimum holds
+    assert narrow is not None and len(narrow) == PLAN_MIN_ROWS
+
+
+def _wide() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_sampled_candidates_estimate_the_full_layers_bytes_macs_and_scores() -> None:
+    layer = _wide()[0]
+    fisher = torch.rand(256, 256)
+    full = sampled_candidates("l", layer, layer.weight, fisher, 1.0, 0, "minmax", (2, 4, 8, 32), None)
+    part = sampled_candidates("l", layer, layer.weight, fisher, 1.0, 0, "minmax", (2, 4, 8, 32), 8192)
+    assert [(c.sparsity, c.bits, c.granularity, c.group_size) for c in part] == \
+        [(c.sparsity, c.bits, c.granularity, c.group_size) for c in full]
+    for a, b in zip(part, full):
+        if b.bits == 32:
+            assert a.nbytes == b.nbytes  # float bytes scale exactly
+        assert a.nbytes == pytest.approx(b.nbytes, rel=0.02)
+        assert a.macs == pytest.approx(b.macs, rel=0.02)
+        assert a.score == pytest.approx(b.score, rel=0.15)
+
+
+@pytest.mark.parametrize("budget", [Budget(size=0.15, macs=0.5), Budget(size=0.1), Budget(macs=0.3)])
+def test_the_sampled_plan_is_the_plan_of_every_row(budget: Budget) -> None:
+    model = _wide()
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    caps = budget_caps(model, budget, (torch.randn(8, 256), torch.zeros(8, dtype=torch.long)), _forward)
+    fisher = {"0": torch.rand(256, 256) * 1e-3, "2": torch.rand(64, 256), "4": torch.rand(10, 64) * 10}
+    sampled = SparsityPlanner(model, modules, caps)(fisher)
+    assert sampled == SparsityPlanner(model, modules, caps, elements=None)(fisher)
+    assert sampled["0"] > 0  # the large layer the loss hardly feels is pruned: the test is not of an all-zero plan
