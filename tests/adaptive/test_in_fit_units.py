@@ -87,3 +87,14 @@ def test_bad_latency_budgets_are_refused_before_any_step(tmp_path: Path, budget:
     with pytest.raises(ValueError, match=match):
         _fit(callback, tmp_path, epochs=1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_impossible_latency_ends_the_fit_with_the_measured_fraction(tmp_path: Path) -> None:
+    from lightning_compress.adaptive.latency_budget import LatencyBudgetError
+
+    callback = AdaptiveCompression(budget=Budget(latency=0.02, latency_input=SHAPE), start_step=5, end_step=20,
+                                   frequency=5, export_path="never.safetensors")
+    with pytest.raises(LatencyBudgetError, match=r"latency=0\.02") as info:
+        _fit(callback, tmp_path, epochs=2)
+    assert info.value.smallest_latency is not None and info.value.smallest_latency > 0.02
+    assert not list(tmp_path.rglob("never.safetensors"))  # nothing over the budget was written
