@@ -510,6 +510,7 @@ def main() -> int:
     parser.add_argument("--skip-training", action="store_true", help="part 1 only")
     parser.add_argument("--skip-transformer", action="store_true", help="part 2 without the transformer fine-tune")
     parser.add_argument("--skip-micro", action="store_true", help="part 2 only")
+    parser.add_argument("--skip-smallcnn", action="store_true", help="part 2 without the SmallCNN job")
     parser.add_argument("--epochs", type=int, nargs="+", default=None,
                         help="part 2's fit lengths (default: 4, --quick: 1), each its own table")
     parser.add_argument("--gate", action="store_true",
@@ -571,8 +572,9 @@ def main() -> int:
     if not args.skip_training:
         print("\n[2] Trainer.fit overhead of GradientStabilityPruning(sparsity=0.8) (unstructured, per-weight stats)")
         dm = PreloadedMNIST5k(batch_size=64, seed=0)
-        jobs = [dict(name="SmallCNN on MNIST5k from scratch (3,500 train / 750 val images)", make=SmallCNN, dm=dm,
-                     target=0.25, repeats=train_repeats)]
+        jobs = [] if args.skip_smallcnn else [
+            dict(name="SmallCNN on MNIST5k from scratch (3,500 train / 750 val images)", make=SmallCNN, dm=dm,
+                 target=0.25, repeats=train_repeats)]
         if not args.skip_transformer:
             start = pretrained_row_transformer(dm, args.seed)
 
