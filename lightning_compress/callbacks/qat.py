@@ -59,10 +59,10 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         bits: 2..8, symmetric codes; ``granularity`` ``"per_tensor"`` / ``"per_channel"`` / ``"per_group"`` with
             ``group_size``.
         start: an epoch (int >= 0) or a fraction of the fit's optimizer steps (float in (0, 1)).
-        scale_lr: learning rate of the scales' param group; None: the first param group's (LSQ's setting, made
-            for SGD: an Adam-type optimizer normalises LSQ's gradient scaling away, so each scale moves by about
-            ``scale_lr`` per step whatever its size; a smaller ``scale_lr`` suits models whose weights' scale is
-            free, e.g. convolutions followed by BatchNorm, see ``benchmarks/bench_qat.py --scale-lr``).
+        scale_lr: learning rate of the scales' param group; None: the first param group's. The weights' scales
+            are learned in log space, scaled so that a step of ``scale_lr`` moves a clipping edge by about
+            ``scale_lr``, as a weight moves (:class:`~lightning_compress.qat.fake_quant.LSQFakeQuantizer`): under
+            an Adam-type optimizer the weights' rate suits scales of any size.
         module_types, include, exclude, bits_overrides, embedding_bits, metric, metric_kwargs, max_metric_drop,
             fallback, export_path, save_float_copy: as :class:`PostTrainingQuantization` (fallback widths other than
             ``bits`` are rounded to nearest from the latent weights).
@@ -173,14 +173,14 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         masks = self._pruning_done(trainer, pl_module)
         plan = self._plan(pl_module)
         self._keys = {name: weight_key(name, module) for name, module in plan.layers.items()}
-        self.quantizers = prepare(pl_module, plan, masks, pending.get("scales"))
+        self.quantizers = prepare(pl_module, plan, masks, pending.get("scales"), pending.get("log_gains"))
         if self.activations is not None:
             self.input_quantizers = act.attach(plan.layers, self._keys, resumed=pending.get("activations"))
         rewrap_ddp(trainer)  # after every new parameter: DDP all-reduces the scales' gradients too
         optimizer = trainer.optimizers[0]
-        scales = [q.scale for q in self.quantizers.values()] + [a.log_scale for a in self.input_quantizers.values()]
+        scales = [q.log_gain for q in self.quantizers.values()] + [a.log_scale for a in self.input_quantizers.values()]
         first = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}  # e.g. OneCycleLR's keys
-        saved = pending.get("optimizer") or {}
+        saved = linear_scales_resumed(pending, len(self.quantizers))
         group = {**first, "lr": self.scale_lr if self.scale_lr is not None else first["lr"], "weight_decay": 0.0}
         optimizer.add_param_group({**group, **saved.get("group", {}), "params": scales})
         self._group = optimizer.param_groups[-1]
@@ -214,7 +214,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         if not self.active:
             return {"active": False}
         return {"active": True, "float_metric": self._float_metric,
-                "scales": {self._keys[n]: q.scale.detach().cpu().clone() for n, q in self.quantizers.items()},
+                "scales": {self._keys[n]: q.base_scale.detach().cpu().clone() for n, q in self.quantizers.items()},
+                "log_gains": {self._keys[n]: q.log_gain.detach().cpu().clone() for n, q in self.quantizers.items()},
                 "activations": act.states(self.input_quantizers, self._keys)}
 
     @override
@@ -292,3 +293,16 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             states.add(record(name, plan.layers[name], qtensor))
         return states
 
+
+
+def linear_scales_resumed(pending: dict[str, Any], weights: int) -> dict[str, Any]:
+    """The saved optimizer state of the scales' param group. A checkpoint written before the weights' scales were
+    learned in log space holds the scales themselves (no ``log_gains``): they resume exactly as base scales with a
+    gain of 0, but their optimizer moments were a linear scale's, so the first ``weights`` are dropped (they
+    restart) with a warning."""
+    saved = dict(pending.get("optimizer") or {})
+    if "scales" in pending and "log_gains" not in pending and saved.get("state"):
+        rank_zero_warn("QuantizationAwareTraining: this checkpoint holds linear weight scales (written before they "
+                       "were learned in log space): the scales resume exactly, their optimizer moments restart")
+        saved["state"] = [{} for _ in saved["state"][:weights]] + list(saved["state"][weights:])
+    return saved

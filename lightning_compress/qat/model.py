@@ -13,7 +13,7 @@ again leaving the exact codes they trained. No Lightning.
   and attaching the codes to the model (:mod:`~lightning_compress.quantization.carried`), so ``save_quantized``,
   ``export_onnx`` and the report take them as they take ``quantize()``'s.
 - :func:`plain_keys` turns a parametrized ``state_dict`` back into the model's own keys (the latent weight under
-  ``<name>.weight``) and hands the scales over separately: checkpoints stay loadable into a plain model.
+  ``<name>.weight``), the scales left to the callback's state: checkpoints stay loadable into a plain model.
 """
 
 from __future__ import annotations
@@ -40,30 +40,34 @@ def prepare(
     plan: LayerPlan,
     masks: Mapping[str, Tensor] | None = None,
     scales: Mapping[str, Tensor] | None = None,
+    gains: Mapping[str, Tensor] | None = None,
 ) -> dict[str, LSQFakeQuantizer]:
     """Fake-quantize ``plan``'s layers of ``model`` in place; returns the quantizers by module name.
 
-    ``masks``: pruning keep-masks by ``state_dict`` key (``"net.0.weight"``); ``scales``: learned scales by the same
-    key (a resumed run), used instead of the MSE initialisation. Every layer is checked before any is changed."""
-    scales = dict(scales or {})
+    ``masks``: pruning keep-masks by ``state_dict`` key (``"net.0.weight"``); a resumed run's ``scales`` (the base
+    scales ``s0``) and ``gains`` (the learned ``log_gain``, see :class:`~.fake_quant.LSQFakeQuantizer`) by the same
+    key, used instead of the MSE initialisation (a scale without a gain: the gain 0). Every layer is checked before
+    any is changed."""
+    scales, gains = dict(scales or {}), dict(gains or {})
     for name, module in plan.layers.items():
         if parametrize.is_parametrized(module, weight_name(module)):
             raise ValueError(f"layer {name!r} is already parametrized (`torch.nn.utils.parametrize`); QAT needs a "
                              "plain weight: remove the other parametrization first")
         key = weight_key(name, module)
-        if key in scales:
-            grouped = LSQFakeQuantizer.scale_shape(getattr(module, weight_name(module)), plan.specs[name])
-            if tuple(scales[key].shape) != grouped:
-                raise ValueError(f"the learned scale for {key!r} is shaped {tuple(scales[key].shape)}, the layer "
+        grouped = LSQFakeQuantizer.scale_shape(getattr(module, weight_name(module)), plan.specs[name])
+        for what, given in (("scale", scales.get(key)), ("log gain", gains.get(key))):
+            if given is not None and tuple(given.shape) != grouped:
+                raise ValueError(f"the learned {what} for {key!r} is shaped {tuple(given.shape)}, the layer "
                                  f"needs {grouped}: it belongs to another model or another granularity")
+        if key in gains and key not in scales:
+            raise ValueError(f"a learned log gain for {key!r} without its base scale")
     quantizers = {}
     for name, module in plan.layers.items():
         attr, key = weight_name(module), weight_key(name, module)
         weight = getattr(module, attr)
         quantizer = LSQFakeQuantizer(weight.detach(), plan.specs[name], (masks or {}).get(key))
         if key in scales:
-            with torch.no_grad():
-                quantizer.scale.copy_(scales[key].to(quantizer.scale.device))
+            quantizer.load(scales[key], gains.get(key))
         parametrize.register_parametrization(module, attr, quantizer)
         quantizers[name] = quantizer
     return quantizers
@@ -107,12 +111,11 @@ def record(name: str, module: nn.Module, qtensor: QuantizedTensor) -> LayerQuant
     return record_layer(name, module, qtensor, METHOD)
 
 
-def plain_keys(state: dict[str, Any], model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+def plain_keys(state: dict[str, Any], model: nn.Module, names: list[str]) -> None:
     """Rewrite ``state`` (a ``state_dict`` of ``model`` with ``names`` fake-quantized) in place to the plain keys:
-    ``<name>.parametrizations.<attr>.original`` -> ``<name>.<attr>``; the scales are removed from it and returned
-    by plain key."""
+    ``<name>.parametrizations.<attr>.original`` -> ``<name>.<attr>``; the quantizers' own entries (the log gains)
+    are removed (the callback's state carries them with the base scales)."""
     modules = dict(model.named_modules())
-    scales = {}
     for name in names:
         attr = weight_name(modules[name])
         prefix = f"{name}.parametrizations.{attr}" if name else f"parametrizations.{attr}"
@@ -120,7 +123,4 @@ def plain_keys(state: dict[str, Any], model: nn.Module, names: list[str]) -> dic
         if f"{prefix}.original" in state:
             state[key] = state.pop(f"{prefix}.original")
         for extra in [k for k in state if k.startswith(f"{prefix}.")]:
-            value = state.pop(extra)
-            if extra.endswith(".scale"):
-                scales[key] = value.detach().cpu().clone()
-    return scales
+            del state[extra]

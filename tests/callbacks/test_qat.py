@@ -102,7 +102,7 @@ class _ValidationSpy(Callback):
         self.groups.append(len(trainer.optimizers[0].param_groups))
         qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
         if qat.active:
-            self.scales.append(qat.quantizers["net.1"].scale.detach().clone())
+            self.scales.append(qat.quantizers["net.1"].effective_scale().detach().clone())
 
 
 def test_codes_at_the_end_equal_the_export_bit_for_bit_and_the_validated_model() -> None:
@@ -194,7 +194,7 @@ def test_resume_from_a_mid_qat_checkpoint_gives_the_same_codes(tmp_path) -> None
     assert not any("parametrizations" in key for key in checkpoint["state_dict"])
     assert len(checkpoint["optimizer_states"][0]["param_groups"]) == 1
     state = next(v for k, v in checkpoint["callbacks"].items() if "QuantizationAwareTraining" in k)
-    assert state["active"] and set(state["scales"]) == {"net.1.weight", "net.3.weight"}
+    assert state["active"] and set(state["scales"]) == set(state["log_gains"]) == {"net.1.weight", "net.3.weight"}
     assert len(state["optimizer"]["state"]) == 2  # the scales' Adam moments
     resumed, resumed_model = _resume_fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
     assert resumed.result.metric_before == full.result.metric_before  # the float reference travels too
@@ -204,6 +204,40 @@ def test_resume_from_a_mid_qat_checkpoint_gives_the_same_codes(tmp_path) -> None
         assert torch.equal(layer.qtensor.scale, other.scale), name
     for key, value in full_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key
+
+
+def test_a_checkpoint_with_linear_scales_resumes_them_exactly_and_restarts_their_moments(tmp_path) -> None:
+    """A mid-QAT checkpoint written before the scales were learned in log space holds the scales themselves under
+    "scales" and no "log_gains": they resume as base scales with gain 0 (the same scales, so the same forward), the
+    optimizer moments of a linear scale are dropped with a warning."""
+    _resume_fit(tmp_path / "part", stop_after=2)
+    checkpoint = torch.load(tmp_path / "part" / "last.ckpt", weights_only=False)
+    key = next(k for k in checkpoint["callbacks"] if "QuantizationAwareTraining" in k)
+    state = checkpoint["callbacks"][key]
+    bases, gains = state["scales"], state.pop("log_gains")
+    qmax = 3  # int3; the scales the interrupted fit had, s0 * exp(gain / (qmax * s0)), as a linear checkpoint
+    state["scales"] = {k: bases[k] * torch.exp(gains[k] / (qmax * bases[k])) for k in bases}
+    assert any(not torch.equal(state["scales"][k], bases[k]) for k in bases)  # the gains had trained
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+
+    class _ScalesAtResume(Callback):
+        def __init__(self) -> None:
+            self.first: dict[str, torch.Tensor] | None = None
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+            qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+            if self.first is None and qat.active:
+                self.first = {qat._keys[n]: q.effective_scale().detach().clone() for n, q in qat.quantizers.items()}
+
+    spy = _ScalesAtResume()
+    resumed = QuantizationAwareTraining(bits=3, start=1)
+    with pytest.warns(UserWarning, match="linear weight scales"):
+        _fit([resumed, spy], max_epochs=4, ckpt_path=str(old))
+    assert spy.first is not None and set(spy.first) == set(state["scales"])
+    for k, value in state["scales"].items():
+        assert torch.equal(spy.first[k], value.clamp(min=torch.finfo(torch.float32).tiny)), k
+    assert resumed.result is not None and set(resumed.result.layers) == {"net.1", "net.3"}
 
 
 # --------------------------------------------------------------------------- forward signatures

@@ -40,7 +40,7 @@ class _QATSpy(Callback):
         if not qat.active:
             return
         self.steps += 1
-        self.shapes.add(tuple(qat.quantizers["net.1"].scale.shape))
+        self.shapes.add(tuple(qat.quantizers["net.1"].log_gain.shape))
         model_params = {id(p) for p in pl_module.parameters()}
         self.stale += sum(id(p) not in model_params for g in trainer.optimizers[0].param_groups for p in g["params"])
         latent = pl_module.net[1].parametrizations.weight.original.detach().clone()
@@ -96,8 +96,9 @@ def test_load_compressed_and_test_with_the_compressed_checkpoint(compacted_fit) 
 
 
 def test_compaction_at_the_start_of_qat_costs_no_accuracy(compacted_fit) -> None:
-    """The same fit with compact=False (the pruned units kept as zeros): the compacted model delivers the same
-    test accuracy within a point and a half (the resized parameters' Adam moments restart at compaction)."""
+    """The same fit with compact=False (the pruned units kept as zeros): the compacted model delivers no less
+    than a point and a half under its test accuracy (the resized parameters' Adam moments restart at compaction,
+    so the two runs differ; a compacted run ahead of the masked one costs nothing)."""
     trainer, _, _, _ = compacted_fit
     pl.seed_everything(3)
     pruning = GradientStabilityPruning(sparsity=0.5, structured=True, schedule="one_shot", start_step=10,
@@ -106,4 +107,4 @@ def test_compaction_at_the_start_of_qat_costs_no_accuracy(compacted_fit) -> None
     plain.fit(_mlp(), DigitsDataModule(batch_size=64))
     compacted, masked = report_of(trainer).delivered_test_metric, report_of(plain).delivered_test_metric
     assert compacted is not None and masked is not None
-    assert abs(compacted - masked) < 0.015
+    assert compacted > masked - 0.015

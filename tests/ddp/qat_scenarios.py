@@ -38,16 +38,16 @@ class QATProbe(Callback):
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.qat.active:
-            self.grads = digest([q.scale.grad for q in self.qat.quantizers.values()])
+            self.grads = digest([q.log_gain.grad for q in self.qat.quantizers.values()])
             wrapper = trainer.strategy.model
             if isinstance(wrapper, DistributedDataParallel):
                 params = {id(p) for p in wrapper.parameters()}
-                self.wrapped_scales = all(id(q.scale) in params for q in self.qat.quantizers.values())
+                self.wrapped_scales = all(id(q.log_gain) in params for q in self.qat.quantizers.values())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         entry: dict[str, Any] = {"epoch": trainer.current_epoch, "active": self.qat.active, "grads": self.grads}
         if self.qat.active:
-            entry["scales"] = digest({n: q.scale for n, q in self.qat.quantizers.items()})
+            entry["scales"] = digest({n: q.effective_scale() for n, q in self.qat.quantizers.items()})
         entry["weights"] = digest({k: v for k, v in pl_module.state_dict().items() if "scale" not in k})
         self.epochs.append(entry)
 

@@ -97,16 +97,19 @@ def test_masks_keep_pruned_weights_zero_through_training() -> None:
 
 def test_plain_keys_load_into_a_plain_model_and_resume_the_scales() -> None:
     model = _model()
-    prepare(model, _plan(model))
+    quantizers = prepare(model, _plan(model))
     _train(model)
+    assert all(bool(q.log_gain.any()) for q in quantizers.values())  # the scales trained
     x = torch.randn(2, 1, 8, 8)
     out = model(x).detach()
     state = model.state_dict()
-    scales = plain_keys(state, model, ["0", "3", "5"])
-    assert set(scales) == {"0.weight", "3.weight", "5.weight"}
+    plain_keys(state, model, ["0", "3", "5"])
+    assert not any("parametrizations" in key for key in state)
+    scales = {f"{n}.weight": q.base_scale for n, q in quantizers.items()}
+    gains = {f"{n}.weight": q.log_gain.detach() for n, q in quantizers.items()}
     fresh = _model()
     fresh.load_state_dict(state, strict=True)
-    prepare(fresh, _plan(fresh), scales=scales)
+    prepare(fresh, _plan(fresh), scales=scales, gains=gains)
     assert torch.equal(fresh(x), out)
 
 
@@ -114,6 +117,10 @@ def test_prepare_refuses_a_scale_of_another_shape_and_a_parametrized_weight_befo
     model = _model()
     with pytest.raises(ValueError, match=r"scale for '3.weight' is shaped \(8, 2\), the layer needs \(8, 1\)"):
         prepare(model, _plan(model), scales={"3.weight": torch.ones(8, 2)})
+    with pytest.raises(ValueError, match=r"log gain for '3.weight' is shaped \(1, 1\), the layer needs \(8, 1\)"):
+        prepare(model, _plan(model), scales={"3.weight": torch.ones(8, 1)}, gains={"3.weight": torch.ones(1, 1)})
+    with pytest.raises(ValueError, match=r"log gain for '3.weight' without its base scale"):
+        prepare(model, _plan(model), gains={"3.weight": torch.ones(8, 1)})
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     plan = _plan(model)
     prepare(model, plan)
