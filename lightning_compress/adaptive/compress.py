@@ -14,6 +14,8 @@ chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. 
    take it), the file and the MACs are measured, and ``metric_fn`` decides (:mod:`.session`). A model over budget
    or outside the bound is never returned: :class:`~.session.BudgetError` gives the smallest budget that met the
    bound as measured, and the model gets its float weights back (also if anything else raises).
+5. ``method="gptq"``: the verified plan's widths applied with GPTQ on the calibration batches, kept only where
+   measured no worse than round to nearest and within the caps (:mod:`.gptq_plan`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, layer_can
 from lightning_compress.adaptive.caps import budget_caps
 from lightning_compress.adaptive.costs import aliases
 from lightning_compress.adaptive.fisher import diagonal_fisher
+from lightning_compress.adaptive.gptq_plan import METHODS, apply_gptq
 from lightning_compress.adaptive.latency_budget import latency_result
 from lightning_compress.adaptive.plan import Problem, rows
 from lightning_compress.adaptive.scales import measured_scales
@@ -72,6 +75,7 @@ class CompressionResult:
     steps: list[str] = field(default_factory=list)
     budget_latency: float | None = None  # a latency budget: the fraction of the dense model's ORT latency allowed
     latency: float | None = None  # measured: the delivered model's ORT latency / the dense model's
+    method: str = "rtn"  # how the delivered codes were made: "rtn", or "gptq" where that measured no worse
 
 
 def _check(budget: Any, forward: Any, loss_fn: Any, metric_fn: Any, max_metric_drop: Any, higher_is_better: Any,
@@ -107,6 +111,7 @@ def compress(
     corrections: int = CORRECTIONS,
     scale: str = "fisher",
     search: str = "joint",
+    method: str = "rtn",
 ) -> CompressionResult:
     """Compress ``model`` in place to fit ``budget`` with the smallest predicted loss increase.
 
@@ -125,6 +130,9 @@ def compress(
             under a size budget alone too (priced in the sparse layout's bytes); ``"bits"``: widths and granularity
             only, sparsity 0 (what ModelOpt's ``auto_quantize`` searches); ``"sparsity"``: sparsity and granularity
             only, every layer at :data:`SPARSITY_ONLY_BITS` (the baselines the joint search is measured against).
+        method: ``"rtn"``: the plan as scored (round to nearest with ``calibration``'s clipping); ``"gptq"``: the
+            verified plan's widths then applied with GPTQ on ``calibration_data``, kept where measured no worse
+            (``metric_fn``, else the KL to the float outputs) and within the caps (:mod:`.gptq_plan`).
 
     Raises:
         ValueError: a budget below its floor (before any work); :class:`~.session.BudgetError` when the budget and
@@ -134,6 +142,10 @@ def compress(
            calibration_batches, corrections)
     check_choice("scale", scale, SCALES)
     check_choice("search", search, SEARCHES)
+    check_choice("method", method, METHODS)
+    if method == "gptq" and budget.latency is not None:
+        raise ValueError(f"`method`={method!r} applies a size / MACs plan's widths; a latency budget "
+                         f"(latency={budget.latency!r}) removes whole units and quantizes nothing; allowed: 'rtn'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     layers, _ = select_layers(model, QUANT_MODULE_TYPES)
@@ -174,6 +186,9 @@ def compress(
         delivered = session.verified(problem, header, corrections)
         if delivered is None:
             _refuse(session, problem, header, budget)
+        used = "rtn"
+        if method == "gptq":
+            delivered, used = apply_gptq(session, problem, delivered, batches, run)
     except BaseException:
         with torch.no_grad():
             for name, weight in weights.items():
@@ -183,7 +198,8 @@ def compress(
             attach(model, earlier_codes, earlier.source)
         raise
     return CompressionResult(model, rows(delivered.plan, problem, session.measured), size_cap, delivered.file_bytes,
-                             macs_cap, delivered.macs, before, delivered.metric, session.evaluations, session.steps)
+                             macs_cap, delivered.macs, before, delivered.metric, session.evaluations, session.steps,
+                             method=used)
 
 
 def _refuse(session: Session, problem: Problem, header: int, budget: Budget) -> NoReturn:
