@@ -7,8 +7,10 @@
   again from the gradient statistics (:class:`~lightning_compress.adaptive.in_fit.BudgetRun`).
 - At the end: the masks reached are frozen, and :func:`~lightning_compress.adaptive.compress.compress` plans widths
   and granularity with each layer's sparsity fixed (``search="bits"``), quantizes (round to nearest with the
-  calibration's clipping search; GPTQ is not a candidate of ``compress()``), verifies the bound with the real
-  metric on the validation data, and the export (the codes the model carries) is written and measured on disk.
+  calibration's clipping search), verifies the bound with the real metric on the validation data, then, with
+  ``method="gptq"`` (the default), applies the chosen widths with GPTQ on the training batches and keeps it only
+  where measured no worse (:mod:`~lightning_compress.adaptive.gptq_plan`); the export (the codes the model carries)
+  is written and measured on disk.
   A budget and a bound that cannot both hold end the fit with :class:`~lightning_compress.adaptive.session.
   BudgetError` (the smallest budget that met the bound, as measured) and a FAILED report; the model keeps its
   float (pruned) weights.
@@ -29,6 +31,7 @@ from typing_extensions import override
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps, budget_caps
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
+from lightning_compress.adaptive.gptq_plan import METHODS
 from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
 from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, finish_latency, latency_setup
 from lightning_compress.adaptive.session import BudgetError
@@ -37,7 +40,7 @@ from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.quantization import _calibration_forward
 from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
 from lightning_compress.core.io import check_export_path
-from lightning_compress.core.validation import check_number
+from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration import _compat, evaluation
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode
 from lightning_compress.pruning.config import PruningConfig
@@ -73,7 +76,10 @@ class AdaptiveCompression(GradientStabilityPruning):
             (the float model at the end of the fit when nothing was pruned); None: no bound.
         export_path: ``*.safetensors`` for the delivered model (relative: in the run's log directory).
         calibration: the clipping search of each candidate's scales; ``calibration_batches``: training batches for
-            the end-of-fit Fisher and MACs; ``corrections``: re-solves after a failed bound.
+            the end-of-fit Fisher, MACs and GPTQ; ``corrections``: re-solves after a failed bound.
+        method: ``"gptq"``: the end-of-fit plan's widths applied with GPTQ on the training batches, kept where
+            measured no worse than round to nearest (the metric, else the KL to the float outputs); ``"rtn"``:
+            round to nearest only (faster).
         schedule, schedule_unit, start_step, end_step, frequency: when the pruning events happen (as
             ``GradientStabilityPruning``); module_types / include / exclude: the layers pruned (all Linear /
             Conv / Embedding weights are quantized); metric / metric_kwargs / on_violation / patience /
@@ -90,6 +96,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         calibration: Literal["mse", "minmax", "percentile"] = "mse",
         calibration_batches: int = FISHER_BATCHES,
         corrections: int = CORRECTIONS,
+        method: Literal["gptq", "rtn"] = "gptq",
         schedule: Literal["polynomial", "constant", "one_shot"] = "polynomial",
         schedule_unit: Literal["step", "epoch"] = "step",
         start_step: int | None = None,
@@ -111,6 +118,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
         check_number("calibration_batches", calibration_batches, low=1, integer=True)
         check_number("corrections", corrections, low=0, high=10, integer=True)
+        check_choice("method", method, METHODS)
         if calibration not in ("mse", "minmax", "percentile"):
             raise ValueError(f"`calibration` must be one of ['mse', 'minmax', 'percentile'], got {calibration!r}")
         super().__init__(
@@ -123,7 +131,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             patience=patience, gate_batches=gate_batches, verbose=verbose,
         )
         self.export_path, self.calibration = export_path, calibration
-        self.calibration_batches, self.corrections = calibration_batches, corrections
+        self.calibration_batches, self.corrections, self.method = calibration_batches, corrections, method
         self.caps: Caps | None = None
         self._latency_shape: tuple[int, ...] = ()  # a latency budget's input shape, set in setup
         self.result: CompressionResult | None = None
@@ -143,7 +151,8 @@ class AdaptiveCompression(GradientStabilityPruning):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "budget": {k: getattr(self.budget, k) for k in ("size", "macs", "latency")},
                 "export_path": self.export_path, "calibration": self.calibration,
-                "calibration_batches": self.calibration_batches, "corrections": self.corrections}
+                "calibration_batches": self.calibration_batches, "corrections": self.corrections,
+                "method": self.method}
 
     # ------------------------------------------------------------------ setup
     @override
@@ -232,7 +241,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             return compress(pl_module, self.budget, batches, forward=_calibration_forward, metric_fn=metric_fn,
                             max_metric_drop=allowed, higher_is_better=self.metric_spec.higher_is_better,
                             calibration=self.calibration, calibration_batches=len(batches) or 1,
-                            corrections=self.corrections, search="bits")
+                            corrections=self.corrections, search="bits", method=self.method if batches else "rtn")
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
         """Rank zero writes the model's codes; the file on disk is what the budget counts."""
@@ -271,7 +280,8 @@ class AdaptiveCompression(GradientStabilityPruning):
                              "macs_per_example": result.budget_macs},
                      delivered={"file_bytes": result.file_bytes, "macs_per_example": result.macs},
                      plan=result.plan, verification_steps=list(result.steps), evaluations=result.evaluations,
-                     quantization="round to nearest with the calibration's clipping search (compress() has no GPTQ)")
+                     quantization="GPTQ at the widths planned" if result.method == "gptq" else
+                     "round to nearest with the calibration's clipping search")
         self.report.metric_before = result.metric_before
         drop = self.gate.drop(result.metric_before, result.metric_after)
         note = (f"budget {self.budget.size!r} / {self.budget.macs!r} MACs = {result.budget_bytes} B / "
