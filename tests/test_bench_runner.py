@@ -90,7 +90,8 @@ def test_tables_hold_the_given_numbers() -> None:
     assert "Fake CPU 9000, 2 cores (CPU capability AVX2), torch 2.13.0, lightning 2.6.6, 2026-01-02" in text
     assert "All figures come from one run of `make bench`" in text
     assert row(text, "statistics update, SmallCNN")[1:] == ["0.123 ms", "Adam step 0.500 ms", "0.25×", "≤ 0.3×", "PASS"]
-    assert row(text, "`Trainer.fit`, callback, evaluate=False")[1:4] == ["10.50 s", "no callback 10.00 s", "+5.0 %"]
+    assert row(text, "`Trainer.fit`, callback, evaluate=False")[1:4] == ["10.50 s wall", "no callback 10.00 s",
+                                                                              "+5.0 % CPU"]
     assert row(text, "test accuracy at 95 %")[1:4] == ["96.90 ± 0.14 %", "dense 97.20 ± 0.28 %", "-0.30 pt"]
     assert row(text, "test accuracy at 99 %")[1:4] == ["95.20 ± 0.28 %", "ModelPruning 91.20 ± 0.28 %", "+4.00 pt"]
     assert row(text, "latency, batch 64")[1:4] == ["4.500 ms", "dense 9.000 ms", "2.00× faster"]
