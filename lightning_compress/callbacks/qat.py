@@ -133,9 +133,6 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if self.activations is not None and trainer.world_size > 1:  # the ranges are no parameters DDP all-reduces
-            raise ValueError(f"QuantizationAwareTraining(activations={self.activations!r}) runs on one process for "
-                             f"now, got world_size={trainer.world_size}; allowed: activations=None under DDP")
         for peer in compression_callbacks(trainer):
             if isinstance(peer, PostTrainingQuantization) and peer is not self:
                 raise ValueError("QuantizationAwareTraining and another quantization callback "
@@ -232,6 +229,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         if not self.active or self._group is None:
             return
         plain_keys(checkpoint["state_dict"], pl_module, list(self.quantizers))
+        act.strip_keys(checkpoint["state_dict"])
         optimizer = trainer.optimizers[0]
         index = next(i for i, g in enumerate(optimizer.param_groups) if g is self._group)
         states = checkpoint.get("optimizer_states") or []

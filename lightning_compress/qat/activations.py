@@ -8,8 +8,13 @@ point)`` per tensor. :class:`InputFakeQuantizer` computes exactly what ONNX Runt
     x_hat = (clamp(round(x / s) + z, 0, 255) - z) * s        # round half to even, as ORT
 
 - **how it is attached**: a forward *pre-hook* on the layer module (:func:`attach`), never a wrapper of the
-  model's forward, so a forward taking args, kwargs or dicts is untouched; the quantizer is not a submodule, so the
-  model's ``state_dict`` keys do not change. :func:`detach` removes the hooks and returns the ranges.
+  model's forward, so a forward taking args, kwargs or dicts is untouched. A learning quantizer is also a submodule
+  of its layer (:data:`SUBMODULE`) while QAT runs, so that its step is a parameter of the model: DDP, wrapped again
+  when QAT starts, all-reduces its gradient like the weights'; its ``state_dict`` entries are not the model's own
+  (:func:`strip_keys` takes them out of a checkpoint, whose callback state carries the steps). :func:`detach`
+  removes hooks and submodules and returns the ranges.
+- **under DDP**: the first-batch range is the min / max over every rank's first batch (all-reduced), so every rank
+  starts from the same step; from then on the all-reduced gradients keep them equal.
 - **initial range**: min / max of the first batch the layer sees once attached, turned into ``(s, z)`` by the
   export's own :func:`~lightning_compress.serving._graph.uint8_qparams`: at its first step the model computes what
   a static export calibrated on that batch would. (An EMA of min / max was not chosen: it keeps moving the range
@@ -36,6 +41,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_compress.core.io import UntrustedFileError
@@ -43,6 +49,7 @@ from lightning_compress.qat.fake_quant import _RoundSTE, _ScaleGrad
 from lightning_compress.serving._graph import uint8_qparams
 
 QMIN, QMAX = 0, 255  # uint8, what ORT's static kernels read
+SUBMODULE = "qat_input_quantizer"  # a learning quantizer's name under its layer while QAT runs
 Range = tuple[float, int]  # (scale, zero point) of one layer's input
 
 
@@ -80,7 +87,10 @@ class InputFakeQuantizer(nn.Module):
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
-        scale, zero_point = uint8_qparams(float(x.min()), float(x.max()))
+        bounds = torch.stack([-x.min(), x.max()])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # every rank calls it here
+            dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        scale, zero_point = uint8_qparams(float(-bounds[0]), float(bounds[1]))
         self.log_scale.fill_(math.log(scale))
         self.zero_point, self.initialized = zero_point, True
 
@@ -131,6 +141,8 @@ def attach(
         key = keys[name]
         quantizer = InputFakeQuantizer(given.get(key), learn=learn, state=resumed.get(key)).to(_device(module))
         module.register_forward_pre_hook(quantizer)
+        if learn:  # its step a parameter of the model (DDP)
+            module.add_module(SUBMODULE, quantizer)
         quantizers[name] = quantizer
     return quantizers
 
@@ -140,13 +152,23 @@ def detach(
 ) -> dict[str, Range]:
     """Remove the hooks from ``model``'s layers; the ranges by weight key (a quantizer never run, so never
     initialised, has none). The hooks are found by identity in each layer's pre-hooks (no handle is kept: a
-    ``deepcopy`` of the model copies its hooks, and a copied handle would point at the original's)."""
+    ``deepcopy`` of the model copies its hooks, and a copied handle would point at the original's); the
+    submodules :func:`attach` added go too."""
     modules = dict(model.named_modules())
     for name, quantizer in quantizers.items():
         hooks = modules[name]._forward_pre_hooks
         for hook_id in [i for i, hook in hooks.items() if hook is quantizer]:
             del hooks[hook_id]
+        if modules[name]._modules.get(SUBMODULE) is quantizer:
+            del modules[name]._modules[SUBMODULE]
     return ranges(quantizers, keys)
+
+
+def strip_keys(state: dict[str, Any]) -> None:
+    """Remove, in place, the entries of the quantizers :func:`attach` made submodules from a model's
+    ``state_dict``: a checkpoint keeps the model's own keys."""
+    for key in [k for k in state if f"{SUBMODULE}." in k and (k.startswith(SUBMODULE) or f".{SUBMODULE}." in k)]:
+        del state[key]
 
 
 def ranges(quantizers: Mapping[str, InputFakeQuantizer], keys: Mapping[str, str]) -> dict[str, Range]:

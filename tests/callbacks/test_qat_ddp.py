@@ -33,6 +33,14 @@ def compact_run(codes_run) -> tuple[dict[str, Any], dict[str, Any]]:
     return _ranks(Path(codes_run[0]["export"]).parents[2], "compact")
 
 
+@pytest.fixture(scope="module")
+def activations_run(tmp_path_factory, monkeypatch_module) -> tuple[dict[str, Any], dict[str, Any]]:
+    out = tmp_path_factory.mktemp("qat-ddp-activations")
+    monkeypatch_module.setattr("tests.callbacks.test_ddp.HELPERS", Path(qat_scenarios.__file__).resolve())
+    _run_script("activations", out)
+    return _ranks(out, "activations")
+
+
 def _ranks(out: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
     first, second = (json.loads((out / f"{tag}.rank{r}.json").read_text()) for r in (0, 1))
     return first, second
@@ -83,3 +91,20 @@ def _assert_exported(record: dict[str, Any], bits: int) -> None:
             codes = unpack(handle.get_tensor(f"{key}:qdata"), bits, q.numel(), signed=True)
             assert torch.equal(codes.reshape(-1), q), key
             assert torch.equal(handle.get_tensor(f"{key}:scale").flatten(), torch.tensor(layer["scale"])), key
+
+
+def test_activation_ranges_are_trained_identically_on_both_ranks(activations_run) -> None:
+    """activations="int8" under DDP: the input steps are parameters of the re-wrapped module (their gradients
+    all-reduced), initialised from the min / max over both ranks' first batches: the same ranges every epoch and
+    at the end, and the same codes."""
+    first, second = activations_run
+    assert first["world_size"] == second["world_size"] == 2 and first["strategy"] == "DDPStrategy"
+    assert first["wrapped_scales"] and second["wrapped_scales"]  # weight scales and input steps inside DDP
+    assert [e["active"] for e in first["epochs"]] == [False, True, True]
+    assert first["epochs"] == second["epochs"]
+    assert set(first["epochs"][1]["ranges"]) == {"net.1", "net.3", "net.5"}
+    assert first["epochs"][1]["ranges"] != first["epochs"][2]["ranges"]  # the steps trained
+    assert first["ranges"] == second["ranges"] and set(first["ranges"]) == {"net.1.weight", "net.3.weight",
+                                                                             "net.5.weight"}
+    assert first["layers"] == second["layers"]
+    _assert_exported(first, bits=4)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress import GradientStabilityPruning, QuantizationAwareTraining
 from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.quantization.carried import carried
 from tests.ddp.probes import ARTIFACTS, digest
 from tests.ddp.scenarios import model, trainer
 
@@ -42,22 +43,27 @@ class QATProbe(Callback):
             wrapper = trainer.strategy.model
             if isinstance(wrapper, DistributedDataParallel):
                 params = {id(p) for p in wrapper.parameters()}
-                self.wrapped_scales = all(id(q.log_gain) in params for q in self.qat.quantizers.values())
+                self.wrapped_scales = all(id(q.log_gain) in params for q in self.qat.quantizers.values()) and all(
+                    id(q.log_scale) in params for q in self.qat.input_quantizers.values())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         entry: dict[str, Any] = {"epoch": trainer.current_epoch, "active": self.qat.active, "grads": self.grads}
         if self.qat.active:
             entry["scales"] = digest({n: q.effective_scale() for n, q in self.qat.quantizers.items()})
+            entry["ranges"] = {n: list(q.state()) for n, q in self.qat.input_quantizers.items()}
         entry["weights"] = digest({k: v for k, v in pl_module.state_dict().items() if "scale" not in k})
         self.epochs.append(entry)
 
 
-def _qat_fit(strategy: str, out_dir: str, tag: str, bits: int, pruning: GradientStabilityPruning | None) -> None:
-    """QAT from epoch 1 of 3 with an export (after ``pruning``, if given): codes, scales, latent weights, shapes."""
+def _qat_fit(strategy: str, out_dir: str, tag: str, bits: int, pruning: GradientStabilityPruning | None,
+             activations: str | None = None) -> None:
+    """QAT from epoch 1 of 3 with an export (after ``pruning``, if given): codes, scales, latent weights, shapes
+    (and the trained activation ranges with ``activations``)."""
     pl.seed_everything(3)
     artifacts = Path(out_dir) / ARTIFACTS / tag
     artifacts.mkdir(parents=True, exist_ok=True)
-    qat = QuantizationAwareTraining(bits=bits, start=1, export_path=str(artifacts / "model.safetensors"))
+    qat = QuantizationAwareTraining(bits=bits, start=1, export_path=str(artifacts / "model.safetensors"),
+                                    activations=activations)  # type: ignore[arg-type]
     probe = QATProbe(qat)
     fit = trainer(strategy, [qat, probe] + ([pruning] if pruning else []), artifacts, max_epochs=3)
     module = model()
@@ -70,6 +76,7 @@ def _qat_fit(strategy: str, out_dir: str, tag: str, bits: int, pruning: Gradient
         "layers": {layer.key: {"q": layer.qtensor.q.flatten().tolist(), "scale": layer.qtensor.scale.flatten().tolist(),
                                "method": layer.method} for layer in qat.result.layers.values()},
         "export": str(artifacts / "model.safetensors"),
+        "ranges": {k: list(v) for k, v in sorted((carried(module).activations if carried(module) else {}).items())},
     }
     (Path(out_dir) / f"{tag}.rank{fit.global_rank}.json").write_text(json.dumps(record))
 
@@ -82,7 +89,12 @@ def scenario_codes(strategy: str, out_dir: str) -> None:
     _qat_fit(strategy, out_dir, "compact", 4, pruning)
 
 
-SCENARIOS = {"codes": scenario_codes}
+def scenario_activations(strategy: str, out_dir: str) -> None:
+    """int4 weights and int8 activation ranges learned under DDP."""
+    _qat_fit(strategy, out_dir, "activations", 4, None, activations="int8")
+
+
+SCENARIOS = {"codes": scenario_codes, "activations": scenario_activations}
 
 
 if __name__ == "__main__":  # strategy="ddp": Lightning runs this command again for rank 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.qat.activations import InputFakeQuantizer, attach, detach, ranges
+from lightning_compress.qat.activations import InputFakeQuantizer, attach, detach, ranges, strip_keys
 from lightning_compress.serving._graph import uint8_qparams
 
 
@@ -111,10 +111,15 @@ def test_pre_hooks_quantize_the_layer_inputs_and_leave_the_forward_signature_alo
     with torch.no_grad():
         expected = nn.functional.linear(_reference(hidden, 0.01, 0), model.b.weight, model.b.bias)
     assert torch.equal(out.detach(), expected)
-    assert list(model.state_dict()) == state_keys  # the quantizers are not submodules
+    state = model.state_dict()  # learning quantizers are submodules while attached (their steps: DDP parameters)
+    assert set(state) - set(state_keys) == {"a.qat_input_quantizer.log_scale", "b.qat_input_quantizer.log_scale"}
+    assert {id(p) for p in model.parameters()} >= {id(q.log_scale) for q in quantizers.values()}
+    strip_keys(state)
+    assert list(state) == state_keys  # what a checkpoint keeps: the model's own keys
     copied = copy.deepcopy(model)  # a copy quantizes too
     assert torch.equal(copied(x, shift=shift, extra={"gain": gain}), out)
     assert ranges(quantizers, keys) == {"a.weight": (pytest.approx(0.05), 120), "b.weight": (pytest.approx(0.01), 0)}
     assert detach(model, quantizers, keys) == ranges(quantizers, keys)
     assert torch.equal(model(x, shift=shift, extra={"gain": gain}), float_out)  # back to float
+    assert list(model.state_dict()) == state_keys
     assert torch.equal(copied(x, shift=shift, extra={"gain": gain}), out)  # the copy keeps its own hooks
