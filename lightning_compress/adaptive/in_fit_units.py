@@ -188,9 +188,9 @@ class LatencyRun(PruningRun):
         self.progress = float(state.get("progress", 0.0))
 
 
-def verify(planner: LatencyPlanner, model: nn.Module) -> float:
-    """``model`` (compacted) timed against the dense graph kept at the start, in turns: the measured fraction.
-    Raises :class:`LatencyBudgetError` when it is over the budget."""
+def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], float] = lambda r: r) -> float:
+    """``model`` (compacted) timed against the dense graph kept at the start, in turns: the measured fraction
+    (``agree``: every rank takes rank zero's). Raises :class:`LatencyBudgetError` when it is over the budget."""
     if planner.dense_graph is None:
         raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: no pruning event ran in this fit (the "
                                  "schedule's events fall after its last step?), so nothing was removed; allowed: a "
@@ -198,7 +198,7 @@ def verify(planner: LatencyPlanner, model: nn.Module) -> float:
     shapes = {"dense": planner.shape, "model": planner.shape}
     seconds = measure({"dense": planner.dense_graph, "model": float_graph(model, planner.shape)}, shapes,
                       planner.threads)
-    ratio = seconds["model"] / seconds["dense"]
+    ratio = float(agree(seconds["model"] / seconds["dense"]))
     planner.steps.append(f"delivered (compacted) measured {ratio:.3f}x of dense "
                          f"({seconds['model'] * 1e3:.3g} vs {seconds['dense'] * 1e3:.3g} ms per run)")
     if ratio > planner.latency:
@@ -234,7 +234,7 @@ def finish_latency(callback: Any, trainer: Any, model: nn.Module) -> None:
 
     run = callback.run
     planner = run.planner
-    ratio = float(run.broadcast(verify(planner, model)))
+    ratio = verify(planner, model, run.broadcast)
     entry = callback.report.gate.setdefault(callback.report_name, {})
     entry.update(budget={"latency": planner.latency, "latency_input": list(planner.shape),
                          "threads": planner.threads},

@@ -5,6 +5,7 @@ independent ONNX Runtime timing, the accuracy on the test split (which the fit n
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -98,3 +99,38 @@ def test_an_impossible_latency_ends_the_fit_with_the_measured_fraction(tmp_path:
         _fit(callback, tmp_path, epochs=2)
     assert info.value.smallest_latency is not None and info.value.smallest_latency > 0.02
     assert not list(tmp_path.rglob("never.safetensors"))  # nothing over the budget was written
+
+
+class _Record(pl.Callback):
+    """Writes this rank's plan, compacted widths and weights (module level: ddp_spawn pickles the trainer)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callback = next(c for c in trainer.callbacks if isinstance(c, AdaptiveCompression))
+        record = {"kept": callback.run.kept_plan, "replans": callback.run.replans,
+                  "widths": [m.out_channels for m in pl_module.modules() if isinstance(m, torch.nn.Conv2d)],
+                  "latency": callback.report.gate["adaptive"]["delivered"]["latency"],
+                  "weights": float(sum(p.double().sum() for p in pl_module.parameters()))}
+        (Path(self.folder) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, sort_keys=True))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_take_identical_latency_plans(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    callback = AdaptiveCompression(budget=Budget(latency=LATENCY, latency_input=SHAPE), start_step=5, end_step=30,
+                                   frequency=5)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_spawn", enable_progress_bar=False,
+                         logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+                         callbacks=[callback, _Record(str(out))])
+    try:
+        trainer.fit(_model(), datamodule=DigitsDataModule(batch_size=64))
+    except RuntimeError as err:  # ddp_spawn loads the ranks' (compacted) weights into the parent's dense model
+        assert "size mismatch" in str(err)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert sum(ranks[0]["widths"]) < 32 + 64 and ranks[0]["latency"] <= LATENCY
