@@ -3,11 +3,12 @@
     python benchmarks/bench_adaptive_cost.py [--epochs 3] [--rounds 2] [--json PATH]
 
 The built-in job (SmallCNN on MNIST-5k, batch 64, one torch thread, no validation) with ``Budget(size=0.15,
-macs=0.5)``, fitted in turns: plain, with the callback planning each event on every row (``elements=None``: the
-planner before sampling) and with the default planner (large layers scored on sampled rows). Per fit: thread CPU
-seconds of the whole ``Trainer.fit``, of the planning at the events (the candidates' scores and the knapsack) and of
-the end-of-fit ``compress()``; the plan of every event, the delivered file and test accuracy, so that the two
-planners' decisions can be compared, not only their cost.
+macs=0.5)``, fitted in turns: plain; ``every_row``: the callback as it was before (each event planned on every row
+of every layer, the knapsack at ``compress()``'s 4096 buckets, round to nearest at the end); ``sampled``: the
+defaults (large layers scored on sampled rows, 1024 buckets, GPTQ at the end where measured no worse). Per fit:
+thread CPU seconds of the whole ``Trainer.fit``, of the planning at the events (the candidates' scores and the
+knapsack) and of the end-of-fit ``compress()``; the plan of every event, the delivered widths, file and test
+accuracy, so that the decisions can be compared, not only their cost.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.in_fit import SparsityPlanner
+from lightning_compress.adaptive.knapsack import BUCKETS
 from lightning_compress.callbacks.adaptive import AdaptiveCompression
 from lightning_compress.demos.models import SmallCNN
 
@@ -49,7 +51,7 @@ class Timed(AdaptiveCompression):
         planner = self.run.planner
         assert isinstance(planner, SparsityPlanner)
         if self.every_row:
-            planner.elements = None
+            planner.elements, planner.buckets = None, BUCKETS
 
         def timed(fisher: Any) -> dict[str, float]:
             clock = time.thread_time()
@@ -69,7 +71,8 @@ class Timed(AdaptiveCompression):
 def one_fit(data: PreloadedMNIST5k, epochs: int, arm: str) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     model = SmallCNN()
-    callback = None if arm == "plain" else Timed(arm == "every_row", budget=BUDGET, verbose=0)
+    callback = None if arm == "plain" else Timed(arm == "every_row", budget=BUDGET, verbose=0,
+                                                 method="rtn" if arm == "every_row" else "gptq")
     clock = time.thread_time()
     pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                default_root_dir=tempfile.mkdtemp(prefix="lc-bench-"), enable_progress_bar=False,
@@ -80,7 +83,7 @@ def one_fit(data: PreloadedMNIST5k, epochs: int, arm: str) -> dict[str, Any]:
     if callback is not None and callback.result is not None:
         out.update(plan_s=callback.plan_s, compress_s=callback.compress_s, events=len(callback.plans),
                    plans=callback.plans, file_bytes=callback.result.file_bytes, macs=callback.result.macs,
-                   widths={r["layer"]: r["label"] for r in callback.result.plan})
+                   widths={r["layer"]: r["label"] for r in callback.result.plan}, method=callback.result.method)
     return out
 
 

@@ -11,7 +11,8 @@ Lightning import.
   same reason a layer with more than :data:`PLAN_ELEMENTS` weights is scored on evenly spaced rows holding about
   that many (:func:`sampled_candidates`), its bytes, MACs and scores scaled up by the rows left out: the candidates
   (sorting by saliency, quantizing, pricing the sparse layout) were most of each event's planning cost, and the
-  sampled plan is an estimate the end of the fit does not rely on (it plans again, exactly, on every row).
+  sampled plan is an estimate the end of the fit does not rely on (it plans again, exactly, on every row). The
+  knapsack cuts the caps into :data:`PLAN_BUCKETS` units, fewer than ``compress()``'s, for the same reason.
   Sparsity is chosen where it pays in MACs or in the candidates' bytes; where it pays in neither, its predicted
   loss keeps it out of the plan.
 - :class:`BudgetRun`: a :class:`~lightning_compress.pruning.run.PruningRun` whose schedule is a ramp of progress
@@ -43,6 +44,7 @@ PLAN_WIDTHS = (2, 4, 8, FLOAT_BITS)  # the fit plans sparsity on a coarser grid 
 PLAN_ELEMENTS = 16384  # a larger layer is scored in the fit on evenly spaced rows of about this many weights: on the
 # SmallCNN / MNIST-5k job the 12 events' plans were the same as with every row (8192: one event differed)
 PLAN_MIN_ROWS = 8  # never fewer rows than this in a sample (the score is a sum over rows of unequal importance)
+PLAN_BUCKETS = 1024  # the knapsack's resolution at the events (compress() uses 4096): the same 12 plans on that job
 
 
 def statistics_fisher(stats: GradientStatistics) -> dict[str, Tensor]:
@@ -62,6 +64,7 @@ class SparsityPlanner:
     calibration: str = "minmax"  # only the sparsities are read: the widths' clipping search is left to the end
     widths: tuple[int, ...] = PLAN_WIDTHS
     elements: int | None = PLAN_ELEMENTS  # None: every layer scored on all its rows
+    buckets: int = PLAN_BUCKETS
 
     def __call__(self, fisher: Mapping[str, Tensor]) -> dict[str, float]:
         """Layer -> sparsity of the plan with the smallest predicted loss within the caps; with no plan within
@@ -78,7 +81,7 @@ class SparsityPlanner:
         size_cap, macs_cap = self.caps.size_cap, self.caps.macs_cap
         tries = [(size_cap, macs_cap)] + ([(None, macs_cap)] if macs_cap is not None else [])
         for caps in tries:
-            plan = Problem(candidates, fixed, other, *caps).choose(0)
+            plan = Problem(candidates, fixed, other, *caps, buckets=self.buckets).choose(0)
             if plan is not None:  # a candidate prunes the weights already zero first: never below what they are
                 return {name: max(candidate.sparsity, zero_fraction(weights[name])) for name, candidate in plan.items()}
         return {name: FLOOR_SPARSITY for name in self.modules}

@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, Candidate
-from lightning_compress.adaptive.knapsack import solve, solve_two
+from lightning_compress.adaptive.knapsack import BUCKETS, solve, solve_two
 
 FLOOR_BITS = min(WIDTHS)  # the narrowest width a candidate has
 FLOOR_SPARSITY = max(SPARSITIES)  # the largest sparsity a candidate has
@@ -42,6 +42,7 @@ class Problem:
     size_cap: int | None
     macs_cap: int | None
     multipliers: dict[str, float] = field(default_factory=dict)  # per layer, the correction verification learned
+    buckets: int = BUCKETS  # the knapsack's resolution of the cap (the fit's frequent sparsity plans use fewer)
 
     def score(self, candidate: Candidate) -> float:
         return candidate.score * self.multipliers.get(candidate.layer, 1.0)
@@ -58,13 +59,13 @@ class Problem:
             if room <= 0:
                 return None
             if self.macs_cap is None:
-                picks = solve(scores, sizes, room)
+                picks = solve(scores, sizes, room, self.buckets)
             else:
-                picks = solve_two(scores, sizes, room, macs, self.macs_cap - self.other_macs)
+                picks = solve_two(scores, sizes, room, macs, self.macs_cap - self.other_macs, self.buckets)
         else:
             if self.macs_cap is None or self.macs_cap - self.other_macs <= 0:
                 return None
-            picks = solve(scores, macs, self.macs_cap - self.other_macs)
+            picks = solve(scores, macs, self.macs_cap - self.other_macs, self.buckets)
         return None if picks is None else {n: opts[i] for n, opts, i in zip(names, options, picks)}
 
     def data_bytes(self, plan: Mapping[str, Candidate]) -> int:
@@ -78,7 +79,8 @@ class Problem:
         """The same problem with both caps multiplied by ``factor`` (searching for a budget that holds the bound)."""
         size = None if self.size_cap is None else math.floor(self.size_cap * factor)
         macs = None if self.macs_cap is None else math.floor(self.macs_cap * factor)
-        return Problem(self.candidates, self.fixed_bytes, self.other_macs, size, macs, dict(self.multipliers))
+        return Problem(self.candidates, self.fixed_bytes, self.other_macs, size, macs, dict(self.multipliers),
+                       self.buckets)
 
 
 def rows(plan: Mapping[str, Candidate], problem: Problem, measured: Mapping[str, float]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from lightning_compress.adaptive.in_fit import (
     shortfall,
     statistics_fisher,
 )
+from lightning_compress.adaptive.knapsack import BUCKETS
 from lightning_compress.core.gate import MetricGate
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
@@ -141,11 +142,11 @@ def test_sampled_candidates_estimate_the_full_layers_bytes_macs_and_scores() -> 
 
 
 @pytest.mark.parametrize("budget", [Budget(size=0.15, macs=0.5), Budget(size=0.1), Budget(macs=0.3)])
-def test_the_sampled_plan_is_the_plan_of_every_row(budget: Budget) -> None:
+def test_the_sampled_coarser_plan_is_the_plan_of_every_row_at_compress_resolution(budget: Budget) -> None:
     model = _wide()
     modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     caps = budget_caps(model, budget, (torch.randn(8, 256), torch.zeros(8, dtype=torch.long)), _forward)
     fisher = {"0": torch.rand(256, 256) * 1e-3, "2": torch.rand(64, 256), "4": torch.rand(10, 64) * 10}
     sampled = SparsityPlanner(model, modules, caps)(fisher)
-    assert sampled == SparsityPlanner(model, modules, caps, elements=None)(fisher)
+    assert sampled == SparsityPlanner(model, modules, caps, elements=None, buckets=BUCKETS)(fisher)  # as before
     assert sampled["0"] > 0  # the large layer the loss hardly feels is pruned: the test is not of an all-zero plan
