@@ -32,6 +32,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import compression_callbacks
@@ -42,7 +43,7 @@ from lightning_compress.integration.evaluation import DEFAULT_METRIC
 from lightning_compress.integration.rewrap import rewrap_ddp
 from lightning_compress.qat import activations as act
 from lightning_compress.qat import schedule
-from lightning_compress.qat.compaction import follow_parameters, masks_after
+from lightning_compress.qat.compaction import check_not_compacted, follow_parameters, masks_after
 from lightning_compress.qat.fake_quant import LSQFakeQuantizer
 from lightning_compress.qat.model import plain_keys, prepare, record, release
 from lightning_compress.quantization.carried import carried
@@ -118,6 +119,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self._compacted_by: GradientStabilityPruning | None = None  # the pruning that compacted when QAT started
         self._float_metric: float | None = None  # the float model's metric when QAT started: the gate's reference
         self._reference_next = False  # the next _evaluate (PTQ's "before") answers with _float_metric
+        self._resume_check: RemovableHandle | None = None  # refuses a compacted checkpoint, until the fit starts
 
     @property
     def active(self) -> bool:
@@ -140,6 +142,22 @@ class QuantizationAwareTraining(PostTrainingQuantization):
                                  "allowed: one of them")
         self.quantizers, self._group, self._codes, self._compacted_by = {}, None, {}, None
         self.input_quantizers, self._ranges = {}, {}
+        if any(isinstance(p, GradientStabilityPruning) and p.config.compact for p in compression_callbacks(trainer)):
+            def check(module: Any, state: dict[str, Any], prefix: str, *_: Any) -> None:  # before any tensor copies
+                if not prefix:
+                    check_not_compacted(state, pl_module, f"checkpoint {str(trainer.ckpt_path)!r}")
+
+            self._resume_check = pl_module.register_load_state_dict_pre_hook(check)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The checkpoint (if any) is restored by now: the check of its shapes goes."""
+        self._drop_resume_check()
+
+    def _drop_resume_check(self) -> None:
+        if self._resume_check is not None:
+            self._resume_check.remove()
+            self._resume_check = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -267,6 +285,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A fit that fails mid-QAT leaves the model plain, holding its latent float weights."""
+        self._drop_resume_check()
         if self.active:
             self._take_off(trainer, pl_module)
 

@@ -6,6 +6,10 @@ over by then), and the fake quantizers are put on the compacted layers: the code
 model's. The fit's optimizer still holds the old parameters: :func:`follow_parameters` points it at the new ones
 (their moments restart: the old ones have the old shapes); :func:`masks_after` keeps the pruning masks of the
 layers compaction left their shape (units it could not remove stay zero through QAT).
+
+A checkpoint written mid-QAT in such a fit holds the compacted shapes, its optimizer the compacted moments, while a
+resumed fit builds the model at its full widths and compacts only when QAT starts: :func:`check_not_compacted`
+refuses it (before any tensor is copied) with what to do instead. Resuming it is not supported yet.
 """
 
 from __future__ import annotations
@@ -37,3 +41,21 @@ def masks_after(masks: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tens
     """The pruning keep-masks (by ``state_dict`` key) still shaped like their weight after compaction."""
     state = model.state_dict(keep_vars=True)
     return {key: mask for key, mask in masks.items() if key in state and state[key].shape == mask.shape}
+
+
+def check_not_compacted(state: Mapping[str, Tensor], model: nn.Module, source: str) -> None:
+    """Refuse ``state`` (a checkpoint's ``state_dict``, from ``source``) when some entry is smaller than ``model``'s
+    along some axis: it was written after compaction (mid-QAT in a fit that compacted), which a model at its full
+    widths cannot resume. Other mismatches are left to ``load_state_dict``'s own error."""
+    own = model.state_dict()
+    for key, value in state.items():
+        mine = own.get(key)
+        if not isinstance(value, Tensor) or mine is None or value.dim() != mine.dim() or value.shape == mine.shape:
+            continue
+        if all(a <= b for a, b in zip(value.shape, mine.shape)):
+            raise ValueError(
+                f"cannot resume from {source}: {key!r} is {tuple(value.shape)} there, {tuple(mine.shape)} in this "
+                "model; the checkpoint was written after GradientStabilityPruning(compact=True) compacted the model "
+                "(when QuantizationAwareTraining started), and resuming a compacted fit mid-QAT is not supported. "
+                "Allowed: resume from a checkpoint written before QAT started, or start a new fit from the "
+                "compacted float weights (model.compact.safetensors, `load_compacted`)")

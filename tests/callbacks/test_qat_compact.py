@@ -8,14 +8,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
 
 from lightning_compress import GradientStabilityPruning, QuantizationAwareTraining, load_compressed
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from tests.callbacks.test_qat import assert_delivered_codes
-from tests.helpers import quiet_trainer, report_of
+from tests.helpers import StopAfterEpoch, quiet_trainer, report_of
 
 # digits: 1257 training samples, batch 64 -> 20 optimizer steps per epoch; QAT from epoch 1 (step 20)
 
@@ -108,3 +108,57 @@ def test_compaction_at_the_start_of_qat_costs_no_accuracy(compacted_fit) -> None
     compacted, masked = report_of(trainer).delivered_test_metric, report_of(plain).delivered_test_metric
     assert compacted is not None and masked is not None
     assert compacted > masked - 0.015
+
+
+class _Steps(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *_: Any) -> None:
+        self.steps += 1
+
+
+def test_a_mid_qat_checkpoint_of_a_compacted_fit_is_refused_before_any_step(tmp_path) -> None:
+    """A checkpoint written mid-QAT holds the compacted shapes (and their optimizer moments); a resumed fit builds
+    the model at its full widths. Refused while the checkpoint is restored, before any tensor is copied or any
+    step runs, naming the checkpoint, the key, both shapes and what to do; the fresh model is left untouched."""
+    def callbacks() -> list[Callback]:
+        pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
+                                           start_step=10, evaluate=False)
+        return [pruning, QuantizationAwareTraining(bits=4, start=1)]
+
+    pl.seed_everything(3)
+    first = quiet_trainer([*callbacks(), ModelCheckpoint(dirpath=tmp_path, save_last=True), StopAfterEpoch(2)],
+                          max_epochs=3, enable_checkpointing=True)
+    first.fit(_mlp(), DigitsDataModule(batch_size=64))
+    path = tmp_path / "last.ckpt"
+    saved = torch.load(path, weights_only=False)["state_dict"]["net.1.weight"]
+    assert saved.shape[0] < 32  # compacted when QAT started at epoch 1
+    fresh, steps = _mlp(), _Steps()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    resumed = quiet_trainer([*callbacks(), steps], max_epochs=3)
+    with pytest.raises(ValueError, match=r"cannot resume from checkpoint '.*last\.ckpt': 'net\.1\.bias' is "
+                                         rf"\({saved.shape[0]},\) there, \(32,\) in this model.*compact=True"
+                                         r".*Allowed: resume from a checkpoint written before QAT started"):
+        resumed.fit(fresh, DigitsDataModule(batch_size=64), ckpt_path=str(path))
+    assert steps.steps == 0
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_checkpoint_written_before_qat_started_resumes_a_compacting_fit(tmp_path) -> None:
+    """The allowed way: a checkpoint from before QAT (so before compaction) resumes; compaction and QAT follow."""
+    def callbacks() -> list[Callback]:
+        pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
+                                           start_step=10, evaluate=False)
+        return [pruning, QuantizationAwareTraining(bits=4, start=2)]
+
+    pl.seed_everything(3)
+    first = quiet_trainer([*callbacks(), ModelCheckpoint(dirpath=tmp_path, save_last=True), StopAfterEpoch(1)],
+                          max_epochs=3, enable_checkpointing=True)
+    first.fit(_mlp(), DigitsDataModule(batch_size=64))
+    model = _mlp()
+    qat = callbacks()
+    resumed = quiet_trainer(qat, max_epochs=3)
+    resumed.fit(model, DigitsDataModule(batch_size=64), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert model.net[1].out_features < 32  # compacted when QAT started
+    assert qat[1].result is not None and qat[1].result.layers["net.1"].qtensor.q.shape[0] == model.net[1].out_features

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from lightning_compress.qat.compaction import follow_parameters, masks_after
+from lightning_compress.qat.compaction import check_not_compacted, follow_parameters, masks_after
 
 
 def _stepped() -> tuple[nn.Sequential, torch.optim.Optimizer]:
@@ -36,3 +37,20 @@ def test_masks_of_resized_layers_are_dropped() -> None:
     masks = {"0.weight": torch.ones(6, 4, dtype=torch.bool), "1.weight": torch.ones(2, 3, dtype=torch.bool),
              "missing.weight": torch.ones(1, dtype=torch.bool)}
     assert set(masks_after(masks, model)) == {"1.weight"}
+
+
+@pytest.mark.parametrize(
+    ("shape", "refused"),
+    [((4, 6), True), ((8, 3), True), ((8, 6), False), ((9, 6), False), ((4, 7), False), ((48,), False)],
+)
+def test_check_not_compacted_refuses_only_a_checkpoint_smaller_than_the_model(shape, refused) -> None:
+    """Smaller along some axis and no larger along any: written after compaction, refused naming the source, the
+    key and both shapes; any other mismatch is left to load_state_dict's own error."""
+    model = nn.Linear(6, 8)
+    state = {"weight": torch.zeros(shape), "bias": torch.zeros(8)}
+    if refused:
+        with pytest.raises(ValueError, match=rf"cannot resume from ck\.pt: 'weight' is \({shape[0]}, {shape[1]}\) "
+                                             r"there, \(8, 6\) in this model"):
+            check_not_compacted(state, model, "ck.pt")
+    else:
+        check_not_compacted(state, model, "ck.pt")
