@@ -118,25 +118,31 @@ class _Steps(Callback):
         self.steps += 1
 
 
+def _prune_then_qat(start: int) -> list[Callback]:
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
+                                       start_step=10, evaluate=False)
+    return [pruning, QuantizationAwareTraining(bits=4, start=start)]
+
+
+def _checkpoint_after(root, epoch: int, start: int):
+    """``last.ckpt`` of a pruning + QAT (from ``start``) fit stopped after ``epoch``."""
+    pl.seed_everything(3)
+    first = quiet_trainer([*_prune_then_qat(start), ModelCheckpoint(dirpath=root, save_last=True),
+                           StopAfterEpoch(epoch)], max_epochs=3, enable_checkpointing=True)
+    first.fit(_mlp(), DigitsDataModule(batch_size=64))
+    return root / "last.ckpt"
+
+
 def test_a_mid_qat_checkpoint_of_a_compacted_fit_is_refused_before_any_step(tmp_path) -> None:
     """A checkpoint written mid-QAT holds the compacted shapes (and their optimizer moments); a resumed fit builds
     the model at its full widths. Refused while the checkpoint is restored, before any tensor is copied or any
     step runs, naming the checkpoint, the key, both shapes and what to do; the fresh model is left untouched."""
-    def callbacks() -> list[Callback]:
-        pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
-                                           start_step=10, evaluate=False)
-        return [pruning, QuantizationAwareTraining(bits=4, start=1)]
-
-    pl.seed_everything(3)
-    first = quiet_trainer([*callbacks(), ModelCheckpoint(dirpath=tmp_path, save_last=True), StopAfterEpoch(2)],
-                          max_epochs=3, enable_checkpointing=True)
-    first.fit(_mlp(), DigitsDataModule(batch_size=64))
-    path = tmp_path / "last.ckpt"
+    path = _checkpoint_after(tmp_path, epoch=2, start=1)
     saved = torch.load(path, weights_only=False)["state_dict"]["net.1.weight"]
     assert saved.shape[0] < 32  # compacted when QAT started at epoch 1
     fresh, steps = _mlp(), _Steps()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    resumed = quiet_trainer([*callbacks(), steps], max_epochs=3)
+    resumed = quiet_trainer([*_prune_then_qat(1), steps], max_epochs=3)
     with pytest.raises(ValueError, match=r"cannot resume from checkpoint '.*last\.ckpt': 'net\.1\.bias' is "
                                          rf"\({saved.shape[0]},\) there, \(32,\) in this model.*compact=True"
                                          r".*Allowed: resume from a checkpoint written before QAT started"):
@@ -147,18 +153,10 @@ def test_a_mid_qat_checkpoint_of_a_compacted_fit_is_refused_before_any_step(tmp_
 
 def test_a_checkpoint_written_before_qat_started_resumes_a_compacting_fit(tmp_path) -> None:
     """The allowed way: a checkpoint from before QAT (so before compaction) resumes; compaction and QAT follow."""
-    def callbacks() -> list[Callback]:
-        pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
-                                           start_step=10, evaluate=False)
-        return [pruning, QuantizationAwareTraining(bits=4, start=2)]
-
-    pl.seed_everything(3)
-    first = quiet_trainer([*callbacks(), ModelCheckpoint(dirpath=tmp_path, save_last=True), StopAfterEpoch(1)],
-                          max_epochs=3, enable_checkpointing=True)
-    first.fit(_mlp(), DigitsDataModule(batch_size=64))
-    model = _mlp()
-    qat = callbacks()
-    resumed = quiet_trainer(qat, max_epochs=3)
-    resumed.fit(model, DigitsDataModule(batch_size=64), ckpt_path=str(tmp_path / "last.ckpt"))
+    path = _checkpoint_after(tmp_path, epoch=1, start=2)
+    model, callbacks = _mlp(), _prune_then_qat(2)
+    quiet_trainer(callbacks, max_epochs=3).fit(model, DigitsDataModule(batch_size=64), ckpt_path=str(path))
+    qat = callbacks[1]
+    assert isinstance(qat, QuantizationAwareTraining) and qat.result is not None
     assert model.net[1].out_features < 32  # compacted when QAT started
-    assert qat[1].result is not None and qat[1].result.layers["net.1"].qtensor.q.shape[0] == model.net[1].out_features
+    assert qat.result.layers["net.1"].qtensor.q.shape[0] == model.net[1].out_features
