@@ -71,7 +71,9 @@ class AdaptiveCompression(GradientStabilityPruning):
 
     Args:
         budget: :class:`~lightning_compress.Budget` (``size``: bytes of the exported file, ``"25MB"`` or a fraction
-            of the fp32 model; ``macs``: a count or a fraction) or a dict of those fields.
+            of the fp32 model; ``macs``: a count or a fraction) or a dict of those fields. ``latency`` (a fraction
+            of the dense model's ONNX Runtime time): whole units are pruned during the fit, the model is compacted
+            at its end and timed (:mod:`lightning_compress.adaptive.in_fit_units`); it stays float.
         max_metric_drop: the bound on the delivered model's metric against the one before the first pruning event
             (the float model at the end of the fit when nothing was pruned); None: no bound.
         export_path: ``*.safetensors`` for the delivered model (relative: in the run's log directory).
