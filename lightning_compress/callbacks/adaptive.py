@@ -59,10 +59,10 @@ def as_budget(budget: Any) -> Budget:
     """``budget`` as a :class:`Budget`: one already, or a dict of its fields (what a YAML config gives)."""
     if isinstance(budget, Budget):
         return budget
-    if isinstance(budget, dict) and set(budget) <= {"size", "macs", "latency"}:
+    if isinstance(budget, dict) and set(budget) <= {"size", "macs", "latency", "latency_input", "threads"}:
         return Budget(**budget)
-    raise TypeError(f"`budget` must be a lightning_compress.Budget or a dict with keys among 'size', 'macs', e.g. "
-                    f"{{'size': '25MB'}}, got {budget!r}")
+    raise TypeError(f"`budget` must be a lightning_compress.Budget or a dict with keys among 'size', 'macs', "
+                    f"'latency', 'latency_input', 'threads', e.g. {{'size': '25MB'}}, got {budget!r}")
 
 
 class AdaptiveCompression(GradientStabilityPruning):
