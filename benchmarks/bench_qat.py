@@ -119,6 +119,8 @@ class EpochTimes(Callback):
 
 
 def run_seed(seed: int, data: PreloadedMNIST5k, args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.pruned_only:
+        return pruned_int4(seed, data, args)
     test, make = data.test_dataloader(), model_factory(args)
     pl.seed_everything(seed, verbose=False)
     dense = make()
@@ -177,7 +179,7 @@ def pruned_int4(seed: int, data: PreloadedMNIST5k, args: argparse.Namespace) -> 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean accuracy per (arm, config) over the seeds, the drop from fp32, and QAT's epoch cost ratio."""
-    fp32 = statistics.fmean(r["acc"] for r in rows if r["arm"] == "fp32")
+    fp32 = statistics.fmean([r["acc"] for r in rows if r["arm"] == "fp32"] or [float("nan")])  # --pruned-only
     out = []
     for arm, config in dict.fromkeys((r["arm"], r["config"]) for r in rows):
         mine = [r for r in rows if r["arm"] == arm and r["config"] == config]
@@ -205,6 +207,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core box)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs (1 for resnet / transformer; smoke)")
     parser.add_argument("--no-pruned", action="store_true", help="smallcnn: leave out the pruned + int4 rows")
+    parser.add_argument("--pruned-only", action="store_true", help="smallcnn: only the pruned + int4 rows")
     parser.add_argument("--json", type=Path, default=None, help="where the figures go")
     args = parser.parse_args()
     args.epochs = args.epochs if args.epochs is not None else EPOCHS[args.model][args.quick]
