@@ -22,10 +22,12 @@ from torch import nn
 
 from lightning_compress import load_compacted, quantize, save_compacted
 from lightning_compress.core.io import UntrustedFileError
+from lightning_compress.quantization import sparse_layout
 from lightning_compress.quantization.export import (
     METADATA_KEY,
     load_float,
     load_quantized,
+    load_quantized_tensors,
     read_metadata,
     save_float,
     save_quantized,
@@ -278,13 +280,14 @@ _CAPPED = textwrap.dedent("""
     import torch
     from torch import nn
     from lightning_compress import load_compacted
-    from lightning_compress.quantization.export import load_float, load_quantized, read_metadata
+    from lightning_compress.quantization.export import load_float, load_quantized, load_quantized_tensors, read_metadata
 
     def net():
         return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
 
     loaders = {"load_quantized": lambda p: load_quantized(net(), p), "read_metadata": read_metadata,
-               "load_float": lambda p: load_float(net(), p), "load_compacted": lambda p: load_compacted(net(), p)}
+               "load_float": lambda p: load_float(net(), p), "load_compacted": lambda p: load_compacted(net(), p),
+               "load_quantized_tensors": load_quantized_tensors}
     with open("/proc/self/statm") as f:
         used = int(f.read().split()[0]) * resource.getpagesize()
     resource.setrlimit(resource.RLIMIT_AS, (used + (768 << 20), resource.RLIM_INFINITY))  # 768 MiB more, at most
@@ -336,13 +339,13 @@ def _sparse_net() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
 
 
-def _sparse_export(path: Path, sparsity: float) -> Path:
-    """Layer 0 pruned to ``sparsity`` and stored sparse (0.6: a bitmap, 0.97: gaps), 4 bits per channel."""
+def _sparse_export(path: Path, sparsity: float, granularity: str = "per_channel") -> Path:
+    """Layer 0 pruned to ``sparsity`` and stored sparse (0.6: a bitmap, 0.97: gaps), 4 bits per ``granularity``."""
     model = _sparse_net()
     with torch.no_grad():
         weight = model[0].weight
         weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) < sparsity] = 0
-    save_quantized(model, quantize(model, bits=4), path, run_id="r")
+    save_quantized(model, quantize(model, bits=4, granularity=granularity), path, run_id="r")
     return path
 
 
@@ -404,3 +407,94 @@ def test_load_quantized_refuses_a_bad_sparse_layout(tmp_path: Path, sparsity: fl
     for text in (str(path), *texts):
         assert text in str(info.value), f"{text!r} missing from: {info.value}"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- sparse layouts declaring huge shapes
+HUGE = [60000, 60000]  # 3.6e9 positions: a code each, then 4 bytes of float weight each
+
+
+def _as_bitmap(path: Path) -> Path:
+    """A gaps layer with no code kept, restated as a bitmap (the writer never picks one for kept=0)."""
+    def meta(parsed: dict) -> None:
+        _layer("layout", "bitmap")(parsed)
+        _layer("gap_bits", _MISSING)(parsed)
+
+    return _rewrite(path, lambda v: v.update({M: torch.zeros(768, dtype=torch.uint8)}) or v.pop(G), meta)
+
+
+# id, sparsity of layer 0 (per_tensor: one scale, so nothing but the layout bounds the shape), extra edit, layout
+HUGE_SPARSE: list[tuple[str, float, Callable[[Path], Path], str]] = [
+    ("gaps_kept_0", 1.0, lambda p: p, "gaps"),
+    ("gaps_kept_some", _GAPS, lambda p: p, "gaps"),
+    ("bitmap_kept_0", 1.0, _as_bitmap, "bitmap"),
+    ("bitmap_kept_some", _BITMAP, lambda p: p, "bitmap"),
+]
+
+
+def _huge_sparse(tmp_path: Path, case: str) -> Path:
+    _, sparsity, edit, layout = next(c for c in HUGE_SPARSE if c[0] == case)
+    path = edit(_sparse_export(tmp_path / f"{case}.safetensors", sparsity, "per_tensor"))
+    info = json.loads(_read(path)[1][METADATA_KEY])["layers"]["0.weight"]
+    assert info["layout"] == layout and (info["kept"] == 0) == (sparsity == 1.0), info
+    path = _rewrite(path, meta=_layer("shape", HUGE))
+    assert path.stat().st_size < 32 << 10
+    return path
+
+
+@pytest.mark.parametrize("case", [c[0] for c in HUGE_SPARSE])
+def test_a_sparse_layer_declaring_a_huge_shape_is_refused_before_decoding(tmp_path: Path, case: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _huge_sparse(tmp_path, case)
+
+    def never(*args: Any) -> None:
+        raise AssertionError("fill_codes reached: the declared shape was not checked first")
+
+    monkeypatch.setattr(sparse_layout, "fill_codes", never)
+    with pytest.raises(UntrustedFileError) as info:
+        load_quantized_tensors(path)  # no model to bound the shape
+    texts = ("pass the model", "3600000000", "'shape'") if case.startswith("gaps") else (M, "the metadata implies")
+    for text in (str(path), "'0.weight", *texts):
+        assert text in str(info.value), f"{text!r} missing from: {info.value}"
+    model = _sparse_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UntrustedFileError, match=r"0\.weight"):
+        load_quantized(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sparse_layers_declaring_huge_shapes_are_refused_in_capped_memory(tmp_path: Path) -> None:
+    jobs = [("load_quantized_tensors", str(_huge_sparse(tmp_path, case))) for case, *_ in HUGE_SPARSE]  # no model
+    out = subprocess.run([sys.executable, "-c", _CAPPED, json.dumps(jobs)], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
+    assert len(results) == len(jobs)
+    for loader, path, error, message in results:
+        assert error == "UntrustedFileError", (loader, path, error, message)  # not MemoryError
+        assert path in message and "0.weight" in message, (loader, message)
+
+
+def _pruned_square(path: Path, sparsity: float) -> tuple[nn.Module, Path]:
+    """A 1024 x 1024 layer pruned to ``sparsity``, 2 bits per tensor: the most positions per byte the writer gives."""
+    model = nn.Sequential(nn.Linear(1024, 1024, bias=False))
+    with torch.no_grad():
+        weight = model[0].weight
+        weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) < sparsity] = 0
+    save_quantized(model, quantize(model, bits=2, granularity="per_tensor"), path, run_id="r")
+    return model, path
+
+
+def test_the_writers_sparsest_files_load_without_the_model_up_to_the_documented_bound(tmp_path: Path) -> None:
+    small = _sparse_export(tmp_path / "small.safetensors", 1.0, "per_tensor")  # every code of layer 0 the fill code
+    assert json.loads(_read(small)[1][METADATA_KEY])["layers"]["0.weight"]["kept"] == 0
+    codes = load_quantized_tensors(small)[1]["0.weight"]
+    assert torch.equal(codes.q, torch.zeros(96, 64, dtype=torch.int8))
+    model, sparse = _pruned_square(tmp_path / "sparse.safetensors", 0.9995)  # one code per ~2000 positions
+    assert 1024 * 1024 > sparse.stat().st_size * sparse_layout.POSITIONS_PER_FILE_BYTE / 2  # near the bound
+    assert torch.equal(load_quantized_tensors(sparse)[1]["0.weight"].dequantize(), model[0].weight)
+    model, pruned = _pruned_square(tmp_path / "pruned.safetensors", 1.0)  # beyond the bound: the model bounds it
+    assert json.loads(_read(pruned)[1][METADATA_KEY])["layers"]["0.weight"]["kept"] == 0
+    with pytest.raises(UntrustedFileError, match="pass the model"):
+        load_quantized_tensors(pruned)
+    assert not load_quantized_tensors(pruned, model)[1]["0.weight"].q.any()
+    fresh = nn.Sequential(nn.Linear(1024, 1024, bias=False))
+    assert not load_quantized(fresh, pruned)[0].weight.any()

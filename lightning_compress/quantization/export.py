@@ -210,7 +210,9 @@ def load_quantized_tensors(
     path: str | os.PathLike[str], model: nn.Module | None = None, *, expect_run: str | None = None
 ) -> tuple[dict[str, Tensor], dict[str, QuantizedTensor]]:
     """The float entries and the :class:`QuantizedTensor` of each quantized weight, by state-dict key. With
-    ``model``, the file's keys, shapes and dtypes are checked against ``model.state_dict()`` before reading."""
+    ``model``, the file's keys, shapes and dtypes are checked against ``model.state_dict()`` before reading; without
+    it, sparse layers may declare at most :data:`~.sparse_layout.POSITIONS_PER_FILE_BYTE` positions per byte of the
+    file (a fully pruned layer larger than that needs the model to load)."""
     _, floats, quantized = _read_checked(path, model, expect_run)
     return floats, quantized
 
@@ -225,6 +227,8 @@ def _read_checked(
     checks.check_entries(name, header, meta)
     if model is not None:
         checks.check_against_model(name, header, meta, model)
+    else:  # nothing else bounds the shape of a layer whose codes are all the fill code
+        checks.check_sparse_extent(name, meta, os.path.getsize(name))
     floats: dict[str, Tensor] = {}
     quantized: dict[str, QuantizedTensor] = {}
     with safe_open(name, framework="pt") as handle:

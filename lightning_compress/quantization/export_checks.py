@@ -3,7 +3,8 @@
 Used by :mod:`.export`: :func:`check_result` before writing (the result must describe the model), and on reading
 :func:`parse_metadata` (the JSON metadata against its schema), :func:`check_entries` (each ``<key>:qdata`` /
 ``:scale`` / ``:zero_point`` has the dtype and shape the metadata implies, nothing else carries a ``:``) and
-:func:`check_against_model` (the file's keys, shapes and dtypes are the model's ``state_dict``'s). Every refusal is
+:func:`check_against_model` (the file's keys, shapes and dtypes are the model's ``state_dict``'s), or without a model
+:func:`check_sparse_extent` (sparse layers declare no more positions than the file's size allows). Every refusal is
 an :class:`~lightning_compress.core.io.UntrustedFileError` naming the file and the key.
 """
 
@@ -156,6 +157,24 @@ def expected_entries(name: str, meta: dict[str, Any]) -> dict[str, tuple[set[str
             packed = (packed_nbytes(scales, spec.bits),)
             expected[f"{key}:zero_point"] = ({"U8"}, groups if spec.bits == 8 else packed)
     return expected
+
+
+def check_sparse_extent(name: str, meta: dict[str, Any], file_size: int) -> None:
+    """Read without a model (whose shapes would bound the file's): the positions the sparse layers declare, all
+    together, are at most :data:`~.sparse_layout.POSITIONS_PER_FILE_BYTE` per byte of the ``file_size``-byte file. A
+    layer whose codes are all the fill code stores nothing but its metadata, so its declared shape is otherwise
+    unbounded, and decoding it allocates a code per position and then its float weights."""
+    sparse = {key: math.prod(info["shape"]) for key, info in meta["layers"].items()
+              if layout_of(name, key, info).kind != "dense"}
+    total, limit = sum(sparse.values()), sparse_layout.POSITIONS_PER_FILE_BYTE * file_size
+    if total > limit:
+        key = max(sparse, key=lambda k: sparse[k])
+        raise UntrustedFileError(
+            f"{name!r}, layer {key!r}: metadata key 'shape' {meta['layers'][key]['shape']} (stored "
+            f"{meta['layers'][key]['layout']!r}): the sparse layers declare {total} positions in a {file_size}-byte "
+            f"file; without a model at most {sparse_layout.POSITIONS_PER_FILE_BYTE} positions per byte of the file "
+            f"({limit}) are read. A fully pruned layer of a file you trust: pass the model, which bounds the shapes "
+            "(load_quantized(model, path), load_quantized_tensors(path, model), load_compressed(model, path))")
 
 
 

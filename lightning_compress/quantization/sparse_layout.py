@@ -19,8 +19,9 @@ layer's codes are mostly fill codes, and storing them dense spends ``bits`` per 
 what a weight is stored in, computed without writing (the adaptive planner's price), equal to what the export
 writes. Reading trusts nothing: :func:`parse` checks the metadata fields and :func:`entries` gives the declared
 tensors' exact dtypes and shapes (checked before any tensor is read, so nothing is allocated beyond the model's own
-size); :func:`decode` checks what only the data shows (the bitmap's popcount equals ``kept`` and its padding is
-zero, the last gap ends inside the weight). Refusals are :class:`~lightning_compress.core.io.UntrustedFileError`
+size, or, read without a model, beyond :data:`POSITIONS_PER_FILE_BYTE` positions per byte of the file);
+:func:`decode` checks what only the data shows (the bitmap's popcount equals ``kept`` and its padding is zero, the
+last gap ends inside the weight). Refusals are :class:`~lightning_compress.core.io.UntrustedFileError`
 naming the file, the key and the field.
 """
 
@@ -51,6 +52,13 @@ LAYOUTS = ("dense", "bitmap", "gaps")
 # a sparse layout adds a header entry (``<key>:mask`` / ``:gaps``) and metadata fields: it is chosen only where it
 # saves more tensor bytes than these take (about 100 bytes of JSON), so it never makes a file larger
 HEADER_ALLOWANCE = 128
+# Without a model to bound the shapes, the sparse layers of a file may together declare at most this many positions
+# per byte of the file (checked by :func:`~.export_checks.check_sparse_extent`): an all-fill layer stores no codes
+# and no gaps, so nothing else bounds the codes (a byte per position) and the weights decoding it allocates. A layer
+# the export stores sparse with one code kept per 1000 positions spends at least 12 bits (a 10-bit gap, a 2-bit code)
+# per 1000 positions, about 670 positions per byte, so files of up to about 99.9 % sparsity load without the model;
+# sparser ones (fully pruned layers) need it: the model's shapes bound the file's
+POSITIONS_PER_FILE_BYTE = 1024
 
 
 @dataclass(frozen=True)
