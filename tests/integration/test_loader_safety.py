@@ -336,7 +336,7 @@ _MEASURED = textwrap.dedent("""
     from lightning_compress import load_compressed
     from lightning_compress.demos.data import DigitsDataModule
     from lightning_compress.demos.models import MLPClassifier
-    from lightning_compress.quantization.export import load_float, load_quantized
+    from lightning_compress.quantization.export import load_float, load_quantized, load_quantized_tensors
     from lightning_compress.structure.serialization import load_compacted
     from tests.helpers import quiet_trainer
     from tests.integration.test_loader_safety import _callbacks
@@ -345,7 +345,8 @@ _MEASURED = textwrap.dedent("""
         quiet_trainer(_callbacks()).test(model, DigitsDataModule(batch_size=64), ckpt_path=path, verbose=False)
 
     loaders = {"load_compressed": load_compressed, "load_quantized": load_quantized, "load_float": load_float,
-               "load_compacted": load_compacted, "lightning": lightning}
+               "load_compacted": load_compacted, "lightning": lightning,
+               "load_quantized_tensors": lambda model, path: load_quantized_tensors(path)}  # no model to bound it
     for name, path in json.loads(sys.argv[1]):
         model = MLPClassifier(input_size=64, hidden=[64, 32], lr=5e-3)
         start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -360,7 +361,8 @@ _MEASURED = textwrap.dedent("""
 
 
 def _huge_files(run: Run) -> dict[str, Path]:
-    """Small files declaring a (20000, 20000) or (1e6, 1e6) weight, for every kind."""
+    """Small files declaring a (20000, 20000) or (1e6, 1e6) weight, for every kind; sparse layouts (bitmap and gaps,
+    no code kept or some) declaring a (60000, 60000) one, in the quantized export and the compressed checkpoint."""
     directory = run.directory / "huge"
     directory.mkdir()
 
@@ -389,10 +391,58 @@ def _huge_files(run: Run) -> dict[str, Path]:
         "quantized": _edited_safetensors(run.files["quantized"], directory / "q.safetensors", metadata=huge_layer),
         "float": huge_tensor(run.files["float"], directory / "f.fp32.safetensors"),
         "compacted": huge_tensor(run.files["compacted"], directory / "k.safetensors"),
+        **{f"{kind}_{case}": _sparse_huge(run, kind, case, directory / f"s_{case}{_suffix(kind)}")
+           for kind in ("quantized", "checkpoint") for case in SPARSE_HUGE},
     }
     sizes = {key: path.stat().st_size for key, path in files.items()}
     assert all(size < 32 << 10 for size in sizes.values()), sizes
     return files
+
+
+def _sparse_huge(run: Run, kind: str, case: str, path: Path) -> Path:
+    """The run's configuration with net.1 pruned (``kept_0``: all of it) and stored sparse at 4 bits per tensor (one
+    scale: nothing but the layout bounds the shape), its metadata then declaring a (60000, 60000) weight; a
+    ``bitmap_kept_0`` is a gaps layer restated as a bitmap (the writer never picks one for kept=0). In the quantized
+    export, or packed in the compressed checkpoint."""
+    model = _mlp()
+    sparsity = 1.0 if case.endswith("kept_0") else 0.6 if case.startswith("bitmap") else 0.97
+    with torch.no_grad():
+        weight = model.net[1].weight
+        weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < sparsity] = 0
+    result = quantize(model, bits=4, granularity="per_tensor")
+    if kind == "quantized":
+        save_quantized(model, result, path)
+        packed = path
+    else:
+        _write(run, kind, model, path)
+        checkpoint = torch.load(path, weights_only=True)
+        packed = run.directory / "huge" / f"{path.stem}.packed.safetensors"
+        packed.write_bytes(checkpoint[CHECKPOINT_KEY]["packed"].numpy().tobytes())
+
+    def tensors(values: dict) -> None:
+        if case == "bitmap_kept_0":
+            del values["net.1.weight:gaps"]
+            values["net.1.weight:mask"] = torch.zeros(512, dtype=torch.uint8)
+
+    def metadata(meta: dict) -> None:
+        parsed = json.loads(meta[METADATA_KEY])
+        layer = parsed["layers"]["net.1.weight"]
+        assert layer["layout"] == ("gaps" if case.endswith("kept_0") else case.split("_")[0]), layer
+        assert (layer["kept"] == 0) == case.endswith("kept_0"), layer
+        if case == "bitmap_kept_0":
+            layer["layout"] = "bitmap"
+            del layer["gap_bits"]
+        layer["shape"] = [60000, 60000]
+        meta[METADATA_KEY] = json.dumps(parsed)
+
+    _edited_safetensors(packed, packed, tensors, metadata)
+    if kind == "checkpoint":
+        checkpoint[CHECKPOINT_KEY]["packed"] = torch.frombuffer(bytearray(packed.read_bytes()), dtype=torch.uint8)
+        torch.save(checkpoint, path)
+    return path
+
+
+SPARSE_HUGE = ("gaps_kept_0", "gaps_kept_some", "bitmap_kept_0", "bitmap_kept_some")
 
 
 def _metadata_of(path: Path) -> dict[str, str]:
@@ -406,6 +456,8 @@ def test_huge_declared_shapes_are_refused_before_allocating(run: Run) -> None:
            "compacted": "load_compacted"}
     jobs = [(loader, str(path)) for key, path in files.items()
             for loader in ("load_compressed", own[key.split("_")[0]])]
+    jobs += [("load_quantized_tensors", str(path)) for key, path in files.items() if "kept" in key
+             and key.startswith("quantized")]
     out = subprocess.run([sys.executable, "-c", _MEASURED, json.dumps(jobs)], capture_output=True, text=True,
                          timeout=300, check=False, cwd=Path(__file__).parents[2])
     results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("[")]
