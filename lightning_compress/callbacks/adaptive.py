@@ -10,16 +10,16 @@
   calibration's clipping search), verifies the bound with the real metric on the validation data, then, with
   ``method="gptq"`` (the default), applies the chosen widths with GPTQ on the training batches and keeps it only
   where measured no worse (:mod:`~lightning_compress.adaptive.gptq_plan`); the export (the codes the model carries)
-  is written and measured on disk.
-  A budget and a bound that cannot both hold end the fit with :class:`~lightning_compress.adaptive.session.
-  BudgetError` (the smallest budget that met the bound, as measured) and a FAILED report; the model keeps its
-  float (pruned) weights.
+  is measured before it is written (:mod:`~lightning_compress.adaptive.delivery`), on rank zero, and every rank
+  takes its outcome.
+  A budget and a bound that cannot both hold, or an export measured over the budget, end the fit on every rank with
+  :class:`~lightning_compress.adaptive.session.BudgetError` (the smallest budget known to hold, as measured) and a
+  FAILED report; no file is left at the export path and the model keeps its float (pruned) weights.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from typing_extensions import override
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps, budget_caps
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
+from lightning_compress.adaptive.delivery import ExportOutcome, write_within
 from lightning_compress.adaptive.gptq_plan import METHODS
 from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
 from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, finish_latency, latency_setup
@@ -46,9 +47,8 @@ from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.tracked import TrackedLayers
-from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.carried import forget
 from lightning_compress.quantization.coverage import layer_weight
-from lightning_compress.quantization.export import save_float, save_quantized
 from lightning_compress.reporting.records import CompressionEvent
 
 PROGRESS = 1.0  # the schedule ramps progress from 0 to 1; each layer's target is its planned sparsity times it
@@ -217,11 +217,13 @@ class AdaptiveCompression(GradientStabilityPruning):
             except BudgetError as err:
                 self._fail(trainer, pl_module, err)
             return
+        # the way back should the export fail (compress() restores the floats on its own failures)
+        floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if self._export_file else {}
         try:
             result = self.result = self._compress(trainer, pl_module)
         except BudgetError as err:
             self._fail(trainer, pl_module, err)
-        self._export(trainer, pl_module, result)
+        self._export(trainer, pl_module, result, floats)
         self._report_plan(trainer, pl_module, result)
 
     def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompressionResult:
@@ -245,24 +247,26 @@ class AdaptiveCompression(GradientStabilityPruning):
                             calibration=self.calibration, calibration_batches=len(batches) or 1,
                             corrections=self.corrections, search="bits", method=self.method if batches else "rtn")
 
-    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
-        """Rank zero writes the model's codes; the file on disk is what the budget counts."""
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult,
+                floats: dict[str, torch.Tensor]) -> None:
+        """Rank zero measures the model's export, then writes it only if it is within the budget; every rank takes
+        rank zero's outcome, so an over-budget file (or a failed write) ends the fit on every rank with a FAILED
+        report, no file at the export path, and the float (pruned) weights back in the model."""
         path = self._export_file
         if path is None:
             return
-        if trainer.is_global_zero:
-            if carried(pl_module) is not None:
-                save_quantized(pl_module, path)
-            else:  # a plan that keeps every layer float (a MACs budget alone) has no codes
-                save_float(pl_module, path)
-            written = os.path.getsize(path)
-            if result.budget_bytes is not None and written > result.budget_bytes:
-                raise BudgetError(f"`budget` size {result.budget_bytes} bytes: the file written at {str(path)!r} is "
-                                  f"{written} bytes (measured {result.file_bytes} before); it is over the budget",
-                                  None)
-            result.file_bytes = written
+        written, error = write_within(pl_module, path, result.budget_bytes, self.budget.size, result.macs) \
+            if trainer.is_global_zero else (ExportOutcome(None), None)  # the others take rank zero's
+        outcome = trainer.strategy.broadcast(written, src=0)
+        if outcome.failed:
+            with torch.no_grad():
+                for key, value in pl_module.state_dict().items():
+                    value.copy_(floats[key])
+            forget(pl_module)
+            self.result = None
+            self._fail(trainer, pl_module, error or outcome.error())
+        result.file_bytes = outcome.file_bytes
         self.report.files["quantized"] = str(path.resolve())
-        trainer.strategy.barrier("lightning_compress.adaptive.export")
 
     def _report_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
         """The plan per layer into the report's layers, the budget and what was delivered into its gate entry."""

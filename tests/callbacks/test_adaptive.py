@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,68 @@ def test_ddp_ranks_take_identical_plans(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1]
     assert any(s > 0 for s in ranks[0]["reached"].values())
     assert (out / "ddp.safetensors").stat().st_size <= _caps(_model(), BUDGET)[0]
+
+
+class _OverBudgetOnRankZero(AdaptiveCompression):
+    """The plan ``compress()`` verified, then on rank zero a budget one byte below its measured file: ``compress()``
+    measures the same bytes the export writes, so this is how the export's own check can be reached. Only rank zero
+    is told: the other ranks must take its verdict. Keeps the float (pruned) weights it started from (module level:
+    ddp_spawn pickles the trainer)."""
+
+    floats: dict[str, torch.Tensor] | None = None
+
+    def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        self.floats = copy.deepcopy(pl_module.state_dict())
+        result = super()._compress(trainer, pl_module)
+        if trainer.is_global_zero:
+            result.budget_bytes = result.file_bytes - 1
+        return result
+
+    def _fail(self, trainer: pl.Trainer, pl_module: pl.LightningModule, error: Exception) -> Any:
+        """Each rank writes the error it ends with beside the export; under DDP rank zero waits for rank one's (the
+        spawn launcher stops the other processes as soon as one ends)."""
+        folder = Path(str(self._export_file)).parent
+        Path(folder, f"rank{trainer.global_rank}.err").write_text(f"{type(error).__name__}: {error}")
+        deadline = time.monotonic() + 120
+        while trainer.world_size > 1 and trainer.is_global_zero and not (folder / "rank1.err").exists() \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        super()._fail(trainer, pl_module, error)
+
+
+def test_an_export_measured_over_the_budget_fails_with_a_report_and_leaves_no_file(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    callback = _OverBudgetOnRankZero(budget=BUDGET, export_path="model.safetensors")
+    model = _model()
+    with pytest.raises(BudgetError, match=r"nothing was written") as info:
+        _trainer([callback], tmp_path, epochs=3).fit(model, DigitsDataModule(batch_size=64))
+    measured, cap = info.value.smallest[0], _caps(_model(), BUDGET)[0]
+    assert measured is not None and measured <= cap  # the plan fit the real budget; only the shrunk one is missed
+    message = str(info.value)
+    assert f"({measured - 1} bytes)" in message and f"measured {measured} bytes" in message
+    assert f"size={measured}" in message and "size=0.3" in message  # the nearest budget known to hold, the budget
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.tmp"))
+    report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
+    assert report["failure"].startswith("BudgetError") and f"measured {measured} bytes" in report["failure"]
+    assert "quantized" not in report["files"] and not list(tmp_path.rglob("compressed.ckpt"))
+    assert carried(model) is None and callback.result is None
+    assert callback.floats is not None
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, callback.floats[key]), key
+
+
+@pytest.mark.ddp
+def test_ddp_an_export_over_the_budget_on_rank_zero_fails_every_rank(tmp_path: Path) -> None:
+    """Only rank zero sees the shrunk budget: rank one ends with the same BudgetError instead of waiting forever."""
+    out = tmp_path / "out"
+    out.mkdir()
+    callback = _OverBudgetOnRankZero(budget=BUDGET, export_path=str(out / "ddp.safetensors"))
+    pl.seed_everything(0)
+    with pytest.raises(Exception, match="BudgetError"):
+        _trainer([callback], tmp_path, epochs=2, strategy="ddp_spawn", devices=2) \
+            .fit(_model(), DigitsDataModule(batch_size=64))
+    errors = [(out / f"rank{r}.err").read_text() for r in (0, 1)]
+    assert all(e.startswith("BudgetError") and "nothing was written" in e for e in errors), errors
+    assert not list(out.glob("*.safetensors")) and not list(out.glob(".*.tmp"))
+    report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
+    assert report["failure"].startswith("BudgetError")
