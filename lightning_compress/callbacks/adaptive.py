@@ -44,6 +44,7 @@ from lightning_compress.core.io import check_export_path
 from lightning_compress.core.validation import check_choice, check_number
 from lightning_compress.integration import _compat, evaluation
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode
+from lightning_compress.integration.ranks import on_every_rank
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.tracked import TrackedLayers
@@ -170,9 +171,11 @@ class AdaptiveCompression(GradientStabilityPruning):
         if self.budget.latency is not None:
             self._latency_shape = latency_setup(pl_module, self.budget)
         self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module))
-        if self.export_path is not None:
-            self._export_file = check_export_path(self.export_path, self.run_dir(trainer),
-                                                  create=trainer.is_global_zero)
+        if self.export_path is not None:  # rank zero alone creates the folder, so it alone may refuse: all refuse
+            path, folder = self.export_path, self.run_dir(trainer)
+            self._export_file = on_every_rank(
+                trainer, lambda: check_export_path(path, folder, create=trainer.is_global_zero),
+                f"`export_path`={path!r}")
 
     def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
         """(a batch, how to feed it) for counting MACs: only a MACs budget reads it."""

@@ -327,3 +327,39 @@ def test_ddp_an_export_over_the_budget_on_rank_zero_fails_every_rank(tmp_path: P
     assert not list(out.glob("*.safetensors")) and not list(out.glob(".*.tmp"))
     report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
     assert report["failure"].startswith("BudgetError")
+
+
+class _SetupErrorFile(AdaptiveCompression):
+    """Writes the error ``setup`` ends with on each rank into ``folder``; rank zero waits for rank one's before
+    raising (the spawn launcher stops the other processes as soon as one ends). Module level: ddp_spawn pickles it."""
+
+    folder = ""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        try:
+            super().setup(trainer, pl_module, stage)
+        except Exception as err:
+            Path(self.folder, f"rank{trainer.global_rank}.err").write_text(f"{type(err).__name__}: {err}")
+            deadline = time.monotonic() + 60
+            while trainer.is_global_zero and not Path(self.folder, "rank1.err").exists() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+            raise
+
+
+@pytest.mark.ddp
+def test_ddp_an_export_path_only_rank_zero_can_refuse_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """Rank zero alone creates the export's folder, so only it finds that a file stands where the folder should be;
+    rank one must refuse too, in setup, instead of training on alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_file").write_text("")
+    callback = _SetupErrorFile(budget=BUDGET, export_path=str(out / "a_file" / "model.safetensors"))
+    callback.folder = str(out)
+    with pytest.raises(Exception, match="cannot be created"):
+        _trainer([callback], tmp_path, epochs=1, strategy="ddp_spawn", devices=2) \
+            .fit(_model(), DigitsDataModule(batch_size=64))
+    errors = [(out / f"rank{r}.err").read_text() for r in (0, 1)]
+    assert errors[0].startswith("ValueError") and "cannot be created" in errors[0], errors
+    assert errors[1].startswith("ValueError: `export_path`=") and "refused on another rank (rank 0: ValueError" \
+        in errors[1], errors
