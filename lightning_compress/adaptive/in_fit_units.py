@@ -226,11 +226,10 @@ def latency_setup(model: nn.Module, budget: Any) -> tuple[int, ...]:
 
 
 def finish_latency(callback: Any, trainer: Any, model: nn.Module) -> None:
-    """After the fit compacted ``model``: its latency measured against the budget (:func:`verify`), the compacted
-    model exported to ``callback``'s export path (rank zero), and the report's entry. Float weights: int8 is not
+    """After the fit compacted ``model``: its latency measured against the budget (:func:`verify`) and the report's
+    entry (the callback writes the export: every rank must hear of a failed write). Float weights: int8 is not
     timed by the serving path here, so the delivered model is the compacted float one."""
     from lightning_compress.reporting.records import CompressionEvent
-    from lightning_compress.structure.compaction import save_compacted
 
     run = callback.run
     planner = run.planner
@@ -240,10 +239,5 @@ def finish_latency(callback: Any, trainer: Any, model: nn.Module) -> None:
                          "threads": planner.threads},
                  delivered={"latency": ratio, "kept_units": dict(run.kept_plan)}, verification_steps=planner.steps,
                  replans=run.replans, quantization="none: the compacted float model (int8 latency is not planned)")
-    path = callback._export_file
-    if path is not None:
-        if trainer.is_global_zero:
-            save_compacted(model, path)
-        callback.report.files["compacted_export"] = str(path.resolve())
     note = f"latency budget {planner.latency:g}: delivered {ratio:.3f}x of dense; " + "; ".join(planner.steps)
     callback.report.events.append(CompressionEvent("compact", trainer.global_step, None, None, note=note))

@@ -51,6 +51,7 @@ from lightning_compress.pruning.tracked import TrackedLayers
 from lightning_compress.quantization.carried import forget
 from lightning_compress.quantization.coverage import layer_weight
 from lightning_compress.reporting.records import CompressionEvent
+from lightning_compress.structure.compaction import save_compacted
 
 PROGRESS = 1.0  # the schedule ramps progress from 0 to 1; each layer's target is its planned sparsity times it
 PLANNED_MAX = 0.9  # the largest sparsity a plan can give (adaptive.candidates.SPARSITIES), for PruningConfig
@@ -219,6 +220,7 @@ class AdaptiveCompression(GradientStabilityPruning):
                 finish_latency(self, trainer, pl_module)
             except BudgetError as err:
                 self._fail(trainer, pl_module, err)
+            self._export_compacted(trainer, pl_module)
             return
         # the way back should the export fail (compress() restores the floats on its own failures)
         floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if self._export_file else {}
@@ -270,6 +272,19 @@ class AdaptiveCompression(GradientStabilityPruning):
             self._fail(trainer, pl_module, error or outcome.error())
         result.file_bytes = outcome.file_bytes
         self.report.files["quantized"] = str(path.resolve())
+
+    def _export_compacted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rank zero writes the compacted float model (a latency budget); a failed write ends the fit on every rank
+        with a FAILED report."""
+        path = self._export_file
+        if path is None:
+            return
+        try:
+            on_every_rank(trainer, lambda: save_compacted(pl_module, path) if trainer.is_global_zero else None,
+                          f"the write of `export_path`={self.export_path!r}")
+        except Exception as err:
+            self._fail(trainer, pl_module, err)
+        self.report.files["compacted_export"] = str(path.resolve())
 
     def _report_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
         """The plan per layer into the report's layers, the budget and what was delivered into its gate entry."""

@@ -363,3 +363,26 @@ def test_ddp_an_export_path_only_rank_zero_can_refuse_is_refused_on_every_rank(t
     assert errors[0].startswith("ValueError") and "cannot be created" in errors[0], errors
     assert errors[1].startswith("ValueError: `export_path`=") and "refused on another rank (rank 0: ValueError" \
         in errors[1], errors
+
+
+def test_a_latency_export_that_cannot_be_written_fails_with_a_report(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at the compacted model's export (a latency budget): the fit ends through the FAILED report with
+    the OSError naming the path, instead of rank zero raising alone."""
+    import errno
+
+    from lightning_compress.callbacks import adaptive
+    from tests.adaptive.test_in_fit_units import LATENCY, SHAPE, _fit
+
+    def full_disk(model: torch.nn.Module, path: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(adaptive, "save_compacted", full_disk)
+    callback = AdaptiveCompression(budget=Budget(latency=LATENCY, latency_input=SHAPE),
+                                   start_step=20, end_step=200, frequency=20, export_path="latency.safetensors")
+    with pytest.raises(OSError, match="No space left on device") as info:
+        _fit(callback, tmp_path)
+    assert str(info.value.filename).endswith("latency.safetensors")
+    report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
+    assert report["failure"].startswith("OSError") and "No space left" in report["failure"]
+    assert "compacted_export" not in report["files"] and not list(tmp_path.rglob("latency.safetensors"))
