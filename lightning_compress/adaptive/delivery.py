@@ -73,8 +73,8 @@ def write_within(model: nn.Module, path: Path, size_cap: int | None, budget: obj
 
 def over_budget(path: Path, size: int, size_cap: int, budget: object, macs: int | None) -> ExportOutcome:
     """The refusal of an export measured over the cap: the budget, the bytes measured, and the nearest budget known
-    to hold (this plan's own size: it met the metric bound when verified)."""
+    to hold (this plan's own size: the plan the verification accepted)."""
     message = (f"`budget` size={budget!r} ({size_cap} bytes): the export measured {size} bytes before it was written "
                f"({size - size_cap} over), so nothing was written at {os.fspath(path)!r}; the nearest budget known "
-               f"to hold: size={size} (this plan, verified within the bound)")
+               f"to hold: size={size} (this plan's own file, as verified)")
     return ExportOutcome(size, "budget", message, smallest=(size, macs))
