@@ -6,8 +6,7 @@ At the end of fit (after pruning has finished, whatever order the callbacks are 
 1. the way back: a CPU copy of the float weights of the selected layers is kept (``float_weights``;
    :meth:`restore_float` puts them back) and, with ``export_path`` and ``save_float_copy``, the whole float
    ``state_dict`` is written beside the export as ``<name>.fp32.safetensors`` before anything is quantized;
-2. the metric of the float model, quantize, the metric of the quantized model; the gate
-   (:mod:`lightning_compress.core.gate`) judges the second against the first;
+2. the float model's metric, quantize, the quantized model's; the gate (:mod:`lightning_compress.core.gate`) judges;
 3. over the bound, the most sensitive layers fall back (:mod:`lightning_compress.quantization.fallback`);
 4. report, logger metrics, export (rank zero, then a barrier). Under DDP every rank runs the same deterministic
    math on identical weights and gets the same synced metric, so every rank takes the same decisions.
@@ -17,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,7 @@ from lightning_compress.core.validation import check_bool
 from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode, predict
 from lightning_compress.integration.progress import layer_progress
+from lightning_compress.integration.ranks import on_every_rank
 from lightning_compress.quantization.carried import attach, drop, forget
 from lightning_compress.quantization.checks import (
     bound_outcome,
@@ -61,8 +62,7 @@ from lightning_compress.quantization.primitives import QuantSpec
 from lightning_compress.quantization.rungs import LayerRungs
 from lightning_compress.reporting.records import CompressionEvent
 
-CALIBRATION_PATH = "PostTrainingQuantization's GPTQ calibration (the training batches, fed as `compression_step` or " \
-    "model(batch[0]))"
+CALIBRATION_PATH = "PostTrainingQuantization's GPTQ calibration (the training batches, as compression_step/model(x))"
 
 
 class PostTrainingQuantization(CompressionCallback):
@@ -165,8 +165,8 @@ class PostTrainingQuantization(CompressionCallback):
         if self.method == "gptq":
             self._dry_run_calibration(trainer, pl_module, plan)
         if self.export_path is not None:  # relative: in this run's log directory; never over another run's file
-            base = self.run_dir(trainer)
-            self._export_file = check_export_path(self.export_path, base, create=trainer.is_global_zero)
+            check = partial(check_export_path, self.export_path, self.run_dir(trainer), create=trainer.is_global_zero)
+            self._export_file = on_every_rank(trainer, check, "`export_path`")  # rank 0 alone creates the folder
 
     def checkpoint_details(self) -> dict[str, Any]:
         return {"quantized": dict(self.bits_used),
