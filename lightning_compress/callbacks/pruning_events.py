@@ -148,7 +148,7 @@ class PruningEvents(CompressionCallback):
         if not entry["accepted"]:
             rank_zero_warn(f"GradientStabilityPruning: step {tick} to sparsity {entry['sparsity_tried']:.3f} refused: "
                            f"{entry['reason']}; rolled back ({entry['note']})")
-        self._record(trainer, pl_module, entry, loggable)
+        self._record(trainer, pl_module, entry, loggable, measure.estimate)
 
     def _allowed_drop(self, before: float) -> float | None:
         """How far below ``before`` the metric after the step may fall for the gate to keep it (None: no bound)."""
@@ -159,14 +159,19 @@ class PruningEvents(CompressionCallback):
         return self.max_metric_drop - (self.gate.drop(reference, before) or 0.0)
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any],
-                loggable: bool = True) -> None:
+                loggable: bool = True, estimate: dict[str, Any] | None = None) -> None:
+        """Report and log one event; ``estimate``: the gate's "after" saw part of the set, so the metric after
+        the step is reported and logged as an estimate (``pruning/<metric>_estimate``), not as the metric."""
         event = CompressionEvent.from_pruning(entry, self.config.structured)
         if entry.get("gate_evaluation"):  # which rule measured the metric, on how many samples
             event.note = "; ".join(text for text in (event.note, entry["gate_evaluation"]) if text)
+        if estimate is not None:
+            event.estimated(estimate)
         self.report.events.append(event)
         metrics = {"pruning/sparsity": self.current_sparsity(), "pruning/weight_sparsity": self.weight_sparsity()}
         if entry["metric_after"] is not None:
-            metrics[f"pruning/{self.metric_spec.name}"] = entry["metric_after"]
+            suffix = "_estimate" if estimate is not None else ""
+            metrics[f"pruning/{self.metric_spec.name}{suffix}"] = entry["metric_after"]
         per_layer = self.layers.layer_mask_sparsity(self.masks)
         self._log(trainer, pl_module if loggable else None, metrics,
                   {f"pruning/sparsity/{n}": s for n, s in per_layer.items()})

@@ -58,6 +58,11 @@ def looks(population: int) -> int:
     return max(count, 1)
 
 
+def look_confidence(confidence: float, population: int) -> float:
+    """The confidence of one early look: the budget ``1 - confidence`` split evenly between :func:`looks`."""
+    return 1 - (1 - confidence) / looks(population)
+
+
 @dataclass
 class PairedDifference:
     """Running sums of the paired per-sample differences ``before - after`` (already reduced over all ranks).
@@ -105,7 +110,7 @@ class PairedDifference:
                 return "undecided"
             while self.next_look <= self.count:
                 self.next_look *= 2
-            confidence = 1 - (1 - confidence) / looks(self.population)
+            confidence = look_confidence(confidence, self.population)
         low, high = self.interval(confidence)
         if high <= allowed_drop + 1e-12:
             return "inside"

@@ -17,7 +17,13 @@
   the subset's estimate is the answer (``subset estimate``). ``gate_batches=0``, any other metric, or no record: the
   whole set.
 
-The subset's sums are all-reduced after each batch, so every rank stops at the same batch and decides alike.
+The subset's sums are all-reduced after each batch, so every rank stops at the same batch and decides alike; the
+ranks first agree on the largest number of batches any of them holds (shards can be unequal: 129 samples on 2
+ranks in batches of 64 are 2 batches and 1), and a rank that has run out adds zeros until then.
+
+An "after" answered before every sample was seen (an early stop, or a subset without a bound) is an *estimate*:
+:attr:`EventEvaluation.estimate` holds it with its interval and the samples it saw, so that the report can say so
+instead of showing it as the measured metric.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_compress.core.modes import eval_mode
-from lightning_compress.core.sequential import DEFAULT_CONFIDENCE, PairedDifference
+from lightning_compress.core.sequential import DEFAULT_CONFIDENCE, PairedDifference, look_confidence
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.evaluation import MetricSpec, predict, validation_dataloaders
 from lightning_compress.integration.gate_record import SampleRecord, evaluation_indices, loop_indices, paired_weighting
@@ -90,6 +96,7 @@ class EventEvaluation:
         self.samples = 0  # samples those passes evaluated (all ranks)
         self._before: float | None = None
         self._before_correct: list[torch.Tensor] = []
+        self.estimate: dict[str, Any] | None = None  # an "after" estimated on part of the set (see the module)
 
     def _full(self, record: SampleRecord | None = None) -> float:
         self.evaluations += 1
@@ -133,34 +140,56 @@ class EventEvaluation:
     def after(self) -> float | None:
         before_metric = self._before
         if before_metric is not None and self.record is not None:
-            return self._paired(before_metric, self._recorded(self.record))
+            return self._paired(before_metric, *self._recorded(self.record))
         if self.subset is None or before_metric is None:
             self.rules.append("after: full set")
             return self._full()
-        return self._paired(before_metric, ((b, c, None, None) for b, c in zip(self.subset, self._before_correct)))
+        pairs = ((b, c, None, None) for b, c in zip(self.subset, self._before_correct))
+        return self._paired(before_metric, len(self._before_correct), pairs)
 
-    def _recorded(self, record: SampleRecord) -> Any:
-        """(batch, correct before, weight per sample, recorded labels) of the record's samples in a seeded order."""
+    def _recorded(self, record: SampleRecord) -> tuple[int, Any]:
+        """This rank's number of batches, and (batch, correct before, weight per sample, recorded labels) of the
+        record's samples in a seeded order."""
         weights = record.weights if record.weights is not None else torch.ones(1, dtype=torch.float64)
         loader, order = record.loader(self.trainer, SUBSET_SEED, self.gate_batches)
         size = loader.batch_size or 1
-        for i, batch in enumerate(loader):  # the sampler's list in chunks of batch_size: chunk i is batch i
-            chosen = order[i * size: (i + 1) * size]
-            yield batch, record.correct[chosen], weights[record.target[chosen]], record.target[chosen]
 
-    def _paired(self, before_metric: float, pairs: Any) -> float:
-        """The sequential paired test over ``pairs`` (see :mod:`lightning_compress.core.sequential`)."""
+        def pairs() -> Any:
+            for i, batch in enumerate(loader):  # the sampler's list in chunks of batch_size: chunk i is batch i
+                chosen = order[i * size: (i + 1) * size]
+                yield batch, record.correct[chosen], weights[record.target[chosen]], record.target[chosen]
+        return len(loader), pairs()
+
+    def _sums(self, batch: Any, before: torch.Tensor, weights: torch.Tensor | None, labels: Any) -> torch.Tensor:
+        """This batch's (sum of d, sum of d squared, count, label mismatch) for the all-reduce."""
+        after, target = _correct(self.trainer, self.module, batch)
+        d = (before - after) * (weights if weights is not None else 1.0)
+        mismatch = float(labels is not None and not torch.equal(labels, target.detach().cpu().reshape(-1)))
+        return torch.tensor([float(d.sum()), float((d * d).sum()), float(d.numel()), mismatch], dtype=torch.float64)
+
+    def _estimate(self, before_metric: float, paired: PairedDifference, rule: str) -> float:
+        """Record an "after" that saw part of the set as an estimate (with its interval at the level the rule
+        used), and return it for the gate."""
+        low, high = paired.interval(look_confidence(self.confidence, paired.population))
+        self.estimate = {"value": before_metric - paired.mean, "low": before_metric - high,
+                         "high": before_metric - low, "samples": paired.count, "population": paired.population}
+        self.rules.append(rule)
+        return before_metric - paired.mean
+
+    def _paired(self, before_metric: float, batches: int, pairs: Any) -> float:
+        """The sequential paired test over ``pairs`` (see :mod:`lightning_compress.core.sequential`); ``batches``:
+        how many this rank holds (the ranks run to the largest such number, see the module)."""
         allowed = self.allowed_drop(before_metric)
         population = self.record.population if self.record is not None else self._population()
-        paired = PairedDifference(population=population)
+        weights = self.record.weights if self.record is not None else None
+        paired = PairedDifference(population=population, scale=float(weights.max()) if weights is not None else 1.0)
+        steps = self.trainer.strategy.reduce(torch.tensor(float(batches), dtype=torch.float64), reduce_op="max")
+        pairs = iter(pairs)
         self.evaluations += 1
         with eval_mode(self.module):
-            for batch, before, weights, labels in pairs:
-                after, target = _correct(self.trainer, self.module, batch)
-                d = (before - after) * (weights if weights is not None else 1.0)
-                mismatch = float(labels is not None and not torch.equal(labels, target.detach().cpu().reshape(-1)))
-                sums = torch.tensor([float(d.sum()), float((d * d).sum()), float(d.numel()), mismatch],
-                                    dtype=torch.float64)
+            for _ in range(int(steps.item())):
+                item = next(pairs, None)  # None: this rank's shard is done, it adds nothing but joins the reduce
+                sums = self._sums(*item) if item is not None else torch.zeros(4, dtype=torch.float64)
                 total, squares, count, mismatches = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
                 self.samples += int(count)
                 if mismatches:
@@ -171,11 +200,9 @@ class EventEvaluation:
                     self.rules.append(f"after: every sample ({paired.count}, exact)")
                     return before_metric - paired.mean
                 if allowed is not None and paired.decide(allowed, self.confidence) != "undecided":
-                    self.rules.append(f"after: early stop at {paired.count} samples")
-                    return before_metric - paired.mean
+                    return self._estimate(before_metric, paired, f"after: early stop at {paired.count} samples")
         if allowed is None:
-            self.rules.append(f"after: subset estimate ({paired.count} samples, no bound)")
-            return before_metric - paired.mean
+            return self._estimate(before_metric, paired, f"after: subset estimate ({paired.count} samples, no bound)")
         self.rules.append(f"after: full set (close to the bound after {paired.count} samples)")
         return self._full()
 

@@ -5,7 +5,10 @@ What each figure means (the summary and every rendering keep these meanings):
 - ``CompressionEvent``: one compression step (a pruning event, the quantization). ``metric_before`` is measured
   immediately before the step, ``metric_after`` immediately after it; ``reference`` is the figure the metric gate
   judged ``metric_after`` against (``metric_before`` by default, the metric before the first pruning event with
-  ``metric_reference="initial"``) and ``drop`` = how much worse ``metric_after`` is than ``reference``.
+  ``metric_reference="initial"``) and ``drop`` = how much worse ``metric_after`` is than ``reference``. When the gate
+  stopped early (part of the validation set seen), ``metric_after`` and ``drop`` are None and
+  ``metric_after_estimate`` holds the estimate: ``value``, its interval ``low`` / ``high``, and ``samples`` seen of
+  ``population``; it is never shown or plotted as a measured metric.
 - ``sparsity``: the fraction of the tracked weights that *pruning* has removed (each parameter counted once);
   ``unit_sparsity`` the same over units (structured). Zeros that rounding produced are never counted as sparsity.
 - ``delivered_metric`` / ``delivered_test_metric``: one evaluation of the model that the fit delivers, after the
@@ -34,6 +37,15 @@ class CompressionEvent:
     reference: float | None = None  # what the gate compared metric_after with
     drop: float | None = None  # metric_after worse than reference, in the metric's units (negative: better)
     unit_sparsity: float | None = None  # structured pruning: fraction of the prunable units removed
+    metric_after_estimate: dict[str, float] | None = None  # early stop: the estimate instead of metric_after
+
+    def estimated(self, estimate: dict[str, float]) -> None:
+        """Mark the metric after the step as estimated on part of the set (see the module), and say so in the
+        note."""
+        self.metric_after_estimate, self.metric_after, self.drop = dict(estimate), None, None
+        said = (f"metric after estimated on {estimate['samples']} of {estimate['population']} samples: "
+                f"{estimate['value']:.4f} [{estimate['low']:.4f}, {estimate['high']:.4f}]")
+        self.note = "; ".join(text for text in (self.note, said) if text)
 
     @classmethod
     def from_pruning(cls, entry: dict[str, Any], structured: bool) -> CompressionEvent:

@@ -139,6 +139,7 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
                 event.metric_before, event.metric_after, report.higher_is_better)),
             "sparsity": _finite(event.sparsity),
             "unit_sparsity": _finite(event.unit_sparsity),
+            "metric_after_estimate": event.metric_after_estimate,
             "accepted": event.accepted,
             "note": event.note,
         }

@@ -370,3 +370,17 @@ def test_a_per_step_schedules_gate_on_its_own_before_pass_record_decides_alike_o
     assert any("after: early stop at" in r for r in own), rules
     assert any(not h["accepted"] for h in history) and any(h["accepted"] for h in history)
     _same_on_every_rank([r["masks"] for r in record["final"]], "masks")
+
+
+def test_the_gate_runs_unequal_validation_shards_to_the_same_batch_count(tmp_path) -> None:
+    """257 validation samples on 2 ranks, batches of 32: the shards hold 5 and 4 batches. Every all-reduce of the
+    paired "after" is met on both ranks (the shorter shard adds zeros), so the fit ends and both ranks decide alike.
+    A bound of 0 keeps close events going to the last sample (each rank's own batch count hung there)."""
+    _run("ddp_spawn", "gate_unequal_shards", tmp_path)
+    record = _load(tmp_path, "gate_unequal_shards")
+    history = _same_on_every_rank([r["history"] for r in record["final"]], "pruning history")
+    rules = [h["gate_evaluation"] for h in history]
+    assert rules and all(r.startswith("before: full set, per-sample record kept (257 samples); after: ") for r in rules)
+    assert not any("after: full set" in r for r in rules), rules  # the paired rule answered every event
+    assert any("after: every sample (257, exact)" in r for r in rules), rules  # the longer shard's 5th batch ran
+    _same_on_every_rank([r["masks"] for r in record["final"]], "masks")

@@ -205,11 +205,24 @@ def scenario_gate_per_step(strategy: str, out_dir: str) -> None:
     trainer(strategy, probe.callbacks(pruning), out_dir, max_epochs=3).fit(model(), DigitsDataModule(batch_size=32))
 
 
+def scenario_gate_unequal_shards(strategy: str, out_dir: str) -> None:
+    """``gate_per_step`` on 257 validation samples: the unpadded shards hold 129 and 128 samples, 5 and 4 batches
+    of 32, so the paired "after" must run both ranks to the larger count (the shorter adds zeros) or it hangs. A bound
+    of 0 makes some events read every sample (none can be accepted early: the interval never closes on 0)."""
+    pl.seed_everything(3)
+    pruning = GradientStabilityPruning(sparsity=0.97, schedule="constant", amount=0.6, start_step=5, frequency=10,
+                                       max_metric_drop=0.0)
+    probe = RankProbe(out_dir, "gate_unequal_shards")
+    trainer(strategy, probe.callbacks(pruning), out_dir, max_epochs=2).fit(
+        model(), DigitsDataModule(batch_size=32, val_fraction=0.143))
+
+
 SCENARIOS = {
     "main": scenario_main,
     "gate": scenario_gate,
     "gate_default": scenario_gate_default,
     "gate_per_step": scenario_gate_per_step,
+    "gate_unequal_shards": scenario_gate_unequal_shards,
     "accumulate_bf16": scenario_accumulate_bf16,
     "odd_val": scenario_odd_val,
     "resume": scenario_resume,

@@ -70,7 +70,8 @@ def test_paired_subset_stops_early_and_every_event_says_which_rule_decided_on_ho
     trainer = _fit(pruning)
     rules = [h["gate_evaluation"] for h in pruning.history]
     assert all("before: " in r and "after: " in r for r in rules)
-    assert any("after: early stop at 64 samples" in r for r in rules), rules  # a step that changed no prediction
+    # a step that changed no prediction: the variance floor and the 3 looks' budget (64, 128, 256) settle it at 256
+    assert any("after: early stop at 256 samples" in r for r in rules), rules
     # steps since the last validation: nothing to reuse; the full "before" keeps the per-sample record
     assert any("before: full set, per-sample record kept (270 samples)" in r for r in rules), rules
     for h in pruning.history:  # the gate's verdict is the estimate's: inside the bound kept, outside refused
@@ -83,8 +84,16 @@ def test_paired_subset_stops_early_and_every_event_says_which_rule_decided_on_ho
             stops += 1
             assert h["gate_samples"] == 270 + int(stop.group(1)) and h["gate_passes"] == 2
     assert stops
-    notes = [e.note for e in report_of(trainer).events]
-    assert all(r in n for r, n in zip(rules, notes))
+    events = report_of(trainer).events
+    assert all(r in e.note for r, e in zip(rules, events))
+    for h, e in zip(pruning.history, events):  # an early stop is reported as an estimate, never as the metric
+        early = "after: early stop at" in h["gate_evaluation"]
+        assert (e.metric_after is None and e.drop is None) == early
+        if early:
+            est = e.metric_after_estimate
+            assert est is not None and est["value"] == pytest.approx(h["metric_after"])
+            assert est["low"] <= est["value"] <= est["high"] and est["population"] == 270
+            assert f"metric after estimated on {est['samples']} of 270 samples" in e.note
 
 
 def test_a_step_close_to_the_bound_falls_back_to_the_full_set() -> None:
