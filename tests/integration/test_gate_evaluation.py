@@ -5,11 +5,13 @@ Real fits on the built-in digits data."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
 from lightning_compress import GradientStabilityPruning
 from lightning_compress.demos.data import DigitsDataModule
@@ -41,10 +43,26 @@ class _TwoForwards(MLPClassifier):
         super().validation_step(batch, batch_idx)
 
 
+class _Logged(Logger):
+    """Every (step, metrics) the callbacks send to the loggers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    name, version = "spy", 0  # type: ignore[assignment]
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+
 def _fit(pruning: GradientStabilityPruning, *extra: Callback, max_epochs: int = 3,
-         cls: type[MLPClassifier] = MLPClassifier) -> pl.Trainer:
+         cls: type[MLPClassifier] = MLPClassifier, logger: Logger | bool = False) -> pl.Trainer:
     pl.seed_everything(0)
-    trainer = quiet_trainer([*extra, pruning], max_epochs=max_epochs)
+    trainer = quiet_trainer([*extra, pruning], max_epochs=max_epochs, logger=logger)
     trainer.fit(cls(input_size=64, hidden=[128, 64], lr=1e-2), DigitsDataModule(batch_size=64))
     return trainer
 
@@ -67,9 +85,16 @@ def test_an_event_right_after_validation_reuses_its_value_which_equals_a_full_ev
 def test_paired_subset_stops_early_and_every_event_says_which_rule_decided_on_how_many_samples() -> None:
     pruning = GradientStabilityPruning(sparsity=0.8, max_metric_drop=0.02, metric_kwargs=MICRO, gate_batches=4,
                                        verbose=0)
-    trainer = _fit(pruning)
+    logged = _Logged()
+    trainer = _fit(pruning, logger=logged)
     rules = [h["gate_evaluation"] for h in pruning.history]
     assert all("before: " in r and "after: " in r for r in rules)
+    name = f"pruning/{pruning.metric_spec.name}"
+    sent = [m for _, m in logged.calls if "pruning/sparsity" in m]  # one per event, in order
+    assert len(sent) == len(rules)
+    for rule, metrics in zip(rules, sent):  # an estimate is never logged under the metric's own name
+        early = "after: early stop at" in rule
+        assert (name in metrics, f"{name}_estimate" in metrics) == (not early, early), (rule, metrics)
     # a step that changed no prediction: the variance floor and the 3 looks' budget (64, 128, 256) settle it at 256
     assert any("after: early stop at 256 samples" in r for r in rules), rules
     # steps since the last validation: nothing to reuse; the full "before" keeps the per-sample record
