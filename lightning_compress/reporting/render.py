@@ -118,10 +118,18 @@ EVENT_COLUMNS = ["#", "kind", "step", "metric before", "metric after", "referenc
                  "pruned", "accepted", "note"]
 
 
+def _fmt_after(event: Mapping[str, Any]) -> str:
+    """The metric after a step, or, where the gate stopped early, its estimate marked as one (never as measured)."""
+    estimate = event.get("metric_after_estimate")  # absent from summaries written before estimates were kept
+    if event["metric_after"] is not None or not estimate:
+        return _fmt_metric(event["metric_after"])
+    return f"~{_fmt_metric(estimate['value'])} (estimated on {estimate['samples']} of {estimate['population']} samples)"
+
+
 def _event_rows(summary: Mapping[str, Any]) -> list[list[str]]:
     return [
         [
-            str(i), e["kind"], str(e["step"]), _fmt_metric(e["metric_before"]), _fmt_metric(e["metric_after"]),
+            str(i), e["kind"], str(e["step"]), _fmt_metric(e["metric_before"]), _fmt_after(e),
             _fmt_metric(e["reference"]), _fmt_drop(e["metric_drop"]),
             "-" if e["sparsity"] is None else f"{e['sparsity']:.1%}",
             "yes" if e["accepted"] else ("over bound" if e["kind"] == "quantize" else "rolled back"), e["note"],
@@ -258,6 +266,12 @@ def build_figure(summary: Mapping[str, Any]) -> Any:
                               fillstyle="none", label=f"{name} before step")
                 ax_steps.plot([e["step"] for e in chosen], [e["metric_after"] for e in chosen], "o", color=colour,
                               label=label)
+    estimated = [e for e in prune if e["metric_after"] is None and e.get("metric_after_estimate")]
+    if estimated:  # drawn apart, with their interval, and labelled: not measured on the whole set
+        values = [e["metric_after_estimate"] for e in estimated]
+        ax_steps.errorbar([e["step"] for e in estimated], [v["value"] for v in values],
+                          yerr=[[v["value"] - v["low"] for v in values], [v["high"] - v["value"] for v in values]],
+                          fmt="x", color="tab:purple", label="after, estimated on part of the set (early stop)")
     for e in (e for e in events if e["kind"] == "quantize" and e["metric_after"] is not None):
         colour = "tab:green" if e["accepted"] else "tab:red"
         if e["metric_before"] is not None:

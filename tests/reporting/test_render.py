@@ -90,3 +90,20 @@ def test_plot_is_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest.
 def test_a_report_without_figure_does_not_link_one(tmp_path: Path) -> None:
     write_files(summarize(_report()), tmp_path, plot=False)
     assert "![compression report]" not in (tmp_path / publish_module.MARKDOWN_NAME).read_text()
+
+
+def test_an_early_stopped_event_is_shown_and_summarised_as_an_estimate_not_as_the_metric() -> None:
+    model = _model()
+    report = _report(model)
+    event = report.events[0]
+    event.estimated({"value": 0.912345, "low": 0.9, "high": 0.93, "samples": 256, "population": 270})
+    summary = summarize(report, model)
+    first = summary["events"][0]
+    assert first["metric_after"] is None and first["metric_drop"] is None
+    assert first["metric_after_estimate"]["samples"] == 256
+    assert "metric after estimated on 256 of 270 samples: 0.9123 [0.9000, 0.9300]" in first["note"]
+    markdown = report_output.to_markdown(summary)
+    assert "~0.9123 (estimated on 256 of 270 samples)" in markdown
+    figure = report_output.build_figure(summary)  # drawn apart with its interval, labelled as an estimate
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert "after, estimated on part of the set (early stop)" in labels
