@@ -21,7 +21,7 @@ WIDTH, HEIGHT = 1000, 760
 LEFT, RIGHT = 80, 920  # plot area, both panels
 TOP_PANEL, BOTTOM_PANEL = (70, 370), (450, 650)  # (top y, bottom y)
 COLOURS = {"kept": "#1f77b4", "refused": "#d62728", "sparsity": "#ff7f0e", "fp32": "#7f7f7f",
-           "compressed": "#9467bd", "quantized": "#2ca02c"}
+           "compressed": "#9467bd", "quantized": "#2ca02c", "estimate": "#8c564b"}
 
 
 def _text(x: float, y: float, text: str, size: int = 11, anchor: str = "start", extra: str = "") -> str:
@@ -54,6 +54,8 @@ def _steps_panel(summary: Mapping[str, Any]) -> list[str]:
     quant = [e for e in events if e["kind"] == "quantize" and e["metric_after"] is not None]
     delivered = summary["delivered"]["val"]
     values = [v for e in prune + quant for v in (e["metric_before"], e["metric_after"]) if v is not None]
+    estimated = [e for e in prune if e["metric_after"] is None and e.get("metric_after_estimate")]
+    values += [e["metric_after_estimate"][k] for e in estimated for k in ("low", "high")]
     values += [delivered] if delivered is not None else []
     steps = [e["step"] for e in prune + quant] or [0]
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
@@ -81,6 +83,11 @@ def _steps_panel(summary: Mapping[str, Any]) -> list[str]:
         for key, fill in (("metric_before", "white"), ("metric_after", colour)):
             if e[key] is not None:
                 out.append(f'<circle cx="{x:.1f}" cy="{y_of(e[key]):.1f}" r="4" fill="{fill}" stroke="{colour}"/>')
+    for e in estimated:  # an early stop's estimate: its interval, apart from the measured points
+        x, v, colour = x_of(e["step"]), e["metric_after_estimate"], COLOURS["estimate"]
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y_of(v["low"]):.1f}" y2="{y_of(v["high"]):.1f}" '
+                   f'stroke="{colour}"/>')
+        out.append(f'<circle cx="{x:.1f}" cy="{y_of(v["value"]):.1f}" r="3" fill="white" stroke="{colour}"/>')
     for e in quant:
         x, colour = x_of(e["step"]), COLOURS["quantized" if e["accepted"] else "refused"]
         if e["metric_before"] is not None:
@@ -96,6 +103,8 @@ def _steps_panel(summary: Mapping[str, Any]) -> list[str]:
     kept, refused, sparsity = COLOURS["kept"], COLOURS["refused"], COLOURS["sparsity"]
     legend = [("white", kept, f"{name} before step"), (kept, kept, "pruning step kept"),
               (refused, refused, "rolled back"), (sparsity, sparsity, "pruned fraction (right axis)")]
+    if estimated:
+        legend.append(("white", COLOURS["estimate"], "after, estimated on part of the set (early stop)"))
     if quant:
         legend.append((COLOURS["quantized"], COLOURS["quantized"], f"quantized (grey: float {name})"))
     if delivered is not None:

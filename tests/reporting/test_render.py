@@ -16,6 +16,7 @@ from lightning_compress.reporting import render as report_output
 from lightning_compress.reporting.plot import main as plot_main
 from lightning_compress.reporting.publish import write_files
 from lightning_compress.reporting.summary import summarize
+from lightning_compress.reporting.svg import build_svg
 from tests.reporting._fixtures import BN_FP32, CONV_FP32, LINEAR_FP32, PNG_MAGIC, _model, _report
 
 
@@ -107,3 +108,6 @@ def test_an_early_stopped_event_is_shown_and_summarised_as_an_estimate_not_as_th
     figure = report_output.build_figure(summary)  # drawn apart with its interval, labelled as an estimate
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert "after, estimated on part of the set (early stop)" in labels
+    svg = build_svg(summary)
+    ElementTree.fromstring(svg)  # well-formed
+    assert "after, estimated on part of the set (early stop)" in svg
