@@ -177,7 +177,8 @@ class PruningEvents(CompressionCallback):
                   {f"pruning/sparsity/{n}": s for n, s in per_layer.items()})
         if self.config.verbose:
             rank_zero_info(pruning_line(entry, self.metric_spec.name, metrics["pruning/sparsity"],
-                                        self.config.structured, per_layer if self.config.verbose > 1 else None))
+                                        self.config.structured, per_layer if self.config.verbose > 1 else None,
+                                        estimate))
 
     def _check_target(self, delivered: float) -> None:
         """Compare what the fit delivered with the target: the report's headline says both, and a shortfall warns

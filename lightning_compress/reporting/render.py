@@ -44,10 +44,13 @@ def _fmt_drop(drop: float | None) -> str:
 
 
 def pruning_line(entry: Mapping[str, Any], metric: str, sparsity: float, structured: bool,
-                 per_layer: Mapping[str, float] | None = None) -> str:
-    """The console line of one pruning event (``per_layer``: verbose=2)."""
-    shown = "" if entry["metric_after"] is None else (
-        f", {metric} {_fmt_metric(entry['metric_before'])} -> {_fmt_metric(entry['metric_after'])}")
+                 per_layer: Mapping[str, float] | None = None, estimate: Mapping[str, Any] | None = None) -> str:
+    """The console line of one pruning event (``per_layer``: verbose=2; ``estimate``: the metric after the step was
+    estimated on part of the set, and the line says so)."""
+    after = "" if entry["metric_after"] is None else _fmt_metric(entry["metric_after"])
+    if estimate is not None and after:
+        after = f"~{after} (estimated on {estimate['samples']} of {estimate['population']} samples)"
+    shown = after and f", {metric} {_fmt_metric(entry['metric_before'])} -> {after}"
     layers = f" ({', '.join(f'{n} {s:.0%}' for n, s in per_layer.items())})" if per_layer else ""
     return (f"GradientStabilityPruning: step {entry['step']}: sparsity {sparsity:.3f}{' (units)' if structured else ''}"
             f"{shown}{'' if entry['accepted'] else ' (rolled back)'}{layers}")

@@ -111,3 +111,12 @@ def test_an_early_stopped_event_is_shown_and_summarised_as_an_estimate_not_as_th
     svg = build_svg(summary)
     ElementTree.fromstring(svg)  # well-formed
     assert "after, estimated on part of the set (early stop)" in svg
+
+
+def test_the_console_line_marks_an_estimated_metric_after() -> None:
+    entry = {"step": 30, "metric_before": 0.9, "metric_after": 0.88, "accepted": True}
+    measured = report_output.pruning_line(entry, "accuracy", 0.5, False)
+    estimated = report_output.pruning_line(entry, "accuracy", 0.5, False,
+                                           estimate={"samples": 256, "population": 750})
+    assert "-> 0.8800" in measured and "estimated" not in measured
+    assert "-> ~0.8800 (estimated on 256 of 750 samples)" in estimated
