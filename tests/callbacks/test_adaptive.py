@@ -24,6 +24,7 @@ from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.export import load_float
+from tests.callbacks._rank_errors import SetupErrorFile
 
 BOUND = 0.05  # accuracy points the delivered model may lose on the validation data
 EPOCHS = 6
@@ -329,22 +330,8 @@ def test_ddp_an_export_over_the_budget_on_rank_zero_fails_every_rank(tmp_path: P
     assert report["failure"].startswith("BudgetError")
 
 
-class _SetupErrorFile(AdaptiveCompression):
-    """Writes the error ``setup`` ends with on each rank into ``folder``; rank zero waits for rank one's before
-    raising (the spawn launcher stops the other processes as soon as one ends). Module level: ddp_spawn pickles it."""
-
-    folder = ""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
-            super().setup(trainer, pl_module, stage)
-        except Exception as err:
-            Path(self.folder, f"rank{trainer.global_rank}.err").write_text(f"{type(err).__name__}: {err}")
-            deadline = time.monotonic() + 60
-            while trainer.is_global_zero and not Path(self.folder, "rank1.err").exists() \
-                    and time.monotonic() < deadline:
-                time.sleep(0.1)
-            raise
+class _SetupErrorFile(SetupErrorFile, AdaptiveCompression):
+    """AdaptiveCompression recording its setup error per rank (module level: ddp_spawn pickles it)."""
 
 
 @pytest.mark.ddp

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,24 +10,11 @@ import pytest
 from lightning_compress import PostTrainingQuantization
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
+from tests.callbacks._rank_errors import SetupErrorFile
 
 
-class _SetupErrorFile(PostTrainingQuantization):
-    """Writes the error ``setup`` ends with on each rank into ``folder``; rank zero waits for rank one's before
-    raising (the spawn launcher stops the other processes as soon as one ends). Module level: ddp_spawn pickles it."""
-
-    folder = ""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
-            super().setup(trainer, pl_module, stage)
-        except Exception as err:
-            Path(self.folder, f"rank{trainer.global_rank}.err").write_text(f"{type(err).__name__}: {err}")
-            deadline = time.monotonic() + 60
-            while trainer.is_global_zero and not Path(self.folder, "rank1.err").exists() \
-                    and time.monotonic() < deadline:
-                time.sleep(0.1)
-            raise
+class _SetupErrorFile(SetupErrorFile, PostTrainingQuantization):
+    """PostTrainingQuantization recording its setup error per rank (module level: ddp_spawn pickles it)."""
 
 
 @pytest.mark.ddp
