@@ -20,7 +20,7 @@ family ramping to its own planned count, the model compacted at the end and its 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -29,12 +29,14 @@ from torch import Tensor, nn
 from lightning_compress.adaptive.in_fit import shortfall
 from lightning_compress.adaptive.latency import build_table, float_graph, measure
 from lightning_compress.adaptive.latency_budget import AIM, LatencyBudgetError, LatencyProblem, within
+from lightning_compress.adaptive.recovery_gate import RecoveryGate
+from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.units import LAYERS, family_candidates, kept_counts
 from lightning_compress.pruning.planner import expand_masks
-from lightning_compress.pruning.run import PruningRun
+from lightning_compress.pruning.run import PruningRun, check_finite_before
 from lightning_compress.pruning.structured import unit_families
 
-__all__ = ["LatencyPlanner", "LatencyRun", "shortfall", "verify"]
+__all__ = ["LatencyPlanner", "LatencyRun", "settle_last", "shortfall", "verify", "verify_bound"]
 
 
 class LatencyPlanner:
@@ -46,6 +48,7 @@ class LatencyPlanner:
         self.problem: LatencyProblem | None = None
         self.dense_graph: bytes | None = None
         self.steps: list[str] = []
+        self.caps: Mapping[str, int] = {}  # family -> fewest units it may keep (events undone after recovery)
         self.example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
     def _build(self, names: list[str], groups: Mapping[str, Any]) -> LatencyProblem:
@@ -76,12 +79,15 @@ class LatencyPlanner:
         assert problem is not None
         for name, family in problem.members.items():
             scores = unit_fisher(family, fisher)
-            problem.candidates[name] = family_candidates(name, scores)
+            fewest = self.caps.get(name, 0)
+            problem.candidates[name] = [c for c in family_candidates(name, scores) if c.kept >= fewest] or \
+                family_candidates(name, scores)[:1]
             keep = current.get(name)
             problem.scores[name] = scores if keep is None else torch.where(keep.cpu().bool(), scores, -1.0)
 
     def __call__(self, names: list[str], groups: Mapping[str, Any], fisher: Mapping[str, Tensor],
-                 current: Mapping[str, Tensor], final: bool) -> dict[str, int]:
+                 current: Mapping[str, Tensor], final: bool, caps: Mapping[str, int] | None = None) -> dict[str, int]:
+        self.caps = dict(caps or {})
         if self.problem is None:
             self.problem = self._build(names, groups)
         problem = self.problem
@@ -122,6 +128,7 @@ class LatencyRun(PruningRun):
         self.kept_plan: dict[str, int] = {}
         self.planned_at: int | None = None
         self.progress, self.replans = 0.0, 0
+        self.recovery = RecoveryGate()  # each event judged after the model trained since (adaptive.recovery_gate)
 
     def _families(self) -> dict[str, list[str]]:
         return self.planner.problem.members if self.planner is not None and self.planner.problem else {}
@@ -149,7 +156,7 @@ class LatencyRun(PruningRun):
             self.planned_at, self.progress = tick, float(progress)
             fisher = dict(zip(self.stats.names, self.stats.unit_taylor_second_moment()))
             plan = self.planner(self.layers.names, self.state.groups, fisher, self.state.unit_masks,
-                                final=progress >= 1.0)
+                                final=progress >= 1.0, caps=self.recovery.caps)
             self.kept_plan = {n: int(k) for n, k in self.broadcast(plan).items()}
             self.replans += 1
         families, targets = self._families(), self._targets()
@@ -158,6 +165,63 @@ class LatencyRun(PruningRun):
         target = removed / max(total, 1)
         cap = self.controller.sparsity_cap
         return target if cap is None else min(target, cap)
+
+    def event(self, tick: int, step: int, evaluate: Callable[[], float | None],
+              broadcast: Callable[[Any], Any] = lambda masks: masks,
+              optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, Any] | None:
+        """One event, its gate deferred (:mod:`~lightning_compress.adaptive.recovery_gate`): the event held before
+        (if any) is judged first by the metric measured now, after the training since, and undone when outside the
+        bound (its families capped, the plan solved again); then the new step is pruned and held, kept until its
+        own verdict. Returns the history entry of the new step, or of the undone one when no step follows."""
+        undone = None
+        if self.recovery.held is None:
+            target = self._target(tick)
+            if not self._gains(target, self.state.sparsity()):
+                return None
+            before = evaluate()
+            check_finite_before(self.state.model, step, before)
+        else:
+            before = evaluate()
+            check_finite_before(self.state.model, step, before)
+            undone = self.settle(before)
+            self.planned_at = None  # the plan again, now (with the caps of an undone event)
+            target = self._target(tick)
+            if not self._gains(target, self.state.sparsity()):
+                return undone
+        reference = self.controller.reference_for(before)
+        families = self._families()
+        kept_before = {n: self._kept(f)[1] for n, f in families.items()}
+        before_sparsity = self.state.sparsity()
+        undo = self.state.try_masks(*broadcast(self.plan(target)))
+        kept_after = {n: self._kept(f)[1] for n, f in families.items()}
+        self.recovery.hold(self.state, undo, families, kept_before, kept_after, tick, step, reference)
+        self.controller.conclude(tick=tick, step=step, metric_before=before, metric_after=None, weights_finite=True,
+                                 sparsity_before=before_sparsity, sparsity_tried=self.state.sparsity(),
+                                 extra={"weight_sparsity": self.state.weight_sparsity()})
+        self.state.keep(optimizers)
+        if self.config.restart_statistics and self.stats is not None:
+            self.stats.reset()
+        entry = self.controller.history[-1]
+        entry["note"] = "; ".join(filter(None, [entry["note"], "held: judged after recovery (at the next event or "
+                                                "the end of the fit)", undone["note"] if undone else ""]))
+        return entry
+
+    def settle(self, metric: float | None) -> dict[str, Any] | None:
+        """The held event judged by ``metric`` (the model trained since): kept, or undone (a history entry, refused,
+        is returned; None otherwise)."""
+        held_sparsity = self.state.sparsity()
+        settled = self.recovery.settle(self.state, self.controller.gate, metric, self._families())
+        if settled is None or settled[0].accepted:
+            return None
+        verdict, held = settled
+        self.controller.history.append({
+            "tick": held.tick, "step": held.step, "metric_before": None, "metric_after": metric,
+            "reference": held.reference, "drop": verdict.drop, "sparsity_tried": held_sparsity,
+            "sparsity": self.state.sparsity(), "accepted": False,
+            "reason": f"after recovery: {verdict.reason}", "note": self.recovery.log[-1],
+            "weight_sparsity": self.state.weight_sparsity(),
+        })
+        return self.controller.history[-1]
 
     def plan(self, target: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
         assert self.planner is not None and self.planner.problem is not None
@@ -180,13 +244,14 @@ class LatencyRun(PruningRun):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "kept_plan": dict(self.kept_plan), "planned_at": self.planned_at,
-                "progress": self.progress, "replans": self.replans}
+                "progress": self.progress, "replans": self.replans, "recovery": self.recovery.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.kept_plan = {str(n): int(k) for n, k in dict(state.get("kept_plan", {})).items()}
         self.planned_at, self.replans = state.get("planned_at"), int(state.get("replans", 0))
         self.progress = float(state.get("progress", 0.0))
+        self.recovery.load_state_dict(state.get("recovery", {}))
 
 
 def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], float] = lambda r: r) -> float:
@@ -234,11 +299,45 @@ def finish_latency(callback: Any, trainer: Any, model: nn.Module) -> None:
 
     run = callback.run
     planner = run.planner
-    ratio = verify(planner, model, run.broadcast)
     entry = callback.report.gate.setdefault(callback.report_name, {})
+    entry.update(recovery_gate=list(run.recovery.log), capped_families=dict(run.recovery.caps))
+    ratio = verify(planner, model, run.broadcast)
+    initial, metric = run.controller.initial_metric, verify_bound(callback, trainer, model, planner.steps)
     entry.update(budget={"latency": planner.latency, "latency_input": list(planner.shape),
                          "threads": planner.threads},
-                 delivered={"latency": ratio, "kept_units": dict(run.kept_plan)}, verification_steps=planner.steps,
-                 replans=run.replans, quantization="none: the compacted float model (int8 latency is not planned)")
+                 delivered={"latency": ratio, "kept_units": dict(run.kept_plan), "metric": metric},
+                 verification_steps=planner.steps, replans=run.replans,
+                 quantization="none: the compacted float model (int8 latency is not planned)")
     note = f"latency budget {planner.latency:g}: delivered {ratio:.3f}x of dense; " + "; ".join(planner.steps)
-    callback.report.events.append(CompressionEvent("compact", trainer.global_step, None, None, note=note))
+    callback.report.events.append(CompressionEvent("compact", trainer.global_step, initial, metric, note=note,
+                                                   reference=initial, drop=callback.gate.drop(initial, metric)))
+
+
+def settle_last(callback: Any, trainer: Any, model: nn.Module) -> None:
+    """Before the masks are frozen and the model compacted: the event still held judged by the metric now (after
+    the rest of the fit), undone when outside the bound; the verdict goes into the report's events."""
+    run = callback.run
+    if not isinstance(run, LatencyRun) or run.recovery.held is None:
+        return
+    metric = callback._evaluate(trainer, model) if callback.max_metric_drop is not None else None
+    entry = run.settle(metric)
+    if entry is not None:
+        callback._record(trainer, model, entry, loggable=False)
+
+
+def verify_bound(callback: Any, trainer: Any, model: nn.Module, steps: list[str]) -> float | None:
+    """The delivered (compacted) model's metric on the validation data, measured now, before anything is written;
+    raises :class:`~.session.BudgetError` when it is outside the bound of the metric before the first event."""
+    if callback.max_metric_drop is None or not callback._has_val:
+        return None
+    initial = callback.run.controller.initial_metric
+    metric = callback._evaluate(trainer, model)
+    verdict = callback.gate.judge(initial, metric)
+    drop = "not measured" if verdict.drop is None else f"{verdict.drop:.4g}"
+    steps.append(f"delivered (compacted) metric {metric!r} against {initial!r} before the first event: drop {drop}")
+    if not verdict.accepted:
+        raise BudgetError(f"`max_metric_drop`={callback.max_metric_drop!r}: the model this fit compacted for the "
+                          f"latency budget measured {metric!r} on the validation data against {initial!r} before "
+                          f"pruning ({verdict.reason}); nothing is exported; allowed: a larger latency budget or "
+                          f"max_metric_drop, or a longer fit after the last event (steps: {steps})", None)
+    return metric

@@ -28,16 +28,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_compress.adaptive import in_fit_units
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps, budget_caps
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
+from lightning_compress.adaptive.costs import delivered_macs, file_bytes
 from lightning_compress.adaptive.delivery import ExportOutcome, write_within
 from lightning_compress.adaptive.gptq_plan import METHODS
 from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
 from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, finish_latency, latency_setup
 from lightning_compress.adaptive.session import BudgetError
+from lightning_compress.adaptive.with_qat import BudgetPlan, planned_only, refusal
 from lightning_compress.callbacks.base import compression_callbacks
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
+from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import _calibration_forward
 from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
 from lightning_compress.core.io import check_export_path
@@ -48,12 +52,16 @@ from lightning_compress.integration.ranks import on_every_rank
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.tracked import TrackedLayers
-from lightning_compress.quantization.carried import forget
-from lightning_compress.quantization.coverage import layer_weight
+from lightning_compress.qat.model import carry
+from lightning_compress.quantization import sparse_layout
+from lightning_compress.quantization.carried import carried, forget
+from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers
 from lightning_compress.reporting.records import CompressionEvent
 from lightning_compress.structure.compaction import save_compacted
 
 PROGRESS = 1.0  # the schedule ramps progress from 0 to 1; each layer's target is its planned sparsity times it
+QUANTIZED_BY = {"gptq": "GPTQ at the widths planned", "rtn": "round to nearest with the calibration's clipping search",
+                "qat": "the widths planned when QAT started, trained by QuantizationAwareTraining, as trained"}
 PLANNED_MAX = 0.9  # the largest sparsity a plan can give (adaptive.candidates.SPARSITIES), for PruningConfig
 
 
@@ -140,6 +148,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         self._latency_shape: tuple[int, ...] = ()  # a latency budget's input shape, set in setup
         self.result: CompressionResult | None = None
         self._export_file: Path | None = None
+        self._qat: QuantizationAwareTraining | None = None  # trains the widths planned at its start (with_qat)
 
     def _reset_run(self, pl_module: pl.LightningModule | None = None, layers: TrackedLayers | None = None,
                    config: PruningConfig | None = None) -> None:
@@ -164,10 +173,19 @@ class AdaptiveCompression(GradientStabilityPruning):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        others = [type(c).__name__ for c in compression_callbacks(trainer) if c is not self]
+        peers = [c for c in compression_callbacks(trainer) if c is not self]
+        qat = [c for c in peers if type(c) is QuantizationAwareTraining]
+        others = [type(c).__name__ for c in peers if len(qat) != 1 or c is not qat[0]]
         if others:
             raise ValueError(f"AdaptiveCompression plans pruning and quantization together; {others} in the same "
-                             "Trainer would compress the model a second time; allowed: AdaptiveCompression alone")
+                             "Trainer would compress the model a second time; allowed: AdaptiveCompression alone, "
+                             "or with one QuantizationAwareTraining (which then trains the budget's widths)")
+        self._qat = qat[0] if qat else None
+        if self._qat is not None and self.budget.latency is not None:
+            raise ValueError(f"`budget` latency={self.budget.latency!r} delivers a compacted float model (int8 "
+                             "latency is not planned), so QuantizationAwareTraining would have no widths to train; "
+                             "allowed: a size / MACs budget with QuantizationAwareTraining, or the latency budget "
+                             "without it")
         self.result = None
         if self.budget.latency is not None:
             self._latency_shape = latency_setup(pl_module, self.budget)
@@ -214,6 +232,8 @@ class AdaptiveCompression(GradientStabilityPruning):
 
     # ------------------------------------------------------------------ end of fit
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._compacted:  # latency: the last event, held, is judged after the rest of the fit
+            in_fit_units.settle_last(self, trainer, pl_module)
         super()._finish(trainer, pl_module)  # the masks reached, frozen into the weights (latency: compacted)
         if isinstance(self.run, LatencyRun):
             try:
@@ -223,19 +243,83 @@ class AdaptiveCompression(GradientStabilityPruning):
             self._export_compacted(trainer, pl_module)
             return
         # the way back should the export fail (compress() restores the floats on its own failures)
-        floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if self._export_file else {}
+        codes = self._qat.hand_over(trainer, pl_module) if self._qat is not None else {}
+        floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if self._export_file or codes \
+            else {}
         try:
-            result = self.result = self._compress(trainer, pl_module)
+            result, refused = self._trained(trainer, pl_module, codes, floats) if codes else (None, None)
+            if result is None:
+                result = self._compress(trainer, pl_module)
+                result.steps[:0] = [refused] if refused else []
+            self.result = result
         except BudgetError as err:
             self._fail(trainer, pl_module, err)
         self._export(trainer, pl_module, result, floats)
         self._report_plan(trainer, pl_module, result)
 
-    def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompressionResult:
+    def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        """Rank zero's first ``calibration_batches`` training batches, on every rank."""
         loader = trainer.train_dataloader
         batches = list(itertools.islice(iter(loader), self.calibration_batches)) if loader is not None else []
-        batches = [trainer.strategy.batch_to_device(b, pl_module.device)
-                   for b in trainer.strategy.broadcast(batches, src=0)]
+        return [trainer.strategy.batch_to_device(b, pl_module.device)
+                for b in trainer.strategy.broadcast(batches, src=0)]
+
+    def plan_widths(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BudgetPlan:
+        """For QuantizationAwareTraining when it starts: the widths and granularity the end of the fit would plan
+        (``compress(search="bits")`` on the masks reached, round to nearest, verified on the bound), without
+        delivering them: the model is left float (:func:`~lightning_compress.adaptive.with_qat.planned_only`), the
+        fit's random stream untouched. Rank zero's plan, on every rank. A budget and a bound that cannot both hold
+        end the fit here, before the QAT epochs are spent."""
+        try:
+            with torch.random.fork_rng(devices=[]):
+                result = planned_only(pl_module, lambda: self._compress(trainer, pl_module, method="rtn"))
+        except BudgetError as err:
+            self._fail(trainer, pl_module, err)
+        return trainer.strategy.broadcast(BudgetPlan.of(result, trainer.global_step), src=0)
+
+    def _trained(self, trainer: pl.Trainer, pl_module: pl.LightningModule, codes: dict[str, Any],
+                 floats: dict[str, torch.Tensor]) -> tuple[CompressionResult | None, str | None]:
+        """The codes QAT trained, carried by the model as they are, then measured: the file, the MACs of the weights
+        and the bound against the metric before pruning (the planning's float metric when nothing was pruned). None
+        and why (the model back to its latent float weights) when they miss a cap or the bound: the caller plans
+        again with the verified ``compress()``."""
+        assert self._qat is not None and self._qat.budget_plan is not None  # set when QAT started
+        plan = self._qat.budget_plan
+        carry(pl_module, codes, "QuantizationAwareTraining")
+        layers, _ = select_layers(pl_module, QUANT_MODULE_TYPES)
+        weights = {name: layer_weight(name, module) for name, module in layers.items()}
+        batches = self._batches(trainer, pl_module)
+        caps = budget_caps(pl_module, self.budget, batches[0] if batches else None,
+                           _calibration_forward if batches else None)
+        size = file_bytes(pl_module) if carried(pl_module) is not None else None
+        macs = delivered_macs(weights, caps.where, caps.other_macs) if batches else None
+        after = evaluation.evaluate(trainer, pl_module, self.metric_spec) if self._has_val else None
+        reference = self.controller.initial_metric if self.controller.initial_metric is not None \
+            else plan.metric_before
+        verdict = self.gate.judge(reference, after)
+        why = refusal(size, plan.budget_bytes, macs, plan.budget_macs, verdict)
+        shown = f"file {size} B, {macs} MACs" + ("" if after is None else f", metric {after:.6g}")
+        if why is not None:
+            rank_zero_info(f"AdaptiveCompression: the codes QAT trained are not delivered ({why}); planning again "
+                           "from the latent float weights")
+            with torch.no_grad():
+                for key, value in pl_module.state_dict().items():
+                    value.copy_(floats[key])
+            forget(pl_module)
+            return None, f"QAT's codes ({shown}) not delivered: {why}; planned again from the latent weights"
+        rows = [dict(row) for row in plan.rows]
+        for row in rows:  # the bytes of the codes delivered (a sparse layout's may move with the codes)
+            if row["layer"] in codes:
+                row["bytes"] = sparse_layout.nbytes(codes[row["layer"]])
+        steps = [*plan.steps, f"QAT trained the plan from step {plan.start_step}: {shown} (drop "
+                 f"{verdict.drop if verdict.drop is None else round(verdict.drop, 6)} against {reference}): "
+                 "delivered as trained"]
+        return CompressionResult(pl_module, rows, plan.budget_bytes, size, plan.budget_macs, macs, plan.metric_before,
+                                 after, plan.evaluations + int(after is not None), steps, method="qat"), None
+
+    def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                  method: str | None = None) -> CompressionResult:
+        batches = self._batches(trainer, pl_module)
         metric_fn, allowed = None, None
         if self._has_val:
             def metric_fn(_: Any) -> float:
@@ -250,7 +334,8 @@ class AdaptiveCompression(GradientStabilityPruning):
             return compress(pl_module, self.budget, batches, forward=_calibration_forward, metric_fn=metric_fn,
                             max_metric_drop=allowed, higher_is_better=self.metric_spec.higher_is_better,
                             calibration=self.calibration, calibration_batches=len(batches) or 1,
-                            corrections=self.corrections, search="bits", method=self.method if batches else "rtn")
+                            corrections=self.corrections, search="bits",
+                            method=(method or self.method) if batches else "rtn")
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult,
                 floats: dict[str, torch.Tensor]) -> None:
@@ -304,8 +389,7 @@ class AdaptiveCompression(GradientStabilityPruning):
                              "macs_per_example": result.budget_macs},
                      delivered={"file_bytes": result.file_bytes, "macs_per_example": result.macs},
                      plan=result.plan, verification_steps=list(result.steps), evaluations=result.evaluations,
-                     quantization="GPTQ at the widths planned" if result.method == "gptq" else
-                     "round to nearest with the calibration's clipping search")
+                     quantization=QUANTIZED_BY.get(result.method, QUANTIZED_BY["rtn"]))
         self.report.metric_before = result.metric_before
         drop = self.gate.drop(result.metric_before, result.metric_after)
         note = (f"budget {self.budget.size!r} / {self.budget.macs!r} MACs = {result.budget_bytes} B / "

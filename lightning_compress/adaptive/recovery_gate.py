@@ -1,0 +1,171 @@
+"""The metric gate of whole-unit pruning inside a fit, judged after recovery. No Lightning import.
+
+Right after a structured event the model has had no training to adapt to the units it lost, and whole units cost
+several points at that moment that a few hundred steps give back: a gate measured then refuses every event. So a
+structured event is *held*: it is kept at once, a snapshot of what it pruned is taken (the values at the positions
+it zeroed, the previous masks, the BatchNorm running statistics of the units it removed), and it is judged when the
+model has trained since, by the metric measured before the next event or at the end of the fit. Within the bound
+it stays; outside it, it is undone (the pruned units' weights and statistics back from the snapshot, the masks as
+they were) and each family it shrank is capped at the units it kept before, so the plan is solved again without
+taking those units.
+
+The decision is made on the metric every rank measured together (reduced over the ranks) and on masks every rank
+holds alike, so every rank undoes the same event; the held snapshot is plain CPU tensors in the checkpoint, so a
+resumed fit judges the event the interrupted one held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.gate import MetricGate, Verdict
+from lightning_compress.pruning.state import MaskState
+
+RUNNING = ("running_mean", "running_var")  # BatchNorm statistics of a unit: restored with its weights
+
+
+@dataclass
+class Held:
+    """One structured event waiting for its verdict: what undoing it needs."""
+
+    tick: int
+    step: int
+    reference: float | None  # the metric it is judged against
+    shrunk: dict[str, int]  # family -> units it kept before the event (the families the event shrank)
+    masks: dict[str, Tensor]  # parameter keep-masks before the event
+    unit_masks: dict[str, Tensor]  # unit keep-masks before the event
+    values: dict[str, Tensor]  # parameter -> its values at the positions the event zeroed (1-D, CPU)
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # "<module>.<buffer>" -> values of the units removed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tick": self.tick, "step": self.step, "reference": self.reference, "shrunk": dict(self.shrunk),
+                "masks": dict(self.masks), "unit_masks": dict(self.unit_masks), "values": dict(self.values),
+                "buffers": dict(self.buffers)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Held:
+        return cls(int(state["tick"]), int(state["step"]), state.get("reference"),
+                   {str(k): int(v) for k, v in dict(state["shrunk"]).items()}, dict(state["masks"]),
+                   dict(state["unit_masks"]), dict(state["values"]), dict(state.get("buffers", {})))
+
+
+def _removed(before: Mapping[str, Tensor], after: Mapping[str, Tensor], key: str, like: Tensor) -> Tensor:
+    """Where the keep-mask ``key`` went from kept (``before``; absent: all kept) to pruned (``after``)."""
+    old = before.get(key)
+    old = torch.ones_like(like, dtype=torch.bool) if old is None else old.to(like.device).bool()
+    new = after.get(key)
+    new = torch.ones_like(old) if new is None else new.to(like.device).bool()
+    return old & ~new
+
+
+def _unit_buffers(state: MaskState, families: Mapping[str, list[str]],
+                  removed: Mapping[str, Tensor]) -> dict[str, tuple[nn.Module, str, Tensor]]:
+    """``"<module>.<buffer>"`` -> (module, buffer name, unit indices) for the running statistics of the followers
+    of every family member whose units ``removed`` holds (per family: bool over its units)."""
+    modules = dict(state.model.named_modules())
+    out: dict[str, tuple[nn.Module, str, Tensor]] = {}
+    for name, gone in removed.items():
+        index = gone.nonzero().flatten().cpu()
+        for member in families[name]:
+            group = (state.groups or {}).get(member)
+            for follower in getattr(group, "followers", ()):
+                module = modules[follower]
+                for buffer in RUNNING:
+                    value = getattr(module, buffer, None)
+                    if isinstance(value, Tensor) and value.dim() == 1 and value.numel() == gone.numel():
+                        out[f"{follower}.{buffer}"] = (module, buffer, index)
+    return out
+
+
+class RecoveryGate:
+    """Holds each structured event until the model has trained since, then keeps or undoes it (module docstring).
+    ``caps``: family -> fewest units it may keep; ``log``: one line per verdict, for the report."""
+
+    def __init__(self) -> None:
+        self.held: Held | None = None
+        self.caps: dict[str, int] = {}
+        self.log: list[str] = []
+
+    def hold(self, state: MaskState, undo: Mapping[str, Any], families: Mapping[str, list[str]],
+             kept_before: Mapping[str, int], kept_after: Mapping[str, int], tick: int, step: int,
+             reference: float | None) -> None:
+        """After ``state.try_masks`` returned ``undo`` at the event (``tick``, ``step``): keep what undoing it
+        needs. ``kept_before`` / ``kept_after``: units each family kept around the event."""
+        before_masks, before_units = undo["masks"], undo["unit_masks"]
+        values = {}
+        for name, old in undo["weights"].items():
+            gone = _removed(before_masks, state.masks, name, old)
+            values[name] = old[gone].detach().cpu().clone()
+        shrunk = {n: int(kept_before[n]) for n in families if kept_after[n] < kept_before[n]}
+        removed = {n: _removed(before_units, state.unit_masks, n, state.unit_masks[n]) for n in shrunk
+                   if n in state.unit_masks}
+        buffers = {key: getattr(module, buffer)[index].detach().cpu().clone()
+                   for key, (module, buffer, index) in _unit_buffers(state, families, removed).items()}
+        self.held = Held(tick, step, reference, shrunk, {n: m.cpu().clone() for n, m in before_masks.items()},
+                         {n: m.cpu().clone() for n, m in before_units.items()}, values, buffers)
+
+    def settle(self, state: MaskState, gate: MetricGate, metric: float | None,
+               families: Mapping[str, list[str]]) -> tuple[Verdict, Held] | None:
+        """The held event judged by ``metric`` (measured after recovery): kept, or undone and its families capped.
+        Returns the verdict and the event, or None when none was held."""
+        held = self.held
+        if held is None:
+            return None
+        self.held = None
+        verdict = gate.judge(held.reference, metric)
+        what = f"event at step {held.step} (families {sorted(held.shrunk) or 'none'} shrunk)"
+        after = "not measured" if metric is None else f"{metric:.4g}"
+        if verdict.accepted:
+            self.log.append(f"{what}: after recovery the metric is {after} (drop {_drop(verdict)}): kept")
+            return verdict, held
+        self.undo(state, held, families)
+        for name, kept in held.shrunk.items():
+            self.caps[name] = max(self.caps.get(name, 0), kept)
+        capped = ", ".join(f"{n} at {k} units" for n, k in sorted(held.shrunk.items()))
+        self.log.append(f"{what}: after recovery the metric is {after} ({verdict.reason}): undone, the units "
+                        f"restored from the snapshot at step {held.step}; capped {capped}")
+        return verdict, held
+
+    @torch.no_grad()
+    def undo(self, state: MaskState, held: Held, families: Mapping[str, list[str]]) -> None:
+        """The held event's masks back, and the values it zeroed (weights, BatchNorm statistics) restored."""
+        params = dict(state.model.named_parameters(remove_duplicate=False))
+        removed = {n: _removed(held.unit_masks, state.unit_masks, n, state.unit_masks[n]) for n in held.shrunk
+                   if n in state.unit_masks}
+        where = {}
+        for name, values in held.values.items():
+            param = params.get(name)
+            gone = None if param is None else _removed(held.masks, state.masks, name, param)
+            if param is None or gone is None or int(gone.sum()) != values.numel():
+                raise ValueError(f"the held pruning event at step {held.step} does not fit parameter {name!r} (its "
+                                 "snapshot and the masks disagree): the checkpoint belongs to another model")
+            where[name] = (param, gone)
+        for name, values in held.values.items():
+            param, gone = where[name]
+            param[gone] = values.to(param.device, param.dtype)
+        for key, (module, buffer, index) in _unit_buffers(state, families, removed).items():
+            if key in held.buffers:
+                getattr(module, buffer)[index.to(getattr(module, buffer).device)] = held.buffers[key].to(
+                    getattr(module, buffer).device)
+        state.masks = {n: m.bool() for n, m in held.masks.items()}
+        state.unit_masks = {n: m.bool() for n, m in held.unit_masks.items()}
+        state.bind()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"held": self.held.state_dict() if self.held is not None else None, "caps": dict(self.caps),
+                "log": list(self.log)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        held = state.get("held")
+        self.held = Held.from_state(held) if held is not None else None
+        self.caps = {str(k): int(v) for k, v in dict(state.get("caps", {})).items()}
+        self.log = [str(line) for line in state.get("log", [])]
+
+
+def _drop(verdict: Verdict) -> str:
+    return "not measured" if verdict.drop is None else f"{verdict.drop:.4g}"
