@@ -26,6 +26,7 @@ scales) and deliver the codes it trained. The math lives in :mod:`lightning_comp
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Literal
 
@@ -35,7 +36,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import compression_callbacks
+from lightning_compress.adaptive.with_qat import BudgetPlan, decided_twice, layer_plan
+from lightning_compress.callbacks.base import CompressionCallback, compression_callbacks
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.core.validation import check_choice, check_number
@@ -108,6 +110,12 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self.start = start
         self.scale_lr = scale_lr
         self.activations = activations
+        self._given = dict(bits=bits, granularity=granularity, group_size=group_size, bits_overrides=bits_overrides,
+                           embedding_bits=embedding_bits, module_types=module_types, include=include,
+                           exclude=exclude, max_metric_drop=max_metric_drop, fallback=fallback,
+                           export_path=export_path, activations=activations)
+        self._budget: Any = None  # an AdaptiveCompression in the same Trainer: it plans the widths and delivers
+        self.budget_plan: BudgetPlan | None = None  # its plan, made when QAT started (kept in checkpoints)
         self.input_quantizers: dict[str, act.InputFakeQuantizer] = {}  # module name -> its input's, while QAT runs
         self._ranges: dict[str, act.Range] = {}  # weight key -> trained input range, read at the end of the fit
         self.quantizers: dict[str, LSQFakeQuantizer] = {}  # module name -> its fake quantizer, while QAT runs
@@ -142,6 +150,14 @@ class QuantizationAwareTraining(PostTrainingQuantization):
                                  "allowed: one of them")
         self.quantizers, self._group, self._codes, self._compacted_by = {}, None, {}, None
         self.input_quantizers, self._ranges = {}, {}
+        self._budget, self.budget_plan = budget_peer(trainer), None
+        if self._budget is not None:
+            defaults = {n: p.default for n, p in inspect.signature(type(self).__init__).parameters.items()}
+            if twice := decided_twice(self._given, defaults):
+                raise ValueError(f"QuantizationAwareTraining with AdaptiveCompression trains the widths the budget "
+                                 f"plans; {', '.join(twice)} would decide them (or the bound / export) a second time; "
+                                 "allowed: leave them at their defaults (the budget, `max_metric_drop` and "
+                                 "`export_path` are AdaptiveCompression's)")
         if any(isinstance(p, GradientStabilityPruning) and p.config.compact for p in compression_callbacks(trainer)):
             def check(module: Any, state: dict[str, Any], prefix: str, *_: Any) -> None:  # before any tensor copies
                 if not prefix:
@@ -176,7 +192,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
         started = (trainer.current_epoch >= self.start if isinstance(self.start, int)
                    else trainer.global_step >= self._start_step)
-        if started and not self.active:
+        planned_float = self._budget is not None and self.budget_plan is not None  # the plan quantizes no layer
+        if started and not self.active and not planned_float:
             self._activate(trainer, pl_module)
 
     def _activate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,9 +201,11 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         optimizer."""
         pending, self._pending = self._pending or {}, None
         resumed = "float_metric" in pending  # measured before this checkpoint, on the float model
-        self._float_metric = pending["float_metric"] if resumed else self._evaluate(trainer, pl_module)
+        composed = self._budget is not None  # AdaptiveCompression judges the delivered codes itself
+        self._float_metric = pending["float_metric"] if resumed else None if composed else \
+            self._evaluate(trainer, pl_module)
         masks = self._pruning_done(trainer, pl_module)
-        plan = self._plan(pl_module)
+        plan = self._planned(trainer, pl_module, pending)
         self._keys = {name: weight_key(name, module) for name, module in plan.layers.items()}
         self.quantizers = prepare(pl_module, plan, masks, pending.get("scales"), pending.get("log_gains"))
         if self.activations is not None:
@@ -203,8 +222,18 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             if state:
                 optimizer.state[scale] = {k: v.to(scale.device) if isinstance(v, Tensor) else v
                                           for k, v in state.items()}
-        rank_zero_info(f"QuantizationAwareTraining: int{self.spec.bits} {self.spec.granularity} fake quantization of "
-                       f"{len(self.quantizers)} layers from step {trainer.global_step}")
+        widths = f"the budget's plan ({plan.bits})" if composed else f"int{self.spec.bits} {self.spec.granularity}"
+        rank_zero_info(f"QuantizationAwareTraining: {widths} fake quantization of {len(self.quantizers)} layers from "
+                       f"step {trainer.global_step}")
+
+    def _planned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: dict[str, Any]) -> LayerPlan:
+        """The layers and specs QAT trains: ``bits`` on this callback's coverage or, with AdaptiveCompression, its
+        budget's plan on the masks reached (made now, or the one a resumed checkpoint holds)."""
+        if self._budget is None:
+            return self._plan(pl_module)
+        saved = pending.get("budget_plan")
+        self.budget_plan = BudgetPlan.from_state(saved) if saved else self._budget.plan_widths(trainer, pl_module)
+        return layer_plan(pl_module, self.budget_plan.rows, self._budget.calibration)
 
     def _pruning_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """The pruning masks QAT keeps in force. A structured ``compact=True`` pruning (over by now) is finished
@@ -231,7 +260,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         return {"active": True, "float_metric": self._float_metric,
                 "scales": {self._keys[n]: q.base_scale.detach().cpu().clone() for n, q in self.quantizers.items()},
                 "log_gains": {self._keys[n]: q.log_gain.detach().cpu().clone() for n, q in self.quantizers.items()},
-                "activations": act.states(self.input_quantizers, self._keys)}
+                "activations": act.states(self.input_quantizers, self._keys),
+                "budget_plan": self.budget_plan.state() if self.budget_plan is not None else None}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -259,7 +289,17 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             mine["optimizer"] = {"group": group, "state": [saved["state"].pop(i, {}) for i in ids]}
 
     # -- end of fit --------------------------------------------------------------------------------------------
+    def hand_over(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedTensor]:
+        """For AdaptiveCompression at the end of the fit: the codes trained (module name -> codes), the model left
+        plain with its latent float (masked) weights; empty when QAT never started."""
+        return self._take_off(trainer, pl_module) if self.active else {}
+
+    def checkpoint_details(self) -> dict[str, Any]:
+        return {} if self._budget is not None else super().checkpoint_details()  # AdaptiveCompression's details
+
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._budget is not None:  # AdaptiveCompression (finishing first) took the codes and delivered them
+            return
         if self.active:
             self._codes = self._take_off(trainer, pl_module)
             self._reference_next = self._float_metric is not None
@@ -310,6 +350,13 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             states.add(record(name, plan.layers[name], qtensor))
         return states
 
+
+
+def budget_peer(trainer: pl.Trainer) -> CompressionCallback | None:
+    """The AdaptiveCompression in the Trainer, if any (it plans the widths QAT trains)."""
+    from lightning_compress.callbacks.adaptive import AdaptiveCompression  # it imports this module
+
+    return next((c for c in compression_callbacks(trainer) if isinstance(c, AdaptiveCompression)), None)
 
 
 def linear_scales_resumed(pending: dict[str, Any], weights: int) -> dict[str, Any]:

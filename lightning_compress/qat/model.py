@@ -96,8 +96,13 @@ def release(model: nn.Module, quantizers: Mapping[str, LSQFakeQuantizer]) -> dic
 
 def convert(model: nn.Module, quantizers: Mapping[str, LSQFakeQuantizer], source: str = "QAT") -> QuantizationResult:
     """:func:`release`, then the dequantized codes written into the weights; the model carries the codes."""
+    return carry(model, release(model, quantizers), source)
+
+
+def carry(model: nn.Module, codes: Mapping[str, QuantizedTensor], source: str = "QAT") -> QuantizationResult:
+    """``codes`` (what :func:`release` read) dequantized into the plain weights, nothing re-rounded; the model
+    carries them."""
     modules = dict(model.named_modules())
-    codes = release(model, quantizers)
     result = QuantizationResult()
     for name, qtensor in codes.items():
         result.layers[name] = record(name, modules[name], qtensor)
