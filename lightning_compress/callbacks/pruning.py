@@ -273,6 +273,7 @@ class GradientStabilityPruning(PruningEvents):
         self.report.macs_after = macs_per_example(pl_module, self._example_input)
         rank_zero_info(f"GradientStabilityPruning: compacted the model: {result}")
         self.state.clear()
+        self.run.stats = None  # of the full widths, finished: a checkpoint written after (mid-QAT) must not hold them
         self._compacted = True
         self._compacted_axes = encode(compacted_axes(pl_module))
         path = Path(self.run_dir(trainer)) / COMPACTED_FILE

@@ -8,16 +8,22 @@ model's. The fit's optimizer still holds the old parameters: :func:`follow_param
 layers compaction left their shape (units it could not remove stay zero through QAT).
 
 A checkpoint written mid-QAT in such a fit holds the compacted shapes, its optimizer the compacted moments, while a
-resumed fit builds the model at its full widths and compacts only when QAT starts: :func:`check_not_compacted`
-refuses it (before any tensor is copied) with what to do instead. Resuming it is not supported yet.
+resumed fit builds the model at its full widths. QAT's state then carries what the resumed fit needs to be compacted
+the same way before the checkpoint is loaded (:mod:`lightning_compress.integration.compacted_resume`); it is read
+back by :func:`parse_snapshot`, as untrusted input. A checkpoint with compacted shapes and no such record (written
+by an older version) is refused by :func:`check_not_compacted`, before any tensor is copied.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_compress.core.io import UntrustedFileError
+from lightning_compress.structure.shape_rules import parse_record
 
 
 def follow_parameters(
@@ -46,7 +52,9 @@ def masks_after(masks: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tens
 def check_not_compacted(state: Mapping[str, Tensor], model: nn.Module, source: str) -> None:
     """Refuse ``state`` (a checkpoint's ``state_dict``, from ``source``) when some entry is smaller than ``model``'s
     along some axis: it was written after compaction (mid-QAT in a fit that compacted), which a model at its full
-    widths cannot resume. Other mismatches are left to ``load_state_dict``'s own error."""
+    widths cannot resume without the compaction record QAT's state carries (a checkpoint of an older version, or
+    of a QAT with other settings, whose state is not this one's). Other mismatches are left to ``load_state_dict``'s
+    own error."""
     own = model.state_dict()
     for key, value in state.items():
         mine = own.get(key)
@@ -56,6 +64,53 @@ def check_not_compacted(state: Mapping[str, Tensor], model: nn.Module, source: s
             raise ValueError(
                 f"cannot resume from {source}: {key!r} is {tuple(value.shape)} there, {tuple(mine.shape)} in this "
                 "model; the checkpoint was written after GradientStabilityPruning(compact=True) compacted the model "
-                "(when QuantizationAwareTraining started), and resuming a compacted fit mid-QAT is not supported. "
-                "Allowed: resume from a checkpoint written before QAT started, or start a new fit from the "
-                "compacted float weights (model.compact.safetensors, `load_compacted`)")
+                "(when QuantizationAwareTraining started), and it holds no record of that compaction in the state of "
+                "this QuantizationAwareTraining (written by an older version, or by a QAT with other settings). "
+                "Allowed: the same callbacks as the fit that wrote it, a checkpoint written before QAT started, or a "
+                "new fit from the compacted float weights (model.compact.safetensors, `load_compacted`)")
+
+
+def parse_snapshot(source: str, value: Any, field: str) -> dict[str, Any]:
+    """The compaction snapshot of a mid-QAT checkpoint (``field`` of ``source``, both named in errors), checked:
+    ``axes`` a compaction record (:func:`~lightning_compress.structure.shape_rules.parse_record`), ``masks`` boolean
+    tensors by key, ``final`` two fractions in [0, 1], ``macs`` two non-negative integers or None, ``file`` a plain
+    ``.safetensors`` file name, ``layers`` ``{name: [parameters, bytes, sparsity, note]}``. Returns it parsed."""
+    where = f"{source}: {field}"
+    if not isinstance(value, dict):
+        raise UntrustedFileError(f"{where} must be a dict, got {type(value).__name__}")
+    missing = sorted({"axes", "masks", "final", "macs", "file", "layers"} - set(value))
+    if missing:
+        raise UntrustedFileError(f"{where} lacks {missing}: not written by this package")
+    masks, final, macs, file, layers = (value[k] for k in ("masks", "final", "macs", "file", "layers"))
+    if not isinstance(masks, dict) or not all(isinstance(k, str) and isinstance(m, Tensor) and m.dtype == torch.bool
+                                              for k, m in masks.items()):
+        raise UntrustedFileError(f"{where}.masks must map state_dict keys to boolean tensors, got {masks!r:.100}")
+    if not (isinstance(final, list) and len(final) == 2
+            and all(isinstance(f, float | int) and 0 <= f <= 1 for f in final)):
+        raise UntrustedFileError(f"{where}.final must be [sparsity, weight sparsity] in [0, 1], got {final!r:.100}")
+    if not (isinstance(macs, list) and len(macs) == 2
+            and all(m is None or (type(m) is int and m >= 0) for m in macs)):
+        raise UntrustedFileError(f"{where}.macs must be [MACs before, after], integers >= 0 or None, got {macs!r:.100}")
+    if not isinstance(file, str) or "/" in file or "\\" in file or file.startswith(".") or not file.endswith(
+            ".safetensors"):
+        raise UntrustedFileError(f"{where}.file must be a plain file name ending in .safetensors, got {file!r:.100}")
+    if not isinstance(layers, dict) or not all(
+        isinstance(name, str) and isinstance(row, list) and len(row) == 4 and type(row[0]) is int and row[0] >= 0
+        and type(row[1]) is int and row[1] >= 0 and isinstance(row[2], float | int) and 0 <= row[2] <= 1
+        and isinstance(row[3], str) for name, row in layers.items()
+    ):
+        raise UntrustedFileError(f"{where}.layers must map layer names to [parameters, fp32 bytes, sparsity in "
+                                 f"[0, 1], note], got {layers!r:.100}")
+    return {"axes": parse_record(source, value["axes"], f"{field}.axes"), "masks": dict(masks),
+            "final": (float(final[0]), float(final[1])), "macs": list(macs), "file": file, "layers": dict(layers)}
+
+
+def check_masks_fit(source: str, masks: Mapping[str, Tensor], state: Mapping[str, Any], field: str) -> None:
+    """Every keep-mask of a snapshot shaped like the weight under its key in ``state`` (the checkpoint's
+    ``state_dict``, whose shapes the model is then checked against)."""
+    for key, mask in masks.items():
+        weight = state.get(key)
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else None
+        if shape != tuple(mask.shape):
+            raise UntrustedFileError(f"{source}: {field}.masks[{key!r:.100}] is shaped {tuple(mask.shape)}, the "
+                                     f"checkpoint's weight {shape}: not a mask of this model")

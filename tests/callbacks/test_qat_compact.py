@@ -1,5 +1,6 @@
 """QuantizationAwareTraining with structured pruning and compaction in one fit (``compact=True``): the model is
-compacted when QAT starts, QAT trains the codes of the compacted layers, and those codes are delivered."""
+compacted when QAT starts, QAT trains the codes of the compacted layers, and those codes are delivered; a mid-QAT
+checkpoint resumes (the model compacted to its shapes before it is loaded)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
 
 from lightning_compress import GradientStabilityPruning, QuantizationAwareTraining, load_compressed
+from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.demos.models import MLPClassifier
 from tests.callbacks.test_qat import assert_delivered_codes
@@ -133,22 +135,76 @@ def _checkpoint_after(root, epoch: int, start: int):
     return root / "last.ckpt"
 
 
-def test_a_mid_qat_checkpoint_of_a_compacted_fit_is_refused_before_any_step(tmp_path) -> None:
-    """A checkpoint written mid-QAT holds the compacted shapes (and their optimizer moments); a resumed fit builds
-    the model at its full widths. Refused while the checkpoint is restored, before any tensor is copied or any
-    step runs, naming the checkpoint, the key, both shapes and what to do; the fresh model is left untouched."""
-    path = _checkpoint_after(tmp_path, epoch=2, start=1)
-    saved = torch.load(path, weights_only=False)["state_dict"]["net.1.weight"]
-    assert saved.shape[0] < 32  # compacted when QAT started at epoch 1
+def test_a_mid_qat_checkpoint_of_a_compacting_fit_resumes_to_the_same_codes(compacted_fit, tmp_path) -> None:
+    """The checkpoint holds the compacted shapes and moments; the resumed fit builds the model at its full widths,
+    is compacted to the checkpoint's shapes before Lightning loads it, and ends with the codes, weights, compacted
+    file and report of the uninterrupted fit (the module fixture, same seed and settings), bit for bit."""
+    trainer, model, qat, _ = compacted_fit
+    path = _checkpoint_after(tmp_path, epoch=1, start=1)  # QAT (and compaction) from epoch 1: mid-QAT
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["state_dict"]["net.1.weight"].shape[0] == model.net[1].out_features < 32
+    state = next(v for k, v in checkpoint["callbacks"].items() if "QuantizationAwareTraining" in k)
+    assert state["compaction"]["axes"] == {"net.1.bias": {"0": 32}, "net.1.weight": {"0": 32},
+                                           "net.3.weight": {"1": 32}}
+    resumed_model, callbacks = _mlp(), _prune_then_qat(1)
+    resumed = quiet_trainer(callbacks, max_epochs=3)
+    resumed.fit(resumed_model, DigitsDataModule(batch_size=64), ckpt_path=str(path))
+    again = callbacks[1]
+    assert isinstance(again, QuantizationAwareTraining) and again.result is not None and qat.result is not None
+    assert set(again.result.layers) == set(qat.result.layers) == {"net.1", "net.3"}
+    for name, layer in qat.result.layers.items():
+        assert torch.equal(layer.qtensor.q, again.result.layers[name].qtensor.q), name
+        assert torch.equal(layer.qtensor.scale, again.result.layers[name].qtensor.scale), name
+    for key, value in model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    full, part = report_of(trainer), report_of(resumed)
+    assert (part.macs_before, part.macs_after) == (full.macs_before, full.macs_after)
+    assert {n: (r.sparsity, r.parameters) for n, r in part.layers.items()} == {
+        n: (r.sparsity, r.parameters) for n, r in full.layers.items()}
+    saved, expected = load_file(part.files["compacted"]), load_file(full.files["compacted"])
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    fresh = load_compressed(_mlp(), part.files["compressed_checkpoint"])
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def _tampered(tmp_path, change) -> str:
+    """The mid-QAT checkpoint of a compacting fit with QAT's state changed by ``change`` (in place)."""
+    path = _checkpoint_after(tmp_path / "part", epoch=1, start=1)
+    checkpoint = torch.load(path, weights_only=False)
+    change(next(v for k, v in checkpoint["callbacks"].items() if "QuantizationAwareTraining" in k))
+    torch.save(checkpoint, tmp_path / "tampered.ckpt")
+    return str(tmp_path / "tampered.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda state: state.pop("compaction"), ValueError,
+         r"cannot resume from checkpoint '.*tampered\.ckpt': 'net\.1\.bias' is \(\d+,\) there, \(32,\) in this model"
+         r".*no record of that compaction.*Allowed: the same callbacks"),
+        (lambda state: state["compaction"]["axes"].update({"net.1.weight": {"0": 64}}), UntrustedFileError,
+         r"'net\.1\.weight': compacted from sizes \{0: 64\}"),
+        (lambda state: state["compaction"]["axes"].pop("net.3.weight"), UntrustedFileError,
+         r"key 'net\.3\.weight': declared shape \[10, \d+\], the model has \[10, 32\]"),
+        (lambda state: state["compaction"].update(masks={"net.3.weight": torch.ones(10, 32, dtype=torch.bool)}),
+         UntrustedFileError, r"compaction\.masks\['net\.3\.weight'\] is shaped \(10, 32\)"),
+        (lambda state: state["compaction"].update(file="../../evil.safetensors"), UntrustedFileError,
+         r"compaction\.file must be a plain file name"),
+    ],
+    ids=["no-record", "axes-grow", "axes-missing", "mask-shape", "file-path"],
+)
+def test_a_mid_qat_checkpoint_without_or_with_a_bad_record_is_refused_before_any_step(
+    tmp_path, change, error, match
+) -> None:
+    """Refused while the checkpoint is restored, before any step, naming the checkpoint and the field; the fresh
+    model keeps its full widths."""
+    path = _tampered(tmp_path, change)
     fresh, steps = _mlp(), _Steps()
-    before = {k: v.clone() for k, v in fresh.state_dict().items()}
     resumed = quiet_trainer([*_prune_then_qat(1), steps], max_epochs=3)
-    with pytest.raises(ValueError, match=r"cannot resume from checkpoint '.*last\.ckpt': 'net\.1\.bias' is "
-                                         rf"\({saved.shape[0]},\) there, \(32,\) in this model.*compact=True"
-                                         r".*Allowed: resume from a checkpoint written before QAT started"):
-        resumed.fit(fresh, DigitsDataModule(batch_size=64), ckpt_path=str(path))
+    with pytest.raises(error, match=match):
+        resumed.fit(fresh, DigitsDataModule(batch_size=64), ckpt_path=path)
     assert steps.steps == 0
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    assert fresh.net[1].out_features == 32 and fresh.net[1].weight.shape == (32, 64)
 
 
 def test_a_checkpoint_written_before_qat_started_resumes_a_compacting_fit(tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""qat.compaction: the optimizer follows the parameters compaction replaced; masks of resized layers are dropped."""
+"""qat.compaction: the optimizer follows the parameters compaction replaced; masks of resized layers are dropped; a
+mid-QAT checkpoint's compaction snapshot is read as untrusted input."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.qat.compaction import check_not_compacted, follow_parameters, masks_after
+from lightning_compress.core.io import UntrustedFileError
+from lightning_compress.qat.compaction import (
+    check_masks_fit,
+    check_not_compacted,
+    follow_parameters,
+    masks_after,
+    parse_snapshot,
+)
 
 
 def _stepped() -> tuple[nn.Sequential, torch.optim.Optimizer]:
@@ -54,3 +62,52 @@ def test_check_not_compacted_refuses_only_a_checkpoint_smaller_than_the_model(sh
             check_not_compacted(state, model, "ck.pt")
     else:
         check_not_compacted(state, model, "ck.pt")
+
+
+def _snapshot(**changes) -> dict:
+    good = {"axes": {"0.weight": {"0": 8}}, "masks": {"1.weight": torch.ones(2, 3, dtype=torch.bool)},
+            "final": [0.5, 0.25], "macs": [100, 50], "file": "model.compact.safetensors",
+            "layers": {"0": [32, 160, 0.5, ""]}}
+    return {**good, **changes}
+
+
+def test_parse_snapshot_reads_what_the_writer_writes() -> None:
+    parsed = parse_snapshot("ck.pt", _snapshot(), "compaction")
+    assert parsed["axes"] == {"0.weight": {0: 8}} and parsed["final"] == (0.5, 0.25)
+    assert parsed["macs"] == [100, 50] and parsed["layers"] == {"0": [32, 160, 0.5, ""]}
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "match"),
+    [
+        ([1, 2], r"ck\.pt: compaction must be a dict, got list"),
+        ({"axes": {}}, r"compaction lacks \['file', 'final', 'layers', 'macs', 'masks'\]"),
+        (_snapshot(axes={"0.weight": {"2": 8}}), r"compaction\.axes: entry '0\.weight' must map axes '0' / '1'"),
+        (_snapshot(axes={"0.weight": {"0": -1}}), r"compaction\.axes: entry '0\.weight' must map"),
+        (_snapshot(masks={"1.weight": torch.ones(2, 3)}), r"compaction\.masks must map state_dict keys to boolean"),
+        (_snapshot(masks=[1]), r"compaction\.masks must map"),
+        (_snapshot(final=[0.5, 1.5]), r"compaction\.final must be \[sparsity, weight sparsity\] in \[0, 1\]"),
+        (_snapshot(final=[0.5]), r"compaction\.final must be"),
+        (_snapshot(macs=[-1, 2]), r"compaction\.macs must be \[MACs before, after\]"),
+        (_snapshot(macs=[1.5, 2]), r"compaction\.macs must be"),
+        (_snapshot(file="../x.safetensors"), r"compaction\.file must be a plain file name"),
+        (_snapshot(file="/abs.safetensors"), r"compaction\.file must be a plain file name"),
+        (_snapshot(file="model.pt"), r"compaction\.file must be a plain file name ending in \.safetensors"),
+        (_snapshot(layers={"0": [32, 160, 2.0, ""]}), r"compaction\.layers must map layer names"),
+        (_snapshot(layers={"0": [32, 160, 0.5]}), r"compaction\.layers must map layer names"),
+    ],
+    ids=["not-dict", "missing", "axis-2", "size-negative", "mask-float", "masks-list", "final-range", "final-len",
+         "macs-negative", "macs-float", "file-parent", "file-absolute", "file-suffix", "layer-sparsity",
+         "layer-row"],
+)
+def test_parse_snapshot_refuses_a_malformed_snapshot(snapshot, match) -> None:
+    with pytest.raises(UntrustedFileError, match=match):
+        parse_snapshot("ck.pt", snapshot, "compaction")
+
+
+def test_check_masks_fit_refuses_a_mask_of_another_shape() -> None:
+    state = {"1.weight": torch.zeros(2, 3)}
+    check_masks_fit("ck.pt", {"1.weight": torch.ones(2, 3, dtype=torch.bool)}, state, "compaction")
+    for masks in ({"1.weight": torch.ones(3, 2, dtype=torch.bool)}, {"2.weight": torch.ones(1, dtype=torch.bool)}):
+        with pytest.raises(UntrustedFileError, match=r"ck\.pt: compaction\.masks\['\d\.weight'\] is shaped"):
+            check_masks_fit("ck.pt", masks, state, "compaction")
