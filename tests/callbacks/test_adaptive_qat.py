@@ -1,0 +1,218 @@
+"""AdaptiveCompression and QuantizationAwareTraining in one fit on digits (issue 22, "lifecycle done right"): pruning
+first, the budget's widths planned on the masks reached when QAT starts, trained, and delivered as trained. The file
+on disk within the budget, its codes those the last validation used, pruned positions zero, the bound, the
+refusals before any step, and a mid-QAT resume giving the same codes."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_compress import (
+    AdaptiveCompression,
+    Budget,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    load_compressed,
+)
+from lightning_compress.core.accounting import state_bytes
+from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
+from lightning_compress.qat.model import latent
+from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.export import load_quantized_tensors
+
+BUDGET = Budget(size=0.25, macs=0.6)
+BOUND = 0.05  # accuracy points the delivered model may lose against the metric before the first pruning event
+SLACK = 0.03  # the test split holds ~270 digits: a few may differ from validation
+EPOCHS = 6  # 20 optimizer steps per epoch: pruning events at steps 10..60, QAT from step 90 (0.75 of 120)
+PRUNING = dict(start_step=10, end_step=60, frequency=10)
+KEYS = ("net.1.weight", "net.3.weight", "net.5.weight")
+
+
+def _model() -> MLPClassifier:
+    return MLPClassifier(input_size=64, hidden=[64, 32], lr=1e-2)
+
+
+def _callbacks(**qat: Any) -> list[Callback]:
+    return [AdaptiveCompression(budget=BUDGET, max_metric_drop=BOUND, export_path="model.safetensors", **PRUNING),
+            QuantizationAwareTraining(start=0.75, **qat)]
+
+
+def _fit(callbacks: list[Callback], root: Path, model: pl.LightningModule | None = None,
+         ckpt_path: str | None = None, **kwargs: Any) -> tuple[pl.Trainer, pl.LightningModule]:
+    pl.seed_everything(0)
+    model = model or _model()
+    settings: dict[str, Any] = dict(max_epochs=EPOCHS, accelerator="cpu", devices=1, enable_progress_bar=False,
+                                    logger=False, enable_checkpointing=False, enable_model_summary=False,
+                                    default_root_dir=str(root), num_sanity_val_steps=0, deterministic=True)
+    trainer = pl.Trainer(callbacks=callbacks, **{**settings, **kwargs})
+    trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+@torch.no_grad()
+def _test_accuracy(model: torch.nn.Module) -> float:
+    data = DigitsDataModule(batch_size=64)
+    data.setup("test")
+    metric = MulticlassAccuracy(num_classes=10)
+    model.eval()
+    for x, y in data.test_dataloader():
+        metric.update(model(x), y)
+    return float(metric.compute())
+
+
+class _QatSpy(Callback):
+    """While QAT runs: the pruned positions of the weight the forward uses are zero after every step; the codes the
+    last validation used (the quantizers' exact codes); the float model before the first pruning event."""
+
+    def __init__(self) -> None:
+        self.checked, self.codes, self.initial = 0, {}, None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        if self.initial is None:
+            self.initial = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        adaptive, qat = trainer.callbacks[0], trainer.callbacks[1]
+        if qat.active:
+            for name in qat.quantizers:
+                weight = dict(pl_module.named_modules())[name].weight  # fake-quantized
+                assert bool((weight[~adaptive.masks[f"{name}.weight"]] == 0).all()), name
+            self.checked += 1
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        qat = trainer.callbacks[1]
+        modules = dict(pl_module.named_modules())
+        self.codes = {f"{n}.weight": q.codes(latent(modules[n])) for n, q in qat.quantizers.items()}
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("adaptive_qat")
+    spy = _QatSpy()
+    callbacks = _callbacks()
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+    trainer, model = _fit([*callbacks, spy, checkpoints], root, enable_checkpointing=True)
+    return {"root": root, "adaptive": callbacks[0], "qat": callbacks[1], "spy": spy, "model": model,
+            "trainer": trainer}
+
+
+def test_the_file_within_the_budget_holds_the_codes_qat_trained_bit_for_bit(composed: dict[str, Any]) -> None:
+    adaptive, qat, spy, model = composed["adaptive"], composed["qat"], composed["spy"], composed["model"]
+    export = Path(adaptive.report.files["quantized"])
+    cap = math.floor(float(BUDGET.size) * sum(state_bytes(_model()).values()))
+    assert export.stat().st_size <= cap and adaptive.result.file_bytes == export.stat().st_size
+    assert adaptive.result.method == "qat" and qat.budget_plan is not None
+    planned = {row["layer"]: row["bits"] for row in qat.budget_plan.rows}
+    _, on_disk = load_quantized_tensors(export)
+    assert set(on_disk) == set(spy.codes) == set(carried(model).codes) == set(KEYS)
+    for key, codes in spy.codes.items():  # what the last validation used = what the model carries = the file
+        assert codes.spec.bits == planned[key.removesuffix(".weight")]
+        for delivered in (carried(model).codes[key], on_disk[key]):
+            assert torch.equal(delivered.q, codes.q), key
+            assert torch.equal(delivered.scale, codes.scale), key
+    assert carried(model).stale(model) == []  # the weights are those codes, not re-rounded
+    assert len({c.spec.bits for c in spy.codes.values()}) > 1 or len({r["label"] for r in qat.budget_plan.rows}) > 1
+
+
+def test_pruned_positions_stay_zero_through_qat_and_in_the_file(composed: dict[str, Any]) -> None:
+    adaptive, spy = composed["adaptive"], composed["spy"]
+    assert spy.checked == 30  # every step from 90 to 119
+    _, on_disk = load_quantized_tensors(adaptive.report.files["quantized"])
+    pruned = 0
+    for key in KEYS:
+        keep = adaptive.masks[key]
+        pruned += int((~keep).sum())
+        assert bool((on_disk[key].q[~keep] == 0).all()), key
+    assert pruned > 0
+    cap = math.floor(float(BUDGET.macs) * sum(composed["model"].state_dict()[k].numel() for k in KEYS))
+    assert adaptive.result.macs <= cap
+
+
+def test_the_bound_holds_on_validation_and_on_the_test_split(composed: dict[str, Any]) -> None:
+    adaptive, spy, model = composed["adaptive"], composed["spy"], composed["model"]
+    assert adaptive.controller.initial_metric is not None
+    initial = adaptive.controller.initial_metric
+    assert initial - adaptive.result.metric_after <= BOUND
+    before_pruning = _model()
+    before_pruning.load_state_dict(spy.initial)
+    assert _test_accuracy(before_pruning) - _test_accuracy(model) <= BOUND + SLACK
+
+
+def test_compressed_checkpoint_loads_and_tests_on_the_delivered_model(composed: dict[str, Any]) -> None:
+    adaptive, model = composed["adaptive"], composed["model"]
+    path = adaptive.report.files["compressed_checkpoint"]
+    fresh = load_compressed(_model(), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    trainer = pl.Trainer(callbacks=_callbacks(), accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(composed["root"] / "test"))
+    (result,) = trainer.test(_model(), DigitsDataModule(batch_size=64), ckpt_path=path, verbose=False)
+    assert result["test_acc"] == pytest.approx(_test_accuracy(model), abs=1e-6)
+
+
+def test_the_report_shows_the_plan_and_qat(composed: dict[str, Any]) -> None:
+    adaptive, qat = composed["adaptive"], composed["qat"]
+    entry = adaptive.report.gate["adaptive"]
+    assert "QuantizationAwareTraining" in entry["quantization"]
+    assert [row["layer"] for row in entry["plan"]] == ["net.1", "net.3", "net.5"]
+    assert any(s.startswith("QAT trained the plan from step 90") and "delivered as trained" in s
+               for s in entry["verification_steps"])
+    assert entry["delivered"]["file_bytes"] <= entry["budget"]["bytes"]
+    note = next(e.note for e in adaptive.report.events if e.kind == "quantize")
+    assert "QAT trained the plan" in note
+    assert qat.budget_plan.start_step == 90
+
+
+def test_a_mid_qat_resume_gives_the_same_codes(composed: dict[str, Any], tmp_path: Path) -> None:
+    """From the checkpoint of epoch 4 (QAT from step 90, the checkpoint at step 100) to the end: the plan is the one
+    saved (not planned again), and the codes delivered equal the uninterrupted run's."""
+    ckpt = sorted((composed["root"] / "ckpt").glob("epoch=4-*.ckpt"))[0]
+    saved = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items()
+                 if k.startswith("QuantizationAwareTraining"))
+    assert saved["active"] and saved["budget_plan"]["start_step"] == 90
+    callbacks = _callbacks()
+    calls: list[int] = []
+    plan_widths = callbacks[0].plan_widths
+    callbacks[0].plan_widths = lambda *a: calls.append(1) or plan_widths(*a)  # type: ignore[method-assign]
+    _, model = _fit(callbacks, tmp_path, ckpt_path=str(ckpt))
+    assert calls == []
+    expected = carried(composed["model"]).codes
+    for key, codes in carried(model).codes.items():
+        assert torch.equal(codes.q, expected[key].q), key
+        assert torch.equal(codes.scale, expected[key].scale), key
+    assert callbacks[0].result.file_bytes == composed["adaptive"].result.file_bytes
+
+
+# id, callbacks, error text (the arguments and values named)
+REFUSED: list[tuple[str, Any, str]] = [
+    ("qat_bits_given", lambda: _callbacks(bits=3), r"`bits`=3 would decide them"),
+    ("qat_export_given", lambda: _callbacks(export_path="q.safetensors"), r"`export_path`='q.safetensors'"),
+    ("qat_bound_given", lambda: _callbacks(max_metric_drop=0.01), r"`max_metric_drop`=0.01"),
+    ("qat_before_last_event", lambda: [AdaptiveCompression(budget=BUDGET, start_step=10, end_step=110, frequency=10),
+                                       QuantizationAwareTraining(start=0.75)],
+     r"starts at optimizer step 90 but AdaptiveCompression\(.*\) ends at optimizer step 110"),
+    ("latency_budget", lambda: [AdaptiveCompression(budget=Budget(latency=0.5, latency_input=(8, 64))),
+                                QuantizationAwareTraining(start=0.75)], r"`budget` latency=0.5 delivers a compacted"),
+    ("a_third_callback", lambda: [*_callbacks(), PostTrainingQuantization()],
+     r"PostTrainingQuantization"),
+]
+
+
+@pytest.mark.parametrize(("callbacks", "match"), [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_refused_before_the_first_step(callbacks: Any, match: str, tmp_path: Path) -> None:
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        _fit(callbacks(), tmp_path, model=model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.rglob("*.safetensors"))
