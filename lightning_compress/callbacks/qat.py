@@ -33,7 +33,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress.adaptive.with_qat import BudgetPlan, decided_twice, layer_plan
@@ -41,11 +40,12 @@ from lightning_compress.callbacks.base import CompressionCallback, compression_c
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
 from lightning_compress.core.validation import check_choice, check_number
+from lightning_compress.integration import compacted_resume
 from lightning_compress.integration.evaluation import DEFAULT_METRIC
 from lightning_compress.integration.rewrap import rewrap_ddp
 from lightning_compress.qat import activations as act
 from lightning_compress.qat import schedule
-from lightning_compress.qat.compaction import check_not_compacted, follow_parameters, masks_after
+from lightning_compress.qat.compaction import follow_parameters, masks_after
 from lightning_compress.qat.fake_quant import LSQFakeQuantizer
 from lightning_compress.qat.model import plain_keys, prepare, record, release
 from lightning_compress.quantization.carried import carried
@@ -127,7 +127,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self._compacted_by: GradientStabilityPruning | None = None  # the pruning that compacted when QAT started
         self._float_metric: float | None = None  # the float model's metric when QAT started: the gate's reference
         self._reference_next = False  # the next _evaluate (PTQ's "before") answers with _float_metric
-        self._resume_check: RemovableHandle | None = None  # refuses a compacted checkpoint, until the fit starts
+        self._resume_check: Any = None  # shrinks the model to a compacted checkpoint, until the fit starts
 
     @property
     def active(self) -> bool:
@@ -159,11 +159,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
                                  "allowed: leave them at their defaults (the budget, `max_metric_drop` and "
                                  "`export_path` are AdaptiveCompression's)")
         if any(isinstance(p, GradientStabilityPruning) and p.config.compact for p in compression_callbacks(trainer)):
-            def check(module: Any, state: dict[str, Any], prefix: str, *_: Any) -> None:  # before any tensor copies
-                if not prefix:
-                    check_not_compacted(state, pl_module, f"checkpoint {str(trainer.ckpt_path)!r}")
-
-            self._resume_check = pl_module.register_load_state_dict_pre_hook(check)
+            self._resume_check = compacted_resume.shrink_on_resume(pl_module, self.state_key)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,7 +168,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
 
     def _drop_resume_check(self) -> None:
         if self._resume_check is not None:
-            self._resume_check.remove()
+            self._resume_check()
             self._resume_check = None
 
     @override
@@ -206,7 +202,11 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         composed = self._budget is not None  # AdaptiveCompression judges the delivered codes itself
         self._float_metric = pending["float_metric"] if resumed else None if composed else \
             self._evaluate(trainer, pl_module)
-        masks = self._pruning_done(trainer, pl_module)
+        if compacted_resume.KEY in pending:  # a checkpoint written after the compaction at QAT's start
+            prunings = [p for p in compression_callbacks(trainer) if isinstance(p, GradientStabilityPruning)]
+            self._compacted_by, masks = compacted_resume.restore(trainer, prunings, pending[compacted_resume.KEY])
+        else:
+            masks = self._pruning_done(trainer, pl_module)
         plan = self._planned(trainer, pl_module, pending)
         self._keys = {name: weight_key(name, module) for name, module in plan.layers.items()}
         self.quantizers = prepare(pl_module, plan, masks, pending.get("scales"), pending.get("log_gains"))
@@ -263,6 +263,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
                 "scales": {self._keys[n]: q.base_scale.detach().cpu().clone() for n, q in self.quantizers.items()},
                 "log_gains": {self._keys[n]: q.log_gain.detach().cpu().clone() for n, q in self.quantizers.items()},
                 "activations": act.states(self.input_quantizers, self._keys),
+                **({compacted_resume.KEY: compacted_resume.snapshot(self._compacted_by, self.quantizers, self._keys)}
+                   if self._compacted_by is not None else {}),
                 "budget_plan": self.budget_plan.state() if self.budget_plan is not None else None}
 
     @override
