@@ -216,3 +216,25 @@ def test_refused_before_the_first_step(callbacks: Any, match: str, tmp_path: Pat
         _fit(callbacks(), tmp_path, model=model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_trained_codes_refused_at_the_end_are_not_delivered_the_budget_is_planned_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the codes QAT trained miss a cap or the bound (forced here), they are not delivered: the model gets its
+    latent float weights back and the verified compress() plans again from them, within the bound, or fails."""
+    from lightning_compress.callbacks import adaptive as module
+
+    monkeypatch.setattr(module, "refusal", lambda *_: "a refusal forced by the test")
+    callbacks = _callbacks()
+    _, model = _fit(callbacks, tmp_path)
+    adaptive = callbacks[0]
+    result = adaptive.result
+    assert result.method in ("rtn", "gptq") and carried(model).source.startswith("compress()")
+    assert result.steps[0].startswith("QAT's codes (file ") and \
+        result.steps[0].endswith("a refusal forced by the test; planned again from the latent weights")
+    assert adaptive.controller.initial_metric - result.metric_after <= BOUND
+    export = Path(adaptive.report.files["quantized"])
+    assert export.stat().st_size == result.file_bytes <= result.budget_bytes
+    _, on_disk = load_quantized_tensors(export)
+    for key, codes in carried(model).codes.items():
+        assert torch.equal(on_disk[key].q, codes.q), key
