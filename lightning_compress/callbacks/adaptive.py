@@ -15,6 +15,14 @@
   A budget and a bound that cannot both hold, or an export measured over the budget, end the fit on every rank with
   :class:`~lightning_compress.adaptive.session.BudgetError` (the smallest budget known to hold, as measured) and a
   FAILED report; no file is left at the export path and the model keeps its float (pruned) weights.
+- With a :class:`~lightning_compress.QuantizationAwareTraining` in the same Trainer (``Trainer(callbacks=[
+  AdaptiveCompression(budget=...), QuantizationAwareTraining(start=0.75)])``: pruning first, QAT in the last part;
+  :mod:`~lightning_compress.adaptive.with_qat` says why two callbacks): when QAT starts, :meth:`plan_widths` plans
+  widths and granularity on the masks reached as the end of the fit would (verified with round to nearest, not
+  delivered); QAT trains those; at the end the codes it trained are measured (file, MACs, bound) and delivered as
+  trained, nothing re-rounded. Codes that miss a cap or the bound are not delivered: the verified ``compress()``
+  plans again from the latent float weights (or the fit ends with ``BudgetError``). Refused in ``setup``: a latency
+  budget with QAT, QAT arguments the budget decides; before the first step: a QAT start before the last pruning event.
 """
 
 from __future__ import annotations
@@ -91,7 +99,8 @@ class AdaptiveCompression(GradientStabilityPruning):
             the end-of-fit Fisher, MACs and GPTQ; ``corrections``: re-solves after a failed bound.
         method: ``"gptq"``: the end-of-fit plan's widths applied with GPTQ on the training batches, kept where
             measured no worse than round to nearest (the metric, else the KL to the float outputs); ``"rtn"``:
-            round to nearest only (faster).
+            round to nearest only (faster). With a ``QuantizationAwareTraining`` in the Trainer, the end of the
+            fit delivers QAT's training of the widths planned when it starts instead (see the module docstring).
         schedule, schedule_unit, start_step, end_step, frequency: when the pruning events happen (as
             ``GradientStabilityPruning``); module_types / include / exclude: the layers pruned (all Linear /
             Conv / Embedding weights are quantized); metric / metric_kwargs / on_violation / patience /

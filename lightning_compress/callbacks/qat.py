@@ -74,6 +74,12 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             carries the trained ranges, and ``export_onnx(activations="static")`` writes them (QLinearConv / QGemm)
             instead of calibrating. The metric gate judges the weights' codes (activations float at the end).
 
+    With :class:`~lightning_compress.AdaptiveCompression` in the same Trainer, the budget decides: when QAT starts,
+    that callback plans each layer's width and granularity on the masks reached, QAT trains them, and it verifies and
+    delivers the codes trained (:mod:`lightning_compress.adaptive.with_qat`); ``bits``, ``granularity``,
+    ``group_size``, the coverage, ``max_metric_drop``, ``fallback``, ``export_path`` and ``activations`` are then
+    refused unless left at their defaults.
+
     Refused in ``setup``: a second quantization callback; in ``on_train_start`` (before the first step): a
     ``start`` the fit never reaches, a pruning schedule not over by ``start``.
     """
