@@ -238,3 +238,37 @@ def test_trained_codes_refused_at_the_end_are_not_delivered_the_budget_is_planne
     _, on_disk = load_quantized_tensors(export)
     for key, codes in carried(model).codes.items():
         assert torch.equal(on_disk[key].q, codes.q), key
+
+
+class _CodesFile(Callback):
+    """Writes this rank's delivered codes (module level: ddp_spawn pickles the trainer)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        codes = {k: (c.q, c.scale) for k, c in carried(pl_module).codes.items()}
+        adaptive = trainer.callbacks[0]
+        torch.save({"codes": codes, "method": adaptive.result.method,
+                    "plan": [(r["layer"], r["label"]) for r in adaptive.result.plan]},
+                   Path(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_train_the_same_plan_and_deliver_identical_codes(tmp_path: Path) -> None:
+    """Two processes (10 steps per epoch each): rank zero's plan at QAT's start on both, identical codes delivered,
+    equal to the file rank zero wrote."""
+    out = tmp_path / "out"
+    out.mkdir()
+    callbacks = [AdaptiveCompression(budget=BUDGET, max_metric_drop=0.1, export_path=str(out / "ddp.safetensors"),
+                                     start_step=5, end_step=25, frequency=5),
+                 QuantizationAwareTraining(start=0.75), _CodesFile(str(out))]
+    _fit(callbacks, tmp_path, max_epochs=4, strategy="ddp_spawn", devices=2)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["method"] == ranks[1]["method"] == "qat" and ranks[0]["plan"] == ranks[1]["plan"]
+    _, on_disk = load_quantized_tensors(out / "ddp.safetensors")
+    assert set(ranks[0]["codes"]) == set(ranks[1]["codes"]) == set(on_disk) == set(KEYS)
+    for key in KEYS:
+        for rank in ranks:
+            assert torch.equal(rank["codes"][key][0], on_disk[key].q), key
+            assert torch.equal(rank["codes"][key][1], on_disk[key].scale), key
