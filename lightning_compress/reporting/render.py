@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_compress.core.accounting import FLOAT_BITS
+from lightning_compress.reporting.budget_frontier import frontier_line
 
 
 def _fmt_metric(value: float | None) -> str:
@@ -186,6 +187,9 @@ def render_console(summary: Mapping[str, Any]) -> Any:
         parts.append(fallbacks)
     elif _quantized(summary):
         parts.append(Text("Quantization fallbacks: none"))
+    line = frontier_line(summary)
+    if line is not None:
+        parts.append(Text(line))
     for key, file in summary["files"].items():
         parts.append(Text(f"{key}: {file['path']} ({_fmt_bytes(file['bytes'])})", style="dim"))
     for note in summary["notes"]:
@@ -212,6 +216,7 @@ def to_markdown(summary: Mapping[str, Any], plot_name: str | None = None) -> str
         f"- pruned weights: {summary['sparsity']:.2%}"
         + ("" if summary["zeros_after_rounding"] is None
            else f"; codes rounded to zero by quantization: {summary['zeros_after_rounding']:.2%}"),
+        *([f"- {line}"] if (line := frontier_line(summary)) is not None else []),
         "",
         "## Layers",
         "",

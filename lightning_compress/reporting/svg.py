@@ -6,7 +6,9 @@ was most of what the end-of-fit report cost, a fixed cost paid by every fit whet
 figure. An SVG of a few dozen shapes costs next to nothing, needs no optional dependency and opens in any browser
 (and in the Markdown report). Top: the metric immediately before (hollow) and after (filled) every compression step,
 the quantization's float -> quantized, the delivered model's metric (dashed), the pruned fraction (right axis).
-Bottom: per-layer bytes, fp32 vs compressed, labelled with storage bits and pruned fraction. No Lightning import.
+Middle: per-layer bytes, fp32 vs compressed, labelled with storage bits and pruned fraction. Below them, when the
+fit planned to a budget (:mod:`.budget_frontier`): every plan its verification measured, metric against file bytes,
+with the budget, the frontier through them and the delivered model. No Lightning import.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from xml.sax.saxutils import escape
 
+from lightning_compress.reporting.budget_frontier import budget_points
 from lightning_compress.reporting.render import _fmt_bits, headline_parts
 
 WIDTH, HEIGHT = 1000, 760
-LEFT, RIGHT = 80, 920  # plot area, both panels
+LEFT, RIGHT = 80, 920  # plot area, every panel
 TOP_PANEL, BOTTOM_PANEL = (70, 370), (450, 650)  # (top y, bottom y)
+FRONTIER_PANEL, FRONTIER_HEIGHT = (790, 1010), 1080  # drawn (and the figure made taller) only for a budget
 COLOURS = {"kept": "#1f77b4", "refused": "#d62728", "sparsity": "#ff7f0e", "fp32": "#7f7f7f",
            "compressed": "#9467bd", "quantized": "#2ca02c", "estimate": "#8c564b"}
 
@@ -143,10 +147,55 @@ def _layers_panel(summary: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _frontier_panel(summary: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
+    """Metric against file bytes: each plan measured (within the bound: blue, outside: red), the frontier through
+    them, the budget (dashed vertical) and the delivered model (green diamond)."""
+    points, delivered, budget = found["points"], found["delivered"], found["budget"]
+    xs = [p["bytes"] for p in points] + ([delivered["bytes"]] if delivered else []) + ([budget] if budget else [])
+    ys = [p["metric"] for p in points] + ([delivered["metric"]] if delivered else [])
+    top, bottom = FRONTIER_PANEL
+    x_low, x_high = (min(xs), max(xs)) if xs else (0, 1)
+    x_pad, (y_low, y_high) = (x_high - x_low) * 0.06 or 1.0, (min(ys), max(ys)) if ys else (0.0, 1.0)
+    y_pad = (y_high - y_low) * 0.08 or 0.01
+    x_of = _scale(x_low - x_pad, x_high + x_pad, LEFT, RIGHT)
+    y_of = _scale(y_low - y_pad, y_high + y_pad, bottom, top)
+    out = _axes(x_of, y_of, _ticks(x_low - x_pad, x_high + x_pad), _ticks(y_low - y_pad, y_high + y_pad),
+                FRONTIER_PANEL, ",.0f", ".3f")
+    if budget is not None:
+        out.append(f'<line x1="{x_of(budget):.1f}" x2="{x_of(budget):.1f}" y1="{top}" y2="{bottom}" '
+                   f'stroke="{COLOURS["refused"]}" stroke-dasharray="6,4"/>')
+    line = " ".join(f"{x_of(p['bytes']):.1f},{y_of(p['metric']):.1f}" for p in found["frontier"])
+    out.append(f'<polyline points="{line}" fill="none" stroke="{COLOURS["kept"]}" stroke-opacity="0.5"/>')
+    for p in points:
+        colour = COLOURS["kept" if p.get("accepted") else "refused"]
+        out.append(f'<circle cx="{x_of(p["bytes"]):.1f}" cy="{y_of(p["metric"]):.1f}" r="4" fill="{colour}" '
+                   f'stroke="{colour}"><title>{escape(str(p.get("what") or "plan"))}</title></circle>')
+    if delivered is not None:
+        x, y = x_of(delivered["bytes"]), y_of(delivered["metric"])
+        out.append(f'<polygon points="{x:.1f},{y - 7:.1f} {x + 6:.1f},{y:.1f} {x:.1f},{y + 7:.1f} {x - 6:.1f},{y:.1f}" '
+                   f'fill="{COLOURS["quantized"]}"/>')
+    name = summary["metric_name"] or "metric"
+    legend = [(COLOURS["kept"], "plan measured, met the bound (line: the frontier)"),
+              (COLOURS["refused"], "plan measured, outside the bound; dashed: the budget"),
+              (COLOURS["quantized"], "delivered model")]
+    for i, (colour, label) in enumerate(legend):
+        y = top + 14 + 15 * i
+        out += [f'<circle cx="{RIGHT - 250}" cy="{y - 4}" r="4" fill="{colour}" stroke="{colour}"/>',
+                _text(RIGHT - 240, y, label, 10)]
+    out += [_text((LEFT + RIGHT) / 2, top - 10, f"budget: {name} against file bytes of every plan the verification "
+                  "measured", 12, "middle"),
+            _text((LEFT + RIGHT) / 2, bottom + 34, "file bytes", 11, "middle"),
+            _text(20, (top + bottom) / 2, name, 11, "middle", f'transform="rotate(-90 20 {(top + bottom) / 2})"')]
+    return out
+
+
 def build_svg(summary: Mapping[str, Any]) -> str:
     """The figure of ``summary`` (:func:`lightning_compress.reporting.summary.summarize`) as an SVG document."""
     title = [_text(WIDTH / 2, 18 + 14 * i, line, 11, "middle") for i, line in enumerate(headline_parts(summary))]
     body = [*title, *_steps_panel(summary), *_layers_panel(summary)]
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} '
-            f'{HEIGHT}" font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n'
+    found, height = budget_points(summary), HEIGHT
+    if found is not None and found["points"]:
+        body, height = body + _frontier_panel(summary, found), FRONTIER_HEIGHT
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} '
+            f'{height}" font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n'
             + "\n".join(body) + "\n</svg>\n")
