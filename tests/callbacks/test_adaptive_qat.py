@@ -14,7 +14,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress import (
     AdaptiveCompression,
@@ -25,10 +24,10 @@ from lightning_compress import (
 )
 from lightning_compress.core.accounting import state_bytes
 from lightning_compress.demos.data import DigitsDataModule
-from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.qat.model import latent
 from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.export import load_quantized_tensors
+from tests.callbacks.test_adaptive import _model, _test_accuracy, _trainer
 
 BUDGET = Budget(size=0.25, macs=0.6)
 BOUND = 0.05  # accuracy points the delivered model may lose against the metric before the first pruning event
@@ -36,10 +35,6 @@ SLACK = 0.03  # the test split holds ~270 digits: a few may differ from validati
 EPOCHS = 6  # 20 optimizer steps per epoch: pruning events at steps 10..60, QAT from step 90 (0.75 of 120)
 PRUNING = dict(start_step=10, end_step=60, frequency=10)
 KEYS = ("net.1.weight", "net.3.weight", "net.5.weight")
-
-
-def _model() -> MLPClassifier:
-    return MLPClassifier(input_size=64, hidden=[64, 32], lr=1e-2)
 
 
 def _callbacks(**qat: Any) -> list[Callback]:
@@ -51,23 +46,9 @@ def _fit(callbacks: list[Callback], root: Path, model: pl.LightningModule | None
          ckpt_path: str | None = None, **kwargs: Any) -> tuple[pl.Trainer, pl.LightningModule]:
     pl.seed_everything(0)
     model = model or _model()
-    settings: dict[str, Any] = dict(max_epochs=EPOCHS, accelerator="cpu", devices=1, enable_progress_bar=False,
-                                    logger=False, enable_checkpointing=False, enable_model_summary=False,
-                                    default_root_dir=str(root), num_sanity_val_steps=0, deterministic=True)
-    trainer = pl.Trainer(callbacks=callbacks, **{**settings, **kwargs})
+    trainer = _trainer(callbacks, root, **{"epochs": EPOCHS, **kwargs})
     trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
     return trainer, model
-
-
-@torch.no_grad()
-def _test_accuracy(model: torch.nn.Module) -> float:
-    data = DigitsDataModule(batch_size=64)
-    data.setup("test")
-    metric = MulticlassAccuracy(num_classes=10)
-    model.eval()
-    for x, y in data.test_dataloader():
-        metric.update(model(x), y)
-    return float(metric.compute())
 
 
 class _QatSpy(Callback):
@@ -263,7 +244,7 @@ def test_ddp_ranks_train_the_same_plan_and_deliver_identical_codes(tmp_path: Pat
     callbacks = [AdaptiveCompression(budget=BUDGET, max_metric_drop=0.1, export_path=str(out / "ddp.safetensors"),
                                      start_step=5, end_step=25, frequency=5),
                  QuantizationAwareTraining(start=0.75), _CodesFile(str(out))]
-    _fit(callbacks, tmp_path, max_epochs=4, strategy="ddp_spawn", devices=2)
+    _fit(callbacks, tmp_path, epochs=4, strategy="ddp_spawn", devices=2)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["method"] == ranks[1]["method"] == "qat" and ranks[0]["plan"] == ranks[1]["plan"]
     _, on_disk = load_quantized_tensors(out / "ddp.safetensors")
