@@ -24,6 +24,7 @@ from lightning_compress.core.selection import DEFAULT_MODULE_TYPES, Selection
 from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC, first_inputs
 from lightning_compress.integration.gate_evaluation import ValidationTap
+from lightning_compress.integration.strategy import check_compaction_launcher
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.grid import grid_misfits, grid_round_to
 from lightning_compress.pruning.run import PruningRun
@@ -141,6 +142,8 @@ class GradientStabilityPruning(PruningEvents):
         if stage != "fit":
             self._guard_checkpoint_loading(pl_module)
             return
+        if self.config.compact:  # before any collective: every rank decides the same
+            check_compaction_launcher(trainer, f"{type(self).__name__}({self._describe()})")
         self._setup_fit(trainer, pl_module, needs_metric=self.config.evaluate or self.max_metric_drop is not None)
         layers = TrackedLayers.trainable(self.selection.select(pl_module))
         if not len(layers):

@@ -47,3 +47,12 @@ def training_dataloader(trainer: Any) -> Any:
     if isinstance(loader, dict):
         loader = next(iter(loader.values()), None)
     return (loader[0] if loader else None) if isinstance(loader, (list, tuple)) else loader
+
+
+def returns_weights_to_main_process(trainer: Any) -> bool:
+    """Whether the fit runs in worker processes whose rank zero's final ``state_dict`` Lightning loads back into
+    the main process's model (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: ``_MultiProcessingLauncher``, private,
+    in ``_recover_results_in_main_process``)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)

@@ -76,3 +76,22 @@ def check_reparametrization(trainer: pl.Trainer, pl_module: pl.LightningModule, 
             "`torch.nn.utils.parametrize`. Allowed: plain weights. Remove ModelPruning from the callbacks (or call "
             "`torch.nn.utils.prune.remove` / `parametrize.remove_parametrizations` first)."
         )
+
+
+def check_compaction_launcher(trainer: pl.Trainer, callback: str) -> None:
+    """Refuse compaction under a launcher that loads rank zero's final weights back into the main process's model
+    (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``). That model was built at its full widths in the main process,
+    where no callback runs, so nothing can compact it: after a fit that succeeded in the workers (artifacts
+    written), Lightning's ``load_state_dict`` would fail on every compacted weight (a size mismatch), or leave the
+    model you hold dense and stale. Checked in ``setup`` on every rank (the same decision on each), before any
+    step."""
+    from lightning_compress.integration._compat import returns_weights_to_main_process
+
+    if returns_weights_to_main_process(trainer):
+        raise ValueError(
+            f"{callback} with compact=True cannot run under {type(trainer.strategy).__name__} launched in worker "
+            "processes (strategy 'ddp_spawn', 'ddp_fork' or 'ddp_notebook'): Lightning loads rank zero's final "
+            "weights back into the main process's model, which stays at its full widths (no callback runs there), "
+            "so the compacted weights cannot be loaded into it. Allowed: strategy='ddp' (each process keeps its "
+            "compacted model; `load_compressed` rebuilds it from compressed.ckpt anywhere), or compact=False"
+        )

@@ -1,6 +1,7 @@
 """QuantizationAwareTraining under 2-process DDP on CPU (gloo): both ranks train the same scales and deliver the
-same codes, equal to the export's. The fit runs ``tests/ddp/qat_scenarios.py`` as a script (``strategy="ddp"``);
-each rank writes what it saw, every assertion is here."""
+same codes, equal to the export's. The ``ddp`` fits run ``tests/ddp/qat_scenarios.py`` as a script; each rank
+writes what it saw, every assertion is here. The ``ddp_spawn`` fits run in this process (Lightning spawns the ranks),
+a recording callback writes each rank's codes."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors import safe_open
 
+from lightning_compress import GradientStabilityPruning, QuantizationAwareTraining
+from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.quantization.packing import unpack
 from tests.callbacks.test_ddp import _run_script
 from tests.ddp import qat_scenarios
+from tests.ddp.scenarios import model as ddp_model
+from tests.ddp.scenarios import trainer as ddp_trainer
 
 pytestmark = pytest.mark.ddp
 
@@ -108,3 +115,61 @@ def test_activation_ranges_are_trained_identically_on_both_ranks(activations_run
                                                                              "net.5.weight"}
     assert first["layers"] == second["layers"]
     _assert_exported(first, bits=4)
+
+
+# --------------------------------------------------------------------------- ddp_spawn
+class _SpawnRecord(Callback):
+    """Writes, on each spawned rank at the end of the fit, the codes QAT delivered (module level: ddp_spawn pickles
+    the trainer and its callbacks), or the setup error it raised, and counts the steps."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.steps = 0
+
+    def on_train_batch_start(self, *_: Any) -> None:
+        self.steps += 1
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+        assert qat.result is not None  # a worker's failure reaches the test through the launcher
+        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "steps": self.steps,
+                  "export": qat.report.files.get("quantized"),  # rank zero writes it
+                  "layers": {layer.key: {"q": layer.qtensor.q.flatten().tolist(), "method": layer.method,
+                                         "scale": layer.qtensor.scale.flatten().tolist()}
+                             for layer in qat.result.layers.values()}}
+        (Path(self.folder) / f"spawn.rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_qat_under_ddp_spawn_gives_identical_codes_on_both_ranks(tmp_path) -> None:
+    """``strategy="ddp_spawn"`` (2 CPU processes, gloo): both ranks deliver the same codes, those of the export;
+    the main process's model gets rank zero's final (quantized) weights back from Lightning's launcher."""
+    pl.seed_everything(3)
+    qat = QuantizationAwareTraining(bits=3, start=1, export_path="model.safetensors")
+    fit = ddp_trainer("ddp_spawn", [qat, _SpawnRecord(str(tmp_path))], tmp_path, max_epochs=3)
+    module = ddp_model()
+    fit.fit(module, DigitsDataModule(batch_size=32))
+    first, second = (json.loads((tmp_path / f"spawn.rank{r}.json").read_text()) for r in (0, 1))
+    assert (first["rank"], second["rank"], first["world_size"]) == (0, 1, 2) and first["steps"] == second["steps"]
+    assert first["layers"] == second["layers"] and set(first["layers"]) == {"net.1.weight", "net.3.weight",
+                                                                            "net.5.weight"}
+    _assert_exported(first, bits=3)
+    for key, layer in first["layers"].items():  # the main process's model holds the dequantized codes
+        scale = torch.tensor(layer["scale"]).reshape(-1, 1)
+        codes = torch.tensor(layer["q"], dtype=torch.float32).reshape(scale.shape[0], -1)
+        assert torch.equal(module.state_dict()[key], codes * scale), key
+
+
+def test_compaction_under_ddp_spawn_is_refused_in_setup_on_every_rank(tmp_path) -> None:
+    """The spawn launcher loads rank zero's final weights into the main process's model, built at full widths,
+    where no callback runs: a compacting fit is refused in setup, before any step, on both ranks."""
+    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
+                                       start_step=10, evaluate=False)
+    fit = ddp_trainer("ddp_spawn", [pruning, QuantizationAwareTraining(bits=4, start=1), _SpawnRecord(str(tmp_path))],
+                      tmp_path, max_epochs=3)
+    module = ddp_model()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(Exception, match=r"GradientStabilityPruning\(sparsity=0\.5.*\) with compact=True cannot run "
+                                        r"under DDPStrategy launched in worker processes"):
+        fit.fit(module, DigitsDataModule(batch_size=32))
+    assert not list(tmp_path.glob("spawn.rank*.json"))  # no rank finished a fit
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())

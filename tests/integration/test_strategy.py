@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import lightning_compress.integration.strategy as strategy_module
 
 _CHILD = textwrap.dedent(
@@ -60,3 +62,26 @@ def test_nothing_is_registered_without_a_process_group(monkeypatch) -> None:
     monkeypatch.setattr(strategy_module, "_EXIT_HOOK_REGISTERED", False)
     strategy_module.destroy_gloo_group_at_exit()
     assert registered == []
+
+
+@pytest.mark.parametrize(
+    ("strategy", "refused"),
+    [("ddp_spawn", True), ("ddp_fork", True), ("ddp_notebook", True), ("ddp", False), ("auto", False)],
+)
+def test_compaction_is_refused_under_launchers_that_load_weights_back_into_the_main_process(strategy, refused) -> None:
+    """``_compat.returns_weights_to_main_process`` against the installed Lightning: the spawn / fork launchers load
+    rank zero's final state_dict into the main process's (full-width) model; ``ddp`` runs the script again."""
+    import lightning.pytorch as pl
+
+    from lightning_compress.integration._compat import returns_weights_to_main_process
+
+    devices = 1 if strategy == "auto" else 2
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert returns_weights_to_main_process(trainer) is refused
+    if refused:
+        with pytest.raises(ValueError, match=r"Pruning\(x\) with compact=True cannot run under DDPStrategy launched "
+                                             r"in worker processes.*Allowed: strategy='ddp'.*or compact=False"):
+            strategy_module.check_compaction_launcher(trainer, "Pruning(x)")
+    else:
+        strategy_module.check_compaction_launcher(trainer, "Pruning(x)")
