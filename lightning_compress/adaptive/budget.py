@@ -14,8 +14,10 @@
 - ``latency``: a float in (0, 1), a fraction of the dense model's latency, both measured in ONNX Runtime on this
   machine (CPU, float graphs) at the input shape ``latency_input`` (a tuple of positive ints, e.g.
   ``(32, 1, 28, 28)``; None: the shape of the first calibration batch) with ``threads`` intra-op threads (default 1).
-  It is met by removing whole units (output channels / neurons, :mod:`.units`) and compacting the model
-  (:mod:`.latency`). It is taken alone: with ``size`` or ``macs`` it is refused (not implemented together).
+  ``compress()`` meets it by removing whole units (output channels / neurons, :mod:`.units`), compacting the model,
+  and running layers on int8 kernels where the per-layer table measured them faster (:mod:`.latency`,
+  :mod:`.latency_budget`). With ``size`` and / or ``macs`` too, every cap holds on the delivered model (its file
+  measured, its MACs counted, its latency measured). ``AdaptiveCompression`` takes a latency budget alone (float).
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def _check_amount(name: str, value: Any, *, allow_string: bool) -> None:
 
 @dataclass(frozen=True)
 class Budget:
-    """A size and / or MACs budget, or a latency budget alone. ``size_bytes`` / ``macs_count`` turn fractions into
-    absolute amounts."""
+    """A size, MACs and / or latency budget. ``size_bytes`` / ``macs_count`` turn fractions into absolute
+    amounts."""
 
     size: int | float | str | None = None
     macs: int | float | None = None
@@ -73,10 +75,9 @@ class Budget:
                                      "out")
         else:
             _check_latency(self)
-            return
-        if self.size is None and self.macs is None:
-            raise ValueError("Budget() needs `size` (bytes, e.g. '25MB', or a fraction of the fp32 model) and / or "
-                             "`macs` (a count or a fraction), or `latency` (a fraction), got none")
+        if self.size is None and self.macs is None and self.latency is None:
+            raise ValueError("Budget() needs `size` (bytes, e.g. '25MB', or a fraction of the fp32 model), `macs` "
+                             "(a count or a fraction) and / or `latency` (a fraction), got none")
         if self.size is not None:
             _check_amount("size", self.size, allow_string=True)
             if isinstance(self.size, str):
@@ -107,16 +108,13 @@ class Budget:
 
 
 def _check_latency(budget: Budget) -> None:
-    """``latency`` a fraction in (0, 1), ``latency_input`` a shape, ``threads`` a positive int, no size / MACs."""
+    """``latency`` a fraction in (0, 1), ``latency_input`` a shape, ``threads`` a positive int."""
     value = budget.latency
     if isinstance(value, bool) or not isinstance(value, float):
         raise TypeError(f"`latency` must be a float in (0, 1) (a fraction of the dense model's latency), got "
                         f"{value!r} ({type(value).__name__})")
     if not (0.0 < value < 1.0):
         raise ValueError(f"`latency` is a fraction of the dense model's latency and must be in (0, 1), got {value!r}")
-    if budget.size is not None or budget.macs is not None:
-        raise ValueError(f"`latency`={value!r} is taken alone; a latency budget with `size` / `macs` "
-                         f"(got size={budget.size!r}, macs={budget.macs!r}) is not implemented; allowed: one of them")
     shape = budget.latency_input
     if isinstance(shape, list):  # a YAML / JSON list
         shape = tuple(shape)

@@ -145,7 +145,8 @@ def compress(
     check_choice("method", method, METHODS)
     if method == "gptq" and budget.latency is not None:
         raise ValueError(f"`method`={method!r} applies a size / MACs plan's widths; a latency budget "
-                         f"(latency={budget.latency!r}) removes whole units and quantizes nothing; allowed: 'rtn'")
+                         f"(latency={budget.latency!r}) removes whole units and rounds its int8 layers to nearest; "
+                         "allowed: 'rtn'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     layers, _ = select_layers(model, QUANT_MODULE_TYPES)
@@ -159,7 +160,7 @@ def compress(
     check_runs(model, batches[0], run)
     if budget.latency is not None:  # whole units removed, timed in ONNX Runtime; model itself left unchanged
         return latency_result(model, budget, batches, run, loss_fn, metric_fn, measure,
-                              MetricGate(max_metric_drop, higher_is_better))
+                              MetricGate(max_metric_drop, higher_is_better), search)
     caps = budget_caps(model, budget, batches[0], run)  # refuses a budget below the floor, before any work
     where, fixed, other, size_cap, macs_cap = caps.where, caps.fixed_bytes, caps.other_macs, caps.size_cap, \
         caps.macs_cap

@@ -16,6 +16,16 @@
   a small model's whole time, so "dense minus the layers plus the plan" has nothing left to stand for the rest).
   ``benchmarks/bench_adaptive_latency.py`` reports how well each form predicts; :mod:`.latency_budget` measures
   every delivered model anyway.
+- int8 rows (``build_table(..., int8=True)``): the same ``(out, in)`` rows again, each layer at 8-bit codes as
+  ``export_onnx`` writes it (:func:`~.int8_latency.int8_layer_graph`: ``QLinearConv`` / ``QGemm``), timed in the
+  same alternation as the float rows; a layer the export cannot put on an integer operator has none. A one-layer
+  graph's time does not add up inside a model: there, consecutive int8 layers pass uint8 tensors to each other,
+  while an int8 layer between float ones pays quantize / dequantize and layout changes (ORT runs float convolutions
+  in a blocked layout and ``QLinearConv`` in NHWC: one int8 convolution in the middle of a float CNN made it
+  slower than all float). So the dense model itself is also timed with a few *sets* of int8 layers
+  (:attr:`LatencyTable.int8_models`: every layer that has int8 rows, and those whose int8 row is faster than its
+  float one), and a plan with one of those sets is predicted like the float one, from that set's measured whole
+  model: ``T_set * sum(layer times in the plan) / sum(layer times dense)``, int8 rows for the set's layers.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import io
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.adaptive.int8_latency import int8_layer_graph, int8_model_graph
 from lightning_compress.core.modules import weight_of
 from lightning_compress.serving._runtime import require_onnx, session
 
@@ -132,41 +143,51 @@ class LatencyTable:
     full: dict[str, tuple[int, int]]
     times: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
     dense: float = 0.0
-    graphs: int = 0  # one-layer graphs measured
+    graphs: int = 0  # one-layer graphs measured (float and int8)
+    int8: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)  # the same rows at int8 codes
+    int8_models: dict[frozenset[str], float] = field(default_factory=dict)  # the dense model with a set int8
 
     @property
     def rest(self) -> float:
         return max(0.0, self.dense - sum(self.time(n, *self.full[n]) for n in self.full))
 
-    def time(self, layer: str, outputs: int, inputs: int) -> float:
-        """``T(outputs, inputs)``, separable from the measured rows."""
+    def time(self, layer: str, outputs: int, inputs: int, int8: bool = False) -> float:
+        """``T(outputs, inputs)``, separable from the measured rows (of the int8 rows with ``int8``)."""
         full_out, full_in = self.full[layer]
-        table = self.times[layer]
+        table = self.int8[layer] if int8 else self.times[layer]
         if (outputs, inputs) in table:
             return table[(outputs, inputs)]
         dense = table[(full_out, full_in)]
         return table[(outputs, full_in)] * table[(full_out, inputs)] / max(dense, 1e-12)
 
-    def predict(self, sizes: Mapping[str, tuple[int, int]], mode: str = "scaled") -> float:
-        """The whole model's seconds with each layer at ``sizes[layer]`` (absent: dense). ``"scaled"``: the dense
-        model's measured time times the layers' summed time in the plan over theirs dense (the other operations
-        shrink in proportion); ``"additive"``: the other operations at their dense cost, the layers' times added."""
-        layers = sum(self.time(n, *sizes.get(n, self.full[n])) for n in self.full)
+    def predict(self, sizes: Mapping[str, tuple[int, int]], mode: str = "scaled",
+                int8: Collection[str] = ()) -> float:
+        """The whole model's seconds with each layer at ``sizes[layer]`` (absent: dense), the layers in ``int8``
+        at their int8 rows. ``"scaled"``: the dense model's measured time times the layers' summed time in the plan
+        over theirs dense (the other operations shrink in proportion); ``"additive"``: the other operations at their
+        dense cost, the layers' times added. An ``int8`` set measured whole (:attr:`int8_models`) scales from its
+        own measurement; another set from the float dense model's."""
+        layers = sum(self.time(n, *sizes.get(n, self.full[n]), n in int8) for n in self.full)
         if mode == "additive":
             return self.rest + layers
-        return self.dense * layers / max(sum(self.time(n, *self.full[n]) for n in self.full), 1e-12)
+        whole = self.int8_models.get(frozenset(int8)) if int8 else None
+        if whole is None:
+            return self.dense * layers / max(sum(self.time(n, *self.full[n]) for n in self.full), 1e-12)
+        return whole * layers / max(sum(self.time(n, *self.full[n], n in int8) for n in self.full), 1e-12)
 
 
 def build_table(model: nn.Module, shape: Sequence[int], threads: int, outputs: Mapping[str, Sequence[int]],
-                inputs: Mapping[str, Sequence[int]], rounds: int = TABLE_ROUNDS) -> LatencyTable:
+                inputs: Mapping[str, Sequence[int]], rounds: int = TABLE_ROUNDS, int8: bool = False) -> LatencyTable:
     """Measure the dense model and, per layer, the one-layer graphs at every count in ``outputs[layer]`` (full
-    inputs) and ``inputs[layer]`` (full outputs); layers absent from both are timed dense only."""
+    inputs) and ``inputs[layer]`` (full outputs); layers absent from both are timed dense only. ``int8``: every
+    such row also at int8 codes (:attr:`LatencyTable.int8`)."""
     real = layer_inputs(model, shape)
     modules = dict(model.named_modules())
     table = LatencyTable(full={})
     graphs: dict[str, bytes] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     keys: dict[str, tuple[str, tuple[int, int]]] = {}
+    no_int8: set[str] = set()
     for name, in_shape in real.items():
         module = modules[name]
         if getattr(module, "groups", 1) != 1:
@@ -180,21 +201,53 @@ def build_table(model: nn.Module, shape: Sequence[int], threads: int, outputs: M
             layer_shape = list(in_shape)
             layer_shape[axis] = cols
             with torch.no_grad():
-                graphs[key] = float_graph(resized_layer(module, out, cols), layer_shape)
+                layer = resized_layer(module, out, cols)
+                graphs[key] = float_graph(layer, layer_shape)
+            quantized = int8_layer_graph(layer, layer_shape) if int8 and name not in no_int8 else None
             shapes[key], keys[key] = tuple(layer_shape), (name, (out, cols))
+            if quantized is not None:
+                graphs[f"{key}:int8"], shapes[f"{key}:int8"] = quantized, tuple(layer_shape)
+            elif int8:
+                no_int8.add(name)  # a layer lacking one int8 row gets none: it is never chosen int8
     graphs["<model>"], shapes["<model>"] = float_graph(model, shape), tuple(shape)
     seconds = measure(graphs, shapes, threads, rounds=rounds)
     table.dense = seconds.pop("<model>")
     for key, value in seconds.items():
-        name, pair = keys[key]
-        table.times.setdefault(name, {})[pair] = value
+        name, pair = keys[key.removesuffix(":int8")]
+        if name in no_int8 and key.endswith(":int8"):
+            continue
+        (table.int8 if key.endswith(":int8") else table.times).setdefault(name, {})[pair] = value
     table.graphs = len(seconds)
+    if table.int8:
+        _time_int8_models(model, shape, threads, rounds, table)
     return table
+
+
+def _time_int8_models(model: nn.Module, shape: Sequence[int], threads: int, rounds: int, table: LatencyTable) -> None:
+    """:attr:`LatencyTable.int8_models`: the dense model with every int8-able layer int8, and with those whose int8
+    row is faster than the float one, timed in turns with the float dense model (scaled to its first measurement)."""
+    every = frozenset(table.int8)
+    faster = frozenset(n for n in every if table.time(n, *table.full[n], True) < table.time(n, *table.full[n]))
+    sets = {group for group in (every, faster) if group}
+    graphs = {"<model>": float_graph(model, shape)}
+    for group in sets:
+        graphs[",".join(sorted(group))] = int8_model_graph(model, group, shape)
+    seconds = measure(graphs, dict.fromkeys(graphs, tuple(shape)), threads, rounds=rounds)
+    dense = seconds.pop("<model>")
+    for group in sets:
+        table.int8_models[group] = table.dense * seconds[",".join(sorted(group))] / dense
 
 
 def measured_ratio(dense: nn.Module, model: nn.Module, shape: Sequence[int], threads: int,
                    rounds: int = ROUNDS) -> tuple[float, float, float]:
     """(``model``'s latency / ``dense``'s, dense seconds, model seconds), the two whole models timed in turns."""
-    seconds = measure({"dense": float_graph(dense, shape), "model": float_graph(model, shape)},
-                      {"dense": shape, "model": shape}, threads, rounds=rounds)
+    return graph_ratio(dense, float_graph(model, shape), shape, threads, rounds)
+
+
+def graph_ratio(dense: nn.Module, graph: bytes, shape: Sequence[int], threads: int,
+                rounds: int = ROUNDS) -> tuple[float, float, float]:
+    """:func:`measured_ratio` of an ONNX ``graph`` (e.g. the delivered model as ``export_onnx`` writes it) against
+    ``dense`` as a float graph."""
+    seconds = measure({"dense": float_graph(dense, shape), "model": graph}, {"dense": shape, "model": shape},
+                      threads, rounds=rounds)
     return seconds["model"] / seconds["dense"], seconds["dense"], seconds["model"]

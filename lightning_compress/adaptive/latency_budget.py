@@ -1,35 +1,47 @@
-"""``compress(model, Budget(latency=0.5, latency_input=(32, 1, 28, 28)), ...)``: remove whole units until the
-model, compacted, runs in ``latency`` of the dense model's time in ONNX Runtime, with the smallest predicted loss
-increase. No Lightning import.
+"""``compress(model, Budget(latency=0.5, latency_input=(32, 1, 28, 28)), ...)``: remove whole units and run
+layers on int8 kernels until the model, compacted, runs in ``latency`` of the dense model's time in ONNX Runtime,
+with the smallest predicted loss increase; with ``size`` / ``macs`` in the same budget, its file and MACs are
+capped too. No Lightning import.
 
-1. Checks first (the model runs on ``latency_input``, ONNX Runtime is there), before any backward pass.
+1. Checks first (the model runs on ``latency_input``, ONNX Runtime is there, a size / MACs cap above the model's
+   floor: :func:`~.caps.budget_caps`), before any backward pass.
 2. The unit analysis (:mod:`lightning_compress.structure.dependency`) says which sets of units can go and what
-   shrinks with them; the diagonal Fisher scores every unit (:mod:`.units`); a per-layer latency table is measured
-   (:mod:`.latency`).
-3. Solve: from the dense model, repeatedly shrink the family whose next step costs the least predicted loss per
-   predicted second saved (NetAdapt-style greedy; the latency of a layer depends on its own units *and* its
-   producer's, so the costs do not add up per family and the knapsack of :mod:`.knapsack` does not apply), until
-   the predicted latency is within the target.
+   shrinks with them; the diagonal Fisher scores every unit (:mod:`.units`) and every layer's int8 codes
+   (:mod:`.int8_latency`); a per-layer latency table is measured, float and int8 (:mod:`.latency`).
+3. Solve (:mod:`.latency_plan`): from the dense float model, repeatedly take the move (a family's next units, or
+   one layer to int8) that costs the least predicted loss per predicted progress towards the targets (NetAdapt-style
+   greedy; the latency of a layer depends on its own units *and* its producer's, so the costs do not add up per
+   family and the knapsack of :mod:`.knapsack` does not apply). ``search="sparsity"``: units only (float);
+   ``"bits"``: int8 only.
 4. Never trust: the model is compacted (:func:`~lightning_compress.structure.compaction.compact`, on a copy: the
-   caller's model is not changed) and the compacted and the dense model are timed in turns. Over the budget, or well
-   under it, the target is moved and the plan solved again (:func:`within`, at most :data:`CORRECTIONS` times). Then
-   ``metric_fn`` decides. A model over budget or outside the bound is never returned:
-   :class:`LatencyBudgetError` says the smallest latency fraction delivered within the bound, as measured.
+   caller's model is not changed), its int8 layers quantized (it carries their codes), and the graph
+   ``export_onnx(..., activations="static")`` writes of it is timed in turns with the dense float graph; its file
+   (``save_quantized``, or ``save_float`` when no layer is int8) and MACs are measured. Over a cap, or well under
+   the latency, the targets are moved and the plan solved again (:func:`within`, at most :data:`CORRECTIONS`
+   times). Then ``metric_fn`` decides (on the PyTorch model; the export's agreement with it is in the steps). A
+   model over budget or outside the bound is never returned: :class:`LatencyBudgetError` says the smallest latency
+   fraction delivered within the bound, as measured.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.caps import budget_caps
+from lightning_compress.adaptive.costs import file_bytes, model_macs, positions
 from lightning_compress.adaptive.fisher import diagonal_fisher
-from lightning_compress.adaptive.latency import LatencyTable, build_table, measured_ratio
+from lightning_compress.adaptive.int8_latency import calibration_inputs, int8_scores, onnx_graph, quantize_int8
+from lightning_compress.adaptive.latency import build_table, graph_ratio, measured_ratio
+from lightning_compress.adaptive.latency_plan import CapCosts, LatencyProblem, LayerCost, Targets
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.units import (
     LAYERS,
@@ -39,11 +51,17 @@ from lightning_compress.adaptive.units import (
     unit_masks,
     unit_scores,
 )
+from lightning_compress.core.accounting import state_bytes
 from lightning_compress.core.gate import MetricGate
+from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.export import save_float
 from lightning_compress.serving._runtime import require_onnx
 from lightning_compress.structure.compaction import compact
-from lightning_compress.structure.dependency import UnitGroup, find_unit_groups
+from lightning_compress.structure.dependency import find_unit_groups
 from lightning_compress.structure.macs import macs_per_example
+
+__all__ = ["LatencyBudgetError", "LatencyProblem", "compress_to_latency", "deliver", "latency_result", "problem_of",
+           "within"]
 
 CORRECTIONS = 4  # re-solves with the target moved by what was measured
 AIM = 0.95  # plans aim at this share of the budget: timings on a loaded machine move by a few percent
@@ -68,6 +86,17 @@ class Delivered:
     predicted: float  # predicted ratio
     seconds: float  # measured per run
     metric: float | None = None
+    int8: frozenset[str] = field(default_factory=frozenset)  # layers on int8 kernels (the model carries codes)
+    file_bytes: int | None = None  # measured, when a size / MACs cap asked for it
+    macs: int | None = None  # counted per example, likewise
+    loss: float = 0.0  # predicted loss increase of the plan
+    note: str = ""  # what else was measured, for the steps
+
+    def fits(self, latency: float, caps: tuple[int | None, int | None]) -> bool:
+        """Measured within ``latency`` and the (bytes, MACs) ``caps``."""
+        size, macs = caps
+        return self.ratio <= latency and (size is None or (self.file_bytes or 0) <= size) and \
+            (macs is None or (self.macs or 0) <= macs)
 
 
 def latency_shape(budget: Budget, batches: Sequence[Any]) -> tuple[int, ...]:
@@ -98,64 +127,16 @@ def check_latency_model(model: nn.Module, shape: tuple[int, ...]) -> None:
         model.train(training)
 
 
-@dataclass
-class LatencyProblem:
-    """The candidates of each family, and how a plan's unit counts turn into each layer's (outputs, inputs)."""
-
-    candidates: dict[str, list[UnitCandidate]]
-    members: dict[str, list[str]]  # family -> its producers
-    groups: Mapping[str, UnitGroup]
-    scores: dict[str, Tensor]  # family -> per-unit predicted loss increase
-    table: LatencyTable
-
-    def sizes(self, plan: Mapping[str, UnitCandidate]) -> dict[str, tuple[int, int]]:
-        sizes = {name: list(full) for name, full in self.table.full.items()}
-        for name, candidate in plan.items():
-            removed = candidate.units - candidate.kept
-            for member in self.members[name]:
-                if member in sizes:
-                    sizes[member][0] = candidate.kept
-            for consumer, repeat, _ in self.groups[name].consumers:
-                if consumer in sizes:
-                    sizes[consumer][1] -= removed * repeat
-        return {name: (size[0], size[1]) for name, size in sizes.items()}
-
-    def predict(self, plan: Mapping[str, UnitCandidate]) -> float:
-        """Predicted seconds of the compacted model."""
-        return self.table.predict(self.sizes(plan))
-
-    def solve(self, target: float) -> dict[str, UnitCandidate]:
-        """The greedy plan (module docstring): the first one predicted within ``target`` seconds, else the
-        sparsest."""
-        at = dict.fromkeys(self.candidates, 0)
-        plan = {name: options[0] for name, options in self.candidates.items()}
-        current = self.predict(plan)
-        while current > target:
-            best: tuple[float, float, str, float] | None = None  # (loss per second saved, loss, family, seconds)
-            for name, options in self.candidates.items():
-                if at[name] + 1 >= len(options):
-                    continue
-                saved = current - (seconds := self.predict({**plan, name: options[at[name] + 1]}))
-                cost = options[at[name] + 1].score - options[at[name]].score
-                step = (cost / saved if saved > 0 else float("inf"), cost, name, seconds)
-                if best is None or step[:2] < best[:2]:
-                    best = step
-            if best is None:
-                break  # every family at its fewest units
-            _, _, name, current = best
-            at[name] += 1
-            plan[name] = self.candidates[name][at[name]]
-        return plan
-
-
 def problem_of(model: nn.Module, example: Tensor, shape: tuple[int, ...], threads: int, batches: Sequence[Any],
-               forward: Callable[[nn.Module, Any], Any], loss_fn: Callable[[Any, Any], Tensor] | None
-               ) -> LatencyProblem:
-    """Unit analysis, Fisher scores per unit, candidates, and the latency table they need."""
+               forward: Callable[[nn.Module, Any], Any], loss_fn: Callable[[Any, Any], Tensor] | None,
+               int8: bool = False, costs: bool = False, units: bool = True) -> LatencyProblem:
+    """Unit analysis, Fisher scores per unit (and per layer at int8 with ``int8``), candidates, the latency table
+    they need (with int8 rows), and with ``costs`` what bytes and MACs the dense model and its layers cost."""
     groups = find_unit_groups(model, example)
     members = families(groups)
     modules = dict(model.named_modules())
-    weights = {n: m.weight for n, m in modules.items() if isinstance(m, LAYERS) and isinstance(m.weight, Tensor)}
+    layers = {n: m for n, m in modules.items() if isinstance(m, LAYERS) and isinstance(m.weight, Tensor)}
+    weights = {n: m.weight for n, m in layers.items()}
     fisher = diagonal_fisher(model, weights, batches, forward, loss_fn)
     scores = {name: unit_scores(groups[name], family, modules, fisher) for name, family in members.items()}
     candidates = {name: family_candidates(name, scores[name]) for name in members}
@@ -168,7 +149,15 @@ def problem_of(model: nn.Module, example: Tensor, shape: tuple[int, ...], thread
             if consumer in modules and isinstance(modules[consumer], LAYERS):
                 fan_in = int(modules[consumer].weight.shape[1])
                 inputs.setdefault(consumer, []).extend(fan_in - (c.units - c.kept) * repeat for c in options)
-    return LatencyProblem(candidates, members, groups, scores, build_table(model, shape, threads, outputs, inputs))
+    table = build_table(model, shape, threads, outputs, inputs, int8=int8)
+    problem = LatencyProblem(candidates, members, groups, scores, table, units=units)
+    problem.int8_scores = int8_scores({n: layers[n] for n in table.int8}, fisher)
+    if costs:
+        where = positions(model, layers, batches[0], forward)
+        per_layer = {n: LayerCost(layers[n].weight[0, 0].numel(), where[n], getattr(layers[n], "bias", None)
+                                  is not None) for n in table.full}
+        problem.costs = CapCosts(per_layer, sum(state_bytes(model).values()), model_macs(model, batches[0], forward))
+    return problem
 
 
 def refresh_batchnorm(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
@@ -194,44 +183,75 @@ def refresh_batchnorm(model: nn.Module, batches: Sequence[Any], forward: Callabl
         model.eval()
 
 
+def delivered_bytes(model: nn.Module) -> int:
+    """Bytes of the file the delivered model is written as: ``save_quantized`` (it carries codes), else
+    ``save_float``."""
+    if carried(model) is not None:
+        return file_bytes(model)
+    with tempfile.TemporaryDirectory() as folder:
+        return os.path.getsize(save_float(model, os.path.join(folder, "plan.safetensors")))
+
+
 def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandidate], example: Tensor,
             shape: tuple[int, ...], threads: int, batches: Sequence[Any] = (),
-            forward: Callable[[nn.Module, Any], Any] | None = None) -> Delivered:
+            forward: Callable[[nn.Module, Any], Any] | None = None, int8: frozenset[str] = frozenset(),
+            count: bool = False) -> Delivered:
     """The compacted copy of ``model`` for ``plan`` (its BatchNorm statistics refreshed on ``batches`` when a unit
-    was removed), timed against ``model`` in turns."""
+    was removed), its ``int8`` layers quantized, timed against ``model`` in turns: the float graph, or with int8
+    layers the graph ``export_onnx(activations="static")`` writes (calibrated on ``batches``). ``count``: its file
+    bytes and MACs measured too."""
     masks = unit_masks(plan, problem.scores, problem.members)
     compacted = compact(model, masks, example).model if masks else copy.deepcopy(model)
     if masks and batches and forward is not None:
         refresh_batchnorm(compacted, batches, forward)
     compacted.eval()
-    ratio, _, seconds = measured_ratio(model, compacted, shape, threads)
-    return Delivered(plan, compacted, ratio, problem.predict(plan) / problem.table.dense, seconds)
+    note = ""
+    if int8:
+        quantize_int8(compacted, int8)
+        graph, report = onnx_graph(compacted, calibration_inputs(batches))
+        ratio, _, seconds = graph_ratio(model, graph, shape, threads)
+        note = f"; export_onnx agrees with PyTorch on {report.argmax_agreement:.3f} of argmaxes"
+    else:
+        ratio, _, seconds = measured_ratio(model, compacted, shape, threads)
+    loss = sum(c.score for c in plan.values()) + sum(problem.int8_scores[n] for n in int8)
+    delivered = Delivered(plan, compacted, ratio, problem.predict(plan, int8) / problem.table.dense, seconds,
+                          int8=int8, loss=loss)
+    if count and forward is not None:
+        delivered.file_bytes, delivered.macs = delivered_bytes(compacted), model_macs(compacted, batches[0], forward)
+        note += f"; file {delivered.file_bytes} bytes, {delivered.macs} MACs per example"
+    delivered.note = note
+    return delivered
 
 
 def within(model: nn.Module, problem: LatencyProblem, latency: float, example: Tensor, shape: tuple[int, ...],
-           threads: int, steps: list[str], batches: Sequence[Any],
-           forward: Callable[[nn.Module, Any], Any]) -> tuple[Delivered | None, float | None]:
-    """The delivered model measured within ``latency`` (a fraction of the dense latency) with the smallest predicted
-    loss, and the smallest fraction measured on the way (``steps`` says what was tried).
+           threads: int, steps: list[str], batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], *,
+           caps: tuple[int | None, int | None] = (None, None), int8: bool = False
+           ) -> tuple[Delivered | None, float | None]:
+    """The delivered model measured within ``latency`` (a fraction of the dense latency) and ``caps`` (file bytes,
+    MACs per example; None: no cap) with the smallest predicted loss, and the smallest fraction measured on the way
+    (``steps`` says what was tried). ``int8``: layers may be chosen int8.
 
-    The plan aims at :data:`AIM` of the budget (room for the timing's noise). Each measurement moves the target:
-    scaled by budget / measured until one target's model was within the budget and another's over it, then the
-    geometric mean of the two (a bisection), up to :data:`CORRECTIONS` times; a model measured within
-    [:data:`CLOSE`, 1] of the budget ends it. When none is within the budget, the sparsest plan is measured last."""
-    target = AIM * latency * problem.table.dense
-    tried: dict[tuple[int, ...], Delivered] = {}
-    passed: float | None = None  # the largest target whose model was within the budget
-    failed: float | None = None  # the smallest target whose model was over it
+    The plan aims at :data:`AIM` of the latency (room for the timing's noise). Each measurement moves the latency
+    target: scaled by budget / measured until one target's model was within the budget and another's over it, then
+    the geometric mean of the two (a bisection), up to :data:`CORRECTIONS` times; a file or a MACs count measured
+    over its cap scales that target by cap / measured (both are measured exactly: no aim). A model within every cap
+    and within [:data:`CLOSE`, 1] of the latency ends it. When none is within, the sparsest plan is measured last."""
+    count = caps != (None, None)
+    target = AIM * latency * problem.table.dense  # seconds
+    others: list[float | None] = [None if cap is None else float(cap) for cap in caps]  # bytes, MACs
+    tried: dict[tuple[Any, ...], Delivered] = {}
+    passed: float | None = None  # the largest latency target whose model was within the budget
+    failed: float | None = None  # the smallest latency target whose model was over it
     for _ in range(CORRECTIONS + 1):
-        plan = problem.solve(target)
-        key = tuple(c.kept for c in plan.values())
-        if key not in tried:
-            tried[key] = deliver(model, problem, plan, example, shape, threads, batches, forward)
-            steps.append(f"latency {latency:g}: plan predicted {tried[key].predicted:.3f}x, measured "
-                         f"{tried[key].ratio:.3f}x of dense ({tried[key].seconds * 1e3:.3g} ms per run)")
-        ratio = tried[key].ratio
+        delivered = _measure(model, problem, (target, others[0], others[1]), int8, tried, example, shape, threads,
+                             batches, forward, count, steps, latency)
+        for index, (cap, value) in enumerate(zip(caps, (delivered.file_bytes, delivered.macs))):
+            now = others[index]
+            if cap is not None and value is not None and now is not None and value > cap:
+                others[index] = now * cap / value * 0.99
+        ratio = delivered.ratio
         if ratio <= latency:
-            if ratio >= CLOSE * latency:
+            if ratio >= CLOSE * latency and delivered.fits(1.0, caps):
                 break
             passed = target if passed is None else max(passed, target)
         else:
@@ -240,46 +260,80 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
             target = (passed * failed) ** 0.5
         else:
             target *= AIM * latency / ratio
-    sparsest = problem.solve(0.0)
-    key = tuple(c.kept for c in sparsest.values())
-    if all(d.ratio > latency for d in tried.values()) and key not in tried:
-        tried[key] = deliver(model, problem, sparsest, example, shape, threads, batches, forward)
-        steps.append(f"every family at its fewest units: measured {tried[key].ratio:.3f}x of dense")
-    passing = [d for d in tried.values() if d.ratio <= latency]
-    best = min(passing, key=lambda d: sum(c.score for c in d.plan.values()), default=None)
+    if not any(d.fits(latency, caps) for d in tried.values()):
+        sparsest = (0.0, None if caps[0] is None else 0.0, None if caps[1] is None else 0.0)
+        before = len(tried)
+        last = _measure(model, problem, sparsest, int8, tried, example, shape, threads, batches, forward, count,
+                        steps, latency)
+        if len(tried) > before:
+            steps.append(f"the sparsest plan: measured {last.ratio:.3f}x of dense")
+    passing = [d for d in tried.values() if d.fits(latency, caps)]
+    best = min(passing, key=lambda d: d.loss, default=None)
     return best, min((d.ratio for d in tried.values()), default=None)
+
+
+def _measure(model: nn.Module, problem: LatencyProblem, targets: Targets, int8: bool,
+             tried: dict[tuple[Any, ...], Delivered], example: Tensor, shape: tuple[int, ...], threads: int,
+             batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], count: bool, steps: list[str],
+             latency: float) -> Delivered:
+    """The plan solved for ``targets``, delivered and measured once (``tried`` keeps what was)."""
+    plan, layers = problem.solve_joint(targets, int8_allowed=int8)
+    key = (*(c.kept for c in plan.values()), *sorted(layers))
+    if key not in tried:
+        tried[key] = found = deliver(model, problem, plan, example, shape, threads, batches, forward, layers, count)
+        where = f", int8 {sorted(layers)}" if layers else ""
+        steps.append(f"latency {latency:g}: plan predicted {found.predicted:.3f}x{where}, measured {found.ratio:.3f}x "
+                     f"of dense ({found.seconds * 1e3:.3g} ms per run){found.note}")
+    return tried[key]
 
 
 def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any],
                         forward: Callable[[nn.Module, Any], Any], loss_fn: Callable[[Any, Any], Tensor] | None,
                         metric_fn: Callable[[nn.Module], float] | None, measure: Callable[..., float],
-                        gate: MetricGate) -> tuple[Delivered, LatencyProblem, dict[str, Any]]:
-    """The delivered (compacted) model within the latency budget and the bound, its problem, and the report's
-    figures (``before``, ``evaluations``, ``steps``); raises :class:`LatencyBudgetError` otherwise."""
+                        gate: MetricGate, search: str = "joint"
+                        ) -> tuple[Delivered, LatencyProblem, dict[str, Any]]:
+    """The delivered (compacted, partly int8) model within the latency budget, the size / MACs caps and the bound,
+    its problem, and the report's figures (``before``, ``evaluations``, ``steps``, ``caps``); raises
+    :class:`LatencyBudgetError` otherwise. ``search``: ``"sparsity"`` units only (float), ``"bits"`` int8 only,
+    otherwise both."""
     if budget.latency is None:
         raise ValueError(f"`budget`={budget!r} has no `latency`; compress() takes size / MACs budgets elsewhere")
     shape = latency_shape(budget, batches)
     check_latency_model(model, shape)
+    caps: tuple[int | None, int | None] = (None, None)
+    if budget.size is not None or budget.macs is not None:  # refused here when below the model's floor
+        found = budget_caps(model, budget, batches[0], forward)
+        caps = (found.size_cap, found.macs_cap)
     threads = budget.latency_threads
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     steps: list[str] = []
+    int8 = search != "sparsity" and bool(calibration_inputs(batches[:1]))
+    if search != "sparsity" and not int8:
+        steps.append("no int8: the calibration batches hold no float input tensor to calibrate activations with")
     before = measure(metric_fn, model) if metric_fn is not None else None
     evaluations = int(metric_fn is not None)
-    problem = problem_of(model, example, shape, threads, batches, forward, loss_fn)
-    steps.append(f"{len(problem.candidates)} families of units, {problem.table.graphs} one-layer graphs timed; dense "
-                 f"{problem.table.dense * 1e3:.3g} ms per run at {shape}, {threads} thread(s)")
-    passing: float | None = None
+    problem = problem_of(model, example, shape, threads, batches, forward, loss_fn, int8=int8,
+                         costs=caps != (None, None), units=search != "bits")
+    faster = [n for n in problem.table.int8 if problem.table.time(n, *problem.table.full[n], True) <
+              problem.table.time(n, *problem.table.full[n])]
+    steps.append(f"{len(problem.candidates)} families of units, {problem.table.graphs} one-layer graphs timed"
+                 f"{f', int8 faster than float (dense) for {faster} of {sorted(problem.table.int8)}' if int8 else ''}"
+                 f"; dense {problem.table.dense * 1e3:.3g} ms per run at {shape}, {threads} thread(s)")
+    passing: Delivered | None = None
     for factor in (1.0, *LOOSER):
         latency = budget.latency * factor
         if latency >= 1.0:
             break
-        delivered, smallest = within(model, problem, latency, example, shape, threads, steps, batches, forward)
+        looser = tuple(None if c is None else int(c * factor) for c in caps)
+        delivered, smallest = within(model, problem, latency, example, shape, threads, steps, batches, forward,
+                                     caps=(looser[0], looser[1]), int8=int8)
         if delivered is None:
             if factor == 1.0:
                 raise LatencyBudgetError(
-                    f"`budget` latency={budget.latency!r}: no plan runs that fast as measured in ONNX Runtime at "
-                    f"{shape} with {threads} thread(s); the smallest fraction delivered was {smallest:.3f} of the "
-                    f"dense latency; allowed: at least that (steps: {steps})", smallest)
+                    f"`budget`={_budget_text(budget, caps)}: no plan meets it as measured (ONNX Runtime at {shape} "
+                    f"with {threads} thread(s)); the smallest latency fraction delivered was {smallest:.3f} of the "
+                    f"dense latency; allowed: at least that, and caps above what the steps measured (steps: "
+                    f"{steps})", smallest)
             continue
         if metric_fn is not None:
             delivered.metric = measure(metric_fn, delivered.model)
@@ -289,33 +343,60 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
             if not verdict.accepted:
                 continue
         if factor == 1.0:
-            return delivered, problem, {"before": before, "evaluations": evaluations, "steps": steps}
-        passing = delivered.ratio
+            return delivered, problem, {"before": before, "evaluations": evaluations, "steps": steps, "caps": caps}
+        passing = delivered
         break
     nearest = "no looser budget up to 1 met it either" if passing is None else \
-        f"the smallest budget that met it as measured: latency={passing:.3f}"
-    raise LatencyBudgetError(f"`budget` latency={budget.latency!r} and `max_metric_drop`={gate.max_drop} cannot both "
-                             f"hold (measured after {evaluations} evaluations); {nearest}; allowed: a larger latency "
-                             f"or a looser bound (steps: {steps})", passing)
+        f"the smallest budget that met it as measured: latency={passing.ratio:.3f}" + \
+        (f", size={passing.file_bytes}" if caps[0] is not None else "") + \
+        (f", macs={passing.macs}" if caps[1] is not None else "")
+    raise LatencyBudgetError(f"`budget`={_budget_text(budget, caps)} and `max_metric_drop`={gate.max_drop} cannot "
+                             f"both hold (measured after {evaluations} evaluations); {nearest}; allowed: a larger "
+                             f"budget or a looser bound (steps: {steps})", None if passing is None else passing.ratio)
 
 
-def plan_rows(problem: LatencyProblem, plan: Mapping[str, UnitCandidate]) -> list[dict[str, Any]]:
-    """The plan as a table: per family, its producers, units kept of all, and the predicted loss increase."""
-    return [{"layer": name, "members": problem.members[name], "units": c.units, "kept": c.kept,
-             "predicted": c.score, "label": f"{c.kept}/{c.units} units"} for name, c in plan.items()]
+def _budget_text(budget: Budget, caps: tuple[int | None, int | None]) -> str:
+    text = f"latency={budget.latency!r}"
+    if caps[0] is not None:
+        text += f", size={budget.size!r} ({caps[0]} bytes)"
+    if caps[1] is not None:
+        text += f", macs={budget.macs!r} ({caps[1]} per example)"
+    return text
+
+
+def plan_rows(problem: LatencyProblem, plan: Mapping[str, UnitCandidate],
+              int8: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """The plan as a table: per family, its producers, units kept of all, the producers on int8 kernels and the
+    predicted loss increase; then each other layer chosen int8."""
+    rows = []
+    for name, c in plan.items():
+        chosen = [m for m in problem.members[name] if m in int8]
+        label = f"{c.kept}/{c.units} units" + (f", int8 {chosen}" if chosen else "")
+        rows.append({"layer": name, "members": problem.members[name], "units": c.units, "kept": c.kept, "int8": chosen,
+                     "predicted": c.score + sum(problem.int8_scores[m] for m in chosen), "label": label})
+    covered = {m for members in problem.members.values() for m in members}
+    for name in sorted(int8 - covered):
+        units = problem.table.full[name][0]
+        rows.append({"layer": name, "members": [name], "units": units, "kept": units, "int8": [name],
+                     "predicted": problem.int8_scores[name], "label": "int8"})
+    return rows
 
 
 def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any],
                    loss_fn: Callable[[Any, Any], Tensor] | None, metric_fn: Callable[[nn.Module], float] | None,
-                   measure: Callable[..., float], gate: MetricGate) -> Any:
+                   measure: Callable[..., float], gate: MetricGate, search: str = "joint") -> Any:
     """:func:`compress_to_latency` as a :class:`~lightning_compress.adaptive.compress.CompressionResult`; its
-    ``model`` is the compacted copy (``model`` itself is not changed)."""
+    ``model`` is the compacted copy, carrying the codes of its int8 layers (``model`` itself is not changed).
+    ``export_onnx(result.model, path, example, activations="static", calibration_data=...)`` writes the kernels
+    that were timed."""
     from lightning_compress.adaptive.compress import CompressionResult  # compress imports this module
 
     delivered, problem, report = compress_to_latency(model, budget, batches, forward, loss_fn, metric_fn, measure,
-                                                     gate)
+                                                     gate, search)
     shape = latency_shape(budget, batches)
-    macs = macs_per_example(delivered.model, torch.zeros(shape))
-    return CompressionResult(delivered.model, plan_rows(problem, delivered.plan), None, None, None, macs,
-                             report["before"], delivered.metric, report["evaluations"], report["steps"],
-                             budget_latency=budget.latency, latency=delivered.ratio)
+    macs = delivered.macs if delivered.macs is not None else macs_per_example(delivered.model, torch.zeros(shape))
+    size_cap, macs_cap = report["caps"]
+    return CompressionResult(delivered.model, plan_rows(problem, delivered.plan, delivered.int8), size_cap,
+                             delivered.file_bytes, macs_cap, macs, report["before"], delivered.metric,
+                             report["evaluations"], report["steps"], budget_latency=budget.latency,
+                             latency=delivered.ratio)

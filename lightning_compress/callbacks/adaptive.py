@@ -135,6 +135,10 @@ class AdaptiveCompression(GradientStabilityPruning):
     ) -> None:
         self.budget = as_budget(budget)
         latency = self.budget.latency is not None  # whole units pruned, compacted at the end (adaptive.in_fit_units)
+        if latency and (self.budget.size is not None or self.budget.macs is not None):
+            raise ValueError(f"`budget`={self.budget!r}: in a fit a latency budget is taken alone (the compacted "
+                             "model stays float); allowed: latency alone, or size / MACs alone (compress() takes "
+                             "them together)")
         if export_path is not None and (not isinstance(export_path, str) or not export_path.endswith(".safetensors")):
             raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
         check_number("calibration_batches", calibration_batches, low=1, integer=True)

@@ -27,6 +27,11 @@ def test_fractions_and_counts_resolve() -> None:
     assert Budget(size=0.5).macs_count(100) is None and Budget(macs=0.5).size_bytes(100) is None
 
 
+def test_latency_combines_with_size_and_macs() -> None:
+    budget = Budget(latency=0.5, size="2MB", macs=0.25)
+    assert budget.latency == 0.5 and budget.size_bytes(10**9) == 2_000_000 and budget.macs_count(1000) == 250
+
+
 def test_latency_budget_reads_its_input_shape_and_threads() -> None:
     budget = Budget(latency=0.5, latency_input=[32, 1, 28, 28])  # a YAML list becomes the tuple
     assert budget.latency_input == (32, 1, 28, 28) and budget.latency_threads == 1
@@ -36,8 +41,8 @@ def test_latency_budget_reads_its_input_shape_and_threads() -> None:
 
 BAD: list[tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]] = [
     ("nothing", {}, ValueError, ("size", "macs", "latency", "none")),
-    ("latency_with_size", {"size": 0.5, "latency": 0.5}, ValueError, ("latency", "size=0.5", "alone")),
-    ("latency_with_macs", {"macs": 0.5, "latency": 0.5}, ValueError, ("latency", "macs=0.5", "alone")),
+    ("latency_with_bad_size", {"size": 1.5, "latency": 0.5}, ValueError, ("size", "1.5", "(0, 1)")),
+    ("latency_with_bad_macs", {"macs": "1M", "latency": 0.5}, TypeError, ("macs", "'1M'")),
     ("latency_int", {"latency": 1}, TypeError, ("latency", "1", "(0, 1)")),
     ("latency_one", {"latency": 1.0}, ValueError, ("latency", "1.0", "(0, 1)")),
     ("latency_zero", {"latency": 0.0}, ValueError, ("latency", "0.0", "(0, 1)")),

@@ -51,3 +51,29 @@ def test_a_wider_layer_measures_slower_and_the_table_holds_what_was_asked() -> N
     ratio, dense, seconds = measured_ratio(model, narrow, shape, 1)
     assert ratio == pytest.approx(seconds / dense) and ratio < 0.8
     assert set(measure({}, {}, 1)) == set()
+
+
+def test_int8_rows_and_the_int8_model_predict_a_plan() -> None:
+    table = LatencyTable(full={"a": (8, 4), "b": (2, 8)}, dense=10.0)
+    table.times = {"a": {(8, 4): 4.0, (4, 4): 2.0}, "b": {(2, 8): 4.0, (2, 4): 1.0}}
+    table.int8 = {"a": {(8, 4): 1.0, (4, 4): 0.6}, "b": {(2, 8): 2.0, (2, 4): 0.5}}
+    table.int8_models = {frozenset({"a", "b"}): 6.0}
+    assert table.time("a", 4, 4, int8=True) == 0.6 and table.time("a", 4, 4) == 2.0
+    sizes = {"a": (4, 4), "b": (2, 4)}
+    assert table.predict(sizes, int8={"a", "b"}) == pytest.approx(6.0 * (0.6 + 0.5) / (1.0 + 2.0))  # measured set
+    assert table.predict(sizes, int8={"a"}) == pytest.approx(10.0 * (0.6 + 1.0) / 8.0)  # a set not measured whole
+    assert table.predict(sizes, "additive", int8={"a"}) == pytest.approx(2.0 + 0.6 + 1.0)
+
+
+def test_build_table_times_every_row_at_int8_too() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    table = build_table(model, (16, 1, 8, 8), 1, outputs={"0": [16, 8]}, inputs={"2": [16, 8]}, int8=True)
+    assert set(table.int8) == {"0", "2", "5"}  # every layer has an integer form (QLinearConv / QGemm)
+    assert all(set(table.int8[n]) == set(table.times[n]) for n in table.int8)  # the same rows, at int8
+    assert all(v > 0 for rows in table.int8.values() for v in rows.values())
+    assert table.graphs == 2 * (2 + 2 + 1)
+    assert frozenset({"0", "2", "5"}) in table.int8_models  # the dense model with every int8 layer, timed whole
+    faster = {n for n in table.int8 if table.int8[n][table.full[n]] < table.times[n][table.full[n]]}
+    assert set(table.int8_models) == {s for s in (frozenset({"0", "2", "5"}), frozenset(faster)) if s}
