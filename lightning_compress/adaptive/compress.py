@@ -76,6 +76,7 @@ class CompressionResult:
     budget_latency: float | None = None  # a latency budget: the fraction of the dense model's ORT latency allowed
     latency: float | None = None  # measured: the delivered model's ORT latency / the dense model's
     method: str = "rtn"  # how the delivered codes were made: "rtn", or "gptq" where that measured no worse
+    tried: list[dict[str, Any]] = field(default_factory=list)  # each plan the verification measured (Session.tried)
 
 
 def _check(budget: Any, forward: Any, loss_fn: Any, metric_fn: Any, max_metric_drop: Any, higher_is_better: Any,
@@ -200,7 +201,7 @@ def compress(
         raise
     return CompressionResult(model, rows(delivered.plan, problem, session.measured), size_cap, delivered.file_bytes,
                              macs_cap, delivered.macs, before, delivered.metric, session.evaluations, session.steps,
-                             method=used)
+                             method=used, tried=session.tried)
 
 
 def _refuse(session: Session, problem: Problem, header: int, budget: Budget) -> NoReturn:

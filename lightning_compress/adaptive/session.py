@@ -67,6 +67,7 @@ class Session:
     evaluations: int = 0
     measured: dict[str, float] = field(default_factory=dict)
     cheapest_file: int | None = None  # bytes of the cheapest plan's file, header included (measured)
+    tried: list[dict[str, Any]] = field(default_factory=list)  # each plan measured, for the report's frontier
 
     # ---------------------------------------------------------------- applying
     def restore(self) -> None:
@@ -150,6 +151,7 @@ class Session:
                 self.steps.append("the corrected scores chose the same plan: no further correction")
                 return None
             delivered.metric = self.metric()
+            self.record(delivered, f"plan ({round_} corrections)" if round_ else "plan")
             verdict = self.gate.judge(self.before, delivered.metric)
             self.steps.append(self._describe(delivered, verdict.drop))
             if verdict.accepted:
@@ -167,6 +169,11 @@ class Session:
         if drop_ is not None:
             parts.append(f"metric {delivered.metric:.6g} (drop {drop_:.4g})")
         return ", ".join(parts)
+
+    def record(self, delivered: Delivered, what: str) -> None:
+        """One plan measured (bytes, MACs, metric, within the bound): a point of the report's frontier."""
+        self.tried.append({"bytes": delivered.file_bytes, "macs": delivered.macs, "metric": delivered.metric,
+                           "what": what, "accepted": self.gate.judge(self.before, delivered.metric).accepted})
 
     # ---------------------------------------------------------------- correcting
     def correct(self, problem: Problem, plan: dict[str, Candidate]) -> None:

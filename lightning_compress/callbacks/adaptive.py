@@ -402,6 +402,7 @@ class AdaptiveCompression(GradientStabilityPruning):
                              "macs_per_example": result.budget_macs},
                      delivered={"file_bytes": result.file_bytes, "macs_per_example": result.macs},
                      plan=result.plan, verification_steps=list(result.steps), evaluations=result.evaluations,
+                     tried=list(result.tried),
                      quantization=QUANTIZED_BY.get(result.method, QUANTIZED_BY["rtn"]))
         self.report.metric_before = result.metric_before
         drop = self.gate.drop(result.metric_before, result.metric_after)

@@ -8,7 +8,6 @@ model's at sizes the example did not have, embeddings on a ``Gather`` of their c
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 
 from lightning_compress import AdaptiveCompression, Budget, export_onnx, load_compressed, load_quantized
 from lightning_compress.core.accounting import state_bytes
 from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.quantization.carried import carried
 from lightning_compress.serving._runtime import relative_error
+from tests.callbacks.test_adaptive import FloatAtEnd
 
 transformers = pytest.importorskip("transformers")  # the `test` extra installs it (.ci/run)
 ort = pytest.importorskip("onnxruntime")
@@ -74,15 +73,6 @@ class DigitBert(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-class FloatAtEnd(Callback):
-    """The float (pruned) weights when training ends, before quantization (listed first, its hook runs first)."""
-
-    state: dict[str, torch.Tensor] | None = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.state = copy.deepcopy(pl_module.state_dict())
-
-
 def _test_split() -> tuple[torch.Tensor, torch.Tensor]:
     data = DigitsDataModule(batch_size=1000)
     data.setup("test")
@@ -130,6 +120,17 @@ def test_the_delivered_file_on_disk_is_within_the_size_budget(fitted: dict[str, 
     embeddings = {row["layer"]: row["bits"] for row in callback.result.plan if "embeddings" in row["layer"]}
     assert embeddings["bert.bert.embeddings.word_embeddings"] <= 8  # embeddings are quantized, as quantize() does
     assert {k for k in carried(fitted["model"]).codes if "word_embeddings" in k}
+
+
+@pytest.mark.slow
+def test_the_report_draws_every_plan_the_verification_measured(fitted: dict[str, Any]) -> None:
+    report = fitted["callback"].report
+    tried = report.gate["adaptive"]["tried"]
+    assert tried and all(p["bytes"] is not None and p["metric"] is not None for p in tried)
+    assert any(p["accepted"] and p["bytes"] <= report.gate["adaptive"]["budget"]["bytes"] for p in tried)
+    svg = Path(report.files["report_plot"]).read_text()
+    assert svg.count("<title>") == len(tried)  # one point per plan measured
+    assert "budget frontier: " in Path(report.files["report_markdown"]).read_text()
 
 
 @pytest.mark.slow
