@@ -498,3 +498,47 @@ def test_the_writers_sparsest_files_load_without_the_model_up_to_the_documented_
     assert not load_quantized_tensors(pruned, model)[1]["0.weight"].q.any()
     fresh = nn.Sequential(nn.Linear(1024, 1024, bias=False))
     assert not load_quantized(fresh, pruned)[0].weight.any()
+
+
+# --------------------------------------------------------------------------- trained activation ranges (QAT int8)
+def _ranges(value: Any) -> Callable[[dict], None]:
+    def change(meta: dict) -> None:
+        meta["activations"] = value
+
+    return change
+
+
+GOOD_RANGES = {"version": 1, "ranges": {"0.weight": [0.05, 0], "2.weight": [0.125, 128]}}
+
+# id, the metadata field "activations" the file declares, texts the message must hold
+ACTIVATION_RANGES: list[tuple[str, Any, tuple[str, ...]]] = [
+    ("not_a_dict", [0.1, 0], ("'activations'", "'version'")),
+    ("no_version", {"ranges": {}}, ("'activations'", "'version'")),
+    ("extra_field", {**GOOD_RANGES, "scales": {}}, ("'activations'",)),
+    ("newer_version", {**GOOD_RANGES, "version": 2}, ("'activations'", "version 2", "reads 1..1")),
+    ("version_string", {**GOOD_RANGES, "version": "1"}, ("version '1'",)),
+    ("ranges_list", {"version": 1, "ranges": [[0.1, 0]]}, ("activation ranges must be a dict, got list",)),
+    ("unknown_key", {"version": 1, "ranges": {"9.weight": [0.1, 0]}}, ("'9.weight'", "not a quantized weight")),
+    ("float_key", {"version": 1, "ranges": {"0.bias": [0.1, 0]}}, ("'0.bias'", "not a quantized weight")),
+    ("scale_zero", {"version": 1, "ranges": {"0.weight": [0.0, 0]}}, ("'0.weight'", "finite number > 0, got 0.0")),
+    ("scale_nan", {"version": 1, "ranges": {"0.weight": [math.nan, 0]}}, ("'0.weight'", "got nan")),
+    ("scale_string", {"version": 1, "ranges": {"0.weight": ["0.1", 0]}}, ("'0.weight'", "got '0.1'")),
+    ("zero_point_256", {"version": 1, "ranges": {"0.weight": [0.1, 256]}}, ("integer in 0..255, got 256",)),
+    ("zero_point_float", {"version": 1, "ranges": {"0.weight": [0.1, 1.5]}}, ("integer in 0..255, got 1.5",)),
+    ("pair_short", {"version": 1, "ranges": {"0.weight": [0.1]}}, ("[scale, zero_point]",)),
+]
+
+
+@pytest.mark.parametrize(("value", "texts"), [c[1:] for c in ACTIVATION_RANGES], ids=[c[0] for c in ACTIVATION_RANGES])
+def test_load_quantized_refuses_bad_activation_ranges(tmp_path: Path, value: Any, texts: tuple[str, ...]) -> None:
+    """The export's trained activation ranges (QAT, activations="int8") are read as untrusted, before the model
+    changes: a versioned field, each range of a quantized weight, a finite scale > 0, a zero point in 0..255."""
+    test_load_quantized_refuses(tmp_path, "int8_channel_sym", lambda p: _rewrite(p, meta=_ranges(value)), texts)
+
+
+def test_well_formed_activation_ranges_are_carried_by_the_loaded_model(tmp_path: Path) -> None:
+    from lightning_compress.quantization.carried import carried
+
+    path = _rewrite(_export(tmp_path / "m.safetensors", "int8_channel_sym"), meta=_ranges(GOOD_RANGES))
+    record = carried(load_quantized(_net(), path))
+    assert record is not None and record.activations == {"0.weight": (0.05, 0), "2.weight": (0.125, 128)}

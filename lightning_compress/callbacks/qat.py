@@ -320,9 +320,14 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             rank_zero_warn("QuantizationAwareTraining: the fit ended before `start` was reached; the weights are "
                            "quantized after training (round to nearest, MSE calibration)")
         super()._finish(trainer, pl_module)
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The trained input ranges of the layers delivered quantized (not those fallen back to float) join the
+        codes the model carries, before the export writes both."""
         record = carried(pl_module)
-        if record is not None:  # the ranges of the layers delivered quantized (not those fallen back to float)
+        if record is not None:
             record.activations.update({k: r for k, r in self._ranges.items() if k in record.codes})
+        super()._export(trainer, pl_module)
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         """PostTrainingQuantization's first measurement at the end of the fit ("before") is, for QAT, the float

@@ -37,18 +37,19 @@ point)`` per tensor. :class:`InputFakeQuantizer` computes exactly what ONNX Runt
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.qat.fake_quant import _RoundSTE, _ScaleGrad
+from lightning_compress.quantization.activation_ranges import QMAX, QMIN, check_range
+from lightning_compress.quantization.activation_ranges import from_entry as from_entry  # compressed.ckpt's reader
+from lightning_compress.quantization.activation_ranges import to_entry as to_entry  # and writer
 from lightning_compress.serving._graph import uint8_qparams
 
-QMIN, QMAX = 0, 255  # uint8, what ORT's static kernels read
 SUBMODULE = "qat_input_quantizer"  # a learning quantizer's name under its layer while QAT runs
 Range = tuple[float, int]  # (scale, zero point) of one layer's input
 
@@ -115,14 +116,6 @@ class InputFakeQuantizer(nn.Module):
         return (self.forward(inputs[0]), *inputs[1:])
 
 
-def check_range(scale: Any, zero_point: Any, where: str) -> None:
-    """A finite positive float scale and an integer zero point in 0..255, else ValueError naming ``where``."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{where}: the scale must be a finite number > 0, got {scale!r}")
-    if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not QMIN <= zero_point <= QMAX:
-        raise ValueError(f"{where}: the zero point must be an integer in {QMIN}..{QMAX}, got {zero_point!r}")
-
-
 def attach(
     layers: Mapping[str, nn.Module], keys: Mapping[str, str], given: Mapping[str, Range] | None = None,
     learn: bool = True, resumed: Mapping[str, Range] | None = None,
@@ -179,34 +172,6 @@ def ranges(quantizers: Mapping[str, InputFakeQuantizer], keys: Mapping[str, str]
 def states(quantizers: Mapping[str, InputFakeQuantizer], keys: Mapping[str, str]) -> dict[str, Range]:
     """``(log s, zero point)`` by weight key, of the initialised quantizers: what a checkpoint stores."""
     return {keys[name]: q.state() for name, q in quantizers.items() if q.initialized}
-
-
-def to_entry(ranges: Mapping[str, Range]) -> dict[str, list[float | int]]:
-    """Ranges as plain values for a checkpoint entry (``compressed.ckpt``): ``{key: [scale, zero_point]}``."""
-    return {key: [float(scale), int(zero_point)] for key, (scale, zero_point) in ranges.items()}
-
-
-def from_entry(value: Any, keys: Collection[str], source: str) -> dict[str, Range]:
-    """The ranges a checkpoint entry holds (:func:`to_entry`), each checked: a key among the quantized ``keys``, a
-    finite positive scale, an integer zero point in 0..255; anything else raises
-    :class:`~lightning_compress.core.io.UntrustedFileError` naming ``source``. None: no ranges."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UntrustedFileError(f"{source}: activation ranges must be a dict, got {type(value).__name__}")
-    found = {}
-    for key, pair in value.items():
-        if key not in keys:
-            raise UntrustedFileError(f"{source}: an activation range for {key!r}, which is not a quantized weight")
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise UntrustedFileError(f"{source}: the activation range of {key!r} must be [scale, zero_point], got "
-                                     f"{pair!r:.80}")
-        try:
-            check_range(pair[0], pair[1], f"{source}: activation range of {key!r}")
-        except ValueError as err:
-            raise UntrustedFileError(str(err)) from None
-        found[key] = (float(pair[0]), int(pair[1]))
-    return found
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -9,7 +9,10 @@ File layout (all keys of ``model.state_dict()`` are accounted for):
 - every other entry (biases, norms, unquantized layers, buffers) is stored as it is in the state dict;
 - a key that is the very same tensor as a quantized weight (tied weights) is stored as an alias only;
 - the safetensors metadata holds one entry, ``"lightning_compress"``: a JSON string with the format version, the
-  per-weight scheme (bits, granularity, group size, symmetric, shape, dtype), the aliases and a ``run_id``.
+  per-weight scheme (bits, granularity, group size, symmetric, shape, dtype), the aliases and a ``run_id``; for a
+  model that carries trained activation ranges (QAT with ``activations="int8"``), the versioned field
+  ``"activations"`` (:mod:`.activation_ranges`), so :func:`load_quantized` of the file alone gives
+  ``export_onnx(activations="static")`` the trained ranges.
 
 Writing goes through :func:`lightning_compress.core.io.write_bytes`: a temporary file beside the target, fsync,
 the user's umask, ``os.replace``; a killed export leaves the previous file, and its temporary file is removed by
@@ -45,6 +48,7 @@ from torch import Tensor, nn
 from lightning_compress.core.io import UntrustedFileError, read_safetensors_header, write_bytes
 from lightning_compress.quantization import export_checks as checks
 from lightning_compress.quantization import sparse_layout
+from lightning_compress.quantization.activation_ranges import METADATA_FIELD, metadata_entry, read_metadata_entry
 from lightning_compress.quantization.carried import CarriedQuantization, attach, carried
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.layer import LayerQuantization
@@ -100,6 +104,10 @@ def quantized_tensors(
     sparse = any("layout" in info for info in layers_meta.values())  # version 1 readers cannot read those
     meta = {"format": FORMAT, "version": SPARSE_VERSION if sparse else VERSION, "layers": layers_meta,
             "aliases": aliases, "run_id": run_id or new_run_id(), RECORD_KEY: encode(compacted_axes(model))}
+    record = carried(model)
+    ranges = {key: value for key, value in (record.activations if record else {}).items() if key in layers_meta}
+    if ranges:  # the trained input ranges of the layers written quantized
+        meta[METADATA_FIELD] = metadata_entry(ranges)
     return tensors, meta
 
 
@@ -266,13 +274,15 @@ def load_quantized(
     the model's keys and dtypes, and its shapes must be the model's, or smaller along the axes its compaction
     record lists (an export of a compacted model: the model is shrunk to them); all checked before any tensor is
     read, and the model is changed only once everything is. The model then carries its codes
-    (:mod:`.carried`), so ``save_quantized(model, path)`` and ``export_onnx`` know it is quantized.
+    (:mod:`.carried`), so ``save_quantized(model, path)`` and ``export_onnx`` know it is quantized, and the trained
+    activation ranges the file holds (checked as the rest), which ``export_onnx(activations="static")`` writes.
     ``expect_run``: refuse a file whose ``run_id`` differs (e.g. ``read_run_id`` of the float copy).
     ``int_kernels=True`` then replaces each ``nn.Linear`` whose codes fit int8 with one scale per output row
     (per_tensor / per_channel) by an :class:`~.kernels.Int8Linear`; other layers keep the dequantized float weights.
     """
     name = os.fspath(path)
     meta, floats, quantized = _read_checked(name, model, expect_run)
+    ranges = read_metadata_entry(name, meta, set(quantized))  # checked before the model changes
     state = dict(floats)
     for key, qt in quantized.items():
         state[key] = qt.dequantize()
@@ -283,7 +293,8 @@ def load_quantized(
 
         swap_int8_linear(model, quantized)
     kept = model.state_dict()  # an Int8Linear holds its own codes; the layers that kept float carry them
-    attach(model, {key: qt for key, qt in quantized.items() if key in kept}, f"load_quantized({name!r})")
+    record = attach(model, {key: qt for key, qt in quantized.items() if key in kept}, f"load_quantized({name!r})")
+    record.activations.update({key: value for key, value in ranges.items() if key in record.codes})
     return model
 
 
