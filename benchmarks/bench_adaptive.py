@@ -13,7 +13,10 @@ texts and evaluation sentences of another domain; ``HF_HUB_OFFLINE=1``). Per job
 2. Budgets: the sizes of the uniform configurations on the uniform frontier (none smaller and at least as good), at
    least four. At each, ``compress()`` with ``search="joint"`` (the default: no sparsity under a size budget alone),
    ``"all"`` (widths, granularity and sparsity priced in the sparse layout's bytes), ``"bits"`` (sparsity 0, as
-   ModelOpt's ``auto_quantize``) and ``"sparsity"`` (every layer int8, sparsity chosen), no bound; the baseline is
+   ModelOpt's ``auto_quantize``) and ``"sparsity"`` (every layer int8, sparsity chosen), no bound; ``"joint"`` gets
+   the validation metric as ``metric_fn`` (it delivers the best measured of its plan and the uniform configurations
+   that fit; never the test split), and runs once more without it (``joint_no_metric``: compared on the top-1 loss
+   against the float model on the calibration batches; MiniLM has a ``loss_fn``, so only its plan). The baseline is
    the best uniform configuration whose file is at most the budget, i.e. of equal or larger size than adaptive's.
    CNN jobs also run the joint search with the bound (``max_metric_drop`` 1 point of validation accuracy) and report
    the verification evaluations and the test accuracy (an independent split).
@@ -68,7 +71,8 @@ from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, write_json
 
 SEARCHES = ("joint", "all", "bits", "sparsity")  # compress(search=...): "all" is the joint search with sparsity
-VERDICT_SEARCHES = ("joint", "all")  # judged against the best uniform
+NO_METRIC = "joint_no_metric"  # the default without metric_fn: plans compared on the calibration batches' top-1 loss
+VERDICT_SEARCHES = ("joint", NO_METRIC, "all")  # judged against the best uniform
 BOUND_POINTS = 1.0  # max_metric_drop of the bounded CNN runs, in validation-accuracy points
 
 
@@ -219,7 +223,9 @@ def uniform_grid(job: Job) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- adaptive
 def adaptive(job: Job, cap: int, search: str, bounded: bool = False) -> dict[str, Any]:
     model = job.fresh()
-    kwargs: dict[str, Any] = {"loss_fn": job.loss_fn, "search": search}
+    kwargs: dict[str, Any] = {"loss_fn": job.loss_fn, "search": "joint" if search == NO_METRIC else search}
+    if search == "joint" and job.val_metric is not None:  # no bound: the metric only chooses among measured plans
+        kwargs.update(metric_fn=job.val_metric)
     if bounded:
         kwargs.update(metric_fn=job.val_metric, max_metric_drop=BOUND_POINTS)
     started, cpu = time.perf_counter(), time.thread_time()
@@ -309,15 +315,16 @@ def run_job(job: Job, budget_count: int, bounded: bool) -> dict[str, Any]:
     for cap in sorted(set(sizes) | set(extra)):
         best = best_within(grid, cap)
         row: dict[str, Any] = {"budget": cap, "budget_x": cap / job.float_bytes, "uniform": best}
-        for search in SEARCHES:
+        for search in (*SEARCHES, NO_METRIC):
             row[search] = adaptive(job, cap, search)
         if bounded and job.val_metric is not None:
             row["joint_bounded"] = adaptive(job, cap, "joint", bounded=True)
         rows.append(row)
         print(f"  budget {cap / job.float_bytes:.4f}x: uniform "
               + (f"{best['config']} {best['metric']:.4f}" if best else "none fits")
-              + "".join(f" | {s} " + (f"{row[s]['metric']:.4f} ({row[s]['bytes']} B)" if "metric" in row[s]
-                                       else "refused") for s in SEARCHES)
+              + "".join(f" | {s} " + (f"{row[s]['metric']:.4f} ({row[s]['bytes']} B, {row[s]['evaluations']} ev.)"
+                                       if "metric" in row[s]
+                                       else "refused") for s in (*SEARCHES, NO_METRIC))
               + (f" | bounded {row['joint_bounded'].get('metric', 'refused')} after "
                  f"{row['joint_bounded'].get('evaluations')} evaluations" if "joint_bounded" in row else ""),
               flush=True)
@@ -361,7 +368,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                    label="uniform grid (first seed)")
         front = frontier(grid)
         ax.plot([r["bytes"] / base for r in front], [r["metric"] for r in front], "k--", lw=1, label="uniform best")
-        for search, style, color in zip(SEARCHES, "oDs^", ("C0", "C2", "C1", "C3")):
+        for search, style, color in zip((*SEARCHES, NO_METRIC), "oDs^v", ("C0", "C2", "C1", "C3", "C4")):
             for index, seed in enumerate(seeds.values()):  # seeds after the first: lighter, dotted
                 done = [r[search] for r in seed["rows"] if "metric" in r[search]]
                 ax.plot([d["bytes"] / base for d in done], [d["metric"] for d in done], marker=style, ms=4, color=color,

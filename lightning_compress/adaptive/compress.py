@@ -6,10 +6,13 @@ chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. 
 2. Diagonal Fisher from a few backward passes (:mod:`.fisher`), every layer's candidates with exact bytes, MACs
    and predicted loss increase (:mod:`.candidates`). A pruned quantized weight is exported in a sparse layout
    where that is smaller (:mod:`~lightning_compress.quantization.sparse_layout`), and its candidate is priced with
-   exactly those bytes. Sparsity is offered under a MACs cap, and under a size budget alone with ``search="all"``:
-   not by default, because on a digits MLP the diagonal Fisher under-predicted what 75 % pruning costs and the
-   sparse plan it chose at one size measured worse than the dense one (README, "Compress to a budget").
-3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`).
+   exactly those bytes. Sparsity is offered under a MACs cap, under a size budget alone with ``search="all"``, and
+   by ``"joint"`` where no dense plan fits the size: not otherwise, because on a digits MLP the diagonal Fisher
+   under-predicted what 75 % pruning costs and the sparse plan it chose at one size measured worse than the dense
+   one (README, "Compress to a budget").
+3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`). ``"joint"`` then
+   measures the plan beside the few uniform configurations that fit and delivers the best measured (:mod:`.rivals`:
+   the second-order score under-predicts large changes to large layers).
 4. The plan is written into the model (it carries its codes: ``save_quantized(model, path)`` / ``export_onnx``
    take it), the file and the MACs are measured, and ``metric_fn`` decides (:mod:`.session`). A model over budget
    or outside the bound is never returned: :class:`~.session.BudgetError` gives the smallest budget that met the
@@ -35,6 +38,7 @@ from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.gptq_plan import METHODS, apply_gptq
 from lightning_compress.adaptive.latency_budget import latency_result
 from lightning_compress.adaptive.plan import Problem, rows
+from lightning_compress.adaptive.rivals import UNIFORM_TRIED, TopOneLoss
 from lightning_compress.adaptive.scales import measured_scales
 from lightning_compress.adaptive.session import BUDGET_STEPS, BudgetError, Session
 from lightning_compress.core.gate import MetricGate
@@ -127,7 +131,10 @@ def compress(
         corrections: re-solves with measured corrections after a failed bound.
         scale: ``"fisher"``: the Fisher's scores as they are; ``"measured"``: each layer's scores scaled by one
             measured loss change (:mod:`.scales`; ``benchmarks/bench_adaptive.py`` compares the two).
-        search: ``"joint"``: widths, granularity and, under a MACs cap, sparsity together; ``"all"``: sparsity
+        search: ``"joint"``: widths, granularity and, under a MACs cap or where no dense plan fits, sparsity
+            together, the plan then measured beside :data:`~.rivals.UNIFORM_TRIED` uniform configurations that fit
+            (on ``metric_fn``; without it and without ``loss_fn``, on the top-1 loss against the float model's
+            predictions on the calibration batches) and the best measured delivered; ``"all"``: sparsity
             under a size budget alone too (priced in the sparse layout's bytes); ``"bits"``: widths and granularity
             only, sparsity 0 (what ModelOpt's ``auto_quantize`` searches); ``"sparsity"``: sparsity and granularity
             only, every layer at :data:`SPARSITY_ONLY_BITS` (the baselines the joint search is measured against).
@@ -172,19 +179,30 @@ def compress(
     try:
         before = measure(metric_fn, model) if metric_fn is not None else None
         fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
+        proxy = TopOneLoss(model, batches, run) if search == "joint" and metric_fn is None and loss_fn is None \
+            else None
         sparsities = SPARSITIES if budget.macs is not None or search in ("sparsity", "all") else (0.0,)
         sparsities = (0.0,) if search == "bits" else sparsities
         widths = (SPARSITY_ONLY_BITS,) if search == "sparsity" else WIDTHS
-        candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration,
-                                          widths=widths, sparsities=sparsities)
-                      for n, count in aliases(model, keys).items()}
-        problem = Problem(candidates, fixed, other, size_cap, macs_cap)
-        if scale == "measured":
-            problem.multipliers = measured_scales(model, weights, fisher, candidates, batches, run, loss_fn,
-                                                  calibration)
         session = Session(model, layers, weights, keys, floats, fisher, where, calibration, metric_fn, measure, gate,
-                          before, evaluations=int(metric_fn is not None))
-        header = session.header(problem) if size_cap is not None else 0
+                          before, evaluations=int(metric_fn is not None),
+                          rivals=UNIFORM_TRIED if search == "joint" else 0, proxy=proxy)
+
+        def problem_with(sparsities: tuple[float, ...]) -> tuple[Problem, int]:
+            candidates = {n: layer_candidates(n, layers[n], weights[n], fisher[n], where[n], count, calibration,
+                                              widths=widths, sparsities=sparsities)
+                          for n, count in aliases(model, keys).items()}
+            problem = Problem(candidates, fixed, other, size_cap, macs_cap)
+            if scale == "measured":
+                problem.multipliers = measured_scales(model, weights, fisher, candidates, batches, run, loss_fn,
+                                                      calibration)
+            return problem, session.header(problem) if size_cap is not None else 0
+
+        problem, header = problem_with(sparsities)
+        if search == "joint" and sparsities == (0.0,) and problem.choose(header) is None:
+            session.steps.append(f"no dense plan fits {size_cap} B (the smallest dense file: {session.cheapest_file} "
+                                 "B): sparsity offered (priced in the sparse layout's bytes)")
+            problem, header = problem_with(SPARSITIES)
         delivered = session.verified(problem, header, corrections)
         if delivered is None:
             _refuse(session, problem, header, budget)

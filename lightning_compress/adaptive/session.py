@@ -7,6 +7,10 @@ measured alone (the others float); each layer's scores are multiplied by its sha
 share of the predicted ones, and the plan is solved again (SPDY-like: measurements replace the predicted scale).
 When that no longer changes the plan, or the corrections are used up, larger budgets are tried until one holds the
 bound: that budget goes into the error, and the model gets its float weights back.
+
+With ``rivals`` (``search="joint"``), the plan is also measured beside the few uniform configurations that fit
+the caps (:mod:`.rivals`) and the best measured one is the one judged and delivered: the prediction chooses the
+plan, the measurement chooses between it and the configurations a user would otherwise have tried by hand.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from lightning_compress.adaptive.candidates import Candidate, realise
 from lightning_compress.adaptive.costs import delivered_macs, file_bytes
 from lightning_compress.adaptive.plan import Problem
+from lightning_compress.adaptive.rivals import uniform_plans
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
 from lightning_compress.quantization.carried import attach, drop
@@ -68,6 +73,8 @@ class Session:
     measured: dict[str, float] = field(default_factory=dict)
     cheapest_file: int | None = None  # bytes of the cheapest plan's file, header included (measured)
     tried: list[dict[str, Any]] = field(default_factory=list)  # each plan measured, for the report's frontier
+    rivals: int = 0  # uniform configurations measured beside each first plan (0: the plan is delivered as solved)
+    proxy: Callable[[nn.Module], float] | None = None  # what plans are compared on without a metric (lower: better)
 
     # ---------------------------------------------------------------- applying
     def restore(self) -> None:
@@ -140,8 +147,10 @@ class Session:
         return size - problem.data_bytes(cheapest)
 
     def verified(self, problem: Problem, header: int, corrections: int) -> Delivered | None:
-        """The first delivered plan that meets the bound, correcting up to ``corrections`` times; None if none."""
+        """The first delivered plan that meets the bound, correcting up to ``corrections`` times; None if none. With
+        :attr:`rivals`, the best measured of the plan and the uniform configurations that fit is the one judged."""
         last: dict[str, Candidate] | None = None
+        rivals: list[tuple[float, Delivered]] | None = None
         for round_ in range(corrections + 1):
             delivered = self.deliver(problem, header)
             if delivered is None:
@@ -152,14 +161,63 @@ class Session:
                 return None
             delivered.metric = self.metric()
             self.record(delivered, f"plan ({round_} corrections)" if round_ else "plan")
-            verdict = self.gate.judge(self.before, delivered.metric)
-            self.steps.append(self._describe(delivered, verdict.drop))
+            own = self._loss(delivered)
+            if rivals is None:  # measured once: the uniform configurations do not change with the corrections
+                rivals = self._rivals(problem, header, delivered.plan)
+            chosen = self._best(delivered, own, rivals)
+            verdict = self.gate.judge(self.before, chosen.metric)
+            self.steps.append(self._describe(chosen, verdict.drop))
             if verdict.accepted:
-                return delivered
+                return chosen
             if round_ < corrections:
                 self.correct(problem, delivered.plan)
             last = delivered.plan
         return None
+
+    # ---------------------------------------------------------------- comparing with uniform configurations
+    def _loss(self, delivered: Delivered) -> float | None:
+        """How much worse than the float model the plan the model holds measures (lower: better); None: no measure."""
+        if self.metric_fn is not None:
+            return self.gate.drop(self.before, delivered.metric)
+        return None if self.proxy is None or not self.rivals else self.proxy(self.model)
+
+    def _rivals(self, problem: Problem, header: int, plan: dict[str, Candidate]) -> list[tuple[float, Delivered]]:
+        """Up to :attr:`rivals` uniform configurations whose measured file and MACs fit the caps, each measured."""
+        if not self.rivals or (self.metric_fn is None and self.proxy is None):
+            return []
+        out: list[tuple[float, Delivered]] = []
+        for uniform in uniform_plans(problem, header):
+            if len(out) == self.rivals:
+                break
+            if uniform == plan:
+                continue
+            self.write(uniform)
+            size = file_bytes(self.model) if problem.size_cap is not None else None
+            macs = delivered_macs(self.weights, self.where, problem.other_macs)
+            if (size is not None and size > problem.size_cap) or \
+                    (problem.macs_cap is not None and macs > problem.macs_cap):
+                continue
+            rival = Delivered(uniform, size, macs)
+            rival.metric = self.metric()
+            loss = self._loss(rival)
+            if loss is not None:
+                out.append((loss, rival))
+        return out
+
+    def _best(self, delivered: Delivered, own: float | None, rivals: list[tuple[float, Delivered]]) -> Delivered:
+        """The plan, or a uniform configuration that measured strictly better; the model holds the one returned."""
+        best, best_loss = delivered, own
+        for loss, rival in rivals:
+            if best_loss is not None and loss < best_loss:
+                best, best_loss = rival, loss
+        if rivals and own is not None:
+            what = "the metric's drop" if self.metric_fn is not None else "the top-1 loss on the calibration batches"
+            shown = "; ".join(f"{_label(r.plan)} {loss:.4g}" for loss, r in rivals)
+            self.steps.append(f"compared on {what}: the plan {own:.4g}; uniform {shown}; delivered: "
+                              + ("the plan" if best is delivered else f"uniform {_label(best.plan)}"))
+        if rivals:
+            self.write(best.plan)
+        return best
 
     def _describe(self, delivered: Delivered, drop_: float | None) -> str:
         parts = [f"plan: {sum(c.bits != FLOAT_BITS for c in delivered.plan.values())} layers quantized"]
@@ -209,3 +267,8 @@ class Session:
             if self.verified(larger, header, corrections=0) is not None:
                 return larger
         return None
+
+
+def _label(plan: dict[str, Candidate]) -> str:
+    """A uniform plan's configuration (per channel where a layer's input has no such group)."""
+    return " / ".join(sorted({c.label() for c in plan.values()}))

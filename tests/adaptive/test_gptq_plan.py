@@ -33,8 +33,9 @@ def test_gptq_applies_the_rtn_plans_widths_within_the_budget_and_is_kept_when_be
 
     budget = Budget(size=0.13)  # tight: int2 / int3 layers, where RTN loses validation accuracy
     rtn_model, gptq_model = copy.deepcopy(digits.model), copy.deepcopy(digits.model)
-    rtn = compress(rtn_model, budget, digits.train, metric_fn=metric)
-    gptq = compress(gptq_model, budget, digits.train, metric_fn=metric, method="gptq")
+    # search="bits": the solver's plan as it is (the default also measures uniform configurations beside it)
+    rtn = compress(rtn_model, budget, digits.train, metric_fn=metric, search="bits")
+    gptq = compress(gptq_model, budget, digits.train, metric_fn=metric, method="gptq", search="bits")
     assert rtn.method == "rtn" and gptq.method == "gptq"
     assert [row["label"] for row in gptq.plan] == [row["label"] for row in rtn.plan]  # the same widths
     assert gptq.metric_after is not None and rtn.metric_after is not None

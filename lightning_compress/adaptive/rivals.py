@@ -1,0 +1,95 @@
+"""The uniform configurations the solver's plan is measured against, and what plans are compared on when there is
+no metric: "never trust" applied to the plan itself, not only to the bound (issue 23). No Lightning import.
+
+Why: the score ``1/2 * sum(F * dW^2)`` is a second-order prediction. It ranks one layer's candidates well, but a
+large change to a large layer (2 bits on SmallCNN's first Linear) costs far more than it predicts, relative to the
+other candidates, so the knapsack can spend the budget on keeping small layers float and push the largest one to
+2 bits, and measure worse than every layer at 3 bits (``benchmarks/bench_adaptive.py``, README "Compress to a
+budget"). A per-layer scale measured at 4 bits does not catch it: the error is in how the prediction grows with
+the change, not in its scale. So the plan is measured beside the few uniform configurations that fit the caps (the
+lowest predicted first) and the best *measured* one is delivered.
+
+The measure is ``metric_fn`` when one is given. Without it (and without ``loss_fn``), it is the cross-entropy of
+the compressed model's outputs against the float model's top-1 predictions on the calibration batches
+(:class:`TopOneLoss`): on SmallCNN it ranked the plan and the uniform configuration as validation accuracy did where
+the KL divergence to the float outputs did not (the KL weighs the classes the model does not predict). A
+``loss_fn`` may be a sampled loss whose value measures nothing, so with a ``loss_fn`` and no ``metric_fn`` nothing
+is compared and the plan is delivered as solved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_compress.adaptive.candidates import Candidate
+from lightning_compress.adaptive.fisher import first_tensor
+from lightning_compress.adaptive.plan import Problem
+from lightning_compress.core.accounting import FLOAT_BITS
+
+UNIFORM_TRIED = 3  # uniform configurations measured beside the plan (those that fit, the lowest predicted first)
+HEADER_SLACK = 256  # bytes a uniform plan's header may come under the one reserved: its file is measured anyway
+
+Key = tuple[float, int, str | None, int | None]  # sparsity, bits, granularity, group size
+
+
+def _key(candidate: Candidate) -> Key:
+    return candidate.sparsity, candidate.bits, candidate.granularity, candidate.group_size
+
+
+def uniform_plans(problem: Problem, header: int) -> list[dict[str, Candidate]]:
+    """Every uniform configuration among the candidates (each layer at the same sparsity, width and granularity;
+    per channel where a layer's input has no such group, as ``bench_adaptive``'s grid does) whose bytes (with the
+    reserved header, less :data:`HEADER_SLACK`) and MACs fit the caps, the lowest predicted score first."""
+    keys = sorted({_key(c) for options in problem.candidates.values() for c in options},
+                  key=lambda k: (k[0], k[1], k[2] or "", k[3] or 0))
+    plans = []
+    for key in keys:
+        if key[1] == FLOAT_BITS:  # every layer float: the solver finds that plan itself where it fits
+            continue
+        plan = {}
+        for name, options in problem.candidates.items():
+            by_key = {_key(c): c for c in options}
+            fallback = (key[0], key[1], "per_channel", None)
+            chosen = by_key.get(key) or by_key.get(fallback)
+            if chosen is None:
+                break
+            plan[name] = chosen
+        else:
+            fits = problem.size_cap is None or \
+                problem.data_bytes(plan) + header - HEADER_SLACK <= problem.size_cap
+            fits = fits and (problem.macs_cap is None or problem.macs(plan) <= problem.macs_cap)
+            if fits and plan not in plans:
+                plans.append(plan)
+    return sorted(plans, key=lambda p: sum(problem.score(c) for c in p.values()))
+
+
+class TopOneLoss:
+    """Cross-entropy of a model's outputs (the last dimension read as logits) against the float model's top-1
+    predictions on the calibration batches, minus the float model's own: lower is better, 0 for the float model."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], run: Callable[[nn.Module, Any], Any]) -> None:
+        self.batches, self.run = batches, run
+        logits = self._logits(model)
+        self.labels = [x.argmax(-1) for x in logits]
+        self.base = self._loss(logits)
+
+    def _logits(self, model: nn.Module) -> list[Tensor]:
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                outputs = [first_tensor(self.run(model, batch)).float() for batch in self.batches]
+        finally:
+            model.train(training)
+        return [o.reshape(-1, o.shape[-1]) for o in outputs]
+
+    def _loss(self, logits: Sequence[Tensor]) -> float:
+        return sum(float(F.cross_entropy(x, y)) for x, y in zip(logits, self.labels)) / len(self.labels)
+
+    def __call__(self, model: nn.Module) -> float:
+        return self._loss(self._logits(model)) - self.base
