@@ -6,19 +6,24 @@ chosen by the per-unit Fisher and a per-layer ONNX Runtime latency table, the mo
    of the dense latency) are compacted and timed in ONNX Runtime in turns with the dense model; both predictors of
    :meth:`~lightning_compress.adaptive.latency.LatencyTable.predict` (``scaled`` and ``additive``) are compared.
 3. ``compress()`` at ``--latency`` (default 0.5) with the defaults (no normalize / min_keep, no bound: the drop is
-   reported), then with ``max_metric_drop=--max-drop`` points on the validation split (the bound decides).
+   reported), then with ``max_metric_drop=--max-drop`` points on the validation split (the bound decides); each
+   twice, side by side on the same dense model and budget: float only (``search="sparsity"``: whole units removed)
+   and int8 allowed (``search="joint"``: units and int8 layers, the int8 ones exported with static activations).
    Test accuracy before / after, measured latency ratio, MACs, the plan, the verification steps, wall seconds.
-   Optionally ``--finetune`` epochs of the compacted model (same schedule as bench_resnet's arms) afterwards.
+   The two unbounded deliveries are then timed again together with the dense model, in turns in one
+   measurement (their ratio: int8 allowed / float only). Optionally ``--finetune`` epochs of the compacted model
+   (same schedule as bench_resnet's arms) afterwards.
 4. The callback path: ``AdaptiveCompression(budget=Budget(latency=...))`` in a fresh fit of the same model, data and
    ``--epochs`` (no normalize / min_keep, no bound): units pruned between ``--prune-from`` and ``--prune-to`` of the
    fit's steps, the rest of the fit recovers, compacted at the end; its latency re-timed here against the dense
    model (fresh ORT sessions, in turns) beside the callback's own measurement, and the test accuracy.
 
-Every latency is ORT's (CPU, float graphs, ``--threads`` intra-op threads, input ``(--batch, 1, side, side)``),
-median of runs taken in turns, thread CPU time at one thread.
+Every latency is ORT's (CPU, ``--threads`` intra-op threads, input ``(--batch, 1, side, side)``), median of runs
+taken in turns, thread CPU time at one thread.
 
     python benchmarks/bench_adaptive_latency.py [--latency 0.5] [--batch 64] [--threads 1] [--epochs 3]
-                                                [--max-drop 1.5] [--finetune 0] [--quick] [--json PATH]
+                                                [--max-drop 1.5] [--finetune 0] [--no-callback] [--quick]
+                                                [--json PATH]
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ import torch
 
 from lightning_compress import AdaptiveCompression
 from lightning_compress.adaptive import Budget, compress
-from lightning_compress.adaptive.latency import measured_ratio
+from lightning_compress.adaptive.int8_latency import calibration_inputs, onnx_graph
+from lightning_compress.adaptive.latency import float_graph, measure, measured_ratio
 from lightning_compress.adaptive.latency_budget import LatencyBudgetError, deliver, problem_of
 from lightning_compress.quantization.calibration import feed
+from lightning_compress.quantization.carried import carried
 from lightning_compress.structure.macs import macs_per_example
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,11 +74,12 @@ def probe_predictions(dense: torch.nn.Module, batches: list[Any], shape: tuple[i
 
 
 def run_compress(dense: torch.nn.Module, data: Any, batches: list[Any], budget: Budget, max_drop: float | None,
-                 shape: tuple[int, ...]) -> dict[str, Any]:
+                 shape: tuple[int, ...], search: str) -> dict[str, Any]:
     started = time.perf_counter()
     val = data.val_dataloader()
     try:
-        result = compress(dense, budget, batches, metric_fn=lambda m: accuracy(m, val), max_metric_drop=max_drop)
+        result = compress(dense, budget, batches, metric_fn=lambda m: accuracy(m, val), max_metric_drop=max_drop,
+                          search=search)
     except LatencyBudgetError as err:
         return {"refused": str(err), "smallest latency": err.smallest_latency,
                 "seconds": time.perf_counter() - started}
@@ -80,7 +88,21 @@ def run_compress(dense: torch.nn.Module, data: Any, batches: list[Any], budget: 
     return {"latency (measured ratio)": result.latency, "test accuracy (%)": test,
             "val accuracy before / after (%)": [result.metric_before, result.metric_after],
             "MACs / image": macs_per_example(result.model, torch.zeros(shape)), "plan": result.plan,
+            "int8 layers": [layer for row in result.plan for layer in row.get("int8", [])],
             "steps": result.steps, "evaluations": result.evaluations, "seconds": seconds, "model": result.model}
+
+
+def side_by_side(dense: torch.nn.Module, models: dict[str, torch.nn.Module], batches: list[Any],
+                 shape: tuple[int, ...], threads: int) -> dict[str, Any]:
+    """The dense float graph and each delivered model's graph (``export_onnx`` with static activations when it
+    carries int8 codes, else float) timed in turns in one measurement."""
+    graphs = {"dense": float_graph(dense, shape)}
+    for name, model in models.items():
+        graphs[name] = onnx_graph(model, calibration_inputs(batches))[0] if carried(model) is not None else \
+            float_graph(model, shape)
+    seconds = measure(graphs, dict.fromkeys(graphs, shape), threads)
+    return {"ms per run": {k: v * 1e3 for k, v in seconds.items()},
+            "fraction of dense": {k: seconds[k] / seconds["dense"] for k in models}}
 
 
 def run_callback(dense: torch.nn.Module, data: Any, budget: Budget, args: argparse.Namespace,
@@ -125,6 +147,7 @@ def main() -> None:
     parser.add_argument("--prune-from", type=float, default=0.15, help="callback path: first event, share of the fit")
     parser.add_argument("--prune-to", type=float, default=0.6, help="callback path: last event, share of the fit")
     parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the trained dense weights")
+    parser.add_argument("--no-callback", action="store_true", help="skip the callback path (4.)")
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 epoch (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_latency.json", help="where the figures go")
     args = parser.parse_args()
@@ -150,8 +173,11 @@ def main() -> None:
     probes = probe_predictions(dense, batches, shape, args.threads, args.probe)
     runs: dict[str, dict[str, Any]] = {}
     budget = Budget(latency=args.latency, latency_input=shape, threads=args.threads)
-    for name, bound in (("no bound", None), (f"bound {args.max_drop} points", args.max_drop)):
-        runs[name] = run_compress(dense, data, batches, budget, bound, shape)
+    arms = [(f"{kind}, {bound_name}", bound, search) for bound_name, bound in
+            (("no bound", None), (f"bound {args.max_drop} points", args.max_drop))
+            for kind, search in (("float only", "sparsity"), ("int8 allowed", "joint"))]
+    for name, bound, search in arms:
+        runs[name] = run_compress(dense, data, batches, budget, bound, shape, search)
         row = runs[name]
         if "refused" in row:
             print(f"{name}: refused: {row['refused'][:400]}", flush=True)
@@ -166,9 +192,18 @@ def main() -> None:
             row["test accuracy after fine-tuning (%)"] = accuracy(model, data.test_dataloader())
             print(f"  after {args.finetune} epoch(s) fine-tuning: {row['test accuracy after fine-tuning (%)']:.2f} %",
                   flush=True)
+    delivered = {name: runs[name]["model"] for name in ("float only, no bound", "int8 allowed, no bound")
+                 if "model" in runs[name]}
+    together = side_by_side(dense, delivered, batches, shape, args.threads) if len(delivered) == 2 else {}
+    if together:
+        fractions = together["fraction of dense"]
+        together["int8 allowed / float only"] = fractions["int8 allowed, no bound"] / fractions["float only, no bound"]
+        print(f"timed together: {', '.join(f'{k} {v:.3f}x' for k, v in fractions.items())}; int8 allowed / float "
+              f"only {together['int8 allowed / float only']:.3f}", flush=True)
     for row in runs.values():
         row.pop("model", None)
-    row = runs["callback (AdaptiveCompression, no bound)"] = run_callback(dense, data, budget, args, shape)
+    row = run_callback(dense, data, budget, args, shape) if not args.no_callback else {"refused": "not run"}
+    runs["callback (AdaptiveCompression, no bound)"] = row
     if "refused" in row:
         print(f"callback: refused: {row['refused'][:400]}", flush=True)
     else:
@@ -182,7 +217,7 @@ def main() -> None:
         benchmark="adaptive_latency", machine=machine_info(args.quick), cpu_capability=capability,
         load_average=[load, os.getloadavg()],
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        dense={"test accuracy (%)": dense_accuracy}, predictions=probes, runs=runs,
+        dense={"test accuracy (%)": dense_accuracy}, predictions=probes, runs=runs, timed_together=together,
         seconds=time.perf_counter() - started,
     ))
 

@@ -213,9 +213,8 @@ def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandi
         note = f"; export_onnx agrees with PyTorch on {report.argmax_agreement:.3f} of argmaxes"
     else:
         ratio, _, seconds = measured_ratio(model, compacted, shape, threads)
-    loss = sum(c.score for c in plan.values()) + sum(problem.int8_scores[n] for n in int8)
     delivered = Delivered(plan, compacted, ratio, problem.predict(plan, int8) / problem.table.dense, seconds,
-                          int8=int8, loss=loss)
+                          int8=int8, loss=problem.loss(plan, int8))
     if count and forward is not None:
         delivered.file_bytes, delivered.macs = delivered_bytes(compacted), model_macs(compacted, batches[0], forward)
         note += f"; file {delivered.file_bytes} bytes, {delivered.macs} MACs per example"

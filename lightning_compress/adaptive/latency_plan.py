@@ -112,7 +112,22 @@ class LatencyProblem:
     def solve_joint(self, targets: Targets, int8_allowed: bool = True
                     ) -> tuple[dict[str, UnitCandidate], frozenset[str]]:
         """The greedy plan (module docstring): units per family and the int8 layers, the first predicted within
-        every target, else the last one progress reached."""
+        every target, else the last one progress reached. With int8: the greedy cannot take an int8 move back, and
+        int8 taken early can be slower than float once the units are gone (small layers pay its quantize / layout
+        overhead), so its plan is compared with the same units at every other int8 set and none, and with the
+        float greedy; the one predicted least over the targets wins, then the least predicted loss."""
+        plan, int8 = self._greedy(targets, int8_allowed)
+        if not int8_allowed or not self.table.int8_models:
+            return plan, int8
+        options = [(plan, group) for group in {frozenset(), int8, *self.table.int8_models}]
+        options.append(self._greedy(targets, False))
+        return min(options, key=lambda o: (_excess(self.resources(*o), targets), self.loss(*o)))
+
+    def loss(self, plan: Mapping[str, UnitCandidate], int8: Collection[str] = ()) -> float:
+        """The predicted loss increase of ``plan`` with ``int8`` layers."""
+        return sum(c.score for c in plan.values()) + sum(self.int8_scores[n] for n in int8)
+
+    def _greedy(self, targets: Targets, int8_allowed: bool) -> tuple[dict[str, UnitCandidate], frozenset[str]]:
         at = dict.fromkeys(self.candidates, 0)
         plan = {name: options[0] for name, options in self.candidates.items()}
         int8: set[str] = set()

@@ -69,3 +69,12 @@ def test_a_size_cap_chooses_int8_even_when_it_is_not_faster() -> None:
     plan, int8 = p.solve_joint((20.0, 400.0, None))  # latency already met; only int8 reaches 400 bytes
     assert int8 == {"a", "b"} and plan["a"].kept == 8  # 0.6 predicted loss for 104 bytes, units: 1.0 for 112
     assert p.resources(plan, int8)[1] <= 400
+
+
+def test_int8_taken_early_is_dropped_when_float_is_faster_at_the_units_reached() -> None:
+    p = problem(0.5)
+    p.table.int8 = {"a": {(8, 4): 2.0, (4, 4): 1.9}, "b": {(2, 8): 2.0, (2, 4): 1.9}}  # int8 barely shrinks
+    p.table.int8_models = {frozenset({"a", "b"}): 6.0}
+    # the greedy takes int8 first (dense 10 -> 6 for 0.02), then units: 6 * 3.8 / 4 = 5.7; float at 4 units: 5.0
+    plan, int8 = p.solve_joint((3.0, None, None))
+    assert int8 == frozenset() and plan["a"].kept == 4
