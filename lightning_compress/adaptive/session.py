@@ -194,11 +194,12 @@ class Session:
             self.write(uniform)
             size = file_bytes(self.model) if problem.size_cap is not None else None
             macs = delivered_macs(self.weights, self.where, problem.other_macs)
-            if (size is not None and size > problem.size_cap) or \
-                    (problem.macs_cap is not None and macs > problem.macs_cap):
+            over = size is not None and problem.size_cap is not None and size > problem.size_cap
+            if over or (problem.macs_cap is not None and macs > problem.macs_cap):
                 continue
             rival = Delivered(uniform, size, macs)
             rival.metric = self.metric()
+            self.record(rival, f"uniform {_label(uniform)}")
             loss = self._loss(rival)
             if loss is not None:
                 out.append((loss, rival))
