@@ -7,28 +7,33 @@ model's own record and its submodules', whose keys are prefixed with the submodu
 carries nothing is exported as float -- never guessed quantized from how its weights look.
 
 ``result`` keys are matched to the model's ``state_dict`` as given, or after adding / stripping one wrapper prefix
-(the codes of ``model.bert`` exported through ``model``, or the other way round).
+(the codes of ``model.bert`` exported through ``model``, or the other way round). A file is read with the model's
+shapes as its bound (the model, or the submodule / a wrapper of it that its keys name): a fully pruned layer stores
+its metadata alone, so read without a model only the file's size bounds the shapes it may declare, and a large one
+is refused there although the model it belongs to is at hand.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from lightning_compress.core.io import read_safetensors_header
 from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.functional import QuantizationResult
 from lightning_compress.quantization.kernels import Int8Linear
 from lightning_compress.quantization.primitives import QuantizedTensor, QuantSpec
 
 Codes = dict[str, tuple[str, QuantizedTensor]]  # module name -> (state-dict key, codes)
+V = TypeVar("V")
 
 
-def from_result(result: Any) -> dict[str, QuantizedTensor] | None:
-    """The codes ``result`` holds, by its own keys (None for None)."""
+def from_result(result: Any, model: nn.Module | None = None) -> dict[str, QuantizedTensor] | None:
+    """The codes ``result`` holds, by its own keys (None for None); a file is read bounded by ``model``'s shapes."""
     if result is None:
         return None
     if isinstance(result, QuantizationResult):
@@ -36,11 +41,37 @@ def from_result(result: Any) -> dict[str, QuantizedTensor] | None:
     if isinstance(result, (str, os.PathLike)):
         from lightning_compress.quantization.export import load_quantized_tensors
 
-        return dict(load_quantized_tensors(result)[1])
+        return dict(load_quantized_tensors(result, None if model is None else saved_from(result, model))[1])
     if isinstance(result, Mapping):
         return dict(result)
     raise TypeError("`result` must be a QuantizationResult, a mapping of state-dict keys to QuantizedTensor, "
                     f"a save_quantized file path, or None; got {type(result).__name__}")
+
+
+def saved_from(path: str | os.PathLike[str], model: nn.Module) -> nn.Module | None:
+    """The module whose ``state_dict`` the file's keys are: ``model``, its submodule (the file's keys lack that
+    prefix) or ``model`` inside wrappers (they carry one); None when they are none of these (read without a model:
+    :func:`collect` then names the key that is not the model's). Only the header is read here."""
+    keys = list(dict.fromkeys(key.partition(":")[0] for key in read_safetensors_header(path).tensors))
+    try:
+        moved = list(match_keys(dict.fromkeys(keys), model.state_dict()))
+    except ValueError:
+        return None
+    changed = [(key, new) for key, new in zip(keys, moved) if key != new]
+    if not changed:
+        return model
+    key, new = changed[0]
+    if new.endswith("." + key):  # the file is a submodule's (a prefix added to every key)
+        return model.get_submodule(new[: -len(key) - 1])
+    if len(changed) < len(keys):
+        return None  # only some keys carry the wrapper's prefix: no module is the file's
+    outer = node = nn.Module()  # the file is a wrapper's: the model at the path its keys carry
+    *parents, last = key[: -len(new) - 1].split(".")
+    for name in parents:
+        node.add_module(name, nn.Module())
+        node = node.get_submodule(name)
+    node.add_module(last, model)
+    return outer
 
 
 def from_model(model: nn.Module) -> tuple[dict[str, QuantizedTensor], str]:
@@ -73,7 +104,7 @@ def _int8_owned(model: nn.Module) -> set[str]:
     return {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, Int8Linear)}
 
 
-def match_keys(by_key: Mapping[str, QuantizedTensor], state: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
+def match_keys(by_key: Mapping[str, V], state: Mapping[str, Any]) -> dict[str, V]:
     """``by_key`` re-keyed onto ``state``: as given, or with one wrapper prefix added or stripped (the same for
     every key)."""
     if all(key in state for key in by_key):
@@ -94,7 +125,7 @@ def match_keys(by_key: Mapping[str, QuantizedTensor], state: Mapping[str, Any]) 
 def collect(model: nn.Module, result: Any) -> tuple[Codes, str]:
     """module name -> (state-dict key, codes), and where they came from. Replaces ``Int8Linear`` layers in
     ``model`` (the export copy) by float Linears holding their dequantized weights."""
-    given = from_result(result)
+    given = from_result(result, model)
     state = model.state_dict()
     if given is not None:
         by_key, source = match_keys(given, state), "result"

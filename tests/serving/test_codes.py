@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_compress.core.io import UntrustedFileError
 from lightning_compress.quantization import quantize
 from lightning_compress.quantization.carried import attach, carried, forget
+from lightning_compress.quantization.export import load_quantized_tensors, save_quantized
 from lightning_compress.serving import export_onnx
 
 pytest.importorskip("onnx")
@@ -124,3 +126,52 @@ def test_an_outer_record_wins_over_an_older_inner_one(tmp_path):
     assert carried(wrapper.net).stale(wrapper.net) == ["0.weight", "2.weight"]  # the inner record is out of date
     report = export_onnx(wrapper, tmp_path / "w.onnx", X)
     assert {layer.bits for layer in report.layers.values()} == {4} and report.not_integer == {}
+
+
+WIDE = 65536  # a fully pruned Linear(WIDE, 64): its codes are its metadata alone, far beyond 1,024 positions per byte
+
+
+class Pruned(nn.Module):
+    def __init__(self, width=WIDE):
+        super().__init__()
+        self.wide, self.head = nn.Linear(width, 64, bias=False), nn.Linear(64, 4)
+        with torch.no_grad():
+            self.wide.weight.zero_()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.wide(x)))
+
+
+def _pruned_file(tmp_path, module):
+    quantize(module, bits=4)
+    save_quantized(module, tmp_path / "pruned.safetensors")
+    return tmp_path / "pruned.safetensors"
+
+
+@pytest.mark.parametrize("keys", ["the model's", "a wrapper's", "a submodule's"])
+def test_a_result_file_with_a_fully_pruned_layer_is_bounded_by_the_model_given(tmp_path, keys):
+    """Read alone, the file is refused (nothing but its size bounds the shape it declares); with the model, whose
+    shapes bound it (also across one wrapper prefix), its codes are exported exactly."""
+    torch.manual_seed(0)
+    model = Pruned().eval()
+    saved = {"the model's": model, "a wrapper's": Wrapper(model), "a submodule's": model}[keys]
+    path = _pruned_file(tmp_path, saved)
+    with pytest.raises(UntrustedFileError, match="positions per byte of the file"):
+        load_quantized_tensors(path)
+    exported = Wrapper(model) if keys == "a submodule's" else model
+    forget(model)
+    x = torch.randn(2, WIDE)
+    report = export_onnx(exported, tmp_path / "m.onnx", x, result=path)
+    prefix = "net." if keys == "a submodule's" else ""
+    assert set(report.layers) == {f"{prefix}wide", f"{prefix}head"} and report.source == "result"
+    assert report.max_abs_diff < 1e-3 and report.not_integer == {}
+
+
+def test_a_result_file_declaring_more_than_the_model_is_still_refused_before_reading(tmp_path):
+    torch.manual_seed(0)
+    path = _pruned_file(tmp_path, Pruned().eval())
+    smaller = Pruned(width=WIDE // 2).eval()
+    with pytest.raises(UntrustedFileError, match=r"'wide.weight': declared shape \[64, 65536\], the model has \[64, "
+                                                 r"32768\]"):  # the model's shape is the bound, checked first
+        export_onnx(smaller, tmp_path / "m.onnx", torch.randn(2, WIDE // 2), result=path)
+    assert not (tmp_path / "m.onnx").exists()
