@@ -31,12 +31,12 @@ def quantize_static(
     ort: Any,
     trained: Mapping[str, Range] | None = None,
     others: Mapping[str, WeightSite] | None = None,
-) -> set[str]:
+) -> dict[str, Range]:
     """QDQ on the inputs and outputs of the int8 layers (a following Relu is absorbed into the output's uint8
     range), calibrated min/max on ``batches``; then our codes as ``DequantizeLinear`` weights. ``trained``: QAT's
     input ranges by layer (:mod:`._trained`), written as they are; only the tensors they leave are calibrated;
     ``others``: the quantized layers not on int8 kernels. Returns the layers whose trained input range the graph
-    applies."""
+    applies -> that range (layers sharing an input: their union)."""
     outputs: dict[str, tuple[str, Any | None]] = {}  # layer -> (tensor to quantize after it, Relu to drop)
     for name, site in sites.items():
         y = site.node.output[0]

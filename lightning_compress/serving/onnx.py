@@ -153,7 +153,7 @@ def export_onnx(
         others = {name: site for name, site in sites.items() if name not in static_sites}
         used = _static.quantize_static(graph, static_sites, codes, layers, float_bytes, calibration, onnx, ort,
                                        trained, others)
-        _trained.fake_quantize(reference, {n: trained[n] for n in used})  # the output check: vs what QAT validated
+        _trained.fake_quantize(reference, used)  # the output check: vs QAT's ranges as the graph applies them
     other = _inputs.probe(inputs, in_axes)  # the dynamic axes must really be dynamic
     probe = None if other is None else ("the example at other sizes along its dynamic axes", other,
                                         inputs.feed(other))
