@@ -21,6 +21,7 @@ from ``AdaptiveCompression``; a ``QuantizationAwareTraining`` argument that woul
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -72,6 +73,16 @@ def decided_twice(given: Mapping[str, Any], defaults: Mapping[str, Any]) -> list
     """``name=value`` for each argument of :data:`DECIDED_BY_BUDGET` given other than its default."""
     return [f"`{name}`={given[name]!r}" for name in DECIDED_BY_BUDGET
             if name in given and given[name] != defaults.get(name) and given[name] not in (None, {}, [])]
+
+
+def refuse_decided_twice(given: Mapping[str, Any], init: Callable[..., Any]) -> None:
+    """Raise naming each argument the budget decides that ``given`` sets other than ``init``'s default."""
+    defaults = {name: p.default for name, p in inspect.signature(init).parameters.items()}
+    if twice := decided_twice(given, defaults):
+        raise ValueError(f"QuantizationAwareTraining with AdaptiveCompression trains the widths the budget plans; "
+                         f"{', '.join(twice)} would decide them (or the bound / export) a second time; allowed: "
+                         "leave them at their defaults (the budget, `max_metric_drop` and `export_path` are "
+                         "AdaptiveCompression's)")
 
 
 def planned_only(model: nn.Module, plan: Callable[[], CompressionResult]) -> CompressionResult:

@@ -15,14 +15,8 @@
   A budget and a bound that cannot both hold, or an export measured over the budget, end the fit on every rank with
   :class:`~lightning_compress.adaptive.session.BudgetError` (the smallest budget known to hold, as measured) and a
   FAILED report; no file is left at the export path and the model keeps its float (pruned) weights.
-- With a :class:`~lightning_compress.QuantizationAwareTraining` in the same Trainer (``Trainer(callbacks=[
-  AdaptiveCompression(budget=...), QuantizationAwareTraining(start=0.75)])``: pruning first, QAT in the last part;
-  :mod:`~lightning_compress.adaptive.with_qat` says why two callbacks): when QAT starts, :meth:`plan_widths` plans
-  widths and granularity on the masks reached as the end of the fit would (verified with round to nearest, not
-  delivered); QAT trains those; at the end the codes it trained are measured (file, MACs, bound) and delivered as
-  trained, nothing re-rounded. Codes that miss a cap or the bound are not delivered: the verified ``compress()``
-  plans again from the latent float weights (or the fit ends with ``BudgetError``). Refused in ``setup``: a latency
-  budget with QAT, QAT arguments the budget decides; before the first step: a QAT start before the last pruning event.
+- With a ``QuantizationAwareTraining`` (pruning first, QAT last): widths planned when QAT starts, trained by it, then
+  checked and delivered as trained (:mod:`~lightning_compress.callbacks.adaptive_qat`).
 """
 
 from __future__ import annotations
@@ -40,14 +34,13 @@ from lightning_compress.adaptive import in_fit_units
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps, budget_caps
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
-from lightning_compress.adaptive.costs import delivered_macs, file_bytes
 from lightning_compress.adaptive.delivery import ExportOutcome, write_within
 from lightning_compress.adaptive.gptq_plan import METHODS
 from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
 from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, finish_latency, latency_setup
 from lightning_compress.adaptive.session import BudgetError
-from lightning_compress.adaptive.with_qat import BudgetPlan, planned_only, refusal
-from lightning_compress.callbacks.base import compression_callbacks
+from lightning_compress.adaptive.with_qat import BudgetPlan
+from lightning_compress.callbacks import adaptive_qat
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import _calibration_forward
@@ -60,10 +53,8 @@ from lightning_compress.integration.ranks import on_every_rank
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.tracked import TrackedLayers
-from lightning_compress.qat.model import carry
-from lightning_compress.quantization import sparse_layout
-from lightning_compress.quantization.carried import carried, forget
-from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers
+from lightning_compress.quantization.carried import forget
+from lightning_compress.quantization.coverage import layer_weight
 from lightning_compress.reporting.records import CompressionEvent
 from lightning_compress.structure.compaction import save_compacted
 
@@ -99,8 +90,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             the end-of-fit Fisher, MACs and GPTQ; ``corrections``: re-solves after a failed bound.
         method: ``"gptq"``: the end-of-fit plan's widths applied with GPTQ on the training batches, kept where
             measured no worse than round to nearest (the metric, else the KL to the float outputs); ``"rtn"``:
-            round to nearest only (faster). With a ``QuantizationAwareTraining`` in the Trainer, the end of the
-            fit delivers QAT's training of the widths planned when it starts instead (see the module docstring).
+            round to nearest only (faster); with a ``QuantizationAwareTraining``, the codes it trained instead.
         schedule, schedule_unit, start_step, end_step, frequency: when the pruning events happen (as
             ``GradientStabilityPruning``); module_types / include / exclude: the layers pruned (all Linear /
             Conv / Embedding weights are quantized); metric / metric_kwargs / on_violation / patience /
@@ -161,7 +151,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         self._latency_shape: tuple[int, ...] = ()  # a latency budget's input shape, set in setup
         self.result: CompressionResult | None = None
         self._export_file: Path | None = None
-        self._qat: QuantizationAwareTraining | None = None  # trains the widths planned at its start (with_qat)
+        self._qat: QuantizationAwareTraining | None = None  # trains the widths planned at its start
 
     def _reset_run(self, pl_module: pl.LightningModule | None = None, layers: TrackedLayers | None = None,
                    config: PruningConfig | None = None) -> None:
@@ -186,19 +176,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        peers = [c for c in compression_callbacks(trainer) if c is not self]
-        qat = [c for c in peers if type(c) is QuantizationAwareTraining]
-        others = [type(c).__name__ for c in peers if len(qat) != 1 or c is not qat[0]]
-        if others:
-            raise ValueError(f"AdaptiveCompression plans pruning and quantization together; {others} in the same "
-                             "Trainer would compress the model a second time; allowed: AdaptiveCompression alone, "
-                             "or with one QuantizationAwareTraining (which then trains the budget's widths)")
-        self._qat = qat[0] if qat else None
-        if self._qat is not None and self.budget.latency is not None:
-            raise ValueError(f"`budget` latency={self.budget.latency!r} delivers a compacted float model (int8 "
-                             "latency is not planned), so QuantizationAwareTraining would have no widths to train; "
-                             "allowed: a size / MACs budget with QuantizationAwareTraining, or the latency budget "
-                             "without it")
+        self._qat = adaptive_qat.qat_peer(self, trainer)
         self.result = None
         if self.budget.latency is not None:
             self._latency_shape = latency_setup(pl_module, self.budget)
@@ -260,7 +238,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if self._export_file or codes \
             else {}
         try:
-            result, refused = self._trained(trainer, pl_module, codes, floats) if codes else (None, None)
+            result, refused = adaptive_qat.deliver_trained(self, trainer, pl_module, codes, floats)
             if result is None:
                 result = self._compress(trainer, pl_module)
                 result.steps[:0] = [refused] if refused else []
@@ -278,57 +256,8 @@ class AdaptiveCompression(GradientStabilityPruning):
                 for b in trainer.strategy.broadcast(batches, src=0)]
 
     def plan_widths(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BudgetPlan:
-        """For QuantizationAwareTraining when it starts: the widths and granularity the end of the fit would plan
-        (``compress(search="bits")`` on the masks reached, round to nearest, verified on the bound), without
-        delivering them: the model is left float (:func:`~lightning_compress.adaptive.with_qat.planned_only`), the
-        fit's random stream untouched. Rank zero's plan, on every rank. A budget and a bound that cannot both hold
-        end the fit here, before the QAT epochs are spent."""
-        try:
-            with torch.random.fork_rng(devices=[]):
-                result = planned_only(pl_module, lambda: self._compress(trainer, pl_module, method="rtn"))
-        except BudgetError as err:
-            self._fail(trainer, pl_module, err)
-        return trainer.strategy.broadcast(BudgetPlan.of(result, trainer.global_step), src=0)
-
-    def _trained(self, trainer: pl.Trainer, pl_module: pl.LightningModule, codes: dict[str, Any],
-                 floats: dict[str, torch.Tensor]) -> tuple[CompressionResult | None, str | None]:
-        """The codes QAT trained, carried by the model as they are, then measured: the file, the MACs of the weights
-        and the bound against the metric before pruning (the planning's float metric when nothing was pruned). None
-        and why (the model back to its latent float weights) when they miss a cap or the bound: the caller plans
-        again with the verified ``compress()``."""
-        assert self._qat is not None and self._qat.budget_plan is not None  # set when QAT started
-        plan = self._qat.budget_plan
-        carry(pl_module, codes, "QuantizationAwareTraining")
-        layers, _ = select_layers(pl_module, QUANT_MODULE_TYPES)
-        weights = {name: layer_weight(name, module) for name, module in layers.items()}
-        batches = self._batches(trainer, pl_module)
-        caps = budget_caps(pl_module, self.budget, batches[0] if batches else None,
-                           _calibration_forward if batches else None)
-        size = file_bytes(pl_module) if carried(pl_module) is not None else None
-        macs = delivered_macs(weights, caps.where, caps.other_macs) if batches else None
-        after = evaluation.evaluate(trainer, pl_module, self.metric_spec) if self._has_val else None
-        reference = self.controller.initial_metric if self.controller.initial_metric is not None \
-            else plan.metric_before
-        verdict = self.gate.judge(reference, after)
-        why = refusal(size, plan.budget_bytes, macs, plan.budget_macs, verdict)
-        shown = f"file {size} B, {macs} MACs" + ("" if after is None else f", metric {after:.6g}")
-        if why is not None:
-            rank_zero_info(f"AdaptiveCompression: the codes QAT trained are not delivered ({why}); planning again "
-                           "from the latent float weights")
-            with torch.no_grad():
-                for key, value in pl_module.state_dict().items():
-                    value.copy_(floats[key])
-            forget(pl_module)
-            return None, f"QAT's codes ({shown}) not delivered: {why}; planned again from the latent weights"
-        rows = [dict(row) for row in plan.rows]
-        for row in rows:  # the bytes of the codes delivered (a sparse layout's may move with the codes)
-            if row["layer"] in codes:
-                row["bytes"] = sparse_layout.nbytes(codes[row["layer"]])
-        steps = [*plan.steps, f"QAT trained the plan from step {plan.start_step}: {shown} (drop "
-                 f"{verdict.drop if verdict.drop is None else round(verdict.drop, 6)} against {reference}): "
-                 "delivered as trained"]
-        return CompressionResult(pl_module, rows, plan.budget_bytes, size, plan.budget_macs, macs, plan.metric_before,
-                                 after, plan.evaluations + int(after is not None), steps, method="qat"), None
+        """For QuantizationAwareTraining when it starts: the widths the end of the fit would plan, not delivered."""
+        return adaptive_qat.plan_widths(self, trainer, pl_module)
 
     def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                   method: str | None = None) -> CompressionResult:

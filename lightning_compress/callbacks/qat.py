@@ -26,7 +26,6 @@ scales) and deliver the codes it trained. The math lives in :mod:`lightning_comp
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Literal
 
@@ -35,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_compress.adaptive.with_qat import BudgetPlan, decided_twice, layer_plan
+from lightning_compress.adaptive.with_qat import DECIDED_BY_BUDGET, BudgetPlan, layer_plan, refuse_decided_twice
 from lightning_compress.callbacks.base import CompressionCallback, compression_callbacks
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.quantization import PostTrainingQuantization
@@ -44,7 +43,7 @@ from lightning_compress.integration import compacted_resume
 from lightning_compress.integration.evaluation import DEFAULT_METRIC
 from lightning_compress.integration.rewrap import rewrap_ddp
 from lightning_compress.qat import activations as act
-from lightning_compress.qat import schedule
+from lightning_compress.qat import scales_group, schedule
 from lightning_compress.qat.compaction import follow_parameters, masks_after
 from lightning_compress.qat.fake_quant import LSQFakeQuantizer
 from lightning_compress.qat.model import plain_keys, prepare, record, release
@@ -76,9 +75,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
 
     With :class:`~lightning_compress.AdaptiveCompression` in the same Trainer, the budget decides: when QAT starts,
     that callback plans each layer's width and granularity on the masks reached, QAT trains them, and it verifies and
-    delivers the codes trained (:mod:`lightning_compress.adaptive.with_qat`); ``bits``, ``granularity``,
-    ``group_size``, the coverage, ``max_metric_drop``, ``fallback``, ``export_path`` and ``activations`` are then
-    refused unless left at their defaults.
+    delivers the codes trained; the arguments that would decide them again are refused unless left at their defaults
+    (:mod:`lightning_compress.adaptive.with_qat`).
 
     Refused in ``setup``: a second quantization callback; in ``on_train_start`` (before the first step): a
     ``start`` the fit never reaches, a pruning schedule not over by ``start``.
@@ -116,10 +114,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self.start = start
         self.scale_lr = scale_lr
         self.activations = activations
-        self._given = dict(bits=bits, granularity=granularity, group_size=group_size, bits_overrides=bits_overrides,
-                           embedding_bits=embedding_bits, module_types=module_types, include=include,
-                           exclude=exclude, max_metric_drop=max_metric_drop, fallback=fallback,
-                           export_path=export_path, activations=activations)
+        self._given = {k: v for k, v in locals().items() if k in DECIDED_BY_BUDGET}  # the budget decides them
         self._budget: Any = None  # an AdaptiveCompression in the same Trainer: it plans the widths and delivers
         self.budget_plan: BudgetPlan | None = None  # its plan, made when QAT started (kept in checkpoints)
         self.input_quantizers: dict[str, act.InputFakeQuantizer] = {}  # module name -> its input's, while QAT runs
@@ -158,12 +153,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self.input_quantizers, self._ranges = {}, {}
         self._budget, self.budget_plan = budget_peer(trainer), None
         if self._budget is not None:
-            defaults = {n: p.default for n, p in inspect.signature(type(self).__init__).parameters.items()}
-            if twice := decided_twice(self._given, defaults):
-                raise ValueError(f"QuantizationAwareTraining with AdaptiveCompression trains the widths the budget "
-                                 f"plans; {', '.join(twice)} would decide them (or the bound / export) a second time; "
-                                 "allowed: leave them at their defaults (the budget, `max_metric_drop` and "
-                                 "`export_path` are AdaptiveCompression's)")
+            refuse_decided_twice(self._given, QuantizationAwareTraining.__init__)
         if any(isinstance(p, GradientStabilityPruning) and p.config.compact for p in compression_callbacks(trainer)):
             self._resume_check = compacted_resume.shrink_on_resume(pl_module, self.state_key)
 
@@ -219,17 +209,12 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         if self.activations is not None:
             self.input_quantizers = act.attach(plan.layers, self._keys, resumed=pending.get("activations"))
         rewrap_ddp(trainer)  # after every new parameter: DDP all-reduces the scales' gradients too
-        optimizer = trainer.optimizers[0]
         scales = [q.log_gain for q in self.quantizers.values()] + [a.log_scale for a in self.input_quantizers.values()]
-        first = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}  # e.g. OneCycleLR's keys
-        saved = linear_scales_resumed(pending, len(self.quantizers))
-        group = {**first, "lr": self.scale_lr if self.scale_lr is not None else first["lr"], "weight_decay": 0.0}
-        optimizer.add_param_group({**group, **saved.get("group", {}), "params": scales})
-        self._group = optimizer.param_groups[-1]
-        for scale, state in zip(scales, saved.get("state", [])):
-            if state:
-                optimizer.state[scale] = {k: v.to(scale.device) if isinstance(v, Tensor) else v
-                                          for k, v in state.items()}
+        saved, restarted = scales_group.linear_scales_resumed(pending, len(self.quantizers))
+        if restarted:
+            rank_zero_warn("QuantizationAwareTraining: this checkpoint holds linear weight scales (written before they "
+                           "were learned in log space): the scales resume exactly, their optimizer moments restart")
+        self._group = scales_group.add(trainer.optimizers[0], scales, self.scale_lr, saved)
         widths = f"the budget's plan ({plan.bits})" if composed else f"int{self.spec.bits} {self.spec.granularity}"
         rank_zero_info(f"QuantizationAwareTraining: {widths} fake quantization of {len(self.quantizers)} layers from "
                        f"step {trainer.global_step}")
@@ -288,15 +273,10 @@ class QuantizationAwareTraining(PostTrainingQuantization):
             return
         plain_keys(checkpoint["state_dict"], pl_module, list(self.quantizers))
         act.strip_keys(checkpoint["state_dict"])
-        optimizer = trainer.optimizers[0]
-        index = next(i for i, g in enumerate(optimizer.param_groups) if g is self._group)
-        states = checkpoint.get("optimizer_states") or []
         mine = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, self.state_dict())
-        if states:
-            saved = states[0]
-            group = saved["param_groups"].pop(index)
-            ids = group.pop("params")
-            mine["optimizer"] = {"group": group, "state": [saved["state"].pop(i, {}) for i in ids]}
+        saved = scales_group.split(trainer.optimizers[0], self._group, checkpoint.get("optimizer_states") or [])
+        if saved is not None:
+            mine["optimizer"] = saved
 
     # -- end of fit --------------------------------------------------------------------------------------------
     def hand_over(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedTensor]:
@@ -350,11 +330,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         codes = release(pl_module, self.quantizers)
         self._ranges = act.detach(pl_module, self.input_quantizers, self._keys)
         if self._group is not None:
-            optimizer = trainer.optimizers[0]
-            # by identity: list.remove compares dicts, i.e. their params lists, tensor by tensor
-            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g is not self._group]
-            for scale in self._group["params"]:
-                optimizer.state.pop(scale, None)
+            scales_group.remove(trainer.optimizers[0], self._group)
         self.quantizers, self._group, self.input_quantizers = {}, None, {}
         return codes
 
@@ -366,22 +342,9 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         return states
 
 
-
 def budget_peer(trainer: pl.Trainer) -> CompressionCallback | None:
     """The AdaptiveCompression in the Trainer, if any (it plans the widths QAT trains)."""
     from lightning_compress.callbacks.adaptive import AdaptiveCompression  # it imports this module
 
     return next((c for c in compression_callbacks(trainer) if isinstance(c, AdaptiveCompression)), None)
 
-
-def linear_scales_resumed(pending: dict[str, Any], weights: int) -> dict[str, Any]:
-    """The saved optimizer state of the scales' param group. A checkpoint written before the weights' scales were
-    learned in log space holds the scales themselves (no ``log_gains``): they resume exactly as base scales with a
-    gain of 0, but their optimizer moments were a linear scale's, so the first ``weights`` are dropped (they
-    restart) with a warning."""
-    saved = dict(pending.get("optimizer") or {})
-    if "scales" in pending and "log_gains" not in pending and saved.get("state"):
-        rank_zero_warn("QuantizationAwareTraining: this checkpoint holds linear weight scales (written before they "
-                       "were learned in log space): the scales resume exactly, their optimizer moments restart")
-        saved["state"] = [{} for _ in saved["state"][:weights]] + list(saved["state"][weights:])
-    return saved

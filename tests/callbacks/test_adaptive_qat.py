@@ -203,7 +203,7 @@ def test_trained_codes_refused_at_the_end_are_not_delivered_the_budget_is_planne
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When the codes QAT trained miss a cap or the bound (forced here), they are not delivered: the model gets its
     latent float weights back and the verified compress() plans again from them, within the bound, or fails."""
-    from lightning_compress.callbacks import adaptive as module
+    from lightning_compress.callbacks import adaptive_qat as module
 
     monkeypatch.setattr(module, "refusal", lambda *_: "a refusal forced by the test")
     callbacks = _callbacks()
