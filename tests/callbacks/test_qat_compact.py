@@ -216,3 +216,20 @@ def test_a_checkpoint_written_before_qat_started_resumes_a_compacting_fit(tmp_pa
     assert isinstance(qat, QuantizationAwareTraining) and qat.result is not None
     assert model.net[1].out_features < 32  # compacted when QAT started
     assert qat.result.layers["net.1"].qtensor.q.shape[0] == model.net[1].out_features
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_compaction_is_refused_in_setup_under_a_launcher_that_loads_weights_back(strategy: str) -> None:
+    """ddp_spawn / ddp_fork load rank zero's final weights into the main process's model, which stays at full
+    widths: refused in GradientStabilityPruning.setup, first thing (the same decision on every rank, before any
+    collective), naming the callback and what to use instead; the model is untouched. (The launcher decision
+    itself: tests/integration/test_strategy.py; QAT under a real ddp_spawn: tests/callbacks/test_qat_ddp.py.)"""
+    pruning, qat = _prune_then_qat(1)
+    trainer = quiet_trainer([pruning, qat], max_epochs=3, accelerator="cpu", devices=2, strategy=strategy)
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"GradientStabilityPruning\(sparsity=0\.5, criterion=.*structured=True\) "
+                                         r"with compact=True cannot run under DDPStrategy launched in worker "
+                                         r"processes.*Allowed: strategy='ddp'"):
+        pruning.setup(trainer, model, "fit")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
