@@ -169,25 +169,31 @@ class LatencyRun(PruningRun):
     def event(self, tick: int, step: int, evaluate: Callable[[], float | None],
               broadcast: Callable[[Any], Any] = lambda masks: masks,
               optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, Any] | None:
-        """One event, its gate deferred (:mod:`~lightning_compress.adaptive.recovery_gate`): the event held before
-        (if any) is judged first by the metric measured now, after the training since, and undone when outside the
-        bound (its families capped, the plan solved again); then the new step is pruned and held, kept until its
-        own verdict. Returns the history entry of the new step, or of the undone one when no step follows."""
-        undone = None
-        if self.recovery.held is None:
-            target = self._target(tick)
-            if not self._gains(target, self.state.sparsity()):
-                return None
+        """One event, its gate deferred (:mod:`~lightning_compress.adaptive.recovery_gate`). At the schedule's
+        next event, or right after a validation (``validated``), at least a schedule's interval after the newest
+        held event, the events held are judged by the metric measured then (a validation's: no extra pass), and
+        undone when outside the bound (their families capped, the plan solved again).
+        Then the step the plan asks for is pruned and held, kept until its verdict. Held events ask for a retry
+        (the controller's ``retry_at``), so a validation comes back here even after the schedule's last event:
+        undone then, the rest of the units is pruned again with the caps (held in turn). Returns the history
+        entry of the new step, or of the undone ones when no step follows."""
+        held, undone = self.recovery.held, None
+        scheduled = self.schedule is not None and self.schedule.is_event(tick)
+        recovered = bool(held) and tick - held[-1].tick >= (getattr(self.schedule, "frequency", 1) or 1)
+        judge = recovered and (self.validated or scheduled)
+        if held and not judge and not scheduled:
+            return None  # a validation too soon after the newest event: a later one judges it
+        before = None
+        if judge or self.controller.initial_metric is None:  # the metric a validation measured (or the reference)
             before = evaluate()
-            check_finite_before(self.state.model, step, before)
-        else:
-            before = evaluate()
-            check_finite_before(self.state.model, step, before)
+        check_finite_before(self.state.model, step, before)
+        if judge:
             undone = self.settle(before)
-            self.planned_at = None  # the plan again, now (with the caps of an undone event)
-            target = self._target(tick)
-            if not self._gains(target, self.state.sparsity()):
-                return undone
+            self.planned_at = None  # the plan again, now (with the caps of undone events)
+        target = self._target(tick)
+        if not self._gains(target, self.state.sparsity()):
+            self.controller.retry_at = self.controller.retry_at if self.recovery.held else None
+            return undone
         reference = self.controller.reference_for(before)
         families = self._families()
         kept_before = {n: self._kept(f)[1] for n, f in families.items()}
@@ -199,24 +205,25 @@ class LatencyRun(PruningRun):
                                  sparsity_before=before_sparsity, sparsity_tried=self.state.sparsity(),
                                  extra={"weight_sparsity": self.state.weight_sparsity()})
         self.state.keep(optimizers)
+        self.controller.retry_at = tick + (self.controller.patience or 0)  # a validation comes back to judge it
         if self.config.restart_statistics and self.stats is not None:
             self.stats.reset()
         entry = self.controller.history[-1]
-        entry["note"] = "; ".join(filter(None, [entry["note"], "held: judged after recovery (at the next event or "
-                                                "the end of the fit)", undone["note"] if undone else ""]))
+        entry["note"] = "; ".join(filter(None, [entry["note"], "held: judged after recovery (at a later validation "
+                                                "or the end of the fit)", undone["note"] if undone else ""]))
         return entry
 
     def settle(self, metric: float | None) -> dict[str, Any] | None:
-        """The held event judged by ``metric`` (the model trained since): kept, or undone (a history entry, refused,
-        is returned; None otherwise)."""
+        """The held events judged by ``metric`` (the model trained since): kept, or undone (a history entry,
+        refused, is returned; None otherwise)."""
         held_sparsity = self.state.sparsity()
         settled = self.recovery.settle(self.state, self.controller.gate, metric, self._families())
         if settled is None or settled[0].accepted:
             return None
         verdict, held = settled
         self.controller.history.append({
-            "tick": held.tick, "step": held.step, "metric_before": None, "metric_after": metric,
-            "reference": held.reference, "drop": verdict.drop, "sparsity_tried": held_sparsity,
+            "tick": held[-1].tick, "step": held[-1].step, "metric_before": None, "metric_after": metric,
+            "reference": held[0].reference, "drop": verdict.drop, "sparsity_tried": held_sparsity,
             "sparsity": self.state.sparsity(), "accepted": False,
             "reason": f"after recovery: {verdict.reason}", "note": self.recovery.log[-1],
             "weight_sparsity": self.state.weight_sparsity(),
@@ -317,7 +324,7 @@ def settle_last(callback: Any, trainer: Any, model: nn.Module) -> None:
     """Before the masks are frozen and the model compacted: the event still held judged by the metric now (after
     the rest of the fit), undone when outside the bound; the verdict goes into the report's events."""
     run = callback.run
-    if not isinstance(run, LatencyRun) or run.recovery.held is None:
+    if not isinstance(run, LatencyRun) or not run.recovery.held:
         return
     metric = callback._evaluate(trainer, model) if callback.max_metric_drop is not None else None
     entry = run.settle(metric)

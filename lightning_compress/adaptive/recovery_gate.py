@@ -1,17 +1,18 @@
 """The metric gate of whole-unit pruning inside a fit, judged after recovery. No Lightning import.
 
 Right after a structured event the model has had no training to adapt to the units it lost, and whole units cost
-several points at that moment that a few hundred steps give back: a gate measured then refuses every event. So a
-structured event is *held*: it is kept at once, a snapshot of what it pruned is taken (the values at the positions
-it zeroed, the previous masks, the BatchNorm running statistics of the units it removed), and it is judged when the
-model has trained since, by the metric measured before the next event or at the end of the fit. Within the bound
-it stays; outside it, it is undone (the pruned units' weights and statistics back from the snapshot, the masks as
-they were) and each family it shrank is capped at the units it kept before, so the plan is solved again without
-taking those units.
+several points at that moment that some training gives back: a gate measured then refuses every event. So each
+structured event is *held*: it is kept at once, with a snapshot of what it pruned (the values at the positions it
+zeroed, the previous masks, the BatchNorm running statistics of the units it removed), and the events held are
+judged together by the metric of a later validation, once the model has trained since the newest of them (and at
+the end of the fit). Within the bound they stay; outside it they are undone, newest first (the pruned units'
+weights and statistics back from the snapshots, the masks as they were), and each family they shrank is capped
+halfway between the units it kept before the oldest of them and after the newest (the controller's back-off by
+halves: a step refused twice is capped at a quarter, and so on), so the plan is solved again taking fewer of them.
 
 The decision is made on the metric every rank measured together (reduced over the ranks) and on masks every rank
-holds alike, so every rank undoes the same event; the held snapshot is plain CPU tensors in the checkpoint, so a
-resumed fit judges the event the interrupted one held.
+holds alike, so every rank undoes the same events; the held snapshots are plain CPU tensors in the checkpoint, so a
+resumed fit judges the events the interrupted one held.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Held:
     tick: int
     step: int
     reference: float | None  # the metric it is judged against
-    shrunk: dict[str, int]  # family -> units it kept before the event (the families the event shrank)
+    shrunk: dict[str, tuple[int, int]]  # family -> units it kept (before, after) the event, where it shrank
     masks: dict[str, Tensor]  # parameter keep-masks before the event
     unit_masks: dict[str, Tensor]  # unit keep-masks before the event
     values: dict[str, Tensor]  # parameter -> its values at the positions the event zeroed (1-D, CPU)
@@ -50,7 +51,7 @@ class Held:
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Held:
         return cls(int(state["tick"]), int(state["step"]), state.get("reference"),
-                   {str(k): int(v) for k, v in dict(state["shrunk"]).items()}, dict(state["masks"]),
+                   {str(k): (int(v[0]), int(v[1])) for k, v in dict(state["shrunk"]).items()}, dict(state["masks"]),
                    dict(state["unit_masks"]), dict(state["values"]), dict(state.get("buffers", {})))
 
 
@@ -83,11 +84,11 @@ def _unit_buffers(state: MaskState, families: Mapping[str, list[str]],
 
 
 class RecoveryGate:
-    """Holds each structured event until the model has trained since, then keeps or undoes it (module docstring).
-    ``caps``: family -> fewest units it may keep; ``log``: one line per verdict, for the report."""
+    """Holds the structured events until a validation after some training, then keeps or undoes them together
+    (module docstring). ``caps``: family -> fewest units it may keep; ``log``: one line per verdict."""
 
     def __init__(self) -> None:
-        self.held: Held | None = None
+        self.held: list[Held] = []  # oldest first
         self.caps: dict[str, int] = {}
         self.log: list[str] = []
 
@@ -101,34 +102,39 @@ class RecoveryGate:
         for name, old in undo["weights"].items():
             gone = _removed(before_masks, state.masks, name, old)
             values[name] = old[gone].detach().cpu().clone()
-        shrunk = {n: int(kept_before[n]) for n in families if kept_after[n] < kept_before[n]}
+        shrunk = {n: (int(kept_before[n]), int(kept_after[n])) for n in families if kept_after[n] < kept_before[n]}
         removed = {n: _removed(before_units, state.unit_masks, n, state.unit_masks[n]) for n in shrunk
                    if n in state.unit_masks}
         buffers = {key: getattr(module, buffer)[index].detach().cpu().clone()
                    for key, (module, buffer, index) in _unit_buffers(state, families, removed).items()}
-        self.held = Held(tick, step, reference, shrunk, {n: m.cpu().clone() for n, m in before_masks.items()},
-                         {n: m.cpu().clone() for n, m in before_units.items()}, values, buffers)
+        self.held.append(Held(tick, step, reference, shrunk, {n: m.cpu().clone() for n, m in before_masks.items()},
+                              {n: m.cpu().clone() for n, m in before_units.items()}, values, buffers))
 
     def settle(self, state: MaskState, gate: MetricGate, metric: float | None,
-               families: Mapping[str, list[str]]) -> tuple[Verdict, Held] | None:
-        """The held event judged by ``metric`` (measured after recovery): kept, or undone and its families capped.
-        Returns the verdict and the event, or None when none was held."""
-        held = self.held
-        if held is None:
+               families: Mapping[str, list[str]]) -> tuple[Verdict, list[Held]] | None:
+        """The held events judged by ``metric`` (measured after recovery): kept, or undone (newest first) and
+        their families capped. Returns the verdict and the events, or None when none was held."""
+        held, self.held = self.held, []
+        if not held:
             return None
-        self.held = None
-        verdict = gate.judge(held.reference, metric)
-        what = f"event at step {held.step} (families {sorted(held.shrunk) or 'none'} shrunk)"
+        verdict = gate.judge(held[0].reference, metric)
+        what = f"events at steps {[h.step for h in held]}"
         after = "not measured" if metric is None else f"{metric:.4g}"
         if verdict.accepted:
             self.log.append(f"{what}: after recovery the metric is {after} (drop {_drop(verdict)}): kept")
             return verdict, held
-        self.undo(state, held, families)
-        for name, kept in held.shrunk.items():
+        for event in reversed(held):
+            self.undo(state, event, families)
+        span: dict[str, tuple[int, int]] = {}  # family -> (kept before the oldest, after the newest)
+        for event in held:
+            for name, (first, last) in event.shrunk.items():
+                span[name] = (span[name][0] if name in span else first, last)
+        capped = {name: last + -(-(first - last) // 2) for name, (first, last) in span.items()}
+        for name, kept in capped.items():
             self.caps[name] = max(self.caps.get(name, 0), kept)
-        capped = ", ".join(f"{n} at {k} units" for n, k in sorted(held.shrunk.items()))
+        said = ", ".join(f"{n} at {k} units" for n, k in sorted(capped.items())) or "none"
         self.log.append(f"{what}: after recovery the metric is {after} ({verdict.reason}): undone, the units "
-                        f"restored from the snapshot at step {held.step}; capped {capped}")
+                        f"restored from their snapshots; capped {said}")
         return verdict, held
 
     @torch.no_grad()
@@ -157,12 +163,10 @@ class RecoveryGate:
         state.bind()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"held": self.held.state_dict() if self.held is not None else None, "caps": dict(self.caps),
-                "log": list(self.log)}
+        return {"held": [h.state_dict() for h in self.held], "caps": dict(self.caps), "log": list(self.log)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        held = state.get("held")
-        self.held = Held.from_state(held) if held is not None else None
+        self.held = [Held.from_state(h) for h in state.get("held") or []]
         self.caps = {str(k): int(v) for k, v in dict(state.get("caps", {})).items()}
         self.log = [str(line) for line in state.get("log", [])]
 

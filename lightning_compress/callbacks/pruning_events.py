@@ -117,7 +117,11 @@ class PruningEvents(CompressionCallback):
         tick = trainer.current_epoch + 1
         # the schedule's event, or a refused step's retry: the epoch's end follows its validation
         if self.config.schedule_unit == "epoch" and self.controller.due(tick, self.schedule, validated=True):
-            self._run_pruning_event(trainer, pl_module, tick)
+            self.run.validated = self._validates_at_epoch_end(trainer)
+            try:
+                self._run_pruning_event(trainer, pl_module, tick)
+            finally:
+                self.run.validated = False
         pl_module.log("pruning/sparsity", self.current_sparsity(), logger=False)  # for ModelCheckpoint / EarlyStopping
 
     @override
@@ -128,7 +132,11 @@ class PruningEvents(CompressionCallback):
             return
         if self.controller.due(trainer.global_step, self.schedule, validated=True):
             with torch.inference_mode(False):  # Lightning validates under inference mode: the masks must be usable
-                self._run_pruning_event(trainer, pl_module, trainer.global_step, loggable=False)  # by training
+                self.run.validated = True  # the event's "before" is this validation's metric
+                try:
+                    self._run_pruning_event(trainer, pl_module, trainer.global_step, loggable=False)  # by training
+                finally:
+                    self.run.validated = False
 
     # ------------------------------------------------------------------ pruning events
     def _run_pruning_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tick: int,

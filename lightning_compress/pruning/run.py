@@ -49,6 +49,8 @@ def check_finite_before(model: nn.Module, step: int, metric: float | None = None
 
 
 class PruningRun:
+    validated = False  # set by the callback while an event runs right after a validation (a deferred gate reads it)
+
     def __init__(
         self,
         config: PruningConfig,

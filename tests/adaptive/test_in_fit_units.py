@@ -36,12 +36,14 @@ def _model() -> DigitsCNN:
     return DigitsCNN(image_size=8, channels=[32, 64], hidden=128, lr=3e-3)
 
 
-def _fit(callback: AdaptiveCompression, root: Path, epochs: int = 10) -> tuple[DigitsCNN, DigitsCNN]:
+def _fit(callback: AdaptiveCompression, root: Path, epochs: int = 10,
+         extra: list[pl.Callback] | None = None) -> tuple[DigitsCNN, DigitsCNN]:
+    """``extra`` callbacks run before ``callback`` at each hook."""
     model = _model()
     dense = copy.deepcopy(model)
     pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
                enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(root),
-               num_sanity_val_steps=0, deterministic=True, callbacks=[callback]
+               num_sanity_val_steps=0, deterministic=True, callbacks=[*(extra or []), callback]
                ).fit(model, datamodule=DigitsDataModule())
     return model, dense
 

@@ -48,9 +48,9 @@ def test_an_event_within_the_bound_after_recovery_is_kept() -> None:
     _prune(state, gate, KEEP)
     masks = {n: m.clone() for n, m in state.masks.items()}
     verdict, held = gate.settle(state, MetricGate(0.02), 0.89, FAMILIES)  # type: ignore[misc]
-    assert verdict.accepted and held.step == 10 and gate.held is None and gate.caps == {}
+    assert verdict.accepted and [h.step for h in held] == [10] and gate.held == [] and gate.caps == {}
     assert all(torch.equal(masks[n], state.masks[n]) for n in masks)
-    assert "kept" in gate.log[-1] and "step 10" in gate.log[-1]
+    assert "kept" in gate.log[-1] and "steps [10]" in gate.log[-1]
 
 
 def test_an_event_outside_the_bound_after_recovery_is_undone_and_its_family_capped() -> None:
@@ -60,7 +60,7 @@ def test_an_event_outside_the_bound_after_recovery_is_undone_and_its_family_capp
     _prune(state, gate, KEEP)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     verdict, _ = gate.settle(state, MetricGate(0.02), 0.80, FAMILIES)  # type: ignore[misc]
-    assert not verdict.accepted and gate.caps == {"0": 6}
+    assert not verdict.accepted and gate.caps == {"0": 5}  # halfway back from 4 to the 6 it kept before
     gone = torch.tensor([not k for k in KEEP])
     now = model.state_dict()
     # the pruned units: their weights, biases, BatchNorm parameters and statistics as they were at the event
@@ -72,7 +72,7 @@ def test_an_event_outside_the_bound_after_recovery_is_undone_and_its_family_capp
     assert state.masks == {} and state.unit_masks == {}  # nothing was pruned before the event
     state.apply()  # the masks in force no longer zero the restored units
     assert torch.equal(model.state_dict()["0.weight"][gone], before["0.weight"][gone])
-    assert "undone" in gate.log[-1] and "0 at 6 units" in gate.log[-1]
+    assert "undone" in gate.log[-1] and "0 at 5 units" in gate.log[-1]
 
 
 def test_a_held_event_survives_a_checkpoint_and_is_undone_the_same() -> None:
@@ -92,10 +92,25 @@ def test_a_snapshot_that_does_not_fit_the_masks_is_refused() -> None:
     state, gate = _state(), RecoveryGate()
     _prune(state, gate, KEEP)
     held = gate.state_dict()["held"]
-    held["values"]["0.weight"] = held["values"]["0.weight"][:3]  # another model's snapshot
+    held[0]["values"]["0.weight"] = held[0]["values"]["0.weight"][:3]  # another model's snapshot
     gate.load_state_dict({"held": held})
-    with pytest.raises(ValueError, match="'0.weight'"):
+    with pytest.raises(ValueError, match=r"'0\.weight'"):
         gate.settle(state, MetricGate(0.02), 0.5, FAMILIES)
+
+
+def test_events_held_together_are_undone_together_newest_first() -> None:
+    state, gate = _state(), RecoveryGate()
+    model = state.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _prune(state, gate, KEEP)  # 4 of 6 kept
+    units = {"0": torch.tensor([True, False, False, False, True, False])}  # then 2 of 6
+    undo = state.try_masks(expand_masks(model, units, state.groups), units)
+    gate.hold(state, undo, FAMILIES, {"0": 4}, {"0": 2}, tick=20, step=20, reference=0.9)
+    verdict, held = gate.settle(state, MetricGate(0.02), 0.5, FAMILIES)  # type: ignore[misc]
+    assert not verdict.accepted and [h.step for h in held] == [10, 20]
+    assert gate.caps == {"0": 4} and state.masks == {}  # halfway from 2 (the newest) to 6 (before the oldest)
+    first_gone = torch.tensor([not k for k in KEEP])
+    assert torch.equal(model.state_dict()["0.weight"][first_gone], before["0.weight"][first_gone])
 
 
 def test_without_a_metric_the_held_event_is_kept() -> None:

@@ -1,0 +1,69 @@
+"""``AdaptiveCompression`` with a latency budget and a metric bound in real ``Trainer.fit`` runs on sklearn's digits:
+whole units pruned, each event judged after recovery (adaptive/recovery_gate.py), the delivered model within both
+the budget (an independent ONNX Runtime timing) and the bound (the held-out test split), the gate's verdict on every
+event in the report; a delivered model outside the bound is refused with a BudgetError and nothing exported."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_compress import AdaptiveCompression, Budget
+from lightning_compress.adaptive.latency import measured_ratio
+from lightning_compress.adaptive.session import BudgetError
+from tests.adaptive.test_in_fit_units import LATENCY, RETIME_SLACK, SHAPE, _fit, _test_accuracy
+
+BOUND = 0.02
+
+
+def _callback(path: str) -> AdaptiveCompression:
+    return AdaptiveCompression(budget=Budget(latency=LATENCY, latency_input=SHAPE), max_metric_drop=BOUND,
+                               start_step=20, end_step=200, frequency=20, export_path=path)
+
+
+def test_latency_and_bound_both_hold_each_event_judged_after_recovery(tmp_path: Path) -> None:
+    callback = _callback("gated.safetensors")
+    model, dense = _fit(callback, tmp_path)
+    entry = callback.report.gate["adaptive"]
+    held = [h for h in callback.history if "held" in h["note"]]
+    assert held and all(h["accepted"] and h["metric_after"] is None for h in held)  # none refused at the event
+    lines = entry["recovery_gate"]  # the verdicts, each naming the events it judged: every event judged once
+    judged = [int(n) for line in lines for n in re.search(r"steps \[([\d, ]+)\]", line).group(1).split(",")]
+    assert sorted(judged) == sorted(h["step"] for h in held), lines
+    assert all(("kept" in line) != ("undone" in line) for line in lines)
+    assert entry["delivered"]["latency"] <= LATENCY
+    ratio, _, _ = measured_ratio(dense, model, SHAPE, 1)  # an independent timing, fresh sessions
+    assert ratio <= LATENCY * (1 + RETIME_SLACK), entry["verification_steps"]
+    initial = callback.controller.initial_metric
+    assert initial - entry["delivered"]["metric"] <= BOUND + 1e-6  # verified before the export
+    assert _test_accuracy(model) >= initial - BOUND - 0.05  # the held-out split, which the fit never saw
+    assert any(p.name == "gated.safetensors" for p in tmp_path.rglob("*.safetensors"))
+
+
+class _Sabotage(pl.Callback):
+    """At the fit's end, before AdaptiveCompression finishes it: the classifier zeroed (every prediction class 0)."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        head = [m for m in pl_module.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+
+
+def test_a_delivered_model_outside_the_bound_is_refused_and_nothing_is_exported(tmp_path: Path) -> None:
+    callback = _callback("never.safetensors")
+    with pytest.raises(BudgetError) as info:
+        _fit(callback, tmp_path, extra=[_Sabotage()])
+    last = callback.history[-1]
+    if last["accepted"]:  # every event was judged during the fit: the check of the delivered model refuses it
+        assert "max_metric_drop" in str(info.value) and "nothing is exported" in str(info.value)
+    else:  # the last event, held to the end, undone by its verdict (then over the latency budget, or the bound)
+        assert "after recovery" in last["reason"] and "undone" in last["note"]
+    assert not list(tmp_path.rglob("never.safetensors"))
+    report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
+    assert "BudgetError" in str(report.get("failure"))
