@@ -20,7 +20,7 @@ the arms are:
 Test accuracy per seed (``--seeds``: 3, ``--quick``: 1) and their mean; the cost of a QAT epoch as a ratio to a
 plain epoch of the same fit (the training thread's CPU time of each epoch, wall time beside it, the float epochs
 before ``start`` as the reference). The figures also go to ``--json`` (default ``benchmarks/results/qat.json`` for
-SmallCNN, ``qat_<model>.json`` otherwise).
+SmallCNN, ``qat_pruned.json`` with ``--pruned-only``, ``qat_<model>.json`` otherwise).
 """
 
 from __future__ import annotations
@@ -214,7 +214,8 @@ def main() -> None:
     args.epochs = args.epochs if args.epochs is not None else EPOCHS[args.model][args.quick]
     args.scale_lr = args.scale_lr if args.scale_lr is not None else SCALE_LR[args.model]
     if args.json is None:
-        args.json = RESULTS / ("qat.json" if args.model == "smallcnn" else f"qat_{args.model}.json")
+        name = "qat_pruned" if args.pruned_only else "qat" if args.model == "smallcnn" else f"qat_{args.model}"
+        args.json = RESULTS / f"{name}.json"  # qat_table.py reads qat_pruned.json's rows with qat.json's
     args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)

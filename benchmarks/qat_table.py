@@ -26,7 +26,10 @@ sys.path.insert(0, str(HERE))  # `run_all`, `_timing` when run as a script or im
 from _timing import RESULTS  # noqa: E402
 from run_all import README, table, verdict  # noqa: E402
 
-FILES = {"SmallCNN": "qat.json", "ResNet-18-style": "qat_resnet.json", "BERT-style": "qat_transformer.json"}
+# model -> its run's file, then files of rows run apart (`bench_qat.py --pruned-only`: the same seeds' fp32 rows are
+# bit-identical in every run, so the pruned rows compare with the main run's float model)
+FILES = {"SmallCNN": ("qat.json", "qat_pruned.json"), "ResNet-18-style": ("qat_resnet.json",),
+         "BERT-style": ("qat_transformer.json",)}
 CNNS = ("SmallCNN", "ResNet-18-style")
 QAT_DROP = {"int3": 1.0, "int2": 3.0}  # points under float, CNNs only
 PRUNED_DROP = 1.0  # pruned 80 % + int4 QAT, points under the dense float model
@@ -83,14 +86,29 @@ def model_rows(model: str, d: dict[str, Any]) -> list[list[str]]:
     return out
 
 
-def describe(model: str, name: str, d: dict[str, Any]) -> str:
+def load(folder: Path, names: Sequence[str]) -> dict[str, Any] | None:
+    """The first file's figures with the rows of the others that exist added; None without the first."""
+    first = folder / names[0]
+    if not first.is_file():
+        return None
+    d = json.loads(first.read_text())
+    d["files"] = [names[0]]
+    for name in names[1:]:
+        if (folder / name).is_file():
+            d["rows"] = d["rows"] + json.loads((folder / name).read_text())["rows"]
+            d["files"].append(name)
+    return d
+
+
+def describe(model: str, d: dict[str, Any]) -> str:
     """Where the model's figures come from: settings, seeds, machine and load."""
     s, m = d["settings"], d["machine"]
     seeds = sorted({r["seed"] for r in d["rows"]})
     loads = [r["load_average"] for r in d["rows"] if r.get("load_average") is not None]
     load = f"load average {min(loads):.1f}-{max(loads):.1f} at the QAT rows' ends" if loads else "load not recorded"
     scale_lr = "QAT's default (the weights' lr)" if s.get("scale_lr") is None else f"{s['scale_lr']:g}"
-    return (f"{model}: `results/{name}`, {m['date'][:16].replace('T', ' ')}, seeds {', '.join(map(str, seeds))}, "
+    files = " + ".join(f"`results/{name}`" for name in d.get("files", ()))
+    return (f"{model}: {files}, {m['date'][:16].replace('T', ' ')}, seeds {', '.join(map(str, seeds))}, "
             f"{s['epochs']} epochs per arm, QAT from {s['start']:.0%} of the fit, `scale_lr` {scale_lr}; "
             f"{m['cpu']} ({m.get('cpu_capability', '?')}), {s.get('threads', 1)} thread, {load}.")
 
@@ -98,13 +116,13 @@ def describe(model: str, name: str, d: dict[str, Any]) -> str:
 def build(data: dict[str, dict[str, Any] | None]) -> str:
     """The Markdown block: the table, then one line per model saying where its figures come from."""
     rows, notes = [], []
-    for model, name in FILES.items():
+    for model, names in FILES.items():
         d = data.get(model)
         if d is None:
-            notes.append(f"{model}: not measured (`results/{name}` missing).")
+            notes.append(f"{model}: not measured (`results/{names[0]}` missing).")
             continue
         rows += model_rows(model, d)
-        notes.append(describe(model, name, d))
+        notes.append(describe(model, d))
     return "\n".join([table(HEAD, rows), "", *(f"- {n}" for n in notes)]) + "\n"
 
 
@@ -121,8 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON files")
     parser.add_argument("--readme", action="store_true", help=f"rewrite the block in {README.name}")
     args = parser.parse_args(argv)
-    data = {model: json.loads((args.results / name).read_text()) if (args.results / name).is_file() else None
-            for model, name in FILES.items()}
+    data = {model: load(args.results, names) for model, names in FILES.items()}
     block = build(data)
     print(block)
     if args.readme:

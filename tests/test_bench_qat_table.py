@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,16 @@ def test_readme_block_is_replaced_and_a_readme_without_markers_is_refused() -> N
     assert qat_table.update_readme(once, "new") == once
     with pytest.raises(ValueError, match="qat:start"):
         qat_table.update_readme("no markers", "new")
+
+
+def test_pruned_rows_run_apart_join_the_main_run(tmp_path: Path) -> None:
+    main, pruned = fake({"int4": [97.0, 98.0]}), fake({}, [96.4, 96.5])
+    pruned["rows"] = [r for r in pruned["rows"] if r["arm"].startswith("prune80")]  # --pruned-only: no fp32 rows
+    (tmp_path / "qat.json").write_text(json.dumps(main))
+    assert qat_table.load(tmp_path, ("qat.json", "qat_pruned.json"))["files"] == ["qat.json"]  # none run apart
+    (tmp_path / "qat_pruned.json").write_text(json.dumps(pruned))
+    d = qat_table.load(tmp_path, ("qat.json", "qat_pruned.json"))
+    block = qat_table.build({"SmallCNN": d})
+    assert row(block, "SmallCNN, pruned")[7] == "**FAIL**"  # 1.05 under the main run's float mean 97.5
+    assert "`results/qat.json` + `results/qat_pruned.json`" in block
+    assert qat_table.load(tmp_path, ("missing.json", "qat_pruned.json")) is None
