@@ -95,8 +95,8 @@ class Delivered:
     def fits(self, latency: float, caps: tuple[int | None, int | None]) -> bool:
         """Measured within ``latency`` and the (bytes, MACs) ``caps``."""
         size, macs = caps
-        return self.ratio <= latency and (size is None or (self.file_bytes or 0) <= size) and \
-            (macs is None or (self.macs or 0) <= macs)
+        return self.ratio <= latency and (size is None or (self.file_bytes is not None and self.file_bytes <= size)) \
+            and (macs is None or (self.macs is not None and self.macs <= macs))
 
 
 def latency_shape(budget: Budget, batches: Sequence[Any]) -> tuple[int, ...]:
