@@ -169,18 +169,21 @@ class LatencyRun(PruningRun):
     def event(self, tick: int, step: int, evaluate: Callable[[], float | None],
               broadcast: Callable[[Any], Any] = lambda masks: masks,
               optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, Any] | None:
-        """One event, its gate deferred (:mod:`~lightning_compress.adaptive.recovery_gate`). At the schedule's
-        next event, or right after a validation (``validated``), at least a schedule's interval after the newest
-        held event, the events held are judged by the metric measured then (a validation's: no extra pass), and
-        undone when outside the bound (their families capped, the plan solved again).
+        """One event, its gate deferred (:mod:`~lightning_compress.adaptive.recovery_gate`). Right after a
+        validation (``validated``) at least a schedule's interval after the newest held event (or ``patience``
+        ticks after it, when set), the events held are judged by the metric measured then (a validation's: no
+        extra pass), and undone when outside the bound (their families capped, the plan solved again); the
+        schedule's events in between are pruned and held with the others, unmeasured.
         Then the step the plan asks for is pruned and held, kept until its verdict. Held events ask for a retry
         (the controller's ``retry_at``), so a validation comes back here even after the schedule's last event:
         undone then, the rest of the units is pruned again with the caps (held in turn). Returns the history
         entry of the new step, or of the undone ones when no step follows."""
         held, undone = self.recovery.held, None
         scheduled = self.schedule is not None and self.schedule.is_event(tick)
-        recovered = bool(held) and tick - held[-1].tick >= (getattr(self.schedule, "frequency", 1) or 1)
-        judge = recovered and (self.validated or scheduled)
+        since = tick - held[-1].tick if held else 0
+        patience = self.controller.patience
+        judge = bool(held) and ((self.validated and since >= (getattr(self.schedule, "frequency", 1) or 1))
+                                or (patience is not None and since >= patience))
         if held and not judge and not scheduled:
             return None  # a validation too soon after the newest event: a later one judges it
         before = None
