@@ -1,13 +1,15 @@
 """``AdaptiveCompression`` with and without ``QuantizationAwareTraining`` at the same budget (issue 22, "runs together
 with AdaptiveCompression"), side by side in one process.
 
-    python benchmarks/bench_adaptive_qat.py [--epochs 4] [--seeds 0 1] [--size 0.1] [--macs 0.5] [--json PATH]
+    python benchmarks/bench_adaptive_qat.py [--epochs 4] [--seeds 0 1] [--size 0.1] [--macs 0.5]
+        [--pruning-end 2.5] [--qat-start 0.75] [--json PATH]
 
 The built-in job (SmallCNN on MNIST-5k, batch 64, one torch thread), the same pruning schedule in both arms (events
-from half of the first epoch to half of the third); ``adaptive``: widths planned and quantized at the end of the fit
-(GPTQ where measured no worse); ``adaptive+qat``: the same plan made when QAT starts (0.75 of the fit) on the masks
-reached, trained by QAT, delivered as trained. The arms alternate within each seed. Per fit: test accuracy (the
-split the bound never sees), the file on disk, the widths, thread CPU seconds of the whole ``Trainer.fit``.
+from half of the first epoch to ``--pruning-end`` epochs); ``adaptive``: widths planned and quantized at the end of
+the fit (GPTQ where measured no worse); ``adaptive+qat``: the same plan made when QAT starts (``--qat-start``, a
+fraction of the fit) on the masks reached, trained by QAT, delivered as trained. The arms alternate within each
+seed. Per fit: test accuracy (the split the bound never sees), the file on disk, the widths, thread CPU seconds of
+the whole ``Trainer.fit``.
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ from _timing import RESULTS, machine_info, write_json
 BOUND = 0.02  # validation accuracy the delivered model may lose against the metric before the first pruning event
 
 
-def one_fit(data: PreloadedMNIST5k, budget: Budget, epochs: int, seed: int, qat: bool) -> dict[str, Any]:
+def one_fit(data: PreloadedMNIST5k, budget: Budget, args: argparse.Namespace, seed: int, qat: bool) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     model = SmallCNN()
     steps = len(data.train_dataloader())
     adaptive = AdaptiveCompression(budget=budget, max_metric_drop=BOUND, export_path="model.safetensors", verbose=0,
-                                   start_step=steps // 2, end_step=int(2.5 * steps), frequency=max(1, steps // 4))
-    callbacks: list[Any] = [adaptive] + ([QuantizationAwareTraining(start=0.75)] if qat else [])
+                                   start_step=steps // 2, end_step=int(args.pruning_end * steps),
+                                   frequency=max(1, steps // 4))
+    callbacks: list[Any] = [adaptive] + ([QuantizationAwareTraining(start=args.qat_start)] if qat else [])
     clock = time.thread_time()
     out: dict[str, Any] = {"arm": "adaptive+qat" if qat else "adaptive", "seed": seed}
     try:
-        pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                    default_root_dir=tempfile.mkdtemp(prefix="lc-bench-"), enable_progress_bar=False,
                    enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks).fit(model, datamodule=data)
     except BudgetError as err:
@@ -67,6 +70,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--size", type=float, default=0.1)
     parser.add_argument("--macs", type=float, default=0.5)
+    parser.add_argument("--pruning-end", type=float, default=2.5, help="the last pruning event, in epochs")
+    parser.add_argument("--qat-start", type=float, default=0.75, help="QAT's start, a fraction of the fit")
     parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_qat.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -78,7 +83,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for qat in ((False, True) if seed % 2 == 0 else (True, False)):  # alternate which arm runs first
-            r = one_fit(data, budget, args.epochs, seed, qat)
+            r = one_fit(data, budget, args, seed, qat)
             runs.append(r)
             shown = r.get("failed") or (f"test {r['test_accuracy']:.2f} %, file {r['file_bytes']} B of "
                                         f"{r['budget_bytes']}, {r['method']}, widths {r['widths']}")
@@ -86,7 +91,7 @@ def main() -> None:
                   f"{Path('/proc/loadavg').read_text().split()[0]}", flush=True)
     print(f"load average after: {Path('/proc/loadavg').read_text().strip()}")
     write_json(args.json, {"machine": machine_info(), "budget": repr(budget), "bound": BOUND, "epochs": args.epochs,
-                           "runs": runs})
+                           "pruning_end_epochs": args.pruning_end, "qat_start": args.qat_start, "runs": runs})
 
 
 if __name__ == "__main__":
