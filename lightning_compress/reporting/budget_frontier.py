@@ -49,7 +49,8 @@ def frontier_line(summary: Mapping[str, Any]) -> str | None:
     shown = "; ".join(f"{p['bytes']:,} B -> {p['metric']:.4g} {p.get('what') or 'plan'}"
                       f"{'' if p.get('accepted') else ' (outside the bound)'}" for p in sorted(found["points"],
                                                                                       key=lambda p: p["bytes"]))
-    parts = [f"budget frontier: {len(found['points'])} plans measured (file bytes -> "
+    count = len(found["points"])
+    parts = [f"budget frontier: {count} plan{'s' if count != 1 else ''} measured (file bytes -> "
              f"{summary.get('metric_name') or 'metric'}): {shown or 'none placed'}"]
     if found["unplaced"]:
         parts.append(f"{found['unplaced']} without a measured metric or file size")

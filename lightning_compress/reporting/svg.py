@@ -23,7 +23,7 @@ from lightning_compress.reporting.render import _fmt_bits, headline_parts
 WIDTH, HEIGHT = 1000, 760
 LEFT, RIGHT = 80, 920  # plot area, every panel
 TOP_PANEL, BOTTOM_PANEL = (70, 370), (450, 650)  # (top y, bottom y)
-FRONTIER_PANEL, FRONTIER_HEIGHT = (790, 1010), 1080  # drawn (and the figure made taller) only for a budget
+FRONTIER_PANEL, FRONTIER_HEIGHT = (850, 1070), 1130  # only for a budget; below long rotated layer names
 COLOURS = {"kept": "#1f77b4", "refused": "#d62728", "sparsity": "#ff7f0e", "fp32": "#7f7f7f",
            "compressed": "#9467bd", "quantized": "#2ca02c", "estimate": "#8c564b"}
 

@@ -90,3 +90,8 @@ def test_the_text_report_has_one_line_with_each_plan_the_budget_and_the_delivere
     for expected in ("3 plans measured", "9,500 B -> 0.92 uniform int4 per-channel", "9,800 B -> 0.9 plan (outside "
                      "the bound)", "1 without a measured metric", "budget 10,000 B", "delivered 9,880 B -> 0.94"):
         assert expected in lines[0], expected
+
+
+def test_one_plan_is_one_plan() -> None:
+    line = frontier_line(_summary(TRIED[2:3]))
+    assert line is not None and "budget frontier: 1 plan measured " in line
