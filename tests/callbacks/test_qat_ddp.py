@@ -90,6 +90,18 @@ def test_compacted_then_qat_gives_the_same_smaller_model_and_codes_on_both_ranks
     _assert_exported(first, bits=4)
 
 
+def test_a_mid_qat_checkpoint_of_the_compacting_ddp_fit_resumes_to_the_same_codes_on_both_ranks(codes_run) -> None:
+    """The compacting fit stopped after epoch 1 (mid-QAT, its checkpoint holds the compacted shapes) and resumed
+    from that checkpoint under ``ddp``: every rank compacts its fresh model to the checkpoint's shapes before
+    loading it, and ends with the uninterrupted fit's shapes and codes."""
+    out = Path(codes_run[0]["export"]).parents[2]
+    full, (first, second) = _ranks(out, "compact")[0], _ranks(out, "compact_resumed")
+    assert [e["active"] for e in first["epochs"]] == [True] and first["epochs"] == second["epochs"]  # epoch 2 only
+    assert first["shapes"] == second["shapes"] == full["shapes"]
+    assert first["layers"] == second["layers"] == full["layers"]
+    _assert_exported(first, bits=4)
+
+
 def _assert_exported(record: dict[str, Any], bits: int) -> None:
     with safe_open(record["export"], framework="pt") as handle:
         for key, layer in record["layers"].items():

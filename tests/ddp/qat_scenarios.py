@@ -17,7 +17,7 @@ if __name__ == "__main__":  # run as a script: make `tests` importable
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress import GradientStabilityPruning, QuantizationAwareTraining
@@ -25,6 +25,7 @@ from lightning_compress.demos.data import DigitsDataModule
 from lightning_compress.quantization.carried import carried
 from tests.ddp.probes import ARTIFACTS, digest
 from tests.ddp.scenarios import model, trainer
+from tests.helpers import StopAfterEpoch
 
 
 class QATProbe(Callback):
@@ -56,18 +57,21 @@ class QATProbe(Callback):
 
 
 def _qat_fit(strategy: str, out_dir: str, tag: str, bits: int, pruning: GradientStabilityPruning | None,
-             activations: str | None = None) -> None:
+             activations: str | None = None, extra: list[Callback] | None = None, ckpt_path: str | None = None,
+             **kwargs: Any) -> None:
     """QAT from epoch 1 of 3 with an export (after ``pruning``, if given): codes, scales, latent weights, shapes
-    (and the trained activation ranges with ``activations``)."""
+    (and the trained activation ranges with ``activations``). ``extra`` callbacks, ``ckpt_path`` to resume from and
+    Trainer ``kwargs`` as given."""
     pl.seed_everything(3)
     artifacts = Path(out_dir) / ARTIFACTS / tag
     artifacts.mkdir(parents=True, exist_ok=True)
     qat = QuantizationAwareTraining(bits=bits, start=1, export_path=str(artifacts / "model.safetensors"),
                                     activations=activations)  # type: ignore[arg-type]
     probe = QATProbe(qat)
-    fit = trainer(strategy, [qat, probe] + ([pruning] if pruning else []), artifacts, max_epochs=3)
+    fit = trainer(strategy, [qat, probe] + ([pruning] if pruning else []) + (extra or []), artifacts, max_epochs=3,
+                  **kwargs)
     module = model()
-    fit.fit(module, DigitsDataModule(batch_size=32))
+    fit.fit(module, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
     assert qat.result is not None
     record = {
         "rank": fit.global_rank, "world_size": fit.world_size, "strategy": type(fit.strategy).__name__,
@@ -81,12 +85,21 @@ def _qat_fit(strategy: str, out_dir: str, tag: str, bits: int, pruning: Gradient
     (Path(out_dir) / f"{tag}.rank{fit.global_rank}.json").write_text(json.dumps(record))
 
 
+def _compacting() -> GradientStabilityPruning:
+    return GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot", start_step=10,
+                                    evaluate=False)
+
+
 def scenario_codes(strategy: str, out_dir: str) -> None:
-    """int3 QAT alone, then int4 QAT after structured pruning compacted the model (when QAT started)."""
+    """int3 QAT alone, then int4 QAT after structured pruning compacted the model (when QAT started); that fit
+    again stopped after epoch 1 (mid-QAT, compacted) with a checkpoint, and resumed from it (in this launch: the
+    processes are started once)."""
     _qat_fit(strategy, out_dir, "codes", 3, None)
-    pruning = GradientStabilityPruning(sparsity=0.5, structured=True, compact=True, schedule="one_shot",
-                                       start_step=10, evaluate=False)
-    _qat_fit(strategy, out_dir, "compact", 4, pruning)
+    _qat_fit(strategy, out_dir, "compact", 4, _compacting())
+    checkpoints = Path(out_dir) / ARTIFACTS / "checkpoints"
+    _qat_fit(strategy, out_dir, "compact_part", 4, _compacting(), enable_checkpointing=True,
+             extra=[ModelCheckpoint(dirpath=checkpoints, save_last=True), StopAfterEpoch(1)])
+    _qat_fit(strategy, out_dir, "compact_resumed", 4, _compacting(), ckpt_path=str(checkpoints / "last.ckpt"))
 
 
 def scenario_activations(strategy: str, out_dir: str) -> None:
