@@ -154,6 +154,8 @@ class QuantizationAwareTraining(PostTrainingQuantization):
         self._budget, self.budget_plan = budget_peer(trainer), None
         if self._budget is not None:
             refuse_decided_twice(self._given, QuantizationAwareTraining.__init__)
+            self.report.settings[self.report_name].update(  # not this callback's: the budget plans them
+                bits="per layer, the budget's plan", granularity="per layer, the budget's plan", group_size=None)
         if any(isinstance(p, GradientStabilityPruning) and p.config.compact for p in compression_callbacks(trainer)):
             self._resume_check = compacted_resume.shrink_on_resume(pl_module, self.state_key)
 
@@ -186,8 +188,7 @@ class QuantizationAwareTraining(PostTrainingQuantization):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
         started = (trainer.current_epoch >= self.start if isinstance(self.start, int)
                    else trainer.global_step >= self._start_step)
-        planned_float = self._budget is not None and self.budget_plan is not None  # the plan quantizes no layer
-        if started and not self.active and not planned_float:
+        if started and not self.active and (self._budget is None or self.budget_plan is None):  # plan: all float
             self._activate(trainer, pl_module)
 
     def _activate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -345,6 +346,5 @@ class QuantizationAwareTraining(PostTrainingQuantization):
 def budget_peer(trainer: pl.Trainer) -> CompressionCallback | None:
     """The AdaptiveCompression in the Trainer, if any (it plans the widths QAT trains)."""
     from lightning_compress.callbacks.adaptive import AdaptiveCompression  # it imports this module
-
     return next((c for c in compression_callbacks(trainer) if isinstance(c, AdaptiveCompression)), None)
 

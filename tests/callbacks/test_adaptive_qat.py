@@ -152,6 +152,7 @@ def test_the_report_shows_the_plan_and_qat(composed: dict[str, Any]) -> None:
     note = next(e.note for e in adaptive.report.events if e.kind == "quantize")
     assert "QAT trained the plan" in note
     assert qat.budget_plan.start_step == 90
+    assert adaptive.report.settings["quantization"]["bits"] == "per layer, the budget's plan"  # not QAT's default 4
 
 
 def test_a_mid_qat_resume_gives_the_same_codes(composed: dict[str, Any], tmp_path: Path) -> None:
