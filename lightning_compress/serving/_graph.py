@@ -28,7 +28,8 @@ class WeightSite:
     initializer: str
     layout: str  # "same" (the initializer is w), "transposed" (w.T, a MatMul's (in, out) operand)
     row_factor: np.ndarray | None  # initializer == row_factor[:, None, ...] * w (a folded BatchNorm), else None
-    node: Any  # the single NodeProto that reads it
+    node: Any  # the NodeProto that reads it
+    others: tuple[Any, ...] = ()  # further readers: each a Gather of the same table (one embedding, several lookups)
 
 
 class Graph:
@@ -177,7 +178,8 @@ class Graph:
 
 
 def find_weight(graph: Graph, key: str, weight: np.ndarray, claimed: set[str]) -> WeightSite | str:
-    """The initializer holding ``weight`` (float32, ``(out, in, ...)``) and its single reader, or why not found."""
+    """The initializer holding ``weight`` (float32, ``(out, in, ...)``) and its reader (or its readers, when all are
+    lookups of it as a table), or why not found."""
     candidates = [key] if key in graph.inits else []
     transposed = weight.T if weight.ndim == 2 else None
     for name, init in graph.inits.items():
@@ -194,10 +196,11 @@ def find_weight(graph: Graph, key: str, weight: np.ndarray, claimed: set[str]) -
         if site is None:
             continue
         readers = graph.consumers(name)
-        if len(readers) != 1:
+        lookups = all(r.op_type == "Gather" and r.input[0] == name for r in readers)  # e.g. source and target ids
+        if len(readers) != 1 and not (readers and lookups):
             return f"its initializer {name!r} is read by {len(readers)} nodes (shared weights are kept as they are)"
         layout, factor = site
-        return WeightSite(name, layout, factor, readers[0])
+        return WeightSite(name, layout, factor, readers[0], tuple(readers[1:]))
     return "no initializer of the exported graph holds this weight (its layer may have been traced away)"
 
 

@@ -36,7 +36,7 @@ def block_size(width: int, groups: int) -> int:
 
 def gather_block_quantized(graph: Graph, site: WeightSite, key: str, qt: Any, ort_version: str) -> str:
     """``GatherBlockQuantized`` on our 4-bit codes packed two per byte, with our scales (and zero points)."""
-    ids, out = embedding_operands(graph, site)
+    lookups = embedding_operands(graph, site)
     q = qt.q.cpu().numpy().astype(np.int32)  # (rows, width)
     rows, width = q.shape
     if qt.scale.dim() != 2 or qt.scale.shape[0] != rows:
@@ -58,13 +58,15 @@ def gather_block_quantized(graph: Graph, site: WeightSite, key: str, qt: Any, or
     if codes.min() < 0 or codes.max() >= 1 << PACKED_BITS:
         raise Unsupported(f"4-bit codes kept one per byte: codes span [{codes.min()}, {codes.max()}] after the shift, "
                           "not [0, 15]")
-    inputs = [graph.add_init(f"{key}_quantized", pack(codes, PACKED_BITS)), ids,
+    inputs = [graph.add_init(f"{key}_quantized", pack(codes, PACKED_BITS)),
               graph.add_init(f"{key}_scale", np.ascontiguousarray(scale, dtype=np.float32))]
     if zero is not None:
         inputs.append(graph.add_init(f"{key}_zero_point", pack(zero, PACKED_BITS)))
-    graph.add_node("GatherBlockQuantized", inputs, [out], domain="com.microsoft", bits=PACKED_BITS,
-                   block_size=block, gather_axis=0, quantize_axis=1)
-    graph.graph.node.remove(site.node)
+    for ids, out in lookups:  # one packed table, however many lookups read it
+        graph.add_node("GatherBlockQuantized", [inputs[0], ids, *inputs[1:]], [out], domain="com.microsoft",
+                       bits=PACKED_BITS, block_size=block, gather_axis=0, quantize_axis=1)
+    for node in (site.node, *site.others):
+        graph.graph.node.remove(node)
     return "GatherBlockQuantized"
 
 

@@ -249,20 +249,22 @@ def weight_only(graph: Graph, site: WeightSite, key: str, qt: Any) -> None:
         graph.add_node("Transpose", [dq], [target], perm=[1, 0])
 
 
-def embedding_operands(graph: Graph, site: WeightSite) -> tuple[str, str]:
-    """(ids input, output) of the ``Gather`` reading an embedding table, checking it reads rows (axis 0)."""
-    node = site.node
-    axis = _attrs(node, graph.onnx).get("axis", 0)
-    if node.input[0] != site.initializer or site.layout != "same" or axis != 0 or site.row_factor is not None:
-        raise Unsupported(f"Gather {node.name!r} does not read the embedding table as rows (axis 0)")
-    return node.input[1], node.output[0]
+def embedding_operands(graph: Graph, site: WeightSite) -> list[tuple[str, str]]:
+    """(ids input, output) of each ``Gather`` reading an embedding table, checking each reads rows (axis 0)."""
+    out = []
+    for node in (site.node, *site.others):
+        axis = _attrs(node, graph.onnx).get("axis", 0)
+        if node.input[0] != site.initializer or site.layout != "same" or axis != 0 or site.row_factor is not None:
+            raise Unsupported(f"Gather {node.name!r} does not read the embedding table as rows (axis 0)")
+        out.append((node.input[1], node.output[0]))
+    return out
 
 
 def gather(graph: Graph, site: WeightSite, key: str, qt: Any) -> str:
     """An embedding lookup on our codes: ``Gather`` of the int8 / uint8 table, then ``Cast -> (Sub zero point) ->
     Mul scale`` on the gathered rows only (their scales gathered alike). The table stays integer in memory; a
     ``DequantizeLinear`` of the whole table would be folded back to float by ORT at load."""
-    ids, out = embedding_operands(graph, site)
+    lookups = embedding_operands(graph, site)
     spec = qt.spec
     q = qt.q.cpu().numpy()
     rows, width = q.shape
@@ -275,22 +277,25 @@ def gather(graph: Graph, site: WeightSite, key: str, qt: Any) -> str:
     table = graph.add_init(f"{key}_quantized", np.ascontiguousarray(q.reshape(rows, groups, width // groups)
                                                                     .astype(dtype)))
     scale = graph.add_init(f"{key}_scale", qt.scale.float().cpu().numpy().reshape(rows, groups, 1))
-    codes, values = graph.unique(f"{key}_gathered"), graph.unique(f"{key}_float")
-    graph.add_node("Gather", [table, ids], [codes], axis=0)
-    graph.add_node("Cast", [codes], [values], to=_FLOAT)
-    if qt.zero_point is not None:
-        zero = graph.add_init(f"{key}_zero_point", qt.zero_point.float().cpu().numpy().reshape(rows, groups, 1))
-        picked, centered = graph.unique(f"{key}_zero_gathered"), graph.unique(f"{key}_centered")
-        graph.add_node("Gather", [zero, ids], [picked], axis=0)
-        graph.add_node("Sub", [values, picked], [centered])
-        values = centered
-    scales, scaled = graph.unique(f"{key}_scales"), graph.unique(f"{key}_scaled")
-    graph.add_node("Gather", [scale, ids], [scales], axis=0)
-    graph.add_node("Mul", [values, scales], [scaled])  # (*ids, groups, group_len)
-    ids_shape, shape = graph.unique(f"{key}_ids_shape"), graph.unique(f"{key}_out_shape")
-    graph.add_node("Shape", [ids], [ids_shape])
-    graph.add_node("Concat", [ids_shape, graph.add_init(f"{key}_width", np.array([width], dtype=np.int64))],
-                   [shape], axis=0)
-    graph.add_node("Reshape", [scaled, shape], [out])
-    graph.graph.node.remove(site.node)
+    zero = None if qt.zero_point is None else \
+        graph.add_init(f"{key}_zero_point", qt.zero_point.float().cpu().numpy().reshape(rows, groups, 1))
+    width_init = graph.add_init(f"{key}_width", np.array([width], dtype=np.int64))
+    for ids, out in lookups:  # one table in the file, however many lookups read it
+        codes, values = graph.unique(f"{key}_gathered"), graph.unique(f"{key}_float")
+        graph.add_node("Gather", [table, ids], [codes], axis=0)
+        graph.add_node("Cast", [codes], [values], to=_FLOAT)
+        if zero is not None:
+            picked, centered = graph.unique(f"{key}_zero_gathered"), graph.unique(f"{key}_centered")
+            graph.add_node("Gather", [zero, ids], [picked], axis=0)
+            graph.add_node("Sub", [values, picked], [centered])
+            values = centered
+        scales, scaled = graph.unique(f"{key}_scales"), graph.unique(f"{key}_scaled")
+        graph.add_node("Gather", [scale, ids], [scales], axis=0)
+        graph.add_node("Mul", [values, scales], [scaled])  # (*ids, groups, group_len)
+        ids_shape, shape = graph.unique(f"{key}_ids_shape"), graph.unique(f"{key}_out_shape")
+        graph.add_node("Shape", [ids], [ids_shape])
+        graph.add_node("Concat", [ids_shape, width_init], [shape], axis=0)
+        graph.add_node("Reshape", [scaled, shape], [out])
+    for node in (site.node, *site.others):
+        graph.graph.node.remove(node)
     return "Gather"

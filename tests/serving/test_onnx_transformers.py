@@ -186,3 +186,34 @@ def test_compacted_then_quantized_transformers(tmp_path, kind, scheme):
               and "attention" not in name]
     assert len(ffn_in) == 2 and all(layer.integer for layer in ffn_in)
     assert _compare(tmp_path / "c.onnx", small, report.inputs, output) < 0.02
+
+
+@pytest.mark.parametrize("embedding_bits", [8, 4])
+def test_lightnings_demo_transformer_keeps_its_shared_embedding_table_integer(tmp_path, embedding_bits):
+    """Lightning's demo language model looks up source and target ids in one table: two ``Gather`` nodes read it.
+    Both read our codes (int8 ``Gather``, 4-bit ``GatherBlockQuantized``) from one table in the file; ORT equals
+    PyTorch at lengths the example did not have. Its decoder's cross-attention (query and memory apart, so torch
+    exports three slices of ``in_proj_weight``) stays float and is named with the reason, never silently float."""
+    from lightning.pytorch.demos import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=VOCAB, ninp=32, nhead=2, nhid=64, nlayers=1, dropout=0.0).eval()
+    _ = quantize(model, bits=4, granularity="per_group", group_size=32, embedding_bits=embedding_bits)
+    ids, target = _tokens(2, 10, seed=0)[0], _tokens(2, 10, seed=1)[0]
+    report = export_onnx(model, tmp_path / "lm.onnx", (ids, target))
+    embedding = report.layers["embedding"]
+    assert embedding.integer and embedding.runtime_op == ("Gather" if embedding_bits == 8 else
+                                                         "GatherBlockQuantized"), str(report)
+    assert set(report.not_integer) == {"transformer.decoder.layers.0.multihead_attn"}, str(report)
+    graph = onnx.load(str(tmp_path / "lm.onnx"))
+    tables = [i for i in graph.graph.initializer if i.name.startswith("embedding.weight_quantized")]
+    assert len(tables) == 1 and not [i for i in graph.graph.initializer if i.name == "embedding.weight"]
+    readers = [n for n in graph.graph.node if tables[0].name in n.input]
+    assert len(readers) == 2  # the source and the target lookups
+    session = ort.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
+    for batch, length in SHAPES:
+        ids, target = _tokens(batch, length, seed=3)[0], _tokens(batch, length, seed=4)[0]
+        with torch.no_grad():
+            want = model(ids, target).numpy()
+        got = session.run(None, dict(zip(report.inputs, (ids.numpy(), target.numpy()))))[0]
+        assert got.shape == want.shape and np.abs(got - want).max() < 0.05 * np.abs(want).max()
