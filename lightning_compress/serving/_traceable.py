@@ -34,7 +34,7 @@ class TraceableAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[Tensor, None]:
         del need_weights, average_attn_weights  # weights are not returned (None), as with need_weights=False
-        unbatched, same = query.dim() == 2, query is key and key is value
+        unbatched, same, memory = query.dim() == 2, query is key and key is value, key is value
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
@@ -46,6 +46,13 @@ class TraceableAttention(nn.Module):
             # be folded by the exporter into three MatMuls on three slices of the weight)
             qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, self.num_heads, head))
             q, k, v = (qkv.select(2, i).permute(1, 2, 0, 3) for i in range(3))  # (B, H, L, D)
+        elif memory:  # cross-attention on a memory: still one MatMul on the whole weight, over the query's
+            # and the memory's positions together (the unused thirds are the price of its integer kernel)
+            length = query.shape[0]
+            both = F.linear(torch.cat([query, key]), self.in_proj_weight, self.in_proj_bias)  # (L + S, B, 3E)
+            both = both.unflatten(-1, (3, self.num_heads, head))
+            q = both[:length].select(2, 0).permute(1, 2, 0, 3)  # (B, H, L, D)
+            k, v = (both[length:].select(2, i).permute(1, 2, 0, 3) for i in (1, 2))  # (B, H, S, D)
         else:
             w = self.in_proj_weight.chunk(3)
             b = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.chunk(3)

@@ -191,9 +191,9 @@ def test_compacted_then_quantized_transformers(tmp_path, kind, scheme):
 @pytest.mark.parametrize("embedding_bits", [8, 4])
 def test_lightnings_demo_transformer_keeps_its_shared_embedding_table_integer(tmp_path, embedding_bits):
     """Lightning's demo language model looks up source and target ids in one table: two ``Gather`` nodes read it.
-    Both read our codes (int8 ``Gather``, 4-bit ``GatherBlockQuantized``) from one table in the file; ORT equals
-    PyTorch at lengths the example did not have. Its decoder's cross-attention (query and memory apart, so torch
-    exports three slices of ``in_proj_weight``) stays float and is named with the reason, never silently float."""
+    Both read our codes (int8 ``Gather``, 4-bit ``GatherBlockQuantized``) from one table in the file; its decoder's
+    cross-attention projects query and memory with one MatMul on the whole ``in_proj_weight`` (integer too); ORT
+    equals PyTorch at lengths the example did not have."""
     from lightning.pytorch.demos import Transformer
 
     torch.manual_seed(0)
@@ -204,7 +204,8 @@ def test_lightnings_demo_transformer_keeps_its_shared_embedding_table_integer(tm
     embedding = report.layers["embedding"]
     assert embedding.integer and embedding.runtime_op == ("Gather" if embedding_bits == 8 else
                                                          "GatherBlockQuantized"), str(report)
-    assert set(report.not_integer) == {"transformer.decoder.layers.0.multihead_attn"}, str(report)
+    assert report.not_integer == {}, str(report)
+    assert report.layers["transformer.decoder.layers.0.multihead_attn"].runtime_op == "MatMulNBits"
     graph = onnx.load(str(tmp_path / "lm.onnx"))
     tables = [i for i in graph.graph.initializer if i.name.startswith("embedding.weight_quantized")]
     assert len(tables) == 1 and not [i for i in graph.graph.initializer if i.name == "embedding.weight"]
