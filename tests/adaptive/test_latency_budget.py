@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks._common import train
-from lightning_compress.adaptive import Budget, compress, latency_budget
+from lightning_compress.adaptive import Budget, compress, latency_delivery
 from lightning_compress.adaptive.costs import model_macs
 from lightning_compress.adaptive.latency import graph_ratio, measured_ratio
 from lightning_compress.adaptive.latency_budget import LatencyBudgetError
@@ -153,7 +153,7 @@ def test_bad_latency_arguments_are_refused_before_any_work(digits: dict[str, Any
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     for name in ("diagonal_fisher", "build_table"):
-        monkeypatch.setattr(latency_budget, name, lambda *a, name=name, **k: calls.append(name))
+        monkeypatch.setattr(latency_delivery, name, lambda *a, name=name, **k: calls.append(name))
     model = digits["model"]
     data = digits["batches"] if batches is None else [{"x": b[0]} for b in digits["batches"]]
     forward = None if batches is None else (lambda m, b: m(b["x"]))

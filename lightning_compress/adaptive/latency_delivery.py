@@ -1,0 +1,152 @@
+"""What a latency plan is built from and what it delivers: the problem (unit analysis, Fisher scores, candidates,
+the latency table with its int8 rows, the bytes and MACs the layers cost) and the delivered model for one plan
+(compacted, BatchNorm statistics refreshed, int8 layers quantized, timed in ONNX Runtime against the dense model,
+its file and MACs measured). :mod:`.latency_budget` solves, corrects and verifies with them. No Lightning import.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.adaptive.costs import file_bytes, model_macs, positions
+from lightning_compress.adaptive.fisher import diagonal_fisher
+from lightning_compress.adaptive.int8_latency import calibration_inputs, int8_scores, onnx_graph, quantize_int8
+from lightning_compress.adaptive.latency import build_table, graph_ratio, measured_ratio
+from lightning_compress.adaptive.latency_plan import CapCosts, LatencyProblem, LayerCost
+from lightning_compress.adaptive.units import (
+    LAYERS,
+    UnitCandidate,
+    families,
+    family_candidates,
+    unit_masks,
+    unit_scores,
+)
+from lightning_compress.core.accounting import state_bytes
+from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.export import save_float
+from lightning_compress.structure.compaction import compact
+from lightning_compress.structure.dependency import find_unit_groups
+
+
+@dataclass
+class Delivered:
+    plan: dict[str, UnitCandidate]
+    model: nn.Module
+    ratio: float  # measured latency / dense latency
+    predicted: float  # predicted ratio
+    seconds: float  # measured per run
+    metric: float | None = None
+    int8: frozenset[str] = field(default_factory=frozenset)  # layers on int8 kernels (the model carries codes)
+    file_bytes: int | None = None  # measured, when a size / MACs cap asked for it
+    macs: int | None = None  # counted per example, likewise
+    loss: float = 0.0  # predicted loss increase of the plan
+    note: str = ""  # what else was measured, for the steps
+
+    def fits(self, latency: float, caps: tuple[int | None, int | None]) -> bool:
+        """Measured within ``latency`` and the (bytes, MACs) ``caps``."""
+        size, macs = caps
+        return self.ratio <= latency and (size is None or (self.file_bytes is not None and self.file_bytes <= size)) \
+            and (macs is None or (self.macs is not None and self.macs <= macs))
+
+
+def problem_of(model: nn.Module, example: Tensor, shape: tuple[int, ...], threads: int, batches: Sequence[Any],
+               forward: Callable[[nn.Module, Any], Any], loss_fn: Callable[[Any, Any], Tensor] | None,
+               int8: bool = False, costs: bool = False, units: bool = True) -> LatencyProblem:
+    """Unit analysis, Fisher scores per unit (and per layer at int8 with ``int8``), candidates, the latency table
+    they need (with int8 rows), and with ``costs`` what bytes and MACs the dense model and its layers cost."""
+    groups = find_unit_groups(model, example)
+    members = families(groups)
+    modules = dict(model.named_modules())
+    layers = {n: m for n, m in modules.items() if isinstance(m, LAYERS) and isinstance(m.weight, Tensor)}
+    weights = {n: m.weight for n, m in layers.items()}
+    fisher = diagonal_fisher(model, weights, batches, forward, loss_fn)
+    scores = {name: unit_scores(groups[name], family, modules, fisher) for name, family in members.items()}
+    candidates = {name: family_candidates(name, scores[name]) for name in members}
+    outputs: dict[str, list[int]] = {}
+    inputs: dict[str, list[int]] = {}
+    for name, options in candidates.items():
+        for member in members[name]:
+            outputs.setdefault(member, []).extend(c.kept for c in options)
+        for consumer, repeat, _ in groups[name].consumers:
+            if consumer in modules and isinstance(modules[consumer], LAYERS):
+                fan_in = int(modules[consumer].weight.shape[1])
+                inputs.setdefault(consumer, []).extend(fan_in - (c.units - c.kept) * repeat for c in options)
+    table = build_table(model, shape, threads, outputs, inputs, int8=int8)
+    problem = LatencyProblem(candidates, members, groups, scores, table, units=units)
+    problem.int8_scores = int8_scores({n: layers[n] for n in table.int8}, fisher)
+    if costs:
+        where = positions(model, layers, batches[0], forward)
+        per_layer = {n: LayerCost(layers[n].weight[0, 0].numel(), where[n], getattr(layers[n], "bias", None)
+                                  is not None) for n in table.full}
+        problem.costs = CapCosts(per_layer, sum(state_bytes(model).values()), model_macs(model, batches[0], forward))
+    return problem
+
+
+def refresh_batchnorm(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (a plain average over them), the rest of the
+    model in eval mode. Removing units changes what the later BatchNorms see; their dense statistics then shift
+    every channel (adaptive BatchNorm, as EagleEye evaluates pruned candidates)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    model.eval()
+    saved = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+        norm.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        for norm, momentum in zip(norms, saved):
+            norm.momentum = momentum
+        model.eval()
+
+
+def delivered_bytes(model: nn.Module) -> int:
+    """Bytes of the file the delivered model is written as: ``save_quantized`` (it carries codes), else
+    ``save_float``."""
+    if carried(model) is not None:
+        return file_bytes(model)
+    with tempfile.TemporaryDirectory() as folder:
+        return os.path.getsize(save_float(model, os.path.join(folder, "plan.safetensors")))
+
+
+def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandidate], example: Tensor,
+            shape: tuple[int, ...], threads: int, batches: Sequence[Any] = (),
+            forward: Callable[[nn.Module, Any], Any] | None = None, int8: frozenset[str] = frozenset(),
+            count: bool = False) -> Delivered:
+    """The compacted copy of ``model`` for ``plan`` (its BatchNorm statistics refreshed on ``batches`` when a unit
+    was removed), its ``int8`` layers quantized, timed against ``model`` in turns: the float graph, or with int8
+    layers the graph ``export_onnx(activations="static")`` writes (calibrated on ``batches``). ``count``: its file
+    bytes and MACs measured too."""
+    masks = unit_masks(plan, problem.scores, problem.members)
+    compacted = compact(model, masks, example).model if masks else copy.deepcopy(model)
+    if masks and batches and forward is not None:
+        refresh_batchnorm(compacted, batches, forward)
+    compacted.eval()
+    note = ""
+    if int8:
+        quantize_int8(compacted, int8)
+        graph, report = onnx_graph(compacted, calibration_inputs(batches))
+        ratio, _, seconds = graph_ratio(model, graph, shape, threads)
+        note = f"; export_onnx agrees with PyTorch on {report.argmax_agreement:.3f} of argmaxes"
+    else:
+        ratio, _, seconds = measured_ratio(model, compacted, shape, threads)
+    delivered = Delivered(plan, compacted, ratio, problem.predict(plan, int8) / problem.table.dense, seconds,
+                          int8=int8, loss=problem.loss(plan, int8))
+    if count and forward is not None:
+        delivered.file_bytes, delivered.macs = delivered_bytes(compacted), model_macs(compacted, batches[0], forward)
+        note += f"; file {delivered.file_bytes} bytes, {delivered.macs} MACs per example"
+    delivered.note = note
+    return delivered
