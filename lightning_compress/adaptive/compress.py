@@ -7,9 +7,10 @@ chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. 
    and predicted loss increase (:mod:`.candidates`). A pruned quantized weight is exported in a sparse layout
    where that is smaller (:mod:`~lightning_compress.quantization.sparse_layout`), and its candidate is priced with
    exactly those bytes. Sparsity is offered under a MACs cap, under a size budget alone with ``search="all"``, and
-   by ``"joint"`` where no dense plan fits the size: not otherwise, because on a digits MLP the diagonal Fisher
-   under-predicted what 75 % pruning costs and the sparse plan it chose at one size measured worse than the dense
-   one (README, "Compress to a budget").
+   by ``"joint"`` where no dense plan fits the size, or where the dense plan puts a layer at 2 bits and there is
+   something to measure plans on (that dense plan is then measured beside the sparse one). Not otherwise, because
+   on a digits MLP the diagonal Fisher under-predicted what 75 % pruning costs and the sparse plan it chose at one
+   size measured worse than the dense one (README, "Compress to a budget").
 3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`). ``"joint"`` then
    measures the plan beside the few uniform configurations that fit and delivers the best measured (:mod:`.rivals`:
    the second-order score under-predicts large changes to large layers).
@@ -37,7 +38,7 @@ from lightning_compress.adaptive.costs import aliases
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.gptq_plan import METHODS, apply_gptq
 from lightning_compress.adaptive.latency_budget import latency_result
-from lightning_compress.adaptive.plan import Problem, rows
+from lightning_compress.adaptive.plan import FLOOR_BITS, Problem, rows
 from lightning_compress.adaptive.rivals import UNIFORM_TRIED, TopOneLoss
 from lightning_compress.adaptive.scales import measured_scales
 from lightning_compress.adaptive.session import BUDGET_STEPS, BudgetError, Session
@@ -131,10 +132,11 @@ def compress(
         corrections: re-solves with measured corrections after a failed bound.
         scale: ``"fisher"``: the Fisher's scores as they are; ``"measured"``: each layer's scores scaled by one
             measured loss change (:mod:`.scales`; ``benchmarks/bench_adaptive.py`` compares the two).
-        search: ``"joint"``: widths, granularity and, under a MACs cap or where no dense plan fits, sparsity
-            together, the plan then measured beside :data:`~.rivals.UNIFORM_TRIED` uniform configurations that fit
-            (on ``metric_fn``; without it and without ``loss_fn``, on the top-1 loss against the float model's
-            predictions on the calibration batches) and the best measured delivered; ``"all"``: sparsity
+        search: ``"joint"``: widths, granularity and, under a MACs cap, where no dense plan fits or where the dense
+            plan needs 2 bits somewhere, sparsity together; the plan is then measured beside
+            :data:`~.rivals.UNIFORM_TRIED` uniform configurations that fit (on ``metric_fn``; without it and without
+            ``loss_fn``, on the top-1 loss against the float model's predictions on the calibration batches) and the
+            best measured is delivered; ``"all"``: sparsity
             under a size budget alone too (priced in the sparse layout's bytes); ``"bits"``: widths and granularity
             only, sparsity 0 (what ModelOpt's ``auto_quantize`` searches); ``"sparsity"``: sparsity and granularity
             only, every layer at :data:`SPARSITY_ONLY_BITS` (the baselines the joint search is measured against).
@@ -199,10 +201,18 @@ def compress(
             return problem, session.header(problem) if size_cap is not None else 0
 
         problem, header = problem_with(sparsities)
-        if search == "joint" and sparsities == (0.0,) and problem.choose(header) is None:
-            session.steps.append(f"no dense plan fits {size_cap} B (the smallest dense file: {session.cheapest_file} "
-                                 "B): sparsity offered (priced in the sparse layout's bytes)")
-            problem, header = problem_with(SPARSITIES)
+        if search == "joint" and sparsities == (0.0,):
+            dense = problem.choose(header)
+            if dense is None:
+                session.steps.append(f"no dense plan fits {size_cap} B (the smallest dense file: "
+                                     f"{session.cheapest_file} B): sparsity offered (priced in the sparse layout's "
+                                     "bytes)")
+                problem, header = problem_with(SPARSITIES)
+            elif any(c.bits == FLOOR_BITS for c in dense.values()) and (proxy is not None or metric_fn is not None):
+                session.steps.append(f"the dense plan puts a layer at {FLOOR_BITS} bits: sparsity offered too, and "
+                                     "the dense plan measured beside that plan")
+                session.also = [dense]
+                problem, header = problem_with(SPARSITIES)
         delivered = session.verified(problem, header, corrections)
         if delivered is None:
             _refuse(session, problem, header, budget)

@@ -55,6 +55,15 @@ class Delivered:
 
 
 @dataclass
+class Rival:
+    """A plan measured beside the solver's: how much worse than the float model it measured, and what it is."""
+
+    loss: float
+    delivered: Delivered
+    what: str
+
+
+@dataclass
 class Session:
     model: nn.Module
     layers: dict[str, nn.Module]
@@ -75,6 +84,7 @@ class Session:
     tried: list[dict[str, Any]] = field(default_factory=list)  # each plan measured, for the report's frontier
     rivals: int = 0  # uniform configurations measured beside each first plan (0: the plan is delivered as solved)
     proxy: Callable[[nn.Module], float] | None = None  # what plans are compared on without a metric (lower: better)
+    also: list[dict[str, Candidate]] = field(default_factory=list)  # other plans measured beside it (with rivals)
 
     # ---------------------------------------------------------------- applying
     def restore(self) -> None:
@@ -150,7 +160,7 @@ class Session:
         """The first delivered plan that meets the bound, correcting up to ``corrections`` times; None if none. With
         :attr:`rivals`, the best measured of the plan and the uniform configurations that fit is the one judged."""
         last: dict[str, Candidate] | None = None
-        rivals: list[tuple[float, Delivered]] | None = None
+        rivals: list[Rival] | None = None
         for round_ in range(corrections + 1):
             delivered = self.deliver(problem, header)
             if delivered is None:
@@ -181,41 +191,47 @@ class Session:
             return self.gate.drop(self.before, delivered.metric)
         return None if self.proxy is None or not self.rivals else self.proxy(self.model)
 
-    def _rivals(self, problem: Problem, header: int, plan: dict[str, Candidate]) -> list[tuple[float, Delivered]]:
-        """Up to :attr:`rivals` uniform configurations whose measured file and MACs fit the caps, each measured."""
+    def _rivals(self, problem: Problem, header: int, plan: dict[str, Candidate]) -> list[Rival]:
+        """The plans of :attr:`also`, then up to :attr:`rivals` uniform configurations, whose measured file and MACs
+        fit the caps, each measured."""
         if not self.rivals or (self.metric_fn is None and self.proxy is None):
             return []
-        out: list[tuple[float, Delivered]] = []
+        out = [r for other in self.also if other != plan and (r := self._measured(problem, other, "the dense plan"))]
+        uniform_left = self.rivals
         for uniform in uniform_plans(problem, header):
-            if len(out) == self.rivals:
+            if uniform_left == 0:
                 break
-            if uniform == plan:
-                continue
-            self.write(uniform)
-            size = file_bytes(self.model) if problem.size_cap is not None else None
-            macs = delivered_macs(self.weights, self.where, problem.other_macs)
-            over = size is not None and problem.size_cap is not None and size > problem.size_cap
-            if over or (problem.macs_cap is not None and macs > problem.macs_cap):
-                continue
-            rival = Delivered(uniform, size, macs)
-            rival.metric = self.metric()
-            self.record(rival, f"uniform {_label(uniform)}")
-            loss = self._loss(rival)
-            if loss is not None:
-                out.append((loss, rival))
+            if uniform != plan and uniform not in self.also:
+                rival = self._measured(problem, uniform, f"uniform {_label(uniform)}")
+                if rival is not None:
+                    out.append(rival)
+                    uniform_left -= 1
         return out
 
-    def _best(self, delivered: Delivered, own: float | None, rivals: list[tuple[float, Delivered]]) -> Delivered:
-        """The plan, or a uniform configuration that measured strictly better; the model holds the one returned."""
-        best, best_loss = delivered, own
-        for loss, rival in rivals:
-            if best_loss is not None and loss < best_loss:
-                best, best_loss = rival, loss
+    def _measured(self, problem: Problem, plan: dict[str, Candidate], what: str) -> Rival | None:
+        """``plan`` written and measured: None where its file or MACs are over the caps (or there is no measure)."""
+        self.write(plan)
+        size = file_bytes(self.model) if problem.size_cap is not None else None
+        macs = delivered_macs(self.weights, self.where, problem.other_macs)
+        over = size is not None and problem.size_cap is not None and size > problem.size_cap
+        if over or (problem.macs_cap is not None and macs > problem.macs_cap):
+            return None
+        rival = Delivered(plan, size, macs)
+        rival.metric = self.metric()
+        self.record(rival, what)
+        loss = self._loss(rival)
+        return None if loss is None else Rival(loss, rival, what)
+
+    def _best(self, delivered: Delivered, own: float | None, rivals: list[Rival]) -> Delivered:
+        """The plan, or a rival that measured strictly better; the model holds the one returned."""
+        best, best_loss, best_what = delivered, own, "the plan"
+        for rival in rivals:
+            if best_loss is not None and rival.loss < best_loss:
+                best, best_loss, best_what = rival.delivered, rival.loss, rival.what
         if rivals and own is not None:
             what = "the metric's drop" if self.metric_fn is not None else "the top-1 loss on the calibration batches"
-            shown = "; ".join(f"{_label(r.plan)} {loss:.4g}" for loss, r in rivals)
-            self.steps.append(f"compared on {what}: the plan {own:.4g}; uniform {shown}; delivered: "
-                              + ("the plan" if best is delivered else f"uniform {_label(best.plan)}"))
+            shown = "; ".join(f"{r.what} {r.loss:.4g}" for r in rivals)
+            self.steps.append(f"compared on {what}: the plan {own:.4g}; {shown}; delivered: {best_what}")
         if rivals:
             self.write(best.plan)
         return best

@@ -103,8 +103,23 @@ def test_a_loss_fn_without_a_metric_compares_nothing(digits: Digits) -> None:
     def loss_fn(output: Tensor, batch: Any) -> Tensor:
         return F.cross_entropy(output, batch[1])
 
-    result = compress(copy.deepcopy(digits.model), Budget(size=0.15), digits.train, loss_fn=loss_fn)
+    result = compress(copy.deepcopy(digits.model), Budget(size=0.12), digits.train, loss_fn=loss_fn)
     assert not any(s.startswith("compared") for s in result.steps)
+    assert any(row["bits"] == 2 for row in result.plan)  # a dense 2-bit plan, yet nothing to measure a sparse one on
+    assert all(row["sparsity"] == 0 for row in result.plan)
+
+
+def test_where_the_dense_plan_needs_2_bits_a_sparse_plan_is_measured_beside_it(digits: Digits) -> None:
+    measure = TopOneLoss(digits.model, digits.train[:FISHER_BATCHES], feed)
+    dense, sparse, model = (copy.deepcopy(digits.model) for _ in range(3))
+    compress(dense, Budget(size=0.12), digits.train, search="bits")
+    compress(sparse, Budget(size=0.12), digits.train, search="all")
+    result = compress(model, Budget(size=0.12), digits.train)
+    assert any(s.startswith("the dense plan puts a layer at 2 bits") for s in result.steps)
+    assert "the dense plan" in next(s for s in result.steps if s.startswith("compared"))
+    assert measure(model) <= min(measure(dense), measure(sparse)) + 1e-9
+    assert result.file_bytes is not None and result.budget_bytes is not None
+    assert result.file_bytes <= result.budget_bytes
 
 
 def test_joint_offers_sparsity_where_no_dense_plan_fits(digits: Digits) -> None:
