@@ -12,6 +12,7 @@ epochs, or ``--dense-cache``), what the gate did at each event, wall and thread 
 the load average.
 
     python benchmarks/bench_adaptive_latency_gate.py [--latency 0.5] [--max-drop 0.015] [--epochs 3] [--quick]
+                                                     [--dense-cache PATH] [--json PATH]
 """
 
 from __future__ import annotations
@@ -69,17 +70,12 @@ def gated_fit(args: argparse.Namespace, data: Any, shape: tuple[int, ...]) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32)")
-    parser.add_argument("--image-size", type=int, default=None, choices=(7, 14, 28), help="input side (default 28)")
     parser.add_argument("--epochs", type=int, default=None, help="fit epochs (default 3)")
-    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
     parser.add_argument("--latency", type=float, default=0.5, help="the budget: fraction of the dense latency")
     parser.add_argument("--max-drop", type=float, default=0.015, help="the bound (accuracy as a fraction)")
-    parser.add_argument("--batch", type=int, default=64, help="batch of the latency input")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--train-threads", type=int, default=1, help="torch threads for training")
-    parser.add_argument("--prune-from", type=float, default=0.15, help="first event, share of the fit")
-    parser.add_argument("--prune-to", type=float, default=0.6, help="last event, share of the fit")
+    # bench_adaptive_latency's model, input, threads and pruning span (its callback row: the same fit, no bound)
+    parser.set_defaults(width=None, image_size=None, lr=0.05, batch=64, threads=1, train_threads=1, prune_from=0.15,
+                        prune_to=0.6)
     parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the dense fit's weights")
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 epoch (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_latency_gate.json")

@@ -15,6 +15,13 @@ Lightning import.
   knapsack cuts the caps into :data:`PLAN_BUCKETS` units, fewer than ``compress()``'s, for the same reason.
   Sparsity is chosen where it pays in MACs or in the candidates' bytes; where it pays in neither, its predicted
   loss keeps it out of the plan.
+- MACs, honestly: a candidate's MACs are its nonzero weights times the positions each is applied at
+  (:mod:`.candidates`; :func:`~.costs.delivered_macs` counts the delivered model the same way), which is what a
+  sparse kernel executes. The delivered model runs on dense kernels (PyTorch, ONNX Runtime's Conv / Gemm), which
+  multiply the zeros as well: under a MACs budget, unstructured sparsity saves MACs only where a sparse kernel runs
+  the model. Whole units remove MACs on any kernel; the fit plans them for a latency budget
+  (:mod:`.in_fit_units`), not yet for a MACs budget (``compress()`` plans units under MACs caps together with a
+  latency budget: :mod:`.latency_plan`).
 - :class:`BudgetRun`: a :class:`~lightning_compress.pruning.run.PruningRun` whose schedule is a ramp of progress
   (0 -> 1): at each event the plan is made again from the statistics then, and each layer aims at its own target
   times the progress, so every layer ramps to its own target while the overall sparsity follows the schedule.

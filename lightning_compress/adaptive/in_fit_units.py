@@ -13,6 +13,12 @@ family ramping to its own planned count, the model compacted at the end and its 
   (progress 1) the plan is not trusted: :func:`~.latency_budget.within` compacts copies and times them against the
   model in turns, moving the target until a plan is measured within the budget (the same corrections as
   ``compress()``), and that plan's counts are pruned.
+- The metric gate (``max_metric_drop``) is deferred (:mod:`.recovery_gate`): whole units cost several points right
+  after an event, which training then recovers, so :meth:`LatencyRun.event` holds each event and judges the events
+  held once the model has trained since (a later validation, or the schedule's next event after one), undoing
+  them when outside the bound and capping their families; the event still held at the end of the fit is judged by
+  :func:`settle_last` before compaction, and :func:`verify_bound` checks the compacted model against the bound on
+  the validation data before anything is written (:class:`~.session.BudgetError` otherwise).
 - :func:`verify`: after the fit the compacted model is timed against the dense graph kept at the start; the budget
   holds when the median of alternated runs (:func:`~.latency.measure`) is within it. Otherwise
   :class:`~.latency_budget.LatencyBudgetError` with the measured fraction (the nearest budget this fit delivered).
@@ -169,11 +175,13 @@ class LatencyRun(PruningRun):
     def event(self, tick: int, step: int, evaluate: Callable[[], float | None],
               broadcast: Callable[[Any], Any] = lambda masks: masks,
               optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, Any] | None:
-        """One event, its gate deferred (:mod:`~lightning_compress.adaptive.recovery_gate`). Right after a
-        validation (``validated``) at least a schedule's interval after the newest held event (or ``patience``
-        ticks after it, when set), the events held are judged by the metric measured then (a validation's: no
-        extra pass), and undone when outside the bound (their families capped, the plan solved again); the
-        schedule's events in between are pruned and held with the others, unmeasured.
+        """One event, its gate deferred (:mod:`~lightning_compress.adaptive.recovery_gate`). At least a
+        schedule's interval after the newest held event, right after a validation (``validated``: its metric, no
+        extra pass), or at a schedule's event once a validation came after the newest held one (``validated_at``:
+        the fit validates as often as it prunes, and the validation right after an event measures none of its
+        recovery), or ``patience`` ticks after it when set, the events held are judged by the metric measured
+        then, and undone when outside the bound (their families capped, the plan solved again); the schedule's
+        events in between are pruned and held with the others, unmeasured.
         Then the step the plan asks for is pruned and held, kept until its verdict. Held events ask for a retry
         (the controller's ``retry_at``), so a validation comes back here even after the schedule's last event:
         undone then, the rest of the units is pruned again with the caps (held in turn). Returns the history
@@ -182,8 +190,9 @@ class LatencyRun(PruningRun):
         scheduled = self.schedule is not None and self.schedule.is_event(tick)
         since = tick - held[-1].tick if held else 0
         patience = self.controller.patience
-        judge = bool(held) and ((self.validated and since >= (getattr(self.schedule, "frequency", 1) or 1))
-                                or (patience is not None and since >= patience))
+        seen = bool(held) and self.validated_at is not None and self.validated_at >= held[-1].tick
+        interval = since >= (getattr(self.schedule, "frequency", 1) or 1) and (self.validated or (scheduled and seen))
+        judge = bool(held) and (interval or (patience is not None and since >= patience))
         if held and not judge and not scheduled:
             return None  # a validation too soon after the newest event: a later one judges it
         before = None

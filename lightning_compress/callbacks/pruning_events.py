@@ -130,6 +130,7 @@ class PruningEvents(CompressionCallback):
         deferred event here (per-step schedules; per-epoch ones run at the epoch's end, after its validation)."""
         if trainer.sanity_checking or trainer.state.fn != "fit" or self.config.schedule_unit != "step":
             return
+        self.run.validated_at = trainer.global_step
         if self.controller.due(trainer.global_step, self.schedule, validated=True):
             with torch.inference_mode(False):  # Lightning validates under inference mode: the masks must be usable
                 self.run.validated = True  # the event's "before" is this validation's metric

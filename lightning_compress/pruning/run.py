@@ -50,6 +50,7 @@ def check_finite_before(model: nn.Module, step: int, metric: float | None = None
 
 class PruningRun:
     validated = False  # set by the callback while an event runs right after a validation (a deferred gate reads it)
+    validated_at: int | None = None  # the tick of the fit's last validation (per-step schedules), likewise
 
     def __init__(
         self,

@@ -138,3 +138,15 @@ def test_a_held_event_goes_through_a_checkpoint() -> None:
     assert resumed.recovery.caps == run.recovery.caps == {"0": 7, "3": 7}
     for key, value in model.state_dict().items():
         assert torch.equal(value, copy_of_model.state_dict()[key]), key
+
+
+def test_when_the_fit_validates_right_after_each_event_the_next_event_judges_with_a_fresh_metric() -> None:
+    run, model, _ = _run()
+    run.event(2, 2, lambda: 0.90)
+    _train(model, run)
+    run.event(3, 3, lambda: 1 / 0)  # no validation came after the event at 2: held with it, unmeasured
+    assert [h.tick for h in run.recovery.held] == [2, 3]
+    run.validated_at = 3  # the validation at the same step as the event at 3 measured none of its recovery
+    _train(model, run)
+    run.event(4, 4, lambda: 0.5)  # the schedule's next event: measured now, both undone
+    assert run.recovery.log[-1].startswith("events at steps [2, 3]") and "undone" in run.recovery.log[-1]

@@ -16,6 +16,7 @@ import torch
 from lightning_compress import AdaptiveCompression, Budget
 from lightning_compress.adaptive.latency import measured_ratio
 from lightning_compress.adaptive.session import BudgetError
+from lightning_compress.demos.data import DigitsDataModule
 from tests.adaptive.test_in_fit_units import LATENCY, RETIME_SLACK, SHAPE, _fit, _test_accuracy
 
 BOUND = 0.02
@@ -67,3 +68,26 @@ def test_a_delivered_model_outside_the_bound_is_refused_and_nothing_is_exported(
     assert not list(tmp_path.rglob("never.safetensors"))
     report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
     assert "BudgetError" in str(report.get("failure"))
+
+
+def test_events_held_at_a_checkpoint_are_judged_after_the_resume(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.adaptive.test_in_fit_units import _model
+    from tests.helpers import StopAfterEpoch
+
+    def trainer(callback: AdaptiveCompression, *extra: pl.Callback) -> pl.Trainer:
+        return pl.Trainer(max_epochs=10, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+                          enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+                          callbacks=[callback, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), *extra])
+
+    first = _callback("first.safetensors")
+    with pytest.raises(BudgetError):  # a pre-emption after epoch 2: that fit ends mid-ramp, over the budget
+        trainer(first, StopAfterEpoch(1)).fit(_model(), datamodule=DigitsDataModule())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    held = [h["step"] for state in saved.values() if "recovery" in state for h in state["recovery"]["held"]]
+    assert held  # the checkpoint holds events not yet judged
+    resumed = _callback("resumed.safetensors")
+    trainer(resumed).fit(_model(), datamodule=DigitsDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    verdicts = resumed.report.gate["adaptive"]["recovery_gate"]
+    assert any(f"steps {held}" in line or f"steps [{held[0]}," in line for line in verdicts), verdicts
