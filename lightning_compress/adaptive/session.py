@@ -119,11 +119,13 @@ class Session:
         """Solve, write and measure. A file over its cap is solved again with its header as measured; a file under
         it too (a smaller header leaves room for a better plan). The model holds the plan returned."""
         best: Delivered | None = None
+        held: dict[str, Candidate] | None = None  # the plan the model holds (the last one written)
         for _ in range(HEADER_ROUNDS):
             plan = problem.choose(header)
             if plan is None or (best is not None and plan == best.plan):
                 break
             self.write(plan)
+            held = plan
             quantized = any(c.bits != FLOAT_BITS for c in plan.values())
             size = file_bytes(self.model) if problem.size_cap is not None and quantized else None
             macs = delivered_macs(self.weights, self.where, problem.other_macs)
@@ -143,8 +145,8 @@ class Session:
                 self.steps.append(f"file {size} B > cap {problem.size_cap} B: solved again with the header as "
                                   f"measured ({measured} B reserved)")
             header = measured
-        if best is not None and best.plan != plan:
-            self.write(best.plan)  # a later plan was over the cap or chose nothing: the best one back
+        if best is not None and best.plan != held:
+            self.write(best.plan)  # a later plan was over the cap: the best one back (not the last one chosen)
         return best
 
     def header(self, problem: Problem) -> int:
