@@ -5,10 +5,12 @@ several points at that moment that some training gives back: a gate measured the
 structured event is *held*: it is kept at once, with a snapshot of what it pruned (the values at the positions it
 zeroed, the previous masks, the BatchNorm running statistics of the units it removed), and the events held are
 judged together by the metric of a later validation, once the model has trained since the newest of them (and at
-the end of the fit). Within the bound they stay; outside it they are undone, newest first (the pruned units'
-weights and statistics back from the snapshots, the masks as they were), and each family they shrank is capped
-halfway between the units it kept before the oldest of them and after the newest (the controller's back-off by
-halves: a step refused twice is capped at a quarter, and so on), so the plan is solved again taking fewer of them.
+the end of the fit). Within the bound they stay; outside it the newest, which had the least time to recover, is
+undone (the pruned units' weights and statistics back from its snapshot, the masks as they were before it) and the
+older ones stay held for the next verdict; each family it shrank is capped halfway between the units it kept
+before and after it (the controller's back-off by halves: a step refused twice is capped at a quarter, and so on),
+so the plan is solved again taking fewer of them. (Undoing everything held at once undid a whole ramp of the
+ResNet benchmark at a verdict soon after its newest event.)
 
 The decision is made on the metric every rank measured together (reduced over the ranks) and on masks every rank
 holds alike, so every rank undoes the same events; the held snapshots are plain CPU tensors in the checkpoint, so a
@@ -112,30 +114,30 @@ class RecoveryGate:
 
     def settle(self, state: MaskState, gate: MetricGate, metric: float | None,
                families: Mapping[str, list[str]]) -> tuple[Verdict, list[Held]] | None:
-        """The held events judged by ``metric`` (measured after recovery): kept, or undone (newest first) and
-        their families capped. Returns the verdict and the events, or None when none was held."""
-        held, self.held = self.held, []
+        """The held events judged by ``metric`` (measured after recovery): all kept, or the newest (the one with
+        the least recovery) undone and its families capped, the older ones held for the next verdict. Returns the
+        verdict and the events it settled, or None when none was held."""
+        held = self.held
         if not held:
             return None
         verdict = gate.judge(held[0].reference, metric)
         what = f"events at steps {[h.step for h in held]}"
         after = "not measured" if metric is None else f"{metric:.4g}"
         if verdict.accepted:
+            self.held = []
             self.log.append(f"{what}: after recovery the metric is {after} (drop {_drop(verdict)}): kept")
             return verdict, held
-        for event in reversed(held):
-            self.undo(state, event, families)
-        span: dict[str, tuple[int, int]] = {}  # family -> (kept before the oldest, after the newest)
-        for event in held:
-            for name, (first, last) in event.shrunk.items():
-                span[name] = (span[name][0] if name in span else first, last)
-        capped = {name: last + -(-(first - last) // 2) for name, (first, last) in span.items()}
+        newest = held[-1]
+        self.undo(state, newest, families)
+        self.held = held[:-1]
+        capped = {name: last + -(-(first - last) // 2) for name, (first, last) in newest.shrunk.items()}
         for name, kept in capped.items():
             self.caps[name] = max(self.caps.get(name, 0), kept)
         said = ", ".join(f"{n} at {k} units" for n, k in sorted(capped.items())) or "none"
-        self.log.append(f"{what}: after recovery the metric is {after} ({verdict.reason}): undone, the units "
-                        f"restored from their snapshots; capped {said}")
-        return verdict, held
+        rest = f"; {[h.step for h in self.held]} still held" if self.held else ""
+        self.log.append(f"{what}: after recovery the metric is {after} ({verdict.reason}): the newest (step "
+                        f"{newest.step}) undone, its units restored from its snapshot; capped {said}{rest}")
+        return verdict, [newest]
 
     @torch.no_grad()
     def undo(self, state: MaskState, held: Held, families: Mapping[str, list[str]]) -> None:

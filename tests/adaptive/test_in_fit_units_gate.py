@@ -148,5 +148,5 @@ def test_when_the_fit_validates_right_after_each_event_the_next_event_judges_wit
     assert [h.tick for h in run.recovery.held] == [2, 3]
     run.validated_at = 3  # the validation at the same step as the event at 3 measured none of its recovery
     _train(model, run)
-    run.event(4, 4, lambda: 0.5)  # the schedule's next event: measured now, both undone
-    assert run.recovery.log[-1].startswith("events at steps [2, 3]") and "undone" in run.recovery.log[-1]
+    run.event(4, 4, lambda: 0.5)  # the schedule's next event: measured now, the newest undone
+    assert run.recovery.log[-1].startswith("events at steps [2, 3]") and "(step 3) undone" in run.recovery.log[-1]

@@ -98,19 +98,22 @@ def test_a_snapshot_that_does_not_fit_the_masks_is_refused() -> None:
         gate.settle(state, MetricGate(0.02), 0.5, FAMILIES)
 
 
-def test_events_held_together_are_undone_together_newest_first() -> None:
+def test_of_events_held_together_the_newest_is_undone_and_the_older_stay_held() -> None:
     state, gate = _state(), RecoveryGate()
     model = state.model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     _prune(state, gate, KEEP)  # 4 of 6 kept
+    after_first = {k: v.clone() for k, v in model.state_dict().items()}
+    masks_first = {n: m.clone() for n, m in state.masks.items()}
     units = {"0": torch.tensor([True, False, False, False, True, False])}  # then 2 of 6
     undo = state.try_masks(expand_masks(model, units, state.groups), units)
     gate.hold(state, undo, FAMILIES, {"0": 4}, {"0": 2}, tick=20, step=20, reference=0.9)
-    verdict, held = gate.settle(state, MetricGate(0.02), 0.5, FAMILIES)  # type: ignore[misc]
-    assert not verdict.accepted and [h.step for h in held] == [10, 20]
-    assert gate.caps == {"0": 4} and state.masks == {}  # halfway from 2 (the newest) to 6 (before the oldest)
-    first_gone = torch.tensor([not k for k in KEEP])
-    assert torch.equal(model.state_dict()["0.weight"][first_gone], before["0.weight"][first_gone])
+    verdict, settled = gate.settle(state, MetricGate(0.02), 0.5, FAMILIES)  # type: ignore[misc]
+    assert not verdict.accepted and [h.step for h in settled] == [20] and [h.step for h in gate.held] == [10]
+    assert gate.caps == {"0": 3}  # halfway from 2 back to the 4 it kept before the newest
+    assert all(torch.equal(masks_first[n], state.masks[n]) for n in masks_first)  # as after the first event
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, after_first[key]), key  # the newest's units restored, the first's still pruned
+    assert "the newest (step 20) undone" in gate.log[-1] and "[10] still held" in gate.log[-1]
 
 
 def test_without_a_metric_the_held_event_is_kept() -> None:
