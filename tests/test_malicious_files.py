@@ -526,6 +526,8 @@ ACTIVATION_RANGES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("zero_point_256", {"version": 1, "ranges": {"0.weight": [0.1, 256]}}, ("integer in 0..255, got 256",)),
     ("zero_point_float", {"version": 1, "ranges": {"0.weight": [0.1, 1.5]}}, ("integer in 0..255, got 1.5",)),
     ("pair_short", {"version": 1, "ranges": {"0.weight": [0.1]}}, ("[scale, zero_point]",)),
+    ("scale_huge_integer", {"version": 1, "ranges": {"0.weight": [10**400, 0]}},
+     ("'0.weight'", "finite number > 0, got 1000")),  # float(10**400) overflows: OverflowError is not a ValueError
 ]
 
 

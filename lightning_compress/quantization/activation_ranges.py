@@ -26,10 +26,20 @@ METADATA_FIELD = "activations"  # the export's metadata field
 ENTRY_VERSION = 1  # the newest version of that field this reads and writes
 
 
+def _finite_positive(value: int | float) -> bool:
+    """Whether ``value`` is a finite float > 0; an integer too large for a float (a crafted file's ``10**400``:
+    ``float()`` raises OverflowError, which is not a ValueError) is not."""
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(as_float) and as_float > 0
+
+
 def check_range(scale: Any, zero_point: Any, where: str) -> None:
     """A finite positive float scale and an integer zero point in 0..255, else ValueError naming ``where``."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{where}: the scale must be a finite number > 0, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _finite_positive(scale):
+        raise ValueError(f"{where}: the scale must be a finite number > 0, got {scale!r:.80}")
     if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not QMIN <= zero_point <= QMAX:
         raise ValueError(f"{where}: the zero point must be an integer in {QMIN}..{QMAX}, got {zero_point!r}")
 
