@@ -391,6 +391,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, small models, a reduced grid")
     parser.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2 (a few minutes)")
     parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18-style CNN")
+    parser.add_argument("--no-smallcnn", action="store_true", help="skip SmallCNN (a run split in two on a busy box)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--resnet", type=int, nargs=3, default=None, metavar=("WIDTH", "IMAGE_SIZE", "EPOCHS"),
                         help="the ResNet's first-stage width, input side and epochs (default 16 28 2; quick 8 14 1)")
@@ -408,7 +409,7 @@ def main() -> None:
     seeds = [0] if quick else [0, 1]
     out: dict[str, Any] = {"machine": machine_info(quick), "load_average_start": load, "jobs": {}, "verdicts": {},
                            "ranks": {}}
-    jobs: list[list[Job]] = [smallcnn_jobs(seeds, 1 if quick else 4, cnn_grid)]
+    jobs: list[list[Job]] = [] if args.no_smallcnn else [smallcnn_jobs(seeds, 1 if quick else 4, cnn_grid)]
     if not args.no_resnet:
         width, side, epochs = args.resnet or ((8, 14, 1) if quick else (16, 28, 2))
         jobs.append(resnet_jobs(seeds, width, side, epochs, cnn_grid))
