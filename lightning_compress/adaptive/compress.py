@@ -118,6 +118,8 @@ def compress(
     scale: str = "fisher",
     search: str = "joint",
     method: str = "rtn",
+    before: float | None = None,
+    sync: Callable[[Any], Any] | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place to fit ``budget`` with the smallest predicted loss increase.
 
@@ -143,6 +145,9 @@ def compress(
         method: ``"rtn"``: the plan as scored (round to nearest with ``calibration``'s clipping); ``"gptq"``: the
             verified plan's widths then applied with GPTQ on ``calibration_data``, kept where measured no worse
             (``metric_fn``, else the KL to the float outputs) and within the caps (:mod:`.gptq_plan`).
+        before: ``metric_fn(model)`` the caller already measured on these very weights (not measured again).
+        sync: applied to the Fisher before any decision is taken on it (DDP: rank zero's on every rank, so that
+            every rank plans alike and makes the same evaluations, which are collectives).
 
     Raises:
         ValueError: a budget below its floor (before any work); :class:`~.session.BudgetError` when the budget and
@@ -179,8 +184,9 @@ def compress(
     floats = {name: w.detach().clone() for name, w in weights.items()}
     gate = MetricGate(max_metric_drop, higher_is_better)
     try:
-        before = measure(metric_fn, model) if metric_fn is not None else None
+        before = measure(metric_fn, model) if metric_fn is not None and before is None else before
         fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
+        fisher = sync(fisher) if sync is not None else fisher
         proxy = TopOneLoss(model, batches, run) if search == "joint" and metric_fn is None and loss_fn is None \
             else None
         sparsities = SPARSITIES if budget.macs is not None or search in ("sparsity", "all") else (0.0,)

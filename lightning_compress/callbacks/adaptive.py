@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,27 +32,26 @@ from typing_extensions import override
 from lightning_compress.adaptive import in_fit_units
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps, budget_caps
-from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
+from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult
 from lightning_compress.adaptive.delivery import ExportOutcome, write_within
 from lightning_compress.adaptive.gptq_plan import METHODS
 from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
 from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, finish_latency, latency_setup
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.with_qat import BudgetPlan
-from lightning_compress.callbacks import adaptive_qat
+from lightning_compress.callbacks import adaptive_plan, adaptive_qat
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import _calibration_forward
 from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
 from lightning_compress.core.io import check_export_path
 from lightning_compress.core.validation import check_choice, check_number
-from lightning_compress.integration import _compat, evaluation
-from lightning_compress.integration.evaluation import DEFAULT_METRIC, eval_mode
+from lightning_compress.integration import _compat
+from lightning_compress.integration.evaluation import DEFAULT_METRIC
 from lightning_compress.integration.ranks import on_every_rank
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.tracked import TrackedLayers
-from lightning_compress.quantization.carried import forget
 from lightning_compress.quantization.coverage import layer_weight
 from lightning_compress.reporting.records import CompressionEvent
 from lightning_compress.structure.compaction import save_compacted
@@ -98,6 +96,7 @@ class AdaptiveCompression(GradientStabilityPruning):
     """
 
     report_name = "adaptive"
+    plans_widths = True  # what QuantizationAwareTraining looks for in its peers (it plans the widths QAT trains)
 
     def __init__(
         self,
@@ -147,6 +146,8 @@ class AdaptiveCompression(GradientStabilityPruning):
         )
         self.export_path, self.calibration = export_path, calibration
         self.calibration_batches, self.corrections, self.method = calibration_batches, corrections, method
+        adaptive_plan.refuse_ignored_by_latency(self)
+        self.seen = adaptive_plan.SeenBatches(calibration_batches)  # the calibration batches of a plan made mid-fit
         self.caps: Caps | None = None
         self._latency_shape: tuple[int, ...] = ()  # a latency budget's input shape, set in setup
         self.result: CompressionResult | None = None
@@ -177,7 +178,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         if stage != "fit":
             return
         self._qat = adaptive_qat.qat_peer(self, trainer)
-        self.result = None
+        self.result, self.seen = None, adaptive_plan.SeenBatches(self.calibration_batches)
         if self.budget.latency is not None:
             self._latency_shape = latency_setup(pl_module, self.budget)
         self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module))
@@ -213,6 +214,11 @@ class AdaptiveCompression(GradientStabilityPruning):
                                 self.budget.latency_threads)
         run.broadcast = lambda plan: trainer.strategy.broadcast(plan, src=0)
 
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, *_)
+        self.seen.add(batch)  # as the fit feeds it: a plan made mid-fit never reads the fit's loader
+
     def _check_target(self, delivered: float) -> None:
         run = self.run
         assert isinstance(run, (BudgetRun, LatencyRun))
@@ -233,6 +239,7 @@ class AdaptiveCompression(GradientStabilityPruning):
                 self._fail(trainer, pl_module, err)
             self._export_compacted(trainer, pl_module)
             return
+        self._rewrites += 1  # the weights change from here on: the last validation measured others
         # the way back should the export fail (compress() restores the floats on its own failures)
         codes = self._qat.hand_over(trainer, pl_module) if self._qat is not None else {}
         floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if self._export_file or codes \
@@ -249,35 +256,16 @@ class AdaptiveCompression(GradientStabilityPruning):
         self._report_plan(trainer, pl_module, result)
 
     def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-        """Rank zero's first ``calibration_batches`` training batches, on every rank."""
-        loader = trainer.train_dataloader
-        batches = list(itertools.islice(iter(loader), self.calibration_batches)) if loader is not None else []
-        return [trainer.strategy.batch_to_device(b, pl_module.device)
-                for b in trainer.strategy.broadcast(batches, src=0)]
+        """Rank zero's first ``calibration_batches`` training batches, on every rank (after the fit's loop)."""
+        return adaptive_plan.calibration_batches(trainer, pl_module, self.calibration_batches, None)
 
     def plan_widths(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BudgetPlan:
         """For QuantizationAwareTraining when it starts: the widths the end of the fit would plan, not delivered."""
         return adaptive_qat.plan_widths(self, trainer, pl_module)
 
-    def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                  method: str | None = None) -> CompressionResult:
-        batches = self._batches(trainer, pl_module)
-        metric_fn, allowed = None, None
-        if self._has_val:
-            def metric_fn(_: Any) -> float:
-                return evaluation.evaluate(trainer, pl_module, self.metric_spec)
-
-            if self.max_metric_drop is not None:
-                spent = max(0.0, self.gate.drop(self.controller.initial_metric, metric_fn(pl_module)) or 0.0)
-                allowed = max(0.0, self.max_metric_drop - spent)  # training after the first event may have gained
-                self.report.gate[self.report_name].update(pruning_drop=spent, quantization_allowed=allowed)
-        rank_zero_info(f"AdaptiveCompression: planning widths for {self.budget!r} on the masks reached")
-        with eval_mode(pl_module):
-            return compress(pl_module, self.budget, batches, forward=_calibration_forward, metric_fn=metric_fn,
-                            max_metric_drop=allowed, higher_is_better=self.metric_spec.higher_is_better,
-                            calibration=self.calibration, calibration_batches=len(batches) or 1,
-                            corrections=self.corrections, search="bits",
-                            method=(method or self.method) if batches else "rtn")
+    def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule, method: str | None = None,
+                  mid_fit: bool = False) -> CompressionResult:
+        return adaptive_plan.plan(self, trainer, pl_module, method, mid_fit)
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult,
                 floats: dict[str, torch.Tensor]) -> None:
@@ -291,10 +279,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             if trainer.is_global_zero else (ExportOutcome(None), None)  # the others take rank zero's
         outcome = trainer.strategy.broadcast(written, src=0)
         if outcome.failed:
-            with torch.no_grad():
-                for key, value in pl_module.state_dict().items():
-                    value.copy_(floats[key])
-            forget(pl_module)
+            adaptive_plan.back_to_floats(pl_module, floats)
             self.result = None
             self._fail(trainer, pl_module, error or outcome.error())
         result.file_bytes = outcome.file_bytes
@@ -333,7 +318,8 @@ class AdaptiveCompression(GradientStabilityPruning):
                      plan=result.plan, verification_steps=list(result.steps), evaluations=result.evaluations,
                      tried=list(result.tried),
                      quantization=QUANTIZED_BY.get(result.method, QUANTIZED_BY["rtn"]))
-        self.report.metric_before = result.metric_before
+        initial = self.controller.initial_metric  # the bound's reference: the headline drop includes pruning's
+        self.report.metric_before = initial if initial is not None else result.metric_before
         drop = self.gate.drop(result.metric_before, result.metric_after)
         note = (f"budget {self.budget.size!r} / {self.budget.macs!r} MACs = {result.budget_bytes} B / "
                 f"{result.budget_macs} MACs per example; delivered file {result.file_bytes} B, {result.macs} MACs; "

@@ -17,13 +17,14 @@ from lightning_compress.adaptive.compress import CompressionResult
 from lightning_compress.adaptive.costs import delivered_macs, file_bytes
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.with_qat import BudgetPlan, planned_only, refusal
+from lightning_compress.callbacks.adaptive_plan import back_to_floats
 from lightning_compress.callbacks.base import compression_callbacks
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import _calibration_forward
 from lightning_compress.integration import evaluation
 from lightning_compress.qat.model import carry
 from lightning_compress.quantization import sparse_layout
-from lightning_compress.quantization.carried import carried, forget
+from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def plan_widths(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: p
     untouched. Rank zero's plan, on every rank. A budget and a bound that cannot both hold end the fit here."""
     try:
         with torch.random.fork_rng(devices=[]):
-            result = planned_only(pl_module, lambda: callback._compress(trainer, pl_module, method="rtn"))
+            result = planned_only(pl_module, lambda: callback._compress(trainer, pl_module, "rtn", mid_fit=True))
     except BudgetError as err:
         callback._fail(trainer, pl_module, err)
     return trainer.strategy.broadcast(BudgetPlan.of(result, trainer.global_step), src=0)
@@ -71,6 +72,17 @@ def deliver_trained(callback: AdaptiveCompression, trainer: pl.Trainer, pl_modul
     if not codes or plan is None:
         return None, None
     carry(pl_module, codes, "QuantizationAwareTraining")
+    try:
+        return _check_trained(callback, trainer, pl_module, codes, floats, plan)
+    except BaseException:  # the latent weights are the only float copy left (QAT's parametrizations are gone)
+        back_to_floats(pl_module, floats)
+        raise
+
+
+def _check_trained(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                   codes: dict[str, Any], floats: dict[str, torch.Tensor], plan: BudgetPlan,
+                   ) -> tuple[CompressionResult | None, str | None]:
+    """:func:`deliver_trained` once the model carries the trained codes."""
     layers, _ = select_layers(pl_module, QUANT_MODULE_TYPES)
     weights = {name: layer_weight(name, module) for name, module in layers.items()}
     batches = callback._batches(trainer, pl_module)
@@ -87,10 +99,7 @@ def deliver_trained(callback: AdaptiveCompression, trainer: pl.Trainer, pl_modul
     if why is not None:
         rank_zero_info(f"AdaptiveCompression: the codes QAT trained are not delivered ({why}); planning again from "
                        "the latent float weights")
-        with torch.no_grad():
-            for key, value in pl_module.state_dict().items():
-                value.copy_(floats[key])
-        forget(pl_module)
+        back_to_floats(pl_module, floats)
         return None, f"QAT's codes ({shown}) not delivered: {why}; planned again from the latent weights"
     rows = [dict(row) for row in plan.rows]
     for row in rows:  # the bytes of the codes delivered (a sparse layout's may move with the codes)

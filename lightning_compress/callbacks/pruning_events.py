@@ -50,8 +50,12 @@ class PruningEvents(CompressionCallback):
         return self._final[1] if self._final is not None else self.state.weight_sparsity()
 
     # ------------------------------------------------------------------ the gate's metric during validation
+    _rewrites = 0  # weight writes by compression after the fit (AdaptiveCompression's codes)
+
     def _weights_version(self) -> tuple[int, int]:
-        return self._optimizer_steps, sum(1 for h in self.history if h["accepted"])
+        """(weight changes: optimizer steps and compression's writes, kept events): a validation measured these
+        weights only while this is what it was then."""
+        return self._optimizer_steps + self._rewrites, sum(1 for h in self.history if h["accepted"])
 
     def _event_after_validation(self, trainer: pl.Trainer) -> bool:
         """Whether an event is expected right after this validation (a retry; a per-epoch event at this epoch), or

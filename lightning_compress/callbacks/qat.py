@@ -249,24 +249,25 @@ class QuantizationAwareTraining(PostTrainingQuantization):
     # -- checkpoints -------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        if not self.active:
-            return {"active": False}
+        plan = self.budget_plan.state() if self.budget_plan is not None else None
+        if not self.active:  # a budget's plan keeping every layer float is kept too: a resume does not plan again
+            return {"active": False, "budget_plan": plan}
         return {"active": True, "float_metric": self._float_metric,
                 "scales": {self._keys[n]: q.base_scale.detach().cpu().clone() for n, q in self.quantizers.items()},
                 "log_gains": {self._keys[n]: q.log_gain.detach().cpu().clone() for n, q in self.quantizers.items()},
                 "activations": act.states(self.input_quantizers, self._keys),
                 **({compacted_resume.KEY: compacted_resume.snapshot(self._compacted_by, self.quantizers, self._keys)}
                    if self._compacted_by is not None else {}),
-                "budget_plan": self.budget_plan.state() if self.budget_plan is not None else None}
+                "budget_plan": plan}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict) if state_dict.get("active") else None
+        if self._pending is None and state_dict.get("budget_plan"):  # a plan keeping every layer float
+            self.budget_plan = BudgetPlan.from_state(state_dict["budget_plan"])
 
     @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """While QAT runs: the model's own keys in the checkpoint, the scales' param group in this callback's
         state (a fresh optimizer has no such group, so Lightning could not restore it)."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
@@ -344,7 +345,6 @@ class QuantizationAwareTraining(PostTrainingQuantization):
 
 
 def budget_peer(trainer: pl.Trainer) -> CompressionCallback | None:
-    """The AdaptiveCompression in the Trainer, if any (it plans the widths QAT trains)."""
-    from lightning_compress.callbacks.adaptive import AdaptiveCompression  # it imports this module
-    return next((c for c in compression_callbacks(trainer) if isinstance(c, AdaptiveCompression)), None)
+    """The AdaptiveCompression in the Trainer, if any (known by its marker: it imports this module)."""
+    return next((c for c in compression_callbacks(trainer) if getattr(c, "plans_widths", False)), None)
 

@@ -51,12 +51,12 @@ def _caps(model: torch.nn.Module, budget: Budget) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _test_accuracy(model: torch.nn.Module) -> float:
+def _test_accuracy(model: torch.nn.Module, split: str = "test") -> float:
     data = DigitsDataModule(batch_size=64)
-    data.setup("test")
+    data.setup(split)
     metric = MulticlassAccuracy(num_classes=10)
     model.eval()
-    for x, y in data.test_dataloader():
+    for x, y in getattr(data, f"{split}_dataloader")():
         metric.update(model(x), y)
     return float(metric.compute())
 
@@ -71,6 +71,7 @@ class FloatAtEnd(Callback):
 
 
 BUDGET = Budget(size=0.3, macs=0.5)
+LATENCY = Budget(latency=0.6, latency_input=(1, 64))
 
 # id, kwargs besides the budget (or replacing it), error, texts the message holds (the argument and the value)
 BAD: list[tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]] = [
@@ -96,6 +97,14 @@ BAD: list[tuple[str, dict[str, Any], type[Exception], tuple[str, ...]]] = [
     ("on_violation_unknown", {"on_violation": "ignore"}, ValueError, ("on_violation", "'ignore'")),
     ("patience_zero", {"patience": 0}, ValueError, ("patience", "0")),
     ("verbose_three", {"verbose": 3}, ValueError, ("verbose", "3")),
+    # a latency budget compacts and delivers float: arguments of the widths' planning would be ignored
+    ("latency_method", {"budget": LATENCY, "method": "rtn"}, ValueError, ("`method`='rtn'", "latency")),
+    ("latency_calibration", {"budget": LATENCY, "calibration": "minmax"}, ValueError, ("`calibration`='minmax'",)),
+    ("latency_corrections", {"budget": LATENCY, "corrections": 1}, ValueError, ("`corrections`=1",)),
+    ("latency_calibration_batches", {"budget": LATENCY, "calibration_batches": 2}, ValueError,
+     ("`calibration_batches`=2",)),
+    ("latency_all_named", {"budget": LATENCY, "method": "rtn", "corrections": 0}, ValueError,
+     ("`method`='rtn'", "`corrections`=0")),
 ]
 
 

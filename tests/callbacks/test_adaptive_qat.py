@@ -254,3 +254,59 @@ def test_ddp_ranks_train_the_same_plan_and_deliver_identical_codes(tmp_path: Pat
         for rank in ranks:
             assert torch.equal(rank["codes"][key][0], on_disk[key].q), key
             assert torch.equal(rank["codes"][key][1], on_disk[key].scale), key
+
+
+def test_an_error_while_the_trained_codes_are_checked_gives_the_latent_weights_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any exception after the trained codes were carried (here a full /tmp while their file is measured) puts the
+    latent float weights back and forgets the codes, not only a refusal."""
+    import errno
+
+    from lightning_compress.callbacks import adaptive_qat as module
+
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    real_carry = module.carry
+
+    def spy_carry(model: torch.nn.Module, codes: Any, source: str) -> Any:
+        seen["latent"] = copy.deepcopy(model.state_dict())
+        return real_carry(model, codes, source)
+
+    def full_tmp(model: torch.nn.Module) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/plan.safetensors")
+
+    monkeypatch.setattr(module, "carry", spy_carry)
+    monkeypatch.setattr(module, "file_bytes", full_tmp)
+    callbacks = [AdaptiveCompression(budget=BUDGET, max_metric_drop=BOUND, export_path="model.safetensors",
+                                     start_step=10, end_step=30, frequency=10), QuantizationAwareTraining(start=0.75)]
+    model = _model()
+    with pytest.raises(OSError, match="No space left"):
+        _fit(callbacks, tmp_path, model=model, epochs=3)
+    assert carried(model) is None
+    state = model.state_dict()
+    assert set(state) == set(seen["latent"])
+    for key in KEYS:
+        assert torch.equal(state[key], seen["latent"][key]), key
+    assert not list(tmp_path.rglob("model.safetensors"))
+
+
+def test_the_budget_plan_is_kept_in_the_state_when_every_layer_stays_float() -> None:
+    """A plan keeping every layer float never activates QAT: its state still holds the plan, so a resumed fit does
+    not plan again."""
+    from lightning_compress.adaptive.with_qat import BudgetPlan
+
+    qat = QuantizationAwareTraining(start=0.75)
+    plan = BudgetPlan([{"layer": "net.1", "bits": 32}], 1000, None, 0.9, ["planned"], 3, 40)
+    qat.budget_plan = plan
+    state = qat.state_dict()
+    assert not qat.active and state["budget_plan"] == plan.state()
+    resumed = QuantizationAwareTraining(start=0.75)
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert resumed.budget_plan == plan and not resumed.active
+
+
+def test_qat_finds_its_budget_peer_without_importing_adaptive_compression() -> None:
+    """No import cycle callbacks/qat.py <-> callbacks/adaptive.py (not even one hidden in a function)."""
+    import lightning_compress.callbacks.qat as qat_module
+
+    source = Path(qat_module.__file__).read_text()
+    assert "callbacks.adaptive" not in source and "import AdaptiveCompression" not in source

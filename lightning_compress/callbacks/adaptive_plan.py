@@ -1,0 +1,115 @@
+"""``AdaptiveCompression``'s planning of widths on the masks reached, at the end of the fit or when QAT starts: the
+calibration batches (never read from the fit's loader mid-fit), the bound left to quantization after pruning (a
+pruned model already outside it ends the fit) and the ``compress()`` call, which every rank makes on rank zero's
+Fisher so that every rank decides alike. The math is :func:`~lightning_compress.adaptive.compress.compress`'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
+from lightning_compress.adaptive.session import BudgetError
+from lightning_compress.callbacks.quantization import _calibration_forward
+from lightning_compress.integration import evaluation
+from lightning_compress.integration.evaluation import eval_mode
+from lightning_compress.quantization.carried import forget
+
+if TYPE_CHECKING:
+    from lightning_compress.callbacks.adaptive import AdaptiveCompression
+
+# AdaptiveCompression arguments that choose a size / MACs plan's widths, with their defaults: a latency budget (the
+# model compacted and delivered float) would ignore them, so they are refused there
+WIDTHS_ONLY = (("method", "gptq"), ("calibration", "mse"), ("corrections", CORRECTIONS),
+               ("calibration_batches", FISHER_BATCHES))
+
+
+def refuse_ignored_by_latency(callback: AdaptiveCompression) -> None:
+    """Raise naming each argument of :data:`WIDTHS_ONLY` set other than its default with a latency budget."""
+    ignored = [f"`{name}`={getattr(callback, name)!r}" for name, default in WIDTHS_ONLY
+               if getattr(callback, name) != default]
+    if callback.budget.latency is not None and ignored:
+        raise ValueError(f"`budget`={callback.budget!r} compacts the model and delivers it float, so "
+                         f"{', '.join(ignored)} would be ignored (they choose a size / MACs plan's widths); allowed: "
+                         "leave them at their defaults with a latency budget")
+
+
+class SeenBatches:
+    """The first ``count`` training batches as the fit fed them, on CPU: the calibration batches of a plan made
+    mid-fit (when QAT starts). Reading the fit's loader there would corrupt the epoch: with persistent workers,
+    ``DataLoader.__iter__`` resets the very iterator the fit is consuming, which then replays and skips batches."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.batches: list[Any] = []
+
+    def add(self, batch: Any) -> None:
+        if len(self.batches) < self.count:
+            self.batches.append(move_data_to_device(batch, torch.device("cpu")))
+
+
+def calibration_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, count: int,
+                        seen: list[Any] | None) -> list[Any]:
+    """Rank zero's first ``count`` training batches on every rank, on the model's device: ``seen`` (those the fit fed)
+    mid-fit; read from the loader (``seen`` None) only once the fit's loop is over."""
+    if seen is None:
+        loader = trainer.train_dataloader
+        seen = list(itertools.islice(iter(loader), count)) if loader is not None else []
+    return [trainer.strategy.batch_to_device(b, pl_module.device)
+            for b in trainer.strategy.broadcast(list(seen[:count]), src=0)]
+
+
+def bound_left(callback: AdaptiveCompression, now: float) -> float:
+    """The drop quantization may add: ``max_metric_drop`` less the drop since the first pruning event (none spent
+    when training gained). A pruned model already outside the bound (the metric drifted after the last event, which
+    only event time gates) raises :class:`BudgetError`: no plan judged against it could bring the model back."""
+    initial, bound = callback.controller.initial_metric, callback.max_metric_drop
+    assert bound is not None
+    verdict = callback.gate.judge(initial, now)
+    spent = max(0.0, verdict.drop or 0.0)
+    if not verdict.accepted:
+        raise BudgetError(f"the pruned model at the end of the fit is already outside the bound: its metric {now:.6g} "
+                          f"against {initial} before the first pruning event is a drop of {spent:.4g} > "
+                          f"`max_metric_drop`={bound}, before any quantization; allowed: a looser bound, or a "
+                          "pruning schedule that leaves more training after its last event", None)
+    allowed = max(0.0, bound - spent)
+    callback.report.gate[callback.report_name].update(pruning_drop=spent, quantization_allowed=allowed)
+    return allowed
+
+
+def plan(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.LightningModule, method: str | None,
+         mid_fit: bool) -> CompressionResult:
+    """``compress(search="bits")`` on the masks reached, on the bound left (the model measured once), on rank
+    zero's calibration batches and Fisher."""
+    batches = calibration_batches(trainer, pl_module, callback.calibration_batches,
+                                  callback.seen.batches if mid_fit else None)
+    metric_fn, before, allowed = None, None, None
+    rank_zero_info(f"AdaptiveCompression: planning widths for {callback.budget!r} on the masks reached")
+    with eval_mode(pl_module):
+        if callback._has_val:
+            def metric_fn(_: Any) -> float:
+                return evaluation.evaluate(trainer, pl_module, callback.metric_spec)
+
+            if callback.max_metric_drop is not None:
+                before = metric_fn(pl_module)
+                allowed = bound_left(callback, before)
+        return compress(pl_module, callback.budget, batches, forward=_calibration_forward, metric_fn=metric_fn,
+                        max_metric_drop=allowed, higher_is_better=callback.metric_spec.higher_is_better,
+                        calibration=callback.calibration, calibration_batches=len(batches) or 1,
+                        corrections=callback.corrections, search="bits",
+                        method=(method or callback.method) if batches else "rtn", before=before,
+                        sync=lambda fisher: trainer.strategy.broadcast(fisher, src=0))
+
+
+def back_to_floats(pl_module: pl.LightningModule, floats: dict[str, torch.Tensor]) -> None:
+    """Every entry of the model's state back to ``floats`` (taken before the codes were written), no codes carried."""
+    with torch.no_grad():
+        for key, value in pl_module.state_dict().items():
+            value.copy_(floats[key])
+    forget(pl_module)
