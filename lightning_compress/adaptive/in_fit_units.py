@@ -203,7 +203,7 @@ class LatencyRun(PruningRun):
             undone = self.settle(before)
             self.planned_at = None  # the plan again, now (with the caps of undone events)
         target = self._target(tick)
-        if not self._gains(target, self.state.sparsity()):
+        if target is None or not self._prunes():
             self.controller.retry_at = self.controller.retry_at if self.recovery.held else None
             return undone
         reference = self.controller.reference_for(before)
@@ -224,6 +224,11 @@ class LatencyRun(PruningRun):
         entry["note"] = "; ".join(filter(None, [entry["note"], "held: judged after recovery (at a later validation "
                                                 "or the end of the fit)", undone["note"] if undone else ""]))
         return entry
+
+    def _prunes(self) -> bool:
+        """Whether the targets now remove a unit somewhere (the overall fraction of units can fall while a plan
+        with capped families removes costlier units elsewhere)."""
+        return any(self._targets()[n] < self._kept(f)[1] for n, f in self._families().items())
 
     def settle(self, metric: float | None) -> dict[str, Any] | None:
         """The held events judged by ``metric`` (the model trained since): kept, or undone (a history entry,
