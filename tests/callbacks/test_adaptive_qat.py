@@ -23,7 +23,7 @@ from lightning_compress import (
     load_compressed,
 )
 from lightning_compress.core.accounting import state_bytes
-from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.data import DigitsDataModule, EpochSeededSampler, ResumableDataLoader
 from lightning_compress.qat.model import latent
 from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.export import load_quantized_tensors
@@ -310,3 +310,37 @@ def test_qat_finds_its_budget_peer_without_importing_adaptive_compression() -> N
 
     source = Path(qat_module.__file__).read_text()
     assert "callbacks.adaptive" not in source and "import AdaptiveCompression" not in source
+
+
+class _PersistentDigits(DigitsDataModule):
+    """Digits with a persistent-workers training loader: ``DataLoader.__iter__`` then resets the iterator the fit is
+    consuming, so any read of the loader mid-fit would replay and skip batches of that epoch."""
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        dataset = self._splits["train"]
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSeededSampler(len(dataset), 0),
+                                   num_workers=1, persistent_workers=True)
+
+
+class _BatchSums(Callback):
+    def __init__(self) -> None:
+        self.sums: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
+        self.sums.append(float(batch[0].double().sum()))
+
+
+def test_the_plan_at_qat_start_leaves_the_fits_batches_as_they_were(tmp_path: Path) -> None:
+    """QAT starts mid-epoch (step 45 of 20 per epoch); its plan's calibration batches are those the fit fed, so the
+    fit trains on the same batches, in the same order, as a fit without the callbacks."""
+    runs = []
+    for compressed in (False, True):
+        pl.seed_everything(0)
+        sums = _BatchSums()
+        callbacks = [AdaptiveCompression(budget=BUDGET, max_metric_drop=BOUND, start_step=10, end_step=30,
+                                         frequency=10), QuantizationAwareTraining(start=0.75)] if compressed else []
+        _trainer([*callbacks, sums], tmp_path / str(compressed), epochs=3).fit(_model(), _PersistentDigits(64))
+        runs.append(sums.sums)
+        if compressed:
+            assert callbacks[1].budget_plan is not None and callbacks[1].budget_plan.start_step == 45
+    assert len(runs[0]) == 60 and runs[1] == runs[0]
