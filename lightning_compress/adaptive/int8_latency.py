@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,8 +27,10 @@ from torch import Tensor, nn
 
 from lightning_compress.core.modules import weight_of
 from lightning_compress.core.selection import anchored
+from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.functional import quantize
 from lightning_compress.quantization.primitives import QuantSpec, quantize_tensor
+from lightning_compress.serving._trained import collect
 from lightning_compress.serving.onnx import export_onnx
 
 INT8 = QuantSpec(bits=8, granularity="per_channel", symmetric=True, calibration="minmax")
@@ -89,6 +92,34 @@ def onnx_graph(model: nn.Module, calibration: list[Tensor]) -> tuple[bytes, Any]
     """``model`` (carrying its int8 codes) as ``export_onnx(..., activations="static")`` writes it, calibrated and
     checked on ``calibration``; and the export's report."""
     return _export(model, calibration[0][:EXAMPLE_ROWS], calibration)
+
+
+def carry_input_ranges(model: nn.Module, report: Any) -> None:
+    """Record on ``model`` (carrying its int8 codes) the uint8 input range each int8 layer was exported with
+    (``report``: :func:`onnx_graph`'s): ``export_onnx(model)`` then writes that static graph, the one timed, with no
+    calibration data where the ranges cover every quantized tensor, and :func:`as_served` applies them."""
+    record = carried(model)
+    ranges = {f"{name}.weight": layer.input_range for name, layer in report.layers.items()
+              if layer.input_range is not None}
+    if record is not None:
+        record.activations.update({key: r for key, r in ranges.items() if key in record.codes})
+
+
+@contextmanager
+def as_served(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` reading each int8 layer's input as the static graph does (uint8 at the input range it carries:
+    fixed fake quantizers of :mod:`lightning_compress.qat.activations`, the ones the export's own output check
+    applies), while the block runs; removed after it, also on an error."""
+    from lightning_compress.qat.activations import attach, detach  # qat imports serving: not at import time
+
+    found = collect(model)
+    layers = {name: model.get_submodule(name) for name in found}
+    keys = {name: f"{name}.weight" for name in found}
+    quantizers = attach(layers, keys, {keys[n]: r for n, r in found.items()}, learn=False)
+    try:
+        yield model
+    finally:
+        detach(model, quantizers, keys)
 
 
 def int8_scores(modules: Mapping[str, nn.Module], fisher: Mapping[str, Tensor]) -> dict[str, float]:

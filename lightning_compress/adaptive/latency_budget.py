@@ -19,9 +19,11 @@ capped too. No Lightning import.
    of it is timed in turns with the dense float graph; its file (``save_quantized``, or ``save_float`` when no
    layer is int8) and MACs are measured. Over a cap, or well under
    the latency, the targets are moved and the plan solved again (:func:`within`, at most :data:`CORRECTIONS`
-   times). Then ``metric_fn`` decides (on the PyTorch model; the export's agreement with it is in the steps). A
-   model over budget or outside the bound is never returned: :class:`LatencyBudgetError` says the smallest latency
-   fraction delivered within the bound, as measured.
+   times). Then ``metric_fn`` decides, on what was timed: the delivered model carries the uint8 input range each
+   int8 layer was exported with, and ``metric_fn`` runs with those inputs fake-quantized
+   (:func:`~.int8_latency.as_served`: the static graph's arithmetic, up to rounding at uint8 steps; the export's
+   agreement with it is in the steps). A model over budget or outside the bound is never returned:
+   :class:`LatencyBudgetError` says the smallest latency fraction delivered within the bound, as measured.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import budget_caps
-from lightning_compress.adaptive.int8_latency import calibration_inputs
+from lightning_compress.adaptive.int8_latency import as_served, calibration_inputs
 from lightning_compress.adaptive.latency_delivery import Delivered, deliver, problem_of, refresh_batchnorm
 from lightning_compress.adaptive.latency_plan import LatencyProblem, Targets
 from lightning_compress.adaptive.session import BudgetError
@@ -202,7 +204,8 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
                     f"{steps})", smallest)
             continue
         if metric_fn is not None:
-            delivered.metric = measure(metric_fn, delivered.model)
+            with as_served(delivered.model):  # the bound is judged on what is timed: uint8 inputs where int8
+                delivered.metric = measure(metric_fn, delivered.model)
             evaluations += 1
             verdict = gate.judge(before, delivered.metric)
             steps.append(f"metric {delivered.metric:.6g} (drop {verdict.drop})")
@@ -252,9 +255,10 @@ def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], for
                    loss_fn: Callable[[Any, Any], Tensor] | None, metric_fn: Callable[[nn.Module], float] | None,
                    measure: Callable[..., float], gate: MetricGate, search: str = "joint") -> Any:
     """:func:`compress_to_latency` as a :class:`~lightning_compress.adaptive.compress.CompressionResult`; its
-    ``model`` is the compacted copy, carrying the codes of its int8 layers (``model`` itself is not changed).
-    ``export_onnx(result.model, path, example, activations="static", calibration_data=...)`` writes the kernels
-    that were timed."""
+    ``model`` is the compacted copy, carrying the codes of its int8 layers and their uint8 input ranges (``model``
+    itself is not changed). ``export_onnx(result.model, path, example)`` then writes the static graph that was
+    timed and judged (its default for a model carrying input ranges; ``calibration_data`` is asked for only where
+    an int8 layer's output feeds a float layer)."""
     from lightning_compress.adaptive.compress import CompressionResult  # compress imports this module
 
     delivered, problem, report = compress_to_latency(model, budget, batches, forward, loss_fn, metric_fn, measure,

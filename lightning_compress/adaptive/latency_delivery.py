@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from lightning_compress.adaptive.costs import file_bytes, model_macs, positions
 from lightning_compress.adaptive.fisher import diagonal_fisher
-from lightning_compress.adaptive.int8_latency import calibration_inputs, int8_scores, onnx_graph, quantize_int8
+from lightning_compress.adaptive.int8_latency import (
+    calibration_inputs,
+    carry_input_ranges,
+    int8_scores,
+    onnx_graph,
+    quantize_int8,
+)
 from lightning_compress.adaptive.latency import build_table, graph_ratio, measured_ratio
 from lightning_compress.adaptive.latency_plan import CapCosts, LatencyProblem, LayerCost
 from lightning_compress.adaptive.units import (
@@ -139,6 +145,7 @@ def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandi
     if int8:
         quantize_int8(compacted, int8)
         graph, report = onnx_graph(compacted, calibration_inputs(batches))
+        carry_input_ranges(compacted, report)  # its export and its metric read uint8 inputs, as timed
         ratio, _, seconds = graph_ratio(model, graph, shape, threads)
         note = f"; export_onnx agrees with PyTorch on {report.argmax_agreement:.3f} of argmaxes"
     else:

@@ -23,6 +23,7 @@ class LayerExport:
     reason: str = ""  # why it is not on an integer operator
     codes: str = ""  # name of the initializer holding the codes
     used: bool = True  # False: the exported outputs do not depend on this layer, so the graph has no trace of it
+    input_range: tuple[float, int] | None = None  # static: the uint8 (scale, zero point) its input is read with
 
     @property
     def integer(self) -> bool:

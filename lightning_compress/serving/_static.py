@@ -66,6 +66,7 @@ def quantize_static(
         x = site.node.input[0]
         if x not in graph.params:
             site.node.input[0] = graph.qdq(x, *params[x])
+        layers[name].input_range = graph.params[x]
         key, qt = codes[name]
         try:
             layers[name].op = _rewrite.static(graph, site, key, _rewrite.int8_codes(qt), qt.row_scale().numpy())

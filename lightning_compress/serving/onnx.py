@@ -69,7 +69,7 @@ def export_onnx(
     *,
     outputs: OutputKey | Sequence[OutputKey] | None = None,
     dynamic_axes: Mapping[str, Any] | None = None,
-    activations: str = "dynamic",
+    activations: str | None = None,
     calibration_data: Tensor | Iterable[Any] | None = None,
     opset: int = DEFAULT_OPSET,
     accuracy_level: int = 4,
@@ -99,9 +99,11 @@ def export_onnx(
         dynamic_axes: per input name, the dims to make dynamic (a list, or dim -> name); default dims 0 and 1
             (batch, sequence) for integer inputs, dim 0 for float ones.
         activations: ``"dynamic"`` (activation scales computed per batch at run time) or ``"static"`` (uint8
-            scales calibrated min/max on ``calibration_data``, or the input ranges QAT trained, which the model
-            carries and which are then written as they are; ``QLinearConv``). Use ``"static"`` for CNNs: ORT's
-            ``ConvInteger`` (dynamic) is slower than fp32 on the benchmark CNN, QLinearConv faster.
+            scales calibrated min/max on ``calibration_data``, or the input ranges the model carries -- QAT's
+            trained ones, a latency plan's calibrated ones -- written as they are; ``QLinearConv``). Use
+            ``"static"`` for CNNs: ORT's ``ConvInteger`` (dynamic) is slower than fp32 on the benchmark CNN,
+            QLinearConv faster. None (default): ``"static"`` for a model carrying input ranges (it was trained,
+            or judged and timed, with uint8 inputs: the graph to serve is that one), else ``"dynamic"``.
         calibration_data: a tensor of inputs, or an iterable of batches shaped like ``example_inputs`` (for a
             tensor example: tensors or ``(inputs, targets, ...)``; for a dict: dicts with its keys; for a tuple:
             tuples starting with its tensors). Required for ``"static"`` (unless trained ranges cover every
@@ -119,6 +121,8 @@ def export_onnx(
     target = _check_path(path)
     if example_inputs is None:
         raise TypeError(f"`{argument}` is required: one input batch (a tensor, a tuple or a dict of tensors)")
+    if activations is None:
+        activations = "static" if _trained.collect(model) else "dynamic"
     check_choice("activations", activations, ACTIVATIONS)
     check_number("opset", opset, low=13, high=20, integer=True)
     check_choice("accuracy_level", accuracy_level, (0, 1, 2, 3, 4))
