@@ -39,7 +39,7 @@ from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.gptq_plan import METHODS, apply_gptq
 from lightning_compress.adaptive.latency_budget import latency_result
 from lightning_compress.adaptive.plan import FLOOR_BITS, Problem, rows
-from lightning_compress.adaptive.rivals import UNIFORM_TRIED, TopOneLoss
+from lightning_compress.adaptive.rivals import UNIFORM_TRIED, against_float
 from lightning_compress.adaptive.scales import measured_scales
 from lightning_compress.adaptive.session import BUDGET_STEPS, BudgetError, Session
 from lightning_compress.core.gate import MetricGate
@@ -137,8 +137,9 @@ def compress(
         search: ``"joint"``: widths, granularity and, under a MACs cap, where no dense plan fits or where the dense
             plan needs 2 bits somewhere, sparsity together; the plan is then measured beside
             :data:`~.rivals.UNIFORM_TRIED` uniform configurations that fit (on ``metric_fn``; without it and without
-            ``loss_fn``, on the top-1 loss against the float model's predictions on the calibration batches) and the
-            best measured is delivered; ``"all"``: sparsity
+            ``loss_fn``, on the top-1 loss against the float model's predictions on the calibration batches for a
+            classifier's ``(N, C)`` output, else on the output error relative to the float outputs) and the best
+            measured is delivered; ``"all"``: sparsity
             under a size budget alone too (priced in the sparse layout's bytes); ``"bits"``: widths and granularity
             only, sparsity 0 (what ModelOpt's ``auto_quantize`` searches); ``"sparsity"``: sparsity and granularity
             only, every layer at :data:`SPARSITY_ONLY_BITS` (the baselines the joint search is measured against).
@@ -187,7 +188,7 @@ def compress(
         before = measure(metric_fn, model) if metric_fn is not None and before is None else before
         fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
         fisher = sync(fisher) if sync is not None else fisher
-        proxy = TopOneLoss(model, batches, run) if search == "joint" and metric_fn is None and loss_fn is None \
+        proxy = against_float(model, batches, run) if search == "joint" and metric_fn is None and loss_fn is None \
             else None
         sparsities = SPARSITIES if budget.macs is not None or search in ("sparsity", "all") else (0.0,)
         sparsities = (0.0,) if search == "bits" else sparsities

@@ -11,12 +11,14 @@ lowest predicted first) and the best *measured* one is delivered. Where the dens
 ``compress()`` also solves with sparsity and measures the dense plan beside that one (``Session.also``): the
 score under-predicts heavy pruning too, so neither is trusted alone.
 
-The measure is ``metric_fn`` when one is given. Without it (and without ``loss_fn``), it is the cross-entropy of
-the compressed model's outputs against the float model's top-1 predictions on the calibration batches
-(:class:`TopOneLoss`): on SmallCNN it ranked the plan and the uniform configuration as validation accuracy did where
-the KL divergence to the float outputs did not (the KL weighs the classes the model does not predict). A
-``loss_fn`` may be a sampled loss whose value measures nothing, so with a ``loss_fn`` and no ``metric_fn`` nothing
-is compared and the plan is delivered as solved.
+The measure is ``metric_fn`` when one is given. Without it (and without ``loss_fn``), :func:`against_float` picks
+one: for a classifier's output (``(N, C)`` logits, ``C > 1``) the cross-entropy of the compressed model's outputs
+against the float model's top-1 predictions on the calibration batches (:class:`TopOneLoss`); for any other output
+(token states, embeddings, a regression, sequence logits) the output error relative to the float outputs
+(:class:`OutputError`), since an argmax over their last dimension is not a class. On SmallCNN the top-1 loss ranked
+the plan and the uniform configuration as validation accuracy did where the KL divergence to the float outputs did
+not (the KL weighs the classes the model does not predict). A ``loss_fn`` may be a sampled loss whose value measures
+nothing, so with a ``loss_fn`` and no ``metric_fn`` nothing is compared and the plan is delivered as solved.
 """
 
 from __future__ import annotations
@@ -70,28 +72,57 @@ def uniform_plans(problem: Problem, header: int) -> list[dict[str, Candidate]]:
     return sorted(plans, key=lambda p: sum(problem.score(c) for c in p.values()))
 
 
-class TopOneLoss:
-    """Cross-entropy of a model's outputs (the last dimension read as logits) against the float model's top-1
-    predictions on the calibration batches, minus the float model's own: lower is better, 0 for the float model."""
+class OutputError:
+    """Squared error of a model's outputs to the float model's on the calibration batches, relative to the float
+    outputs' energy: lower is better, 0 for the float model. What plans are compared on when the output is not a
+    classifier's logits."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Any], run: Callable[[nn.Module, Any], Any]) -> None:
+    describes = "the output error relative to the float outputs on the calibration batches"
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], run: Callable[[nn.Module, Any], Any],
+                 reference: list[Tensor] | None = None) -> None:
         self.batches, self.run = batches, run
-        logits = self._logits(model)
-        self.labels = [x.argmax(-1) for x in logits]
-        self.base = self._loss(logits)
+        self.reference = self._outputs(model) if reference is None else reference
 
-    def _logits(self, model: nn.Module) -> list[Tensor]:
+    def _outputs(self, model: nn.Module) -> list[Tensor]:
         training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                outputs = [first_tensor(self.run(model, batch)).float() for batch in self.batches]
+                return [first_tensor(self.run(model, batch)).float() for batch in self.batches]
         finally:
             model.train(training)
-        return [o.reshape(-1, o.shape[-1]) for o in outputs]
 
-    def _loss(self, logits: Sequence[Tensor]) -> float:
+    def __call__(self, model: nn.Module) -> float:
+        error = sum(float((o - r).pow(2).sum()) for o, r in zip(self._outputs(model), self.reference))
+        energy = sum(float(r.pow(2).sum()) for r in self.reference)
+        return error / max(energy, torch.finfo(torch.float32).tiny)
+
+
+class TopOneLoss(OutputError):
+    """Cross-entropy of a model's outputs (the last dimension read as logits) against the float model's top-1
+    predictions on the calibration batches, minus the float model's own: lower is better, 0 for the float model."""
+
+    describes = "the top-1 loss on the calibration batches"
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], run: Callable[[nn.Module, Any], Any],
+                 reference: list[Tensor] | None = None) -> None:
+        super().__init__(model, batches, run, reference)
+        self.labels = [x.reshape(-1, x.shape[-1]).argmax(-1) for x in self.reference]
+        self.base = self._loss(self.reference)
+
+    def _loss(self, outputs: Sequence[Tensor]) -> float:
+        logits = [x.reshape(-1, x.shape[-1]) for x in outputs]
         return sum(float(F.cross_entropy(x, y)) for x, y in zip(logits, self.labels)) / len(self.labels)
 
     def __call__(self, model: nn.Module) -> float:
-        return self._loss(self._logits(model)) - self.base
+        return self._loss(self._outputs(model)) - self.base
+
+
+def against_float(model: nn.Module, batches: Sequence[Any], run: Callable[[nn.Module, Any], Any]) -> OutputError:
+    """:class:`TopOneLoss` where every calibration output is a classifier's ``(N, C)`` logits with ``C > 1``;
+    :class:`OutputError` otherwise (an argmax over a last dimension that is not a class ranks nothing)."""
+    measure = OutputError(model, batches, run)
+    if measure.reference and all(o.dim() == 2 and o.shape[-1] > 1 for o in measure.reference):
+        return TopOneLoss(model, batches, run, measure.reference)
+    return measure

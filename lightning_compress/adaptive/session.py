@@ -231,7 +231,8 @@ class Session:
             if best_loss is not None and rival.loss < best_loss:
                 best, best_loss, best_what = rival.delivered, rival.loss, rival.what
         if rivals and own is not None:
-            what = "the metric's drop" if self.metric_fn is not None else "the top-1 loss on the calibration batches"
+            what = "the metric's drop" if self.metric_fn is not None else getattr(
+                self.proxy, "describes", "a measure against the float model")
             shown = "; ".join(f"{r.what} {r.loss:.4g}" for r in rivals)
             self.steps.append(f"compared on {what}: the plan {own:.4g}; {shown}; delivered: {best_what}")
         if rivals:

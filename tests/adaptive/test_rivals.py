@@ -17,7 +17,14 @@ from lightning_compress.adaptive import BudgetError
 from lightning_compress.adaptive.candidates import Candidate
 from lightning_compress.adaptive.compress import FISHER_BATCHES
 from lightning_compress.adaptive.plan import Problem
-from lightning_compress.adaptive.rivals import HEADER_SLACK, UNIFORM_TRIED, TopOneLoss, uniform_plans
+from lightning_compress.adaptive.rivals import (
+    HEADER_SLACK,
+    UNIFORM_TRIED,
+    OutputError,
+    TopOneLoss,
+    against_float,
+    uniform_plans,
+)
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.quantization.calibration import feed
 from tests.adaptive.digits import Digits, accuracy, trained_digits
@@ -133,3 +140,34 @@ def test_joint_offers_sparsity_where_no_dense_plan_fits(digits: Digits) -> None:
     assert any(row["sparsity"] > 0 for row in result.plan)
     assert any(s.startswith("no dense plan fits") for s in result.steps)
     assert accuracy(model, digits.test) > 0.5
+
+
+class _Tokens(nn.Module):
+    """Token states ``(N, L, D)``: no class in the last dimension (review finding 12)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(64, 4 * 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed(x).reshape(x.shape[0], 4, 16)
+
+
+def test_against_float_reads_top_one_only_for_a_classifiers_logits(digits: Digits) -> None:
+    assert isinstance(against_float(digits.model, digits.train[:2], feed), TopOneLoss)
+    tokens = _Tokens()
+    measure = against_float(tokens, digits.train[:2], feed)
+    assert type(measure) is OutputError
+    assert measure(tokens) == 0.0
+    with torch.no_grad():
+        tokens.embed.weight.mul_(1.1)  # every output grows about 10 %: argmax of the last dimension may not move
+    assert 0.001 < measure(tokens) < 0.05
+    assert "output error" in measure.describes
+
+
+def test_a_non_classifier_without_a_metric_is_compared_on_its_output_error(digits: Digits) -> None:
+    tokens = _Tokens()
+    result = compress(tokens, Budget(size=0.3), digits.train[:FISHER_BATCHES], forward=feed,
+                      loss_fn=None, metric_fn=None)
+    assert any("output error relative to the float outputs" in step for step in result.steps)
+    assert not any("top-1" in step for step in result.steps)
