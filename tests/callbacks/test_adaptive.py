@@ -25,6 +25,7 @@ from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.export import load_float
 from tests.callbacks._rank_errors import SetupErrorFile
+from tests.callbacks.test_ddp import _run_script
 
 BOUND = 0.05  # accuracy points the delivered model may lose on the validation data
 EPOCHS = 6
@@ -382,3 +383,19 @@ def test_a_latency_export_that_cannot_be_written_fails_with_a_report(tmp_path: P
     report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
     assert report["failure"].startswith("OSError") and "No space left" in report["failure"]
     assert "compacted_export" not in report["files"] and not list(tmp_path.rglob("latency.safetensors"))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_whose_fisher_differs_deliver_rank_zeros_plan(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """strategy='ddp', 2 CPU ranks: rank 1's end-of-fit Fisher is scaled (a backward that differs by rank, as
+    nondeterministic CUDA kernels can make it); both ranks still take the same decisions, make the same collectives
+    (no hang: the script has a timeout) and end with identical weights and codes, those of the file."""
+    from tests.ddp import adaptive_scenarios
+
+    monkeypatch.setattr("tests.callbacks.test_ddp.HELPERS", Path(adaptive_scenarios.__file__).resolve())
+    _run_script("fisher", tmp_path)
+    ranks = [json.loads((tmp_path / f"fisher.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["codes"] is not None
+    assert (tmp_path / "fisher.safetensors").stat().st_size == ranks[0]["file_bytes"]
