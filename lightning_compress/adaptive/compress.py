@@ -37,7 +37,7 @@ from lightning_compress.adaptive.caps import budget_caps
 from lightning_compress.adaptive.costs import aliases
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.gptq_plan import METHODS, apply_gptq
-from lightning_compress.adaptive.latency_budget import latency_result
+from lightning_compress.adaptive.latency_budget import latency_result, refuse_ignored
 from lightning_compress.adaptive.plan import FLOOR_BITS, Problem, rows
 from lightning_compress.adaptive.rivals import UNIFORM_TRIED, against_float
 from lightning_compress.adaptive.scales import measured_scales
@@ -159,10 +159,10 @@ def compress(
     check_choice("scale", scale, SCALES)
     check_choice("search", search, SEARCHES)
     check_choice("method", method, METHODS)
-    if method == "gptq" and budget.latency is not None:
-        raise ValueError(f"`method`={method!r} applies a size / MACs plan's widths; a latency budget "
-                         f"(latency={budget.latency!r}) removes whole units and rounds its int8 layers to nearest; "
-                         "allowed: 'rtn'")
+    if budget.latency is not None:  # what the latency path would ignore is refused
+        refuse_ignored(budget, {"method": (method, "rtn"), "calibration": (calibration, "mse"), "scale": (scale,
+                       "fisher"), "corrections": (corrections, CORRECTIONS), "before": (before, None), "sync": (sync,
+                       None)})
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     layers, _ = select_layers(model, QUANT_MODULE_TYPES)

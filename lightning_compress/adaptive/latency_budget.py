@@ -46,7 +46,7 @@ from lightning_compress.serving._runtime import require_onnx
 from lightning_compress.structure.macs import macs_per_example
 
 __all__ = ["Delivered", "LatencyBudgetError", "LatencyProblem", "compress_to_latency", "deliver", "latency_result",
-           "problem_of", "refresh_batchnorm", "within"]
+           "problem_of", "refresh_batchnorm", "refuse_ignored", "within"]
 
 CORRECTIONS = 4  # re-solves with the target moved by what was measured
 AIM = 0.95  # plans aim at this share of the budget: timings on a loaded machine move by a few percent
@@ -61,6 +61,20 @@ class LatencyBudgetError(BudgetError):
     def __init__(self, message: str, smallest_latency: float | None) -> None:
         super().__init__(message, None)
         self.smallest_latency = smallest_latency
+
+
+def refuse_ignored(budget: Budget, given: Mapping[str, tuple[Any, Any]]) -> None:
+    """Raise naming each of ``compress()``'s arguments in ``given`` (name -> (value, its default)) set other than
+    its default: they choose a size / MACs plan (widths, their clipping, corrections, the scores' scale, the
+    measured ``before``, the Fisher's sync), and the latency path would silently ignore them."""
+    ignored = {name: default for name, (value, default) in given.items() if value is not default and value != default}
+    if ignored:
+        set_to = ", ".join(f"`{name}`={given[name][0]!r}" for name in ignored)
+        defaults = ", ".join(f"`{name}`={default!r}" for name, default in ignored.items())
+        raise ValueError(f"`budget`=Budget(latency={budget.latency!r}, ...) removes whole units and rounds its int8 "
+                         f"layers to nearest: {set_to} would be ignored (they belong to size / MACs budgets); a "
+                         f"latency budget takes calibration_data, forward, loss_fn, metric_fn, max_metric_drop, "
+                         f"higher_is_better, calibration_batches and search; allowed: {defaults}")
 
 
 def latency_shape(budget: Budget, batches: Sequence[Any]) -> tuple[int, ...]:

@@ -69,13 +69,12 @@ def measured_steps(steps: list[str]) -> list[tuple[float, float]]:
 def assert_decided_by_its_own_timings(result: Any, latency: float) -> None:
     """What compress() decided follows from what it measured and recorded (not from a second timing on a machine
     other processes share): the delivered ratio is one it measured, within the budget; the first plan aimed at
-    AIM of the budget; every plan measured over the budget was not delivered."""
+    AIM of the budget."""
     timed = measured_steps(result.steps)
     assert timed, result.steps
     assert result.latency is not None and result.latency <= latency
     assert round(result.latency, 3) in [measured for _, measured in timed], (result.latency, result.steps)
     assert timed[0][0] <= round(AIM * latency, 3) + 1e-3, result.steps  # the first plan aims below the budget
-    assert min(m for _, m in timed) <= result.latency  # the smallest measured is at most the delivered one
 
 
 def test_latency_budget_is_met_as_measured_and_the_callers_model_is_unchanged(digits: dict[str, Any],
@@ -193,6 +192,12 @@ BAD: list[tuple[str, dict[str, Any], Any, tuple[str, ...]]] = [
      ("size=100", "floor", "allowed")),
     ("macs_below_the_floor", {"budget": Budget(latency=0.5, macs=1, latency_input=SHAPE)}, None,
      ("macs=1", "floor", "allowed")),
+    ("arguments_a_latency_budget_ignores", {"budget": Budget(latency=0.5, latency_input=SHAPE), "scale": "measured",
+                                            "corrections": 5, "calibration": "percentile"}, None,
+     ("`scale`='measured'", "`corrections`=5", "`calibration`='percentile'", "latency=0.5", "would be ignored",
+      "takes calibration_data", "`scale`='fisher'")),
+    ("before_a_latency_budget_ignores", {"budget": Budget(latency=0.5, latency_input=SHAPE), "before": 0.9}, None,
+     ("`before`=0.9", "would be ignored")),
 ]
 
 
