@@ -30,6 +30,7 @@ Lightning import.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from lightning_compress.adaptive.candidates import SPARSITIES, Candidate, layer_candidates
 from lightning_compress.adaptive.caps import Caps
-from lightning_compress.adaptive.costs import aliases, dense_macs, fixed_bytes
+from lightning_compress.adaptive.costs import aliases, fixed_bytes
 from lightning_compress.adaptive.plan import FLOOR_SPARSITY, Problem
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.pruning.planner import plan_masks
@@ -62,8 +63,12 @@ def statistics_fisher(stats: GradientStatistics) -> dict[str, Tensor]:
 
 @dataclass
 class SparsityPlanner:
-    """Plans per-layer sparsity for ``model``'s tracked layers under ``caps`` (a layer the fit does not track is
-    counted at its float bytes and dense MACs)."""
+    """Plans per-layer sparsity for ``model``'s tracked layers under ``caps``. Every other quantizable layer (an
+    embedding; a Linear / Conv left out by ``exclude=`` / ``include=`` / ``module_types=``) is quantized at the end
+    of the fit as well, so it is planned in the same problem as ``budget_caps`` prices it: its candidates at
+    sparsity 0 (never pruned), scored with the tracked layers' mean ``E[g^2]`` per weight (the fit keeps no
+    statistics for it; the end of the fit plans its width again on its own Fisher). ``fallback``: why the last call
+    returned the largest sparsity everywhere (no plan within the caps), else None."""
 
     model: nn.Module
     modules: dict[str, nn.Module]  # the tracked layers
@@ -72,25 +77,34 @@ class SparsityPlanner:
     widths: tuple[int, ...] = PLAN_WIDTHS
     elements: int | None = PLAN_ELEMENTS  # None: every layer scored on all its rows
     buckets: int = PLAN_BUCKETS
+    fallback: str | None = None
 
     def __call__(self, fisher: Mapping[str, Tensor]) -> dict[str, float]:
         """Layer -> sparsity of the plan with the smallest predicted loss within the caps; with no plan within
-        both caps, within the MACs cap alone; else the largest sparsity everywhere."""
-        keys = {name: weight_key(name, module) for name, module in self.modules.items()}
-        weights = {name: layer_weight(name, module).detach() for name, module in self.modules.items()}
-        where = self.caps.where
-        untracked = {n: w for n, w in select_layers(self.model, QUANT_MODULE_TYPES)[0].items() if n not in keys}
-        other = self.caps.other_macs + dense_macs({n: layer_weight(n, m) for n, m in untracked.items()}, where)
-        candidates = {n: sampled_candidates(n, self.modules[n], weights[n], fisher[n].to(weights[n].device), where[n],
-                                            count, self.calibration, self.widths, self.elements)
+        both caps, within the MACs cap alone; else the largest sparsity everywhere (``fallback`` says so)."""
+        layers = select_layers(self.model, QUANT_MODULE_TYPES)[0]
+        untracked = {n: m for n, m in layers.items() if n not in self.modules}
+        modules = {**self.modules, **untracked}
+        keys = {name: weight_key(name, module) for name, module in modules.items()}
+        weights = {name: layer_weight(name, module).detach() for name, module in modules.items()}
+        where, self.fallback = self.caps.where, None
+        scores = {n: fisher[n].to(weights[n].device) for n in self.modules}
+        mean = sum(float(f.double().sum()) for f in scores.values()) / max(sum(f.numel() for f in scores.values()), 1)
+        candidates = {n: sampled_candidates(n, modules[n], weights[n],
+                                            scores[n] if n in scores else torch.full_like(weights[n], mean),
+                                            where.get(n, 0.0), count, self.calibration, self.widths, self.elements,
+                                            SPARSITIES if n in self.modules else (0.0,))
                       for n, count in aliases(self.model, keys).items()}
         fixed = fixed_bytes(self.model, keys)
         size_cap, macs_cap = self.caps.size_cap, self.caps.macs_cap
         tries = [(size_cap, macs_cap)] + ([(None, macs_cap)] if macs_cap is not None else [])
         for caps in tries:
-            plan = Problem(candidates, fixed, other, *caps, buckets=self.buckets).choose(0)
+            plan = Problem(candidates, fixed, self.caps.other_macs, *caps, buckets=self.buckets).choose(0)
             if plan is not None:  # a candidate prunes the weights already zero first: never below what they are
-                return {name: max(candidate.sparsity, zero_fraction(weights[name])) for name, candidate in plan.items()}
+                return {name: max(plan[name].sparsity, zero_fraction(weights[name])) for name in self.modules}
+        self.fallback = (f"no plan of sparsities (untracked layers {sorted(untracked)} at sparsity 0) is within the "
+                         f"caps (size {size_cap}, MACs {macs_cap}): every tracked layer planned at the largest "
+                         f"sparsity {FLOOR_SPARSITY}")
         return {name: FLOOR_SPARSITY for name in self.modules}
 
 
@@ -145,10 +159,11 @@ class BudgetRun(PruningRun):
     plan_by_layer: dict[str, float]
     planned_at: int | None
     replans: int
+    fell_back: str | None  # the planner's reason when its last plan was the floor fallback (warned once)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.plan_by_layer, self.planned_at, self.replans = {}, None, 0
+        self.plan_by_layer, self.planned_at, self.replans, self.fell_back = {}, None, 0, None
 
     @property
     def planned(self) -> float:
@@ -162,6 +177,17 @@ class BudgetRun(PruningRun):
         plan = self.planner(statistics_fisher(self.stats))
         self.plan_by_layer = {n: float(s) for n, s in self.broadcast(plan).items()}
         self.replans += 1
+        fallback = getattr(self.planner, "fallback", None)
+        if fallback and not self.fell_back:
+            warnings.warn(f"AdaptiveCompression: {fallback}", stacklevel=2)
+        self.fell_back = fallback
+
+    def event(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        """:meth:`PruningRun.event`; the entry's note says when the plan it pruned toward was the floor fallback."""
+        entry = super().event(*args, **kwargs)
+        if entry is not None and self.fell_back:
+            entry["note"] = "; ".join(filter(None, [entry.get("note"), self.fell_back]))
+        return entry
 
     def _target(self, tick: int) -> float | None:
         if self.schedule is None:
