@@ -10,7 +10,9 @@ as it is. Its ONNX form is what :func:`~lightning_compress.serving.onnx.export_o
 slower than the float convolution on this project's CNNs (README, "Serving"). Both the per-layer rows of the
 latency table (:func:`int8_layer_graph`) and the delivered model (:func:`onnx_graph`) go through ``export_onnx``
 itself, so what is timed is what the export writes; a layer the export does not put on an integer operator gets
-no int8 row, and so is never chosen int8.
+no int8 row, and so is never chosen int8. The delivered model also carries the uint8 input range each int8 layer
+was exported with (:func:`carry_input_ranges`): the bound is judged with them applied (:func:`as_served`), and
+``export_onnx(model)`` writes that static graph by default.
 """
 
 from __future__ import annotations
