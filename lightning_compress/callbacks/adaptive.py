@@ -249,6 +249,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             if result is None:
                 result = self._compress(trainer, pl_module)
                 result.steps[:0] = [refused] if refused else []
+            adaptive_plan.take_rank_zeros(trainer, pl_module, result)
             self.result = result
         except BudgetError as err:
             self._fail(trainer, pl_module, err)

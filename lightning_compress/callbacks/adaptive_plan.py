@@ -6,6 +6,7 @@ Fisher so that every rank decides alike. The math is :func:`~lightning_compress.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks.quantization import _calibration_forward
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.evaluation import eval_mode
-from lightning_compress.quantization.carried import forget
+from lightning_compress.quantization.carried import attach, carried, drop, forget
 
 if TYPE_CHECKING:
     from lightning_compress.callbacks.adaptive import AdaptiveCompression
@@ -113,3 +114,30 @@ def back_to_floats(pl_module: pl.LightningModule, floats: dict[str, torch.Tensor
         for key, value in pl_module.state_dict().items():
             value.copy_(floats[key])
     forget(pl_module)
+
+
+def _codes_to(codes: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Each record of codes (a dataclass of tensors and settings) with its tensors on ``device``."""
+    return {key: dataclasses.replace(q, **{f.name: getattr(q, f.name).to(device) for f in dataclasses.fields(q)
+                                           if isinstance(getattr(q, f.name), torch.Tensor)})
+            if dataclasses.is_dataclass(q) and not isinstance(q, type) else q for key, q in codes.items()}
+
+
+def take_rank_zeros(trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
+    """Every rank's delivered model made rank zero's: its weights, the codes it carries and the plan's rows. Every
+    rank decides on rank zero's Fisher, but GPTQ's Hessians (or an accelerator's backward) can still differ by
+    rounding from rank to rank, and rank zero's model is the one its file holds."""
+    if trainer.world_size < 2:
+        return
+    record = carried(pl_module)
+    mine = ({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+            _codes_to(dict(record.codes), torch.device("cpu")) if record is not None else {},
+            record.source if record is not None else "", result.plan)
+    state, codes, source, result.plan = trainer.strategy.broadcast(mine, src=0)
+    with torch.no_grad():
+        for key, value in pl_module.state_dict().items():
+            value.copy_(state[key])
+    if record is not None:
+        drop(pl_module, [key for key in record.codes if key not in codes])
+    if codes:
+        attach(pl_module, _codes_to(codes, pl_module.device), source)

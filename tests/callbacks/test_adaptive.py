@@ -386,16 +386,18 @@ def test_a_latency_export_that_cannot_be_written_fails_with_a_report(tmp_path: P
 
 
 @pytest.mark.ddp
-def test_ddp_ranks_whose_fisher_differs_deliver_rank_zeros_plan(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """strategy='ddp', 2 CPU ranks: rank 1's end-of-fit Fisher is scaled (a backward that differs by rank, as
-    nondeterministic CUDA kernels can make it); both ranks still take the same decisions, make the same collectives
-    (no hang: the script has a timeout) and end with identical weights and codes, those of the file."""
+@pytest.mark.parametrize("scenario", ["fisher", "apart"])
+def test_ddp_ranks_whose_numbers_differ_deliver_rank_zeros_model(scenario: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """strategy='ddp', 2 CPU ranks. ``fisher``: rank 1's end-of-fit Fisher is scaled (a backward that differs by
+    rank, as nondeterministic CUDA kernels can make it); both ranks still take the same decisions and make the same
+    collectives (no hang: the script has a timeout). ``apart``: rank 1's delivered model is moved after the plan
+    (GPTQ's Hessians differing by rounding). Both end with identical weights and codes, those of the file."""
     from tests.ddp import adaptive_scenarios
 
     monkeypatch.setattr("tests.callbacks.test_ddp.HELPERS", Path(adaptive_scenarios.__file__).resolve())
-    _run_script("fisher", tmp_path)
-    ranks = [json.loads((tmp_path / f"fisher.rank{r}.json").read_text()) for r in (0, 1)]
+    _run_script(scenario, tmp_path)
+    ranks = [json.loads((tmp_path / f"{scenario}.rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["codes"] is not None
-    assert (tmp_path / "fisher.safetensors").stat().st_size == ranks[0]["file_bytes"]
+    assert (tmp_path / f"{scenario}.safetensors").stat().st_size == ranks[0]["file_bytes"]
