@@ -167,6 +167,8 @@ def test_the_bound_holds_on_the_test_split_the_gate_never_saw(fitted: dict[str, 
     float_model = _model()
     float_model.load_state_dict(fitted["float"])
     delivered = load_quantized(_model(), callback.report.files["quantized"])
+    assert callback.report.metric_after == pytest.approx(_test_accuracy(delivered, "val"), abs=1e-6)  # the codes'
+    assert callback.report.metric_before == callback.controller.initial_metric  # before the first pruning event
     assert callback.report.metric_before - callback.report.metric_after <= BOUND  # validation: what the gate saw
     assert _test_accuracy(float_model) - _test_accuracy(delivered) <= BOUND + SLACK
 
