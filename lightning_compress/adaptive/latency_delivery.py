@@ -147,7 +147,8 @@ def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandi
         graph, report = onnx_graph(compacted, calibration_inputs(batches))
         carry_input_ranges(compacted, report)  # its export and its metric read uint8 inputs, as timed
         ratio, _, seconds = graph_ratio(model, graph, shape, threads)
-        note = f"; export_onnx agrees with PyTorch on {report.argmax_agreement:.3f} of argmaxes"
+        note = (f"; its static graph (uint8 inputs) agrees with the float-input model on {report.argmax_agreement:.3f} "
+                "of argmaxes")
     else:
         ratio, _, seconds = measured_ratio(model, compacted, shape, threads)
     delivered = Delivered(plan, compacted, ratio, problem.predict(plan, int8) / problem.table.dense, seconds,
