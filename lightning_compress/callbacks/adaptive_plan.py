@@ -58,8 +58,9 @@ class SeenBatches:
 def calibration_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, count: int,
                         seen: list[Any] | None) -> list[Any]:
     """Rank zero's first ``count`` training batches on every rank, on the model's device: ``seen`` (those the fit fed)
-    mid-fit; read from the loader (``seen`` None) only once the fit's loop is over."""
-    if seen is None:
+    mid-fit; read from the loader (``seen`` None) once the fit's loop is over, or mid-fit when nothing was seen (a
+    resume at QAT's very step, QAT listed first) and the loader's workers are not persistent."""
+    if seen is None or (not seen and not getattr(trainer.train_dataloader, "persistent_workers", False)):
         loader = trainer.train_dataloader
         seen = list(itertools.islice(iter(loader), count)) if loader is not None else []
     return [trainer.strategy.batch_to_device(b, pl_module.device)
