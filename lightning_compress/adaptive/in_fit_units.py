@@ -2,13 +2,9 @@
 family ramping to its own planned count, the model compacted at the end and its latency measured. The pure half of
 ``AdaptiveCompression(budget=Budget(latency=...))``; no Lightning import.
 
-- :class:`LatencyPlanner`: the first time it is asked (the first pruning event, when the structure analysis and
-  the gradient statistics exist) it measures the per-layer ONNX Runtime latency table once
-  (:func:`~.latency.build_table`) and keeps the dense model's graph. At every event each family's units are scored by
-  the per-unit statistics the pruning run keeps: ``1/2 E[(sum_j w_ij g_ij)^2]`` per unit, summed over the family's
-  producers (:func:`unit_fisher`), the Fisher's predicted loss increase of removing the unit (its whole block, not
-  the diagonal; units already removed score lowest, so masks only shrink) and the greedy solve of
-  :mod:`.latency_budget` plans each family's kept count for :data:`~.latency_budget.AIM` of the budget.
+- :class:`~.unit_planner.LatencyPlanner` (:mod:`.unit_planner`): per family, the kept unit count planned for the
+  budget from the per-unit statistics and a latency table measured once; a fit resumed after its last event has it
+  built again from the run's structure when the run first needs its families (:meth:`LatencyRun._families`).
 - Each family aims at ``units - (units - planned) * progress`` (the schedule's progress, 0 -> 1). At the last event
   (progress 1) the plan is not trusted: :func:`~.latency_budget.within` compacts copies and times them against the
   model in turns, moving the target until a plan is measured within the budget (the same corrections as
@@ -26,95 +22,22 @@ family ramping to its own planned count, the model compacted at the end and its 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_compress.adaptive.in_fit import shortfall
-from lightning_compress.adaptive.latency import build_table, float_graph, measure
-from lightning_compress.adaptive.latency_budget import AIM, LatencyBudgetError, LatencyProblem, within
+from lightning_compress.adaptive.latency import float_graph, measure
+from lightning_compress.adaptive.latency_budget import LatencyBudgetError
 from lightning_compress.adaptive.recovery_gate import RecoveryGate
 from lightning_compress.adaptive.session import BudgetError
-from lightning_compress.adaptive.units import LAYERS, family_candidates, kept_counts
+from lightning_compress.adaptive.unit_planner import LatencyPlanner, unit_fisher
 from lightning_compress.pruning.planner import expand_masks
 from lightning_compress.pruning.run import PruningRun, check_finite_before
-from lightning_compress.pruning.structured import unit_families
 
-__all__ = ["LatencyPlanner", "LatencyRun", "settle_last", "shortfall", "verify", "verify_bound"]
-
-
-class LatencyPlanner:
-    """Per family (its first producer's name), the kept unit count planned for ``latency`` x the dense latency at
-    ``shape`` with ``threads`` ORT threads. ``steps`` says what was measured."""
-
-    def __init__(self, model: nn.Module, latency: float, shape: tuple[int, ...], threads: int) -> None:
-        self.model, self.latency, self.shape, self.threads = model, latency, shape, threads
-        self.problem: LatencyProblem | None = None
-        self.dense_graph: bytes | None = None
-        self.steps: list[str] = []
-        self.caps: Mapping[str, int] = {}  # family -> fewest units it may keep (events undone after recovery)
-        self.example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-
-    def _build(self, names: list[str], groups: Mapping[str, Any]) -> LatencyProblem:
-        modules = dict(self.model.named_modules())
-        members = {f[0]: f for f in unit_families(names, groups)
-                   if all(groups[n].parts == 1 and groups[n].block == 1 and isinstance(modules[n], LAYERS)
-                          for n in f)}
-        outputs: dict[str, list[int]] = {}
-        inputs: dict[str, list[int]] = {}
-        for name, family in members.items():
-            units = groups[name].num_units
-            for member in family:
-                outputs.setdefault(member, []).extend(kept_counts(units))
-            for consumer, repeat, _ in groups[name].consumers:
-                if isinstance(modules.get(consumer), LAYERS):
-                    fan_in = int(modules[consumer].weight.shape[1])
-                    inputs.setdefault(consumer, []).extend(fan_in - (units - k) * repeat for k in kept_counts(units))
-        self.dense_graph = float_graph(self.model, self.shape)
-        table = build_table(self.model, self.shape, self.threads, outputs, inputs)
-        self.steps.append(f"{len(members)} families of units, {table.graphs} one-layer graphs timed; dense "
-                          f"{table.dense * 1e3:.3g} ms per run at {self.shape}, {self.threads} thread(s)")
-        return LatencyProblem({}, members, groups, {}, table)
-
-    def score(self, fisher: Mapping[str, Tensor], current: Mapping[str, Tensor]) -> None:
-        """Each family's units scored from ``fisher`` (per layer, per unit: ``E[(sum w g)^2]``); units ``current``
-        (unit keep-masks) removed score lowest."""
-        problem = self.problem
-        assert problem is not None
-        for name, family in problem.members.items():
-            scores = unit_fisher(family, fisher)
-            fewest = self.caps.get(name, 0)
-            problem.candidates[name] = [c for c in family_candidates(name, scores) if c.kept >= fewest] or \
-                family_candidates(name, scores)[:1]
-            keep = current.get(name)
-            problem.scores[name] = scores if keep is None else torch.where(keep.cpu().bool(), scores, -1.0)
-
-    def __call__(self, names: list[str], groups: Mapping[str, Any], fisher: Mapping[str, Tensor],
-                 current: Mapping[str, Tensor], final: bool, caps: Mapping[str, int] | None = None) -> dict[str, int]:
-        self.caps = dict(caps or {})
-        if self.problem is None:
-            self.problem = self._build(names, groups)
-        problem = self.problem
-        self.score(fisher, current)
-        if not final:
-            plan = problem.solve(AIM * self.latency * problem.table.dense)
-        else:
-            # measured within AIM of the budget: the end-of-fit measurement, against the budget itself, times again
-            delivered, smallest = within(self.model, problem, AIM * self.latency, self.example, self.shape,
-                                         self.threads, self.steps, (), lambda m, b: m(b))  # no BatchNorm refresh
-            if delivered is None:  # the sparsest plan: the end-of-fit measurement refuses it with its figure
-                self.steps.append(f"no plan measured within {self.latency:g} (smallest {smallest}); the sparsest")
-                plan = problem.solve(0.0)
-            else:
-                plan = delivered.plan
-        return {name: candidate.kept for name, candidate in plan.items()}
-
-
-def unit_fisher(family: list[str], second_moment: Mapping[str, Tensor]) -> Tensor:
-    """``1/2 * sum over the family's producers of E[(sum_j w_ij g_ij)^2]`` per unit (float64, CPU)."""
-    return 0.5 * torch.stack([second_moment[m].detach().double().cpu() for m in family]).sum(0)
+__all__ = ["LatencyPlanner", "LatencyRun", "settle_last", "shortfall", "unit_fisher", "verify", "verify_bound"]
 
 
 def kept_now(units: int, planned: int, progress: float, kept: int) -> int:
@@ -137,7 +60,16 @@ class LatencyRun(PruningRun):
         self.recovery = RecoveryGate()  # each event judged after the model trained since (adaptive.recovery_gate)
 
     def _families(self) -> dict[str, list[str]]:
-        return self.planner.problem.members if self.planner is not None and self.planner.problem else {}
+        """Family -> its members, from the planner's problem. A fit resumed after its last event has a kept plan
+        (and maybe held events) but no problem yet, since no event built it: built now (:meth:`LatencyPlanner.build`,
+        the latency table and the dense graph timed again), so the end of the fit finds the families its plan
+        names and the dense graph it is timed against."""
+        planner = self.planner
+        if planner is None:
+            return {}
+        if planner.problem is None and (self.kept_plan or self.recovery.held) and self.state.groups:
+            planner.build(self.layers.names, self.state.groups)
+        return planner.problem.members if planner.problem else {}
 
     def _kept(self, family: list[str]) -> tuple[int, int]:
         """(units, kept now) of a family."""
