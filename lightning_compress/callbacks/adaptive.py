@@ -219,6 +219,19 @@ class AdaptiveCompression(GradientStabilityPruning):
         super().on_train_batch_start(trainer, pl_module, batch, *_)
         self.seen.add(batch)  # as the fit feeds it: a plan made mid-fit never reads the fit's loader
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._qat is not None and self._qat.budget_plan is None:  # QAT's plan still to come: its batches
+            state["qat_calibration_batches"] = self.seen.state()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self.seen.batches = list(state.pop("qat_calibration_batches", None) or [])[: self.seen.count]
+        super().load_state_dict(state)
+
     def _check_target(self, delivered: float) -> None:
         run = self.run
         assert isinstance(run, (BudgetRun, LatencyRun))

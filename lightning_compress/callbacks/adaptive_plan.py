@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
 from lightning_compress.adaptive.session import BudgetError
@@ -41,6 +42,9 @@ def refuse_ignored_by_latency(callback: AdaptiveCompression) -> None:
                          "leave them at their defaults with a latency budget")
 
 
+SEEN_STATE_BYTES = 64 * 2**20  # the most bytes of calibration batches a checkpoint carries while a plan is pending
+
+
 class SeenBatches:
     """The first ``count`` training batches as the fit fed them, on CPU: the calibration batches of a plan made
     mid-fit (when QAT starts). Reading the fit's loader there would corrupt the epoch: with persistent workers,
@@ -54,6 +58,20 @@ class SeenBatches:
         if len(self.batches) < self.count:
             self.batches.append(move_data_to_device(batch, torch.device("cpu")))
 
+    def state(self) -> list[Any] | None:
+        """The batches for a checkpoint written before the plan that needs them (a resume then plans on the same
+        ones); None when their tensors exceed :data:`SEEN_STATE_BYTES` (a resume then reads its own, see
+        :func:`calibration_batches`)."""
+        size = 0
+
+        def count(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal size
+            size += tensor.numel() * tensor.element_size()
+            return tensor
+
+        apply_to_collection(self.batches, torch.Tensor, count)
+        return list(self.batches) if size <= SEEN_STATE_BYTES else None
+
 
 def calibration_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, count: int,
                         seen: list[Any] | None) -> list[Any]:
@@ -62,7 +80,14 @@ def calibration_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, coun
     resume at QAT's very step, QAT listed first) and the loader's workers are not persistent."""
     if seen is None or (not seen and not getattr(trainer.train_dataloader, "persistent_workers", False)):
         loader = trainer.train_dataloader
-        seen = list(itertools.islice(iter(loader), count)) if loader is not None else []
+        with torch.random.fork_rng(devices=[]):  # the fit's random stream (samplers, workers' seeds) left as it was
+            seen = list(itertools.islice(iter(loader), count)) if loader is not None else []
+    if not seen:
+        raise BudgetError("no calibration batch to plan the widths on: this fit resumed before QAT's plan from a "
+                          f"checkpoint without its calibration batches (over {SEEN_STATE_BYTES} bytes), and its "
+                          "training loader has persistent workers, which a read mid-fit would desynchronise; "
+                          "allowed: resume from a checkpoint written after QAT started, or without persistent_workers",
+                          None)
     return [trainer.strategy.batch_to_device(b, pl_module.device)
             for b in trainer.strategy.broadcast(list(seen[:count]), src=0)]
 

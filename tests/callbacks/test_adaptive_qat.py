@@ -344,3 +344,21 @@ def test_the_plan_at_qat_start_leaves_the_fits_batches_as_they_were(tmp_path: Pa
         if compressed:
             assert callbacks[1].budget_plan is not None and callbacks[1].budget_plan.start_step == 45
     assert len(runs[0]) == 60 and runs[1] == runs[0]
+
+
+def test_a_resume_before_qats_plan_plans_on_the_same_batches_whatever_the_callback_order(
+        composed: dict[str, Any], tmp_path: Path) -> None:
+    """From the checkpoint of epoch 3 (step 80; QAT plans at step 90 on the first batches the fit fed): the
+    checkpoint carries those batches, so the resumed fit, QAT listed first this time (its batch hook runs before
+    AdaptiveCompression has seen a batch), plans on them and delivers the uninterrupted run's codes (review 17)."""
+    ckpt = sorted((composed["root"] / "ckpt").glob("epoch=3-*.ckpt"))[0]
+    states = torch.load(ckpt, weights_only=False)["callbacks"]
+    saved = next(v for k, v in states.items() if k.startswith("AdaptiveCompression"))
+    assert len(saved["qat_calibration_batches"]) == composed["adaptive"].calibration_batches
+    callbacks = _callbacks()[::-1]
+    _, model = _fit(callbacks, tmp_path, ckpt_path=str(ckpt))
+    assert callbacks[0].budget_plan.rows == composed["qat"].budget_plan.rows
+    expected = carried(composed["model"]).codes
+    for key, codes in carried(model).codes.items():
+        assert torch.equal(codes.q, expected[key].q), key
+        assert torch.equal(codes.scale, expected[key].scale), key
