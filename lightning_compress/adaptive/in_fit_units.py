@@ -144,17 +144,21 @@ class LatencyRun(PruningRun):
         before_sparsity = self.state.sparsity()
         undo = self.state.try_masks(*broadcast(self.plan(target)))
         kept_after = {n: self._kept(f)[1] for n, f in families.items()}
-        self.recovery.hold(self.state, undo, families, kept_before, kept_after, tick, step, reference)
+        judged = self.controller.gate.max_drop is not None and reference is not None  # else every verdict keeps
+        if judged:
+            self.recovery.hold(self.state, undo, families, kept_before, kept_after, tick, step, reference)
         self.controller.conclude(tick=tick, step=step, metric_before=before, metric_after=None, weights_finite=True,
                                  sparsity_before=before_sparsity, sparsity_tried=self.state.sparsity(),
                                  extra={"weight_sparsity": self.state.weight_sparsity()})
         self.state.keep(optimizers)
-        self.controller.retry_at = tick + (self.controller.patience or 0)  # a validation comes back to judge it
+        # a validation comes back to judge it
+        self.controller.retry_at = tick + (self.controller.patience or 0) if self.recovery.held else None
         if self.config.restart_statistics and self.stats is not None:
             self.stats.reset()
         entry = self.controller.history[-1]
-        entry["note"] = "; ".join(filter(None, [entry["note"], "held: judged after recovery (at a later validation "
-                                                "or the end of the fit)", undone["note"] if undone else ""]))
+        said = "held: judged after recovery (at a later validation or the end of the fit)" if judged else \
+            "kept: no bound (max_metric_drop=None) or no metric to judge it by, so nothing is held"
+        entry["note"] = "; ".join(filter(None, [entry["note"], said, undone["note"] if undone else ""]))
         return entry
 
     def _prunes(self) -> bool:

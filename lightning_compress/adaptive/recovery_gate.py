@@ -12,6 +12,12 @@ before and after it (the controller's back-off by halves: a step refused twice i
 so the plan is solved again taking fewer of them. (Undoing everything held at once undid a whole ramp of the
 ResNet benchmark at a verdict soon after its newest event.)
 
+What is held stays small, since it is in memory and in every checkpoint until the verdict: nothing at all when no
+verdict can refuse (no bound, or no metric to judge by: the caller holds nothing then), and per event the unit
+masks, the values it zeroed and the BatchNorm statistics of its units; the parameter masks only when they do not
+follow from the unit masks (:func:`~lightning_compress.pruning.planner.expand_masks`), never a copy of every
+parameter's mask per event.
+
 The decision is made on the metric every rank measured together (reduced over the ranks) and on masks every rank
 holds alike, so every rank undoes the same events; the held snapshots are plain CPU tensors in the checkpoint, so a
 resumed fit judges the events the interrupted one held.
@@ -27,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.gate import MetricGate, Verdict
+from lightning_compress.pruning.planner import expand_masks
 from lightning_compress.pruning.state import MaskState
 
 RUNNING = ("running_mean", "running_var")  # BatchNorm statistics of a unit: restored with its weights
@@ -40,20 +47,22 @@ class Held:
     step: int
     reference: float | None  # the metric it is judged against
     shrunk: dict[str, tuple[int, int]]  # family -> units it kept (before, after) the event, where it shrank
-    masks: dict[str, Tensor]  # parameter keep-masks before the event
+    masks: dict[str, Tensor] | None  # parameter keep-masks before the event; None: they follow from unit_masks
     unit_masks: dict[str, Tensor]  # unit keep-masks before the event
     values: dict[str, Tensor]  # parameter -> its values at the positions the event zeroed (1-D, CPU)
     buffers: dict[str, Tensor] = field(default_factory=dict)  # "<module>.<buffer>" -> values of the units removed
 
     def state_dict(self) -> dict[str, Any]:
         return {"tick": self.tick, "step": self.step, "reference": self.reference, "shrunk": dict(self.shrunk),
-                "masks": dict(self.masks), "unit_masks": dict(self.unit_masks), "values": dict(self.values),
+                "masks": None if self.masks is None else dict(self.masks), "unit_masks": dict(self.unit_masks),
+                "values": dict(self.values),
                 "buffers": dict(self.buffers)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Held:
         return cls(int(state["tick"]), int(state["step"]), state.get("reference"),
-                   {str(k): (int(v[0]), int(v[1])) for k, v in dict(state["shrunk"]).items()}, dict(state["masks"]),
+                   {str(k): (int(v[0]), int(v[1])) for k, v in dict(state["shrunk"]).items()},
+                   None if state.get("masks") is None else dict(state["masks"]),
                    dict(state["unit_masks"]), dict(state["values"]), dict(state.get("buffers", {})))
 
 
@@ -85,6 +94,18 @@ def _unit_buffers(state: MaskState, families: Mapping[str, list[str]],
     return out
 
 
+def _expanded(state: MaskState, unit_masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The parameter keep-masks that ``unit_masks`` (CPU) stand for on ``state``'s model."""
+    return expand_masks(state.model, {n: m.bool() for n, m in unit_masks.items()}, state.groups)
+
+
+def _follows(state: MaskState, masks: Mapping[str, Tensor], unit_masks: Mapping[str, Tensor]) -> bool:
+    """Whether the parameter masks ``masks`` are exactly those ``unit_masks`` expand to (then only those are held)."""
+    expanded = _expanded(state, {n: m.cpu() for n, m in unit_masks.items()})
+    return set(expanded) == set(masks) and all(torch.equal(expanded[n].cpu().bool(), masks[n].cpu().bool())
+                                               for n in masks)
+
+
 class RecoveryGate:
     """Holds the structured events until a validation after some training, then keeps or undoes them together
     (module docstring). ``caps``: family -> fewest units it may keep; ``log``: one line per verdict."""
@@ -109,7 +130,9 @@ class RecoveryGate:
                    if n in state.unit_masks}
         buffers = {key: getattr(module, buffer)[index].detach().cpu().clone()
                    for key, (module, buffer, index) in _unit_buffers(state, families, removed).items()}
-        self.held.append(Held(tick, step, reference, shrunk, {n: m.cpu().clone() for n, m in before_masks.items()},
+        masks = None if _follows(state, before_masks, before_units) else \
+            {n: m.cpu().clone() for n, m in before_masks.items()}
+        self.held.append(Held(tick, step, reference, shrunk, masks,
                               {n: m.cpu().clone() for n, m in before_units.items()}, values, buffers))
 
     def settle(self, state: MaskState, gate: MetricGate, metric: float | None,
@@ -143,12 +166,13 @@ class RecoveryGate:
     def undo(self, state: MaskState, held: Held, families: Mapping[str, list[str]]) -> None:
         """The held event's masks back, and the values it zeroed (weights, BatchNorm statistics) restored."""
         params = dict(state.model.named_parameters(remove_duplicate=False))
+        masks = held.masks if held.masks is not None else _expanded(state, held.unit_masks)
         removed = {n: _removed(held.unit_masks, state.unit_masks, n, state.unit_masks[n]) for n in held.shrunk
                    if n in state.unit_masks}
         where = {}
         for name, values in held.values.items():
             param = params.get(name)
-            gone = None if param is None else _removed(held.masks, state.masks, name, param)
+            gone = None if param is None else _removed(masks, state.masks, name, param)
             if param is None or gone is None or int(gone.sum()) != values.numel():
                 raise ValueError(f"the held pruning event at step {held.step} does not fit parameter {name!r} (its "
                                  "snapshot and the masks disagree): the checkpoint belongs to another model")
@@ -160,7 +184,7 @@ class RecoveryGate:
             if key in held.buffers:
                 getattr(module, buffer)[index.to(getattr(module, buffer).device)] = held.buffers[key].to(
                     getattr(module, buffer).device)
-        state.masks = {n: m.bool() for n, m in held.masks.items()}
+        state.masks = {n: m.bool() for n, m in masks.items()}
         state.unit_masks = {n: m.bool() for n, m in held.unit_masks.items()}
         state.bind()
 
