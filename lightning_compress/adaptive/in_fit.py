@@ -133,6 +133,13 @@ def sampled_candidates(name: str, module: nn.Module, weight: Tensor, fisher: Ten
                                       widths=widths, sparsities=sparsities)]
 
 
+def rank_zero() -> bool:
+    """Whether this process is the process group's rank zero (True outside a distributed run): the rank whose plan
+    the callback's ``broadcast`` (``trainer.strategy.broadcast(..., src=0)``) gives every rank."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
+
+
 def zero_fraction(weight: Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
 
@@ -152,7 +159,8 @@ def ramped(plan: Mapping[str, float], target: float, planned: float) -> dict[str
 
 class BudgetRun(PruningRun):
     """The fit's pruning toward per-layer targets (see the module docstring). ``planner`` and ``broadcast`` (every
-    rank takes rank zero's plan) are set once the fit starts; ``schedule`` ramps progress from 0 to 1."""
+    rank takes rank zero's plan, which rank zero alone makes) are set once the fit starts; ``schedule`` ramps
+    progress from 0 to 1."""
 
     planner: Callable[[Mapping[str, Tensor]], dict[str, float]] | None = None
     broadcast: Callable[[Any], Any] = staticmethod(lambda plan: plan)
@@ -171,13 +179,15 @@ class BudgetRun(PruningRun):
         return overall(self.plan_by_layer, sizes) if self.plan_by_layer else 0.0
 
     def replan(self) -> None:
-        """The plan again from the statistics now (rank zero's, on every rank)."""
+        """The plan again from the statistics now: rank zero plans and every rank takes its plan (and what it said
+        of a fallback); the other ranks solve nothing they would drop (:func:`rank_zero`)."""
         if self.planner is None or self.stats is None or self.stats.count == 0:
             return
-        plan = self.planner(statistics_fisher(self.stats))
-        self.plan_by_layer = {n: float(s) for n, s in self.broadcast(plan).items()}
+        mine = (self.planner(statistics_fisher(self.stats)), getattr(self.planner, "fallback", None)) \
+            if rank_zero() else None
+        plan, fallback = self.broadcast(mine)
+        self.plan_by_layer = {n: float(s) for n, s in plan.items()}
         self.replans += 1
-        fallback = getattr(self.planner, "fallback", None)
         if fallback and not self.fell_back:
             warnings.warn(f"AdaptiveCompression: {fallback}", stacklevel=2)
         self.fell_back = fallback

@@ -150,3 +150,24 @@ def test_the_sampled_coarser_plan_is_the_plan_of_every_row_at_compress_resolutio
     sampled = SparsityPlanner(model, modules, caps)(fisher)
     assert sampled == SparsityPlanner(model, modules, caps, elements=None, buckets=BUCKETS)(fisher)  # as before
     assert sampled["0"] > 0  # the large layer the loss hardly feels is pruned: the test is not of an all-zero plan
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_zero_alone_plans_and_every_rank_takes_its_plan(rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding 10 (DDP): the knapsack ran on every rank and only rank zero's plan was kept. Here a stand-in
+    for ``trainer.strategy.broadcast(..., src=0)`` hands every rank what rank zero planned."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *_: rank)
+    run = _run(_mlp())
+    planned: list[int] = []
+    run.planner = lambda fisher: planned.append(rank) or {"0": 0.8, "2": 0.4, "4": 0.0}
+    sent: list[object] = []
+    rank_zeros = ({"0": 0.5, "2": 0.25, "4": 0.0}, None)
+    run.broadcast = lambda mine: sent.append(mine) or rank_zeros  # type: ignore[assignment,method-assign]
+    for w in run.layers.weights():
+        w.grad = torch.randn_like(w)
+    run.collect()
+    run.replan()
+    assert planned == ([0] if rank == 0 else [])  # the other ranks solve nothing
+    assert sent == [({"0": 0.8, "2": 0.4, "4": 0.0}, None) if rank == 0 else None]
+    assert run.plan_by_layer == rank_zeros[0] and run.replans == 1
