@@ -53,7 +53,13 @@ def test_search_all_prunes_under_a_size_budget_and_the_file_is_the_plan(digits: 
     assert torch.equal(reloaded(digits.test[0]), model(digits.test[0]))
 
 
-def test_search_joint_without_a_macs_cap_keeps_every_layer_dense(digits: Digits) -> None:
-    model = copy.deepcopy(digits.model)
-    result = compress(model, Budget(size=0.13), digits.train)
-    assert all(row["sparsity"] == 0 for row in result.plan)
+def test_search_joint_without_a_macs_cap_offers_sparsity_only_where_the_dense_plan_needs_2_bits(
+        digits: Digits) -> None:
+    """Under a size budget alone, ``joint`` keeps every layer dense where the dense plan needs no 2-bit layer (0.2x);
+    where it does (0.13x) sparsity is offered too and the dense plan is measured beside the sparse one."""
+    roomy = compress(copy.deepcopy(digits.model), Budget(size=0.2), digits.train)
+    assert all(row["sparsity"] == 0 for row in roomy.plan)
+    assert not any("sparsity offered" in step for step in roomy.steps)
+    tight = compress(copy.deepcopy(digits.model), Budget(size=0.13), digits.train)
+    assert any("the dense plan puts a layer at 2 bits" in step for step in tight.steps)
+    assert any("the dense plan" in step and "compared on" in step for step in tight.steps)
