@@ -22,6 +22,7 @@ family ramping to its own planned count, the model compacted at the end and its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -216,17 +217,21 @@ class LatencyRun(PruningRun):
 
 def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], float] = lambda r: r) -> float:
     """``model`` (compacted) timed against the dense graph kept at the start, in turns: the measured fraction
-    (``agree``: every rank takes rank zero's). Raises :class:`LatencyBudgetError` when it is over the budget."""
-    if planner.dense_graph is None:
+    (``agree``: every rank takes rank zero's; only rank zero, which kept the dense graph, times). Raises
+    :class:`LatencyBudgetError` when it is over the budget."""
+    if planner.problem is None:
         raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: no pruning event ran in this fit (the "
                                  "schedule's events fall after its last step?), so nothing was removed; allowed: a "
                                  "schedule whose events happen during the fit", 1.0)
-    shapes = {"dense": planner.shape, "model": planner.shape}
-    seconds = measure({"dense": planner.dense_graph, "model": float_graph(model, planner.shape)}, shapes,
-                      planner.threads)
-    ratio = float(agree(seconds["model"] / seconds["dense"]))
-    planner.steps.append(f"delivered (compacted) measured {ratio:.3f}x of dense "
-                         f"({seconds['model'] * 1e3:.3g} vs {seconds['dense'] * 1e3:.3g} ms per run)")
+    measured, said = math.nan, "rank zero's timing"
+    if planner.dense_graph is not None:
+        shapes = {"dense": planner.shape, "model": planner.shape}
+        seconds = measure({"dense": planner.dense_graph, "model": float_graph(model, planner.shape)}, shapes,
+                          planner.threads)
+        measured = seconds["model"] / seconds["dense"]
+        said = f"{seconds['model'] * 1e3:.3g} vs {seconds['dense'] * 1e3:.3g} ms per run"
+    ratio = float(agree(measured))
+    planner.steps.append(f"delivered (compacted) measured {ratio:.3f}x of dense ({said})")
     if ratio > planner.latency:
         raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: the model this fit compacted measured "
                                  f"{ratio:.3f} of the dense latency in ONNX Runtime at {planner.shape} (refused "

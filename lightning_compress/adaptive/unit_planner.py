@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.adaptive.in_fit import rank_zero
 from lightning_compress.adaptive.latency import build_table, float_graph
 from lightning_compress.adaptive.latency_budget import AIM, LatencyProblem, within
 from lightning_compress.adaptive.units import LAYERS, family_candidates, kept_counts
@@ -31,7 +32,8 @@ __all__ = ["LatencyPlanner", "unit_fisher"]
 
 class LatencyPlanner:
     """Per family (its first producer's name), the kept unit count planned for ``latency`` x the dense latency at
-    ``shape`` with ``threads`` ORT threads. ``steps`` says what was measured."""
+    ``shape`` with ``threads`` ORT threads. ``steps`` says what was measured. Under DDP only rank zero times
+    graphs and solves (every rank takes its plan, broadcast); every rank scores the units, which the masks follow."""
 
     def __init__(self, model: nn.Module, latency: float, shape: tuple[int, ...], threads: int) -> None:
         self.model, self.latency, self.shape, self.threads = model, latency, shape, threads
@@ -56,6 +58,9 @@ class LatencyPlanner:
                 if isinstance(modules.get(consumer), LAYERS):
                     fan_in = int(modules[consumer].weight.shape[1])
                     inputs.setdefault(consumer, []).extend(fan_in - (units - k) * repeat for k in kept_counts(units))
+        if not rank_zero():  # only rank zero's plan is kept (broadcast): the others time nothing
+            self.steps.append(f"{len(members)} families of units; the latency table is rank zero's")
+            return LatencyProblem({}, members, groups, {}, None)  # type: ignore[arg-type]  # never solved here
         self.dense_graph = float_graph(self.model, self.shape)
         table = build_table(self.model, self.shape, self.threads, outputs, inputs)
         self.steps.append(f"{len(members)} families of units, {table.graphs} one-layer graphs timed; dense "
@@ -85,7 +90,9 @@ class LatencyPlanner:
                  current: Mapping[str, Tensor], final: bool, caps: Mapping[str, int] | None = None) -> dict[str, int]:
         self.caps = dict(caps or {})
         problem = self.build(names, groups)
-        self.score(fisher, current)
+        self.score(fisher, current)  # every rank: the masks of an event follow the scores (LatencyRun.plan)
+        if not rank_zero():
+            return {}  # rank zero's plan comes with the broadcast
         if not final:
             plan = problem.solve(AIM * self.latency * problem.table.dense)
         else:
