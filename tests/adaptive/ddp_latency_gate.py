@@ -52,6 +52,13 @@ def stand_in_seconds(graphs: Mapping[str, bytes], shapes: Mapping[str, Any], thr
     return {name: len(graph) * 1e-9 + (2e-5 if rank == 1 else 0.0) for name, graph in graphs.items()}
 
 
+def stand_in_timings(monkeypatch: Any) -> None:
+    """Every ONNX Runtime timing of the latency path (``latency.measure``, and ``in_fit_units``' import of it) made
+    :func:`stand_in_seconds` for one test (``monkeypatch``: pytest's fixture)."""
+    for module in (latency, in_fit_units):
+        monkeypatch.setattr(module, "measure", stand_in_seconds)
+
+
 def main(out: str) -> None:
     latency.measure = in_fit_units.measure = stand_in_seconds  # type: ignore[assignment]  # see stand_in_seconds
     callback = AdaptiveCompression(budget=Budget(latency=LATENCY, latency_input=SHAPE), start_step=5, end_step=30,

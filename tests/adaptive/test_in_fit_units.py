@@ -76,11 +76,9 @@ def test_latency_budget_is_met_in_the_fit_and_the_units_are_gone(tmp_path: Path,
     """ONNX Runtime's timings stand in as a function of each graph's size: with real timings on a loaded 2-core box
     the plan (and so the held-out accuracy) moved with the load, once to 0.81 in CI. The real timing path is run by
     the impossible-latency test below and by the compress() latency tests."""
-    from lightning_compress.adaptive import in_fit_units, latency
-    from tests.adaptive.ddp_latency_gate import stand_in_seconds
+    from tests.adaptive.ddp_latency_gate import stand_in_timings
 
-    monkeypatch.setattr(latency, "measure", stand_in_seconds)
-    monkeypatch.setattr(in_fit_units, "measure", stand_in_seconds)
+    stand_in_timings(monkeypatch)
     callback = AdaptiveCompression(budget=Budget(latency=LATENCY, latency_input=SHAPE),
                                    start_step=20, end_step=200, frequency=20, export_path="latency.safetensors")
     model, _ = _fit(callback, tmp_path)

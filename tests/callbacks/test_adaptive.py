@@ -370,9 +370,8 @@ def test_a_latency_export_that_cannot_be_written_fails_with_a_report(tmp_path: P
     the OSError naming the path, instead of rank zero raising alone."""
     import errno
 
-    from lightning_compress.adaptive import in_fit_units, latency
     from lightning_compress.callbacks import adaptive
-    from tests.adaptive.ddp_latency_gate import stand_in_seconds
+    from tests.adaptive.ddp_latency_gate import stand_in_timings
     from tests.adaptive.test_in_fit_units import LATENCY, SHAPE, _fit
 
     def full_disk(model: torch.nn.Module, path: Any) -> None:
@@ -381,8 +380,7 @@ def test_a_latency_export_that_cannot_be_written_fails_with_a_report(tmp_path: P
     monkeypatch.setattr(adaptive, "save_compacted", full_disk)
     # timings stand in as a function of graph size: what is tested is the failed write, not the box's load (one run
     # in five measured over the budget on a loaded machine and ended before the export)
-    monkeypatch.setattr(latency, "measure", stand_in_seconds)
-    monkeypatch.setattr(in_fit_units, "measure", stand_in_seconds)
+    stand_in_timings(monkeypatch)
     callback = AdaptiveCompression(budget=Budget(latency=LATENCY, latency_input=SHAPE),
                                    start_step=20, end_step=200, frequency=20, export_path="latency.safetensors")
     with pytest.raises(OSError, match="No space left on device") as info:

@@ -15,9 +15,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import AdaptiveCompression, Budget
-from lightning_compress.adaptive import in_fit_units, latency
 from lightning_compress.demos.data import DigitsDataModule
-from tests.adaptive.ddp_latency_gate import stand_in_seconds
+from tests.adaptive.ddp_latency_gate import stand_in_timings
 from tests.adaptive.test_in_fit_units import LATENCY, SHAPE, _model
 
 EPOCHS = 4  # 20 optimizer steps per epoch on the digits' training split
@@ -44,8 +43,7 @@ def _widths(model: torch.nn.Module) -> list[int]:
 
 def test_a_fit_resumed_after_its_last_event_delivers_the_uninterrupted_plan(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(latency, "measure", stand_in_seconds)
-    monkeypatch.setattr(in_fit_units, "measure", stand_in_seconds)
+    stand_in_timings(monkeypatch)
     whole = _callback()
     uninterrupted = _fit(whole, tmp_path / "whole")
     expected = whole.report.gate["adaptive"]
