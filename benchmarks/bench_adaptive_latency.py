@@ -130,6 +130,19 @@ def run_callback(dense: torch.nn.Module, data: Any, budget: Budget, args: argpar
             "pruning steps": [start, end], "fit seconds": seconds, "thread CPU seconds": time.thread_time() - cpu}
 
 
+def dense_model(args: argparse.Namespace, data: Any) -> ResNet18:
+    """The dense ResNet-18-style model (``--width``, ``--image-size``, ``--lr``) from the current random state: its
+    weights read from ``--dense-cache`` when that file exists, else fitted for ``--epochs`` (and cached there)."""
+    dense = ResNet18(args.width, args.image_size, args.lr)
+    if args.dense_cache is not None and args.dense_cache.exists():
+        dense.load_state_dict(torch.load(args.dense_cache))
+    else:
+        fit(dense, data, args.epochs)
+        if args.dense_cache is not None:
+            torch.save(dense.state_dict(), args.dense_cache)
+    return dense
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32)")
@@ -157,13 +170,7 @@ def main() -> None:
     started = time.perf_counter()
     torch.manual_seed(0)
     data = PreloadedMNIST5k(batch_size=64, seed=0)
-    dense = ResNet18(args.width, args.image_size, args.lr)
-    if args.dense_cache is not None and args.dense_cache.exists():
-        dense.load_state_dict(torch.load(args.dense_cache))
-    else:
-        fit(dense, data, args.epochs)
-        if args.dense_cache is not None:
-            torch.save(dense.state_dict(), args.dense_cache)
+    dense = dense_model(args, data)
     dense.eval()
     dense_accuracy = accuracy(dense, data.test_dataloader())
     print(f"dense: {dense_accuracy:.2f} % test accuracy", flush=True)

@@ -33,9 +33,10 @@ from lightning_compress.adaptive.latency import measured_ratio
 from lightning_compress.adaptive.session import BudgetError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import accuracy, fit, start_run
+from _common import accuracy, start_run
 from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, write_json
+from bench_adaptive_latency import dense_model
 from bench_resnet import ResNet18
 
 
@@ -86,13 +87,7 @@ def main() -> None:
     data = PreloadedMNIST5k(batch_size=64, seed=0)
     shape = (args.batch, 1, args.image_size, args.image_size)
     torch.manual_seed(0)
-    dense = ResNet18(args.width, args.image_size, args.lr)
-    if args.dense_cache is not None and args.dense_cache.exists():
-        dense.load_state_dict(torch.load(args.dense_cache))
-    else:
-        fit(dense, data, args.epochs)
-        if args.dense_cache is not None:
-            torch.save(dense.state_dict(), args.dense_cache)
+    dense = dense_model(args, data)
     dense_test = accuracy(dense, data.test_dataloader())
     print(f"dense: {dense_test:.2f} % test accuracy", flush=True)
     model, row = gated_fit(args, data, shape)
