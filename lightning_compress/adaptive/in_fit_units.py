@@ -34,7 +34,7 @@ from lightning_compress.adaptive.latency import float_graph, measure
 from lightning_compress.adaptive.latency_budget import LatencyBudgetError
 from lightning_compress.adaptive.recovery_gate import RecoveryGate
 from lightning_compress.adaptive.session import BudgetError
-from lightning_compress.adaptive.unit_planner import LatencyPlanner, unit_fisher
+from lightning_compress.adaptive.unit_planner import LatencyPlanner, table_from_state, table_state, unit_fisher
 from lightning_compress.pruning.planner import expand_masks
 from lightning_compress.pruning.run import PruningRun, check_finite_before
 
@@ -50,15 +50,29 @@ class LatencyRun(PruningRun):
     """The fit's structured pruning toward per-family kept counts (module docstring). ``planner`` and ``broadcast``
     (every rank takes rank zero's plan) are set when the fit starts; ``schedule`` ramps progress from 0 to 1."""
 
-    planner: LatencyPlanner | None = None
     broadcast: Callable[[Any], Any] = staticmethod(lambda plan: plan)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._planner: LatencyPlanner | None = None
+        self._restored: dict[str, Any] = {}  # a checkpoint's latency table and last-event seconds, for the planner
         self.kept_plan: dict[str, int] = {}
         self.planned_at: int | None = None
         self.progress, self.replans = 0.0, 0
         self.recovery = RecoveryGate()  # each event judged after the model trained since (adaptive.recovery_gate)
+
+    @property
+    def planner(self) -> LatencyPlanner | None:
+        return self._planner
+
+    @planner.setter
+    def planner(self, planner: LatencyPlanner | None) -> None:
+        """Set when the fit starts (after a checkpoint was loaded): it takes the checkpoint's latency table and
+        last-event seconds, so a resumed fit times no table again."""
+        self._planner = planner
+        if isinstance(planner, LatencyPlanner) and self._restored:
+            planner.table = table_from_state(self._restored.get("latency_table"))
+            planner.final_target = self._restored.get("final_target")
 
     def _families(self) -> dict[str, list[str]]:
         """Family -> its members, from the planner's problem. A fit resumed after its last event has a kept plan
@@ -204,8 +218,12 @@ class LatencyRun(PruningRun):
         return {m: 1.0 - self._kept(f)[1] / self._kept(f)[0] for f in self._families().values() for m in f}
 
     def state_dict(self) -> dict[str, Any]:
+        planner = self._planner if isinstance(self._planner, LatencyPlanner) else None
+        restored = self._restored if planner is None else {
+            "latency_table": table_state(planner.table), "final_target": planner.final_target}
         return {**super().state_dict(), "kept_plan": dict(self.kept_plan), "planned_at": self.planned_at,
-                "progress": self.progress, "replans": self.replans, "recovery": self.recovery.state_dict()}
+                "progress": self.progress, "replans": self.replans, "recovery": self.recovery.state_dict(),
+                **restored}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -213,12 +231,18 @@ class LatencyRun(PruningRun):
         self.planned_at, self.replans = state.get("planned_at"), int(state.get("replans", 0))
         self.progress = float(state.get("progress", 0.0))
         self.recovery.load_state_dict(state.get("recovery", {}))
+        self._restored = {k: state.get(k) for k in ("latency_table", "final_target")}
+        self.planner = self._planner  # one already set takes them now
 
 
-def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], float] = lambda r: r) -> float:
-    """``model`` (compacted) timed against the dense graph kept at the start, in turns: the measured fraction
-    (``agree``: every rank takes rank zero's; only rank zero, which kept the dense graph, times). Raises
-    :class:`LatencyBudgetError` when it is over the budget."""
+def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], float] = lambda r: r,
+           graph: bytes | None = None, refuse: bool = True, what: str = "delivered (compacted)") -> float:
+    """``model`` (compacted; ``graph``: the ONNX graph it is served as, default its float graph) timed against the
+    dense graph kept at the start, in turns: the measured fraction (``agree``: every rank takes rank zero's; only
+    rank zero, which kept the dense graph, times). A first measurement over the budget is taken again (a burst of
+    load from another process moves one measurement by several percent; the plan aimed at
+    :data:`~.latency_budget.AIM` of it), and the second decides. Raises :class:`LatencyBudgetError` when it is over
+    the budget (``refuse``; else the fraction is returned as measured)."""
     if planner.problem is None:
         raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: no pruning event ran in this fit (the "
                                  "schedule's events fall after its last step?), so nothing was removed; allowed: a "
@@ -226,13 +250,19 @@ def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], f
     measured, said = math.nan, "rank zero's timing"
     if planner.dense_graph is not None:
         shapes = {"dense": planner.shape, "model": planner.shape}
-        seconds = measure({"dense": planner.dense_graph, "model": float_graph(model, planner.shape)}, shapes,
-                          planner.threads)
-        measured = seconds["model"] / seconds["dense"]
-        said = f"{seconds['model'] * 1e3:.3g} vs {seconds['dense'] * 1e3:.3g} ms per run"
+        graphs = {"dense": planner.dense_graph, "model": graph or float_graph(model, planner.shape)}
+        timings = []
+        for _ in range(2):
+            seconds = measure(graphs, shapes, planner.threads)
+            timings.append(seconds["model"] / seconds["dense"])
+            if timings[-1] <= planner.latency:
+                break
+        measured = timings[-1]
+        again = f"; first measured {timings[0]:.3f}x, over the budget: measured again" if len(timings) > 1 else ""
+        said = f"{seconds['model'] * 1e3:.3g} vs {seconds['dense'] * 1e3:.3g} ms per run{again}"
     ratio = float(agree(measured))
-    planner.steps.append(f"delivered (compacted) measured {ratio:.3f}x of dense ({said})")
-    if ratio > planner.latency:
+    planner.steps.append(f"{what} measured {ratio:.3f}x of dense ({said})")
+    if refuse and ratio > planner.latency:
         raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: the model this fit compacted measured "
                                  f"{ratio:.3f} of the dense latency in ONNX Runtime at {planner.shape} (refused "
                                  f"pruning events or the timing's noise); the nearest budget it delivers: "

@@ -172,12 +172,13 @@ def _measure(model: nn.Module, problem: LatencyProblem, targets: Targets, int8: 
 def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any],
                         forward: Callable[[nn.Module, Any], Any], loss_fn: Callable[[Any, Any], Tensor] | None,
                         metric_fn: Callable[[nn.Module], float] | None, measure: Callable[..., float],
-                        gate: MetricGate, search: str = "joint"
+                        gate: MetricGate, search: str = "joint", before: float | None = None
                         ) -> tuple[Delivered, LatencyProblem, dict[str, Any]]:
     """The delivered (compacted, partly int8) model within the latency budget, the size / MACs caps and the bound,
     its problem, and the report's figures (``before``, ``evaluations``, ``steps``, ``caps``); raises
     :class:`LatencyBudgetError` otherwise. ``search``: ``"sparsity"`` units only (float), ``"bits"`` int8 only,
-    otherwise both."""
+    otherwise both. ``before``: ``metric_fn(model)`` the caller measured already (a fit: on the compacted model,
+    with the bound left after pruning), not measured again."""
     if budget.latency is None:
         raise ValueError(f"`budget`={budget!r} has no `latency`; compress() takes size / MACs budgets elsewhere")
     shape = latency_shape(budget, batches)
@@ -192,8 +193,8 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
     int8 = search != "sparsity" and bool(calibration_inputs(batches[:1]))
     if search != "sparsity" and not int8:
         steps.append("no int8: the calibration batches hold no float input tensor to calibrate activations with")
-    before = measure(metric_fn, model) if metric_fn is not None else None
-    evaluations = int(metric_fn is not None)
+    evaluations = int(metric_fn is not None and before is None)
+    before = measure(metric_fn, model) if evaluations else before
     problem = problem_of(model, example, shape, threads, batches, forward, loss_fn, int8=int8,
                          costs=caps != (None, None), units=search != "bits")
     faster = [n for n in problem.table.int8 if problem.table.time(n, *problem.table.full[n], True) <
@@ -267,7 +268,8 @@ def plan_rows(problem: LatencyProblem, plan: Mapping[str, UnitCandidate],
 
 def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any],
                    loss_fn: Callable[[Any, Any], Tensor] | None, metric_fn: Callable[[nn.Module], float] | None,
-                   measure: Callable[..., float], gate: MetricGate, search: str = "joint") -> Any:
+                   measure: Callable[..., float], gate: MetricGate, search: str = "joint",
+                   before: float | None = None) -> Any:
     """:func:`compress_to_latency` as a :class:`~lightning_compress.adaptive.compress.CompressionResult`; its
     ``model`` is the compacted copy, carrying the codes of its int8 layers and their uint8 input ranges (``model``
     itself is not changed). ``export_onnx(result.model, path, example)`` then writes the static graph that was
@@ -276,7 +278,7 @@ def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], for
     from lightning_compress.adaptive.compress import CompressionResult  # compress imports this module
 
     delivered, problem, report = compress_to_latency(model, budget, batches, forward, loss_fn, metric_fn, measure,
-                                                     gate, search)
+                                                     gate, search, before)
     shape = latency_shape(budget, batches)
     macs = delivered.macs if delivered.macs is not None else macs_per_example(delivered.model, torch.zeros(shape))
     size_cap, macs_cap = report["caps"]

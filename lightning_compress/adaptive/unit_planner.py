@@ -3,8 +3,12 @@ family of units, the kept count planned for the budget. No Lightning import.
 
 The first time it is asked (the first pruning event, when the structure analysis and the gradient statistics exist;
 or, in a fit resumed after its last event, when the run needs its families: :meth:`LatencyPlanner.build`) it
-measures the per-layer ONNX Runtime latency table once (:func:`~.latency.build_table`) and keeps the dense model's
-graph (a resumed model holds zeros where units were pruned, not fewer units: its graph times as the dense one). At
+measures the per-layer ONNX Runtime latency table, once per fit: on rank zero, shared with every rank (``share``:
+the callback's broadcast) and kept in the run's checkpoint (:func:`table_state`), so a resumed fit re-uses it. Every
+later plan, the re-plans after the recovery gate's verdicts included, is solved on that one table: timed anew at
+each verdict, the plan moved with the machine's load. It keeps the dense model's graph too (a resumed model holds
+zeros where units were pruned, not fewer units: its graph times as the dense one), which the delivered model is
+timed against for real at the end of the fit (:func:`~.in_fit_units.verify`). At
 every event each family's units are scored by the per-unit statistics the pruning run keeps:
 ``1/2 E[(sum_j w_ij g_ij)^2]`` per unit, summed over the family's producers (:func:`unit_fisher`), the Fisher's
 predicted loss increase of removing the unit (its whole block, not the diagonal; units already removed score
@@ -15,19 +19,19 @@ lowest, so masks only shrink) and the greedy solve of :mod:`.latency_budget` pla
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_compress.adaptive.in_fit import rank_zero
-from lightning_compress.adaptive.latency import build_table, float_graph
+from lightning_compress.adaptive.latency import LatencyTable, build_table, float_graph
 from lightning_compress.adaptive.latency_budget import AIM, LatencyProblem, within
 from lightning_compress.adaptive.units import LAYERS, family_candidates, kept_counts
 from lightning_compress.pruning.structured import unit_families
 
-__all__ = ["LatencyPlanner", "unit_fisher"]
+__all__ = ["LatencyPlanner", "table_from_state", "table_state", "unit_fisher"]
 
 
 class LatencyPlanner:
@@ -41,6 +45,9 @@ class LatencyPlanner:
         self.dense_graph: bytes | None = None
         self.steps: list[str] = []
         self.caps: Mapping[str, int] = {}  # family -> fewest units it may keep (events undone after recovery)
+        self.table: LatencyTable | None = None  # measured once per fit (rank zero's, shared); a checkpoint's
+        self.final_target: float | None = None  # seconds of the last event's plan as measured within the budget
+        self.share: Callable[[Any], Any] = lambda value: value  # every rank takes rank zero's (the broadcast)
         self.example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
     def _build(self, names: list[str], groups: Mapping[str, Any]) -> LatencyProblem:
@@ -58,12 +65,18 @@ class LatencyPlanner:
                 if isinstance(modules.get(consumer), LAYERS):
                     fan_in = int(modules[consumer].weight.shape[1])
                     inputs.setdefault(consumer, []).extend(fan_in - (units - k) * repeat for k in kept_counts(units))
-        if not rank_zero():  # only rank zero's plan is kept (broadcast): the others time nothing
+        timed = self.table is None
+        if timed:  # once per fit: rank zero times, every rank takes its table (the others time nothing)
+            self.table = self.share(build_table(self.model, self.shape, self.threads, outputs, inputs)
+                                    if rank_zero() else None)
+        if not rank_zero():  # only rank zero's plan is kept (broadcast)
             self.steps.append(f"{len(members)} families of units; the latency table is rank zero's")
-            return LatencyProblem({}, members, groups, {}, None)  # type: ignore[arg-type]  # never solved here
+            return LatencyProblem({}, members, groups, {}, self.table)  # type: ignore[arg-type]  # never solved
         self.dense_graph = float_graph(self.model, self.shape)
-        table = build_table(self.model, self.shape, self.threads, outputs, inputs)
-        self.steps.append(f"{len(members)} families of units, {table.graphs} one-layer graphs timed; dense "
+        table = self.table
+        assert table is not None
+        said = "timed" if timed else "timed once in this fit (the checkpoint's table)"
+        self.steps.append(f"{len(members)} families of units, {table.graphs} one-layer graphs {said}; dense "
                           f"{table.dense * 1e3:.3g} ms per run at {self.shape}, {self.threads} thread(s)")
         return LatencyProblem({}, members, groups, {}, table)
 
@@ -95,6 +108,10 @@ class LatencyPlanner:
             return {}  # rank zero's plan comes with the broadcast
         if not final:
             plan = problem.solve(AIM * self.latency * problem.table.dense)
+        elif self.final_target is not None:  # measured once already: the table's plan at those seconds
+            plan = problem.solve(self.final_target)
+            self.steps.append(f"re-planned on the table at the last event's {self.final_target * 1e3:.3g} ms (caps "
+                              f"{dict(self.caps) or 'none'}; nothing timed)")
         else:
             # measured within AIM of the budget: the end-of-fit measurement, against the budget itself, times again
             delivered, smallest = within(self.model, problem, AIM * self.latency, self.example, self.shape,
@@ -104,9 +121,37 @@ class LatencyPlanner:
                 plan = problem.solve(0.0)
             else:
                 plan = delivered.plan
+            self.final_target = problem.predict(plan)
         return {name: candidate.kept for name, candidate in plan.items()}
 
 
 def unit_fisher(family: list[str], second_moment: Mapping[str, Tensor]) -> Tensor:
     """``1/2 * sum over the family's producers of E[(sum_j w_ij g_ij)^2]`` per unit (float64, CPU)."""
     return 0.5 * torch.stack([second_moment[m].detach().double().cpu() for m in family]).sum(0)
+
+
+def table_state(table: LatencyTable | None) -> dict[str, Any] | None:
+    """``table`` as plain values for a checkpoint (tuples and sets as lists)."""
+    if table is None:
+        return None
+
+    def rows(times: Mapping[str, Mapping[tuple[int, int], float]]) -> dict[str, list[list[float]]]:
+        return {n: [[o, i, s] for (o, i), s in r.items()] for n, r in times.items()}
+
+    return {"full": {n: list(f) for n, f in table.full.items()}, "times": rows(table.times), "dense": table.dense,
+            "graphs": table.graphs, "int8": rows(table.int8),
+            "int8_models": [[sorted(group), s] for group, s in table.int8_models.items()]}
+
+
+def table_from_state(state: Mapping[str, Any] | None) -> LatencyTable | None:
+    """The table :func:`table_state` wrote (None: none was)."""
+    if state is None:
+        return None
+
+    def rows(times: Mapping[str, list[list[float]]]) -> dict[str, dict[tuple[int, int], float]]:
+        return {str(n): {(int(o), int(i)): float(s) for o, i, s in r} for n, r in times.items()}
+
+    return LatencyTable(full={str(n): (int(f[0]), int(f[1])) for n, f in state["full"].items()},
+                        times=rows(state["times"]), dense=float(state["dense"]), graphs=int(state["graphs"]),
+                        int8=rows(state.get("int8", {})),
+                        int8_models={frozenset(g): float(s) for g, s in state.get("int8_models", [])})
