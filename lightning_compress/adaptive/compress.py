@@ -120,6 +120,7 @@ def compress(
     method: str = "rtn",
     before: float | None = None,
     sync: Callable[[Any], Any] | None = None,
+    one_rank: Callable[[Callable[[], Any]], Any] | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place to fit ``budget`` with the smallest predicted loss increase.
 
@@ -149,6 +150,8 @@ def compress(
         before: ``metric_fn(model)`` the caller already measured on these very weights (not measured again).
         sync: applied to the Fisher before any decision is taken on it (DDP: rank zero's on every rank, so that
             every rank plans alike and makes the same evaluations, which are collectives).
+        one_rank: ``one_rank(work)`` runs ``work`` where one rank's result serves all (DDP: GPTQ on rank zero alone,
+            its codes broadcast); None: here.
 
     Raises:
         ValueError: a budget below its floor (before any work); :class:`~.session.BudgetError` when the budget and
@@ -162,7 +165,7 @@ def compress(
     if budget.latency is not None:  # what the latency path would ignore is refused
         refuse_ignored(budget, {"method": (method, "rtn"), "calibration": (calibration, "mse"), "scale": (scale,
                        "fisher"), "corrections": (corrections, CORRECTIONS), "before": (before, None), "sync": (sync,
-                       None)})
+                       None), "one_rank": (one_rank, None)})
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     layers, _ = select_layers(model, QUANT_MODULE_TYPES)
@@ -225,7 +228,7 @@ def compress(
             _refuse(session, problem, header, budget)
         used = "rtn"
         if method == "gptq":
-            delivered, used = apply_gptq(session, problem, delivered, batches, run)
+            delivered, used = apply_gptq(session, problem, delivered, batches, run, one_rank=one_rank)
     except BaseException:
         with torch.no_grad():
             for name, weight in weights.items():

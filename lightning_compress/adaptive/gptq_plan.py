@@ -45,9 +45,11 @@ def _kl(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
 
 
 def apply_gptq(session: Session, problem: Problem, delivered: Delivered, batches: Sequence[Any],
-               run: Callable[[nn.Module, Any], Any], config: GPTQConfig | None = None) -> tuple[Delivered, str]:
+               run: Callable[[nn.Module, Any], Any], config: GPTQConfig | None = None,
+               one_rank: Callable[[Callable[[], Any]], Any] | None = None) -> tuple[Delivered, str]:
     """The delivered plan with GPTQ where that is measured no worse (see the module docstring), and the method the
-    model now holds (``"gptq"`` or ``"rtn"``). The model holds the plan returned; one step is noted."""
+    model now holds (``"gptq"`` or ``"rtn"``). The model holds the plan returned; one step is noted. ``one_rank``
+    (DDP): runs GPTQ on rank zero alone and gives every rank its codes, which each rank then writes as its weights."""
     plan = delivered.plan
     todo = {n: session.layers[n] for n, c in plan.items()
             if c.spec(session.calibration) is not None and not gptq_supports(session.layers[n])}
@@ -67,7 +69,14 @@ def apply_gptq(session: Session, problem: Problem, delivered: Delivered, batches
             for name in todo:
                 session.weights[name].copy_(prune(session.floats[name], session.fisher[name], plan[name].sparsity))
         specs = {n: plan[n].spec(session.calibration) for n in todo}
-        qtensors, left = gptq_model(session.model, todo, specs, batches, run, config or GPTQConfig())  # type: ignore[arg-type]
+        def quantized() -> tuple[dict[str, Any], dict[str, str]]:
+            return gptq_model(session.model, todo, specs, batches, run, config or GPTQConfig())  # type: ignore[arg-type]
+
+        qtensors, left = quantized() if one_rank is None else one_rank(quantized)
+        if one_rank is not None:  # rank zero's codes, written as gptq_model writes them (the same on rank zero)
+            with torch.no_grad():
+                for name, qtensor in qtensors.items():
+                    session.weights[name].copy_(qtensor.dequantize())
         if left:  # not reached by the calibration forward: their RTN codes are still attached, weights back
             session.steps.append(f"gptq: {sorted(left)} left to round to nearest ({'; '.join(set(left.values()))})")
             with torch.no_grad():

@@ -1,14 +1,16 @@
 """``AdaptiveCompression``'s planning of widths on the masks reached, at the end of the fit or when QAT starts: the
 calibration batches (never read from the fit's loader mid-fit), the bound left to quantization after pruning (a
 pruned model already outside it ends the fit) and the ``compress()`` call, which every rank makes on rank zero's
-Fisher so that every rank decides alike. The math is :func:`~lightning_compress.adaptive.compress.compress`'s.
+Fisher so that every rank decides alike; GPTQ runs on rank zero alone and every rank takes its codes
+(:func:`on_rank_zero`). The math is :func:`~lightning_compress.adaptive.compress.compress`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +27,8 @@ from lightning_compress.quantization.carried import attach, carried, drop, forge
 
 if TYPE_CHECKING:
     from lightning_compress.callbacks.adaptive import AdaptiveCompression
+
+T = TypeVar("T")
 
 # AdaptiveCompression arguments that choose a size / MACs plan's widths, with their defaults: a latency budget (the
 # model compacted and delivered float) would ignore them, so they are refused there
@@ -131,7 +135,35 @@ def plan(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Light
                         calibration=callback.calibration, calibration_batches=len(batches) or 1,
                         corrections=callback.corrections, search="bits",
                         method=(method or callback.method) if batches else "rtn", before=before,
-                        sync=lambda fisher: trainer.strategy.broadcast(fisher, src=0))
+                        sync=lambda fisher: trainer.strategy.broadcast(fisher, src=0),
+                        one_rank=on_rank_zero(trainer, pl_module.device))
+
+
+def on_rank_zero(trainer: pl.Trainer, device: torch.device) -> Callable[[Callable[[], T]], T]:
+    """``one_rank(work)``: ``work()`` on rank zero alone, its result (tensors, records of codes, plain values) handed
+    to every rank on ``device`` (GPTQ: one rank computes what all would, then only its codes are kept anyway). Every
+    rank calls it (one broadcast). A failure on rank zero raises on every rank: its own error there, a
+    ``RuntimeError`` quoting it on the others (which would otherwise wait in the next collective)."""
+
+    def one_rank(work: Callable[[], T]) -> T:
+        if trainer.world_size < 2:
+            return work()
+        value: Any = None
+        error: Exception | None = None
+        if trainer.is_global_zero:
+            try:
+                value = _to(work(), torch.device("cpu"))
+            except Exception as err:
+                error = err
+        value, failed = trainer.strategy.broadcast(
+            (value, None if error is None else f"{type(error).__name__}: {error}"), src=0)
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise RuntimeError(f"the work of rank zero that every rank takes (GPTQ) failed there: {failed}")
+        return _to(value, device)
+
+    return one_rank
 
 
 def back_to_floats(pl_module: pl.LightningModule, floats: dict[str, torch.Tensor]) -> None:
@@ -142,22 +174,31 @@ def back_to_floats(pl_module: pl.LightningModule, floats: dict[str, torch.Tensor
     forget(pl_module)
 
 
-def _codes_to(codes: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Each record of codes (a dataclass of tensors and settings) with its tensors on ``device``."""
-    return {key: dataclasses.replace(q, **{f.name: getattr(q, f.name).to(device) for f in dataclasses.fields(q)
-                                           if isinstance(getattr(q, f.name), torch.Tensor)})
-            if dataclasses.is_dataclass(q) and not isinstance(q, type) else q for key, q in codes.items()}
+def _to(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it on ``device``: in dicts, tuples, lists and records of codes (a dataclass of
+    tensors and settings)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(item, device) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _to(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
 
 
 def take_rank_zeros(trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
     """Every rank's delivered model made rank zero's: its weights, the codes it carries and the plan's rows. Every
-    rank decides on rank zero's Fisher, but GPTQ's Hessians (or an accelerator's backward) can still differ by
-    rounding from rank to rank, and rank zero's model is the one its file holds."""
+    rank decides on rank zero's Fisher and takes rank zero's GPTQ codes, but round to nearest or a QAT's trained
+    codes on an accelerator can still differ by rounding from rank to rank, and rank zero's model is the one its
+    file holds."""
     if trainer.world_size < 2:
         return
     record = carried(pl_module)
     mine = ({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
-            _codes_to(dict(record.codes), torch.device("cpu")) if record is not None else {},
+            _to(dict(record.codes), torch.device("cpu")) if record is not None else {},
             record.source if record is not None else "", result.plan)
     state, codes, source, result.plan = trainer.strategy.broadcast(mine, src=0)
     with torch.no_grad():
@@ -166,4 +207,4 @@ def take_rank_zeros(trainer: pl.Trainer, pl_module: pl.LightningModule, result: 
     if record is not None:
         drop(pl_module, [key for key in record.codes if key not in codes])
     if codes:
-        attach(pl_module, _codes_to(codes, pl_module.device), source)
+        attach(pl_module, _to(codes, pl_module.device), source)
