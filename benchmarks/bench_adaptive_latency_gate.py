@@ -11,8 +11,8 @@ architecture (fresh ORT sessions, in turns), the test accuracy beside the dense 
 epochs, or ``--dense-cache``), what the gate did at each event, wall and thread CPU seconds, the CPU capability and
 the load average.
 
-    python benchmarks/bench_adaptive_latency_gate.py [--latency 0.5] [--max-drop 0.015] [--epochs 3] [--quick]
-                                                     [--dense-cache PATH] [--json PATH]
+    python benchmarks/bench_adaptive_latency_gate.py [--latency 0.5] [--max-drop 0.015] [--epochs 3] [--width 32]
+                                                     [--image-size 28] [--quick] [--dense-cache PATH] [--json PATH]
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="fit epochs (default 3)")
     parser.add_argument("--latency", type=float, default=0.5, help="the budget: fraction of the dense latency")
     parser.add_argument("--max-drop", type=float, default=0.015, help="the bound (accuracy as a fraction)")
-    # bench_adaptive_latency's model, input, threads and pruning span (its callback row: the same fit, no bound)
-    parser.set_defaults(width=None, image_size=None, lr=0.05, batch=64, threads=1, train_threads=1, prune_from=0.15,
-                        prune_to=0.6)
+    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32)")
+    parser.add_argument("--image-size", type=int, default=None, choices=(7, 14, 28), help="input side (default 28)")
+    # bench_adaptive_latency's input, threads and pruning span (its callback row: the same fit, no bound)
+    parser.set_defaults(lr=0.05, batch=64, threads=1, train_threads=1, prune_from=0.15, prune_to=0.6)
     parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the dense fit's weights")
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 epoch (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_latency_gate.json")
