@@ -191,8 +191,8 @@ def compress(
         before = measure(metric_fn, model) if metric_fn is not None and before is None else before
         fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
         fisher = sync(fisher) if sync is not None else fisher
-        proxy = against_float(model, batches, run) if search == "joint" and metric_fn is None and loss_fn is None \
-            else None
+        proxy = against_float(model, batches, run) if search == "joint" and (metric_fn is not None or loss_fn is None) \
+            else None  # with a metric: the per-sample noise of the rivals' comparison (.rivals.clearly_lower)
         sparsities = SPARSITIES if budget.macs is not None or search in ("sparsity", "all") else (0.0,)
         sparsities = (0.0,) if search == "bits" else sparsities
         widths = (SPARSITY_ONLY_BITS,) if search == "sparsity" else WIDTHS

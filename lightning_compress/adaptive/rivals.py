@@ -19,11 +19,22 @@ against the float model's top-1 predictions on the calibration batches (:class:`
 the plan and the uniform configuration as validation accuracy did where the KL divergence to the float outputs did
 not (the KL weighs the classes the model does not predict). A ``loss_fn`` may be a sampled loss whose value measures
 nothing, so with a ``loss_fn`` and no ``metric_fn`` nothing is compared and the plan is delivered as solved.
+
+Noise: near-equal plans measure apart by a sample or two, and picking the best of a few such measurements picks
+noise (on SmallCNN a uniform configuration one validation sample ahead of the plan was delivered and tested worse).
+So a rival replaces the plan only when it is better by more than the measure's own noise: :func:`clearly_lower`,
+the paired per-sample differences (each calibration sample's value under the rival minus under the plan) below
+zero by more than one standard error, with :mod:`lightning_compress.core.sequential`'s variance floor (the
+one-standard-error rule of model selection: within it, the simpler choice, here the lower predicted loss). A
+``metric_fn`` gives one number, whose noise one number cannot show: the metric must then say better too, and the
+per-sample values of :func:`against_float` on the calibration batches say whether the difference is more than noise.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -34,9 +45,11 @@ from lightning_compress.adaptive.candidates import Candidate
 from lightning_compress.adaptive.fisher import first_tensor
 from lightning_compress.adaptive.plan import Problem
 from lightning_compress.core.accounting import FLOAT_BITS
+from lightning_compress.core.sequential import PairedDifference
 
 UNIFORM_TRIED = 3  # uniform configurations measured beside the plan (those that fit, the lowest predicted first)
 HEADER_SLACK = 256  # bytes a uniform plan's header may come under the one reserved: its file is measured anyway
+ONE_SE = 2 * NormalDist().cdf(1.0) - 1  # two-sided confidence of +-1 standard error: a rival must beat it (1-SE rule)
 
 Key = tuple[float, int, str | None, int | None]  # sparsity, bits, granularity, group size
 
@@ -93,15 +106,21 @@ class OutputError:
         finally:
             model.train(training)
 
+    def samples(self, model: nn.Module) -> Tensor:
+        """Each calibration sample's squared output error over the mean energy of a float output ``(N,)``: their
+        mean is the measure."""
+        errors = torch.cat([_rows(o - r).pow(2).sum(1) for o, r in zip(self._outputs(model), self.reference)])
+        energy = sum(float(r.pow(2).sum()) for r in self.reference) / len(errors)
+        return errors.double() / max(energy, torch.finfo(torch.float32).tiny)
+
     def __call__(self, model: nn.Module) -> float:
-        error = sum(float((o - r).pow(2).sum()) for o, r in zip(self._outputs(model), self.reference))
-        energy = sum(float(r.pow(2).sum()) for r in self.reference)
-        return error / max(energy, torch.finfo(torch.float32).tiny)
+        return float(self.samples(model).mean())
 
 
 class TopOneLoss(OutputError):
     """Cross-entropy of a model's outputs (the last dimension read as logits) against the float model's top-1
-    predictions on the calibration batches, minus the float model's own: lower is better, 0 for the float model."""
+    predictions on the calibration batches, minus the float model's own, per sample and in the mean: lower is
+    better, 0 for the float model."""
 
     describes = "the top-1 loss on the calibration batches"
 
@@ -109,14 +128,14 @@ class TopOneLoss(OutputError):
                  reference: list[Tensor] | None = None) -> None:
         super().__init__(model, batches, run, reference)
         self.labels = [x.reshape(-1, x.shape[-1]).argmax(-1) for x in self.reference]
-        self.base = self._loss(self.reference)
+        self.base = self._losses(self.reference)
 
-    def _loss(self, outputs: Sequence[Tensor]) -> float:
+    def _losses(self, outputs: Sequence[Tensor]) -> Tensor:
         logits = [x.reshape(-1, x.shape[-1]) for x in outputs]
-        return sum(float(F.cross_entropy(x, y)) for x, y in zip(logits, self.labels)) / len(self.labels)
+        return torch.cat([F.cross_entropy(x, y, reduction="none") for x, y in zip(logits, self.labels)]).double()
 
-    def __call__(self, model: nn.Module) -> float:
-        return self._loss(self._outputs(model)) - self.base
+    def samples(self, model: nn.Module) -> Tensor:
+        return self._losses(self._outputs(model)) - self.base
 
 
 def against_float(model: nn.Module, batches: Sequence[Any], run: Callable[[nn.Module, Any], Any]) -> OutputError:
@@ -126,3 +145,22 @@ def against_float(model: nn.Module, batches: Sequence[Any], run: Callable[[nn.Mo
     if measure.reference and all(o.dim() == 2 and o.shape[-1] > 1 for o in measure.reference):
         return TopOneLoss(model, batches, run, measure.reference)
     return measure
+
+
+def clearly_lower(incumbent: Tensor, challenger: Tensor) -> bool:
+    """Whether ``challenger``'s per-sample values (lower: better) are lower than ``incumbent``'s, on the same
+    samples, by more than their noise: the mean paired difference below zero by more than one standard error
+    (:data:`ONE_SE`), with :class:`~lightning_compress.core.sequential.PairedDifference`'s variance floor (as if one
+    sample more had moved each way by the largest difference seen). No finite-population correction: the samples
+    stand for the data the model will see, not for a set measured in full."""
+    differences = (challenger.double() - incumbent.double()).reshape(-1)
+    if differences.numel() == 0:
+        return False
+    paired = PairedDifference(population=sys.maxsize, scale=float(differences.abs().max()))
+    paired.add(float(differences.sum()), float(differences.square().sum()), differences.numel())
+    return paired.interval(ONE_SE)[1] < 0
+
+
+def _rows(output: Tensor) -> Tensor:
+    """``(N, ...)`` as one row per sample (a 0-d output: one sample)."""
+    return output.reshape(1, -1) if output.dim() == 0 else output.reshape(output.shape[0], -1)

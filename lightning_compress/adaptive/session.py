@@ -9,8 +9,9 @@ When that no longer changes the plan, or the corrections are used up, larger bud
 bound: that budget goes into the error, and the model gets its float weights back.
 
 With ``rivals`` (``search="joint"``), the plan is also measured beside the few uniform configurations that fit
-the caps (:mod:`.rivals`) and the best measured one is the one judged and delivered: the prediction chooses the
-plan, the measurement chooses between it and the configurations a user would otherwise have tried by hand.
+the caps (:mod:`.rivals`), and one replaces it only when measured better by more than the measure's noise
+(:func:`.rivals.clearly_lower`; within the noise the lower predicted loss stays): the prediction chooses the plan,
+the measurement overrides it only where it shows a real difference.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from lightning_compress.adaptive.candidates import Candidate, realise
 from lightning_compress.adaptive.costs import delivered_macs, file_bytes
 from lightning_compress.adaptive.plan import Problem
-from lightning_compress.adaptive.rivals import uniform_plans
+from lightning_compress.adaptive.rivals import OutputError, clearly_lower, uniform_plans
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
 from lightning_compress.quantization.carried import attach, drop
@@ -56,11 +57,14 @@ class Delivered:
 
 @dataclass
 class Rival:
-    """A plan measured beside the solver's: how much worse than the float model it measured, and what it is."""
+    """A plan measured beside the solver's: how much worse than the float model it measured, and what it is;
+    ``predicted``: its predicted loss; ``samples``: the proxy's per-sample values (None: no proxy)."""
 
     loss: float
     delivered: Delivered
     what: str
+    predicted: float = 0.0
+    samples: Tensor | None = None
 
 
 @dataclass
@@ -83,7 +87,8 @@ class Session:
     cheapest_file: int | None = None  # bytes of the cheapest plan's file, header included (measured)
     tried: list[dict[str, Any]] = field(default_factory=list)  # each plan measured, for the report's frontier
     rivals: int = 0  # uniform configurations measured beside each first plan (0: the plan is delivered as solved)
-    proxy: Callable[[nn.Module], float] | None = None  # what plans are compared on without a metric (lower: better)
+    proxy: OutputError | None = None  # per-sample values against the float model: the measure without a metric,
+    # the noise of the metric's differences with one (lower: better; .rivals.against_float)
     also: list[dict[str, Candidate]] = field(default_factory=list)  # other plans measured beside it (with rivals)
 
     # ---------------------------------------------------------------- applying
@@ -173,7 +178,7 @@ class Session:
                 return None
             delivered.metric = self.metric()
             self.record(delivered, f"plan ({round_} corrections)" if round_ else "plan")
-            own = self._loss(delivered)
+            own = self._judged(problem, delivered, "the plan")
             if rivals is None:  # measured once: the uniform configurations do not change with the corrections
                 rivals = self._rivals(problem, header, delivered.plan)
             chosen = self._best(delivered, own, rivals)
@@ -187,11 +192,16 @@ class Session:
         return None
 
     # ---------------------------------------------------------------- comparing with uniform configurations
-    def _loss(self, delivered: Delivered) -> float | None:
-        """How much worse than the float model the plan the model holds measures (lower: better); None: no measure."""
-        if self.metric_fn is not None:
-            return self.gate.drop(self.before, delivered.metric)
-        return None if self.proxy is None or not self.rivals else self.proxy(self.model)
+    def _judged(self, problem: Problem, delivered: Delivered, what: str) -> Rival | None:
+        """How much worse than the float model the plan the model holds measures (lower: better) and the proxy's
+        per-sample values; None: no measure (or no rivals to compare with)."""
+        if not self.rivals:
+            return None
+        samples = None if self.proxy is None else self.proxy.samples(self.model)
+        loss = self.gate.drop(self.before, delivered.metric) if self.metric_fn is not None else \
+            None if samples is None else float(samples.mean())
+        predicted = sum(problem.score(c) for c in delivered.plan.values())
+        return None if loss is None else Rival(loss, delivered, what, predicted, samples)
 
     def _rivals(self, problem: Problem, header: int, plan: dict[str, Candidate]) -> list[Rival]:
         """The plans of :attr:`also`, then up to :attr:`rivals` uniform configurations, whose measured file and MACs
@@ -221,23 +231,26 @@ class Session:
         rival = Delivered(plan, size, macs)
         rival.metric = self.metric()
         self.record(rival, what)
-        loss = self._loss(rival)
-        return None if loss is None else Rival(loss, rival, what)
+        return self._judged(problem, rival, what)
 
-    def _best(self, delivered: Delivered, own: float | None, rivals: list[Rival]) -> Delivered:
-        """The plan, or a rival that measured strictly better; the model holds the one returned."""
-        best, best_loss, best_what = delivered, own, "the plan"
-        for rival in rivals:
-            if best_loss is not None and rival.loss < best_loss:
-                best, best_loss, best_what = rival.delivered, rival.loss, rival.what
-        if rivals and own is not None:
-            what = "the metric's drop" if self.metric_fn is not None else getattr(
-                self.proxy, "describes", "a measure against the float model")
-            shown = "; ".join(f"{r.what} {r.loss:.4g}" for r in rivals)
-            self.steps.append(f"compared on {what}: the plan {own:.4g}; {shown}; delivered: {best_what}")
+    def _best(self, delivered: Delivered, own: Rival | None, rivals: list[Rival]) -> Delivered:
+        """The plan, or a rival measured better by more than the noise (:func:`_beats`), taken in the order of their
+        predicted loss, each against the one kept so far; the model holds the one returned."""
+        if own is None:
+            return delivered
+        best = own
+        for rival in sorted(rivals, key=lambda r: r.predicted):  # within the noise the lower predicted stays
+            if _beats(rival, best):
+                best = rival
         if rivals:
-            self.write(best.plan)
-        return best
+            what = "the metric's drop" if self.metric_fn is not None else getattr(self.proxy, "describes", "?")
+            shown = "; ".join(f"{r.what} {r.loss:.4g}" for r in rivals)
+            rule = "" if own.samples is None or self.proxy is None else \
+                f" (a rival replaces the plan only where it measures lower and {self.proxy.describes}, per " \
+                "sample, is lower by more than one standard error)"
+            self.steps.append(f"compared on {what}: the plan {own.loss:.4g}; {shown}; delivered: {best.what}{rule}")
+        self.write(best.delivered.plan)  # also where every rival was over the caps: each was written to measure it
+        return best.delivered
 
     def _describe(self, delivered: Delivered, drop_: float | None) -> str:
         parts = [f"plan: {sum(c.bits != FLOAT_BITS for c in delivered.plan.values())} layers quantized"]
@@ -287,6 +300,15 @@ class Session:
             if self.verified(larger, header, corrections=0) is not None:
                 return larger
         return None
+
+
+def _beats(rival: Rival, kept: Rival) -> bool:
+    """Whether ``rival`` measured better than ``kept``: lower on the measure and, where both have the proxy's
+    per-sample values, lower on them by more than their noise (:func:`.rivals.clearly_lower`); without them (no
+    proxy), lower as measured."""
+    if rival.loss >= kept.loss:
+        return False
+    return rival.samples is None or kept.samples is None or clearly_lower(kept.samples, rival.samples)
 
 
 def _label(plan: dict[str, Candidate]) -> str:
