@@ -17,7 +17,7 @@
   ``compress()`` meets it by removing whole units (output channels / neurons, :mod:`.units`), compacting the model,
   and running layers on int8 kernels where the per-layer table measured them faster (:mod:`.latency`,
   :mod:`.latency_budget`). With ``size`` and / or ``macs`` too, every cap holds on the delivered model (its file
-  measured, its MACs counted, its latency measured). ``AdaptiveCompression`` takes a latency budget alone (float).
+  measured, its MACs counted, its latency measured), in ``compress()`` and in ``AdaptiveCompression`` alike.
 """
 
 from __future__ import annotations

@@ -36,10 +36,10 @@ from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, Co
 from lightning_compress.adaptive.delivery import ExportOutcome, write_within
 from lightning_compress.adaptive.gptq_plan import METHODS
 from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
-from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, finish_latency, latency_setup
+from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, latency_setup
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.with_qat import BudgetPlan
-from lightning_compress.callbacks import adaptive_plan, adaptive_qat
+from lightning_compress.callbacks import adaptive_latency, adaptive_plan, adaptive_qat
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import _calibration_forward
@@ -54,7 +54,6 @@ from lightning_compress.pruning.schedule import PruningSchedule
 from lightning_compress.pruning.tracked import TrackedLayers
 from lightning_compress.quantization.coverage import layer_weight
 from lightning_compress.reporting.records import CompressionEvent
-from lightning_compress.structure.compaction import save_compacted
 
 PROGRESS = 1.0  # the schedule ramps progress from 0 to 1; each layer's target is its planned sparsity times it
 QUANTIZED_BY = {"gptq": "GPTQ at the widths planned", "rtn": "round to nearest with the calibration's clipping search",
@@ -80,7 +79,9 @@ class AdaptiveCompression(GradientStabilityPruning):
         budget: :class:`~lightning_compress.Budget` (``size``: bytes of the exported file, ``"25MB"`` or a fraction
             of the fp32 model; ``macs``: a count or a fraction) or a dict of those fields. ``latency`` (a fraction
             of the dense model's ONNX Runtime time): whole units are pruned during the fit, the model is compacted
-            at its end and timed (:mod:`lightning_compress.adaptive.in_fit_units`); it stays float.
+            at its end and timed (:mod:`lightning_compress.adaptive.in_fit_units`); alone, it stays float; with
+            ``size`` / ``macs``, widths or int8 are planned on the compacted model for what is left
+            (:mod:`lightning_compress.adaptive.latency_caps`).
         max_metric_drop: the bound on the delivered model's metric against the one before the first pruning event
             (the float model at the end of the fit when nothing was pruned); None: no bound.
         export_path: ``*.safetensors`` for the delivered model (relative: in the run's log directory).
@@ -124,10 +125,6 @@ class AdaptiveCompression(GradientStabilityPruning):
     ) -> None:
         self.budget = as_budget(budget)
         latency = self.budget.latency is not None  # whole units pruned, compacted at the end (adaptive.in_fit_units)
-        if latency and (self.budget.size is not None or self.budget.macs is not None):
-            raise ValueError(f"`budget`={self.budget!r}: in a fit a latency budget is taken alone (the compacted "
-                             "model stays float); allowed: latency alone, or size / MACs alone (compress() takes "
-                             "them together)")
         if export_path is not None and (not isinstance(export_path, str) or not export_path.endswith(".safetensors")):
             raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
         check_number("calibration_batches", calibration_batches, low=1, integer=True)
@@ -146,7 +143,8 @@ class AdaptiveCompression(GradientStabilityPruning):
         )
         self.export_path, self.calibration = export_path, calibration
         self.calibration_batches, self.corrections, self.method = calibration_batches, corrections, method
-        adaptive_plan.refuse_ignored_by_latency(self)
+        if self.budget.size is None and self.budget.macs is None:  # with caps, the widths are planned too
+            adaptive_plan.refuse_ignored_by_latency(self)
         self.seen = adaptive_plan.SeenBatches(calibration_batches)  # the calibration batches of a plan made mid-fit
         self.caps: Caps | None = None
         self._latency_shape: tuple[int, ...] = ()  # a latency budget's input shape, set in setup
@@ -213,6 +211,8 @@ class AdaptiveCompression(GradientStabilityPruning):
             else LatencyPlanner(pl_module, float(self.budget.latency or 0), self._latency_shape,
                                 self.budget.latency_threads)
         run.broadcast = lambda plan: trainer.strategy.broadcast(plan, src=0)
+        if isinstance(run.planner, LatencyPlanner):
+            run.planner.share = run.broadcast  # the latency table: rank zero's, timed once per fit
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
@@ -245,12 +245,8 @@ class AdaptiveCompression(GradientStabilityPruning):
         if not self._compacted:  # latency: the last event, held, is judged after the rest of the fit
             in_fit_units.settle_last(self, trainer, pl_module)
         super()._finish(trainer, pl_module)  # the masks reached, frozen into the weights (latency: compacted)
-        if isinstance(self.run, LatencyRun):
-            try:
-                finish_latency(self, trainer, pl_module)
-            except BudgetError as err:
-                self._fail(trainer, pl_module, err)
-            self._export_compacted(trainer, pl_module)
+        if isinstance(self.run, LatencyRun):  # timed against the dense model; with caps, widths / int8 after
+            adaptive_latency.finish(self, trainer, pl_module)
             return
         self._rewrites += 1  # the weights change from here on: the last validation measured others
         # the way back should the export fail (compress() restores the floats on its own failures)
@@ -298,19 +294,6 @@ class AdaptiveCompression(GradientStabilityPruning):
             self._fail(trainer, pl_module, error or outcome.error())
         result.file_bytes = outcome.file_bytes
         self.report.files["quantized"] = str(path.resolve())
-
-    def _export_compacted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Rank zero writes the compacted float model (a latency budget); a failed write ends the fit on every rank
-        with a FAILED report."""
-        path = self._export_file
-        if path is None:
-            return
-        try:
-            on_every_rank(trainer, lambda: save_compacted(pl_module, path) if trainer.is_global_zero else None,
-                          f"the write of `export_path`={self.export_path!r}")
-        except Exception as err:
-            self._fail(trainer, pl_module, err)
-        self.report.files["compacted_export"] = str(path.resolve())
 
     def _report_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
         """The plan per layer into the report's layers, the budget and what was delivered into its gate entry."""

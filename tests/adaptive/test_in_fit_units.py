@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -117,23 +118,29 @@ def test_an_impossible_latency_ends_the_fit_with_the_measured_fraction(tmp_path:
     assert not list(tmp_path.rglob("never.safetensors"))  # nothing over the budget was written
 
 
-@pytest.mark.ddp
-def test_ddp_ranks_take_identical_latency_plans_and_gate_verdicts(tmp_path: Path) -> None:
-    """strategy="ddp" (a script; Lightning starts rank 1): the plans, the deferred gate's verdicts (on the metric
-    reduced over the ranks), the compacted widths and weights are the same on both ranks."""
+def two_ranks(script: Path, folder: Path, *args: str) -> list[Any]:
+    """Run ``script folder *args`` (a 2-process ``strategy="ddp"`` fit: Lightning starts rank 1) and read what each
+    rank wrote to ``folder/rank<r>.json``."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(find_free_network_port()))
-    with (tmp_path / "fit.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ddp_latency_gate.py")), str(tmp_path)],
-                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with (folder / "fit.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(script), str(folder), *args], cwd=folder, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # rank 0 and the rank 1 it launched share this session
             proc.wait()
             pytest.fail("the 2-process fit did not finish in 300 s (a rank left waiting in a collective?)")
-    assert code == 0, (tmp_path / "fit.log").read_text()[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert code == 0, (folder / "fit.log").read_text()[-3000:]
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_take_identical_latency_plans_and_gate_verdicts(tmp_path: Path) -> None:
+    """strategy="ddp" (a script; Lightning starts rank 1): the plans, the deferred gate's verdicts (on the metric
+    reduced over the ranks), the compacted widths and weights are the same on both ranks."""
+    ranks = two_ranks(Path(__file__).with_name("ddp_latency_gate.py"), tmp_path)
     assert ranks[0] == ranks[1]
     assert sum(ranks[0]["widths"]) < 32 + 64 and ranks[0]["latency"] <= LATENCY
     assert ranks[0]["gate"]  # the verdicts were reached, the same on both ranks

@@ -1,0 +1,87 @@
+"""A latency budget with size / MACs caps in a fit (``AdaptiveCompression(budget=Budget(latency=0.5, size="25MB"))``),
+the pure half of its end. No Lightning import.
+
+During the fit the latency part removes whole units (:mod:`.in_fit_units`); the model is compacted at its end. What
+is left is met by the verified ``compress()`` path on the compacted model, the latency still counted against the
+DENSE model (the graph the fit kept when it timed the table), not the compacted one:
+
+- the compacted model measured within the latency (and its MACs within their cap): the widths are planned for the
+  size / MACs caps as a budget without latency plans them (``compress(search="bits")``, bits per layer); those
+  change the file, not the graph served, which is timed again as the delivered model's float graph;
+- otherwise int8 where it pays: ``compress()``'s latency path on the compacted model, int8 only (no further units:
+  the fit's model keeps its structure), for the latency left, ``latency / measured`` of the compacted model, under
+  the same caps (:func:`next_budget`); its timings are rank zero's on every rank (:func:`shared_timings`), so every
+  rank takes the same decisions; the delivered copy's weights, int8 codes and input ranges go into the fit's model
+  (:func:`take`), served as the static graph that was timed (:func:`served_graph`).
+
+Either way the delivered model is then timed against the dense graph for real (:func:`~.in_fit_units.verify`), its
+file measured on disk before it is written and its MACs counted; a cap missed ends the fit with the nearest
+budget the steps measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.adaptive import latency
+from lightning_compress.adaptive.budget import Budget
+from lightning_compress.adaptive.caps import Caps
+from lightning_compress.adaptive.in_fit import rank_zero
+from lightning_compress.adaptive.int8_latency import calibration_inputs, onnx_graph
+from lightning_compress.quantization.carried import attach, carried
+from lightning_compress.serving._trained import collect
+
+LEFT_MAX = 0.99  # a Budget's latency is a fraction below 1: the latency left when the units met it already
+
+
+def next_budget(budget: Budget, caps: Caps, ratio: float, macs: int | None) -> tuple[Budget, str]:
+    """What the end of the fit plans on the compacted model, measured at ``ratio`` of the dense latency with
+    ``macs`` per example (None: no MACs cap): ``"widths"`` (a size / MACs budget in absolute bytes / MACs, the
+    latency met) or ``"int8"`` (the latency left relative to the compacted model, with the same caps)."""
+    assert budget.latency is not None
+    if ratio <= budget.latency and (caps.macs_cap is None or (macs is not None and macs <= caps.macs_cap)):
+        return Budget(size=caps.size_cap, macs=caps.macs_cap), "widths"
+    left = min(LEFT_MAX, budget.latency / ratio)
+    return Budget(size=caps.size_cap, macs=caps.macs_cap, latency=left, latency_input=budget.latency_input,
+                  threads=budget.threads), "int8"
+
+
+@contextmanager
+def shared_timings(share: Callable[[Any], Any]) -> Iterator[None]:
+    """While the block runs, every ONNX Runtime timing of :mod:`.latency` is rank zero's on every rank (``share``:
+    the broadcast): the plan, its corrections and the delivered ratio then follow the same numbers everywhere."""
+    real = latency.measure
+
+    def measured(graphs: Mapping[str, bytes], shapes: Mapping[str, Sequence[int]], threads: int,
+                 rounds: int = latency.ROUNDS, warmup: int = latency.WARMUP) -> dict[str, float]:
+        return share(real(graphs, shapes, threads, rounds=rounds, warmup=warmup) if rank_zero() else None)
+
+    latency.measure = measured
+    try:
+        yield
+    finally:
+        latency.measure = real
+
+
+@torch.no_grad()
+def take(model: nn.Module, delivered: nn.Module) -> None:
+    """The delivered copy (same structure as ``model``) into ``model``: its weights, the int8 codes it carries and
+    each int8 layer's input range."""
+    model.load_state_dict(delivered.state_dict())
+    record = carried(delivered)
+    if record is not None and record.codes:
+        attach(model, dict(record.codes), record.source).activations.update(record.activations)
+
+
+def served_graph(model: nn.Module, shape: Sequence[int], batches: Sequence[Any]) -> bytes:
+    """The graph ``model`` is served as: the static int8 graph where it carries input ranges (what
+    ``export_onnx(model)`` writes by default for it), else its float graph (widths stored in the file are
+    dequantized: the graph is the float one)."""
+    if collect(model):
+        return onnx_graph(model, calibration_inputs(batches))[0]
+    return latency.float_graph(model, shape)
