@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.costs import dense_macs, fixed_bytes, model_macs, positions
-from lightning_compress.adaptive.plan import floor_bytes, floor_macs
+from lightning_compress.adaptive.plan import cheapest_bytes, floor_bytes, floor_macs
 from lightning_compress.core.accounting import state_bytes
 from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
 
@@ -27,12 +27,15 @@ class Caps:
     fixed_bytes: int
     other_macs: int
     where: dict[str, float]
+    cheapest: int | None = None  # tensor bytes of the cheapest plan on the weights at the time (``estimate=True``)
 
 
 def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
-                forward: Callable[[nn.Module, Any], Any] | None = None) -> Caps:
+                forward: Callable[[nn.Module, Any], Any] | None = None, estimate: bool = False) -> Caps:
     """``budget`` for ``model`` (a MACs budget needs ``batch`` and ``forward`` to count where each weight is
-    applied). Raises ``ValueError`` naming ``budget`` when the arithmetic shows it cannot be met."""
+    applied). Raises ``ValueError`` naming ``budget`` when the arithmetic shows it cannot be met. ``estimate``: with a
+    size cap, also price the cheapest plan on the weights as they are
+    (:func:`~.plan.cheapest_bytes`, for a fit's early warning)."""
     layers, _ = select_layers(model, QUANT_MODULE_TYPES)
     weights = {name: layer_weight(name, module) for name, module in layers.items()}
     fixed = fixed_bytes(model, {name: weight_key(name, module) for name, module in layers.items()})
@@ -53,4 +56,5 @@ def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
     if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other)):
         raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
                          f"model: {floor} MACs with every layer at its largest sparsity; allowed: a larger count")
-    return Caps(size_cap, macs_cap, fixed, other, where)
+    cheapest = cheapest_bytes(weights, fixed) if estimate and size_cap is not None else None
+    return Caps(size_cap, macs_cap, fixed, other, where, cheapest)

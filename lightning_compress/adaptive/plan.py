@@ -8,10 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, Candidate
+from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, Candidate, prune
 from lightning_compress.adaptive.knapsack import BUCKETS, solve, solve_two
+from lightning_compress.quantization import sparse_layout
+from lightning_compress.quantization.primitives import QuantSpec, quantize_tensor
 
 FLOOR_BITS = min(WIDTHS)  # the narrowest width a candidate has
 FLOOR_SPARSITY = max(SPARSITIES)  # the largest sparsity a candidate has
@@ -24,6 +27,20 @@ def floor_bytes(weights: Mapping[str, Tensor], fixed: int) -> int:
     work (no codes are computed), so a budget below it is surely impossible; the cheapest plan's file is measured
     later (``Session.header``)."""
     return fixed + sum(w.shape[0] * 4 for w in weights.values())
+
+
+def cheapest_bytes(weights: Mapping[str, Tensor], fixed: int) -> int:
+    """Tensor bytes of the cheapest plan on ``weights`` as they are now: every layer at the narrowest width and the
+    largest sparsity (by magnitude), per channel, min-max ranges (quick; the MSE search changes few codes of the
+    largest tenth of a row). Not a floor: the plan made at the end of a fit is priced on the
+    weights reached, whose kept entries may round to the empty code more or less often. What a budget far below it
+    will most likely meet at the end of a fit (``AdaptiveCompression.setup`` warns)."""
+    total = fixed
+    for weight in weights.values():
+        pruned = prune(weight, torch.ones_like(weight, dtype=torch.float32), FLOOR_SPARSITY)
+        spec = QuantSpec(FLOOR_BITS, "per_channel", 128, True, "minmax")
+        total += sparse_layout.nbytes(quantize_tensor(pruned, spec))
+    return total
 
 
 def floor_macs(weights: Mapping[str, Tensor], where: Mapping[str, float], other: int) -> int:

@@ -54,3 +54,21 @@ def test_a_macs_budget_needs_an_example_batch() -> None:
 
 def test_without_a_batch_no_position_is_counted() -> None:
     assert set(budget_caps(_mlp(), Budget(size=0.5)).where.values()) == {0.0}
+
+
+def test_the_cheapest_plan_is_priced_between_the_floor_and_its_file() -> None:
+    """``estimate=True`` prices every layer at int2, 90 % sparse: above the floor (it stores codes), and not above
+    the file of the cheapest plan compress() measures on the same weights (that file adds the header)."""
+    from lightning_compress import compress
+    from lightning_compress.adaptive.plan import floor_bytes
+    from lightning_compress.adaptive.session import BudgetError
+
+    model = _mlp()
+    assert budget_caps(model, Budget(size=0.5)).cheapest is None  # only priced when asked
+    caps = budget_caps(model, Budget(size=0.5), estimate=True)
+    weights = {n: m.weight for n, m in model.named_children() if isinstance(m, nn.Linear)}
+    assert caps.cheapest is not None and caps.cheapest > floor_bytes(weights, caps.fixed_bytes)
+    with pytest.raises(BudgetError) as info:
+        compress(model, Budget(size=caps.fixed_bytes + 600), [BATCH], calibration_batches=1)
+    smallest = int(str(info.value).split("can be written as is ")[1].split(" bytes")[0])
+    assert caps.cheapest <= smallest
