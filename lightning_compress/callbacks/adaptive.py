@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_compress.adaptive import in_fit_units
@@ -179,7 +179,14 @@ class AdaptiveCompression(GradientStabilityPruning):
         self.result, self.seen = None, adaptive_plan.SeenBatches(self.calibration_batches)
         if self.budget.latency is not None:
             self._latency_shape = latency_setup(pl_module, self.budget)
-        self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module))
+        self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module),
+                                estimate=self.budget.latency is None)  # compaction would shrink what it prices
+        if self.caps.cheapest is not None and self.caps.size_cap is not None and \
+                self.caps.size_cap < self.caps.cheapest:
+            rank_zero_warn(f"AdaptiveCompression: `budget` size={self.budget.size!r} ({self.caps.size_cap} bytes) is "
+                           f"below the {self.caps.cheapest} bytes of tensor data the cheapest plan (int2, 90 % "
+                           "sparse everywhere) takes on the weights now; unless training makes most kept weights "
+                           "round to zero the fit will end in a BudgetError naming the smallest file")
         if self.export_path is not None:  # rank zero alone creates the folder, so it alone may refuse: all refuse
             path, folder = self.export_path, self.run_dir(trainer)
             self._export_file = on_every_rank(

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress import AdaptiveCompression, Budget, load_compressed, load_quantized
+from lightning_compress.adaptive.caps import budget_caps
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.core.accounting import state_bytes
 from lightning_compress.demos.data import DigitsDataModule
@@ -220,6 +222,33 @@ def test_an_impossible_budget_is_refused_in_setup_before_any_step(tmp_path: Path
         trainer.fit(_model(), DigitsDataModule(batch_size=64))
     assert trainer.global_step == 0
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def _setup_warnings(budget: Budget, tmp_path: Path) -> list[str]:
+    """The warnings a fit with ``AdaptiveCompression(budget)`` gives up to its first training step."""
+
+    class Started(Exception):
+        pass
+
+    class Stop(Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            raise Started
+
+    callback = AdaptiveCompression(budget=budget, export_path="model.safetensors")
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(Started):
+        warnings.simplefilter("always")
+        _trainer([callback, Stop()], tmp_path).fit(_model(), DigitsDataModule(batch_size=64))
+    return [str(w.message) for w in caught]
+
+
+def test_a_size_below_the_cheapest_plan_on_the_weights_warns_in_setup(tmp_path: Path) -> None:
+    """Above the sure floor (no code stored at all) but below what int2, 90 % sparse everywhere takes on the weights
+    now: the fit is not refused (training could make kept weights round to zero) but warned at once, naming both."""
+    cheapest = budget_caps(_model(), Budget(size=0.5), estimate=True).cheapest
+    assert cheapest is not None
+    below = f"size={cheapest - 1} ({cheapest - 1} bytes) is below the {cheapest} bytes"
+    assert any(below in w for w in _setup_warnings(Budget(size=cheapest - 1), tmp_path))
+    assert not any("the cheapest plan" in w for w in _setup_warnings(Budget(size=cheapest), tmp_path))
 
 
 def test_a_budget_the_bound_cannot_meet_fails_after_verification_with_the_smallest_budget(tmp_path: Path) -> None:
