@@ -4,7 +4,7 @@ refusal of a budget below the model's floor, made before any work (``compress()`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +31,14 @@ class Caps:
 
 
 def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
-                forward: Callable[[nn.Module, Any], Any] | None = None, estimate: bool = False) -> Caps:
+                forward: Callable[[nn.Module, Any], Any] | None = None, estimate: bool = False,
+                prunable: Collection[str] | None = None) -> Caps:
     """``budget`` for ``model`` (a MACs budget needs ``batch`` and ``forward`` to count where each weight is
     applied). Raises ``ValueError`` naming ``budget`` when the arithmetic shows it cannot be met. ``estimate``: with a
     size cap, also price the cheapest plan on the weights as they are
-    (:func:`~.plan.cheapest_bytes`, for a fit's early warning)."""
+    (:func:`~.plan.cheapest_bytes`, for a fit's early warning). ``prunable``: the layers a plan may prune (None:
+    every layer; a fit prunes only the layers it tracks), the others priced dense in the MACs floor (a plan's MACs
+    count its weights' nonzero entries before rounding) and in the cheapest plan."""
     layers, _ = select_layers(model, QUANT_MODULE_TYPES)
     weights = {name: layer_weight(name, module) for name, module in layers.items()}
     fixed = fixed_bytes(model, {name: weight_key(name, module) for name, module in layers.items()})
@@ -53,8 +56,10 @@ def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
         raise ValueError(f"`budget` size={budget.size!r} ({size_cap} bytes) is below the floor of this model: "
                          f"{floor} bytes of tensor data with every weight pruned, only one scale per row stored "
                          "(the header comes on top); allowed: a larger size")
-    if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other)):
+    if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other, prunable)):
         raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
-                         f"model: {floor} MACs with every layer at its largest sparsity; allowed: a larger count")
-    cheapest = cheapest_bytes(weights, fixed) if estimate and size_cap is not None else None
+                         f"model: {floor} MACs with every layer at its largest sparsity"
+                         + ("" if prunable is None else " (the layers the fit does not prune dense)")
+                         + "; allowed: a larger count")
+    cheapest = cheapest_bytes(weights, fixed, prunable) if estimate and size_cap is not None else None
     return Caps(size_cap, macs_cap, fixed, other, where, cheapest)

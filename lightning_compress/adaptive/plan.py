@@ -4,7 +4,7 @@ one candidate per layer, the smallest summed (corrected) score within the caps. 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,28 +25,33 @@ def floor_bytes(weights: Mapping[str, Tensor], fixed: int) -> int:
     (:mod:`~lightning_compress.quantization.sparse_layout`), so only one float32 scale per row stays (a per-group
     candidate has more scales), plus the entries no candidate changes. The header comes on top. Exact without any
     work (no codes are computed), so a budget below it is surely impossible; the cheapest plan's file is measured
-    later (``Session.header``)."""
+    later (``Session.header``). A layer a fit does not prune counts the same: its codes may round to zero too."""
     return fixed + sum(w.shape[0] * 4 for w in weights.values())
 
 
-def cheapest_bytes(weights: Mapping[str, Tensor], fixed: int) -> int:
+def cheapest_bytes(weights: Mapping[str, Tensor], fixed: int, prunable: Collection[str] | None = None) -> int:
     """Tensor bytes of the cheapest plan on ``weights`` as they are now: every layer at the narrowest width and the
-    largest sparsity (by magnitude), per channel, min-max ranges (quick; the MSE search changes few codes of the
-    largest tenth of a row). Not a floor: the plan made at the end of a fit is priced on the
-    weights reached, whose kept entries may round to the empty code more or less often. What a budget far below it
-    will most likely meet at the end of a fit (``AdaptiveCompression.setup`` warns)."""
+    largest sparsity (by magnitude; a layer outside ``prunable`` dense), per channel, min-max ranges (quick; the MSE
+    search changes few codes of the largest tenth of a row). Not a floor: the plan made at the end of a fit is priced
+    on the weights reached, whose kept entries may round to the empty code more or less often. What a budget far
+    below it will most likely meet at the end of a fit (``AdaptiveCompression.setup`` warns)."""
     total = fixed
-    for weight in weights.values():
-        pruned = prune(weight, torch.ones_like(weight, dtype=torch.float32), FLOOR_SPARSITY)
+    for name, weight in weights.items():
+        sparsity = FLOOR_SPARSITY if prunable is None or name in prunable else 0.0
+        pruned = prune(weight, torch.ones_like(weight, dtype=torch.float32), sparsity)
         spec = QuantSpec(FLOOR_BITS, "per_channel", 128, True, "minmax")
         total += sparse_layout.nbytes(quantize_tensor(pruned, spec))
     return total
 
 
-def floor_macs(weights: Mapping[str, Tensor], where: Mapping[str, float], other: int) -> int:
-    """MACs per example of the sparsest plan (the largest sparsity everywhere), plus those no candidate changes."""
-    return other + round(sum((w.numel() - math.floor(FLOOR_SPARSITY * w.numel())) * where[n]
-                             for n, w in weights.items()))
+def floor_macs(weights: Mapping[str, Tensor], where: Mapping[str, float], other: int,
+               prunable: Collection[str] | None = None) -> int:
+    """MACs per example of the sparsest plan (the largest sparsity in every layer of ``prunable``, None: every
+    layer; the others dense), plus those no candidate changes."""
+    def kept(name: str, weight: Tensor) -> int:
+        return weight.numel() - (math.floor(FLOOR_SPARSITY * weight.numel())
+                                 if prunable is None or name in prunable else 0)
+    return other + round(sum(kept(n, w) * where[n] for n, w in weights.items()))
 
 
 @dataclass

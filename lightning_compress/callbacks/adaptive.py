@@ -180,7 +180,8 @@ class AdaptiveCompression(GradientStabilityPruning):
         if self.budget.latency is not None:
             self._latency_shape = latency_setup(pl_module, self.budget)
         self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module),
-                                estimate=self.budget.latency is None)  # compaction would shrink what it prices
+                                estimate=self.budget.latency is None,  # compaction would shrink what it prices
+                                prunable=self.layers.names)  # the layers the fit prunes; the others stay dense
         if self.caps.cheapest is not None and self.caps.size_cap is not None and \
                 self.caps.size_cap < self.caps.cheapest:
             rank_zero_warn(f"AdaptiveCompression: `budget` size={self.budget.size!r} ({self.caps.size_cap} bytes) is "

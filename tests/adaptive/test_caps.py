@@ -72,3 +72,19 @@ def test_the_cheapest_plan_is_priced_between_the_floor_and_its_file() -> None:
         compress(model, Budget(size=caps.fixed_bytes + 600), [BATCH], calibration_batches=1)
     smallest = int(str(info.value).split("can be written as is ")[1].split(" bytes")[0])
     assert caps.cheapest <= smallest
+
+
+def test_a_layer_outside_prunable_counts_dense_in_the_macs_floor() -> None:
+    """A fit prunes only the layers it tracks: the first Linear left dense makes the floor its 64 * 64 MACs plus
+    the other layers at 90 % sparsity, and a cap between that and the all-layers floor is refused."""
+    everywhere = math.ceil(0.1 * 64 * 64) + math.ceil(0.1 * 64 * 32) + math.ceil(0.1 * 32 * 10)
+    untracked_dense = 64 * 64 + math.ceil(0.1 * 64 * 32) + math.ceil(0.1 * 32 * 10)
+    assert budget_caps(_mlp(), Budget(macs=everywhere), BATCH, _forward).macs_cap == everywhere
+    with pytest.raises(ValueError, match=rf"below the floor of this model: {untracked_dense} MACs .*the layers the fit "
+                                         "does not prune dense"):
+        budget_caps(_mlp(), Budget(macs=untracked_dense - 1), BATCH, _forward, prunable=["2", "4"])
+    assert budget_caps(_mlp(), Budget(macs=untracked_dense), BATCH, _forward, prunable=["2", "4"]).macs_cap == \
+        untracked_dense
+    # the estimate prices the untracked layer dense too: larger than with every layer pruned
+    assert budget_caps(_mlp(), Budget(size=0.5), estimate=True, prunable=["2", "4"]).cheapest > \
+        budget_caps(_mlp(), Budget(size=0.5), estimate=True).cheapest  # type: ignore[operator]

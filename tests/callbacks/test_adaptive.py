@@ -224,6 +224,19 @@ def test_an_impossible_budget_is_refused_in_setup_before_any_step(tmp_path: Path
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
+def test_a_macs_budget_only_unpruned_layers_break_is_refused_in_setup(tmp_path: Path) -> None:
+    """The layers ``exclude`` leaves out are never pruned (the end of the fit plans widths only): a MACs budget below
+    them dense plus the rest at the largest sparsity is refused before the first step, not after the fit."""
+    model = _model()
+    first = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    callback = AdaptiveCompression(budget=Budget(macs=0.3), exclude=[rf"^{first}$"])
+    trainer = _trainer([callback], tmp_path)
+    with pytest.raises(ValueError, match=r"`budget` macs=0\.3 .* is below the floor .*the layers the fit does not "
+                                         "prune dense"):
+        trainer.fit(model, DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+
+
 def _setup_warnings(budget: Budget, tmp_path: Path) -> list[str]:
     """The warnings a fit with ``AdaptiveCompression(budget)`` gives up to its first training step."""
 
