@@ -14,8 +14,10 @@ from torch import Tensor
 from lightning_compress.adaptive import session as session_module
 from lightning_compress.adaptive.candidates import Candidate, layer_candidates
 from lightning_compress.adaptive.plan import Problem
+from lightning_compress.adaptive.rivals import TopOneLoss
 from lightning_compress.adaptive.session import Delivered, Rival, Session
 from lightning_compress.core.gate import MetricGate
+from lightning_compress.quantization.calibration import feed
 from lightning_compress.quantization.checks import measure
 from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
 from tests.adaptive.digits import trained_digits
@@ -101,4 +103,26 @@ def test_a_rival_replaces_the_plan_only_beyond_the_noise(case: str) -> None:
     assert session.steps[-1].endswith(f"delivered: {expected}")
     alone = copy.deepcopy(session)
     alone.write(chosen.plan)  # the model holds the plan returned
+    assert all(torch.equal(session.weights[n], alone.weights[n]) for n in session.layers)
+
+
+def test_the_model_holds_the_plan_where_every_rival_was_over_the_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rival is written to be measured; one whose file is over the cap is dropped, and the model must get the
+    plan back (the old code wrote it back only when some rival was kept: the model held the over-cap file)."""
+    session, candidates = _session()
+    session.rivals = 1
+    session.proxy = TopOneLoss(session.model, [(torch.randn(16, 64),)], feed)
+    names = list(candidates)
+    plan = {names[0]: _uniform(candidates, 8)[names[0]], **{n: _uniform(candidates, 2)[n] for n in names[1:]}}
+    problem = Scripted(candidates, 0, 0, size_cap=10**6, macs_cap=None)
+    problem.script = [plan]
+    sizes = iter([900, *[2 * 10**6] * 10])  # the plan's file, then every rival's over the cap
+    monkeypatch.setattr(session_module, "file_bytes", lambda _: next(sizes))
+
+    delivered = session.verified(problem, header=0, corrections=0)
+
+    assert delivered is not None and delivered.plan == plan
+    assert len(session.tried) == 1  # no rival was kept
+    alone = copy.deepcopy(session)
+    alone.write(plan)
     assert all(torch.equal(session.weights[n], alone.weights[n]) for n in session.layers)
