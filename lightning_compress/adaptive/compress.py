@@ -150,8 +150,8 @@ def compress(
         before: ``metric_fn(model)`` the caller already measured on these very weights (not measured again).
         sync: applied to the Fisher before any decision is taken on it (DDP: rank zero's on every rank, so that
             every rank plans alike and makes the same evaluations, which are collectives).
-        one_rank: ``one_rank(work)`` runs ``work`` where one rank's result serves all (DDP: GPTQ on rank zero alone,
-            its codes broadcast); None: here.
+        one_rank: ``one_rank(work)`` runs ``work`` where one rank's result serves all (DDP: the Fisher and GPTQ on
+            rank zero alone, their results broadcast); None: here.
 
     Raises:
         ValueError: a budget below its floor (before any work); :class:`~.session.BudgetError` when the budget and
@@ -189,7 +189,8 @@ def compress(
     gate = MetricGate(max_metric_drop, higher_is_better)
     try:
         before = measure(metric_fn, model) if metric_fn is not None and before is None else before
-        fisher = diagonal_fisher(model, weights, batches, run, loss_fn)
+        fisher = diagonal_fisher(model, weights, batches, run, loss_fn) if one_rank is None else \
+            one_rank(lambda: diagonal_fisher(model, weights, batches, run, loss_fn))
         fisher = sync(fisher) if sync is not None else fisher
         proxy = against_float(model, batches, run) if search == "joint" and (metric_fn is not None or loss_fn is None) \
             else None  # with a metric: the per-sample noise of the rivals' comparison (.rivals.clearly_lower)

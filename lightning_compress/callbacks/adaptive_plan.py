@@ -1,8 +1,8 @@
 """``AdaptiveCompression``'s planning of widths on the masks reached, at the end of the fit or when QAT starts: the
-calibration batches (never read from the fit's loader mid-fit), the bound left to quantization after pruning (a
-pruned model already outside it ends the fit) and the ``compress()`` call, which every rank makes on rank zero's
-Fisher so that every rank decides alike; GPTQ runs on rank zero alone and every rank takes its codes
-(:func:`on_rank_zero`). The math is :func:`~lightning_compress.adaptive.compress.compress`'s.
+calibration batches (never read from the fit's loader mid-fit), the bound left to quantization after pruning (a pruned
+model already outside it ends the fit) and the ``compress()`` call, which every rank makes: the Fisher and GPTQ run on
+rank zero alone and every rank takes their results (:func:`on_rank_zero`), so every rank decides alike. The math is
+:func:`~lightning_compress.adaptive.compress.compress`'s.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def bound_left(callback: AdaptiveCompression, now: float) -> float:
 def plan(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.LightningModule, method: str | None,
          mid_fit: bool) -> CompressionResult:
     """``compress(search="bits")`` on the masks reached, on the bound left (the model measured once), on rank
-    zero's calibration batches and Fisher."""
+    zero's calibration batches, Fisher and GPTQ codes."""
     batches = calibration_batches(trainer, pl_module, callback.calibration_batches,
                                   callback.seen.batches if mid_fit else None)
     metric_fn, before, allowed = None, None, None
@@ -135,15 +135,15 @@ def plan(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Light
                         calibration=callback.calibration, calibration_batches=len(batches) or 1,
                         corrections=callback.corrections, search="bits",
                         method=(method or callback.method) if batches else "rtn", before=before,
-                        sync=lambda fisher: trainer.strategy.broadcast(fisher, src=0),
                         one_rank=on_rank_zero(trainer, pl_module.device))
 
 
 def on_rank_zero(trainer: pl.Trainer, device: torch.device) -> Callable[[Callable[[], T]], T]:
-    """``one_rank(work)``: ``work()`` on rank zero alone, its result (tensors, records of codes, plain values) handed
-    to every rank on ``device`` (GPTQ: one rank computes what all would, then only its codes are kept anyway). Every
-    rank calls it (one broadcast). A failure on rank zero raises on every rank: its own error there, a
-    ``RuntimeError`` quoting it on the others (which would otherwise wait in the next collective)."""
+    """``one_rank(work)``: ``work()`` on rank zero alone, its result (tensors, records of codes, plain values) handed to
+    every rank on ``device``: the Fisher (every rank then plans alike) and GPTQ's codes (one rank computes what all
+    would, and only rank zero's are kept anyway). Every rank calls it (one broadcast). A failure on rank zero raises on
+    every rank: its own error there, a ``RuntimeError`` quoting it on the others (which would otherwise wait in the next
+    collective)."""
 
     def one_rank(work: Callable[[], T]) -> T:
         if trainer.world_size < 2:
@@ -160,7 +160,8 @@ def on_rank_zero(trainer: pl.Trainer, device: torch.device) -> Callable[[Callabl
         if error is not None:
             raise error
         if failed is not None:
-            raise RuntimeError(f"the work of rank zero that every rank takes (GPTQ) failed there: {failed}")
+            raise RuntimeError(f"the work of rank zero that every rank takes (the Fisher, GPTQ) failed there: "
+                               f"{failed}")
         return _to(value, device)
 
     return one_rank

@@ -1,4 +1,4 @@
-"""``callbacks/adaptive_plan.py`` under DDP: GPTQ runs on rank zero alone and every rank takes its codes
+"""``callbacks/adaptive_plan.py`` under DDP: the Fisher and GPTQ run on rank zero alone and every rank takes them
 (:func:`~lightning_compress.callbacks.adaptive_plan.on_rank_zero`), with a rank stood in, then 2 real processes."""
 
 from __future__ import annotations
@@ -85,10 +85,11 @@ def test_a_failure_on_rank_zero_raises_on_every_rank(rank: int, rank_zeros: Any,
 
 
 @pytest.mark.ddp
-def test_ddp_gptq_runs_on_rank_zero_alone_and_both_ranks_hold_the_same_codes(tmp_path: Path,
+def test_ddp_the_fisher_and_gptq_run_on_rank_zero_alone_and_both_ranks_hold_the_same_codes(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """strategy='ddp', 2 CPU ranks (gloo), ``method="gptq"``: right after ``compress()`` (before the callback hands
-    every rank rank zero's model), rank 1 has run no GPTQ and both ranks hold bit-identical codes and weights."""
+    every rank rank zero's model), rank 1 has run neither the Fisher's backward passes nor GPTQ, and both ranks
+    hold bit-identical codes and weights and took the same steps."""
     from tests.callbacks.test_ddp import _run_script
     from tests.ddp import adaptive_gptq_scenarios
 
@@ -96,6 +97,7 @@ def test_ddp_gptq_runs_on_rank_zero_alone_and_both_ranks_hold_the_same_codes(tmp
     _run_script("gptq", tmp_path)
     ranks = [json.loads((tmp_path / f"gptq.rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["gptq_model_calls"] == 1 and ranks[1]["gptq_model_calls"] == 0
+    assert ranks[0]["diagonal_fisher_calls"] == 1 and ranks[1]["diagonal_fisher_calls"] == 0
     assert ranks[0]["codes"] is not None and ranks[0]["method"] == "gptq"  # GPTQ kept: its codes are compared
     for key in ("codes", "scales", "weights", "method", "plan", "steps"):
         assert ranks[0][key] == ranks[1][key], key

@@ -2,12 +2,13 @@
 
 Run as a script (``python tests/ddp/adaptive_gptq_scenarios.py gptq OUT_DIR``, ``strategy="ddp"``): Lightning runs
 the same command again for rank 1. Workers never assert: each rank writes, right after its ``compress()`` call
-(before the callback hands every rank rank zero's delivered model), how often it ran GPTQ, the method delivered and
-digests of its codes and weights, to ``OUT_DIR/gptq.rank<r>.json``; the test compares.
+(before the callback hands every rank rank zero's delivered model), how often it ran GPTQ and the Fisher's backward
+passes, the method delivered and digests of its codes and weights, to ``OUT_DIR/gptq.rank<r>.json``; the test compares.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -28,21 +29,29 @@ from lightning_compress.quantization.carried import carried
 from tests.ddp.probes import digest
 from tests.ddp.scenarios import model, trainer
 
+compress_module = importlib.import_module("lightning_compress.adaptive.compress")  # the package exports the function
+
 
 def gptq(strategy: str, out: str) -> None:
-    calls = {"gptq_model": 0}
-    real_gptq, real_compress = gptq_plan.gptq_model, adaptive_plan.compress
+    calls = {"gptq_model": 0, "diagonal_fisher": 0}
+    real_gptq, real_fisher = gptq_plan.gptq_model, compress_module.diagonal_fisher
+    real_compress = adaptive_plan.compress
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls["gptq_model"] += 1
         return real_gptq(*args, **kwargs)
+
+    def fisher_counted(*args: Any, **kwargs: Any) -> Any:
+        calls["diagonal_fisher"] += 1
+        return real_fisher(*args, **kwargs)
 
     def recorded(net: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         result = real_compress(net, *args, **kwargs)
         record = carried(net)
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         Path(out, f"gptq.rank{rank}.json").write_text(json.dumps({
-            "gptq_model_calls": calls["gptq_model"], "method": result.method, "steps": result.steps,
+            "gptq_model_calls": calls["gptq_model"], "diagonal_fisher_calls": calls["diagonal_fisher"],
+            "method": result.method, "steps": result.steps,
             "plan": [row["label"] for row in result.plan],
             "codes": digest({k: q.q for k, q in record.codes.items()}) if record is not None else None,
             "scales": digest({k: q.scale for k, q in record.codes.items()}) if record is not None else None,
@@ -50,6 +59,7 @@ def gptq(strategy: str, out: str) -> None:
         return result
 
     gptq_plan.gptq_model = counted  # type: ignore[assignment]
+    compress_module.diagonal_fisher = fisher_counted
     adaptive_plan.compress = recorded  # type: ignore[assignment]
     pl.seed_everything(0)
     callback = AdaptiveCompression(budget=Budget(size=0.17), method="gptq", start_step=4, end_step=12, frequency=4)
