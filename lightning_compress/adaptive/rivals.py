@@ -7,9 +7,9 @@ other candidates, so the knapsack can spend the budget on keeping small layers f
 2 bits, and measure worse than every layer at 3 bits (``benchmarks/bench_adaptive.py``, README "Compress to a
 budget"). A per-layer scale measured at 4 bits does not catch it: the error is in how the prediction grows with
 the change, not in its scale. So the plan is measured beside the few uniform configurations that fit the caps (the
-lowest predicted first) and the best *measured* one is delivered. Where the dense plan needs 2 bits somewhere,
-``compress()`` also solves with sparsity and measures the dense plan beside that one (``Session.also``): the
-score under-predicts heavy pruning too, so neither is trusted alone.
+lowest predicted first) and one measured better beyond the noise (below) is delivered instead. Where the dense
+plan needs 2 bits somewhere, ``compress()`` also solves with sparsity and measures the dense plan beside that one
+(``Session.also``): the score under-predicts heavy pruning too, so neither is trusted alone.
 
 The measure is ``metric_fn`` when one is given. Without it (and without ``loss_fn``), :func:`against_float` picks
 one: for a classifier's output (``(N, C)`` logits, ``C > 1``) the cross-entropy of the compressed model's outputs
