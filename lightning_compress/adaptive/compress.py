@@ -14,18 +14,21 @@ chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. 
 3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`). ``"joint"`` then
    measures the plan beside the few uniform configurations that fit and delivers the best measured (:mod:`.rivals`:
    the second-order score under-predicts large changes to large layers).
-4. The plan is written into the model (it carries its codes: ``save_quantized(model, path)`` / ``export_onnx``
-   take it), the file and the MACs are measured, and ``metric_fn`` decides (:mod:`.session`). A model over budget
-   or outside the bound is never returned: :class:`~.session.BudgetError` gives the smallest budget that met the
-   bound as measured, and the model gets its float weights back (also if anything else raises).
+4. The plan is written into the model (it carries its codes: ``result.save(path)`` / ``export_onnx`` take it; a
+   plan that keeps every layer float carries none and is written float), the file and the MACs are measured, and
+   ``metric_fn`` decides (:mod:`.session`). A model over budget or outside the bound is never returned:
+   :class:`~.session.BudgetError` gives the smallest budget that met the bound as measured, and the model gets its
+   float weights back (also if anything else raises).
 5. ``method="gptq"``: the verified plan's widths applied with GPTQ on the calibration batches, kept only where
    measured no worse than round to nearest and within the caps (:mod:`.gptq_plan`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -34,7 +37,7 @@ from torch import Tensor, nn
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, layer_candidates
 from lightning_compress.adaptive.caps import budget_caps
-from lightning_compress.adaptive.costs import aliases
+from lightning_compress.adaptive.costs import aliases, write_file
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.gptq_plan import METHODS, apply_gptq
 from lightning_compress.adaptive.latency_budget import latency_result, refuse_ignored
@@ -71,7 +74,7 @@ class CompressionResult:
     model: nn.Module
     plan: list[dict[str, Any]]
     budget_bytes: int | None
-    file_bytes: int | None  # measured: the bytes save_quantized(model, path) writes
+    file_bytes: int | None  # measured under a size cap: the bytes save(path) writes
     budget_macs: int | None
     macs: int | None  # counted on the delivered weights, per example
     metric_before: float | None = None
@@ -82,6 +85,12 @@ class CompressionResult:
     latency: float | None = None  # measured: the delivered model's ORT latency / the dense model's
     method: str = "rtn"  # how the delivered codes were made: "rtn", or "gptq" where that measured no worse
     tried: list[dict[str, Any]] = field(default_factory=list)  # each plan the verification measured (Session.tried)
+
+    def save(self, path: str | os.PathLike[str], *, run_id: str | None = None) -> Path:
+        """Write the delivered model to ``path`` as the file ``file_bytes`` measured (:func:`.costs.write_file`):
+        its codes (``save_quantized``), or its float weights (``save_float``) where the plan kept every layer float;
+        ``load_compressed(model, path)`` reads either back."""
+        return write_file(self.model, path, run_id=run_id)
 
 
 def _check(budget: Any, forward: Any, loss_fn: Any, metric_fn: Any, max_metric_drop: Any, higher_is_better: Any,
@@ -212,6 +221,7 @@ def compress(
             return problem, session.header(problem) if size_cap is not None else 0
 
         problem, header = problem_with(sparsities)
+        fallback: tuple[Problem, int] | None = None  # the dense problem whose plan fit, where sparsity was offered
         if search == "joint" and sparsities == (0.0,):
             dense = problem.choose(header)
             if dense is None:
@@ -223,8 +233,15 @@ def compress(
                 session.steps.append(f"the dense plan puts a layer at {FLOOR_BITS} bits: sparsity offered too, and "
                                      "the dense plan measured beside that plan")
                 session.also = [dense]
+                fallback = (problem, header)
                 problem, header = problem_with(SPARSITIES)
         delivered = session.verified(problem, header, corrections)
+        if delivered is None and fallback is not None:  # the sparse plans' larger header can leave none within
+            session.steps.append("no plan with sparsity offered was delivered: the dense problem, whose plan fit, "
+                                 "verified alone")
+            session.also = []
+            problem, header = fallback
+            delivered = session.verified(problem, header, corrections)
         if delivered is None:
             _refuse(session, problem, header, budget)
         used = "rtn"

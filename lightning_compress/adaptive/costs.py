@@ -2,7 +2,8 @@
 
 - :func:`fixed_bytes`: every ``state_dict`` entry the plan does not choose for (biases, norms, buffers, layers not
   selected), at the element size ``save_quantized`` writes them with.
-- :func:`file_bytes`: the size of the file ``save_quantized(model, path)`` writes, measured by writing it to a
+- :func:`write_file`: the one writer of what ``compress()`` delivered (``save_quantized``, or ``save_float`` for a
+  plan that keeps every layer float); :func:`file_bytes`: the size of that file, measured by writing it to a
   temporary directory: the safetensors header (its JSON metadata included) is only known exactly once written, so
   a plan reserves the header measured on the cheapest plan's file, and the delivered file is measured.
 - :func:`positions`: per layer, how many times per example each weight is applied (a Linear: once per token; a
@@ -14,13 +15,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_compress.quantization.calibration import run_with_hooks
-from lightning_compress.quantization.export import save_quantized
+from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.export import save_float, save_quantized
 from lightning_compress.structure.macs import count_macs
 
 
@@ -40,12 +43,20 @@ def fixed_bytes(model: nn.Module, weight_keys: Mapping[str, str]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values() if id(v) not in planned)
 
 
+def write_file(model: nn.Module, path: str | os.PathLike[str], *, run_id: str | None = None) -> Path:
+    """Write what :func:`~lightning_compress.adaptive.compress.compress` delivered, atomically: the codes the model
+    carries (``save_quantized``), or, where the plan kept every layer float and there are none, its float weights
+    (``save_float``). ``load_compressed`` reads either back. A model whose carried codes are stale is refused, never
+    written as float."""
+    if carried(model) is None:
+        return save_float(model, path, run_id=run_id)
+    return save_quantized(model, path, run_id=run_id)
+
+
 def file_bytes(model: nn.Module) -> int:
-    """Bytes of the file ``save_quantized(model, path)`` writes (the model carries its codes)."""
+    """Bytes of the file :func:`write_file` writes for ``model`` as it is, measured by writing it."""
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "plan.safetensors")
-        save_quantized(model, path)
-        return os.path.getsize(path)
+        return write_file(model, os.path.join(folder, "plan.safetensors")).stat().st_size
 
 
 def batch_size(batch: Any) -> int:

@@ -131,15 +131,14 @@ class Session:
                 break
             self.write(plan)
             held = plan
-            quantized = any(c.bits != FLOAT_BITS for c in plan.values())
-            size = file_bytes(self.model) if problem.size_cap is not None and quantized else None
+            if all(c.bits == FLOAT_BITS for c in plan.values()):
+                self.steps.append("the plan keeps every layer float: no codes to save_quantized; save_float writes "
+                                  "it (CompressionResult.save chooses)")
+            size = file_bytes(self.model) if problem.size_cap is not None else None  # the float file too
             macs = delivered_macs(self.weights, self.where, problem.other_macs)
             if problem.macs_cap is not None and macs > problem.macs_cap:
                 break  # cannot happen (quantization only adds zeros); never deliver over the cap
             if size is None or problem.size_cap is None:
-                if not quantized:
-                    self.steps.append("the plan keeps every layer float: the model meets the budget as it is (no "
-                                      "codes to save_quantized; save_float writes it)")
                 return Delivered(plan, size, macs)
             measured = size - problem.data_bytes(plan) + HEADER_MARGIN
             if size <= problem.size_cap:
@@ -156,16 +155,19 @@ class Session:
 
     def header(self, problem: Problem) -> int:
         """The header of the file of the cheapest plan (every layer quantized, the most entries), measured; a plan
-        whose header turns out larger is solved again (:meth:`deliver`)."""
+        whose header turns out larger is solved again (:meth:`deliver`). :attr:`cheapest_file` keeps the smallest
+        such file over every problem measured: with sparsity offered the cheapest plan by tensor bytes has a
+        larger header, and its file can be larger than the dense cheapest plan's."""
         cheapest = {n: min(cs, key=lambda c: (c.nbytes, c.score)) for n, cs in problem.candidates.items()}
         self.write(cheapest)
-        size = self.cheapest_file = file_bytes(self.model)
+        size = file_bytes(self.model)
+        self.cheapest_file = size if self.cheapest_file is None else min(self.cheapest_file, size)
         self.restore()
         return size - problem.data_bytes(cheapest)
 
     def verified(self, problem: Problem, header: int, corrections: int) -> Delivered | None:
         """The first delivered plan that meets the bound, correcting up to ``corrections`` times; None if none. With
-        :attr:`rivals`, the best measured of the plan and the uniform configurations that fit is the one judged."""
+        :attr:`rivals`, the one :meth:`_best` keeps of the plan and the uniform configurations that fit is judged."""
         last: dict[str, Candidate] | None = None
         rivals: list[Rival] | None = None
         for round_ in range(corrections + 1):

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from lightning_compress import Budget, compress, quantize, save_quantized
 from lightning_compress.adaptive import BudgetError
+from lightning_compress.integration.artifacts import load_compressed
 from lightning_compress.quantization import load_quantized
 from lightning_compress.quantization.carried import carried
 from tests.adaptive.digits import Digits, accuracy, trained_digits
@@ -216,3 +217,19 @@ def test_export_onnx_takes_the_compressed_model(digits: Digits, tmp_path: Path) 
     text = str(report)
     assert "compress()" in text and all(f"{name}:" in text for name in LINEARS)
     assert {row["bits"] for row in result.plan} <= {2, 3, 4, 6, 8}
+
+
+@pytest.mark.parametrize("size", ["25MB", 0.2])
+def test_result_save_writes_the_measured_file_and_load_compressed_reads_it_back(digits: Digits, tmp_path: Path,
+                                                                                size: Any) -> None:
+    """A budget above the fp32 file keeps every layer float: no codes, so the file is the float export, measured as
+    ``file_bytes`` (it was None, and the README's save_quantized raised); a smaller budget is written with its
+    codes. Either way ``result.save`` writes exactly ``file_bytes`` and ``load_compressed`` gives the same outputs."""
+    model = copy.deepcopy(digits.model)
+    result = compress(model, Budget(size=size), digits.train)
+    path = result.save(tmp_path / "m.safetensors")
+    assert path.stat().st_size == result.file_bytes <= result.budget_bytes  # type: ignore[operator]
+    all_float = all(row["label"] == "float" for row in result.plan)
+    assert all_float == (size == "25MB") and (carried(model) is None) == all_float
+    reloaded = load_compressed(copy.deepcopy(digits.model), path)
+    assert torch.equal(reloaded(digits.test[0]), model(digits.test[0]))

@@ -1,15 +1,17 @@
 """compress(search=...): the baselines bench_adaptive compares the joint plan with. ``"bits"`` never prunes (what
 ModelOpt's auto_quantize searches), ``"sparsity"`` keeps every layer at one width and chooses only sparsity and
-granularity; both stay within the budget, and an unknown search is refused before any change."""
+granularity; both stay within the budget, and an unknown search is refused before any change. ``"joint"`` delivers
+the dense plan that fit where the sparse problem's larger header leaves none, and refuses naming the smaller file."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_compress import Budget, compress
+from lightning_compress import Budget, compress, quantize, save_quantized
 from lightning_compress.adaptive import BudgetError
 from lightning_compress.adaptive.compress import SPARSITY_ONLY_BITS
 from tests.adaptive.digits import Digits, trained_digits
@@ -44,3 +46,26 @@ def test_an_unknown_search_is_refused_before_any_change(digits: Digits) -> None:
     with pytest.raises(ValueError, match=r"search.*'width'"):
         compress(model, Budget(size=0.3), digits.train, search="width")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _file(model: torch.nn.Module, folder: Path) -> int:
+    return save_quantized(model, folder / "u.safetensors").stat().st_size
+
+
+def test_joint_delivers_the_dense_plan_its_sparse_header_would_refuse(tmp_path: Path) -> None:
+    """One Linear(64, 10): uniform int2 per channel fits the budget, so sparsity is offered too (a layer at 2 bits);
+    the sparse cheapest plan's header is larger and left no plan within the cap, and the budget was refused naming
+    that larger file. The dense plan that fit is delivered, and one byte below it the refusal names its file."""
+    single = trained_digits(hidden=(), epochs=5, seed=0)
+    uniform = copy.deepcopy(single.model)
+    quantize(uniform, bits=2, granularity="per_channel", calibration="mse")
+    smallest_dense = _file(uniform, tmp_path)
+    for cap in (smallest_dense, smallest_dense + 24):
+        model = copy.deepcopy(single.model)
+        result = compress(model, Budget(size=cap), single.train[:4], calibration_batches=4)
+        assert result.file_bytes is not None and result.file_bytes <= cap
+        assert result.save(tmp_path / "m.safetensors").stat().st_size == result.file_bytes
+    with pytest.raises(BudgetError, match="can be written as is") as info:
+        compress(copy.deepcopy(single.model), Budget(size=smallest_dense - 1), single.train[:4],
+                 calibration_batches=4)
+    assert info.value.smallest == (smallest_dense, None)

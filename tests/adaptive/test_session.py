@@ -1,11 +1,12 @@
 """Session.deliver: the model holds the plan it returns, also when a later header round chose a plan over the cap
 and the round after it chose the returned plan again (the model then held the over-cap plan: a file over budget).
 Session._best: a rival replaces the plan only when measured better by more than the noise, ties going to the lower
-predicted loss (the old rule took any rival a sample ahead)."""
+predicted loss (the old rule took any rival a sample ahead). An all-float plan is measured as its float file."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +14,17 @@ from torch import Tensor
 
 from lightning_compress.adaptive import session as session_module
 from lightning_compress.adaptive.candidates import Candidate, layer_candidates
+from lightning_compress.adaptive.costs import fixed_bytes
 from lightning_compress.adaptive.plan import Problem
 from lightning_compress.adaptive.rivals import TopOneLoss
 from lightning_compress.adaptive.session import Delivered, Rival, Session
+from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
 from lightning_compress.quantization.calibration import feed
+from lightning_compress.quantization.carried import carried
 from lightning_compress.quantization.checks import measure
 from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
+from lightning_compress.quantization.export import save_float
 from tests.adaptive.digits import trained_digits
 
 
@@ -126,3 +131,22 @@ def test_the_model_holds_the_plan_where_every_rival_was_over_the_caps(monkeypatc
     alone = copy.deepcopy(session)
     alone.write(plan)
     assert all(torch.equal(session.weights[n], alone.weights[n]) for n in session.layers)
+
+
+def test_an_all_float_plan_is_measured_as_its_float_file_and_never_delivered_over_the_cap(tmp_path: Path) -> None:
+    """A plan that keeps every layer float carries no codes: its file is the float export (``save_float``), measured
+    like any other; a cap its tensors fit but its header does not is solved again with the header as measured, and
+    nothing fits (before, the plan was delivered unmeasured, ``file_bytes`` None)."""
+    session, _ = _session()
+    floats = {n: Candidate(n, FLOAT_BITS, None, None, 0.0, w.numel() * 4, w.numel(), 0.0)
+              for n, w in session.weights.items()}
+    exact = save_float(session.model, tmp_path / "f.safetensors").stat().st_size
+    problem = Problem({n: [c] for n, c in floats.items()}, fixed_bytes(session.model, session.keys), 0,
+                      size_cap=exact, macs_cap=None)
+
+    delivered = session.deliver(problem, header=0)
+    assert delivered is not None and delivered.plan == floats and delivered.file_bytes == exact
+    assert carried(session.model) is None
+
+    problem.size_cap = problem.data_bytes(floats) + 8  # the tensors fit; the header does not
+    assert session.deliver(problem, header=0) is None
