@@ -30,9 +30,10 @@ seed:
 
 Verdict per job: adaptive at least as good as the best uniform at every seed and budget within the seed spread (the
 difference between the seeds' float models' metric), and better by more than it at half or more. Beside that full
-count, a second one over only the budgets where the best uniform loses more than the spread to its float model. A
-budget is a uniform file's size to the byte, and ``compress()`` reserves a header margin, so it can never pick that
-uniform plan itself there: it must do better with fewer bytes.
+count, a second one over only the budgets where the best uniform loses more than the spread to its float model, and
+with ``--between`` (budgets halfway between frontier sizes added) a third over the frontier's budgets alone. A
+frontier budget is a uniform file's size to the byte, and ``compress()`` reserves a header margin, so it can never
+pick that uniform plan itself there: it must do better with fewer bytes.
 """
 
 from __future__ import annotations
@@ -305,7 +306,7 @@ def cost(job: Job) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- one job
-def run_job(job: Job, budget_count: int, bounded: bool) -> dict[str, Any]:
+def run_job(job: Job, budget_count: int, bounded: bool, between: bool = False) -> dict[str, Any]:
     print(f"\n{job.name}: fp32 file {job.float_bytes} B" + (f", fit {job.fit_s:.1f} s" if job.fit_s else ""),
           flush=True)
     fp32 = job.metric(job.fresh())
@@ -314,9 +315,11 @@ def run_job(job: Job, budget_count: int, bounded: bool) -> dict[str, Any]:
     extra = [int(f * job.float_bytes) for f in job.extra_budgets]
     rows = []
     sizes = budgets_along(grid, min(budget_count, job.most_budgets), most=job.most_budgets)
-    for cap in sorted(set(sizes) | set(extra)):
+    middles = {(a + b) // 2 for a, b in zip(sizes, sizes[1:])} - set(sizes) if between else set()
+    for cap in sorted(set(sizes) | set(extra) | middles):
         best = best_within(grid, cap)
-        row: dict[str, Any] = {"budget": cap, "budget_x": cap / job.float_bytes, "uniform": best}
+        row: dict[str, Any] = {"budget": cap, "budget_x": cap / job.float_bytes, "uniform": best,
+                               "between": cap in middles}
         for search in (*SEARCHES, NO_METRIC):
             row[search] = adaptive(job, cap, search)
         if bounded and job.val_metric is not None:
@@ -346,13 +349,18 @@ def verdict(seeds: list[dict[str, Any]], search: str) -> dict[str, Any]:
             uniform = row["uniform"]["metric"] if row["uniform"] else float("nan")
             diff = row[search].get("metric", float("nan")) - uniform
             pairs.append({"budget_x": row["budget_x"], "minus_uniform": diff, "at_least": diff >= -spread,
-                          "strictly": diff > spread, "uniform_loss": seed["fp32_metric"] - uniform})
+                          "strictly": diff > spread, "uniform_loss": seed["fp32_metric"] - uniform,
+                          "between": row.get("between", False)})
     holds = all(p["at_least"] for p in pairs) and 2 * sum(p["strictly"] for p in pairs) >= len(pairs)
     # a second count, beside the full one (never instead of it): only the budgets where the best uniform loses more
     # than the spread to its seed's float model (elsewhere no search can be better than it by more than the spread)
     lossy = [p for p in pairs if p["uniform_loss"] > spread]
+    on_frontier = [p for p in pairs if not p["between"]]  # with --between: the frontier's budgets alone, too
     return {"seed_spread": spread, "per_budget": pairs, "holds": holds,
-            "lossy_budgets": len(lossy), "lossy_strictly": sum(p["strictly"] for p in lossy)}
+            "lossy_budgets": len(lossy), "lossy_strictly": sum(p["strictly"] for p in lossy),
+            "frontier_budgets": len(on_frontier), "frontier_strictly": sum(p["strictly"] for p in on_frontier),
+            "frontier_holds": all(p["at_least"] for p in on_frontier)
+            and 2 * sum(p["strictly"] for p in on_frontier) >= len(on_frontier)}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -403,6 +411,9 @@ def main() -> None:
                         help="the ResNet's first-stage width, input side and epochs (default 16 28 2; quick 8 14 1)")
     parser.add_argument("--minilm-budgets", type=int, default=4, help="uniform frontier sizes tried on MiniLM")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="CNN seeds (default 0 1; quick 0)")
+    parser.add_argument("--between", action="store_true",
+                        help="CNNs: also the budget halfway between each two frontier sizes (where a user's budget "
+                             "is not a uniform file's size: the best uniform is the next smaller one)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -437,7 +448,8 @@ def main() -> None:
         family = group[0].name.split(" seed")[0]
         out["jobs"][family] = {}
         for job in group:
-            out["jobs"][family][job.name] = run_job(job, 4, bounded=job.val_metric is not None)
+            out["jobs"][family][job.name] = run_job(job, 4, bounded=job.val_metric is not None,
+                                                    between=args.between and job.val_metric is not None)
             if job.val_loss is not None:
                 ranks = rank_correlation(job, None if "SmallCNN" in job.name else 6)
                 out["ranks"][job.name] = ranks
@@ -450,7 +462,8 @@ def main() -> None:
                   f"seed spread), strictly better at half or more: {'PASS' if v['holds'] else 'FAIL'} "
                   f"({sum(b['strictly'] for b in v['per_budget'])}/{len(v['per_budget'])} strictly better; "
                   f"over only the budgets where the best uniform loses more than the spread: "
-                  f"{v['lossy_strictly']}/{v['lossy_budgets']})", flush=True)
+                  f"{v['lossy_strictly']}/{v['lossy_budgets']}; the frontier's budgets alone: "
+                  f"{v['frontier_strictly']}/{v['frontier_budgets']})", flush=True)
         out["load_average_end"] = os.getloadavg()
         write_json(path, out)  # after every model: a long run stopped on a loaded machine keeps what it measured
         plot(out, path.with_name(path.stem + "_frontier.png"))
