@@ -261,7 +261,8 @@ def compress(
 
 
 def _refuse(session: Session, problem: Problem, header: int, budget: Budget) -> NoReturn:
-    """Raise :class:`BudgetError` with the smallest larger budget that met the bound, as measured."""
+    """Raise :class:`BudgetError` with the smallest file this model can be written as, or the smallest larger budget
+    found that met the bound (without one: that a plan fits), as measured."""
     asked = f"`budget`={budget!r} ({problem.size_cap} bytes / {problem.macs_cap} MACs per example)"
     cheapest = session.cheapest_file
     if problem.size_cap is not None and cheapest is not None and problem.size_cap < cheapest:
@@ -269,12 +270,14 @@ def _refuse(session: Session, problem: Problem, header: int, budget: Budget) -> 
                           "bytes (the cheapest candidate of every layer, header included); allowed: at least that",
                           (cheapest, None))
     found = session.smallest_passing(problem, header)
-    what = "cannot both hold" if session.gate.max_drop is not None else "leave no plan that fits (header included)"
+    bound = session.gate.max_drop is not None  # without one, only the caps can fail: no talk of a bound
+    what, held, looser = (f"and `max_metric_drop`={session.gate.max_drop} cannot both hold", "that met the bound",
+                          " or a looser bound") if bound else ("leaves no plan that fits (header included)",
+                                                               "a plan fits", "")
     if found is None:
-        raise BudgetError(f"{asked} and `max_metric_drop` {what}, and no budget up to {BUDGET_STEPS[-1]}x larger "
-                          f"met the bound either (steps: {session.steps})", None)
+        raise BudgetError(f"{asked} {what}, and no budget up to {BUDGET_STEPS[-1]}x larger was one {held} (steps: "
+                          f"{session.steps})", None)
     smallest = (found.size_cap, found.macs_cap)
-    raise BudgetError(f"{asked} and `max_metric_drop`={session.gate.max_drop} {what} (measured after "
-                      f"{session.evaluations} evaluations); the smallest budget that met the bound as measured: "
-                      f"{smallest[0]} bytes / {smallest[1]} MACs per example; allowed: a budget at least that large "
-                      "or a looser bound", smallest)
+    raise BudgetError(f"{asked} {what} (measured after {session.evaluations} evaluations); the smallest budget "
+                      f"{held} as measured: {smallest[0]} bytes / {smallest[1]} MACs per example; allowed: a budget "
+                      f"at least that large{looser}", smallest)

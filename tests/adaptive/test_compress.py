@@ -5,6 +5,7 @@ impossible budgets refused (before any work when the arithmetic shows it) with t
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 
 from lightning_compress import Budget, compress, quantize, save_quantized
 from lightning_compress.adaptive import BudgetError
+from lightning_compress.adaptive.session import BUDGET_STEPS
 from lightning_compress.integration.artifacts import load_compressed
 from lightning_compress.quantization import load_quantized
 from lightning_compress.quantization.carried import carried
@@ -137,7 +139,9 @@ def test_a_budget_the_bound_cannot_meet_gives_the_smallest_that_did_and_restores
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert carried(model) is None
     smallest, _ = info.value.smallest  # type: ignore[misc]
-    assert smallest is not None and smallest > Budget(size=0.12).size_bytes(sum(t.numel() * 4 for t in before.values()))
+    asked = Budget(size=0.12).size_bytes(sum(t.numel() * 4 for t in before.values()))
+    assert smallest is not None and smallest > asked
+    assert smallest not in {math.floor(asked * f) for f in BUDGET_STEPS}  # bisected below the step that held
     result = compress(model, Budget(size=smallest), digits.train, metric_fn=lambda m: accuracy(m, digits.val),
                       max_metric_drop=0.002)
     assert result.file_bytes is not None and result.file_bytes <= smallest
@@ -152,6 +156,11 @@ def test_a_budget_below_the_smallest_file_is_refused_with_it(digits: Digits) -> 
     assert cheapest > floor_plus
     result = compress(model, Budget(size=cheapest), digits.train)
     assert result.file_bytes == cheapest
+    with pytest.raises(BudgetError, match=f"can be written as is {cheapest} bytes"):  # the smallest: one below fails
+        compress(copy.deepcopy(digits.model), Budget(size=cheapest - 1), digits.train)
+    uniform = copy.deepcopy(digits.model)
+    quantize(uniform, bits=2, granularity="per_channel", calibration="mse")
+    assert _file_size(uniform) >= cheapest  # never a larger floor than the dense int2 file (review 9, finding 1)
 
 
 def test_a_failed_bound_is_corrected_by_measuring_layers_alone(digits: Digits) -> None:

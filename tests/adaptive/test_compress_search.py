@@ -69,3 +69,17 @@ def test_joint_delivers_the_dense_plan_its_sparse_header_would_refuse(tmp_path: 
         compress(copy.deepcopy(single.model), Budget(size=smallest_dense - 1), single.train[:4],
                  calibration_batches=4)
     assert info.value.smallest == (smallest_dense, None)
+
+
+def test_without_a_bound_the_refusal_names_the_smallest_budget_a_plan_fits(digits: Digits) -> None:
+    """``"bits"`` never prunes: a MACs cap below the dense count has no plan. The refusal names a budget just above
+    the dense count, found by bisection below the first :data:`BUDGET_STEPS` factor that fits (that factor alone
+    named 1.2x the dense count), and speaks of no bound, as there is none."""
+    dense = sum(m.weight.numel() for m in digits.model.modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(BudgetError, match="no plan that fits") as info:
+        compress(copy.deepcopy(digits.model), Budget(size=0.3, macs=0.6), digits.train, search="bits")
+    size, macs = info.value.smallest  # type: ignore[misc]
+    assert macs is not None and dense <= macs <= 1.02 * dense
+    assert "bound" not in str(info.value)
+    fits = compress(copy.deepcopy(digits.model), Budget(size=size, macs=macs), digits.train, search="bits")
+    assert fits.macs is not None and fits.macs <= macs
