@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,14 @@ def parse_size(value: str) -> int:
     if nbytes < 1:
         raise ValueError(f"`size` must be at least 1 byte, got {value!r}")
     return nbytes
+
+
+def _plain(value: Any) -> Any:
+    """A numpy (or any ``numbers``-registered) real scalar as the Python int / float it stands for; bools, Python
+    numbers and anything else as they are (checked as given)."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _check_amount(name: str, value: Any, *, allow_string: bool) -> None:
@@ -67,6 +76,8 @@ class Budget:
     threads: int | None = None  # ONNX Runtime intra-op threads latency is measured with (None: 1)
 
     def __post_init__(self) -> None:
+        for name in ("size", "macs", "latency", "threads"):  # sizes computed with numpy arrive as numpy scalars
+            object.__setattr__(self, name, _plain(getattr(self, name)))
         if self.latency is None:
             for name in ("latency_input", "threads"):
                 if getattr(self, name) is not None:
@@ -116,8 +127,8 @@ def _check_latency(budget: Budget) -> None:
     if not (0.0 < value < 1.0):
         raise ValueError(f"`latency` is a fraction of the dense model's latency and must be in (0, 1), got {value!r}")
     shape = budget.latency_input
-    if isinstance(shape, list):  # a YAML / JSON list
-        shape = tuple(shape)
+    if isinstance(shape, (list, tuple)):  # a YAML / JSON list; numpy ints as ints
+        shape = tuple(_plain(d) for d in shape)
         object.__setattr__(budget, "latency_input", shape)
     if shape is not None and (not isinstance(shape, tuple) or not shape or any(
             isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 
 from lightning_compress.adaptive.budget import Budget, parse_size
@@ -25,6 +26,18 @@ def test_fractions_and_counts_resolve() -> None:
     assert Budget(macs=0.5).macs_count(1001) == 500
     assert Budget(macs=777).macs_count(10) == 777
     assert Budget(size=0.5).macs_count(100) is None and Budget(macs=0.5).size_bytes(100) is None
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_stand_for() -> None:
+    """Sizes computed with numpy arrive as numpy scalars (review 9, finding 10: refused before); bools stay refused."""
+    budget = Budget(size=np.int64(30_000), macs=np.int64(1000), latency=np.float32(0.5),
+                    latency_input=(np.int64(32), 784), threads=np.int32(2))
+    assert budget == Budget(size=30_000, macs=1000, latency=0.5, latency_input=(32, 784), threads=2)
+    assert type(budget.size) is int and type(budget.latency) is float and budget.size_bytes(10) == 30_000
+    assert Budget(size=np.float32(0.25)).size_bytes(1000) == 250
+    for bad in ({"size": np.int64(0)}, {"size": np.float32(1.5)}, {"macs": np.bool_(True)}):
+        with pytest.raises((TypeError, ValueError), match=next(iter(bad))):
+            Budget(**bad)
 
 
 def test_latency_combines_with_size_and_macs() -> None:
