@@ -33,7 +33,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,8 @@ from lightning_compress.pruning.planner import plan_masks
 from lightning_compress.pruning.run import PruningRun
 from lightning_compress.pruning.statistics import GradientStatistics
 from lightning_compress.quantization.coverage import QUANT_MODULE_TYPES, layer_weight, select_layers, weight_key
+
+T = TypeVar("T")
 
 PLAN_WIDTHS = (2, 4, 8, FLOAT_BITS)  # the fit plans sparsity on a coarser grid of widths (planned at each event)
 PLAN_ELEMENTS = 16384  # a larger layer is scored in the fit on evenly spaced rows of about this many weights: on the
@@ -138,6 +140,30 @@ def rank_zero() -> bool:
     the callback's ``broadcast`` (``trainer.strategy.broadcast(..., src=0)``) gives every rank."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return not distributed or torch.distributed.get_rank() == 0
+
+
+class RankZeroError(RuntimeError):
+    """Raised on the ranks other than zero when work only rank zero does failed there (its error quoted)."""
+
+
+def from_rank_zero(share: Callable[[Any], Any], work: Callable[[], T], what: str) -> T:
+    """``work()`` on rank zero alone (an ONNX export, ORT timings), its value on every rank through ``share`` (the
+    callback's broadcast; every rank calls this, once). A failure there raises on every rank: rank zero's own error,
+    a :class:`RankZeroError` quoting it on the others. Without this, rank zero raised alone and the other ranks
+    waited in the broadcast until the job was killed."""
+    value: Any = None
+    error: Exception | None = None
+    if rank_zero():
+        try:
+            value = work()
+        except Exception as err:
+            error = err
+    value, failed = share((value, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RankZeroError(f"{what} failed on rank zero, so every rank stops: {failed}")
+    return value
 
 
 def zero_fraction(weight: Tensor) -> float:

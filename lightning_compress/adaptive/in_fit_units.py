@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.adaptive.in_fit import shortfall
+from lightning_compress.adaptive.in_fit import from_rank_zero, shortfall
 from lightning_compress.adaptive.latency import float_graph, measure
 from lightning_compress.adaptive.latency_budget import LatencyBudgetError
 from lightning_compress.adaptive.recovery_gate import RecoveryGate
@@ -48,7 +48,8 @@ def kept_now(units: int, planned: int, progress: float, kept: int) -> int:
 
 class LatencyRun(PruningRun):
     """The fit's structured pruning toward per-family kept counts (module docstring). ``planner`` and ``broadcast``
-    (every rank takes rank zero's plan) are set when the fit starts; ``schedule`` ramps progress from 0 to 1."""
+    (every rank takes rank zero's plans and timings) are set when the fit starts; ``schedule`` ramps progress from
+    0 to 1."""
 
     broadcast: Callable[[Any], Any] = staticmethod(lambda plan: plan)
 
@@ -110,7 +111,7 @@ class LatencyRun(PruningRun):
             fisher = dict(zip(self.stats.names, self.stats.unit_taylor_second_moment()))
             plan = self.planner(self.layers.names, self.state.groups, fisher, self.state.unit_masks,
                                 final=progress >= 1.0, caps=self.recovery.caps)
-            self.kept_plan = {n: int(k) for n, k in self.broadcast(plan).items()}
+            self.kept_plan = {n: int(k) for n, k in plan.items()}  # rank zero's (the planner shares it)
             self.replans += 1
         families, targets = self._families(), self._targets()
         total = sum(self._kept(f)[0] for f in families.values())
@@ -235,11 +236,13 @@ class LatencyRun(PruningRun):
         self.planner = self._planner  # one already set takes them now
 
 
-def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], float] = lambda r: r,
-           graph: bytes | None = None, refuse: bool = True, what: str = "delivered (compacted)") -> float:
-    """``model`` (compacted; ``graph``: the ONNX graph it is served as, default its float graph) timed against the
-    dense graph kept at the start, in turns: the measured fraction (``agree``: every rank takes rank zero's; only
-    rank zero, which kept the dense graph, times). A first measurement over the budget is taken again (a burst of
+def verify(planner: LatencyPlanner, model: nn.Module, share: Callable[[Any], Any] = lambda pair: pair,
+           serve: Callable[[nn.Module], bytes] | None = None, refuse: bool = True,
+           what: str = "delivered (compacted)") -> float:
+    """``model`` (compacted; ``serve(model)``: the ONNX graph it is served as, default its float graph) timed against
+    the dense graph kept at the start, in turns: the measured fraction. Only rank zero, which kept the dense graph,
+    exports and times; ``share`` (the broadcast) gives every rank its fraction, or its error
+    (:func:`~.in_fit.from_rank_zero`). A first measurement over the budget is taken again (a burst of
     load from another process moves one measurement by several percent; the plan aimed at
     :data:`~.latency_budget.AIM` of it), and the second decides. Raises :class:`LatencyBudgetError` when it is over
     the budget (``refuse``; else the fraction is returned as measured)."""
@@ -247,20 +250,24 @@ def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], f
         raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: no pruning event ran in this fit (the "
                                  "schedule's events fall after its last step?), so nothing was removed; allowed: a "
                                  "schedule whose events happen during the fit", 1.0)
-    measured, said = math.nan, "rank zero's timing"
-    if planner.dense_graph is not None:
+
+    def timed() -> tuple[float, str]:
+        if planner.dense_graph is None:
+            return math.nan, "no dense graph kept"
         shapes = {"dense": planner.shape, "model": planner.shape}
-        graphs = {"dense": planner.dense_graph, "model": graph or float_graph(model, planner.shape)}
+        graphs = {"dense": planner.dense_graph,
+                  "model": serve(model) if serve is not None else float_graph(model, planner.shape)}
         timings = []
         for _ in range(2):
             seconds = measure(graphs, shapes, planner.threads)
             timings.append(seconds["model"] / seconds["dense"])
             if timings[-1] <= planner.latency:
                 break
-        measured = timings[-1]
         again = f"; first measured {timings[0]:.3f}x, over the budget: measured again" if len(timings) > 1 else ""
-        said = f"{seconds['model'] * 1e3:.3g} vs {seconds['dense'] * 1e3:.3g} ms per run{again}"
-    ratio = float(agree(measured))
+        return timings[-1], f"{seconds['model'] * 1e3:.3g} vs {seconds['dense'] * 1e3:.3g} ms per run{again}"
+
+    measured, said = from_rank_zero(share, timed, f"the timing of the {what} model")
+    ratio = float(measured)
     planner.steps.append(f"{what} measured {ratio:.3f}x of dense ({said})")
     if refuse and ratio > planner.latency:
         raise LatencyBudgetError(f"`budget` latency={planner.latency!r}: the model this fit compacted measured "
@@ -272,7 +279,7 @@ def verify(planner: LatencyPlanner, model: nn.Module, agree: Callable[[float], f
 
 def latency_setup(model: nn.Module, budget: Any) -> tuple[int, ...]:
     """The shape a latency budget is timed at (``budget.latency_input``, else the model's ``example_input_array``),
-    checked to run, before any training step."""
+    checked to run, export to ONNX and open in ONNX Runtime, before any training step."""
     from lightning_compress.adaptive.latency_budget import check_latency_model
 
     shape = budget.latency_input

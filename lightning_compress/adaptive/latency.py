@@ -50,6 +50,7 @@ ROUNDS = 9  # timed runs per graph (the median is kept); each round runs every g
 WARMUP = 2  # untimed runs per graph first (ORT allocates its buffers on the first runs)
 TABLE_ROUNDS = 5  # per-layer graphs are many and small: fewer rounds
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Timings = Callable[..., dict[str, float]]  # measure()'s signature: (graphs, shapes, threads, rounds=, warmup=)
 
 
 def float_graph(model: nn.Module, shape: Sequence[int]) -> bytes:
@@ -177,10 +178,12 @@ class LatencyTable:
 
 
 def build_table(model: nn.Module, shape: Sequence[int], threads: int, outputs: Mapping[str, Sequence[int]],
-                inputs: Mapping[str, Sequence[int]], rounds: int = TABLE_ROUNDS, int8: bool = False) -> LatencyTable:
+                inputs: Mapping[str, Sequence[int]], rounds: int = TABLE_ROUNDS, int8: bool = False,
+                timings: Timings | None = None) -> LatencyTable:
     """Measure the dense model and, per layer, the one-layer graphs at every count in ``outputs[layer]`` (full
     inputs) and ``inputs[layer]`` (full outputs); layers absent from both are timed dense only. ``int8``: every
-    such row also at int8 codes (:attr:`LatencyTable.int8`)."""
+    such row also at int8 codes (:attr:`LatencyTable.int8`). ``timings``: what times the graphs (default
+    :func:`measure`; e.g. rank zero's timings on every rank)."""
     real = layer_inputs(model, shape)
     modules = dict(model.named_modules())
     table = LatencyTable(full={})
@@ -210,7 +213,7 @@ def build_table(model: nn.Module, shape: Sequence[int], threads: int, outputs: M
             elif int8:
                 no_int8.add(name)  # a layer lacking one int8 row gets none: it is never chosen int8
     graphs["<model>"], shapes["<model>"] = float_graph(model, shape), tuple(shape)
-    seconds = measure(graphs, shapes, threads, rounds=rounds)
+    seconds = (timings or measure)(graphs, shapes, threads, rounds=rounds)
     table.dense = seconds.pop("<model>")
     for key, value in seconds.items():
         name, pair = keys[key.removesuffix(":int8")]
@@ -219,11 +222,12 @@ def build_table(model: nn.Module, shape: Sequence[int], threads: int, outputs: M
         (table.int8 if key.endswith(":int8") else table.times).setdefault(name, {})[pair] = value
     table.graphs = len(seconds)
     if table.int8:
-        _time_int8_models(model, shape, threads, rounds, table)
+        _time_int8_models(model, shape, threads, rounds, table, timings or measure)
     return table
 
 
-def _time_int8_models(model: nn.Module, shape: Sequence[int], threads: int, rounds: int, table: LatencyTable) -> None:
+def _time_int8_models(model: nn.Module, shape: Sequence[int], threads: int, rounds: int, table: LatencyTable,
+                      timings: Timings) -> None:
     """:attr:`LatencyTable.int8_models`: the dense model with every int8-able layer int8, and with those whose int8
     row is faster than the float one, timed in turns with the float dense model (scaled to its first measurement)."""
     every = frozenset(table.int8)
@@ -232,22 +236,23 @@ def _time_int8_models(model: nn.Module, shape: Sequence[int], threads: int, roun
     graphs = {"<model>": float_graph(model, shape)}
     for group in sets:
         graphs[",".join(sorted(group))] = int8_model_graph(model, group, shape)
-    seconds = measure(graphs, dict.fromkeys(graphs, tuple(shape)), threads, rounds=rounds)
+    seconds = timings(graphs, dict.fromkeys(graphs, tuple(shape)), threads, rounds=rounds)
     dense = seconds.pop("<model>")
     for group in sets:
         table.int8_models[group] = table.dense * seconds[",".join(sorted(group))] / dense
 
 
 def measured_ratio(dense: nn.Module, model: nn.Module, shape: Sequence[int], threads: int,
-                   rounds: int = ROUNDS) -> tuple[float, float, float]:
-    """(``model``'s latency / ``dense``'s, dense seconds, model seconds), the two whole models timed in turns."""
-    return graph_ratio(dense, float_graph(model, shape), shape, threads, rounds)
+                   rounds: int = ROUNDS, timings: Timings | None = None) -> tuple[float, float, float]:
+    """(``model``'s latency / ``dense``'s, dense seconds, model seconds), the two whole models timed in turns
+    (``timings``: as :func:`build_table`'s)."""
+    return graph_ratio(dense, float_graph(model, shape), shape, threads, rounds, timings)
 
 
 def graph_ratio(dense: nn.Module, graph: bytes, shape: Sequence[int], threads: int,
-                rounds: int = ROUNDS) -> tuple[float, float, float]:
+                rounds: int = ROUNDS, timings: Timings | None = None) -> tuple[float, float, float]:
     """:func:`measured_ratio` of an ONNX ``graph`` (e.g. the delivered model as ``export_onnx`` writes it) against
     ``dense`` as a float graph."""
-    seconds = measure({"dense": float_graph(dense, shape), "model": graph}, {"dense": shape, "model": shape},
-                      threads, rounds=rounds)
+    seconds = (timings or measure)({"dense": float_graph(dense, shape), "model": graph},
+                                   {"dense": shape, "model": shape}, threads, rounds=rounds)
     return seconds["model"] / seconds["dense"], seconds["dense"], seconds["model"]

@@ -37,12 +37,13 @@ from torch import Tensor, nn
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import budget_caps
 from lightning_compress.adaptive.int8_latency import as_served, calibration_inputs
+from lightning_compress.adaptive.latency import Timings, float_graph
 from lightning_compress.adaptive.latency_delivery import Delivered, deliver, problem_of, refresh_batchnorm
 from lightning_compress.adaptive.latency_plan import LatencyProblem, Targets
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.units import UnitCandidate
 from lightning_compress.core.gate import MetricGate
-from lightning_compress.serving._runtime import require_onnx
+from lightning_compress.serving._runtime import require_onnx, session
 from lightning_compress.structure.macs import macs_per_example
 
 __all__ = ["Delivered", "LatencyBudgetError", "LatencyProblem", "compress_to_latency", "deliver", "latency_result",
@@ -91,8 +92,10 @@ def latency_shape(budget: Budget, batches: Sequence[Any]) -> tuple[int, ...]:
 
 
 def check_latency_model(model: nn.Module, shape: tuple[int, ...]) -> None:
-    """The model must run on one float input of ``shape`` (what ONNX Runtime is timed with)."""
-    require_onnx()
+    """The model must run on one float input of ``shape``, export to ONNX at that shape and open in ONNX Runtime:
+    what is timed. Checked once, before any training step or backward pass (a model ONNX cannot export used to
+    pass here and fail at the first pruning event, or after compress()'s Fisher)."""
+    _, ort = require_onnx()
     training = model.training
     model.eval()
     try:
@@ -103,15 +106,24 @@ def check_latency_model(model: nn.Module, shape: tuple[int, ...]) -> None:
                          f"timed in ONNX Runtime, but it raised {type(err).__name__}: {err}") from None
     finally:
         model.train(training)
+    try:
+        session(float_graph(model, shape), ort)
+    except Exception as err:
+        said = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"`budget` with a latency is timed on the model's ONNX graph in ONNX Runtime (input "
+                         f"`latency_input`={shape}), but {type(model).__name__} cannot be exported or opened there: "
+                         f"{type(err).__name__}: {said[:300]}; allowed: a model whose operators export to ONNX "
+                         f"(opset 17) and run in ONNX Runtime, or a size / MACs budget") from None
 
 
 def within(model: nn.Module, problem: LatencyProblem, latency: float, example: Tensor, shape: tuple[int, ...],
            threads: int, steps: list[str], batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], *,
-           caps: tuple[int | None, int | None] = (None, None), int8: bool = False
+           caps: tuple[int | None, int | None] = (None, None), int8: bool = False, timings: Timings | None = None
            ) -> tuple[Delivered | None, float | None]:
     """The delivered model measured within ``latency`` (a fraction of the dense latency) and ``caps`` (file bytes,
     MACs per example; None: no cap) with the smallest predicted loss, and the smallest fraction measured on the way
-    (``steps`` says what was tried). ``int8``: layers may be chosen int8.
+    (``steps`` says what was tried). ``int8``: layers may be chosen int8. ``timings``: what times the graphs
+    (:func:`~.latency.build_table`'s).
 
     The plan aims at :data:`AIM` of the latency (room for the timing's noise). Each measurement moves the latency
     target: scaled by budget / measured until one target's model was within the budget and another's over it, then
@@ -126,7 +138,7 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
     failed: float | None = None  # the smallest latency target whose model was over it
     for _ in range(CORRECTIONS + 1):
         delivered = _measure(model, problem, (target, others[0], others[1]), int8, tried, example, shape, threads,
-                             batches, forward, count, steps, latency)
+                             batches, forward, count, steps, latency, timings)
         for index, (cap, value) in enumerate(zip(caps, (delivered.file_bytes, delivered.macs))):
             now = others[index]
             if cap is not None and value is not None and now is not None and value > cap:
@@ -146,7 +158,7 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
         sparsest = (0.0, None if caps[0] is None else 0.0, None if caps[1] is None else 0.0)
         before = len(tried)
         last = _measure(model, problem, sparsest, int8, tried, example, shape, threads, batches, forward, count,
-                        steps, latency)
+                        steps, latency, timings)
         if len(tried) > before:
             steps.append(f"the sparsest plan: measured {last.ratio:.3f}x of dense")
     passing = [d for d in tried.values() if d.fits(latency, caps)]
@@ -157,12 +169,13 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
 def _measure(model: nn.Module, problem: LatencyProblem, targets: Targets, int8: bool,
              tried: dict[tuple[Any, ...], Delivered], example: Tensor, shape: tuple[int, ...], threads: int,
              batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], count: bool, steps: list[str],
-             latency: float) -> Delivered:
+             latency: float, timings: Timings | None) -> Delivered:
     """The plan solved for ``targets``, delivered and measured once (``tried`` keeps what was)."""
     plan, layers = problem.solve_joint(targets, int8_allowed=int8)
     key = (*(c.kept for c in plan.values()), *sorted(layers))
     if key not in tried:
-        tried[key] = found = deliver(model, problem, plan, example, shape, threads, batches, forward, layers, count)
+        tried[key] = found = deliver(model, problem, plan, example, shape, threads, batches, forward, layers, count,
+                                     timings)
         where = f", int8 {sorted(layers)}" if layers else ""
         steps.append(f"latency {latency:g}: plan predicted {found.predicted:.3f}x{where}, measured {found.ratio:.3f}x "
                      f"of dense ({found.seconds * 1e3:.3g} ms per run){found.note}")
@@ -172,13 +185,14 @@ def _measure(model: nn.Module, problem: LatencyProblem, targets: Targets, int8: 
 def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any],
                         forward: Callable[[nn.Module, Any], Any], loss_fn: Callable[[Any, Any], Tensor] | None,
                         metric_fn: Callable[[nn.Module], float] | None, measure: Callable[..., float],
-                        gate: MetricGate, search: str = "joint", before: float | None = None
-                        ) -> tuple[Delivered, LatencyProblem, dict[str, Any]]:
+                        gate: MetricGate, search: str = "joint", before: float | None = None,
+                        timings: Timings | None = None) -> tuple[Delivered, LatencyProblem, dict[str, Any]]:
     """The delivered (compacted, partly int8) model within the latency budget, the size / MACs caps and the bound,
     its problem, and the report's figures (``before``, ``evaluations``, ``steps``, ``caps``); raises
     :class:`LatencyBudgetError` otherwise. ``search``: ``"sparsity"`` units only (float), ``"bits"`` int8 only,
     otherwise both. ``before``: ``metric_fn(model)`` the caller measured already (a fit: on the compacted model,
-    with the bound left after pruning), not measured again."""
+    with the bound left after pruning), not measured again. ``timings``: what times every ONNX graph (default
+    :func:`~.latency.measure`; a fit passes rank zero's timings on every rank)."""
     if budget.latency is None:
         raise ValueError(f"`budget`={budget!r} has no `latency`; compress() takes size / MACs budgets elsewhere")
     shape = latency_shape(budget, batches)
@@ -196,7 +210,7 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
     evaluations = int(metric_fn is not None and before is None)
     before = measure(metric_fn, model) if evaluations else before
     problem = problem_of(model, example, shape, threads, batches, forward, loss_fn, int8=int8,
-                         costs=caps != (None, None), units=search != "bits")
+                         costs=caps != (None, None), units=search != "bits", timings=timings)
     faster = [n for n in problem.table.int8 if problem.table.time(n, *problem.table.full[n], True) <
               problem.table.time(n, *problem.table.full[n])]
     steps.append(f"{len(problem.candidates)} families of units, {problem.table.graphs} one-layer graphs timed"
@@ -209,7 +223,7 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
             break
         looser = tuple(None if c is None else int(c * factor) for c in caps)
         delivered, smallest = within(model, problem, latency, example, shape, threads, steps, batches, forward,
-                                     caps=(looser[0], looser[1]), int8=int8)
+                                     caps=(looser[0], looser[1]), int8=int8, timings=timings)
         if delivered is None:
             if factor == 1.0:
                 raise LatencyBudgetError(
@@ -269,7 +283,7 @@ def plan_rows(problem: LatencyProblem, plan: Mapping[str, UnitCandidate],
 def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any],
                    loss_fn: Callable[[Any, Any], Tensor] | None, metric_fn: Callable[[nn.Module], float] | None,
                    measure: Callable[..., float], gate: MetricGate, search: str = "joint",
-                   before: float | None = None) -> Any:
+                   before: float | None = None, timings: Timings | None = None) -> Any:
     """:func:`compress_to_latency` as a :class:`~lightning_compress.adaptive.compress.CompressionResult`; its
     ``model`` is the compacted copy, carrying the codes of its int8 layers and their uint8 input ranges (``model``
     itself is not changed). ``export_onnx(result.model, path, example)`` then writes the static graph that was
@@ -278,7 +292,7 @@ def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], for
     from lightning_compress.adaptive.compress import CompressionResult  # compress imports this module
 
     delivered, problem, report = compress_to_latency(model, budget, batches, forward, loss_fn, metric_fn, measure,
-                                                     gate, search, before)
+                                                     gate, search, before, timings)
     shape = latency_shape(budget, batches)
     macs = delivered.macs if delivered.macs is not None else macs_per_example(delivered.model, torch.zeros(shape))
     size_cap, macs_cap = report["caps"]

@@ -21,8 +21,7 @@ budget the steps measured.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 from lightning_compress.adaptive import latency
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps
-from lightning_compress.adaptive.in_fit import rank_zero
+from lightning_compress.adaptive.in_fit import from_rank_zero
 from lightning_compress.adaptive.int8_latency import calibration_inputs, onnx_graph
 from lightning_compress.quantization.carried import attach, carried
 from lightning_compress.serving._trained import collect
@@ -51,21 +50,18 @@ def next_budget(budget: Budget, caps: Caps, ratio: float, macs: int | None) -> t
                   threads=budget.threads), "int8"
 
 
-@contextmanager
-def shared_timings(share: Callable[[Any], Any]) -> Iterator[None]:
-    """While the block runs, every ONNX Runtime timing of :mod:`.latency` is rank zero's on every rank (``share``:
-    the broadcast): the plan, its corrections and the delivered ratio then follow the same numbers everywhere."""
-    real = latency.measure
+def shared_timings(share: Callable[[Any], Any]) -> latency.Timings:
+    """Timings (:func:`~.latency.measure`'s signature) that are rank zero's on every rank (``share``: the
+    broadcast; every rank calls them in the same order), or rank zero's error on every rank
+    (:func:`~.in_fit.from_rank_zero`): the plan, its corrections and the delivered ratio then follow the same
+    numbers everywhere. Passed as ``timings=`` to :func:`~.latency_budget.latency_result`."""
 
-    def measured(graphs: Mapping[str, bytes], shapes: Mapping[str, Sequence[int]], threads: int,
-                 rounds: int = latency.ROUNDS, warmup: int = latency.WARMUP) -> dict[str, float]:
-        return share(real(graphs, shapes, threads, rounds=rounds, warmup=warmup) if rank_zero() else None)
+    def timings(graphs: Mapping[str, bytes], shapes: Mapping[str, Sequence[int]], threads: int,
+                rounds: int = latency.ROUNDS, warmup: int = latency.WARMUP) -> dict[str, float]:
+        return from_rank_zero(share, lambda: latency.measure(graphs, shapes, threads, rounds=rounds, warmup=warmup),
+                              "an ONNX Runtime timing")
 
-    latency.measure = measured
-    try:
-        yield
-    finally:
-        latency.measure = real
+    return timings
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from lightning_compress.adaptive.int8_latency import (
     onnx_graph,
     quantize_int8,
 )
-from lightning_compress.adaptive.latency import build_table, graph_ratio, measured_ratio
+from lightning_compress.adaptive.latency import Timings, build_table, graph_ratio, measured_ratio
 from lightning_compress.adaptive.latency_plan import CapCosts, LatencyProblem, LayerCost
 from lightning_compress.adaptive.units import (
     LAYERS,
@@ -65,9 +65,11 @@ class Delivered:
 
 def problem_of(model: nn.Module, example: Tensor, shape: tuple[int, ...], threads: int, batches: Sequence[Any],
                forward: Callable[[nn.Module, Any], Any], loss_fn: Callable[[Any, Any], Tensor] | None,
-               int8: bool = False, costs: bool = False, units: bool = True) -> LatencyProblem:
+               int8: bool = False, costs: bool = False, units: bool = True,
+               timings: Timings | None = None) -> LatencyProblem:
     """Unit analysis, Fisher scores per unit (and per layer at int8 with ``int8``), candidates, the latency table
-    they need (with int8 rows), and with ``costs`` what bytes and MACs the dense model and its layers cost."""
+    they need (with int8 rows, timed by ``timings``: :func:`~.latency.build_table`'s), and with ``costs`` what bytes
+    and MACs the dense model and its layers cost."""
     groups = find_unit_groups(model, example)
     members = families(groups)
     modules = dict(model.named_modules())
@@ -85,7 +87,7 @@ def problem_of(model: nn.Module, example: Tensor, shape: tuple[int, ...], thread
             if consumer in modules and isinstance(modules[consumer], LAYERS):
                 fan_in = int(modules[consumer].weight.shape[1])
                 inputs.setdefault(consumer, []).extend(fan_in - (c.units - c.kept) * repeat for c in options)
-    table = build_table(model, shape, threads, outputs, inputs, int8=int8)
+    table = build_table(model, shape, threads, outputs, inputs, int8=int8, timings=timings)
     problem = LatencyProblem(candidates, members, groups, scores, table, units=units)
     problem.int8_scores = int8_scores({n: layers[n] for n in table.int8}, fisher)
     if costs:
@@ -131,11 +133,11 @@ def delivered_bytes(model: nn.Module) -> int:
 def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandidate], example: Tensor,
             shape: tuple[int, ...], threads: int, batches: Sequence[Any] = (),
             forward: Callable[[nn.Module, Any], Any] | None = None, int8: frozenset[str] = frozenset(),
-            count: bool = False) -> Delivered:
+            count: bool = False, timings: Timings | None = None) -> Delivered:
     """The compacted copy of ``model`` for ``plan`` (its BatchNorm statistics refreshed on ``batches`` when a unit
     was removed), its ``int8`` layers quantized, timed against ``model`` in turns: the float graph, or with int8
     layers the graph ``export_onnx(activations="static")`` writes (calibrated on ``batches``). ``count``: its file
-    bytes and MACs measured too."""
+    bytes and MACs measured too. ``timings``: :func:`~.latency.build_table`'s."""
     masks = unit_masks(plan, problem.scores, problem.members)
     compacted = compact(model, masks, example).model if masks else copy.deepcopy(model)
     if masks and batches and forward is not None:
@@ -146,11 +148,11 @@ def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandi
         quantize_int8(compacted, int8)
         graph, report = onnx_graph(compacted, calibration_inputs(batches))
         carry_input_ranges(compacted, report)  # its export and its metric read uint8 inputs, as timed
-        ratio, _, seconds = graph_ratio(model, graph, shape, threads)
+        ratio, _, seconds = graph_ratio(model, graph, shape, threads, timings=timings)
         note = (f"; its static graph (uint8 inputs) agrees with the float-input model on {report.argmax_agreement:.3f} "
                 "of argmaxes")
     else:
-        ratio, _, seconds = measured_ratio(model, compacted, shape, threads)
+        ratio, _, seconds = measured_ratio(model, compacted, shape, threads, timings=timings)
     delivered = Delivered(plan, compacted, ratio, problem.predict(plan, int8) / problem.table.dense, seconds,
                           int8=int8, loss=problem.loss(plan, int8))
     if count and forward is not None:

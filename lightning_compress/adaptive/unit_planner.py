@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.adaptive.in_fit import rank_zero
+from lightning_compress.adaptive.in_fit import from_rank_zero, rank_zero
 from lightning_compress.adaptive.latency import LatencyTable, build_table, float_graph
 from lightning_compress.adaptive.latency_budget import AIM, LatencyProblem, within
 from lightning_compress.adaptive.units import LAYERS, family_candidates, kept_counts
@@ -65,14 +65,17 @@ class LatencyPlanner:
                 if isinstance(modules.get(consumer), LAYERS):
                     fan_in = int(modules[consumer].weight.shape[1])
                     inputs.setdefault(consumer, []).extend(fan_in - (units - k) * repeat for k in kept_counts(units))
-        timed = self.table is None
-        if timed:  # once per fit: rank zero times, every rank takes its table (the others time nothing)
-            self.table = self.share(build_table(self.model, self.shape, self.threads, outputs, inputs)
-                                    if rank_zero() else None)
+        timed, kept = self.table is None, self.table
+
+        def measured() -> LatencyTable:  # rank zero: the dense graph kept, the table timed (once per fit)
+            self.dense_graph = float_graph(self.model, self.shape)
+            return kept if kept is not None else build_table(self.model, self.shape, self.threads, outputs, inputs)
+
+        # every rank takes rank zero's table (the others time nothing), or its error
+        self.table = from_rank_zero(self.share, measured, "the latency table (ONNX export and timings)")
         if not rank_zero():  # only rank zero's plan is kept (broadcast)
             self.steps.append(f"{len(members)} families of units; the latency table is rank zero's")
-            return LatencyProblem({}, members, groups, {}, self.table)  # type: ignore[arg-type]  # never solved
-        self.dense_graph = float_graph(self.model, self.shape)
+            return LatencyProblem({}, members, groups, {}, self.table)  # never solved
         table = self.table
         assert table is not None
         said = "timed" if timed else "timed once in this fit (the checkpoint's table)"
@@ -104,8 +107,11 @@ class LatencyPlanner:
         self.caps = dict(caps or {})
         problem = self.build(names, groups)
         self.score(fisher, current)  # every rank: the masks of an event follow the scores (LatencyRun.plan)
-        if not rank_zero():
-            return {}  # rank zero's plan comes with the broadcast
+        # rank zero solves (and times, at the last event); every rank takes its plan, or its error
+        return from_rank_zero(self.share, lambda: self._solve(problem, final), "the latency plan")
+
+    def _solve(self, problem: LatencyProblem, final: bool) -> dict[str, int]:
+        """Rank zero's plan: solved on the table; at the last event measured within the budget once."""
         if not final:
             plan = problem.solve(AIM * self.latency * problem.table.dense)
         elif self.final_target is not None:  # measured once already: the table's plan at those seconds

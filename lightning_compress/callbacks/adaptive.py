@@ -98,6 +98,7 @@ class AdaptiveCompression(GradientStabilityPruning):
 
     report_name = "adaptive"
     plans_widths = True  # what QuantizationAwareTraining looks for in its peers (it plans the widths QAT trains)
+    writes_compacted = False  # a latency budget's compacted model is written once it passed every check
 
     def __init__(
         self,
@@ -177,8 +178,10 @@ class AdaptiveCompression(GradientStabilityPruning):
             return
         self._qat = adaptive_qat.qat_peer(self, trainer)
         self.result, self.seen = None, adaptive_plan.SeenBatches(self.calibration_batches)
-        if self.budget.latency is not None:
-            self._latency_shape = latency_setup(pl_module, self.budget)
+        if self.budget.latency is not None:  # the model runs, exports to ONNX and opens in ORT, on every rank
+            budget = self.budget
+            self._latency_shape = on_every_rank(trainer, lambda: latency_setup(pl_module, budget),
+                                                f"`budget`={budget!r}")
         self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module),
                                 estimate=self.budget.latency is None,  # compaction would shrink what it prices
                                 prunable=self.layers.names)  # the layers the fit prunes; the others stay dense
@@ -282,8 +285,9 @@ class AdaptiveCompression(GradientStabilityPruning):
         return adaptive_qat.plan_widths(self, trainer, pl_module)
 
     def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule, method: str | None = None,
-                  mid_fit: bool = False) -> CompressionResult:
-        return adaptive_plan.plan(self, trainer, pl_module, method, mid_fit)
+                  mid_fit: bool = False, budget: Budget | None = None) -> CompressionResult:
+        """The widths planned for ``budget`` (default :attr:`budget`; a latency budget's caps after the units)."""
+        return adaptive_plan.plan(self, trainer, pl_module, method, mid_fit, budget)
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult,
                 floats: dict[str, torch.Tensor]) -> None:

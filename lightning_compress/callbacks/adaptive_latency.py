@@ -42,6 +42,7 @@ def finish(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Lig
         except BudgetError as err:
             callback._fail(trainer, pl_module, err)
         _export_compacted(callback, trainer, pl_module)
+        _write_compacted(callback, trainer, pl_module)
         return
     floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}  # the way back (compacted, float)
     callback._rewrites += 1  # the weights change from here on: the last validation measured others
@@ -53,6 +54,7 @@ def finish(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Lig
     callback.result = result
     callback._export(trainer, pl_module, result, floats)  # measured on disk first, within the size cap or refused
     callback.report.gate[callback.report_name]["delivered"]["file_bytes"] = result.file_bytes
+    _write_compacted(callback, trainer, pl_module)  # the delivered model, within every cap (its float layout)
 
 
 def _combined(callback: AdaptiveCompression, error: BudgetError) -> BudgetError:
@@ -84,16 +86,12 @@ def _with_caps(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl
     planner.steps.append(f"then {how}: compress() on the compacted model with {step!r}")
     rank_zero_info(f"AdaptiveCompression: the compacted model measured {units:.3f}x of dense; {how} for {step!r}")
     if how == "widths":
-        asked, callback.budget = callback.budget, step  # the widths plan's budget: the caps, the latency met
-        try:
-            result = callback._compress(trainer, pl_module)
-        finally:
-            callback.budget = asked
+        result = callback._compress(trainer, pl_module, budget=step)  # the caps alone: the latency is met
         callback._report_plan(trainer, pl_module, result)
     else:
         result = _int8(callback, trainer, pl_module, step, batches)
-    graph = served_graph(pl_module, planner.shape, batches) if trainer.is_global_zero else None
-    result.latency = verify(planner, pl_module, run.broadcast, graph=graph, what="delivered")  # for real
+    result.latency = verify(planner, pl_module, run.broadcast, what="delivered",  # for real, as served (rank zero)
+                            serve=lambda model: served_graph(model, planner.shape, batches))
     result.budget_latency = budget.latency
     adaptive_plan.take_rank_zeros(trainer, pl_module, result)
     entry.update(budget={"latency": budget.latency, "latency_input": list(planner.shape), "threads": planner.threads,
@@ -120,9 +118,9 @@ def _int8(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Ligh
             if callback.max_metric_drop is not None:
                 before = metric_fn(pl_module)
                 allowed = adaptive_plan.bound_left(callback, before)
-        with shared_timings(callback.run.broadcast):  # type: ignore[attr-defined]  # a LatencyRun's
-            result = latency_result(pl_module, step, batches, _calibration_forward, None, metric_fn, measure,
-                                    MetricGate(allowed, callback.metric_spec.higher_is_better), "bits", before)
+        result = latency_result(pl_module, step, batches, _calibration_forward, None, metric_fn, measure,
+                                MetricGate(allowed, callback.metric_spec.higher_is_better), "bits", before,
+                                timings=shared_timings(callback.run.broadcast))  # type: ignore[attr-defined]
     take(pl_module, result.model)
     result.model = pl_module
     for row in result.plan:  # per family (its first producer): the width its producer is stored at
@@ -153,3 +151,13 @@ def _export_compacted(callback: AdaptiveCompression, trainer: pl.Trainer, pl_mod
         callback._fail(trainer, pl_module, err)
     callback.report.files["compacted_export"] = str(path.resolve())
 
+
+
+def _write_compacted(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """The run's compacted model (``model.compact.safetensors``), written only now that it passed every check (the
+    latency, the bound, the caps): a refused model never lands in the run's directory. A failed write ends the fit
+    on every rank with a FAILED report."""
+    try:
+        on_every_rank(trainer, lambda: callback._save_compacted(trainer, pl_module), "the write of the compacted model")
+    except Exception as err:
+        callback._fail(trainer, pl_module, err)

@@ -18,6 +18,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult, compress
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks.quantization import _calibration_forward
@@ -115,13 +116,14 @@ def bound_left(callback: AdaptiveCompression, now: float) -> float:
 
 
 def plan(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.LightningModule, method: str | None,
-         mid_fit: bool) -> CompressionResult:
-    """``compress(search="bits")`` on the masks reached, on the bound left (the model measured once), on rank
-    zero's calibration batches, Fisher and GPTQ codes."""
+         mid_fit: bool, budget: Budget | None = None) -> CompressionResult:
+    """``compress(search="bits")`` for ``budget`` (default the callback's) on the masks reached, on the bound left
+    (the model measured once), on rank zero's calibration batches, Fisher and GPTQ codes."""
+    budget = budget or callback.budget
     batches = calibration_batches(trainer, pl_module, callback.calibration_batches,
                                   callback.seen.batches if mid_fit else None)
     metric_fn, before, allowed = None, None, None
-    rank_zero_info(f"AdaptiveCompression: planning widths for {callback.budget!r} on the masks reached")
+    rank_zero_info(f"AdaptiveCompression: planning widths for {budget!r} on the masks reached")
     with eval_mode(pl_module):
         if callback._has_val:
             def metric_fn(_: Any) -> float:
@@ -130,7 +132,7 @@ def plan(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Light
             if callback.max_metric_drop is not None:
                 before = metric_fn(pl_module)
                 allowed = bound_left(callback, before)
-        return compress(pl_module, callback.budget, batches, forward=_calibration_forward, metric_fn=metric_fn,
+        return compress(pl_module, budget, batches, forward=_calibration_forward, metric_fn=metric_fn,
                         max_metric_drop=allowed, higher_is_better=callback.metric_spec.higher_is_better,
                         calibration=callback.calibration, calibration_batches=len(batches) or 1,
                         corrections=callback.corrections, search="bits",

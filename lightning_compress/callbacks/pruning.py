@@ -61,6 +61,7 @@ class GradientStabilityPruning(PruningEvents):
 
     finish_order = 0
     report_name = "pruning"
+    writes_compacted = True  # the compacted model written when compacted (AdaptiveCompression: after its checks)
 
     def __init__(
         self,
@@ -267,8 +268,9 @@ class GradientStabilityPruning(PruningEvents):
             self._compact(trainer, pl_module)
 
     def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remove the pruned units (a smaller dense model), measure its MACs and save it in the log directory."""
-        from lightning_compress.structure.compaction import compact, save_compacted
+        """Remove the pruned units (a smaller dense model), measure its MACs and save it in the log directory (when
+        :attr:`writes_compacted`)."""
+        from lightning_compress.structure.compaction import compact
         from lightning_compress.structure.macs import macs_per_example
 
         self.report.macs_before = macs_per_example(pl_module, self._example_input)
@@ -279,6 +281,13 @@ class GradientStabilityPruning(PruningEvents):
         self.run.stats = None  # of the full widths, finished: a checkpoint written after (mid-QAT) must not hold them
         self._compacted = True
         self._compacted_axes = encode(compacted_axes(pl_module))
+        if self.writes_compacted:  # AdaptiveCompression writes it only once its checks passed
+            self._save_compacted(trainer, pl_module)
+
+    def _save_compacted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rank zero writes the compacted model to the run's :data:`COMPACTED_FILE`; the report lists it."""
+        from lightning_compress.structure.compaction import save_compacted
+
         path = Path(self.run_dir(trainer)) / COMPACTED_FILE
         if trainer.is_global_zero:
             save_compacted(pl_module, path)

@@ -92,6 +92,7 @@ def test_latency_budget_is_met_in_the_fit_and_the_units_are_gone(tmp_path: Path,
     assert timed and f"measured {entry['delivered']['latency']:.3f}x" in timed[-1], entry["verification_steps"]
     assert entry["delivered"]["latency"] <= LATENCY
     assert (tmp_path / "latency.safetensors").exists() or Path(callback.report.files["compacted_export"]).exists()
+    assert Path(callback.report.files["compacted"]).exists()  # written once the budget was met
     assert _test_accuracy(model) >= 0.85  # the held-out split: the fit never saw it
 
 
@@ -107,6 +108,30 @@ def test_bad_latency_budgets_are_refused_before_any_step(tmp_path: Path, budget:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class _NanMedianCNN(DigitsCNN):
+    """DigitsCNN with its logits centered on their median: ``nanmedian`` has no ONNX export."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits - logits.nanmedian(dim=-1, keepdim=True).values
+
+
+def test_a_model_onnx_cannot_export_is_refused_in_setup(tmp_path: Path) -> None:
+    """Review 9 finding 6: it ran on ``latency_input``, so setup took it, and the fit trained up to its first
+    pruning event before the export failed there (under DDP, on rank zero alone)."""
+    torch.manual_seed(0)
+    model = _NanMedianCNN(image_size=8, channels=[32, 64], hidden=128, lr=3e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[AdaptiveCompression(budget=Budget(latency=0.5, latency_input=SHAPE),
+                                                        start_step=1, end_step=5)])
+    with pytest.raises(ValueError, match=r"`budget` with a latency.*_NanMedianCNN.*aten::nanmedian"):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_an_impossible_latency_ends_the_fit_with_the_measured_fraction(tmp_path: Path) -> None:
     from lightning_compress.adaptive.latency_budget import LatencyBudgetError
 
@@ -115,7 +140,8 @@ def test_an_impossible_latency_ends_the_fit_with_the_measured_fraction(tmp_path:
     with pytest.raises(LatencyBudgetError, match=r"latency=0\.02") as info:
         _fit(callback, tmp_path, epochs=2)
     assert info.value.smallest_latency is not None and info.value.smallest_latency > 0.02
-    assert not list(tmp_path.rglob("never.safetensors"))  # nothing over the budget was written
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing over the budget was written, not even compacted
+    assert "compacted" not in callback.report.files  # and the FAILED report points at no model
 
 
 def two_ranks(script: Path, folder: Path, *args: str) -> list[Any]:

@@ -26,10 +26,14 @@ def test_a_rank_other_than_zero_scores_the_units_and_times_nothing(monkeypatch: 
     monkeypatch.setattr(in_fit_units, "measure", _never)
     run, model, _ = _run()
     planner = LatencyPlanner(model, 0.6, (2, 1, 6, 6), 1)
+    sent: list[object] = []
+    rank_zeros = [(None, None), ({"0": 6, "3": 5}, None), ({"0": 4, "3": 3}, None), ((0.5, "rank zero's"), None)]
+    planner.share = lambda pair: (sent.append(pair), rank_zeros.pop(0))[1]  # the broadcast: rank zero's values
     fisher = dict(zip(run.stats.names, run.stats.unit_taylor_second_moment()))
-    for final in (False, True):
-        assert planner(run.layers.names, run.state.groups, fisher, {}, final=final) == {}  # rank zero's comes
+    for final, plan in ((False, {"0": 6, "3": 5}), (True, {"0": 4, "3": 3})):
+        assert planner(run.layers.names, run.state.groups, fisher, {}, final=final) == plan  # rank zero's, taken
     assert planner.problem is not None and set(planner.problem.members) == {"0", "3"}
     assert set(planner.problem.scores) == {"0", "3"}  # the masks of an event follow the scores on every rank
-    assert verify(planner, model, agree=lambda ratio: 0.5) == 0.5  # rank zero's ratio, taken
+    assert verify(planner, model, planner.share) == 0.5  # rank zero's ratio, taken
     assert planner.dense_graph is None
+    assert sent == [(None, None)] * 4  # this rank sent nothing of its own to the broadcasts

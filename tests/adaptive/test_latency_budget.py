@@ -218,6 +218,27 @@ def test_bad_latency_arguments_are_refused_before_any_work(digits: dict[str, Any
     assert calls == []  # no backward pass, no timing
 
 
+class NanMedianCentered(nn.Module):
+    """Outputs less their median: ``nanmedian`` runs in PyTorch and has no ONNX export."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - x.nanmedian(dim=-1, keepdim=True).values
+
+
+def test_a_model_onnx_cannot_export_is_refused_before_any_backward(digits: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 9 finding 6: the model ran on ``latency_input``, so it passed, and the export failed after the
+    Fisher's backward passes."""
+    calls: list[str] = []
+    for name in ("diagonal_fisher", "build_table"):
+        monkeypatch.setattr(latency_delivery, name, lambda *a, name=name, **k: calls.append(name))
+    model = nn.Sequential(digits["model"], NanMedianCentered())
+    with pytest.raises(ValueError, match=r"`budget` with a latency.*`latency_input`=\(256, 1, 8, 8\).*"
+                                         r"aten::nanmedian.*allowed"):
+        compress(model, Budget(latency=0.5, latency_input=SHAPE), digits["batches"])
+    assert calls == []  # no backward pass, no timing
+
+
 def test_the_callback_takes_latency_with_size_and_then_plans_widths() -> None:
     """Latency with size / MACs is taken in a fit (tests/callbacks/test_adaptive_latency_caps.py fits it); the
     width arguments are then used, and still refused with a latency budget alone, which delivers float."""

@@ -19,7 +19,7 @@ from lightning_compress.adaptive import latency_caps
 from lightning_compress.adaptive.caps import Caps
 from lightning_compress.adaptive.costs import model_macs
 from lightning_compress.adaptive.session import BudgetError
-from lightning_compress.callbacks import adaptive_latency
+from lightning_compress.callbacks import adaptive_latency, adaptive_plan
 from lightning_compress.core.accounting import state_bytes
 from lightning_compress.quantization.carried import carried
 from tests.adaptive.ddp_latency_gate import stand_in_timings
@@ -55,17 +55,28 @@ def _check_delivered(callback: AdaptiveCompression, model: torch.nn.Module, dens
     reloaded = load_quantized(_model(), export)  # the file holds the compacted shapes and the codes
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
-    restored = load_compressed(_model(), callback.report.files["compressed_checkpoint"])
-    assert all(torch.equal(restored.state_dict()[k], v) for k, v in model.state_dict().items())
+    for kind in ("compressed_checkpoint", "compacted"):  # the compacted file: the delivered model, float layout
+        restored = load_compressed(_model(), callback.report.files[kind])
+        assert all(torch.equal(restored.state_dict()[k], v) for k, v in model.state_dict().items()), kind
     return export
 
 
 def test_units_meet_the_latency_and_widths_meet_the_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stand_in_timings(monkeypatch)
     callback = _callback(max_metric_drop=0.05)
+    real, planned = adaptive_plan.compress, []
+
+    def compress(model: torch.nn.Module, budget: Budget, *args: Any, **kwargs: Any) -> Any:
+        planned.append((budget, callback.budget))  # the budget planned for; the callback's, never swapped
+        return real(model, budget, *args, **kwargs)
+
+    monkeypatch.setattr(adaptive_plan, "compress", compress)
+    asked = callback.budget
     model, dense = _fit(callback, tmp_path)
     entry = callback.report.gate["adaptive"]
     assert entry["then"] == "widths" and entry["delivered"]["compacted_latency"] <= LATENCY
+    assert len(planned) == 1 and planned[0][0].latency is None and planned[0][0].size is not None  # the caps
+    assert planned[0][1] is asked and callback.budget is asked
     assert carried(model) is not None and any(row["bits"] < 32 for row in entry["plan"])  # codes, planned widths
     _check_delivered(callback, model, dense)
     assert callback.report.metric_before - callback.report.metric_after <= 0.05  # the bound, before the 1st event
@@ -121,7 +132,8 @@ def test_a_combined_budget_that_cannot_hold_is_refused_with_the_nearest_one(tmp_
     with pytest.raises(BudgetError, match=r"budget`=Budget\(size=0\.05.*cannot hold.*smallest") as info:
         _fit(callback, tmp_path)
     assert info.value.smallest is not None and info.value.smallest[0] > int(0.05 * _dense_bytes())  # the nearest
-    assert not list(tmp_path.rglob("model.budget.safetensors"))  # nothing over the budget was written
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing over the budget was written, not even compacted
+    assert "compacted" not in callback.report.files
 
 
 @pytest.mark.ddp

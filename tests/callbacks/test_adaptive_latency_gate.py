@@ -75,9 +75,10 @@ def test_a_delivered_model_outside_the_bound_is_refused_and_nothing_is_exported(
         assert "max_metric_drop" in str(info.value) and "nothing is exported" in str(info.value)
     else:  # the last event, held to the end, undone by its verdict (then over the latency budget, or the bound)
         assert "after recovery" in last["reason"] and "undone" in last["note"]
-    assert not list(tmp_path.rglob("never.safetensors"))
+    assert not list(tmp_path.rglob("*.safetensors"))  # the refused compacted model neither
     report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
     assert "BudgetError" in str(report.get("failure"))
+    assert "compacted" not in report["files"]
 
 
 def test_events_held_at_a_checkpoint_are_judged_after_the_resume(tmp_path: Path) -> None:
