@@ -246,7 +246,7 @@ def one_job(name: str, make: Callable[[], pl.LightningModule], data: PreloadedMN
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--resnet", action="store_true", help="also the ResNet-18-style CNN (width 16, 28 px)")
     parser.add_argument("--resnet-seeds", type=int, nargs="+", default=[0])

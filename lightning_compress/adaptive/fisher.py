@@ -18,14 +18,14 @@ WHY the end of an ``AdaptiveCompression`` fit plans its widths on this Fisher to
 statistics (``E[g^2] = mean^2 + var`` per weight, :func:`~lightning_compress.adaptive.in_fit.statistics_fisher`,
 which plan the sparsities during the fit and cost next to nothing at its end): measured side by side on the masks
 reached (``benchmarks/bench_adaptive_fisher.py``, ``benchmarks/results/adaptive_fisher.json``: the built-in SmallCNN
-job on five seeds, the ResNet-18-style CNN), the statistics did not rank the width candidates at least as well
-against the measured loss change (lower on most SmallCNN seeds, about even elsewhere), and their layers' scale
-against the measured one, which is what the knapsack trades between layers, was further off on every run; the plans
-they led to delivered no better test accuracy (worse at the ResNet's smallest budget). They are also the statistics
-of the weights before the last pruning events (they stop counting at the last event), not of the model being
-quantized, and the backward passes cost a small fraction of the fit (figures in the results file). A factor common
-to every layer (the fit's true-label batch gradients against a sampled Fisher) would not matter: the plan and its
-correction read only the layers' relative scale (``tests/adaptive/test_fisher_scale.py``).
+job on five seeds, the ResNet-18-style CNN on two), the statistics did not rank the width candidates consistently as
+well against the measured loss change (lower on most SmallCNN seeds, about even on the ResNet), and their layers'
+scale against the measured one, which is what the knapsack trades between layers, was further off on every run; the
+plans they led to delivered no better test accuracy (worse at the ResNet's smallest budget on one seed). They are
+also the statistics of the weights before the last pruning events (they stop counting at the last event), not of the
+model being quantized, and the backward passes cost a small fraction of the fit (figures in the results file). A
+factor common to every layer (the fit's true-label batch gradients against a sampled Fisher) would not matter: the
+plan and its correction read only the layers' relative scale (``tests/adaptive/test_fisher_scale.py``).
 """
 
 from __future__ import annotations
