@@ -16,10 +16,9 @@ from pathlib import Path
 
 from torch import nn
 
+from lightning_compress.adaptive.costs import write_file
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.core.io import write_bytes
-from lightning_compress.quantization.carried import carried
-from lightning_compress.quantization.export import save_float, save_quantized
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,7 @@ def write_within(model: nn.Module, path: Path, size_cap: int | None, budget: obj
     try:
         with tempfile.TemporaryDirectory() as folder:
             staged = Path(folder, "export.safetensors")
-            if carried(model) is not None:
-                save_quantized(model, staged)
-            else:  # a plan that keeps every layer float (a MACs budget alone) has no codes
-                save_float(model, staged)
-            size = staged.stat().st_size
+            size = write_file(model, staged).stat().st_size  # a plan that keeps every layer float: save_float
             if size_cap is not None and size > size_cap:
                 outcome = over_budget(path, size, size_cap, budget, macs)
                 return outcome, outcome.error()
