@@ -198,14 +198,18 @@ class AdaptiveCompression(GradientStabilityPruning):
                 f"`export_path`={path!r}")
 
     def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
-        """(a batch, how to feed it) for counting MACs: only a MACs budget reads it."""
+        """(a batch, how to feed it) for counting MACs: only a MACs budget reads it. The first training batch, else
+        the model's ``example_input_array`` (what budget_caps' refusal suggests when there is neither)."""
         if self.budget.macs is None:
             return None, None
         loader = _compat.training_dataloader(trainer)
         with torch.random.fork_rng(devices=[]):  # the fit's random stream is left as it was
             batch = next(iter(loader), None) if loader is not None else None
         if batch is None:
-            return None, None
+            example = getattr(pl_module, "example_input_array", None)
+            if not isinstance(example, torch.Tensor):
+                return None, None
+            return example.to(pl_module.device), lambda model, inputs: model(inputs)
         return trainer.strategy.batch_to_device(batch, pl_module.device), _calibration_forward
 
     def _schedule(self, trainer: pl.Trainer) -> PruningSchedule:

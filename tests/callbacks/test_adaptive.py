@@ -237,6 +237,22 @@ def test_a_macs_budget_only_unpruned_layers_break_is_refused_in_setup(tmp_path: 
     assert trainer.global_step == 0
 
 
+def test_a_macs_budget_without_a_training_batch_counts_on_example_input_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 9 finding 10: budget_caps' refusal suggests the model's ``example_input_array``, which setup read
+    nowhere."""
+    from lightning_compress.adaptive.costs import model_macs
+    from lightning_compress.integration import _compat
+
+    monkeypatch.setattr(_compat, "training_dataloader", lambda trainer: None)  # no batch to count on
+    model, callback = _model(), AdaptiveCompression(budget=Budget(macs=0.5))
+    model.example_input_array = None
+    assert callback._example(None, model) == (None, None)  # type: ignore[arg-type]  # neither: the refusal says so
+    model.example_input_array = torch.randn(3, 64)
+    batch, forward = callback._example(None, model)  # type: ignore[arg-type]
+    caps = budget_caps(model, callback.budget, batch, forward)
+    assert caps.macs_cap == int(0.5 * model_macs(model, torch.zeros(1, 64), lambda m, b: m(b)))
+
+
 def _setup_warnings(budget: Budget, tmp_path: Path) -> list[str]:
     """The warnings a fit with ``AdaptiveCompression(budget)`` gives up to its first training step."""
 
@@ -412,14 +428,14 @@ def test_a_latency_export_that_cannot_be_written_fails_with_a_report(tmp_path: P
     the OSError naming the path, instead of rank zero raising alone."""
     import errno
 
-    from lightning_compress.callbacks import adaptive
+    from lightning_compress.callbacks import adaptive_latency
     from tests.adaptive.ddp_latency_gate import stand_in_timings
     from tests.adaptive.test_in_fit_units import LATENCY, SHAPE, _fit
 
     def full_disk(model: torch.nn.Module, path: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(adaptive, "save_compacted", full_disk)
+    monkeypatch.setattr(adaptive_latency, "save_compacted", full_disk)  # the export's writer (0789197 moved it)
     # timings stand in as a function of graph size: what is tested is the failed write, not the box's load (one run
     # in five measured over the budget on a loaded machine and ended before the export)
     stand_in_timings(monkeypatch)
@@ -431,6 +447,7 @@ def test_a_latency_export_that_cannot_be_written_fails_with_a_report(tmp_path: P
     report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
     assert report["failure"].startswith("OSError") and "No space left" in report["failure"]
     assert "compacted_export" not in report["files"] and not list(tmp_path.rglob("latency.safetensors"))
+    assert "compacted" not in report["files"] and not list(tmp_path.rglob("*.safetensors"))  # written after it
 
 
 @pytest.mark.ddp
