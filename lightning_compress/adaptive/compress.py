@@ -10,7 +10,9 @@ chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. 
    by ``"joint"`` where no dense plan fits the size, or where the dense plan puts a layer at 2 bits and there is
    something to measure plans on (that dense plan is then measured beside the sparse one). Not otherwise, because
    on a digits MLP the diagonal Fisher under-predicted what 75 % pruning costs and the sparse plan it chose at one
-   size measured worse than the dense one (README, "Compress to a budget").
+   size measured worse than the dense one (README, "Compress to a budget"). Where the sparse plans' larger header
+   leaves none within the size cap, the dense problem is verified alone (``"all"`` / ``"sparsity"`` under a size
+   cap alone too: their unpruned candidates).
 3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`). ``"joint"`` then
    measures the plan beside the few uniform configurations that fit and delivers the best measured (:mod:`.rivals`:
    the second-order score under-predicts large changes to large layers).
@@ -236,12 +238,16 @@ def compress(
                 fallback = (problem, header)
                 problem, header = problem_with(SPARSITIES)
         delivered = session.verified(problem, header, corrections)
+        unpruned = problem.dense() if search != "joint" and size_cap is not None and macs_cap is None else None
+        if delivered is None and unpruned is not None:  # "all" / "sparsity": the dense plans, as "joint" has them
+            fallback = (unpruned, session.header(unpruned))  # measured: the refusal may name its smaller file
         if delivered is None and fallback is not None:  # the sparse plans' larger header can leave none within
-            session.steps.append("no plan with sparsity offered was delivered: the dense problem, whose plan fit, "
-                                 "verified alone")
+            session.steps.append("no plan with sparsity offered was delivered: the dense problem verified alone "
+                                 "(its cheapest plan's header is smaller)")
             session.also = []
-            problem, header = fallback
-            delivered = session.verified(problem, header, corrections)
+            delivered = session.verified(*fallback, corrections)
+            if delivered is not None or search == "joint":  # else larger budgets are searched with sparsity
+                problem, header = fallback
         if delivered is None:
             _refuse(session, problem, header, budget)
         used = "rtn"

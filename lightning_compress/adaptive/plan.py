@@ -97,6 +97,15 @@ class Problem:
     def macs(self, plan: Mapping[str, Candidate]) -> int:
         return self.other_macs + sum(c.macs for c in plan.values())
 
+    def dense(self) -> Problem | None:
+        """The same problem with only the unpruned candidates; None where no candidate is pruned (or a layer has no
+        unpruned one). Its cheapest plan's file has fewer entries, so a smaller header, than the sparse one's."""
+        kept = {n: [c for c in cs if c.sparsity == 0] for n, cs in self.candidates.items()}
+        if kept == self.candidates or not all(kept.values()):
+            return None
+        return Problem(kept, self.fixed_bytes, self.other_macs, self.size_cap, self.macs_cap, dict(self.multipliers),
+                       self.buckets)
+
     def scaled(self, factor: float) -> Problem:
         """The same problem with both caps multiplied by ``factor`` (searching for a budget that holds the bound)."""
         size = None if self.size_cap is None else math.floor(self.size_cap * factor)

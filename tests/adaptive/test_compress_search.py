@@ -53,22 +53,24 @@ def _file(model: torch.nn.Module, folder: Path) -> int:
 
 
 def test_joint_delivers_the_dense_plan_its_sparse_header_would_refuse(tmp_path: Path) -> None:
-    """One Linear(64, 10): uniform int2 per channel fits the budget, so sparsity is offered too (a layer at 2 bits);
-    the sparse cheapest plan's header is larger and left no plan within the cap, and the budget was refused naming
-    that larger file. The dense plan that fit is delivered, and one byte below it the refusal names its file."""
+    """One Linear(64, 10): uniform int2 per channel fits the budget, so sparsity is offered too (a layer at 2 bits;
+    ``"all"``: always); the sparse cheapest plan's header is larger and left no plan within the cap, and the budget
+    was refused naming that larger file. The dense plan that fits is delivered, and one byte below it the refusal
+    names its file."""
     single = trained_digits(hidden=(), epochs=5, seed=0)
     uniform = copy.deepcopy(single.model)
     quantize(uniform, bits=2, granularity="per_channel", calibration="mse")
     smallest_dense = _file(uniform, tmp_path)
-    for cap in (smallest_dense, smallest_dense + 24):
+    for search, cap in (("joint", smallest_dense), ("joint", smallest_dense + 24), ("all", smallest_dense)):
         model = copy.deepcopy(single.model)
-        result = compress(model, Budget(size=cap), single.train[:4], calibration_batches=4)
-        assert result.file_bytes is not None and result.file_bytes <= cap
+        result = compress(model, Budget(size=cap), single.train[:4], calibration_batches=4, search=search)
+        assert result.file_bytes is not None and result.file_bytes <= cap, search
         assert result.save(tmp_path / "m.safetensors").stat().st_size == result.file_bytes
-    with pytest.raises(BudgetError, match="can be written as is") as info:
-        compress(copy.deepcopy(single.model), Budget(size=smallest_dense - 1), single.train[:4],
-                 calibration_batches=4)
-    assert info.value.smallest == (smallest_dense, None)
+    for search in ("joint", "all"):
+        with pytest.raises(BudgetError, match="can be written as is") as info:
+            compress(copy.deepcopy(single.model), Budget(size=smallest_dense - 1), single.train[:4],
+                     calibration_batches=4, search=search)
+        assert info.value.smallest == (smallest_dense, None), search
 
 
 def test_without_a_bound_the_refusal_names_the_smallest_budget_a_plan_fits(digits: Digits) -> None:
