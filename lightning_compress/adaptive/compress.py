@@ -14,8 +14,8 @@ chosen together to fit a budget, for a trained ``nn.Module`` without a Trainer. 
    leaves none within the size cap, the dense problem is verified alone (``"all"`` / ``"sparsity"`` under a size
    cap alone too: their unpruned candidates).
 3. A multiple-choice knapsack picks one candidate per layer (:mod:`.knapsack`, :mod:`.plan`). ``"joint"`` then
-   measures the plan beside the few uniform configurations that fit and delivers the best measured (:mod:`.rivals`:
-   the second-order score under-predicts large changes to large layers).
+   measures the plan beside the few uniform configurations that fit and delivers one measured better beyond the
+   noise instead (:mod:`.rivals`: the second-order score under-predicts large changes to large layers).
 4. The plan is written into the model (it carries its codes: ``result.save(path)`` / ``export_onnx`` take it; a
    plan that keeps every layer float carries none and is written float), the file and the MACs are measured, and
    ``metric_fn`` decides (:mod:`.session`). A model over budget or outside the bound is never returned:
@@ -150,8 +150,8 @@ def compress(
             plan needs 2 bits somewhere, sparsity together; the plan is then measured beside
             :data:`~.rivals.UNIFORM_TRIED` uniform configurations that fit (on ``metric_fn``; without it and without
             ``loss_fn``, on the top-1 loss against the float model's predictions on the calibration batches for a
-            classifier's ``(N, C)`` output, else on the output error relative to the float outputs) and the best
-            measured is delivered; ``"all"``: sparsity
+            classifier's ``(N, C)`` output, else on the output error relative to the float outputs), and one better
+            beyond the noise (:func:`~.rivals.clearly_lower`) is delivered instead; ``"all"``: sparsity
             under a size budget alone too (priced in the sparse layout's bytes); ``"bits"``: widths and granularity
             only, sparsity 0 (what ModelOpt's ``auto_quantize`` searches); ``"sparsity"``: sparsity and granularity
             only, every layer at :data:`SPARSITY_ONLY_BITS` (the baselines the joint search is measured against).
