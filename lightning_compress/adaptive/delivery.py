@@ -47,14 +47,15 @@ class ExportOutcome:
 
 
 def write_within(model: nn.Module, path: Path, size_cap: int | None, budget: object,
-                 macs: int | None = None) -> tuple[ExportOutcome, Exception | None]:
+                 macs: int | None = None, run_id: str | None = None) -> tuple[ExportOutcome, Exception | None]:
     """Write ``model``'s export (its codes, else its float ``state_dict``) to ``path`` if it is at most ``size_cap``
     bytes (None: no cap). Returns the outcome and, on failure, the original exception (for the writing rank to
-    raise); nothing is raised here. ``budget`` and ``macs`` (the delivered MACs per example) go into the message."""
+    raise); nothing is raised here. ``budget`` and ``macs`` (the delivered MACs per example) go into the message;
+    ``run_id`` into the file (its float copy's too)."""
     try:
         with tempfile.TemporaryDirectory() as folder:
             staged = Path(folder, "export.safetensors")
-            size = write_file(model, staged).stat().st_size  # a plan that keeps every layer float: save_float
+            size = write_file(model, staged, run_id=run_id).stat().st_size  # all layers float: save_float
             if size_cap is not None and size > size_cap:
                 outcome = over_budget(path, size, size_cap, budget, macs)
                 return outcome, outcome.error()

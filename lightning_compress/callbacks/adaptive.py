@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
 import torch
@@ -33,19 +33,19 @@ from lightning_compress.adaptive import in_fit_units
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps, budget_caps
 from lightning_compress.adaptive.compress import CORRECTIONS, FISHER_BATCHES, CompressionResult
-from lightning_compress.adaptive.delivery import ExportOutcome, write_within
 from lightning_compress.adaptive.gptq_plan import METHODS
 from lightning_compress.adaptive.in_fit import BudgetRun, SparsityPlanner, shortfall
 from lightning_compress.adaptive.in_fit_units import LatencyPlanner, LatencyRun, latency_setup
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.with_qat import BudgetPlan
-from lightning_compress.callbacks import adaptive_latency, adaptive_plan, adaptive_qat
+from lightning_compress.callbacks import adaptive_export, adaptive_latency, adaptive_plan, adaptive_qat
+from lightning_compress.callbacks.adaptive_export import FloatCopy, float_copy_file
 from lightning_compress.callbacks.pruning import GradientStabilityPruning
 from lightning_compress.callbacks.qat import QuantizationAwareTraining
 from lightning_compress.callbacks.quantization import _calibration_forward
 from lightning_compress.core.accounting import FLOAT_BITS, bias_bytes, layer_float_bytes
 from lightning_compress.core.io import check_export_path
-from lightning_compress.core.validation import check_choice, check_number
+from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.integration import _compat
 from lightning_compress.integration.evaluation import DEFAULT_METRIC
 from lightning_compress.integration.ranks import on_every_rank
@@ -85,6 +85,9 @@ class AdaptiveCompression(GradientStabilityPruning):
         max_metric_drop: the bound on the delivered model's metric against the one before the first pruning event
             (the float model at the end of the fit when nothing was pruned); None: no bound.
         export_path: ``*.safetensors`` for the delivered model (relative: in the run's log directory).
+            ``save_float_copy``: the trained float weights (pruned, before the codes) also written beside it as
+            ``*.fp32.safetensors`` once the export is (not with a latency budget alone: that export is float);
+            :meth:`restore_float` puts them back into the model after the fit either way.
         calibration: the clipping search of each candidate's scales; ``calibration_batches``: training batches for
             the end-of-fit Fisher, MACs and GPTQ; ``corrections``: re-solves after a failed bound.
         method: ``"gptq"``: the end-of-fit plan's widths applied with GPTQ on the training batches, kept where
@@ -123,8 +126,10 @@ class AdaptiveCompression(GradientStabilityPruning):
         patience: int | None = None,
         gate_batches: int | None = None,
         verbose: int = 1,
+        save_float_copy: bool = True,
     ) -> None:
         self.budget = as_budget(budget)
+        check_bool("save_float_copy", save_float_copy)
         latency = self.budget.latency is not None  # whole units pruned, compacted at the end (adaptive.in_fit_units)
         if export_path is not None and (not isinstance(export_path, str) or not export_path.endswith(".safetensors")):
             raise ValueError(f"`export_path` must be None or a path ending in '.safetensors', got {export_path!r}")
@@ -142,7 +147,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             max_metric_drop=max_metric_drop, metric_reference="initial", on_violation=on_violation,
             patience=patience, gate_batches=gate_batches, verbose=verbose,
         )
-        self.export_path, self.calibration = export_path, calibration
+        self.export_path, self.calibration, self.save_float_copy = export_path, calibration, save_float_copy
         self.calibration_batches, self.corrections, self.method = calibration_batches, corrections, method
         if self.budget.size is None and self.budget.macs is None:  # with caps, the widths are planned too
             adaptive_plan.refuse_ignored_by_latency(self)
@@ -151,6 +156,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         self._latency_shape: tuple[int, ...] = ()  # a latency budget's input shape, set in setup
         self.result: CompressionResult | None = None
         self._export_file: Path | None = None
+        self.float_copy = FloatCopy()  # the trained float weights (restore_float) and their file, set in setup
         self._qat: QuantizationAwareTraining | None = None  # trains the widths planned at its start
 
     def _reset_run(self, pl_module: pl.LightningModule | None = None, layers: TrackedLayers | None = None,
@@ -168,7 +174,7 @@ class AdaptiveCompression(GradientStabilityPruning):
         return {**super().settings(), "budget": {k: getattr(self.budget, k) for k in ("size", "macs", "latency")},
                 "export_path": self.export_path, "calibration": self.calibration,
                 "calibration_batches": self.calibration_batches, "corrections": self.corrections,
-                "method": self.method}
+                "method": self.method, "save_float_copy": self.save_float_copy}
 
     # ------------------------------------------------------------------ setup
     @override
@@ -196,6 +202,15 @@ class AdaptiveCompression(GradientStabilityPruning):
             self._export_file = on_every_rank(
                 trainer, lambda: check_export_path(path, folder, create=trainer.is_global_zero),
                 f"`export_path`={path!r}")
+        self.float_copy = FloatCopy(float_copy_file(self, trainer))
+
+    def restore_float(self, pl_module: pl.LightningModule) -> None:
+        """The trained float weights taken before the codes (pruned; compacted with a latency budget) back into
+        ``pl_module``, which then carries no codes."""
+        if not self.float_copy.state:
+            raise ValueError("`restore_float`: this AdaptiveCompression delivered no model yet (no fit ended), so it "
+                             "holds no float weights; allowed: after `trainer.fit` delivered")
+        adaptive_plan.back_to_floats(pl_module, self.float_copy.state)
 
     def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
         """(a batch, how to feed it) for counting MACs: only a MACs budget reads it. The first training batch, else
@@ -266,8 +281,8 @@ class AdaptiveCompression(GradientStabilityPruning):
         self._rewrites += 1  # the weights change from here on: the last validation measured others
         # the way back should the export fail (compress() restores the floats on its own failures)
         codes = self._qat.hand_over(trainer, pl_module) if self._qat is not None else {}
-        floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if self._export_file or codes \
-            else {}
+        floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        adaptive_export.keep_floats(self, trainer, pl_module, floats)
         try:
             result, refused = adaptive_qat.deliver_trained(self, trainer, pl_module, codes, floats)
             if result is None:
@@ -277,7 +292,7 @@ class AdaptiveCompression(GradientStabilityPruning):
             self.result = result
         except BudgetError as err:
             self._fail(trainer, pl_module, err)
-        self._export(trainer, pl_module, result, floats)
+        adaptive_export.export(self, trainer, pl_module, result, floats)
         self._report_plan(trainer, pl_module, result)
 
     def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
@@ -293,23 +308,9 @@ class AdaptiveCompression(GradientStabilityPruning):
         """The widths planned for ``budget`` (default :attr:`budget`; a latency budget's caps after the units)."""
         return adaptive_plan.plan(self, trainer, pl_module, method, mid_fit, budget)
 
-    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult,
-                floats: dict[str, torch.Tensor]) -> None:
-        """Rank zero measures the model's export, then writes it only if it is within the budget; every rank takes
-        rank zero's outcome, so an over-budget file (or a failed write) ends the fit on every rank with a FAILED
-        report, no file at the export path, and the float (pruned) weights back in the model."""
-        path = self._export_file
-        if path is None:
-            return
-        written, error = write_within(pl_module, path, result.budget_bytes, self.budget.size, result.macs) \
-            if trainer.is_global_zero else (ExportOutcome(None), None)  # the others take rank zero's
-        outcome = trainer.strategy.broadcast(written, src=0)
-        if outcome.failed:
-            adaptive_plan.back_to_floats(pl_module, floats)
-            self.result = None
-            self._fail(trainer, pl_module, error or outcome.error())
-        result.file_bytes = outcome.file_bytes
-        self.report.files["quantized"] = str(path.resolve())
+    def _fail(self, trainer: pl.Trainer, pl_module: pl.LightningModule, error: Exception) -> NoReturn:
+        self.float_copy.discard()  # a refused fit writes no float copy either
+        super()._fail(trainer, pl_module, error)
 
     def _report_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: CompressionResult) -> None:
         """The plan per layer into the report's layers, the budget and what was delivered into its gate entry."""

@@ -18,7 +18,7 @@ from lightning_compress.adaptive.in_fit_units import LatencyRun, finish_latency,
 from lightning_compress.adaptive.latency_budget import LatencyBudgetError, latency_result
 from lightning_compress.adaptive.latency_caps import next_budget, served_graph, shared_timings, take
 from lightning_compress.adaptive.session import BudgetError
-from lightning_compress.callbacks import adaptive_plan
+from lightning_compress.callbacks import adaptive_export, adaptive_plan
 from lightning_compress.callbacks.quantization import _calibration_forward
 from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
@@ -46,13 +46,14 @@ def finish(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Lig
         return
     floats = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}  # the way back (compacted, float)
     callback._rewrites += 1  # the weights change from here on: the last validation measured others
+    adaptive_export.keep_floats(callback, trainer, pl_module, floats)  # restore_float's; the float copy staged
     try:
         result = _with_caps(callback, trainer, pl_module)
     except BudgetError as err:
         adaptive_plan.back_to_floats(pl_module, floats)
         callback._fail(trainer, pl_module, _combined(callback, err))
     callback.result = result
-    callback._export(trainer, pl_module, result, floats)  # measured on disk first, within the size cap or refused
+    adaptive_export.export(callback, trainer, pl_module, result, floats)  # measured on disk first, or refused
     callback.report.gate[callback.report_name]["delivered"]["file_bytes"] = result.file_bytes
     _write_compacted(callback, trainer, pl_module)  # the delivered model, within every cap (its float layout)
 

@@ -154,6 +154,26 @@ def test_the_file_on_disk_and_the_delivered_macs_are_within_the_budget(fitted: d
         <= macs_cap
 
 
+def test_the_trained_float_weights_are_kept_beside_the_export_and_for_restore_float(fitted: dict[str, Any]) -> None:
+    """Review 9 finding 3b: the fit's trained float (pruned) weights existed nowhere once it delivered."""
+    from lightning_compress.quantization.export import read_run_id
+
+    callback, model = fitted["callback"], fitted["model"]
+    export, float_copy = Path(callback.report.files["quantized"]), Path(callback.report.files["float_copy"])
+    assert float_copy == export.with_name("model.fp32.safetensors") and float_copy.is_file()
+    assert read_run_id(float_copy) == read_run_id(export) is not None  # files of one run
+    on_disk = load_compressed(_model(), float_copy)
+    for key, value in fitted["float"].items():  # the weights when training ended, before any code
+        assert torch.equal(on_disk.state_dict()[key], value), key
+    assert carried(model) is not None  # the model itself stays the delivered one until asked
+    restored = _model()
+    callback.restore_float(restored)
+    assert carried(restored) is None
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in fitted["float"].items())
+    with pytest.raises(ValueError, match="`restore_float`: this AdaptiveCompression delivered no model yet"):
+        AdaptiveCompression(budget=BUDGET).restore_float(_model())
+
+
 def test_each_layer_ramps_to_its_own_planned_sparsity(fitted: dict[str, Any]) -> None:
     callback = fitted["callback"]
     entry = callback.report.gate["adaptive"]
@@ -377,6 +397,7 @@ def test_an_export_measured_over_the_budget_fails_with_a_report_and_leaves_no_fi
     report = json.loads(next(tmp_path.rglob("compression_report.json")).read_text())
     assert report["failure"].startswith("BudgetError") and f"measured {measured} bytes" in report["failure"]
     assert "quantized" not in report["files"] and not list(tmp_path.rglob("compressed.ckpt"))
+    assert "float_copy" not in report["files"]  # staged, never written: the fit was refused
     assert carried(model) is None and callback.result is None
     assert callback.floats is not None
     for key, value in model.state_dict().items():

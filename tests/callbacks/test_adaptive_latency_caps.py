@@ -55,6 +55,8 @@ def _check_delivered(callback: AdaptiveCompression, model: torch.nn.Module, dens
     reloaded = load_quantized(_model(), export)  # the file holds the compacted shapes and the codes
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
+    float_copy = load_compressed(_model(), callback.report.files["float_copy"])  # compacted, before the codes
+    assert all(torch.equal(float_copy.state_dict()[k], v) for k, v in callback.float_copy.state.items())
     for kind in ("compressed_checkpoint", "compacted"):  # the compacted file: the delivered model, float layout
         restored = load_compressed(_model(), callback.report.files[kind])
         assert all(torch.equal(restored.state_dict()[k], v) for k, v in model.state_dict().items()), kind
