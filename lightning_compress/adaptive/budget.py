@@ -1,6 +1,7 @@
 """``Budget(size=..., macs=...)``: what the compressed model may cost, checked when it is made. No Lightning import.
 
-- ``size``: bytes of the file ``save_quantized`` writes. An ``int`` is bytes; a string is a number and a unit,
+- ``size``: bytes of the file the delivered model is written as (``CompressionResult.save``: ``save_quantized``,
+  or ``save_float`` for a plan that keeps every layer float). An ``int`` is bytes; a string is a number and a unit,
   where decimal units are decimal and binary units are binary, as the SI / IEC prefixes say: ``"25MB"`` is
   25 * 10**6 bytes, ``"1.5 MiB"`` is 1.5 * 2**20 (``B``, ``kB``/``KB``, ``MB``, ``GB``, ``KiB``, ``MiB``,
   ``GiB``; case of the ``B`` matters nowhere else: ``"25mb"`` is refused, since ``mb`` reads as millibits). A float

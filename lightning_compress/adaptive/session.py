@@ -1,7 +1,7 @@
 """Apply a plan to the model, measure what it delivered, correct and re-solve: the verification loop of
 :func:`~lightning_compress.adaptive.compress.compress`. No Lightning import.
 
-Nothing predicted is trusted: the file is measured (``save_quantized`` into a temporary directory), the MACs are
+Nothing predicted is trusted: the file is measured (:func:`.costs.write_file` into a temporary directory), the MACs are
 counted on the weights as they are, and the metric decides. When the metric bound fails, each compressed layer is
 measured alone (the others float); each layer's scores are multiplied by its share of the measured drops over its
 share of the predicted ones, and the plan is solved again (SPDY-like: measurements replace the predicted scale).
