@@ -22,8 +22,8 @@ Every latency is ORT's (CPU, ``--threads`` intra-op threads, input ``(--batch, 1
 taken in turns, thread CPU time at one thread.
 
     python benchmarks/bench_adaptive_latency.py [--latency 0.5] [--batch 64] [--threads 1] [--epochs 3]
-                                                [--max-drop 1.5] [--finetune 0] [--no-callback] [--quick]
-                                                [--json PATH]
+                                                [--max-drop 1.5] [--finetune 0] [--searches sparsity joint]
+                                                [--no-callback] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def probe_predictions(dense: torch.nn.Module, batches: list[Any], shape: tuple[i
 
 def run_compress(dense: torch.nn.Module, data: Any, batches: list[Any], budget: Budget, max_drop: float | None,
                  shape: tuple[int, ...], search: str) -> dict[str, Any]:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     val = data.val_dataloader()
     try:
         result = compress(dense, budget, batches, metric_fn=lambda m: accuracy(m, val), max_metric_drop=max_drop,
@@ -89,7 +89,8 @@ def run_compress(dense: torch.nn.Module, data: Any, batches: list[Any], budget: 
             "val accuracy before / after (%)": [result.metric_before, result.metric_after],
             "MACs / image": macs_per_example(result.model, torch.zeros(shape)), "plan": result.plan,
             "int8 layers": [layer for row in result.plan for layer in row.get("int8", [])],
-            "steps": result.steps, "evaluations": result.evaluations, "seconds": seconds, "model": result.model}
+            "steps": result.steps, "evaluations": result.evaluations, "seconds": seconds,
+            "thread CPU seconds": time.thread_time() - cpu, "model": result.model}
 
 
 def side_by_side(dense: torch.nn.Module, models: dict[str, torch.nn.Module], batches: list[Any],
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--prune-from", type=float, default=0.15, help="callback path: first event, share of the fit")
     parser.add_argument("--prune-to", type=float, default=0.6, help="callback path: last event, share of the fit")
     parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the trained dense weights")
+    parser.add_argument("--searches", nargs="+", default=["sparsity", "joint"], choices=("sparsity", "joint"),
+                        help="compress() arms of 3.: float only (sparsity), int8 allowed (joint)")
     parser.add_argument("--no-callback", action="store_true", help="skip the callback path (4.)")
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 epoch (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_latency.json", help="where the figures go")
@@ -182,7 +185,7 @@ def main() -> None:
     budget = Budget(latency=args.latency, latency_input=shape, threads=args.threads)
     arms = [(f"{kind}, {bound_name}", bound, search) for bound_name, bound in
             (("no bound", None), (f"bound {args.max_drop} points", args.max_drop))
-            for kind, search in (("float only", "sparsity"), ("int8 allowed", "joint"))]
+            for kind, search in (("float only", "sparsity"), ("int8 allowed", "joint")) if search in args.searches]
     for name, bound, search in arms:
         runs[name] = run_compress(dense, data, batches, budget, bound, shape, search)
         row = runs[name]
@@ -200,7 +203,7 @@ def main() -> None:
             print(f"  after {args.finetune} epoch(s) fine-tuning: {row['test accuracy after fine-tuning (%)']:.2f} %",
                   flush=True)
     delivered = {name: runs[name]["model"] for name in ("float only, no bound", "int8 allowed, no bound")
-                 if "model" in runs[name]}
+                 if "model" in runs.get(name, {})}
     together = side_by_side(dense, delivered, batches, shape, args.threads) if len(delivered) == 2 else {}
     if together:
         fractions = together["fraction of dense"]
