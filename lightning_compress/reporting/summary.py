@@ -9,7 +9,9 @@ Byte accounting (what ``bytes_fp32`` / ``bytes_compressed`` mean):
   pruning or compaction changed any shape.
 - A compressed layer costs what the project's exports actually store: quantized layers the packed integer codes,
   scales and zero points plus the float bias (the quantized safetensors format); layers kept in float their fp32
-  size. **Pruned weights are stored dense** (the zeros take space), so sparsity alone saves no byte; structured
+  size. **Pruned weights of a float layer are stored dense** (the zeros take space), so sparsity alone saves no
+  byte there; a quantized layer's export stores only its kept codes and where they are (a bitmap or gaps,
+  :mod:`~lightning_compress.quantization.sparse_layout`) where that is smaller, and its bytes are those. Structured
   compaction (a physically smaller layer) or quantization realize the savings, and only those are counted.
 """
 from __future__ import annotations
@@ -31,8 +33,9 @@ NOTE_WHOLE_MODEL = (
     "4 bytes; entries no callback compressed cost the same before and after."
 )
 NOTE_DENSE = (
-    "Pruned weights are stored dense (their zeros take space, in float as in the quantized format): sparsity alone "
-    "is not counted as savings; structured compaction or quantization realize the savings."
+    "Pruned weights of layers kept in float are stored dense (their zeros take space): sparsity alone is not counted "
+    "as savings there; structured compaction or quantization realize the savings (a quantized layer's export stores "
+    "only its kept codes where that is smaller)."
 )
 NOTE_FILE_SIZE = (
     "The compressed size is the size of the export file on disk (safetensors header included); the per-layer "
@@ -99,10 +102,9 @@ def summarize(report: CompressionReport, model: nn.Module | None = None) -> dict
             bytes_compressed = sum(current.values()) or record.bytes_fp32
             if bytes_compressed < bytes_fp32:
                 notes.append("compacted")  # compaction removed rows / columns: the model itself is smaller
-        if record.sparsity > 0 and "compacted" not in notes:
-            any_dense_pruned = True
-            if record.bits >= FLOAT_BITS:
-                notes.append("pruned, stored dense")
+        if record.sparsity > 0 and "compacted" not in notes and record.bits >= FLOAT_BITS:
+            any_dense_pruned = True  # a quantized layer's export may store it sparse: its bytes say what it takes
+            notes.append("pruned, stored dense")
         layers[name] = {
             "parameters": record.parameters,
             "sparsity": record.sparsity,

@@ -128,3 +128,15 @@ def test_schema_versions_and_settings_are_in_the_json() -> None:
     data = json.loads(to_json(summarize(report)))
     assert data["schema_version"] == 2 and data["settings"]["quantization"]["bits"] == 4
     assert set(data["versions"]) == {"lightning_compress", "torch", "lightning", "torchmetrics"}
+
+
+def test_the_dense_note_is_given_only_for_pruned_float_layers() -> None:
+    """A pruned layer that is quantized may be stored sparse by the export (its record's bytes say what it takes):
+    the note that pruned weights are stored dense would be false for it."""
+    model = _model()
+    report = _report(model)
+    report.layers["0"].sparsity = 0.0  # the pruned float conv is no longer pruned: only the int4 linear is
+    summary = summarize(report, model)
+    assert report.layers["3"].sparsity > 0 and report.layers["3"].bits < 32
+    assert summary_module.NOTE_DENSE not in summary["notes"]
+    assert "stored dense" not in summary["layers"]["3"]["note"]
