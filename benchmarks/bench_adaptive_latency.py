@@ -83,14 +83,14 @@ def run_compress(dense: torch.nn.Module, data: Any, batches: list[Any], budget: 
     except LatencyBudgetError as err:
         return {"refused": str(err), "smallest latency": err.smallest_latency,
                 "seconds": time.perf_counter() - started}
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.thread_time() - cpu
     test = accuracy(result.model, data.test_dataloader())
     return {"latency (measured ratio)": result.latency, "test accuracy (%)": test,
             "val accuracy before / after (%)": [result.metric_before, result.metric_after],
             "MACs / image": macs_per_example(result.model, torch.zeros(shape)), "plan": result.plan,
             "int8 layers": [layer for row in result.plan for layer in row.get("int8", [])],
             "steps": result.steps, "evaluations": result.evaluations, "seconds": seconds,
-            "thread CPU seconds": time.thread_time() - cpu, "model": result.model}
+            "thread CPU seconds": cpu, "model": result.model}
 
 
 def side_by_side(dense: torch.nn.Module, models: dict[str, torch.nn.Module], batches: list[Any],
