@@ -144,12 +144,18 @@ def dense_model(args: argparse.Namespace, data: Any) -> ResNet18:
     return dense
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32)")
+def dense_arguments(parser: argparse.ArgumentParser, width: int) -> None:
+    """The options :func:`dense_model` reads (``--width`` defaults to ``width`` through ``start_run``)."""
+    parser.add_argument("--width", type=int, default=None, help=f"channels of the first stage (default {width})")
     parser.add_argument("--image-size", type=int, default=None, choices=(7, 14, 28), help="input side (default 28)")
     parser.add_argument("--epochs", type=int, default=None, help="dense training epochs (default 3)")
     parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the dense fit")
+    parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the trained dense weights")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    dense_arguments(parser, 32)
     parser.add_argument("--latency", type=float, default=0.5, help="the budget: fraction of the dense latency")
     parser.add_argument("--batch", type=int, default=64, help="batch of the latency input")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
@@ -160,7 +166,6 @@ def main() -> None:
     parser.add_argument("--finetune", type=int, default=0, help="epochs fine-tuning the compacted model after")
     parser.add_argument("--prune-from", type=float, default=0.15, help="callback path: first event, share of the fit")
     parser.add_argument("--prune-to", type=float, default=0.6, help="callback path: last event, share of the fit")
-    parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the trained dense weights")
     parser.add_argument("--searches", nargs="+", default=["sparsity", "joint"], choices=("sparsity", "joint"),
                         help="compress() arms of 3.: float only (sparsity), int8 allowed (joint)")
     parser.add_argument("--no-callback", action="store_true", help="skip the callback path (4.)")

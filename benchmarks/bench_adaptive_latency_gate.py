@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import accuracy, start_run
 from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, write_json
-from bench_adaptive_latency import dense_model
+from bench_adaptive_latency import dense_arguments, dense_model
 from bench_resnet import ResNet18
 
 
@@ -71,14 +71,11 @@ def gated_fit(args: argparse.Namespace, data: Any, shape: tuple[int, ...]) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=None, help="fit epochs (default 3)")
+    dense_arguments(parser, 32)  # the gated fit's model and epochs too
     parser.add_argument("--latency", type=float, default=0.5, help="the budget: fraction of the dense latency")
     parser.add_argument("--max-drop", type=float, default=0.015, help="the bound (accuracy as a fraction)")
-    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32)")
-    parser.add_argument("--image-size", type=int, default=None, choices=(7, 14, 28), help="input side (default 28)")
     # bench_adaptive_latency's input, threads and pruning span (its callback row: the same fit, no bound)
-    parser.set_defaults(lr=0.05, batch=64, threads=1, train_threads=1, prune_from=0.15, prune_to=0.6)
-    parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the dense fit's weights")
+    parser.set_defaults(batch=64, threads=1, train_threads=1, prune_from=0.15, prune_to=0.6)
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 epoch (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_latency_gate.json")
     args = parser.parse_args()

@@ -38,7 +38,7 @@ from _common import accuracy, start_run
 from _data import PreloadedMNIST5k
 from _timing import RESULTS, machine_info, write_json
 from bench_adaptive import BOUND_POINTS, SEARCHES, adaptive, cnn_job, uniform_grid
-from bench_adaptive_latency import dense_model
+from bench_adaptive_latency import dense_arguments, dense_model
 
 GRID = {"sparsity": (0.0, 0.5), "bits": (2, 3, 4, 6, 8), "granularity": ("per_channel", "per_group")}
 QUICK_GRID = {"sparsity": (0.0,), "bits": (2, 3, 4, 8), "granularity": ("per_channel", "per_group")}
@@ -46,14 +46,10 @@ QUICK_GRID = {"sparsity": (0.0,), "bits": (2, 3, 4, 8), "granularity": ("per_cha
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default 64)")
-    parser.add_argument("--image-size", type=int, default=None, choices=(7, 14, 28), help="input side (default 28)")
-    parser.add_argument("--epochs", type=int, default=None, help="dense training epochs (default 3)")
-    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the dense fit")
+    dense_arguments(parser, 64)
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.15, 0.10], help="budgets: fractions of fp32")
     parser.add_argument("--searches", nargs="+", default=["joint"], choices=SEARCHES,
                         help="compress(search=...) arms without a bound")
-    parser.add_argument("--dense-cache", type=Path, default=None, help="reuse / write the trained dense weights")
     parser.add_argument("--quick", action="store_true", help="width 8, 14x14, 1 epoch, a reduced grid (smoke run)")
     parser.add_argument("--json", type=Path, default=RESULTS / "adaptive_resnet_full_size.json")
     parser.set_defaults(train_threads=1)
