@@ -85,14 +85,14 @@ def main() -> None:
                   + f" | {name}: " + (f"{arm['metric']:.2f} % ({arm['bytes']} B, {arm['evaluations']} evaluations, "
                                       f"{arm['cpu_s']:.0f} s CPU) {dict(Counter(arm['plan']))}" if "metric" in arm
                                       else f"refused: {arm['refused'][:300]}"), flush=True)
+            write_json(args.json, dict(
+                benchmark="adaptive_resnet_size", machine=machine_info(args.quick), cpu_capability=capability,
+                load_average=[load, os.getloadavg()],
+                settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                dense={"test accuracy (%)": dense_test, "validation accuracy (%)": dense_val,
+                       "fp32 file bytes": job.float_bytes}, uniform_grid=uniform, uniform_grid_cpu_s=uniform_cpu,
+                bound_points=BOUND_POINTS, rows=[*rows, row], seconds=time.perf_counter() - started))  # after every arm
         rows.append(row)
-        write_json(args.json, dict(
-            benchmark="adaptive_resnet_size", machine=machine_info(args.quick), cpu_capability=capability,
-            load_average=[load, os.getloadavg()],
-            settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            dense={"test accuracy (%)": dense_test, "validation accuracy (%)": dense_val,
-                   "fp32 file bytes": job.float_bytes}, uniform_grid=uniform, uniform_grid_cpu_s=uniform_cpu,
-            bound_points=BOUND_POINTS, rows=rows, seconds=time.perf_counter() - started))  # after every budget
     print(f"CPU capability: {capability}; load average at the end {os.getloadavg()}; total "
           f"{time.perf_counter() - started:.0f} s", flush=True)
 
