@@ -6,8 +6,9 @@ is left is met by the verified ``compress()`` path on the compacted model, the l
 DENSE model (the graph the fit kept when it timed the table), not the compacted one:
 
 - the compacted model measured within the latency (and its MACs within their cap): the widths are planned for the
-  size / MACs caps as a budget without latency plans them (``compress(search="bits")``, bits per layer); those
-  change the file, not the graph served, which is timed again as the delivered model's float graph;
+  size / MACs caps as a budget without latency plans them (``compress(search="bits")``, bits per layer); the
+  delivered model is timed again as the graph ``export_onnx(model)`` writes for those codes (:func:`served_graph`:
+  weight-only, which can be slower than the float graph), and refused when that misses the latency;
 - otherwise int8 where it pays: ``compress()``'s latency path on the compacted model, int8 only (no further units:
   the fit's model keeps its structure), for the latency left, ``latency / measured`` of the compacted model, under
   the same caps (:func:`next_budget`); its timings are rank zero's on every rank (:func:`shared_timings`), so every
@@ -21,7 +22,9 @@ budget the steps measured.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +34,11 @@ from lightning_compress.adaptive import latency
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import Caps
 from lightning_compress.adaptive.in_fit import from_rank_zero
-from lightning_compress.adaptive.int8_latency import calibration_inputs, onnx_graph
+from lightning_compress.adaptive.int8_latency import EXAMPLE_ROWS, calibration_inputs, onnx_graph
+from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.quantization.carried import attach, carried
 from lightning_compress.serving._trained import collect
+from lightning_compress.serving.onnx import export_onnx
 
 LEFT_MAX = 0.99  # a Budget's latency is a fraction below 1: the latency left when the units met it already
 
@@ -41,9 +46,16 @@ LEFT_MAX = 0.99  # a Budget's latency is a fraction below 1: the latency left wh
 def next_budget(budget: Budget, caps: Caps, ratio: float, macs: int | None) -> tuple[Budget, str]:
     """What the end of the fit plans on the compacted model, measured at ``ratio`` of the dense latency with
     ``macs`` per example (None: no MACs cap): ``"widths"`` (a size / MACs budget in absolute bytes / MACs, the
-    latency met) or ``"int8"`` (the latency left relative to the compacted model, with the same caps)."""
+    latency met) or ``"int8"`` (the latency left relative to the compacted model, with the same caps). MACs still
+    over their cap are refused here (:class:`~.session.BudgetError` naming them): int8 lowers no MAC and this end
+    of the fit removes no unit."""
     assert budget.latency is not None
-    if ratio <= budget.latency and (caps.macs_cap is None or (macs is not None and macs <= caps.macs_cap)):
+    if caps.macs_cap is not None and macs is not None and macs > caps.macs_cap:
+        raise BudgetError(f"`budget` macs={budget.macs!r} ({caps.macs_cap} per example): the model compacted for the "
+                          f"latency counts {macs} MACs per example, and what is left after the units (int8, widths) "
+                          f"lowers no MAC; the nearest budget: macs={macs} per example; allowed: at least that, or "
+                          f"a smaller latency budget (more units removed)", (None, macs))
+    if ratio <= budget.latency:
         return Budget(size=caps.size_cap, macs=caps.macs_cap), "widths"
     left = min(LEFT_MAX, budget.latency / ratio)
     return Budget(size=caps.size_cap, macs=caps.macs_cap, latency=left, latency_input=budget.latency_input,
@@ -75,9 +87,13 @@ def take(model: nn.Module, delivered: nn.Module) -> None:
 
 
 def served_graph(model: nn.Module, shape: Sequence[int], batches: Sequence[Any]) -> bytes:
-    """The graph ``model`` is served as: the static int8 graph where it carries input ranges (what
-    ``export_onnx(model)`` writes by default for it), else its float graph (widths stored in the file are
-    dequantized: the graph is the float one)."""
+    """The graph ``export_onnx(model, path, example)`` writes for ``model`` by default, the call a user serves it
+    with: the static int8 graph where it carries input ranges; else, where it carries codes (a widths plan), the
+    weight-only graph (``activations="dynamic"``: ``ConvInteger`` / ``MatMulNBits``, which can run slower than the
+    float one, so it is the one timed); else the float graph."""
     if collect(model):
         return onnx_graph(model, calibration_inputs(batches))[0]
-    return latency.float_graph(model, shape)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "served.onnx"
+        export_onnx(model, path, torch.randn(EXAMPLE_ROWS, *shape[1:]))
+        return path.read_bytes()

@@ -149,8 +149,8 @@ class LatencyProblem:
                 after = self.resources(plan, group)
                 gain = _progress(current, after, targets)
                 cost = sum(self.int8_scores[n] for n in group - int8)
-                step = (cost / gain, cost, "int8:" + ",".join(sorted(group)), after)
-                if gain > 0 and (best is None or step[:2] < best[:2]):
+                step = (cost / gain if gain > 0 else float("inf"), cost, "int8:" + ",".join(sorted(group)), after)
+                if gain > 0 and (best is None or step[:2] < best[:2]):  # no progress (a MACs cap int8 cannot lower)
                     best = step
             if best is None:
                 break  # every family at its fewest units, no int8 move makes progress

@@ -20,7 +20,6 @@ from lightning_compress.adaptive.latency_caps import next_budget, served_graph, 
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks import adaptive_export, adaptive_plan
 from lightning_compress.callbacks.quantization import _calibration_forward
-from lightning_compress.core.accounting import FLOAT_BITS
 from lightning_compress.core.gate import MetricGate
 from lightning_compress.integration import evaluation
 from lightning_compress.integration.evaluation import eval_mode
@@ -35,11 +34,12 @@ if TYPE_CHECKING:
 
 def finish(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """After the fit compacted ``pl_module``: a latency budget alone is timed and the compacted float model
-    exported; with size / MACs caps, :func:`_with_caps`. Any refusal ends the fit on every rank (FAILED report)."""
+    exported; with size / MACs caps, :func:`_with_caps`. Any refusal or other error ends the fit on every rank (FAILED
+    report; with caps the compacted floats restored first, no codes carried)."""
     if callback.budget.size is None and callback.budget.macs is None:
         try:
             finish_latency(callback, trainer, pl_module)
-        except BudgetError as err:
+        except Exception as err:  # a refusal or any other failure: a FAILED report, re-raised
             callback._fail(trainer, pl_module, err)
         _export_compacted(callback, trainer, pl_module)
         _write_compacted(callback, trainer, pl_module)
@@ -49,9 +49,9 @@ def finish(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Lig
     adaptive_export.keep_floats(callback, trainer, pl_module, floats)  # restore_float's; the float copy staged
     try:
         result = _with_caps(callback, trainer, pl_module)
-    except BudgetError as err:
+    except Exception as err:  # any failure (not only a refusal): floats back, no codes carried, a FAILED report
         adaptive_plan.back_to_floats(pl_module, floats)
-        callback._fail(trainer, pl_module, _combined(callback, err))
+        callback._fail(trainer, pl_module, _combined(callback, err) if isinstance(err, BudgetError) else err)
     callback.result = result
     adaptive_export.export(callback, trainer, pl_module, result, floats)  # measured on disk first, or refused
     callback.report.gate[callback.report_name]["delivered"]["file_bytes"] = result.file_bytes
@@ -124,9 +124,8 @@ def _int8(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl.Ligh
                                 timings=shared_timings(callback.run.broadcast))  # type: ignore[attr-defined]
     take(pl_module, result.model)
     result.model = pl_module
-    for row in result.plan:  # per family (its first producer): the width its producer is stored at
-        row["bits"] = 8 if row["layer"] in row["int8"] else FLOAT_BITS
-    result.method = "int8 where the latency table measured it faster (round to nearest)"
+    result.method = "int8 where the latency table measured it faster, the bytes left to narrower widths (round to " \
+        "nearest)"
     initial = callback.controller.initial_metric
     callback.report.metric_before = initial if initial is not None else result.metric_before
     callback.report.gate[callback.report_name].update(plan=result.plan, evaluations=result.evaluations,

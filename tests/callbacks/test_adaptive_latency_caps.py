@@ -109,8 +109,8 @@ def test_next_budget_passes_the_caps_on_and_leaves_the_latency_relative_to_the_c
     budget = Budget(latency=0.5, latency_input=(4, 1, 8, 8), size=1000, macs=0.5)
     caps = Caps(size_cap=1000, macs_cap=200, fixed_bytes=0, other_macs=0, where={})
     assert latency_caps.next_budget(budget, caps, 0.45, 150) == (Budget(size=1000, macs=200), "widths")
-    step, how = latency_caps.next_budget(budget, caps, 0.45, 250)  # MACs over their cap: int8 / units path
-    assert how == "int8" and step.latency == latency_caps.LEFT_MAX and step.macs == 200
+    with pytest.raises(BudgetError, match="counts 250 MACs per example"):  # over their cap: int8 lowers none
+        latency_caps.next_budget(budget, caps, 0.45, 250)
     step, how = latency_caps.next_budget(budget, caps, 0.625, 150)
     assert how == "int8" and step.latency == pytest.approx(0.8) and step.size == 1000
 
