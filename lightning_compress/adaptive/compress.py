@@ -40,6 +40,7 @@ from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.candidates import SPARSITIES, WIDTHS, layer_candidates
 from lightning_compress.adaptive.caps import budget_caps
 from lightning_compress.adaptive.costs import aliases, write_file
+from lightning_compress.adaptive.delivery import write_within
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.gptq_plan import METHODS, apply_gptq
 from lightning_compress.adaptive.latency_budget import latency_result, refuse_ignored
@@ -59,6 +60,7 @@ from lightning_compress.quantization.coverage import (
     select_layers,
     weight_key,
 )
+from lightning_compress.quantization.export import new_run_id
 from lightning_compress.quantization.primitives import CALIBRATIONS
 
 FISHER_BATCHES = 8  # backward passes for the Fisher (and batches kept for the forward that counts positions)
@@ -66,6 +68,7 @@ SCALES = ("measured", "fisher")
 SEARCHES = ("joint", "bits", "sparsity", "all")  # what the plan may choose per layer (the baselines of bench_adaptive)
 SPARSITY_ONLY_BITS = 8  # search="sparsity": every layer at this width (float pruned weights save no bytes)
 CORRECTIONS = 2  # re-solves after a failed bound before larger budgets are tried
+RUN_ID_CHARS = len(new_run_id())  # the generated run_id file_bytes is measured with
 
 
 @dataclass
@@ -91,8 +94,24 @@ class CompressionResult:
     def save(self, path: str | os.PathLike[str], *, run_id: str | None = None) -> Path:
         """Write the delivered model to ``path`` as the file ``file_bytes`` measured (:func:`.costs.write_file`):
         its codes (``save_quantized``), or its float weights (``save_float``) where the plan kept every layer float;
-        ``load_compressed(model, path)`` reads either back."""
-        return write_file(self.model, path, run_id=run_id)
+        ``load_compressed(model, path)`` reads either back. Under a size cap the file is staged and measured first
+        (:func:`.delivery.write_within`): ``run_id`` goes into its header, measured with a generated
+        :data:`RUN_ID_CHARS`-character one, so a longer one can push it over; then nothing is written or replaced
+        and :class:`BudgetError` names ``run_id`` and the bytes."""
+        if self.budget_bytes is None:
+            return write_file(self.model, path, run_id=run_id)
+        outcome, error = write_within(self.model, Path(path), self.budget_bytes, f"{self.budget_bytes} bytes",
+                                      run_id=run_id)
+        if outcome.kind == "budget" and outcome.file_bytes is not None:
+            over = outcome.file_bytes - self.budget_bytes
+            raise BudgetError(f"`run_id`={run_id!r} ({len(run_id or '')} characters) goes into the file's header: "
+                              f"the file measured {outcome.file_bytes} bytes with it, {over} over the size cap of "
+                              f"{self.budget_bytes} bytes the plan was verified under, so nothing was written at "
+                              f"{os.fspath(path)!r}; allowed: a run_id about {over} characters shorter, or None "
+                              f"(a generated {RUN_ID_CHARS}-character one, as measured)", outcome.smallest)
+        if error is not None:
+            raise error
+        return Path(path)
 
 
 def _check(budget: Any, forward: Any, loss_fn: Any, metric_fn: Any, max_metric_drop: Any, higher_is_better: Any,

@@ -242,3 +242,23 @@ def test_result_save_writes_the_measured_file_and_load_compressed_reads_it_back(
     assert all_float == (size == "25MB") and (carried(model) is None) == all_float
     reloaded = load_compressed(copy.deepcopy(digits.model), path)
     assert torch.equal(reloaded(digits.test[0]), model(digits.test[0]))
+
+
+def test_result_save_refuses_a_run_id_that_pushes_the_file_over_the_cap(digits: Digits, tmp_path: Path) -> None:
+    """The run_id goes into the header: one longer than the generated id file_bytes was measured with grows the
+    file; save() measured nothing and wrote it over the cap (review 10 E). A file already at the path stays."""
+    model = copy.deepcopy(digits.model)
+    result = compress(model, Budget(size=0.15), digits.train)
+    assert result.file_bytes is not None and result.budget_bytes is not None
+    spare = result.budget_bytes - result.file_bytes
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"the user's file")
+    long = "run-" + "x" * (32 + spare + 16)  # over the cap by more than the header's 8-byte padding
+    with pytest.raises(BudgetError, match=rf"`run_id`='run-x+' \({len(long)} characters\).*{result.budget_bytes} "
+                                          r"bytes.*nothing was written") as info:
+        result.save(path, run_id=long)
+    assert info.value.smallest is not None and info.value.smallest[0] > result.budget_bytes  # as measured
+    assert path.read_bytes() == b"the user's file"
+    assert not [p for p in tmp_path.iterdir() if p != path]  # nothing staged beside it
+    short = "r" * 32  # the generated id's width: the file as measured
+    assert result.save(path, run_id=short).stat().st_size == result.file_bytes <= result.budget_bytes
