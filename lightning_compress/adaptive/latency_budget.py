@@ -40,6 +40,8 @@ from lightning_compress.adaptive.int8_latency import as_served, calibration_inpu
 from lightning_compress.adaptive.latency import Timings, float_graph
 from lightning_compress.adaptive.latency_delivery import Delivered, deliver, problem_of, refresh_batchnorm
 from lightning_compress.adaptive.latency_plan import LatencyProblem, Targets
+from lightning_compress.adaptive.latency_rows import plan_rows, stored_bits
+from lightning_compress.adaptive.latency_widths import Widths, plan_widths
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.units import UnitCandidate
 from lightning_compress.core.gate import MetricGate
@@ -49,6 +51,7 @@ from lightning_compress.structure.macs import macs_per_example
 __all__ = ["Delivered", "LatencyBudgetError", "LatencyProblem", "compress_to_latency", "deliver", "latency_result",
            "problem_of", "refresh_batchnorm", "refuse_ignored", "within"]
 
+Narrow = Callable[[nn.Module, frozenset[str], float], Widths | None]  # (compacted copy, int8 layers, bytes target)
 CORRECTIONS = 4  # re-solves with the target moved by what was measured
 AIM = 0.95  # plans aim at this share of the budget: timings on a loaded machine move by a few percent
 CLOSE = 0.9  # a delivered model measured within [CLOSE, 1] of the budget is not loosened further
@@ -118,8 +121,8 @@ def check_latency_model(model: nn.Module, shape: tuple[int, ...]) -> None:
 
 def within(model: nn.Module, problem: LatencyProblem, latency: float, example: Tensor, shape: tuple[int, ...],
            threads: int, steps: list[str], batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], *,
-           caps: tuple[int | None, int | None] = (None, None), int8: bool = False, timings: Timings | None = None
-           ) -> tuple[Delivered | None, float | None]:
+           caps: tuple[int | None, int | None] = (None, None), int8: bool = False, timings: Timings | None = None,
+           narrow: Narrow | None = None) -> tuple[Delivered | None, float | None]:
     """The delivered model measured within ``latency`` (a fraction of the dense latency) and ``caps`` (file bytes,
     MACs per example; None: no cap) with the smallest predicted loss, and the smallest fraction measured on the way
     (``steps`` says what was tried). ``int8``: layers may be chosen int8. ``timings``: what times the graphs
@@ -138,7 +141,7 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
     failed: float | None = None  # the smallest latency target whose model was over it
     for _ in range(CORRECTIONS + 1):
         delivered = _measure(model, problem, (target, others[0], others[1]), int8, tried, example, shape, threads,
-                             batches, forward, count, steps, latency, timings)
+                             batches, forward, count, steps, latency, timings, narrow)
         for index, (cap, value) in enumerate(zip(caps, (delivered.file_bytes, delivered.macs))):
             now = others[index]
             if cap is not None and value is not None and now is not None and value > cap:
@@ -158,7 +161,7 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
         sparsest = (0.0, None if caps[0] is None else 0.0, None if caps[1] is None else 0.0)
         before = len(tried)
         last = _measure(model, problem, sparsest, int8, tried, example, shape, threads, batches, forward, count,
-                        steps, latency, timings)
+                        steps, latency, timings, narrow)
         if len(tried) > before:
             steps.append(f"the sparsest plan: measured {last.ratio:.3f}x of dense")
     passing = [d for d in tried.values() if d.fits(latency, caps)]
@@ -169,17 +172,50 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
 def _measure(model: nn.Module, problem: LatencyProblem, targets: Targets, int8: bool,
              tried: dict[tuple[Any, ...], Delivered], example: Tensor, shape: tuple[int, ...], threads: int,
              batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], count: bool, steps: list[str],
-             latency: float, timings: Timings | None) -> Delivered:
-    """The plan solved for ``targets``, delivered and measured once (``tried`` keeps what was)."""
+             latency: float, timings: Timings | None, narrow: Narrow | None = None) -> Delivered:
+    """The plan solved for ``targets``, delivered and measured once (``tried`` keeps what was). With ``narrow`` (a
+    size cap, int8 allowed) and a plan that the bytes target cost something (predicted over it, or its units / int8
+    differ from the plan for the seconds and MACs alone): the plan for the seconds and MACs alone with its widths
+    chosen for the bytes target (:mod:`.latency_widths`) is delivered too, and returned where the plan is predicted
+    over the targets or the widths are predicted to cost no more loss."""
     plan, layers = problem.solve_joint(targets, int8_allowed=int8)
+    if narrow is not None and targets[1] is not None:
+        fast, fast_int8 = problem.solve_joint((targets[0], None, targets[2]), int8_allowed=int8)
+        over = problem.over(plan, layers, targets)
+        if over > 0 or (fast, fast_int8) != (plan, layers):
+            size = targets[1]
+            mixed = _delivered(model, problem, fast, fast_int8, tried, example, shape, threads, batches, forward,
+                               count, steps, latency, timings, lambda copy, chosen: narrow(copy, chosen, size))
+            if mixed is not None and (over > 0 or mixed.loss <= problem.loss(plan, layers)):
+                return mixed
+    found = _delivered(model, problem, plan, layers, tried, example, shape, threads, batches, forward, count, steps,
+                       latency, timings)
+    assert found is not None  # only a widths plan can find none
+    return found
+
+
+def _delivered(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandidate], layers: frozenset[str],
+               tried: dict[tuple[Any, ...], Delivered], example: Tensor, shape: tuple[int, ...], threads: int,
+               batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], count: bool, steps: list[str],
+               latency: float, timings: Timings | None,
+               widths: Callable[[nn.Module, frozenset[str]], Widths | None] | None = None) -> Delivered | None:
+    """``plan`` with ``layers`` int8 (and ``widths``' widths) delivered and measured, or taken from ``tried``."""
     key = (*(c.kept for c in plan.values()), *sorted(layers))
-    if key not in tried:
-        tried[key] = found = deliver(model, problem, plan, example, shape, threads, batches, forward, layers, count,
-                                     timings)
-        where = f", int8 {sorted(layers)}" if layers else ""
-        steps.append(f"latency {latency:g}: plan predicted {found.predicted:.3f}x{where}, measured {found.ratio:.3f}x "
-                     f"of dense ({found.seconds * 1e3:.3g} ms per run){found.note}")
-    return tried[key]
+    if widths is None and key in tried:
+        return tried[key]
+    found = deliver(model, problem, plan, example, shape, threads, batches, forward, layers, count, timings, widths)
+    if found is None:
+        said = f"latency {latency:g}: no widths on the plan for the latency alone (int8 {sorted(layers)}) fit the " \
+            "bytes target"
+        if said not in steps:
+            steps.append(said)
+        return None
+    tried[(*key, "widths", *sorted(found.widths.items())) if widths is not None else key] = found
+    where = f", int8 {sorted(layers)}" if layers else ""
+    where += f", widths {found.widths}" if found.widths else ""
+    steps.append(f"latency {latency:g}: plan predicted {found.predicted:.3f}x{where}, measured {found.ratio:.3f}x "
+                 f"of dense ({found.seconds * 1e3:.3g} ms per run){found.note}")
+    return found
 
 
 def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any],
@@ -216,6 +252,10 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
     steps.append(f"{len(problem.candidates)} families of units, {problem.table.graphs} one-layer graphs timed"
                  f"{f', int8 faster than float (dense) for {faster} of {sorted(problem.table.int8)}' if int8 else ''}"
                  f"; dense {problem.table.dense * 1e3:.3g} ms per run at {shape}, {threads} thread(s)")
+    narrow: Narrow | None = None
+    if int8 and caps[0] is not None:  # the bytes the latency plan leaves over go to narrower widths
+        def narrow(copy: nn.Module, layers: frozenset[str], size: float) -> Widths | None:
+            return plan_widths(copy, layers, size, batches, forward, loss_fn)
     passing: Delivered | None = None
     for factor in (1.0, *LOOSER):
         latency = budget.latency * factor
@@ -223,7 +263,7 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
             break
         looser = tuple(None if c is None else int(c * factor) for c in caps)
         delivered, smallest = within(model, problem, latency, example, shape, threads, steps, batches, forward,
-                                     caps=(looser[0], looser[1]), int8=int8, timings=timings)
+                                     caps=(looser[0], looser[1]), int8=int8, timings=timings, narrow=narrow)
         if delivered is None:
             if factor == 1.0:
                 raise LatencyBudgetError(
@@ -262,24 +302,6 @@ def _budget_text(budget: Budget, caps: tuple[int | None, int | None]) -> str:
     return text
 
 
-def plan_rows(problem: LatencyProblem, plan: Mapping[str, UnitCandidate],
-              int8: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
-    """The plan as a table: per family, its producers, units kept of all, the producers on int8 kernels and the
-    predicted loss increase; then each other layer chosen int8."""
-    rows = []
-    for name, c in plan.items():
-        chosen = [m for m in problem.members[name] if m in int8]
-        label = f"{c.kept}/{c.units} units" + (f", int8 {chosen}" if chosen else "")
-        rows.append({"layer": name, "members": problem.members[name], "units": c.units, "kept": c.kept, "int8": chosen,
-                     "predicted": c.score + sum(problem.int8_scores[m] for m in chosen), "label": label})
-    covered = {m for members in problem.members.values() for m in members}
-    for name in sorted(int8 - covered):
-        units = problem.table.full[name][0]
-        rows.append({"layer": name, "members": [name], "units": units, "kept": units, "int8": [name],
-                     "predicted": problem.int8_scores[name], "label": "int8"})
-    return rows
-
-
 def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any],
                    loss_fn: Callable[[Any, Any], Tensor] | None, metric_fn: Callable[[nn.Module], float] | None,
                    measure: Callable[..., float], gate: MetricGate, search: str = "joint",
@@ -296,7 +318,9 @@ def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], for
     shape = latency_shape(budget, batches)
     macs = delivered.macs if delivered.macs is not None else macs_per_example(delivered.model, torch.zeros(shape))
     size_cap, macs_cap = report["caps"]
-    return CompressionResult(delivered.model, plan_rows(problem, delivered.plan, delivered.int8), size_cap,
+    rows = plan_rows(problem, delivered.plan, delivered.int8, delivered.widths)
+    stored_bits(delivered.model, rows)
+    return CompressionResult(delivered.model, rows, size_cap,
                              delivered.file_bytes, macs_cap, macs, report["before"], delivered.metric,
                              report["evaluations"], report["steps"], budget_latency=budget.latency,
                              latency=delivered.ratio)

@@ -27,6 +27,7 @@ from lightning_compress.adaptive.int8_latency import (
 )
 from lightning_compress.adaptive.latency import Timings, build_table, graph_ratio, measured_ratio
 from lightning_compress.adaptive.latency_plan import CapCosts, LatencyProblem, LayerCost
+from lightning_compress.adaptive.latency_widths import Widths, apply_widths
 from lightning_compress.adaptive.units import (
     LAYERS,
     UnitCandidate,
@@ -55,6 +56,7 @@ class Delivered:
     macs: int | None = None  # counted per example, likewise
     loss: float = 0.0  # predicted loss increase of the plan
     note: str = ""  # what else was measured, for the steps
+    widths: dict[str, str] = field(default_factory=dict)  # layers stored narrower than int8 / weight-only: label
 
     def fits(self, latency: float, caps: tuple[int | None, int | None]) -> bool:
         """Measured within ``latency`` and the (bytes, MACs) ``caps``."""
@@ -133,19 +135,28 @@ def delivered_bytes(model: nn.Module) -> int:
 def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandidate], example: Tensor,
             shape: tuple[int, ...], threads: int, batches: Sequence[Any] = (),
             forward: Callable[[nn.Module, Any], Any] | None = None, int8: frozenset[str] = frozenset(),
-            count: bool = False, timings: Timings | None = None) -> Delivered:
+            count: bool = False, timings: Timings | None = None,
+            widths: Callable[[nn.Module, frozenset[str]], Widths | None] | None = None) -> Delivered | None:
     """The compacted copy of ``model`` for ``plan`` (its BatchNorm statistics refreshed on ``batches`` when a unit
     was removed), its ``int8`` layers quantized, timed against ``model`` in turns: the float graph, or with int8
     layers the graph ``export_onnx(activations="static")`` writes (calibrated on ``batches``). ``count``: its file
-    bytes and MACs measured too. ``timings``: :func:`~.latency.build_table`'s."""
+    bytes and MACs measured too. ``timings``: :func:`~.latency.build_table`'s. ``widths``: plans every layer's
+    width on the compacted float copy (:func:`~.latency_widths.plan_widths`); None when none fits, and then nothing
+    is timed and None returned."""
     masks = unit_masks(plan, problem.scores, problem.members)
     compacted = compact(model, masks, example).model if masks else copy.deepcopy(model)
     if masks and batches and forward is not None:
         refresh_batchnorm(compacted, batches, forward)
     compacted.eval()
-    note = ""
-    if int8:
+    note, chosen = "", None
+    if widths is not None:
+        chosen = widths(compacted, int8)
+        if chosen is None:
+            return None
+        apply_widths(compacted, chosen)
+    else:
         quantize_int8(compacted, int8)
+    if int8 or (chosen is not None and carried(compacted) is not None):
         graph, report = onnx_graph(compacted, calibration_inputs(batches))
         carry_input_ranges(compacted, report)  # its export and its metric read uint8 inputs, as timed
         ratio, _, seconds = graph_ratio(model, graph, shape, threads, timings=timings)
@@ -153,8 +164,9 @@ def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandi
                 "of argmaxes")
     else:
         ratio, _, seconds = measured_ratio(model, compacted, shape, threads, timings=timings)
+    loss = problem.loss(plan, int8) if chosen is None else problem.loss(plan) + chosen.loss
     delivered = Delivered(plan, compacted, ratio, problem.predict(plan, int8) / problem.table.dense, seconds,
-                          int8=int8, loss=problem.loss(plan, int8))
+                          int8=int8, loss=loss, widths={} if chosen is None else chosen.labels())
     if count and forward is not None:
         delivered.file_bytes, delivered.macs = delivered_bytes(compacted), model_macs(compacted, batches[0], forward)
         note += f"; file {delivered.file_bytes} bytes, {delivered.macs} MACs per example"

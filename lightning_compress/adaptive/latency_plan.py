@@ -105,6 +105,11 @@ class LatencyProblem:
         macs = self.costs.dense_macs + sum(layers[n].macs(*sizes[n]) - layers[n].macs(*full[n]) for n in layers)
         return seconds, float(nbytes), float(macs)
 
+    def over(self, plan: Mapping[str, UnitCandidate], int8: Collection[str], targets: Targets) -> float:
+        """How far ``plan`` with ``int8`` layers is predicted over ``targets``: the summed relative excess (0 when
+        within every one)."""
+        return _excess(self.resources(plan, int8), targets)
+
     def solve(self, target: float) -> dict[str, UnitCandidate]:
         """Units only, float: the first plan predicted within ``target`` seconds, else the sparsest."""
         return self.solve_joint((target, None, None), int8_allowed=False)[0]
