@@ -152,7 +152,10 @@ def clearly_lower(incumbent: Tensor, challenger: Tensor) -> bool:
     samples, by more than their noise: the mean paired difference below zero by more than one standard error
     (:data:`ONE_SE`), with :class:`~lightning_compress.core.sequential.PairedDifference`'s variance floor (as if one
     sample more had moved each way by the largest difference seen). No finite-population correction: the samples
-    stand for the data the model will see, not for a set measured in full."""
+    stand for the data the model will see, not for a set measured in full. A NaN / inf value counts as the worst:
+    a finite ``challenger`` is lower than an ``incumbent`` holding one, a ``challenger`` holding one never is."""
+    if not bool(torch.isfinite(challenger).all()) or not bool(torch.isfinite(incumbent).all()):
+        return bool(torch.isfinite(challenger).all())
     differences = (challenger.double() - incumbent.double()).reshape(-1)
     if differences.numel() == 0:
         return False

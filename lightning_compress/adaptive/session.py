@@ -17,7 +17,8 @@ the measurement overrides it only where it shows a real difference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,10 +186,12 @@ class Session:
             own = self._judged(problem, delivered, "the plan")
             if rivals is None:  # measured once: the uniform configurations do not change with the corrections
                 rivals = self._rivals(problem, header, delivered.plan)
-            chosen = self._best(delivered, own, rivals)
+            chosen, finite = self._best(delivered, own, rivals)
             verdict = self.gate.judge(self.before, chosen.metric)
             self.steps.append(self._describe(chosen, verdict.drop))
-            if verdict.accepted:
+            if not finite:  # NaN / inf outputs (an overflowing narrow layer): refused like a failed bound
+                self.steps.append("its measure is not finite (NaN / inf per-sample values): not delivered")
+            elif verdict.accepted:
                 return chosen
             if round_ < corrections:
                 self.correct(problem, delivered.plan)
@@ -237,15 +240,12 @@ class Session:
         self.record(rival, what)
         return self._judged(problem, rival, what)
 
-    def _best(self, delivered: Delivered, own: Rival | None, rivals: list[Rival]) -> Delivered:
-        """The plan, or a rival measured better by more than the noise (:func:`_beats`), taken in the order of their
-        predicted loss, each against the one kept so far; the model holds the one returned."""
+    def _best(self, delivered: Delivered, own: Rival | None, rivals: list[Rival]) -> tuple[Delivered, bool]:
+        """The plan, or a rival measured better by more than the noise (:func:`choose`); the model holds the one
+        returned; and whether its measure is finite (nothing measured: True)."""
         if own is None:
-            return delivered
-        best = own
-        for rival in sorted(rivals, key=lambda r: r.predicted):  # within the noise the lower predicted stays
-            if _beats(rival, best):
-                best = rival
+            return delivered, True
+        best = choose(own, rivals)
         if rivals:
             what = "the metric's drop" if self.metric_fn is not None else getattr(self.proxy, "describes", "?")
             shown = "; ".join(f"{r.what} {r.loss:.4g}" for r in rivals)
@@ -254,7 +254,7 @@ class Session:
                 "sample, is lower by more than one standard error)"
             self.steps.append(f"compared on {what}: the plan {own.loss:.4g}; {shown}; delivered: {best.what}{rule}")
         self.write(best.delivered.plan)  # also where every rival was over the caps: each was written to measure it
-        return best.delivered
+        return best.delivered, _finite(best)
 
     def _describe(self, delivered: Delivered, drop_: float | None) -> str:
         parts = [f"plan: {sum(c.bits != FLOAT_BITS for c in delivered.plan.values())} layers quantized"]
@@ -319,10 +319,27 @@ class Session:
         return problem.scaled(above)
 
 
+def choose(own: Rival, rivals: Sequence[Rival]) -> Rival:
+    """The plan (``own``), or a rival that :func:`_beats` it: the rivals taken in the order of their predicted loss,
+    each against the one kept so far (within the noise the lower predicted stays)."""
+    best = own
+    for rival in sorted(rivals, key=lambda r: r.predicted):
+        if _beats(rival, best):
+            best = rival
+    return best
+
+
+def _finite(rival: Rival) -> bool:
+    return math.isfinite(rival.loss) and (rival.samples is None or bool(torch.isfinite(rival.samples).all()))
+
+
 def _beats(rival: Rival, kept: Rival) -> bool:
     """Whether ``rival`` measured better than ``kept``: lower on the measure and, where both have the proxy's
     per-sample values, lower on them by more than their noise (:func:`.rivals.clearly_lower`); without them (no
-    proxy), lower as measured."""
+    proxy), lower as measured. A measure holding NaN / inf counts as the worst: a finite rival beats such a ``kept``,
+    such a rival never wins."""
+    if not _finite(rival) or not _finite(kept):
+        return _finite(rival)
     if rival.loss >= kept.loss:
         return False
     return rival.samples is None or kept.samples is None or clearly_lower(kept.samples, rival.samples)

@@ -5,6 +5,7 @@ of the plan and them, within the budget, with the evaluations counted."""
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -111,6 +112,23 @@ def test_clearly_lower_needs_more_than_one_standard_error(n: int, lower: int, hi
     challenger = torch.cat([-torch.ones(lower), torch.ones(higher), torch.zeros(n - lower - higher)])
     assert clearly_lower(incumbent, challenger) is expected
     assert not clearly_lower(challenger, incumbent) or not expected  # never both ways
+
+
+def _holding(bad: float, count: int, n: int = 256) -> Tensor:
+    values = torch.ones(n)
+    values[:count] = bad
+    return values
+
+
+@pytest.mark.parametrize(("incumbent", "challenger", "expected"), [
+    (_holding(math.nan, 10), torch.full((256,), 0.5), True),  # the incumbent's NaN: a finite challenger is lower
+    (_holding(math.inf, 3), torch.full((256,), 2.0), True),  # even where its finite values are higher
+    (torch.ones(256), _holding(math.nan, 10) - 0.9, False),  # a challenger holding NaN never is
+    (torch.ones(256), _holding(-math.inf, 1), False),
+    (_holding(math.nan, 1), _holding(math.inf, 1), False),
+], ids=["incumbent NaN", "incumbent inf", "challenger NaN", "challenger -inf", "both"])
+def test_a_non_finite_value_counts_as_the_worst(incumbent: Tensor, challenger: Tensor, expected: bool) -> None:
+    assert clearly_lower(incumbent, challenger) is expected
 
 
 def test_per_sample_values_average_to_the_measure(digits: Digits) -> None:

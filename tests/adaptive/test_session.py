@@ -6,6 +6,7 @@ predicted loss (the old rule took any rival a sample ahead). An all-float plan i
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -102,13 +103,57 @@ def test_a_rival_replaces_the_plan_only_beyond_the_noise(case: str) -> None:
     rivals = [Rival(loss, Delivered(plans[i + 1], None, 0), f"r{i}", predicted, values)
               for i, (loss, predicted, values) in enumerate(rivals_given)]
 
-    chosen = session._best(own.delivered, own, rivals)
+    chosen, finite = session._best(own.delivered, own, rivals)
 
-    assert chosen is next(r.delivered for r in [own, *rivals] if r.what == expected)
+    assert finite and chosen is next(r.delivered for r in [own, *rivals] if r.what == expected)
     assert session.steps[-1].endswith(f"delivered: {expected}")
     alone = copy.deepcopy(session)
     alone.write(chosen.plan)  # the model holds the plan returned
     assert all(torch.equal(session.weights[n], alone.weights[n]) for n in session.layers)
+
+
+def _with(n: int, bad: float, count: int, shift: float = 0.0) -> Tensor:
+    """``n`` per-sample values at 1 + ``shift``, the first ``count`` of them ``bad`` (NaN / inf)."""
+    values = torch.full((n,), 1.0 + shift)
+    values[:count] = bad
+    return values
+
+
+NON_FINITE = {  # (the plan's values, the rival's, the one delivered): review 10 H
+    "the plan's values hold NaN": (_with(256, math.nan, 10), _with(256, 0.0, 0, -0.5), "r0"),
+    "the plan's values hold inf": (_with(256, math.inf, 3), _with(256, 0.0, 0, -0.5), "r0"),
+    "the rival's values hold NaN": (_with(256, 0.0, 0), _with(256, math.nan, 10, -0.9), "the plan"),
+    "the rival's values hold -inf": (_with(256, 0.0, 0), _with(256, -math.inf, 1), "the plan"),
+}
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+def test_a_non_finite_measure_counts_as_the_worst(case: str) -> None:
+    mine, theirs, expected = NON_FINITE[case]
+    plan, other = Delivered({}, None, 0), Delivered({}, None, 0)
+    own = Rival(float(mine.mean()), plan, "the plan", 0.0, mine)
+    rival = Rival(float(theirs.mean()), other, "r0", 1.0, theirs)
+    assert session_module.choose(own, [rival]).what == expected
+
+
+def test_a_plan_whose_measure_is_not_finite_is_not_delivered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every plan's proxy NaN (an overflowing narrow layer's outputs): the old code delivered the plan."""
+    session, candidates = _session()
+    session.rivals = 1
+
+    class NaNs:
+        describes = "a stand-in proxy"
+
+        def samples(self, model: torch.nn.Module) -> Tensor:
+            return torch.full((16,), math.nan)
+
+    session.proxy = NaNs()  # type: ignore[assignment]
+    problem = Scripted(candidates, 0, 0, size_cap=10**6, macs_cap=None)
+    problem.script = [_uniform(candidates, 8)]
+    monkeypatch.setattr(session_module, "file_bytes", lambda _: 900)
+
+    assert session.verified(problem, header=0, corrections=0) is None
+    assert any("not finite" in step for step in session.steps)
 
 
 def test_the_model_holds_the_plan_where_every_rival_was_over_the_caps(monkeypatch: pytest.MonkeyPatch) -> None:
