@@ -32,6 +32,11 @@ SHAPE = (256, 1, 8, 8)  # large enough a batch that ORT's per-run overhead does 
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, Any]:
+    return trained_cnn()
+
+
+def trained_cnn() -> dict[str, Any]:
+    """The digits CNN (8 epochs), its calibration batches and a validation split."""
     images, labels = load_digits_arrays()
     x, y = torch.from_numpy(images).reshape(-1, 1, 8, 8).float(), torch.from_numpy(labels)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))

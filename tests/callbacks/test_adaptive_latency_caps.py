@@ -8,23 +8,27 @@ tests of the latency path: real timings on a loaded 2-core box move the plan; no
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_compress import AdaptiveCompression, Budget, load_compressed, load_quantized
 from lightning_compress.adaptive import latency_caps
 from lightning_compress.adaptive.caps import Caps
-from lightning_compress.adaptive.costs import model_macs
+from lightning_compress.adaptive.costs import file_bytes, model_macs
+from lightning_compress.adaptive.int8_latency import quantize_int8
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks import adaptive_latency, adaptive_plan
 from lightning_compress.core.accounting import state_bytes
-from lightning_compress.quantization.carried import carried
+from lightning_compress.quantization.carried import carried, forget
 from tests.adaptive.ddp_latency_gate import stand_in_timings
 from tests.adaptive.test_in_fit_units import LATENCY, SHAPE, _fit, _model, _test_accuracy, two_ranks
 
+NARROWER = 0.15  # below the file of the compacted model with every layer int8 (with the fit below)
 SIZE = 0.1  # of the dense model's fp32 tensors: below what the compacted float model is, so widths must be planned
 
 
@@ -103,6 +107,35 @@ def test_latency_left_after_the_units_is_met_with_int8(tmp_path: Path, monkeypat
     assert record is not None and record.codes and record.activations  # int8 codes and the ranges timed with
     assert all(q.spec.bits == 8 for q in record.codes.values())
     _check_delivered(callback, model, dense, size=0.2)
+
+
+def test_latency_left_and_a_size_int8_cannot_meet_end_with_int8_and_narrower_layers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, with a size below what the compacted model's int8 file needs: the fit's int8 step reaches the same
+    compress() path, whose plan puts the bytes left to narrower widths (adaptive/latency_widths.py); every cap holds
+    on the delivered model, the file loads back."""
+    stand_in_timings(monkeypatch)
+    real = latency_caps.next_budget
+
+    def over(budget: Budget, caps: Caps, ratio: float, macs: int | None) -> tuple[Budget, str]:
+        return real(budget, caps, max(ratio, LATENCY * 1.2), macs)
+
+    monkeypatch.setattr(adaptive_latency, "next_budget", over)
+    callback = _callback(budget=Budget(latency=LATENCY, latency_input=SHAPE, size=NARROWER, macs=0.6))
+    model, dense = _fit(callback, tmp_path)
+    entry = callback.report.gate["adaptive"]
+    assert entry["then"] == "int8"
+    every_int8 = copy.deepcopy(model)  # the premise: the compacted float model with every layer int8 is over
+    forget(every_int8)
+    every_int8.load_state_dict(callback.float_copy.state)
+    quantize_int8(every_int8, [n for n, m in every_int8.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
+    assert file_bytes(every_int8) > int(NARROWER * _dense_bytes())
+    record = carried(model)
+    assert record is not None and record.activations  # the ranges timed with
+    bits = {q.spec.bits for q in record.codes.values()}
+    assert 8 in bits and min(bits) < 8, bits  # int8 layers and narrower ones in one plan
+    assert min(row["bits"] for row in entry["plan"]) == min(bits)  # the plan reported names the narrower width
+    _check_delivered(callback, model, dense, size=NARROWER)
 
 
 def test_next_budget_passes_the_caps_on_and_leaves_the_latency_relative_to_the_compacted_model() -> None:
