@@ -190,7 +190,7 @@ class AdaptiveCompression(GradientStabilityPruning):
                                                 f"`budget`={budget!r}")
         self.caps = budget_caps(pl_module, self.budget, *self._example(trainer, pl_module),
                                 estimate=self.budget.latency is None,  # compaction would shrink what it prices
-                                prunable=self.layers.names)  # the layers the fit prunes; the others stay dense
+                                prunable=self.layers.names, units_shape=self._latency_shape)  # latency: units
         if self.caps.cheapest is not None and self.caps.size_cap is not None and \
                 self.caps.size_cap < self.caps.cheapest:
             rank_zero_warn(f"AdaptiveCompression: `budget` size={self.budget.size!r} ({self.caps.size_cap} bytes) is "

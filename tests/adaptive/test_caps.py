@@ -88,3 +88,23 @@ def test_a_layer_outside_prunable_counts_dense_in_the_macs_floor() -> None:
     # the estimate prices the untracked layer dense too: larger than with every layer pruned
     assert budget_caps(_mlp(), Budget(size=0.5), estimate=True, prunable=["2", "4"]).cheapest > \
         budget_caps(_mlp(), Budget(size=0.5), estimate=True).cheapest  # type: ignore[operator]
+
+
+def _wide_output() -> nn.Sequential:
+    """Most MACs in the output layer, which loses no unit: whole units reach far less than 90 % sparsity does."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 256))
+
+
+def test_a_latency_fit_prices_the_macs_floor_on_whole_units() -> None:
+    """The fit removes whole units only (the hidden layer down to its fewest kept, 8 of 32; the output layer loses
+    its input columns): 64 * 8 + 8 * 256 MACs. The unstructured floor alone accepted a cap below that (review 10 G),
+    which then failed only after the whole fit."""
+    budget = Budget(latency=0.6, latency_input=(4, 64), macs=0.2)
+    dense = 64 * 32 + 32 * 256
+    assert budget_caps(_wide_output(), budget, BATCH, _forward).macs_cap == math.floor(0.2 * dense)  # no units
+    with pytest.raises(ValueError, match=rf"macs=0.2 \({math.floor(0.2 * dense)} MACs per example\) is below what "
+                                         rf"this fit can reach.*latency=0.6: {64 * 8 + 8 * 256} MACs"):
+        budget_caps(_wide_output(), budget, BATCH, _forward, units_shape=(4, 64))
+    wider = Budget(latency=0.6, latency_input=(4, 64), macs=0.3)  # above the units' floor: accepted
+    assert budget_caps(_wide_output(), wider, BATCH, _forward, units_shape=(4, 64)).macs_cap == math.floor(0.3 * dense)

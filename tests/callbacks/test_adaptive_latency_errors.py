@@ -21,6 +21,7 @@ from lightning_compress.adaptive.latency_budget import LatencyBudgetError
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks import adaptive_latency
 from lightning_compress.demos.data import DigitsDataModule
+from lightning_compress.demos.models import MLPClassifier
 from lightning_compress.quantization.carried import carried
 from tests.adaptive.ddp_latency_gate import stand_in_seconds, stand_in_timings
 from tests.adaptive.test_in_fit_units import LATENCY, SHAPE, _model
@@ -105,3 +106,19 @@ def test_a_macs_cap_the_units_did_not_reach_ends_with_a_budget_error(tmp_path: P
     assert callback.caps is not None and callback.caps.macs_cap is not None
     assert error.smallest is not None and error.smallest[1] > callback.caps.macs_cap  # the nearest: as counted
     _refused_with_floats(callback, model, tmp_path, type(error).__name__)
+
+
+def test_a_macs_cap_below_what_whole_units_reach_is_refused_before_any_step(tmp_path: Path) -> None:
+    """A latency fit removes whole units only: with most MACs in the output layer (no unit of it goes), a cap above
+    the unstructured floor but below the units' one used to pass setup and fail after the whole fit."""
+    model = MLPClassifier(input_size=64, hidden=[32], num_classes=256)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = AdaptiveCompression(budget=Budget(latency=0.6, latency_input=(256, 64), macs=0.2), start_step=5,
+                                   end_step=10, frequency=5)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         num_sanity_val_steps=0, callbacks=[callback])
+    with pytest.raises(ValueError, match=r"macs=0\.2 .* is below what this fit can reach.*fewest kept"):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
