@@ -8,7 +8,8 @@ DENSE model (the graph the fit kept when it timed the table), not the compacted 
 - the compacted model measured within the latency (and its MACs within their cap): the widths are planned for the
   size / MACs caps as a budget without latency plans them (``compress(search="bits")``, bits per layer); the
   delivered model is timed again as the graph ``export_onnx(model)`` writes for those codes (:func:`served_graph`:
-  weight-only, which can be slower than the float graph), and refused when that misses the latency;
+  weight-only, which can be slower than the float graph); where that misses the latency, the floats go back and
+  the int8 path below plans instead (its graph is the static one it timed);
 - otherwise int8 where it pays: ``compress()``'s latency path on the compacted model, int8 only (no further units:
   the fit's model keeps its structure), for the latency left, ``latency / measured`` of the compacted model, under
   the same caps (:func:`next_budget`); its timings are rank zero's on every rank (:func:`shared_timings`), so every
@@ -43,19 +44,21 @@ from lightning_compress.serving.onnx import export_onnx
 LEFT_MAX = 0.99  # a Budget's latency is a fraction below 1: the latency left when the units met it already
 
 
-def next_budget(budget: Budget, caps: Caps, ratio: float, macs: int | None) -> tuple[Budget, str]:
+def next_budget(budget: Budget, caps: Caps, ratio: float, macs: int | None, widths: bool = True
+                ) -> tuple[Budget, str]:
     """What the end of the fit plans on the compacted model, measured at ``ratio`` of the dense latency with
     ``macs`` per example (None: no MACs cap): ``"widths"`` (a size / MACs budget in absolute bytes / MACs, the
     latency met) or ``"int8"`` (the latency left relative to the compacted model, with the same caps). MACs still
     over their cap are refused here (:class:`~.session.BudgetError` naming them): int8 lowers no MAC and this end
-    of the fit removes no unit."""
+    of the fit removes no unit. ``widths`` False: ``"int8"`` even where the latency is met (the widths' graph, as
+    ``export_onnx`` writes it, measured over it)."""
     assert budget.latency is not None
     if caps.macs_cap is not None and macs is not None and macs > caps.macs_cap:
         raise BudgetError(f"`budget` macs={budget.macs!r} ({caps.macs_cap} per example): the model compacted for the "
                           f"latency counts {macs} MACs per example, and what is left after the units (int8, widths) "
                           f"lowers no MAC; the nearest budget: macs={macs} per example; allowed: at least that, or "
                           f"a smaller latency budget (more units removed)", (None, macs))
-    if ratio <= budget.latency:
+    if widths and ratio <= budget.latency:
         return Budget(size=caps.size_cap, macs=caps.macs_cap), "widths"
     left = min(LEFT_MAX, budget.latency / ratio)
     return Budget(size=caps.size_cap, macs=caps.macs_cap, latency=left, latency_input=budget.latency_input,

@@ -74,7 +74,8 @@ def _with_caps(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl
                ) -> CompressionResult:
     """The compacted model timed against the dense one (not refused yet: int8 may close the gap), then the widths
     (latency met) or int8 (latency left) planned by ``compress()`` under the caps, then the delivered model timed
-    against the dense one for real; the report's entry says what each step measured."""
+    against the dense one for real, as ``export_onnx`` writes it (widths whose graph is over the latency: the int8
+    path instead); the report's entry says what each step measured."""
     run, caps, budget = callback.run, callback.caps, callback.budget
     assert isinstance(run, LatencyRun) and run.planner is not None and caps is not None and budget.latency is not None
     planner = run.planner
@@ -86,13 +87,21 @@ def _with_caps(callback: AdaptiveCompression, trainer: pl.Trainer, pl_module: pl
     step, how = next_budget(budget, caps, units, macs)
     planner.steps.append(f"then {how}: compress() on the compacted model with {step!r}")
     rank_zero_info(f"AdaptiveCompression: the compacted model measured {units:.3f}x of dense; {how} for {step!r}")
+    def served(model: Any) -> bytes:  # the graph export_onnx(model) writes, timed for real (rank zero)
+        return served_graph(model, planner.shape, batches)
+
     if how == "widths":
         result = callback._compress(trainer, pl_module, budget=step)  # the caps alone: the latency is met
-        callback._report_plan(trainer, pl_module, result)
-    else:
+        try:
+            result.latency = verify(planner, pl_module, run.broadcast, what="delivered", serve=served)
+            callback._report_plan(trainer, pl_module, result)
+        except LatencyBudgetError:  # the widths' weight-only graph is over the latency: floats back, int8 path
+            adaptive_plan.back_to_floats(pl_module, callback.float_copy.state)
+            step, how = next_budget(budget, caps, units, macs, widths=False)
+            planner.steps.append(f"then {how}: the widths' graph is over the latency; compress() with {step!r}")
+    if how == "int8":
         result = _int8(callback, trainer, pl_module, step, batches)
-    result.latency = verify(planner, pl_module, run.broadcast, what="delivered",  # for real, as served (rank zero)
-                            serve=lambda model: served_graph(model, planner.shape, batches))
+        result.latency = verify(planner, pl_module, run.broadcast, what="delivered", serve=served)
     result.budget_latency = budget.latency
     adaptive_plan.take_rank_zeros(trainer, pl_module, result)
     entry.update(budget={"latency": budget.latency, "latency_input": list(planner.shape), "threads": planner.threads,

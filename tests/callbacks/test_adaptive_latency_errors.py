@@ -1,8 +1,9 @@
 """Review 10 of ``AdaptiveCompression``'s latency + caps end (callbacks/adaptive_latency.py), in small digits fits with
 stand-in timings (``stand_in_timings``; no speed is asserted): the delivered model is timed as the graph
-``export_onnx(model)`` writes for it and refused when that graph misses the latency; any error after the units (not
-only a refusal) leaves a FAILED report and the compacted floats, no codes carried; a latency + MACs budget whose
-only miss after the units is MACs ends with a BudgetError, not a ZeroDivisionError."""
+``export_onnx(model)`` writes for it, and widths whose graph misses the latency go to the int8 path (refused when that
+cannot hold either); any error after the units (not only a refusal) leaves a FAILED report and the compacted
+floats, no codes carried; a latency + MACs budget whose only miss after the units is MACs ends with a BudgetError,
+not a ZeroDivisionError, and one below what whole units can reach is refused in setup."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import onnx
 import pytest
 import torch
 
-from lightning_compress import AdaptiveCompression, Budget
+from lightning_compress import AdaptiveCompression, Budget, export_onnx
 from lightning_compress.adaptive import in_fit_units, latency
-from lightning_compress.adaptive.latency_budget import LatencyBudgetError
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.callbacks import adaptive_latency
 from lightning_compress.demos.data import DigitsDataModule
@@ -44,11 +44,14 @@ def _refused(callback: AdaptiveCompression, root: Path, error: type[Exception], 
     """The fit of ``_model()`` (as ``_fit`` runs it) ending with ``error``: the model and the error."""
     model = _model()
     with pytest.raises(error, match=match) as info:
-        pl.Trainer(max_epochs=10, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
-                   enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(root),
-                   num_sanity_val_steps=0, deterministic=True, callbacks=[callback]
-                   ).fit(model, datamodule=DigitsDataModule())
+        _trainer(callback, root).fit(model, datamodule=DigitsDataModule())
     return model, info.value
+
+
+def _trainer(callback: AdaptiveCompression, root: Path, epochs: int = 10) -> pl.Trainer:
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(root),
+                      num_sanity_val_steps=0, deterministic=True, callbacks=[callback])
 
 
 def _refused_with_floats(callback: AdaptiveCompression, model: torch.nn.Module, root: Path, error: str) -> None:
@@ -60,23 +63,43 @@ def _refused_with_floats(callback: AdaptiveCompression, model: torch.nn.Module, 
     assert not list(root.rglob("*.safetensors"))
 
 
-def test_a_widths_plan_whose_exported_graph_misses_the_latency_is_refused(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The weight-only graph ``export_onnx`` writes for a widths plan (``DynamicQuantizeLinear`` / ``ConvInteger``)
-    stood in as four times the slowest graph timed beside it: the fit used to time the float graph and deliver."""
+def _slow_dynamic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-in timings where the weight-only graph ``export_onnx`` writes for a widths plan
+    (``DynamicQuantizeLinear`` / ``ConvInteger`` / ``MatMulNBits``) takes four times the slowest graph timed beside it
+    (on this box's ORT it measured several times the dense latency)."""
 
-    def slow_dynamic(graphs: Mapping[str, bytes], shapes: Mapping[str, Any], threads: int,
-                     **kwargs: Any) -> dict[str, float]:
+    def timings(graphs: Mapping[str, bytes], shapes: Mapping[str, Any], threads: int,
+                **kwargs: Any) -> dict[str, float]:
         seconds = stand_in_seconds(graphs, shapes, threads, **kwargs)
         slowest = max(seconds.values())
         return {k: 4 * slowest if WEIGHT_ONLY & _ops(graphs[k]) else s for k, s in seconds.items()}
 
     stand_in_timings(monkeypatch)
     for module in (latency, in_fit_units):
-        monkeypatch.setattr(module, "measure", slow_dynamic)
-    callback = _callback()
-    model, error = _refused(callback, tmp_path, LatencyBudgetError, r"cannot hold.*delivered measured 4\.000x")
-    assert error.smallest_latency > LATENCY  # the nearest budget: what the served graph measured
+        monkeypatch.setattr(module, "measure", timings)
+
+
+def test_widths_whose_exported_graph_misses_the_latency_go_to_the_int8_path(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fit used to time the float graph and deliver the widths as within the latency."""
+    _slow_dynamic(monkeypatch)
+    callback = _callback(Budget(latency=LATENCY, latency_input=SHAPE, size=0.2, macs=0.6))
+    model = _model()
+    _trainer(callback, tmp_path).fit(model, datamodule=DigitsDataModule())
+    entry = callback.report.gate["adaptive"]
+    steps = entry["verification_steps"]
+    assert any(s.startswith("then widths") for s in steps) and any("widths' graph is over" in s for s in steps)
+    assert entry["then"] == "int8" and entry["delivered"]["latency"] <= LATENCY
+    export_onnx(model, tmp_path / "served.onnx", torch.randn(2, 64))  # what the user serves: the graph timed
+    assert not WEIGHT_ONLY & _ops((tmp_path / "served.onnx").read_bytes())
+
+
+def test_widths_over_the_latency_and_an_int8_path_over_the_size_are_refused(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_dynamic(monkeypatch)
+    callback = _callback()  # size=0.1: the int8 path cannot reach it
+    model, _ = _refused(callback, tmp_path, BudgetError, r"cannot hold.*delivered measured 4\.000x.*widths' graph is "
+                        r"over the latency")
     _refused_with_floats(callback, model, tmp_path, "LatencyBudgetError")
 
 
@@ -115,9 +138,7 @@ def test_a_macs_cap_below_what_whole_units_reach_is_refused_before_any_step(tmp_
     before = {k: v.clone() for k, v in model.state_dict().items()}
     callback = AdaptiveCompression(budget=Budget(latency=0.6, latency_input=(256, 64), macs=0.2), start_step=5,
                                    end_step=10, frequency=5)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                         num_sanity_val_steps=0, callbacks=[callback])
+    trainer = _trainer(callback, tmp_path, epochs=1)
     with pytest.raises(ValueError, match=r"macs=0\.2 .* is below what this fit can reach.*fewest kept"):
         trainer.fit(model, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
