@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import time
 import warnings
@@ -48,6 +49,8 @@ from lightning_compress.serving._runtime import require_onnx, session
 
 ROUNDS = 9  # timed runs per graph (the median is kept); each round runs every graph once, in turn
 WARMUP = 2  # untimed runs per graph first (ORT allocates its buffers on the first runs)
+SESSION_BYTES = 2**30  # what the sessions timed in turn may hold at once (their inputs times BUFFERS), about
+BUFFERS = 3  # an input, an output and one intermediate buffer per session
 TABLE_ROUNDS = 5  # per-layer graphs are many and small: fewer rounds
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Timings = Callable[..., dict[str, float]]  # measure()'s signature: (graphs, shapes, threads, rounds=, warmup=)
@@ -75,23 +78,44 @@ def _clock(threads: int) -> Callable[[], float]:
 
 def measure(graphs: Mapping[str, bytes], shapes: Mapping[str, Sequence[int]], threads: int, rounds: int = ROUNDS,
             warmup: int = WARMUP) -> dict[str, float]:
-    """Median seconds per run of each graph (its input of ``shapes[name]``), the graphs run in alternation."""
+    """Median seconds per run of each graph (its input of ``shapes[name]``), the graphs run in alternation. A
+    session keeps its buffers while it lives, so the graphs are timed in turns by groups whose inputs, counted
+    :data:`BUFFERS` times, stay within :data:`SESSION_BYTES` (a wide model's table has hundreds of graphs); each
+    group's sessions are released before the next group's are made."""
     _, ort = require_onnx()
-    runs = {}
-    for name, graph in graphs.items():
-        sess = session(graph, ort, threads=threads)
-        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(tuple(shapes[name]),
-                                                                                    dtype=np.float32)}
-        runs[name] = (sess, feed)
-    clock = _clock(threads)
-    samples: dict[str, list[float]] = {name: [] for name in graphs}
-    for round_ in range(warmup + rounds):
-        for name, (sess, feed) in runs.items():
-            start = clock()
-            sess.run(None, feed)
-            if round_ >= warmup:
-                samples[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    clock, seconds = _clock(threads), {}
+    for group in _groups(shapes, list(graphs)):
+        runs = {}
+        for name in group:
+            sess = session(graphs[name], ort, threads=threads)
+            feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(tuple(shapes[name]),
+                                                                                        dtype=np.float32)}
+            runs[name] = (sess, feed)
+        samples: dict[str, list[float]] = {name: [] for name in group}
+        for round_ in range(warmup + rounds):
+            for name, (sess, feed) in runs.items():
+                start = clock()
+                sess.run(None, feed)
+                if round_ >= warmup:
+                    samples[name].append(clock() - start)
+        seconds.update({name: statistics.median(values) for name, values in samples.items()})
+        del runs  # this group's sessions and their buffers go before the next group's are made
+    return seconds
+
+
+def _groups(shapes: Mapping[str, Sequence[int]], names: list[str]) -> list[list[str]]:
+    """``names`` in order, cut into groups whose float32 inputs, :data:`BUFFERS` times each, fit
+    :data:`SESSION_BYTES` (a graph larger than that alone is a group of its own)."""
+    groups: list[list[str]] = [[]]
+    held = 0
+    for name in names:
+        need = BUFFERS * 4 * math.prod(shapes[name])
+        if groups[-1] and held + need > SESSION_BYTES:
+            groups.append([])
+            held = 0
+        groups[-1].append(name)
+        held += need
+    return [group for group in groups if group]
 
 
 def layer_inputs(model: nn.Module, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:

@@ -77,3 +77,37 @@ def test_build_table_times_every_row_at_int8_too() -> None:
     assert frozenset({"0", "2", "5"}) in table.int8_models  # the dense model with every int8 layer, timed whole
     faster = {n for n in table.int8 if table.int8[n][table.full[n]] < table.times[n][table.full[n]]}
     assert set(table.int8_models) == {s for s in (frozenset({"0", "2", "5"}), frozenset(faster)) if s}
+
+
+def test_measure_holds_only_one_group_of_sessions_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session keeps its buffers while it lives: the graphs are timed in groups within SESSION_BYTES, each group's
+    sessions gone before the next group's are made, and every graph is still timed."""
+    import gc
+    import weakref
+
+    from lightning_compress.adaptive import latency
+
+    shape = (4, 16)
+    graph = latency.float_graph(nn.Linear(16, 16).eval(), shape)
+    per_graph = latency.BUFFERS * 4 * 4 * 16
+    monkeypatch.setattr(latency, "SESSION_BYTES", 3 * per_graph)  # three graphs per group
+    alive: list[weakref.ref[object]] = []
+    most = 0
+    real = latency.session
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal most
+        gc.collect()
+        live = [ref for ref in alive if ref() is not None]
+        made = real(*args, **kwargs)  # type: ignore[arg-type]
+        alive.append(weakref.ref(made))
+        most = max(most, len(live) + 1)
+        return made
+
+    monkeypatch.setattr(latency, "session", counted)
+    names = [f"g{i}" for i in range(7)]
+    seconds = latency.measure(dict.fromkeys(names, graph), dict.fromkeys(names, shape), threads=1, rounds=1, warmup=0)
+    assert set(seconds) == set(names) and all(value > 0 for value in seconds.values())
+    assert most == 3  # 7 graphs in groups of 3, 3, 1: never more than a group alive
+    assert latency._groups(dict.fromkeys(names, shape), names) == [names[:3], names[3:6], names[6:]]
+    assert latency._groups({"big": (1 << 30,)}, ["big"]) == [["big"]]  # larger than the cap: a group of its own
