@@ -122,11 +122,13 @@ def check_latency_model(model: nn.Module, shape: tuple[int, ...]) -> None:
 def within(model: nn.Module, problem: LatencyProblem, latency: float, example: Tensor, shape: tuple[int, ...],
            threads: int, steps: list[str], batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], *,
            caps: tuple[int | None, int | None] = (None, None), int8: bool = False, timings: Timings | None = None,
-           narrow: Narrow | None = None) -> tuple[Delivered | None, float | None]:
+           narrow: Narrow | None = None, also: list[Delivered] | None = None) -> tuple[Delivered | None, float | None]:
     """The delivered model measured within ``latency`` (a fraction of the dense latency) and ``caps`` (file bytes,
     MACs per example; None: no cap) with the smallest predicted loss, and the smallest fraction measured on the way
     (``steps`` says what was tried). ``int8``: layers may be chosen int8. ``timings``: what times the graphs
-    (:func:`~.latency.build_table`'s).
+    (:func:`~.latency.build_table`'s). ``narrow``: the widths of a plan for the bytes target (:func:`_measure`);
+    ``also``: receives the passing plan of the other kind (with widths / without) with the least predicted loss,
+    for the bound to judge when the best fails it (the Fisher prices narrow codes and removed units differently).
 
     The plan aims at :data:`AIM` of the latency (room for the timing's noise). Each measurement moves the latency
     target: scaled by budget / measured until one target's model was within the budget and another's over it, then
@@ -164,8 +166,10 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
                         steps, latency, timings, narrow)
         if len(tried) > before:
             steps.append(f"the sparsest plan: measured {last.ratio:.3f}x of dense")
-    passing = [d for d in tried.values() if d.fits(latency, caps)]
-    best = min(passing, key=lambda d: d.loss, default=None)
+    passing = sorted((d for d in tried.values() if d.fits(latency, caps)), key=lambda d: d.loss)
+    best = passing[0] if passing else None
+    if also is not None and best is not None:  # the best of the other kind: with narrower widths, or without
+        also.extend([d for d in passing if bool(d.widths) != bool(best.widths)][:1])
     return best, min((d.ratio for d in tried.values()), default=None)
 
 
@@ -264,8 +268,10 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
         if latency >= 1.0:
             break
         looser = tuple(None if c is None else int(c * factor) for c in caps)
+        other: list[Delivered] = []
         delivered, smallest = within(model, problem, latency, example, shape, threads, steps, batches, forward,
-                                     caps=(looser[0], looser[1]), int8=int8, timings=timings, narrow=narrow)
+                                     caps=(looser[0], looser[1]), int8=int8, timings=timings, narrow=narrow,
+                                     also=other)
         if delivered is None:
             if factor == 1.0:
                 raise LatencyBudgetError(
@@ -275,13 +281,20 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
                     f"{steps})", smallest)
             continue
         if metric_fn is not None:
-            with as_served(delivered.model):  # the bound is judged on what is timed: uint8 inputs where int8
-                delivered.metric = measure(metric_fn, delivered.model)
-            evaluations += 1
-            verdict = gate.judge(before, delivered.metric)
-            steps.append(f"metric {delivered.metric:.6g} (drop {verdict.drop})")
-            if not verdict.accepted:
+            accepted = None
+            for candidate in (delivered, *other):
+                with as_served(candidate.model):  # the bound is judged on what is timed: uint8 inputs where int8
+                    candidate.metric = measure(metric_fn, candidate.model)
+                evaluations += 1
+                verdict = gate.judge(before, candidate.metric)
+                steps.append(f"metric {candidate.metric:.6g} (drop {verdict.drop})" +
+                             (f" of the plan {'with' if candidate.widths else 'without'} widths" if other else ""))
+                if verdict.accepted:
+                    accepted = candidate
+                    break
+            if accepted is None:
                 continue
+            delivered = accepted
         if factor == 1.0:
             return delivered, problem, {"before": before, "evaluations": evaluations, "steps": steps, "caps": caps}
         passing = delivered
