@@ -181,8 +181,9 @@ def _measure(model: nn.Module, problem: LatencyProblem, targets: Targets, int8: 
     size cap, int8 allowed) and a plan that the bytes target cost something (predicted over it, or its units / int8
     differ from the plan for the seconds and MACs alone): the plan for the seconds and MACs alone with its widths
     chosen for the bytes target (:mod:`.latency_widths`) is delivered too, and returned where the plan is predicted
-    over the targets or the widths are predicted to cost no more loss; a plan predicted over them is also tried with
-    its own int8 layers narrowed (more layers on int8 operators can take narrower codes)."""
+    over the targets or the widths are predicted to cost no more loss (the plan, predicted within them, is then
+    delivered too, for the bound to judge if the widths fail it); a plan predicted over them is also tried with its
+    own int8 layers narrowed (more layers on int8 operators can take narrower codes)."""
     plan, layers = problem.solve_joint(targets, int8_allowed=int8)
     if narrow is not None and targets[1] is not None:
         fast, fast_int8 = problem.solve_joint((targets[0], None, targets[2]), int8_allowed=int8)
@@ -193,6 +194,9 @@ def _measure(model: nn.Module, problem: LatencyProblem, targets: Targets, int8: 
             mixed = _delivered(model, problem, units, int8_layers, tried, example, shape, threads, batches, forward,
                                count, steps, latency, timings, lambda copy, chosen: narrow(copy, chosen, size))
             if mixed is not None and (over > 0 or mixed.loss <= problem.loss(plan, layers)):
+                if over == 0:  # measured too: the bound may refuse the widths and take it (``within``'s ``also``)
+                    _delivered(model, problem, plan, layers, tried, example, shape, threads, batches, forward, count,
+                               steps, latency, timings)
                 return mixed
     found = _delivered(model, problem, plan, layers, tried, example, shape, threads, batches, forward, count, steps,
                        latency, timings)
