@@ -79,41 +79,57 @@ def _clock(threads: int) -> Callable[[], float]:
 def measure(graphs: Mapping[str, bytes], shapes: Mapping[str, Sequence[int]], threads: int, rounds: int = ROUNDS,
             warmup: int = WARMUP) -> dict[str, float]:
     """Median seconds per run of each graph (its input of ``shapes[name]``), the graphs run in alternation. A
-    session keeps its buffers while it lives, so the graphs are timed in turns by groups whose inputs, counted
-    :data:`BUFFERS` times, stay within :data:`SESSION_BYTES` (a wide model's table has hundreds of graphs); each
-    group's sessions are released before the next group's are made."""
+    session keeps its buffers while it lives, so a table of many graphs is timed in turns by groups whose inputs,
+    counted :data:`BUFFERS` times, stay within :data:`SESSION_BYTES`, each group's sessions released before the next
+    group's are made. A layer's rows (the names sharing the part before the first ``:``, e.g. its float and int8
+    rows) stay in one group, and the first graph is timed in every group: each later group's times are scaled by
+    what it measured there against the first group, so load that changed between groups does not move the rows
+    apart."""
     _, ort = require_onnx()
-    clock, seconds = _clock(threads), {}
-    for group in _groups(shapes, list(graphs)):
+    clock, seconds = _clock(threads), dict[str, float]()
+    groups = _groups(shapes, list(graphs))
+    reference = groups[0][0] if groups else ""
+    for index, group in enumerate(groups):
+        timed = group if index == 0 or reference in group else [reference, *group]
         runs = {}
-        for name in group:
+        for name in timed:
             sess = session(graphs[name], ort, threads=threads)
             feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(tuple(shapes[name]),
                                                                                         dtype=np.float32)}
             runs[name] = (sess, feed)
-        samples: dict[str, list[float]] = {name: [] for name in group}
+        del sess, feed  # only `runs` holds this group's sessions: they go before the next group's are made
+        samples: dict[str, list[float]] = {name: [] for name in timed}
         for round_ in range(warmup + rounds):
             for name, (sess, feed) in runs.items():
                 start = clock()
                 sess.run(None, feed)
                 if round_ >= warmup:
                     samples[name].append(clock() - start)
-        seconds.update({name: statistics.median(values) for name, values in samples.items()})
-        del runs  # this group's sessions and their buffers go before the next group's are made
+        del runs, sess, feed
+        medians = {name: statistics.median(values) for name, values in samples.items()}
+        scale = 1.0 if index == 0 else seconds[reference] / medians[reference]
+        seconds.update({name: value * scale for name, value in medians.items() if index == 0 or name != reference})
     return seconds
 
 
 def _groups(shapes: Mapping[str, Sequence[int]], names: list[str]) -> list[list[str]]:
     """``names`` in order, cut into groups whose float32 inputs, :data:`BUFFERS` times each, fit
-    :data:`SESSION_BYTES` (a graph larger than that alone is a group of its own)."""
+    :data:`SESSION_BYTES`, never between two names of one layer (the same part before the first ``:``); a layer
+    larger than that alone is a group of its own."""
+    layers: list[list[str]] = []
+    for name in names:
+        if layers and ":" in name and layers[-1][0].split(":")[0] == name.split(":")[0]:
+            layers[-1].append(name)
+        else:
+            layers.append([name])
     groups: list[list[str]] = [[]]
     held = 0
-    for name in names:
-        need = BUFFERS * 4 * math.prod(shapes[name])
+    for layer in layers:
+        need = sum(BUFFERS * 4 * math.prod(shapes[name]) for name in layer)
         if groups[-1] and held + need > SESSION_BYTES:
             groups.append([])
             held = 0
-        groups[-1].append(name)
+        groups[-1].extend(layer)
         held += need
     return [group for group in groups if group]
 

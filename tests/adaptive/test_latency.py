@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -81,7 +83,7 @@ def test_build_table_times_every_row_at_int8_too() -> None:
 
 def test_measure_holds_only_one_group_of_sessions_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """A session keeps its buffers while it lives: the graphs are timed in groups within SESSION_BYTES, each group's
-    sessions gone before the next group's are made, and every graph is still timed."""
+    sessions gone before the next group's are made (the first graph timed again in each), every graph timed."""
     import gc
     import weakref
 
@@ -108,6 +110,38 @@ def test_measure_holds_only_one_group_of_sessions_at_a_time(monkeypatch: pytest.
     names = [f"g{i}" for i in range(7)]
     seconds = latency.measure(dict.fromkeys(names, graph), dict.fromkeys(names, shape), threads=1, rounds=1, warmup=0)
     assert set(seconds) == set(names) and all(value > 0 for value in seconds.values())
-    assert most == 3  # 7 graphs in groups of 3, 3, 1: never more than a group alive
+    assert most == 4  # 7 graphs in groups of 3, 3, 1, the first graph timed again in each later one
     assert latency._groups(dict.fromkeys(names, shape), names) == [names[:3], names[3:6], names[6:]]
     assert latency._groups({"big": (1 << 30,)}, ["big"]) == [["big"]]  # larger than the cap: a group of its own
+    rows = ["a:1x1", "a:1x1:int8", "a:2x1", "b:1x1", "b:1x1:int8", "<model>"]  # a layer's rows stay together
+    assert latency._groups(dict.fromkeys(rows, shape), rows) == [rows[:3], rows[3:]]
+
+
+def test_load_that_changes_between_groups_is_scaled_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-in sessions of equal cost, the machine 1.5x slower from the second group on: scaled by the first graph
+    timed in both groups, every graph reads alike."""
+    import time
+
+    from lightning_compress.adaptive import latency
+
+    made = 0
+
+    class Slow:
+        def __init__(self) -> None:
+            nonlocal made
+            made += 1
+            self.load = 1.0 if made <= 2 else 1.5  # the first group's two sessions, then a loaded machine
+
+        def get_inputs(self) -> list[Any]:
+            return [type("Input", (), {"name": "x"})()]
+
+        def run(self, _: Any, feed: Any) -> None:
+            end = time.thread_time() + 0.004 * self.load
+            while time.thread_time() < end:
+                pass
+
+    monkeypatch.setattr(latency, "session", lambda *args, **kwargs: Slow())
+    monkeypatch.setattr(latency, "SESSION_BYTES", 2 * latency.BUFFERS * 4 * 4)
+    names = ["a", "b", "c", "d"]
+    seconds = latency.measure(dict.fromkeys(names, b""), dict.fromkeys(names, (4,)), threads=1, rounds=3, warmup=0)
+    assert max(seconds.values()) / min(seconds.values()) < 1.2, seconds  # unscaled, c and d would read 1.5x
