@@ -71,10 +71,10 @@ def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
     if macs_cap is not None and units_shape and forward is not None and macs_cap < (floor := units_floor_macs(
             model, torch.randn(tuple(units_shape), generator=torch.Generator().manual_seed(0)),
             list(layers) if prunable is None else prunable, batch, forward)):
-        raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below what this fit can "
-                         f"reach with `budget` latency={budget.latency!r}: {floor} MACs with every family of units "
-                         "at its fewest kept (the fit removes whole units; int8 and widths after them lower no MAC); "
-                         "allowed: a larger count")
+        raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below what whole units "
+                         f"can reach with `budget` latency={budget.latency!r}: {floor} MACs with every family of units "
+                         "at its fewest kept (a latency plan removes whole units; int8 and widths after them lower no "
+                         "MAC); allowed: a larger count")
     cheapest = cheapest_bytes(weights, fixed, prunable) if estimate and size_cap is not None else None
     return Caps(size_cap, macs_cap, fixed, other, where, cheapest)
 

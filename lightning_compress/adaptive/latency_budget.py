@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import budget_caps
+from lightning_compress.adaptive.costs import model_macs
 from lightning_compress.adaptive.int8_latency import as_served, calibration_inputs
 from lightning_compress.adaptive.latency import Timings, float_graph
 from lightning_compress.adaptive.latency_delivery import Delivered, deliver, problem_of, refresh_batchnorm
@@ -245,8 +246,13 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
     check_latency_model(model, shape)
     caps: tuple[int | None, int | None] = (None, None)
     if budget.size is not None or budget.macs is not None:  # refused here when below the model's floor
-        found = budget_caps(model, budget, batches[0], forward)
+        found = budget_caps(model, budget, batches[0], forward, units_shape=shape if search != "bits" else ())
         caps = (found.size_cap, found.macs_cap)
+        dense = model_macs(model, batches[0], forward) if search == "bits" and found.macs_cap is not None else None
+        if dense is not None and found.macs_cap is not None and found.macs_cap < dense:
+            raise ValueError(f"`budget` macs={budget.macs!r} ({found.macs_cap} MACs per example) is below the dense "
+                             f"model's {dense} MACs, and `search`='bits' removes no unit (int8 lowers no MAC); "
+                             "allowed: a larger count, or search='joint' / 'sparsity'")
     threads = budget.latency_threads
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     steps: list[str] = []

@@ -104,7 +104,7 @@ def test_a_latency_fit_prices_the_macs_floor_on_whole_units() -> None:
     dense = 64 * 32 + 32 * 256
     assert budget_caps(_wide_output(), budget, BATCH, _forward).macs_cap == math.floor(0.2 * dense)  # no units
     with pytest.raises(ValueError, match=rf"macs=0.2 \({math.floor(0.2 * dense)} MACs per example\) is below what "
-                                         rf"this fit can reach.*latency=0.6: {64 * 8 + 8 * 256} MACs"):
+                                         rf"whole units can reach.*latency=0.6: {64 * 8 + 8 * 256} MACs"):
         budget_caps(_wide_output(), budget, BATCH, _forward, units_shape=(4, 64))
     wider = Budget(latency=0.6, latency_input=(4, 64), macs=0.3)  # above the units' floor: accepted
     assert budget_caps(_wide_output(), wider, BATCH, _forward, units_shape=(4, 64)).macs_cap == math.floor(0.3 * dense)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks._common import train
-from lightning_compress.adaptive import Budget, compress, latency_delivery
+from lightning_compress.adaptive import Budget, compress, latency, latency_delivery
 from lightning_compress.adaptive.costs import model_macs
 from lightning_compress.adaptive.int8_latency import as_served
 from lightning_compress.adaptive.latency_budget import AIM, LatencyBudgetError
@@ -250,3 +250,21 @@ def test_the_callback_takes_latency_with_size_and_then_plans_widths() -> None:
     AdaptiveCompression(budget=Budget(latency=0.5, size=0.5), method="rtn")
     with pytest.raises(ValueError, match=r"`method`='rtn' would be ignored"):
         AdaptiveCompression(budget=Budget(latency=0.5), method="rtn")
+
+
+@pytest.mark.parametrize(("search", "text"), [
+    ("joint", r"macs=0\.2 \(2048 MACs per example\) is below what whole units can reach .* 2560 MACs"),
+    ("bits", r"macs=0\.2 \(2048 MACs per example\) is below the dense model's 10240 MACs, and `search`='bits'"),
+])
+def test_compress_refuses_a_macs_cap_whole_units_cannot_reach_before_any_timing(search: str, text: str,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A latency plan lowers MACs only by whole units (int8 none): a MACs cap below the fewest-units model (below
+    the dense model with ``search="bits"``) is refused before the table is timed, not after it blaming the latency."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 256))
+    x, y = torch.randn(256, 64), torch.randint(0, 256, (256,))
+    calls: list[object] = []
+    monkeypatch.setattr(latency, "measure", lambda *args, **kwargs: calls.append(args) or {})
+    with pytest.raises(ValueError, match=text):
+        compress(model, Budget(latency=0.6, latency_input=(4, 64), macs=0.2), [(x[:64], y[:64])], search=search)
+    assert calls == []  # no table timed

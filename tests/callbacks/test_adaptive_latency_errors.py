@@ -139,7 +139,7 @@ def test_a_macs_cap_below_what_whole_units_reach_is_refused_before_any_step(tmp_
     callback = AdaptiveCompression(budget=Budget(latency=0.6, latency_input=(256, 64), macs=0.2), start_step=5,
                                    end_step=10, frequency=5)
     trainer = _trainer(callback, tmp_path, epochs=1)
-    with pytest.raises(ValueError, match=r"macs=0\.2 .* is below what this fit can reach.*fewest kept"):
+    with pytest.raises(ValueError, match=r"macs=0\.2 .* is below what whole units can reach.*fewest kept"):
         trainer.fit(model, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
