@@ -35,7 +35,8 @@ are equally good a rival still replaces the plan on noise, the more often the mo
 four in ``compress()``); the rates, simulated through this rule's own code, are in
 ``benchmarks/results/rivals_noise.json`` (``benchmarks/bench_rivals_noise.py``). It is kept because the case the
 comparison exists for (README, "Compress to a budget": SmallCNN seed 1, the plan's 2-bit Linear) wins by little
-more than one standard error: a level adjusted for the number of rivals would deliver the worse plan there. A
+more than one standard error: a level adjusted for the number of rivals would keep the plan there, though the rival
+was ahead on validation and on test too (the calibration batches alone cannot tell them apart at a usual level). A
 replacement on noise swaps the plan for one measured as good on the calibration data (and, with a ``metric_fn``,
 better on it too), never for one measured worse.
 """
