@@ -41,7 +41,7 @@ from lightning_compress.adaptive.int8_latency import as_served, calibration_inpu
 from lightning_compress.adaptive.latency import Timings, float_graph
 from lightning_compress.adaptive.latency_delivery import Delivered, deliver, problem_of, refresh_batchnorm
 from lightning_compress.adaptive.latency_plan import LatencyProblem, Targets
-from lightning_compress.adaptive.latency_rows import plan_rows, stored_bits
+from lightning_compress.adaptive.latency_rows import budget_text, plan_rows, stored_bits
 from lightning_compress.adaptive.latency_widths import Widths, plan_widths
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.units import UnitCandidate
@@ -53,6 +53,8 @@ __all__ = ["Delivered", "LatencyBudgetError", "LatencyProblem", "compress_to_lat
            "problem_of", "refresh_batchnorm", "refuse_ignored", "within"]
 
 Narrow = Callable[[nn.Module, frozenset[str], float], Widths | None]  # (compacted copy, int8 layers, bytes target)
+JUDGED = 3  # plans measured within one budget that the bound may judge, by predicted loss
+WIDER = 2.0  # the widths' third plan: units and int8 for twice the bytes (int8's byte a weight, about 4 bits' half)
 CORRECTIONS = 4  # re-solves with the target moved by what was measured
 AIM = 0.95  # plans aim at this share of the budget: timings on a loaded machine move by a few percent
 CLOSE = 0.9  # a delivered model measured within [CLOSE, 1] of the budget is not loosened further
@@ -128,8 +130,8 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
     MACs per example; None: no cap) with the smallest predicted loss, and the smallest fraction measured on the way
     (``steps`` says what was tried). ``int8``: layers may be chosen int8. ``timings``: what times the graphs
     (:func:`~.latency.build_table`'s). ``narrow``: the widths of a plan for the bytes target (:func:`_measure`);
-    ``also``: receives the passing plan of the other kind (with widths / without) with the least predicted loss,
-    for the bound to judge when the best fails it (the Fisher prices narrow codes and removed units differently).
+    ``also``: receives the next passing plans by predicted loss (up to :data:`JUDGED` in all), for the bound to
+    judge when the best fails it (the Fisher prices narrow codes and removed units differently).
 
     The plan aims at :data:`AIM` of the latency (room for the timing's noise). Each measurement moves the latency
     target: scaled by budget / measured until one target's model was within the budget and another's over it, then
@@ -169,8 +171,8 @@ def within(model: nn.Module, problem: LatencyProblem, latency: float, example: T
             steps.append(f"the sparsest plan: measured {last.ratio:.3f}x of dense")
     passing = sorted((d for d in tried.values() if d.fits(latency, caps)), key=lambda d: d.loss)
     best = passing[0] if passing else None
-    if also is not None and best is not None:  # the best of the other kind: with narrower widths, or without
-        also.extend([d for d in passing if bool(d.widths) != bool(best.widths)][:1])
+    if also is not None:  # the next ones by predicted loss, for the bound
+        also.extend(passing[1:JUDGED])
     return best, min((d.ratio for d in tried.values()), default=None)
 
 
@@ -183,22 +185,27 @@ def _measure(model: nn.Module, problem: LatencyProblem, targets: Targets, int8: 
     differ from the plan for the seconds and MACs alone): the plan for the seconds and MACs alone with its widths
     chosen for the bytes target (:mod:`.latency_widths`) is delivered too, and returned where the plan is predicted
     over the targets or the widths are predicted to cost no more loss (the plan, predicted within them, is then
-    delivered too, for the bound to judge if the widths fail it); a plan predicted over them is also tried with its
-    own int8 layers narrowed (more layers on int8 operators can take narrower codes)."""
+    delivered too, for the bound to judge if the widths fail it); so is the plan for the seconds, MACs and
+    :data:`WIDER` times the bytes (some units removed for the bytes, milder widths), and a plan predicted over the
+    targets with its own int8 layers narrowed; the one with the least predicted loss is returned."""
     plan, layers = problem.solve_joint(targets, int8_allowed=int8)
     if narrow is not None and targets[1] is not None:
         fast, fast_int8 = problem.solve_joint((targets[0], None, targets[2]), int8_allowed=int8)
         over = problem.over(plan, layers, targets)
         size = targets[1]
-        options = [(fast, fast_int8)] if (fast, fast_int8) != (plan, layers) else []
-        for units, int8_layers in options + ([(plan, layers)] if over > 0 else []):
-            mixed = _delivered(model, problem, units, int8_layers, tried, example, shape, threads, batches, forward,
-                               count, steps, latency, timings, lambda copy, chosen: narrow(copy, chosen, size))
-            if mixed is not None and (over > 0 or mixed.loss <= problem.loss(plan, layers)):
-                if over == 0:  # measured too: the bound may refuse the widths and take it (``within``'s ``also``)
-                    _delivered(model, problem, plan, layers, tried, example, shape, threads, batches, forward, count,
-                               steps, latency, timings)
-                return mixed
+        halfway = problem.solve_joint((targets[0], WIDER * size, targets[2]), int8_allowed=int8)
+        options = [o for i, o in enumerate(((fast, fast_int8), halfway)) if o != (plan, layers) and
+                   (i == 0 or o != (fast, fast_int8))]
+        narrowed = [d for units, int8_layers in options + ([(plan, layers)] if over > 0 else [])
+                 if (d := _delivered(model, problem, units, int8_layers, tried, example, shape, threads, batches,
+                                     forward, count, steps, latency, timings,
+                                     lambda copy, chosen: narrow(copy, chosen, size))) is not None]
+        mixed = min(narrowed, key=lambda d: d.loss, default=None)
+        if mixed is not None and (over > 0 or mixed.loss <= problem.loss(plan, layers)):
+            if over == 0:  # measured too: the bound may refuse the widths and take it (``within``'s ``also``)
+                _delivered(model, problem, plan, layers, tried, example, shape, threads, batches, forward, count,
+                           steps, latency, timings)
+            return mixed
     found = _delivered(model, problem, plan, layers, tried, example, shape, threads, batches, forward, count, steps,
                        latency, timings)
     assert found is not None  # only a widths plan can find none
@@ -285,7 +292,7 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
         if delivered is None:
             if factor == 1.0:
                 raise LatencyBudgetError(
-                    f"`budget`={_budget_text(budget, caps)}: no plan meets it as measured (ONNX Runtime at {shape} "
+                    f"`budget`={budget_text(budget, caps)}: no plan meets it as measured (ONNX Runtime at {shape} "
                     f"with {threads} thread(s)); the smallest latency fraction delivered was {smallest:.3f} of the "
                     f"dense latency; allowed: at least that, and caps above what the steps measured (steps: "
                     f"{steps})", smallest)
@@ -313,18 +320,9 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
         f"the smallest budget that met it as measured: latency={passing.ratio:.3f}" + \
         (f", size={passing.file_bytes}" if caps[0] is not None else "") + \
         (f", macs={passing.macs}" if caps[1] is not None else "")
-    raise LatencyBudgetError(f"`budget`={_budget_text(budget, caps)} and `max_metric_drop`={gate.max_drop} cannot "
+    raise LatencyBudgetError(f"`budget`={budget_text(budget, caps)} and `max_metric_drop`={gate.max_drop} cannot "
                              f"both hold (measured after {evaluations} evaluations); {nearest}; allowed: a larger "
                              f"budget or a looser bound (steps: {steps})", None if passing is None else passing.ratio)
-
-
-def _budget_text(budget: Budget, caps: tuple[int | None, int | None]) -> str:
-    text = f"latency={budget.latency!r}"
-    if caps[0] is not None:
-        text += f", size={budget.size!r} ({caps[0]} bytes)"
-    if caps[1] is not None:
-        text += f", macs={budget.macs!r} ({caps[1]} per example)"
-    return text
 
 
 def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any],

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.latency_plan import LatencyProblem
 from lightning_compress.adaptive.units import UnitCandidate
 from lightning_compress.core.accounting import FLOAT_BITS
@@ -48,3 +49,13 @@ def stored_bits(model: nn.Module, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         found = codes.get(f"{row['layer']}.weight")
         row["bits"] = FLOAT_BITS if found is None else found.spec.bits
+
+
+def budget_text(budget: Budget, caps: tuple[int | None, int | None]) -> str:
+    """``budget`` as the refusals name it: each fraction given, and the caps it comes to."""
+    text = f"latency={budget.latency!r}"
+    if caps[0] is not None:
+        text += f", size={budget.size!r} ({caps[0]} bytes)"
+    if caps[1] is not None:
+        text += f", macs={budget.macs!r} ({caps[1]} per example)"
+    return text

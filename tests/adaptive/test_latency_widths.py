@@ -113,8 +113,8 @@ def test_a_latency_and_size_int8_cannot_meet_holds_with_int8_and_narrower_layers
 def test_a_widths_plan_the_bound_refuses_leaves_the_plan_without_widths_to_be_judged(
         digits: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The Fisher can price narrow codes below removed units where the metric says otherwise: when the plan with
-    widths fails the bound, the best passing plan without them, measured at the same budget, is judged next (the
-    metric here refuses any narrower code, so only that plan can pass)."""
+    widths fails the bound, the next passing plans measured at the same budget are judged, up to the one without
+    widths (the metric here refuses any narrower code, so only that plan can pass)."""
     stand_in_timings(monkeypatch)
 
     def narrow_refused(model: nn.Module) -> float:
@@ -124,8 +124,9 @@ def test_a_widths_plan_the_bound_refuses_leaves_the_plan_without_widths_to_be_ju
     result = compress(digits["model"], Budget(latency=0.5, size=0.25, latency_input=SHAPE), digits["batches"][:4],
                       metric_fn=narrow_refused, max_metric_drop=0.5)
     judged = [step for step in result.steps if step.startswith("metric ")]
-    assert judged[0].endswith("of the plan with widths") and judged[0].startswith("metric 0 ")
-    assert judged[1].endswith("of the plan without widths") and result.metric_after == 1.0
+    assert len(judged) >= 2 and all(step.endswith("of the plan with widths") and step.startswith("metric 0 ")
+                                    for step in judged[:-1])
+    assert judged[-1].endswith("of the plan without widths") and result.metric_after == 1.0
     assert result.budget_latency == 0.5 and result.latency is not None and result.latency <= 0.5
     assert result.file_bytes is not None and result.budget_bytes is not None
     assert result.file_bytes <= result.budget_bytes
