@@ -32,6 +32,16 @@ def test_a_model_carrying_weight_only_codes_is_timed_as_the_graph_export_onnx_wr
     assert {"ConvInteger", "DynamicQuantizeLinear"} & served  # not the float graph the old code timed
 
 
+def test_the_served_graph_leaves_the_global_random_stream_alone() -> None:
+    """It is built on rank zero alone: drawing its example from the global stream would set the ranks apart."""
+    model = _model().eval()
+    quantize(model, bits=4)
+    batches = [torch.randn(8, 64)]
+    state = torch.random.get_rng_state()
+    served_graph(model, SHAPE, batches)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_a_float_model_is_still_timed_as_its_float_graph() -> None:
     served = _ops(served_graph(_model().eval(), SHAPE, [torch.randn(8, 64)]))
     assert "Conv" in served and not {"ConvInteger", "QLinearConv", "MatMulNBits"} & served
