@@ -43,6 +43,7 @@ from lightning_compress.adaptive.latency_delivery import Delivered, deliver, pro
 from lightning_compress.adaptive.latency_plan import LatencyProblem, Targets
 from lightning_compress.adaptive.latency_rows import budget_text, plan_rows, stored_bits
 from lightning_compress.adaptive.latency_widths import Widths, plan_widths
+from lightning_compress.adaptive.rivals import against_float, clearly_lower
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.units import UnitCandidate
 from lightning_compress.core.gate import MetricGate
@@ -312,6 +313,8 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
             if accepted is None:
                 continue
             delivered = accepted
+        elif other and loss_fn is None:
+            delivered = _closest_to_float(model, [delivered, *other], batches, forward, steps)
         if factor == 1.0:
             return delivered, problem, {"before": before, "evaluations": evaluations, "steps": steps, "caps": caps}
         passing = delivered
@@ -323,6 +326,28 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
     raise LatencyBudgetError(f"`budget`={budget_text(budget, caps)} and `max_metric_drop`={gate.max_drop} cannot "
                              f"both hold (measured after {evaluations} evaluations); {nearest}; allowed: a larger "
                              f"budget or a looser bound (steps: {steps})", None if passing is None else passing.ratio)
+
+
+def _closest_to_float(model: nn.Module, plans: list[Delivered], batches: Sequence[Any],
+                      forward: Callable[[nn.Module, Any], Any], steps: list[str]) -> Delivered:
+    """Without a metric, the plans that passed (the lowest predicted first) compared as served on the calibration
+    batches against ``model``'s float outputs (:func:`~.rivals.against_float`): another replaces the first only
+    when clearly lower (:func:`~.rivals.clearly_lower`, the size path's rule). The predicted loss prices narrow
+    codes and removed units on two Fisher estimates, so it alone does not choose between them. With a ``loss_fn``
+    and no metric nothing is compared, as in the size path (a sampled loss measures nothing)."""
+    proxy = against_float(model, batches, forward)
+    values = []
+    for plan in plans:
+        with as_served(plan.model):
+            values.append(proxy.samples(plan.model))
+    best = 0
+    for index in range(1, len(plans)):
+        if clearly_lower(values[best], values[index]):
+            best = index
+    steps.append(f"no metric: {len(plans)} passing plans compared on {proxy.describes} (" +
+                 ", ".join(f"{float(v.mean()):.4g}" for v in values) + f"); delivered the plan ranked {best + 1} "
+                 "by predicted loss")
+    return plans[best]
 
 
 def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any],

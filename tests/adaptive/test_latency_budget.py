@@ -4,6 +4,7 @@ refused."""
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -268,3 +269,35 @@ def test_compress_refuses_a_macs_cap_whole_units_cannot_reach_before_any_timing(
     with pytest.raises(ValueError, match=text):
         compress(model, Budget(latency=0.6, latency_input=(4, 64), macs=0.2), [(x[:64], y[:64])], search=search)
     assert calls == []  # no table timed
+
+
+def test_without_a_metric_the_passing_plans_are_compared_against_the_float_outputs(
+        digits: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 11 finding 4: the plan predicted lowest (narrow codes and removed units priced on two Fisher
+    estimates) may be far worse as served. Without a metric the passing plans are compared on the top-1 loss
+    against the float model: a plan clearly closer to the float outputs replaces the first; the steps say so."""
+    from lightning_compress.adaptive import latency_budget
+    from lightning_compress.adaptive.latency_delivery import Delivered
+    from tests.adaptive.ddp_latency_gate import stand_in_timings
+
+    stand_in_timings(monkeypatch)
+    model = digits["model"]
+    broken, kept = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        broken[0].weight.mul_(-1.0)  # as served far from the float model, though predicted lowest
+    plans = [Delivered({}, broken, 0.4, 0.4, 1e-3, loss=0.0), Delivered({}, kept, 0.45, 0.45, 1e-3, loss=1.0)]
+
+    def within(*args: Any, also: list[Any] | None = None, **kwargs: Any) -> tuple[Any, float]:
+        if also is not None:
+            also.extend(plans[1:])
+        return plans[0], 0.4
+
+    monkeypatch.setattr(latency_budget, "within", within)
+    result = compress(model, Budget(latency=0.5, latency_input=SHAPE), digits["batches"][:2], search="sparsity")
+    assert result.model is kept
+    assert any("no metric: 2 passing plans compared on the top-1 loss" in step and "ranked 2" in step
+               for step in result.steps), result.steps
+    plans[:] = [Delivered({}, copy.deepcopy(model), 0.4, 0.4, 1e-3, loss=0.0),  # the same model twice: the first
+                Delivered({}, copy.deepcopy(model), 0.45, 0.45, 1e-3, loss=1.0)]  # (lowest predicted) stays
+    result = compress(model, Budget(latency=0.5, latency_input=SHAPE), digits["batches"][:2], search="sparsity")
+    assert result.model is plans[0].model
