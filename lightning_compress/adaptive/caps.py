@@ -66,7 +66,7 @@ def budget_caps(model: nn.Module, budget: Budget, batch: Any = None,
     if macs_cap is not None and macs_cap < (floor := floor_macs(weights, where, other, prunable)):
         raise ValueError(f"`budget` macs={budget.macs!r} ({macs_cap} MACs per example) is below the floor of this "
                          f"model: {floor} MACs with every layer at its largest sparsity"
-                         + ("" if prunable is None else " (the layers the fit does not prune dense)")
+                         + ("" if prunable is None else " (the layers not pruned dense)")
                          + "; allowed: a larger count")
     if macs_cap is not None and units_shape and forward is not None and macs_cap < (floor := units_floor_macs(
             model, torch.randn(tuple(units_shape), generator=torch.Generator().manual_seed(0)),

@@ -34,16 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.adaptive import latency_delivery
 from lightning_compress.adaptive.budget import Budget
 from lightning_compress.adaptive.caps import budget_caps
-from lightning_compress.adaptive.costs import model_macs
 from lightning_compress.adaptive.int8_latency import as_served, calibration_inputs
 from lightning_compress.adaptive.latency import Timings, float_graph
 from lightning_compress.adaptive.latency_delivery import Delivered, deliver, problem_of, refresh_batchnorm
 from lightning_compress.adaptive.latency_plan import LatencyProblem, Targets
 from lightning_compress.adaptive.latency_rows import budget_text, plan_rows, stored_bits
 from lightning_compress.adaptive.latency_widths import Widths, plan_widths
-from lightning_compress.adaptive.rivals import against_float, clearly_lower
 from lightning_compress.adaptive.session import BudgetError
 from lightning_compress.adaptive.units import UnitCandidate
 from lightning_compress.core.gate import MetricGate
@@ -254,13 +253,9 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
     check_latency_model(model, shape)
     caps: tuple[int | None, int | None] = (None, None)
     if budget.size is not None or budget.macs is not None:  # refused here when below the model's floor
-        found = budget_caps(model, budget, batches[0], forward, units_shape=shape if search != "bits" else ())
+        found = budget_caps(model, budget, batches[0], forward, units_shape=shape if search != "bits" else (),
+                            prunable=() if search == "bits" else None)  # int8 alone removes no unit, lowers no MAC
         caps = (found.size_cap, found.macs_cap)
-        dense = model_macs(model, batches[0], forward) if search == "bits" and found.macs_cap is not None else None
-        if dense is not None and found.macs_cap is not None and found.macs_cap < dense:
-            raise ValueError(f"`budget` macs={budget.macs!r} ({found.macs_cap} MACs per example) is below the dense "
-                             f"model's {dense} MACs, and `search`='bits' removes no unit (int8 lowers no MAC); "
-                             "allowed: a larger count, or search='joint' / 'sparsity'")
     threads = budget.latency_threads
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     steps: list[str] = []
@@ -314,7 +309,7 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
                 continue
             delivered = accepted
         elif other and loss_fn is None:
-            delivered = _closest_to_float(model, [delivered, *other], batches, forward, steps)
+            delivered = latency_delivery.closest_to_float(model, [delivered, *other], batches, forward, steps)
         if factor == 1.0:
             return delivered, problem, {"before": before, "evaluations": evaluations, "steps": steps, "caps": caps}
         passing = delivered
@@ -326,28 +321,6 @@ def compress_to_latency(model: nn.Module, budget: Budget, batches: Sequence[Any]
     raise LatencyBudgetError(f"`budget`={budget_text(budget, caps)} and `max_metric_drop`={gate.max_drop} cannot "
                              f"both hold (measured after {evaluations} evaluations); {nearest}; allowed: a larger "
                              f"budget or a looser bound (steps: {steps})", None if passing is None else passing.ratio)
-
-
-def _closest_to_float(model: nn.Module, plans: list[Delivered], batches: Sequence[Any],
-                      forward: Callable[[nn.Module, Any], Any], steps: list[str]) -> Delivered:
-    """Without a metric, the plans that passed (the lowest predicted first) compared as served on the calibration
-    batches against ``model``'s float outputs (:func:`~.rivals.against_float`): another replaces the first only
-    when clearly lower (:func:`~.rivals.clearly_lower`, the size path's rule). The predicted loss prices narrow
-    codes and removed units on two Fisher estimates, so it alone does not choose between them. With a ``loss_fn``
-    and no metric nothing is compared, as in the size path (a sampled loss measures nothing)."""
-    proxy = against_float(model, batches, forward)
-    values = []
-    for plan in plans:
-        with as_served(plan.model):
-            values.append(proxy.samples(plan.model))
-    best = 0
-    for index in range(1, len(plans)):
-        if clearly_lower(values[best], values[index]):
-            best = index
-    steps.append(f"no metric: {len(plans)} passing plans compared on {proxy.describes} (" +
-                 ", ".join(f"{float(v.mean()):.4g}" for v in values) + f"); delivered the plan ranked {best + 1} "
-                 "by predicted loss")
-    return plans[best]
 
 
 def latency_result(model: nn.Module, budget: Budget, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any],

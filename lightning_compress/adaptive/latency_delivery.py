@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lightning_compress.adaptive.costs import file_bytes, model_macs, positions
 from lightning_compress.adaptive.fisher import diagonal_fisher
 from lightning_compress.adaptive.int8_latency import (
+    as_served,
     calibration_inputs,
     carry_input_ranges,
     int8_scores,
@@ -28,6 +29,7 @@ from lightning_compress.adaptive.int8_latency import (
 from lightning_compress.adaptive.latency import Timings, build_table, graph_ratio, measured_ratio
 from lightning_compress.adaptive.latency_plan import CapCosts, LatencyProblem, LayerCost
 from lightning_compress.adaptive.latency_widths import Widths, apply_widths
+from lightning_compress.adaptive.rivals import against_float, clearly_lower
 from lightning_compress.adaptive.units import (
     LAYERS,
     UnitCandidate,
@@ -172,3 +174,25 @@ def deliver(model: nn.Module, problem: LatencyProblem, plan: dict[str, UnitCandi
         note += f"; file {delivered.file_bytes} bytes, {delivered.macs} MACs per example"
     delivered.note = note
     return delivered
+
+
+def closest_to_float(model: nn.Module, plans: list[Delivered], batches: Sequence[Any],
+                      forward: Callable[[nn.Module, Any], Any], steps: list[str]) -> Delivered:
+    """Without a metric, the plans that passed (the lowest predicted first) compared as served on the calibration
+    batches against ``model``'s float outputs (:func:`~.rivals.against_float`): another replaces the first only
+    when clearly lower (:func:`~.rivals.clearly_lower`, the size path's rule). The predicted loss prices narrow
+    codes and removed units on two Fisher estimates, so it alone does not choose between them. With a ``loss_fn``
+    and no metric nothing is compared, as in the size path (a sampled loss measures nothing)."""
+    proxy = against_float(model, batches, forward)
+    values = []
+    for plan in plans:
+        with as_served(plan.model):
+            values.append(proxy.samples(plan.model))
+    best = 0
+    for index in range(1, len(plans)):
+        if clearly_lower(values[best], values[index]):
+            best = index
+    steps.append(f"no metric: {len(plans)} passing plans compared on {proxy.describes} (" +
+                 ", ".join(f"{float(v.mean()):.4g}" for v in values) + f"); delivered the plan ranked {best + 1} "
+                 "by predicted loss")
+    return plans[best]

@@ -80,8 +80,8 @@ def test_a_layer_outside_prunable_counts_dense_in_the_macs_floor() -> None:
     everywhere = math.ceil(0.1 * 64 * 64) + math.ceil(0.1 * 64 * 32) + math.ceil(0.1 * 32 * 10)
     untracked_dense = 64 * 64 + math.ceil(0.1 * 64 * 32) + math.ceil(0.1 * 32 * 10)
     assert budget_caps(_mlp(), Budget(macs=everywhere), BATCH, _forward).macs_cap == everywhere
-    with pytest.raises(ValueError, match=rf"below the floor of this model: {untracked_dense} MACs .*the layers the fit "
-                                         "does not prune dense"):
+    with pytest.raises(ValueError, match=rf"below the floor of this model: {untracked_dense} MACs .*the layers not "
+                                         "pruned dense"):
         budget_caps(_mlp(), Budget(macs=untracked_dense - 1), BATCH, _forward, prunable=["2", "4"])
     assert budget_caps(_mlp(), Budget(macs=untracked_dense), BATCH, _forward, prunable=["2", "4"]).macs_cap == \
         untracked_dense
